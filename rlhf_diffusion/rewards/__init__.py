@@ -1,0 +1,27 @@
+"""Reward models: images (N, 3, H, W) in [0, 1] + prompts → (N,) scores (see `rewards/base.py`).
+
+Importing this package registers every reward module's rewards in `REWARD_REGISTRY`.
+"""
+
+from rlhf_diffusion.rewards import compressibility, pixel  # noqa: F401  (fills REWARD_REGISTRY)
+from rlhf_diffusion.rewards.base import (
+    REWARD_REGISTRY,
+    NotDifferentiableError,
+    RewardModel,
+    RewardResult,
+    WeightedReward,
+    build_reward,
+    register_reward,
+    validate_reward_inputs,
+)
+
+__all__ = [
+    "REWARD_REGISTRY",
+    "NotDifferentiableError",
+    "RewardModel",
+    "RewardResult",
+    "WeightedReward",
+    "build_reward",
+    "register_reward",
+    "validate_reward_inputs",
+]

@@ -1,0 +1,1056 @@
+"""The schema of a whole run: one frozen, strict pydantic model loaded from YAML plus `--set key=value` overrides.
+
+Every knob of `rlhf_diffusion` lives here and nowhere else. Each field's description gives its unit and, where the
+default comes from a paper or its official code, the source and an evidence tag (see shared/ALGORITHMS.md §0):
+
+    [C] confirmed in official code   [R] OpenReview discussion   [P] paper text   [I] GitHub issue
+    [U] UNCONFIRMED reconstruction (a design decision, not what a paper did)
+
+Loading:
+
+    cfg = load_config("configs/tiny.yaml", overrides=["train.learning_rate=1e-4", "rewards.0.weight=0.5"])
+
+Every problem a user can cause (missing file, YAML syntax, unknown key, bad value, bad override) is raised as one
+`ConfigError` whose message starts with the config's source and lists each problem as
+`  <dotted.path>: <problem> (got <value>)`. List indices are written as path parts (`rewards.0.weight`), the same
+form `--set` accepts and MLflow parameter names allow.
+
+CLI: `python -m rlhf_diffusion.config CONFIG.yaml [--set k=v ...]` prints the resolved config as YAML, or the
+error message on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "ALGORITHM_NAMES",
+    "DEFAULT_LORA_TARGETS",
+    "NON_DIFFERENTIABLE_REWARDS",
+    "NUM_TRAIN_TIMESTEPS",
+    "REWARD_NAMES",
+    "TINY_MODELS",
+    "AlgorithmConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "D3POConfig",
+    "DDEConfig",
+    "DiffusionDPOConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PromptSource",
+    "PromptsConfig",
+    "ResourcesConfig",
+    "RewardConfig",
+    "RewardName",
+    "RunConfig",
+    "SamplingConfig",
+    "TailorPOConfig",
+    "TailorPOGConfig",
+    "TimestepRange",
+    "TrackingConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "flatten_config",
+    "load_config",
+    "main",
+    "parse_config",
+]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------------------------
+
+RewardName = Literal[
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "brightness",
+    "aesthetic",
+    "imagereward",
+    "pickscore",
+    "hpsv2",
+    "clip_score",
+]
+REWARD_NAMES: tuple[str, ...] = get_args(RewardName)
+NON_DIFFERENTIABLE_REWARDS: frozenset[str] = frozenset({"jpeg_compressibility", "jpeg_incompressibility"})
+
+TINY_MODELS: tuple[str, ...] = ("tiny:sd15", "tiny:sdxl")
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+NUM_TRAIN_TIMESTEPS = 1000  # N of the SD1.5 / SDXL DDPM schedule; t ∈ {0 .. N−1}
+
+_RUN_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PATH_PREFIXES = ("/", "./", "../", "~")
+_NUMBER_RE = re.compile(r"^[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_INDEXED_PART_RE = re.compile(r"^([^\[\]]*)((?:\[-?\d+\])+)$")
+_MAX_SHOWN_VALUE = 80
+
+
+class ConfigError(Exception):
+    """A config a user wrote or overrode is invalid. `str(error)` is the one message to show them."""
+
+
+def _field_error(path: str, problem: str, value: Any) -> PydanticCustomError:
+    """Builds a validation error that points at `path` (relative to the validating model) instead of at the model.
+
+    Model-level validators can only raise at the model's own location; this error carries the field's path in its
+    context so that `ConfigError` messages (and pydantic's own string form) still name the offending field.
+    """
+    return PydanticCustomError(
+        "config_field", "{path}: {problem}", {"path": path, "problem": problem, "value": _show(value)}
+    )
+
+
+def _show(value: Any) -> str:
+    """`repr` of a value, shortened for one line of an error message."""
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
+
+
+class _FrozenModel(BaseModel):
+    """Base of every config section; every section inherits this `model_config`.
+
+    - extra="forbid": an unknown (e.g. misspelt) key is an error, never silently ignored.
+    - frozen=True: a loaded config cannot be changed (`cfg.train.learning_rate = ...` raises).
+    - allow_inf_nan=False: `.inf` / `.nan` are rejected for every float field.
+    - coerce_numbers_to_str=True: a YAML number given for a string field (`run_name: 2024`) is read as text.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LoraConfig(_FrozenModel):
+    """LoRA adapter on the UNet; the only trained parameters (the reference is the same UNet with it disabled)."""
+
+    rank: int = Field(
+        4,
+        ge=1,
+        description="LoRA rank r (dimension of the low-rank update). Default 4: diffusers LoRAAttnProcessor default "
+        "used by D3PO [C] and SPO's SD1.5 config [C] (SPO uses 64 for SDXL [C]).",
+    )
+    alpha: float = Field(
+        4.0,
+        gt=0,
+        description="LoRA alpha; the update is scaled by alpha / rank. Default 4.0 from SPO (rank 4 / alpha 4) [C].",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        description="Names (suffixes) of the UNet linear layers that get an adapter. Default: the attention "
+        "projections to_q, to_k, to_v, to_out.0, as SPO [C] (D3PO adapts the same attention processors [C]).",
+    )
+    init: Literal["gaussian", "default"] = Field(
+        "gaussian",
+        description="LoRA weight init (peft init_lora_weights): 'gaussian' = A ~ N(0, 1/r), B = 0, as SPO [C]; "
+        "'default' = peft's Kaiming-uniform A, B = 0. Both start as the identity (LoRA output 0).",
+    )
+
+
+class ModelConfig(_FrozenModel):
+    """Which pretrained pipeline to fine-tune and how to load it."""
+
+    pretrained: str = Field(
+        description="The base pipeline: a local diffusers pipeline directory, a Hugging Face hub id ('org/name', "
+        "e.g. 'runwayml/stable-diffusion-v1-5', the D3PO base [C]), or 'tiny:sd15' / 'tiny:sdxl' (tiny "
+        "random-weight pipelines the package builds itself, for tests and the embedded CPU default). Relative "
+        "paths are relative to the working directory.",
+    )
+    kind: Literal["auto", "sd15", "sdxl"] = Field(
+        "auto",
+        description="Model family: 'sd15' (one text encoder), 'sdxl' (two text encoders, pooled embeds, "
+        "micro-conditioning), or 'auto' = detect from the pipeline's components.",
+    )
+    revision: str | None = Field(
+        None,
+        description="Hub revision (branch, tag or commit) of a hub id; None = the default branch. Only valid when "
+        "`pretrained` is a hub id.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype the frozen pipeline components are loaded in. Default float32 for CPU portability "
+        "(D3PO and SPO load fp16 on GPU [C]).",
+    )
+    resolution: int | None = Field(
+        None,
+        description="Image side length in pixels for sampling and training (square); must be >= 8 and a multiple "
+        "of 8 (the VAE downsamples by 8). None = the model's native size (512 SD1.5, 1024 SDXL).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _check_pretrained(cls, value: str) -> str:
+        if value.startswith("tiny:"):
+            if value not in TINY_MODELS:
+                raise ValueError(f"unknown tiny model; valid tiny models: {', '.join(TINY_MODELS)}")
+            return value
+        path = Path(value).expanduser()
+        if path.is_dir():
+            return value
+        if path.exists():
+            raise ValueError(
+                "is a file, not a diffusers pipeline directory (single-file checkpoints are not supported)"
+            )
+        if value.startswith(_PATH_PREFIXES):
+            raise ValueError("no such directory (a local model must be a diffusers pipeline directory)")
+        if not _HUB_ID_RE.match(value):
+            raise ValueError(
+                "not a local directory, a hub id of the form 'org/name', or one of " + ", ".join(TINY_MODELS)
+            )
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _check_resolution(cls, value: int | None) -> int | None:
+        if value is not None and (value < 8 or value % 8 != 0):
+            raise ValueError("must be >= 8 and a multiple of 8 (the VAE downsamples images by 8)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ModelConfig:
+        if self.pretrained in TINY_MODELS and self.kind not in ("auto", self.pretrained.removeprefix("tiny:")):
+            raise _field_error("kind", f"contradicts pretrained {self.pretrained!r}", self.kind)
+        is_local = self.pretrained in TINY_MODELS or Path(self.pretrained).expanduser().is_dir()
+        if self.revision is not None and is_local:
+            raise _field_error("revision", "only valid when `pretrained` is a hub id", self.revision)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SamplingConfig(_FrozenModel):
+    """The stochastic DDIM sampler every algorithm rolls out with."""
+
+    num_steps: int = Field(
+        20,
+        ge=1,
+        description="K, number of DDIM denoising steps per trajectory. Default 20 from D3PO config/base.py [C] "
+        "and TailorPO [R].",
+    )
+    eta: float = Field(
+        1.0,
+        le=1.0,
+        description="DDIM η in (0, 1]: the per-step std is σ_τ = η·sqrt(...) (0 = deterministic DDIM, 1 = DDPM "
+        "variance). Must be > 0 because the per-step log-prob divides by σ_τ. Default 1.0 from D3PO/SPO [C].",
+    )
+    guidance_scale: float = Field(
+        5.0,
+        ge=1.0,
+        description="Classifier-free guidance scale w (1 = no guidance); used identically when sampling and when "
+        "re-scoring in training. Default 5.0 from D3PO config/base.py [C] (assumed for TailorPO, UNCONFIRMED [U]).",
+    )
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="Prompts per sampler per iteration. Each prompt yields one trajectory pair (D3PO, DDE / "
+        "Diffusion-DPO online) or one branched trajectory (TailorPO). Samples per iteration = batch_size × "
+        "resources.num_samplers. Default 8 = D3PO's aesthetic reproduction sample batch per GPU [C].",
+    )
+
+    @field_validator("eta")
+    @classmethod
+    def _check_eta(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(
+                "must be > 0: the per-step DDIM log-prob has the std σ_τ = η·sqrt(...) in its denominator, so it "
+                "is undefined at eta = 0 (deterministic DDIM)"
+            )
+        return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithms (discriminated union on `name`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_ordered(value: tuple[int, int]) -> tuple[int, int]:
+    if value[0] > value[1]:
+        raise ValueError("must be (lo, hi) with lo <= hi")
+    return value
+
+
+_Timestep = Annotated[int, Field(ge=0, le=NUM_TRAIN_TIMESTEPS - 1)]
+TimestepRange = Annotated[tuple[_Timestep, _Timestep], AfterValidator(_check_ordered)]
+
+
+class D3POConfig(_FrozenModel):
+    """D3PO (Yang et al., CVPR 2024): two trajectories from a shared x_T; the final-image preference is assigned to
+    every step; clamped step-wise DPO loss (ALGORITHMS.md §1)."""
+
+    name: Literal["d3po"] = Field(description="Algorithm selector.")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO temperature β on the per-step log-ratios (per-element mean log-probs). Default 0.1 from "
+        "D3PO config/base.py [C].",
+    )
+    clip_epsilon: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Ratio clamp ε: π_θ/π_ref is clamped to [1−ε, 1+ε] (zero gradient outside). Default 0.1 from "
+        "D3PO config/base.py [C] (changed from 0.2, D3PO issue #4 [I]).",
+    )
+    timestep_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the K denoising steps trained per pair (a random subset of steps). Default 1.0 = "
+        "all steps, D3PO config/base.py [C].",
+    )
+    multi_reward: Literal["weighted_sum", "pareto"] = Field(
+        "weighted_sum",
+        description="How several rewards decide the winner: 'weighted_sum' of the rewards with their weights, or "
+        "'pareto' = D3PO's dominance rule (A wins iff A >= B on every reward and > on one; non-dominated pairs "
+        "are ties) [C].",
+    )
+
+
+class TailorPOConfig(_FrozenModel):
+    """TailorPO (Ren et al., ICLR 2025 submission): at every step two candidates from the same x_τ are ranked by the
+    step reward r(c, x̂_0) and trained with the clamped DPO step loss (ALGORITHMS.md §2)."""
+
+    name: Literal["tailorpo"] = Field(description="Algorithm selector.")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO temperature β. Default 0.1: D3PO's default assumed, UNCONFIRMED for TailorPO [U].",
+    )
+    clip_epsilon: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Ratio clamp δ: π_θ/π_ref clamped to [1−δ, 1+δ]. Form from the TailorPO authors (they reuse "
+        "D3PO's constraint) [R]; value 0.1 assumed from D3PO, UNCONFIRMED [U].",
+    )
+    num_candidates: int = Field(
+        2,
+        ge=2,
+        description="Candidates drawn from the same x_τ at each step; winner = highest step reward, loser = lowest. "
+        "Default 2 from TailorPO [R] (SPO uses 4 for SD1.5 [C]).",
+    )
+    continuation: Literal["winner", "random"] = Field(
+        "winner",
+        description="Which candidate the trajectory continues from. 'winner' (stated for TailorPO-G [R]; "
+        "UNCONFIRMED for plain TailorPO [U]) or 'random' (SPO's step-wise resampling [C]).",
+    )
+    timestep_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the K denoising steps whose pairs are trained. Default 1.0 = all steps, "
+        "UNCONFIRMED [U].",
+    )
+
+
+class TailorPOGConfig(TailorPOConfig):
+    """TailorPO-G: TailorPO plus a reward-gradient step on the winner (needs differentiable rewards; §2(b) Eq. G)."""
+
+    name: Literal["tailorpo_g"] = Field(description="Algorithm selector.")  # type: ignore[assignment]
+    guidance_gamma: float = Field(
+        0.3,
+        gt=0,
+        le=2,
+        description="γ, size of the guidance step as a fraction of the sampling noise: ||g|| = γ·σ_τ·sqrt(D) "
+        "(D = latent elements). Used when guidance_norm == 'sigma_relative'. UNCONFIRMED reconstruction of "
+        "TailorPO's Eq. 13 [U].",
+    )
+    guidance_gradient: Literal["tweedie_const_eps", "full_chain"] = Field(
+        "tweedie_const_eps",
+        description="How ∇_x r(c, decode(x̂_0(x))) is computed: 'tweedie_const_eps' treats ε̂ as constant "
+        "(∂x̂_0/∂x = 1/sqrt(ᾱ_p), no UNet backward) or 'full_chain' backpropagates through the UNet call. "
+        "UNCONFIRMED [U] (ALGORITHMS.md §2(b)).",
+    )
+    guidance_norm: Literal["sigma_relative", "raw"] = Field(
+        "sigma_relative",
+        description="'sigma_relative': rescale the reward gradient to norm guidance_gamma·σ_τ·sqrt(D); 'raw': "
+        "g = guidance_scale_raw·∇_x r. UNCONFIRMED [U].",
+    )
+    guidance_scale_raw: float = Field(
+        1.0,
+        gt=0,
+        description="η in g = η·∇_x r; used only when guidance_norm == 'raw' (units: latent per reward unit). "
+        "The paper's value was not retrieved, UNCONFIRMED [U].",
+    )
+
+
+class DDEConfig(_FrozenModel):
+    """DDE (Shi et al., arXiv 2411.14871): Diffusion-DPO-style pairs at one t with the single-shot term and an
+    optional EMA step-wise correction (ALGORITHMS.md §3). 'dde_single' is the DDE-Single ablation (no correction)."""
+
+    name: Literal["dde", "dde_single"] = Field(
+        description="Algorithm selector: 'dde' (single-shot + step-wise correction) or 'dde_single' (the "
+        "DDE-Single ablation, correction 'none').",
+    )
+    beta_s: float = Field(
+        1000.0,
+        gt=0,
+        description="β_s, scale of the single-shot logit −β_s·((1−ᾱ_t)/ᾱ_t)·Δ_t (Δ_t from per-element mean "
+        "ε-MSEs). The paper's value was lost: UNCONFIRMED [U].",
+    )
+    beta_c: float = Field(
+        1000.0,
+        gt=0,
+        description="β_c, scale of the step-wise correction term +β_c·C_t in the logit. The paper's value was "
+        "lost: UNCONFIRMED [U].",
+    )
+    correction: Literal["ema", "none"] = Field(
+        "ema",
+        description="Step-wise correction C_t: 'ema' = suffix sum of an EMA array over t (delay update, DDE "
+        "Algorithm 1 [P], details UNCONFIRMED [U]); 'none' = DDE-Single. Defaults to 'none' for 'dde_single', "
+        "where 'ema' is an error.",
+    )
+    ema_momentum: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="Momentum m of the correction EMA: A[t] ← m·A[t] + (1−m)·batch statistic. The paper's value "
+        "was lost: UNCONFIRMED [U] (0.9–0.99 reasonable).",
+    )
+    timestep_range: TimestepRange = Field(
+        (0, NUM_TRAIN_TIMESTEPS - 1),
+        description="Inclusive range (lo, hi) of DDPM timesteps t (on the 1000-step grid) drawn uniformly per "
+        "pair. Default (0, 999) = all t (uniform sampling assumed, UNCONFIRMED [U]); DDE's motivating ablation "
+        "trains on (200, 700) [P].",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_correction(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" in data and data["name"] == "dde_single" and "correction" not in data:
+            return {**data, "correction": "none"}
+        return data
+
+    @model_validator(mode="after")
+    def _check_correction(self) -> DDEConfig:
+        if self.name == "dde_single" and self.correction != "none":
+            raise _field_error(
+                "correction", "must be 'none' for dde_single (DDE-Single has no correction; use name 'dde')",
+                self.correction,
+            )
+        return self
+
+
+class DiffusionDPOConfig(_FrozenModel):
+    """Diffusion-DPO (Wallace et al.; DDE's 'Uniform' baseline): ε-MSE DPO loss at one random t per pair."""
+
+    name: Literal["diffusion_dpo"] = Field(description="Algorithm selector.")
+    beta: float = Field(
+        5000.0,
+        gt=0,
+        description="β_dpo in −logσ(−0.5·β_dpo·Δ_t) with per-element mean ε-MSEs. Default 5000 from DiffusionDPO "
+        "train.py [C].",
+    )
+    timestep_range: TimestepRange = Field(
+        (0, NUM_TRAIN_TIMESTEPS - 1),
+        description="Inclusive range (lo, hi) of DDPM timesteps t (1000-step grid) drawn uniformly per pair. "
+        "Default (0, 999) = DiffusionDPO train.py [C]; DDE reports (200, 700) trains better [P].",
+    )
+
+
+AlgorithmConfig = Annotated[
+    Union[D3POConfig, TailorPOConfig, TailorPOGConfig, DDEConfig, DiffusionDPOConfig],
+    Field(discriminator="name"),
+]
+_ALGORITHM_CLASSES: tuple[type[_FrozenModel], ...] = (
+    D3POConfig,
+    TailorPOConfig,
+    TailorPOGConfig,
+    DDEConfig,
+    DiffusionDPOConfig,
+)
+ALGORITHM_NAMES: tuple[str, ...] = tuple(
+    name for cls in _ALGORITHM_CLASSES for name in get_args(cls.model_fields["name"].annotation)
+)
+_ALGORITHM_BY_NAME: Mapping[str, type[_FrozenModel]] = MappingProxyType(
+    {name: cls for cls in _ALGORITHM_CLASSES for name in get_args(cls.model_fields["name"].annotation)}
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards, resources, training, prompts, tracking, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RewardConfig(_FrozenModel):
+    """One reward model; several are combined by their weights (or by Pareto dominance for D3PO)."""
+
+    name: RewardName = Field(
+        description="Reward model. JPEG (in)compressibility are not differentiable (no TailorPO-G); see "
+        "shared/REWARDS.md for each model's source and preprocessing.",
+    )
+    weight: float = Field(
+        1.0,
+        description="Multiplier of this reward in the weighted sum (finite, non-zero; negative = minimise).",
+    )
+    path: str | None = Field(
+        None,
+        description="Weights of a model-based reward: a local file or directory in the model's published format, "
+        "or a hub id. None = the reward module's default location.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the reward's constructor (reward-specific, e.g. a JPEG quality).",
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _check_weight(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must be non-zero (remove the reward instead)")
+        return value
+
+
+class ResourcesConfig(_FrozenModel):
+    """How many Ray actors of each role to start and what each one reserves."""
+
+    num_samplers: int = Field(1, ge=1, description="Number of SamplerWorker actors (rollouts run in parallel).")
+    sampler_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per sampler (a fraction shares a GPU); 0 = CPU only."
+    )
+    num_reward_servers: int = Field(1, ge=1, description="Number of RewardServer actors hosting the reward models.")
+    reward_server_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per reward server (a fraction shares a GPU); 0 = CPU only."
+    )
+    learner_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the single Learner actor; 0 = CPU only.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPU cores reserved by each actor (Ray num_cpus).")
+
+
+class TrainConfig(_FrozenModel):
+    """Optimizer and the learner's loop over each rollout batch."""
+
+    iterations: int = Field(
+        100,
+        ge=1,
+        description="Training iterations (one iteration = one rollout round + training on it). Not a paper value "
+        "(D3PO trains 400 epochs [C]).",
+    )
+    learning_rate: float = Field(
+        3e-5,
+        gt=0,
+        description="AdamW learning rate (constant). Default 3e-5 from the D3PO paper appendix per D3PO issue #4 "
+        "[I].",
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1. Default 0.9 from D3PO config/base.py [C].")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW β2. Default 0.999 from D3PO config/base.py [C].")
+    weight_decay: float = Field(
+        1e-4, ge=0, description="AdamW decoupled weight decay. Default 1e-4 from D3PO config/base.py [C]."
+    )
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW ε. Default 1e-8 from D3PO config/base.py [C].")
+    grad_clip: float = Field(
+        1.0, gt=0, description="Max global gradient L2 norm. Default 1.0 from D3PO config/base.py [C]."
+    )
+    train_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Training examples per optimizer step. An example is one (pair, denoising step) for D3PO / "
+        "TailorPO(-G) and one (pair, t) for DDE / Diffusion-DPO. Not a paper value (D3PO: 1 pair × K steps [C]).",
+    )
+    num_inner_epochs: int = Field(1, ge=1, description="Passes over each rollout batch before sampling again.")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="Most weights versions a rollout may lag the learner. 0 = strictly on-policy (sample, then "
+        "train); >= 1 overlaps the next rollouts with training. Staler rollouts are dropped.",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        description="Autocast dtype of the learner's forward passes; 'no' = fp32 (portable to CPU). D3PO/SPO use "
+        "fp16 [C]. An unquoted YAML `no` (read by YAML 1.1 as false) means 'no'.",
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _read_yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value
+
+
+class PromptSource(_FrozenModel):
+    """Where prompts come from: exactly one of a builtin list, a text file, or an inline list."""
+
+    builtin: Literal["simple_animals"] | None = Field(
+        None, description="A builtin prompt list: 'simple_animals' = DDPO's 45 animal names [C], used by D3PO [C] "
+        "and TailorPO [R]."
+    )
+    file: str | None = Field(
+        None, description="A UTF-8 text file with one prompt per line (relative to the working directory)."
+    )
+    inline: list[str] | None = Field(None, min_length=1, description="Prompts listed in the config.")
+
+    @field_validator("file")
+    @classmethod
+    def _check_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"no such prompt file: {value}")
+        return value
+
+    @field_validator("inline")
+    @classmethod
+    def _check_inline(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            for index, prompt in enumerate(value):
+                if not prompt.strip():
+                    raise ValueError(f"prompt {index} is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_exactly_one(self) -> PromptSource:
+        chosen = [name for name in ("builtin", "file", "inline") if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            got = ", ".join(chosen) if chosen else "none"
+            raise PydanticCustomError(
+                "prompt_source", "set exactly one of builtin, file, inline (got {got})", {"got": got}
+            )
+        return self
+
+
+class PromptsConfig(_FrozenModel):
+    """Training and evaluation prompts."""
+
+    train: PromptSource = Field(
+        default_factory=lambda: PromptSource(builtin="simple_animals"),
+        description="Prompts sampled for rollouts. Default builtin simple_animals (D3PO [C], TailorPO [R]).",
+    )
+    eval: PromptSource | None = Field(None, description="Held-out evaluation prompts; None = the training prompts.")
+    eval_seeds: int = Field(2, ge=1, description="Fixed seeds (images) per evaluation prompt.")
+
+
+class TrackingConfig(_FrozenModel):
+    """MLflow tracking."""
+
+    enabled: bool = Field(True, description="Log params, metrics, image grids and the LoRA to MLflow.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = a sqlite file under the run directory."
+    )
+    experiment: str = Field("rlhf_diffusion", min_length=1, description="MLflow experiment name.")
+    log_every: int = Field(1, ge=1, description="Log metrics every this many iterations.")
+    image_grid_every: int = Field(10, ge=0, description="Log an image grid every this many iterations; 0 = never.")
+
+
+class CheckpointConfig(_FrozenModel):
+    """Run-state checkpoints (LoRA, optimizer, step, RNG, algorithm state) under the run directory."""
+
+    every: int = Field(10, ge=0, description="Checkpoint every this many iterations; 0 = only at the end.")
+    keep_last: int = Field(2, ge=1, description="Number of most recent checkpoints kept on disk.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RunConfig(_FrozenModel):
+    """Everything one run needs. Immutable once loaded."""
+
+    run_name: str = Field(
+        "run",
+        pattern=_RUN_NAME_PATTERN,
+        description="Name of the run; the run directory is output_dir/run_name. Letters, digits, '.', '_', '-'.",
+    )
+    seed: int = Field(0, ge=0, description="Global random seed (samplers derive per-actor seeds from it).")
+    output_dir: str = Field("runs", min_length=1, description="Parent directory of run directories.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device of every actor: 'auto' = cuda when the actor has a GPU, else cpu."
+    )
+    model: ModelConfig = Field(description="The base pipeline and its LoRA.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="The DDIM sampler.")
+    algorithm: AlgorithmConfig = Field(
+        description="The preference-RL method, selected by `name`: " + ", ".join(ALGORITHM_NAMES) + "."
+    )
+    rewards: list[RewardConfig] = Field(
+        min_length=1, description="Reward models that decide winners (at least one; names must be distinct)."
+    )
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray actors and resources.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimizer and learner loop.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Training and evaluation prompts.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's directory: `output_dir / run_name`."""
+        return Path(self.output_dir) / self.run_name
+
+    @field_validator("rewards")
+    @classmethod
+    def _check_distinct_rewards(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:
+        first_index: dict[str, int] = {}
+        for index, reward in enumerate(rewards):
+            if reward.name in first_index:
+                raise _field_error(
+                    f"{index}.name", f"duplicate reward (already rewards.{first_index[reward.name]}.name)", reward.name
+                )
+            first_index[reward.name] = index
+        return rewards
+
+    @model_validator(mode="after")
+    def _check_rewards_fit_algorithm(self) -> RunConfig:
+        if self.algorithm.name == "tailorpo_g":
+            for index, reward in enumerate(self.rewards):
+                if reward.name in NON_DIFFERENTIABLE_REWARDS:
+                    raise _field_error(
+                        f"rewards.{index}.name",
+                        "is not differentiable; TailorPO-G needs a reward gradient (use tailorpo, or a "
+                        "differentiable reward)",
+                        reward.name,
+                    )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Loads a run config from a YAML file and applies `--set` overrides.
+
+    Args:
+        path: The YAML file.
+        overrides: `key.path=value` strings (see `apply_overrides`), applied in order after loading.
+
+    Returns:
+        The validated, frozen `RunConfig`.
+
+    Raises:
+        ConfigError: The file is missing or unreadable, is not valid YAML, is not a mapping, an override is
+            malformed, or the config fails validation. The message names the file and every bad field.
+    """
+    source = str(path)
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{source}: no such config file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{source}: cannot read config file: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: {_describe_yaml_error(error)}") from None
+    return parse_config(data, source=source, overrides=overrides)
+
+
+def parse_config(data: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> RunConfig:
+    """Validates an already-parsed config mapping (e.g. from YAML) after applying `--set` overrides.
+
+    Args:
+        data: The config as nested dicts and lists; not modified.
+        source: Where the data came from, for error messages (usually the file path).
+        overrides: `key.path=value` strings (see `apply_overrides`).
+
+    Returns:
+        The validated, frozen `RunConfig`.
+
+    Raises:
+        ConfigError: `data` is not a mapping, an override is malformed, or validation fails.
+    """
+    if data is None:
+        raise ConfigError(f"{source}: the config is empty; expected a mapping with at least model, algorithm, rewards")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections (model, algorithm, rewards, ...), "
+            f"got {type(data).__name__} {_show(data)}"
+        )
+    try:
+        data = apply_overrides(data, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        problems = [_describe_pydantic_error(item) for item in error.errors()]
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise ConfigError(f"{source}: invalid config ({len(problems)} {noun}):\n" + "\n".join(problems)) from None
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Applies `key.path=value` overrides to a config mapping.
+
+    A key is a dotted path; an integer part indexes a list (`rewards.0.weight`, also written `rewards[0].weight`).
+    Missing intermediate mappings are created (and a null one replaced), so `prompts.eval.inline=[a cat]` works
+    when `prompts.eval` is unset; whether the final key exists is left to validation, which names it. The value
+    is parsed with `yaml.safe_load` (`[a, b]` is a list, `{name: dde}` a mapping), and a string that is a plain
+    number in any notation becomes a float (YAML 1.1 reads `1e-4` as a string).
+
+    Args:
+        data: The config mapping; not modified.
+        overrides: The override strings, applied in order.
+
+    Returns:
+        A new mapping with the overrides applied.
+
+    Raises:
+        ConfigError: An override has no `=`, an empty key or key part, a value that is not valid YAML, a list
+            index that is not a valid index, or a path that indexes into a scalar. The message names the override.
+    """
+    result = copy.deepcopy(data)
+    for override in overrides:
+        key, sep, raw_value = override.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"bad override {override!r}: expected key.path=value")
+        if not key:
+            raise ConfigError(f"bad override {override!r}: empty key")
+        parts = _split_key(key, override)
+        value = _parse_override_value(raw_value, override)
+        container: Any = result
+        for depth, part in enumerate(parts):
+            here = ".".join(str(p) for p in parts[:depth]) or "<top level>"
+            last = depth == len(parts) - 1
+            if isinstance(container, list):
+                index = _list_index(part, container, here, override)
+                if last:
+                    container[index] = value
+                else:
+                    container[index] = _child_container(container[index], parts, depth, override)
+                    container = container[index]
+            elif isinstance(container, dict):
+                name = str(part)
+                if last:
+                    container[name] = value
+                else:
+                    existing = container[name] if name in container else None
+                    container[name] = _child_container(existing, parts, depth, override)
+                    container = container[name]
+            else:
+                raise ConfigError(
+                    f"bad override {override!r}: {here} is a scalar ({_show(container)}), cannot index into it"
+                )
+    return result
+
+
+def _split_key(key: str, override: str) -> list[str | int]:
+    """`"rewards[0].weight"` or `"rewards.0.weight"` -> `["rewards", 0, "weight"]`."""
+    parts: list[str | int] = []
+    for piece in key.split("."):
+        match = _INDEXED_PART_RE.match(piece)
+        if match:
+            name, indices = match.groups()
+            if name:
+                parts.append(name)
+            parts.extend(int(index) for index in re.findall(r"-?\d+", indices))
+            continue
+        if not piece or "[" in piece or "]" in piece:
+            raise ConfigError(f"bad override {override!r}: malformed key part {piece!r}")
+        parts.append(int(piece) if re.fullmatch(r"-?\d+", piece) else piece)
+    return parts
+
+
+def _list_index(part: str | int, container: list, here: str, override: str) -> int:
+    if not isinstance(part, int):
+        raise ConfigError(f"bad override {override!r}: {here} is a list, index it with an integer, not {part!r}")
+    if not 0 <= part < len(container):
+        raise ConfigError(
+            f"bad override {override!r}: list index {part} out of range for {here} (valid: 0..{len(container) - 1})"
+            if container
+            else f"bad override {override!r}: list index {part} out of range for {here} (it is empty)"
+        )
+    return part
+
+
+def _child_container(existing: Any, parts: list[str | int], depth: int, override: str) -> Any:
+    """The container to descend into at `parts[depth]`: the existing one, or a new mapping for a missing/null one."""
+    if existing is None:
+        if isinstance(parts[depth + 1], int):
+            here = ".".join(str(p) for p in parts[: depth + 1])
+            raise ConfigError(f"bad override {override!r}: {here} is not set, so it cannot be indexed")
+        return {}
+    if not isinstance(existing, (dict, list)):
+        here = ".".join(str(p) for p in parts[: depth + 1])
+        raise ConfigError(f"bad override {override!r}: {here} is a scalar ({_show(existing)}), cannot index into it")
+    return existing
+
+
+def _parse_override_value(raw_value: str, override: str) -> Any:
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"bad override {override!r}: value is not valid YAML: {_describe_yaml_error(error)}"
+        ) from None
+    if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _describe_yaml_error(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    if mark is not None:
+        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"YAML syntax error: {problem}"
+
+
+def _describe_pydantic_error(error: dict[str, Any]) -> str:
+    """One `  <dotted.path>: <problem> (got <value>)` line for a pydantic error."""
+    raw_loc = tuple(error["loc"])
+    loc = raw_loc
+    if len(loc) >= 2 and loc[0] == "algorithm" and loc[1] in _ALGORITHM_BY_NAME:
+        loc = loc[:1] + loc[2:]  # pydantic puts the union tag into the location
+    path = [str(part) for part in loc]
+    kind = error["type"]
+    problem = error["msg"]
+    shown: str | None = _show(error["input"])
+
+    if kind == "config_field":
+        path.extend(error["ctx"]["path"].split("."))
+        problem = error["ctx"]["problem"]
+        shown = error["ctx"]["value"]
+    elif kind == "value_error":
+        problem = str(error["ctx"]["error"])
+    elif kind == "missing":
+        problem = "required field is missing"
+        shown = None
+    elif kind == "extra_forbidden":
+        problem = _describe_unknown_key(raw_loc)
+    elif kind == "union_tag_invalid":
+        path.append("name")
+        problem = f"unknown algorithm {error['ctx']['tag']!r}; valid names: {', '.join(ALGORITHM_NAMES)}"
+        shown = None
+    elif kind == "union_tag_not_found":
+        path.append("name")
+        problem = f"required field is missing; valid names: {', '.join(ALGORITHM_NAMES)}"
+        shown = None
+    elif kind == "prompt_source":
+        shown = None  # the message already says which sources were set
+    elif kind == "model_attributes_type" and loc == ("algorithm",):
+        problem = f"must be a mapping with a `name` (one of {', '.join(ALGORITHM_NAMES)})"
+    line = f"  {'.'.join(path) or '<top level>'}: {problem}"
+    return f"{line} (got {shown})" if shown is not None else line
+
+
+def _describe_unknown_key(raw_loc: tuple) -> str:
+    section = _model_class_at(raw_loc[:-1])
+    if section is None:
+        return "unknown key"
+    valid = list(section.model_fields)
+    problem = "unknown key"
+    if section in _ALGORITHM_CLASSES and len(raw_loc) >= 2:
+        problem = f"unknown key for algorithm {raw_loc[1]!r}"
+    close = difflib.get_close_matches(str(raw_loc[-1]), valid, n=1)
+    if close:
+        problem += f" (did you mean {close[0]!r}?)"
+    return f"{problem}; valid keys: {', '.join(valid)}"
+
+
+def _model_class_at(raw_loc: tuple) -> type[BaseModel] | None:
+    """The config section class at a pydantic location (with the algorithm tag still in it), if any."""
+    section: type[BaseModel] = RunConfig
+    index = 0
+    while index < len(raw_loc):
+        part = raw_loc[index]
+        if isinstance(part, int):  # a list item keeps the list's item class
+            index += 1
+            continue
+        if part not in section.model_fields:
+            return None
+        if section is RunConfig and part == "algorithm":
+            if index + 1 >= len(raw_loc) or raw_loc[index + 1] not in _ALGORITHM_BY_NAME:
+                return None
+            section = _ALGORITHM_BY_NAME[raw_loc[index + 1]]
+            index += 2
+            continue
+        found = _model_in(section.model_fields[part].annotation)
+        if found is None:
+            return None
+        section = found
+        index += 1
+    return section
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The first pydantic model class inside a type annotation (`X | None`, `list[X]`, `Annotated[X, ...]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def flatten_config(cfg: RunConfig) -> dict[str, str]:
+    """Flattens a config into dotted keys with string values, e.g. for MLflow params.
+
+    Mappings and lists of mappings are expanded (`algorithm.beta`, `rewards.0.weight`); lists of scalars become
+    one JSON value (`model.lora.target_modules` -> `["to_q", ...]`). Strings are kept as is, other scalars are
+    written as JSON (`0.1`, `true`, `null`). Empty mappings are kept as `{}`.
+
+    Args:
+        cfg: The run config.
+
+    Returns:
+        A flat mapping from dotted key to string value, in schema order.
+    """
+    flat: dict[str, str] = {}
+    _flatten_into(flat, "", cfg.model_dump(mode="json"))
+    return flat
+
+
+def _flatten_into(flat: dict[str, str], prefix: str, value: Any) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten_into(flat, f"{prefix}.{key}" if prefix else str(key), item)
+    elif isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        for index, item in enumerate(value):
+            _flatten_into(flat, f"{prefix}.{index}", item)
+    elif isinstance(value, str):
+        flat[prefix] = value
+    elif isinstance(value, float) and not math.isfinite(value):
+        flat[prefix] = str(value)
+    else:
+        flat[prefix] = json.dumps(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: validates a config and prints it, fully resolved, as YAML.
+
+    Args:
+        argv: Command-line arguments without the program name; None = `sys.argv[1:]`.
+
+    Returns:
+        The exit code: 0 on success, 2 on a config error (message on stderr, no traceback).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_diffusion.config", description="Validate a run config and print it resolved as YAML."
+    )
+    parser.add_argument("config", help="the run config YAML file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one field, e.g. --set train.learning_rate=1e-4 (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    sys.stdout.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
