@@ -1,0 +1,295 @@
+"""Text conditioning of the UNet (SD1.5; SDXL pooled embeds + micro-conditioning) and classifier-free guidance.
+
+Encodings match the stock pipelines' `encode_prompt` exactly (SD1.5: last hidden state of the CLIP text encoder;
+SDXL: penultimate hidden states of both encoders concatenated, the pooled projection of the second, and
+`add_time_ids = (original_size, crops_coords_top_left, target_size)`), so a LoRA trained on these conditionings
+behaves the same inside a stock pipeline.
+
+Classifier-free guidance (Ho & Salimans, 2022): ε̂ = ε_θ(x_t, ∅) + w · (ε_θ(x_t, c) − ε_θ(x_t, ∅)).
+"""
+
+# Adapted from diffusers 0.42.1: pipelines/stable_diffusion/pipeline_stable_diffusion.py (encode_prompt) and
+# pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py (encode_prompt, _get_add_time_ids, the CFG step of
+# __call__). Changes:
+# - conditional and unconditional encodings are separate functions returning one `TextConditioning` each;
+# - no textual inversion, clip_skip, text-encoder LoRA scaling, num_images_per_prompt or negative prompts;
+# - add_time_ids are built per sample (B, 6) instead of once per call;
+# - CFG is a function of (unet, x_t, t, cond, uncond, w), differentiable, with batched (B,) timesteps.
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from rlhf_diffusion.models.loading import DiffusionModel
+
+__all__ = ["TextConditioning", "encode_negative", "encode_prompts", "predict_noise", "predict_noise_cfg"]
+
+
+@dataclass
+class TextConditioning:
+    """Per-sample text conditioning of the UNet; row i conditions sample i.
+
+    Attributes:
+        prompt_embeds: (B, L, D) token embeddings for cross-attention (L = 77; D = 768 SD1.5, 2048 SDXL).
+        pooled_prompt_embeds: (B, P) pooled text embedding of SDXL's second encoder (P = 1280); None for SD1.5.
+        add_time_ids: (B, 6) SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w);
+            None for SD1.5.
+    """
+
+    prompt_embeds: Tensor
+    pooled_prompt_embeds: Tensor | None = None
+    add_time_ids: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_embeds.ndim != 3:
+            raise ValueError(f"prompt_embeds must be (B, L, D), got shape {tuple(self.prompt_embeds.shape)}")
+        batch = self.prompt_embeds.shape[0]
+        if (self.pooled_prompt_embeds is None) != (self.add_time_ids is None):
+            raise ValueError("pooled_prompt_embeds and add_time_ids must be given together (SDXL) or both be None")
+        for name in ("pooled_prompt_embeds", "add_time_ids"):
+            value = getattr(self, name)
+            if value is not None and (value.ndim != 2 or value.shape[0] != batch):
+                raise ValueError(f"{name} must be ({batch}, ·) to match prompt_embeds, got {tuple(value.shape)}")
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the SDXL extras (pooled embeds, add_time_ids) are present."""
+        return self.pooled_prompt_embeds is not None
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map(self, fn) -> "TextConditioning":
+        return TextConditioning(
+            **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name))) for f in fields(self)}
+        )
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TextConditioning":
+        """Moves every tensor to `device` and casts every floating tensor to `dtype` (if given)."""
+
+        def move(x: Tensor) -> Tensor:
+            return x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
+
+        return self._map(move)
+
+    def index(self, idx: Tensor | list[int] | slice) -> "TextConditioning":
+        """Rows `idx` (integer indices, a (B,) bool mask, or a slice) of every tensor."""
+        if isinstance(idx, slice):
+            return self._map(lambda x: x[idx])
+        idx = torch.as_tensor(idx)
+        if idx.dtype != torch.bool:
+            idx = idx.long()
+        return self._map(lambda x: x[idx.to(x.device)])
+
+    def repeat_interleave(self, n: int) -> "TextConditioning":
+        """Each row repeated n times in place: rows (a, b) -> (a, a, b, b) for n = 2; B' = n·B."""
+        if n < 1:
+            raise ValueError(f"repeat_interleave needs n >= 1, got {n}")
+        return self._map(lambda x: x.repeat_interleave(n, dim=0))
+
+    @staticmethod
+    def cat(items: list["TextConditioning"]) -> "TextConditioning":
+        """Concatenates conditionings along the batch: B' = Σ B_k.
+
+        Raises:
+            ValueError: `items` is empty or mixes SD1.5 and SDXL conditionings.
+        """
+        if not items:
+            raise ValueError("TextConditioning.cat needs at least one item")
+        if len({item.is_sdxl for item in items}) != 1:
+            raise ValueError("TextConditioning.cat cannot mix SDXL (pooled embeds, add_time_ids) and SD1.5 items")
+        return TextConditioning(
+            **{
+                f.name: (
+                    None if getattr(items[0], f.name) is None else torch.cat([getattr(i, f.name) for i in items])
+                )
+                for f in fields(TextConditioning)
+            }
+        )
+
+
+def _check_prompts(prompts: list[str]) -> None:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}: {prompts!r:.80}")
+    if not prompts:
+        raise ValueError("prompts is empty")
+
+
+def _tokenize(tokenizer, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    """CLIP token ids (B, 77) and attention mask, padded and truncated to the tokenizer's max length."""
+    text_inputs = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return text_inputs.input_ids.to(device), text_inputs.attention_mask.to(device)
+
+
+def _add_time_ids(model: DiffusionModel, batch_size: int, height: int | None, width: int | None) -> Tensor:
+    """SDXL micro-conditioning (B, 6): original_size (h, w), crops_coords_top_left (0, 0), target_size (h, w)."""
+    height = height or model.resolution
+    width = width or model.resolution
+    unet = model.unet
+    text_encoder_2 = model.text_encoders[1]
+    passed_dim = unet.config.addition_time_embed_dim * 6 + text_encoder_2.config.projection_dim
+    expected_dim = unet.add_embedding.linear_1.in_features
+    if passed_dim != expected_dim:
+        raise ValueError(
+            f"UNet add_embedding expects {expected_dim} inputs, but addition_time_embed_dim "
+            f"{unet.config.addition_time_embed_dim} x 6 + text_encoder_2 projection_dim "
+            f"{text_encoder_2.config.projection_dim} = {passed_dim}"
+        )
+    row = torch.tensor([[height, width, 0, 0, height, width]], dtype=text_encoder_2.dtype, device=model.device)
+    return row.repeat(batch_size, 1)
+
+
+@torch.no_grad()
+def encode_prompts(
+    model: DiffusionModel, prompts: list[str], *, height: int | None = None, width: int | None = None
+) -> TextConditioning:
+    """Encodes prompts exactly as the stock pipeline's `encode_prompt` (no clip_skip, no LoRA on the encoders).
+
+    Args:
+        model: loaded SD1.5 / SDXL components.
+        prompts: B prompts.
+        height, width: SDXL image size in pixels for `add_time_ids`; default the model's native resolution.
+
+    Returns:
+        B conditionings on the model's device: SD1.5 `prompt_embeds` (B, 77, D); SDXL additionally
+        `pooled_prompt_embeds` (B, P) and `add_time_ids` (B, 6).
+    """
+    _check_prompts(prompts)
+    device = model.device
+    if model.kind == "sd15":
+        (text_encoder,) = model.text_encoders
+        input_ids, attention_mask = _tokenize(model.tokenizers[0], prompts, device)
+        use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+        prompt_embeds = text_encoder(input_ids, attention_mask=attention_mask if use_mask else None)[0]
+        return TextConditioning(prompt_embeds=prompt_embeds.to(dtype=text_encoder.dtype))
+
+    # SDXL: penultimate hidden state of each encoder, concatenated along features; pooled = text_encoder_2's
+    # projected EOT embedding (its output[0] is 2-D).
+    per_encoder = []
+    pooled_prompt_embeds = None
+    for tokenizer, text_encoder in zip(model.tokenizers, model.text_encoders):
+        input_ids, _ = _tokenize(tokenizer, prompts, device)
+        output = text_encoder(input_ids, output_hidden_states=True)
+        if output[0].ndim == 2:
+            pooled_prompt_embeds = output[0]  # (B, P)
+        per_encoder.append(output.hidden_states[-2])  # (B, L, D_k)
+    if pooled_prompt_embeds is None:
+        raise ValueError(f"SDXL text_encoder_2 of {model.source!r} returned no pooled projection (text_embeds)")
+    dtype = model.text_encoders[1].dtype
+    prompt_embeds = torch.cat(per_encoder, dim=-1).to(dtype=dtype)  # (B, L, D_1 + D_2)
+    return TextConditioning(
+        prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=pooled_prompt_embeds.to(dtype=dtype),
+        add_time_ids=_add_time_ids(model, len(prompts), height, width),
+    )
+
+
+@torch.no_grad()
+def encode_negative(
+    model: DiffusionModel, batch_size: int, *, height: int | None = None, width: int | None = None
+) -> TextConditioning:
+    """The unconditional (CFG) conditioning, as the stock pipeline builds it when no negative prompt is given.
+
+    SD1.5 encodes the empty prompt "". SDXL uses all-zero `prompt_embeds` and `pooled_prompt_embeds` when the
+    pipeline sets `force_zeros_for_empty_prompt` (SDXL base does), else it encodes "" like SD1.5; its
+    `add_time_ids` equal the conditional ones.
+
+    Args:
+        model: loaded SD1.5 / SDXL components.
+        batch_size: B, the number of rows.
+        height, width: SDXL image size in pixels for `add_time_ids`; default the model's native resolution.
+
+    Returns:
+        B identical unconditional conditionings on the model's device.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if model.kind == "sdxl" and model.force_zeros_for_empty_prompt:
+        length = model.tokenizers[0].model_max_length
+        width_d = sum(encoder.config.hidden_size for encoder in model.text_encoders)
+        dtype = model.text_encoders[1].dtype
+        return TextConditioning(
+            prompt_embeds=torch.zeros(batch_size, length, width_d, dtype=dtype, device=model.device),
+            pooled_prompt_embeds=torch.zeros(
+                batch_size, model.text_encoders[1].config.projection_dim, dtype=dtype, device=model.device
+            ),
+            add_time_ids=_add_time_ids(model, batch_size, height, width),
+        )
+    return encode_prompts(model, [""], height=height, width=width).repeat_interleave(batch_size)
+
+
+def predict_noise(unet, x_t: Tensor, t: Tensor, cond: TextConditioning) -> Tensor:
+    """ε_θ(x_t, t, c): one UNet call, differentiable.
+
+    Args:
+        unet: `UNet2DConditionModel` (with or without an active LoRA).
+        x_t: (B, C, h, w) noisy latents.
+        t: (B,) or scalar timesteps on the training grid (0 … 999).
+        cond: B conditionings; moved to x_t's device and cast to its dtype.
+
+    Returns:
+        (B, C, h, w) predicted noise, in x_t's dtype.
+
+    Raises:
+        ValueError: batch sizes differ, or an SDXL UNet gets a conditioning without pooled embeds / add_time_ids.
+    """
+    if len(cond) != x_t.shape[0]:
+        raise ValueError(f"cond has {len(cond)} rows but x_t has batch {x_t.shape[0]}")
+    cond = cond.to(device=x_t.device, dtype=x_t.dtype)
+    added_cond_kwargs = None
+    if unet.config.addition_embed_type == "text_time":
+        if not cond.is_sdxl:
+            raise ValueError("this SDXL UNet needs pooled_prompt_embeds and add_time_ids in the conditioning")
+        added_cond_kwargs = {"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.add_time_ids}
+    return unet(
+        x_t,
+        t,
+        encoder_hidden_states=cond.prompt_embeds,
+        added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )[0]
+
+
+def predict_noise_cfg(
+    unet,
+    x_t: Tensor,
+    t: Tensor,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
+    guidance_scale: float,
+) -> Tensor:
+    """Classifier-free guided noise ε̂ = ε_θ(x_t, ∅) + w · (ε_θ(x_t, c) − ε_θ(x_t, ∅)), differentiable.
+
+    Both branches run in one batched UNet call on [x_t; x_t] with [uncond; cond], as the stock pipelines do. With
+    w = 1 or no `uncond` only the conditional branch runs.
+
+    Args:
+        unet: `UNet2DConditionModel`.
+        x_t: (B, C, h, w) noisy latents.
+        t: (B,) or scalar timesteps.
+        cond: B conditional rows.
+        uncond: B unconditional rows (`encode_negative`), or None.
+        guidance_scale: w.
+
+    Returns:
+        (B, C, h, w) guided noise prediction.
+    """
+    if uncond is None or guidance_scale == 1.0:
+        return predict_noise(unet, x_t, t, cond)
+    if len(uncond) != len(cond):
+        raise ValueError(f"uncond has {len(uncond)} rows but cond has {len(cond)}")
+    t = torch.as_tensor(t, device=x_t.device)
+    t_in = t.repeat(2) if t.ndim == 1 else t  # (2B,) or scalar
+    both = TextConditioning.cat([c.to(device=x_t.device, dtype=x_t.dtype) for c in (uncond, cond)])  # 2B rows
+    eps = predict_noise(unet, torch.cat([x_t, x_t]), t_in, both)  # (2B, C, h, w)
+    eps_uncond, eps_cond = eps.chunk(2)  # (B, C, h, w) each
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

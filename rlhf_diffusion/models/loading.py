@@ -1,0 +1,481 @@
+"""Stable Diffusion 1.5 / SDXL components from a diffusers pipeline directory or hub id; the LoRA policy on the UNet.
+
+One loader serves production checkpoints (`runwayml/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-xl-base-1.0`
+or a local copy) and the tiny random-weight pipelines the tests build with `models.tiny`. All loaded modules are
+frozen; the only trainable parameters are the LoRA matrices that `attach_lora` injects into the UNet through peft
+(diffusers' `PeftAdapterMixin`).
+
+The policy and the reference policy share one UNet: the reference is the same UNet with the adapter disabled
+(`lora_disabled`), so no second copy of the weights exists.
+
+`export_lora` writes the adapter in the diffusers LoRA format, the file a stock pipeline reads with
+`pipe.load_lora_weights(dir)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+__all__ = [
+    "LORA_WEIGHT_NAME",
+    "DiffusionModel",
+    "ModelLoadError",
+    "attach_lora",
+    "export_lora",
+    "get_lora_state_dict",
+    "load_diffusion_model",
+    "lora_disabled",
+    "lora_parameters",
+    "set_lora_state_dict",
+]
+
+# File name diffusers' `save_lora_weights` writes and `load_lora_weights` looks for.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+# Pipeline subfolders each kind needs, with the class that loads each.
+_COMPONENTS = {
+    "sd15": {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "tokenizer": CLIPTokenizer,
+        "scheduler": DDIMScheduler,
+    },
+    "sdxl": {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "tokenizer": CLIPTokenizer,
+        "tokenizer_2": CLIPTokenizer,
+        "scheduler": DDIMScheduler,
+    },
+}
+
+# DDIM settings a non-DDIM scheduler config may not state, where DDIMScheduler's own defaults (pixel-space x0
+# clipping, ᾱ_prev = 1 at the last step) are wrong for latent diffusion; the SD / SDXL configs state these values.
+_LATENT_DDIM_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False}
+
+
+class ModelLoadError(Exception):
+    """A pipeline directory or hub id could not be loaded; the message names the source and the missing piece."""
+
+
+@dataclass
+class DiffusionModel:
+    """The components of a Stable Diffusion pipeline that training and sampling use.
+
+    Attributes:
+        kind: `"sd15"` (one CLIP text encoder) or `"sdxl"` (two encoders, pooled embeds, micro-conditioning).
+        unet: the noise-prediction network ε_θ(x_t, t, c); carries the LoRA adapter once `attach_lora` ran.
+        vae: the latent autoencoder, always float32 (the SDXL VAE overflows in fp16).
+        text_encoders: `[text_encoder]` for SD1.5, `[text_encoder, text_encoder_2]` for SDXL.
+        tokenizers: one tokenizer per text encoder, same order.
+        scheduler: a `DDIMScheduler` built from the pipeline's scheduler config (noise schedule ᾱ_t).
+        source: the directory or hub id the components were loaded from.
+        force_zeros_for_empty_prompt: SDXL only: the unconditional (CFG) embedding is all zeros instead of the
+            encoding of "" (the pipeline's `model_index.json` setting; True for SDXL base).
+    """
+
+    kind: Literal["sd15", "sdxl"]
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[nn.Module]
+    tokenizers: list
+    scheduler: DDIMScheduler
+    source: str
+    force_zeros_for_empty_prompt: bool = True
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD, 4 for the tiny models)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Native image side in pixels (512 for SD1.5, 1024 for SDXL)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        """C of the latents (B, C, h, w)."""
+        return self.unet.config.in_channels
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the UNet (all components live on it)."""
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the UNet and text encoders (the VAE stays float32)."""
+        return self.unet.dtype
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read_pipeline_index(source: str, revision: str | None) -> dict:
+    """Reads `model_index.json` of a local pipeline directory or a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise ModelLoadError(
+                f"{source!r} is not a diffusers pipeline directory: model_index.json is missing "
+                f"(expected {index_file})"
+            )
+        try:
+            return json.loads(index_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"cannot read {index_file}: {err}") from err
+    if path.exists():
+        raise ModelLoadError(f"{source!r} is a file, not a diffusers pipeline directory")
+    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
+        raise ModelLoadError(f"pipeline directory {source!r} does not exist")
+    try:  # "owner/name": a Hugging Face Hub id
+        return dict(DiffusionPipeline.load_config(source, revision=revision))
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; one clear message for all
+        raise ModelLoadError(
+            f"{source!r} is not a local directory, and loading model_index.json for it from the Hugging Face Hub "
+            f"failed: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _detect_kind(index: dict) -> Literal["sd15", "sdxl"]:
+    """SDXL iff the pipeline class says XL or the pipeline has a second text encoder."""
+    class_name = str(index.get("_class_name", ""))
+    has_text_encoder_2 = (index.get("text_encoder_2") or [None])[0] is not None
+    return "sdxl" if ("XL" in class_name or has_text_encoder_2) else "sd15"
+
+
+def _load_component(cls, source: str, subfolder: str, revision: str | None, index: dict, dtype: torch.dtype):
+    """`cls.from_pretrained(source, subfolder=..., dtype)`, with one clear `ModelLoadError` when it fails."""
+    if (index.get(subfolder) or [None])[0] is None:
+        raise ModelLoadError(f"pipeline {source!r} has no {subfolder!r} component (model_index.json)")
+    local = Path(source).expanduser()
+    if local.is_dir() and not (local / subfolder).is_dir():
+        raise ModelLoadError(f"pipeline directory {source!r} is missing the {subfolder!r} subfolder")
+    try:
+        if cls is DDIMScheduler:
+            # Whatever scheduler the pipeline ships (PNDM for SD1.5, Euler for SDXL), sampling uses DDIM on the
+            # same noise schedule; `from_config` keeps the shared keys (betas, offset, spacing, prediction type).
+            config = dict(DDIMScheduler.load_config(source, subfolder=subfolder, revision=revision))
+            for key, value in _LATENT_DDIM_DEFAULTS.items():
+                config.setdefault(key, value)
+            return DDIMScheduler.from_config(config)
+        if cls is CLIPTokenizer:
+            return cls.from_pretrained(source, subfolder=subfolder, revision=revision)
+        if issubclass(cls, (CLIPTextModel, CLIPTextModelWithProjection)):  # transformers names it `dtype`
+            return cls.from_pretrained(source, subfolder=subfolder, revision=revision, dtype=dtype)
+        return cls.from_pretrained(source, subfolder=subfolder, revision=revision, torch_dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, EnvironmentError, ...
+        raise ModelLoadError(
+            f"cannot load {subfolder!r} ({cls.__name__}) from {source!r}: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module.to(device=device)
+
+
+def load_diffusion_model(
+    source: str,
+    *,
+    kind: Literal["auto", "sd15", "sdxl"] = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> DiffusionModel:
+    """Loads the frozen components of an SD1.5 or SDXL pipeline.
+
+    Each component is loaded with `X.from_pretrained(source, subfolder=...)`, exactly as the stock pipeline would,
+    from a local diffusers pipeline directory (e.g. one built by `models.tiny.build_tiny_pipeline`) or a Hugging Face
+    Hub id. The scheduler is always a `DDIMScheduler` on the pipeline's noise schedule.
+
+    Args:
+        source: pipeline directory or hub id (`"stabilityai/stable-diffusion-xl-base-1.0"`).
+        kind: `"auto"` reads `model_index.json` (SDXL iff the pipeline class name contains "XL" or it has a
+            `text_encoder_2`); `"sd15"` / `"sdxl"` must agree with it.
+        dtype: dtype of the UNet and text encoders. The VAE is always float32.
+        device: where all components are placed.
+        revision: hub revision (branch, tag or commit); ignored for local directories.
+
+    Returns:
+        The components, all with `requires_grad=False` and in eval mode.
+
+    Raises:
+        ValueError: `kind` is not one of "auto", "sd15", "sdxl".
+        ModelLoadError: the directory does not exist, has no model_index.json or lacks a component subfolder, the
+            hub id cannot be resolved, a component fails to load, or `kind` disagrees with the pipeline.
+    """
+    if kind not in ("auto", "sd15", "sdxl"):
+        raise ValueError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
+    source = str(source)
+    device = torch.device(device)
+    index = _read_pipeline_index(source, revision)
+    detected = _detect_kind(index)
+    if kind != "auto" and kind != detected:
+        raise ModelLoadError(
+            f"pipeline {source!r} is {detected!r} ({index.get('_class_name')}), but kind={kind!r} was requested"
+        )
+
+    parts = {
+        # The VAE stays float32: the SDXL VAE overflows in fp16, and decoding is a small share of the compute.
+        name: _load_component(cls, source, name, revision, index, torch.float32 if name == "vae" else dtype)
+        for name, cls in _COMPONENTS[detected].items()
+    }
+    encoder_names = ["text_encoder", "text_encoder_2"] if detected == "sdxl" else ["text_encoder"]
+    tokenizer_names = ["tokenizer", "tokenizer_2"] if detected == "sdxl" else ["tokenizer"]
+    return DiffusionModel(
+        kind=detected,
+        unet=_freeze(parts["unet"], device),
+        vae=_freeze(parts["vae"], device),
+        text_encoders=[_freeze(parts[name], device) for name in encoder_names],
+        tokenizers=[parts[name] for name in tokenizer_names],
+        scheduler=parts["scheduler"],
+        source=source,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRA on the UNet (peft through diffusers' PeftAdapterMixin)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _lora_layers(unet: nn.Module) -> list[LoraLayer]:
+    return [module for module in unet.modules() if isinstance(module, LoraLayer)]
+
+
+def _require_lora(unet: nn.Module, adapter_name: str) -> None:
+    if adapter_name not in (getattr(unet, "peft_config", None) or {}):
+        attached = list((getattr(unet, "peft_config", None) or {}).keys())
+        raise ValueError(f"the UNet has no LoRA adapter {adapter_name!r} (attached: {attached}); call attach_lora")
+
+
+def attach_lora(
+    unet: UNet2DConditionModel,
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    init: Literal["gaussian", "default"] = "gaussian",
+    adapter_name: str = "default",
+) -> None:
+    """Injects a LoRA adapter W + (α/r)·B·A into the UNet's target layers and makes only it trainable.
+
+    B starts at zero under both inits, so the adapted UNet initially equals the base UNet; A is drawn from
+    N(0, (1/r)²) (`"gaussian"`) or Kaiming-uniform (`"default"`, peft's default).
+
+    Args:
+        unet: the UNet to adapt (in place).
+        rank: r, the LoRA rank.
+        alpha: α; the update is scaled by α / r.
+        target_modules: module-name suffixes to adapt, e.g. `["to_q", "to_k", "to_v", "to_out.0"]`.
+        init: initialisation of A.
+        adapter_name: peft adapter name.
+
+    Raises:
+        ValueError: rank or alpha not positive, init unknown, or no UNet module matches `target_modules`.
+    """
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if alpha <= 0:
+        raise ValueError(f"LoRA alpha must be positive, got {alpha}")
+    if init not in ("gaussian", "default"):
+        raise ValueError(f"LoRA init must be 'gaussian' or 'default', got {init!r}")
+    if not target_modules:
+        raise ValueError("LoRA target_modules is empty")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian" if init == "gaussian" else True,
+        target_modules=list(target_modules),
+    )
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(config, adapter_name=adapter_name)
+    except ValueError as err:
+        if "not found in the base model" in str(err) or "Target modules" in str(err):
+            raise ValueError(f"LoRA target_modules {list(target_modules)} match no module of the UNet: {err}") from err
+        raise
+    # add_adapter marks the active adapter trainable; make sure nothing else is.
+    for name, param in unet.named_parameters():
+        param.requires_grad_(".lora_" in name and f".{adapter_name}." in name)
+    if not lora_parameters(unet):
+        raise ValueError(f"LoRA target_modules {list(target_modules)} match no module of the UNet")
+
+
+def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters (lora_A / lora_B of every adapted layer), in module order: what the optimizer trains."""
+    return [param for name, param in unet.named_parameters() if ".lora_" in name]
+
+
+def get_lora_state_dict(unet: nn.Module, *, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter weights in peft's key format, as detached CPU float32 clones.
+
+    Keys look like `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight` (no adapter name),
+    the format `set_lora_state_dict` reads back.
+    """
+    _require_lora(unet, adapter_name)
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {key: value.detach().to(device="cpu", dtype=torch.float32).clone() for key, value in state.items()}
+
+
+def set_lora_state_dict(
+    unet: nn.Module, state: dict[str, torch.Tensor], *, adapter_name: str = "default"
+) -> None:
+    """Copies adapter weights (peft key format, as from `get_lora_state_dict`) into the UNet's LoRA in place.
+
+    The parameter objects are kept (values are copied, cast to the parameter's dtype and device), so an optimizer
+    holding them stays valid.
+
+    Raises:
+        ValueError: the UNet has no such adapter, or `state` has missing / unexpected keys or wrong shapes.
+    """
+    _require_lora(unet, adapter_name)
+    expected = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state dict does not match adapter {adapter_name!r}: {len(missing)} missing keys "
+            f"{missing[:3]}{'...' if len(missing) > 3 else ''}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    wrong_shapes = [
+        f"{key}: got {tuple(state[key].shape)}, expected {tuple(value.shape)}"
+        for key, value in expected.items()
+        if tuple(state[key].shape) != tuple(value.shape)
+    ]
+    if wrong_shapes:
+        raise ValueError(f"LoRA state dict has wrong shapes: {wrong_shapes[:3]}")
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise ValueError(f"peft did not place LoRA keys {result.unexpected_keys[:3]} in the UNet")
+
+
+@contextmanager
+def lora_disabled(unet: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the UNet computes the reference policy: the base weights, every adapter disabled.
+
+    On exit (also on an exception) the adapters are re-enabled if they were enabled before, and every LoRA
+    parameter gets back its `requires_grad` flag (peft clears it when disabling). A UNet without adapters is the
+    base model already; the block then changes nothing.
+
+    Yields:
+        The same UNet.
+    """
+    layers = _lora_layers(unet)
+    if not layers:
+        yield unet
+        return
+    was_disabled = layers[0].disable_adapters
+    requires_grad = {name: param.requires_grad for name, param in unet.named_parameters() if ".lora_" in name}
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        if not was_disabled:
+            unet.enable_adapters()
+        for name, param in unet.named_parameters():
+            if name in requires_grad:
+                param.requires_grad_(requires_grad[name])
+
+
+def _exportable_lora_state_dict(unet: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """peft-format adapter weights with each layer's α / r scaling folded into lora_B (so the export's α = r)."""
+    scaling = {
+        name: module.scaling[adapter_name]
+        for name, module in unet.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling
+    }
+    state = {}
+    for key, value in get_peft_model_state_dict(unet, adapter_name=adapter_name).items():
+        value = value.detach().to("cpu")
+        if ".lora_B." in key:  # ΔW = (α/r)·B·A  ->  B' = (α/r)·B, α' = r
+            value = value * scaling[key.split(".lora_B.")[0]]
+        state[key] = value.contiguous()
+    return state
+
+
+def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str = "default") -> Path:
+    """Writes the UNet's LoRA as a diffusers LoRA file, loadable with a stock `pipe.load_lora_weights(out_dir)`.
+
+    The file is what `StableDiffusionPipeline.save_lora_weights` (SD1.5) / `StableDiffusionXLPipeline.
+    save_lora_weights` (SDXL) write: `unet.`-prefixed peft-style keys (`….to_q.lora_A.weight`, `….lora_B.weight`)
+    plus the adapter's `LoraConfig` as safetensors metadata. Two choices make it load the same everywhere:
+
+    - keys stay in peft naming for every target module: diffusers' loader converts the legacy `lora.down` /
+      `lora.up` names only when the *first* key has them, so a mix (which `convert_state_dict_to_diffusers`
+      produces when targets go beyond to_q/to_k/to_v/to_out.0) would silently drop layers;
+    - each layer's scale α / r is folded into lora_B and the metadata records α = r, so loaders that ignore the
+      metadata (they assume α = r) rebuild the same ΔW = (α/r)·B·A.
+
+    The file is written in a temporary directory beside `out_dir` and moved into place with `os.replace`, so
+    readers never see a partial file.
+
+    Args:
+        model: the model whose UNet carries the adapter.
+        out_dir: directory to write (created if missing; other files in it are left alone).
+        adapter_name: which adapter to export.
+
+    Returns:
+        Path of the written `out_dir/pytorch_lora_weights.safetensors`.
+
+    Raises:
+        ValueError: the UNet has no such adapter, or `out_dir` is an existing file.
+    """
+    unet = model.unet
+    _require_lora(unet, adapter_name)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"LoRA export path {out_dir} exists and is not a directory")
+    unet_lora_layers = _exportable_lora_state_dict(unet, adapter_name)
+    metadata = unet.peft_config[adapter_name].to_dict()
+    metadata["lora_alpha"] = metadata["r"]  # the scale is folded into lora_B
+    metadata["alpha_pattern"] = dict(metadata.get("rank_pattern") or {})
+    pipeline_cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        pipeline_cls.save_lora_weights(
+            tmp_dir,
+            unet_lora_layers=unet_lora_layers,
+            unet_lora_adapter_metadata=metadata,
+            weight_name=LORA_WEIGHT_NAME,
+            safe_serialization=True,
+        )
+        out_dir.mkdir(exist_ok=True)
+        target = out_dir / LORA_WEIGHT_NAME
+        os.replace(tmp_dir / LORA_WEIGHT_NAME, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
