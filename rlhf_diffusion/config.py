@@ -79,6 +79,7 @@ RewardName = Literal[
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "brightness",
+    "saturation",
     "aesthetic",
     "imagereward",
     "pickscore",

@@ -1,0 +1,24 @@
+"""Preference-optimisation methods, one file each; importing this package fills the registry."""
+
+from rlhf_diffusion.algorithms import d3po, dde, diffusion_dpo, tailorpo  # noqa: F401  (registration)
+from rlhf_diffusion.algorithms.base import (
+    ALGORITHM_REGISTRY,
+    Algorithm,
+    FinalPairBatch,
+    LossOutput,
+    RolloutBatch,
+    RolloutContext,
+    StepPairBatch,
+    build_algorithm,
+)
+
+__all__ = [
+    "ALGORITHM_REGISTRY",
+    "Algorithm",
+    "FinalPairBatch",
+    "LossOutput",
+    "RolloutBatch",
+    "RolloutContext",
+    "StepPairBatch",
+    "build_algorithm",
+]

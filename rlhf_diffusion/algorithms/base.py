@@ -1,0 +1,222 @@
+"""The Algorithm interface, the batch types that cross the sampler → learner boundary, and the registry.
+
+An algorithm owns three things (DESIGN.md, "each file holds its method whole"):
+  1. `rollout(ctx, prompts)`: what it samples (plain / paired / branched trajectories) and how it labels pairs;
+  2. the training example it emits (`StepPairBatch` or `FinalPairBatch`);
+  3. `loss(predictor, cond, examples)`: its loss on a minibatch of examples.
+
+The same code runs in one process (tests, `trainer.run_local`) and under Ray: the rollout context's
+`reward_fn` is a local call or a RewardServer call.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
+from rlhf_diffusion.models.conditioning import TextConditioning
+from rlhf_diffusion.models.loading import DiffusionModel
+from rlhf_diffusion.rewards.base import RewardResult
+
+__all__ = [
+    "ALGORITHM_REGISTRY",
+    "Algorithm",
+    "FinalPairBatch",
+    "LossOutput",
+    "RolloutBatch",
+    "RolloutContext",
+    "StepPairBatch",
+    "build_algorithm",
+    "register_algorithm",
+]
+
+
+class TensorBatch:
+    """Mixin for dataclasses whose tensor fields share the leading example dimension M."""
+
+    def __len__(self) -> int:
+        return int(getattr(self, dataclasses.fields(self)[0].name).shape[0])
+
+    def select(self, index: Tensor):
+        """The examples at `index` (M',) → a batch of the same type."""
+        return type(self)(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+    @classmethod
+    def concat(cls, batches: Sequence["TensorBatch"]):
+        """Concatenates batches along the example dimension (prompt indices must already be global)."""
+        return cls(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(cls)})
+
+    def validate(self) -> None:
+        """Asserts every field has the same leading length and every tensor is on CPU."""
+        n = len(self)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value.shape[0] != n:
+                raise ValueError(f"{type(self).__name__}.{f.name} has {value.shape[0]} rows, expected {n}")
+            if value.device.type != "cpu":
+                raise ValueError(f"{type(self).__name__}.{f.name} must be on CPU to cross an actor boundary")
+
+
+@dataclass
+class StepPairBatch(TensorBatch):
+    """Step-level preference pairs (D3PO, TailorPO): one denoising step of a winner and of a loser.
+
+    For TailorPO both actions come from the same state (state_w == state_l); for D3PO the states are the
+    two trajectories' states at the same step index.
+
+    Attributes:
+        prompt_index: (M,) long, index into `RolloutBatch.prompts`.
+        step_index: (M,) long, index i into the DDIM grid (τ_i → prev(τ_i)).
+        state_w, action_w: (M, C, h, w) x_τ and x_prev of the winner.
+        state_l, action_l: (M, C, h, w) x_τ and x_prev of the loser.
+    """
+
+    prompt_index: Tensor
+    step_index: Tensor
+    state_w: Tensor
+    action_w: Tensor
+    state_l: Tensor
+    action_l: Tensor
+
+
+@dataclass
+class FinalPairBatch(TensorBatch):
+    """Preference pairs of final images (DDE, Diffusion-DPO), as latents x_0 (already × VAE scaling factor).
+
+    Attributes:
+        prompt_index: (M,) long, index into `RolloutBatch.prompts`.
+        x0_w, x0_l: (M, C, h, w) winner and loser latents.
+    """
+
+    prompt_index: Tensor
+    x0_w: Tensor
+    x0_l: Tensor
+
+
+@dataclass
+class RolloutBatch:
+    """What a sampler returns for one slice of prompts. All tensors on CPU.
+
+    Attributes:
+        prompts: the P prompts of this slice.
+        pairs: the training examples.
+        final_images: (P, 3, H, W) in [0, 1], one final image per prompt (for grids), or None.
+        rewards: (P, n) final-image rewards of every sampled trajectory (n = 2 for pairs), for logging.
+        metrics: scalar rollout statistics (tie fraction, reward gap per step, ...).
+        weights_version: version of the LoRA weights the rollout was sampled with.
+    """
+
+    prompts: list[str]
+    pairs: StepPairBatch | FinalPairBatch
+    rewards: Tensor
+    final_images: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    weights_version: int = 0
+
+
+@dataclass
+class RolloutContext:
+    """Everything a rollout needs from its host (a sampler actor or the local trainer).
+
+    Attributes:
+        model: the pipeline components (policy UNet with LoRA, VAE, text encoders).
+        predictor: the policy's CFG noise prediction.
+        grid: the K-step DDIM grid (η > 0).
+        reward_fn: images (N, 3, H, W) in [0, 1], prompts → RewardResult (no gradient).
+        reward_grad_fn: images, prompts → (RewardResult, d total / d images (N, 3, H, W)); None when the
+            configured rewards are not differentiable.
+        generator: CPU RNG for every random draw of the rollout.
+        reward_weights: reward name → weight (the sign says whether higher is better; Pareto ranking uses it).
+    """
+
+    model: DiffusionModel
+    predictor: NoisePredictor
+    grid: DDIMGrid
+    reward_fn: Callable[[Tensor, Sequence[str]], RewardResult]
+    reward_grad_fn: Callable[[Tensor, Sequence[str]], tuple[RewardResult, Tensor]] | None
+    generator: torch.Generator
+    reward_weights: dict[str, float]
+
+
+@dataclass
+class LossOutput:
+    """A minibatch loss and its diagnostics.
+
+    Attributes:
+        loss: scalar to back-propagate.
+        metrics: detached scalars (implicit accuracy, clamp fraction, ...).
+        state_update: algorithm state to apply after the optimizer step (DDE's EMA statistics), or None.
+    """
+
+    loss: Tensor
+    metrics: dict[str, float]
+    state_update: Any = None
+
+
+class Algorithm(abc.ABC):
+    """A preference-optimisation method: what it samples, what a training example is, and its loss.
+
+    Subclasses set `name` (the config's `algorithm.name`) and `cfg_in_training` (whether the loss evaluates the
+    CFG-combined ε̂ like D3PO, or the conditional ε like Diffusion-DPO).
+    """
+
+    name: ClassVar[str]
+    cfg_in_training: ClassVar[bool]
+
+    def __init__(self, config: Any, grid: DDIMGrid):
+        self.config = config
+        self.grid = grid
+
+    @abc.abstractmethod
+    def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
+        """Samples trajectories for `prompts` (with their encoded `cond`) and returns labelled examples."""
+
+    @abc.abstractmethod
+    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: Any,
+             generator: torch.Generator) -> LossOutput:
+        """The loss on a minibatch of examples; `cond` holds one conditioning per example."""
+
+    def apply_state_update(self, update: Any) -> None:
+        """Applies the state statistics of one loss call after the optimizer step (no-op by default)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Algorithm state to checkpoint (DDE's EMA array); empty by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"algorithm {self.name!r} has no state, got keys {sorted(state)}")
+
+
+ALGORITHM_REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register_algorithm(*names: str):
+    """Class decorator registering an Algorithm under one or more config names."""
+
+    def decorator(cls: type[Algorithm]) -> type[Algorithm]:
+        for name in names:
+            if name in ALGORITHM_REGISTRY:
+                raise ValueError(f"algorithm {name!r} is already registered")
+            ALGORITHM_REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_algorithm(config: Any, grid: DDIMGrid) -> Algorithm:
+    """The algorithm for `config.name` (an algorithm config section) on the given DDIM grid."""
+    try:
+        cls = ALGORITHM_REGISTRY[config.name]
+    except KeyError:
+        raise ValueError(
+            f"unknown algorithm {config.name!r}; registered: {', '.join(sorted(ALGORITHM_REGISTRY))}"
+        ) from None
+    return cls(config, grid)

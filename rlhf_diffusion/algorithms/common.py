@@ -1,0 +1,181 @@
+"""Primitives shared by several methods (ALGORITHMS.md §5): the clamped DPO step loss (D3PO / TailorPO / SPO),
+step log-ratios under the DDIM policy, the Diffusion-DPO ε-MSE difference (Uniform baseline, DDE), preference
+labels (weighted sum or Pareto), and the final-image pair sampler used by the online DDE / Diffusion-DPO."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlhf_diffusion.algorithms.base import FinalPairBatch, RolloutBatch, RolloutContext
+from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.diffusion.sampling import (
+    DDIMGrid,
+    NoisePredictor,
+    decode_latents,
+    initial_noise,
+    sample_trajectory,
+)
+from rlhf_diffusion.models.conditioning import TextConditioning
+from rlhf_diffusion.rewards.base import RewardResult
+
+__all__ = [
+    "diffusion_dpo_mse_delta",
+    "dpo_step_loss",
+    "preference_labels",
+    "sample_final_pairs",
+    "step_log_ratios",
+]
+
+
+def dpo_step_loss(delta_w: Tensor, delta_l: Tensor, beta: float, clip_epsilon: float) -> tuple[Tensor, dict[str, float]]:
+    """Clamped DPO loss on one denoising step (D3PO §1b; TailorPO Eq. 10 with D3PO's ratio constraint, §5.6).
+
+    log ρ = clamp(Δ, log(1 − ε), log(1 + ε));  L = −log σ(β (log ρ_w − log ρ_l)), averaged over the batch.
+
+    Args:
+        delta_w, delta_l: (M,) log π_θ/π_ref of the winner's and the loser's action.
+        beta: DPO temperature β.
+        clip_epsilon: ε of the ratio clamp [1 − ε, 1 + ε].
+
+    Returns:
+        (scalar loss, metrics): implicit accuracy (Δ_w > Δ_l), fraction of clamped ratios, mean |Δ|.
+    """
+    lo, hi = math.log(1 - clip_epsilon), math.log(1 + clip_epsilon)
+    log_ratio_w = delta_w.clamp(lo, hi)
+    log_ratio_l = delta_l.clamp(lo, hi)
+    logits = beta * (log_ratio_w - log_ratio_l)
+    loss = -F.logsigmoid(logits).mean()
+    with torch.no_grad():
+        both = torch.cat([delta_w, delta_l])
+        metrics = {
+            "implicit_accuracy": (delta_w > delta_l).float().mean().item(),
+            "clamp_fraction": ((both <= lo) | (both >= hi)).float().mean().item(),
+            "mean_abs_log_ratio": both.abs().mean().item(),
+        }
+    return loss, metrics
+
+
+def step_log_ratios(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, step_index: Tensor,
+                    states: Tensor, actions: Tensor) -> Tensor:
+    """Δ = log π_θ(action | state) − log π_ref(action | state) under the DDIM policy, per example.
+
+    Both policies share σ_τ, so Δ is the closed form of §5.5 (per-element mean, as the official codes).
+
+    Args:
+        predictor: CFG noise prediction (θ with gradient; reference without).
+        grid: the DDIM grid of the rollout.
+        cond: M conditionings.
+        step_index: (M,) grid indices.
+        states, actions: (M, C, h, w) x_τ and x_prev.
+
+    Returns:
+        (M,) Δ, differentiable w.r.t. the LoRA parameters.
+    """
+    device = predictor.model.device
+    t, a, a_prev, std = (v.to(device) for v in grid.scalars(step_index))
+    states = states.to(device)
+    eps_theta = predictor(states, t, cond)
+    eps_ref = predictor(states, t, cond, reference=True)
+    mean_theta, _ = ddim.ddim_step_mean(states, eps_theta, a, a_prev, std)
+    mean_ref, _ = ddim.ddim_step_mean(states, eps_ref, a, a_prev, std)
+    return ddim.log_ratio_same_std(actions.to(device), mean_theta, mean_ref, std)
+
+
+def preference_labels(per_reward: dict[str, Tensor], weights: dict[str, float], rule: str) -> Tensor:
+    """Which of two samples wins, from their rewards (D3PO §1a step 4).
+
+    Args:
+        per_reward: name → (P, 2) raw scores of sample 0 and sample 1 of each pair.
+        weights: name → weight (its sign says whether higher is better).
+        rule: "weighted_sum" (compare Σ w_i r_i) or "pareto" (sample 0 wins iff it is at least as good on every
+            reward and strictly better on one; non-dominated pairs are ties).
+
+    Returns:
+        (P,) long: 0 if sample 0 wins, 1 if sample 1 wins, −1 for a tie.
+    """
+    if rule == "weighted_sum":
+        total = sum(weights[name] * scores for name, scores in per_reward.items())
+        diff = total[:, 0] - total[:, 1]
+        return torch.where(diff > 0, 0, torch.where(diff < 0, 1, -1))
+    if rule == "pareto":
+        signed = torch.stack([math.copysign(1.0, weights[n]) * s for n, s in per_reward.items()])  # (R, P, 2)
+        d = signed[..., 0] - signed[..., 1]  # (R, P)
+        zero_wins = (d >= 0).all(0) & (d > 0).any(0)
+        one_wins = (d <= 0).all(0) & (d < 0).any(0)
+        return torch.where(zero_wins, 0, torch.where(one_wins, 1, -1))
+    raise ValueError(f"unknown preference rule {rule!r}; expected 'weighted_sum' or 'pareto'")
+
+
+def _reward_of_final(ctx: RolloutContext, latents: Tensor, prompts: list[str]) -> tuple[RewardResult, Tensor]:
+    images = decode_latents(ctx.model, latents)
+    return ctx.reward_fn(images.cpu(), prompts), images.cpu()
+
+
+@torch.no_grad()
+def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextConditioning,
+                       rule: str = "weighted_sum") -> RolloutBatch:
+    """Two independent samples per prompt, ranked by the reward: online pairs for DDE / Diffusion-DPO.
+
+    (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
+    policy and labels them with the reward model, as an AI annotator does.) Ties are dropped.
+    """
+    p = len(prompts)
+    x_T = initial_noise(2 * p, ctx.model, ctx.generator, ctx.predictor.height, ctx.predictor.width)
+    traj = sample_trajectory(ctx.predictor, TextConditioning.cat([cond, cond]), x_T, ctx.grid, ctx.generator)
+    result, images = _reward_of_final(ctx, traj.final, prompts + prompts)
+    per_reward = {k: v.view(2, p).T for k, v in result.per_reward.items()}  # (P, 2)
+    labels = preference_labels(per_reward, ctx.reward_weights, rule)
+    keep = labels >= 0
+    finals = traj.final.view(2, p, *traj.final.shape[1:])  # (2, P, C, h, w)
+    rows = torch.arange(p)
+    winner = labels.clamp(min=0)
+    pairs = FinalPairBatch(
+        prompt_index=rows[keep],
+        x0_w=finals[winner, rows][keep],
+        x0_l=finals[1 - winner, rows][keep],
+    )
+    rewards = result.total.view(2, p).T
+    return RolloutBatch(
+        prompts=list(prompts),
+        pairs=pairs,
+        rewards=rewards,
+        final_images=images[:p],
+        metrics={"tie_fraction": 1 - keep.float().mean().item(),
+                 "reward_gap": (rewards[:, 0] - rewards[:, 1]).abs().mean().item()},
+    )
+
+
+def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x0_w: Tensor,
+                            x0_l: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+    """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(ε − ε_m(x^i_t, t, c))² (§5.7).
+
+    t and ε are shared within a pair (Diffusion-DPO train.py [C]); x^i_t = sqrt(ᾱ_t) x^i_0 + sqrt(1 − ᾱ_t) ε.
+    Δ_t < 0 means θ fits the winner better (relative to ref) than the loser.
+
+    Args:
+        predictor: noise prediction (conditional only for these methods).
+        grid: supplies the training-grid ᾱ table.
+        cond: M conditionings.
+        x0_w, x0_l: (M, C, h, w) latents.
+        timesteps: (M,) long on the 1000-step training grid.
+        noise: (M, C, h, w) ε.
+
+    Returns:
+        (M,) Δ_t, differentiable w.r.t. the LoRA parameters.
+    """
+    device = predictor.model.device
+    alpha_prod = ddim.gather_alpha(grid.alphas_cumprod, timesteps).to(device)
+    noise = noise.to(device)
+    x_t = torch.cat([ddim.add_noise(x0_w.to(device), noise, alpha_prod),
+                     ddim.add_noise(x0_l.to(device), noise, alpha_prod)])  # (2M, C, h, w)
+    t2 = timesteps.to(device).repeat(2)
+    cond2 = TextConditioning.cat([cond, cond])
+    target = noise.repeat(2, 1, 1, 1)
+    err_theta = ((predictor(x_t, t2, cond2) - target) ** 2).mean(dim=(1, 2, 3))
+    err_ref = ((predictor(x_t, t2, cond2, reference=True) - target) ** 2).mean(dim=(1, 2, 3))
+    m = x0_w.shape[0]
+    return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:])

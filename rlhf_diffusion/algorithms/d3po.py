@@ -1,0 +1,94 @@
+"""D3PO (Yang et al., CVPR 2024, arXiv 2311.13231; code yk7333/D3PO): DPO on every step of two trajectories that
+share x_T, each step inheriting the final preference (ALGORITHMS.md §1).
+
+Samples: two stochastic DDIM trajectories per prompt from the same x_T with fresh noise at every step (§1a.3).
+Example: one denoising step (state, action) of the winner and of the loser at the same step index.
+Loss:    L_k = −log σ(β [log clamp(ρ_w,k) − log clamp(ρ_l,k)]), ρ = π_θ/π_ref of the stored action, with the
+         CFG-combined prediction for θ and ref (§1b) — `dpo_step_loss` on `step_log_ratios`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_diffusion.algorithms.base import (
+    Algorithm,
+    LossOutput,
+    RolloutBatch,
+    RolloutContext,
+    StepPairBatch,
+    register_algorithm,
+)
+from rlhf_diffusion.algorithms.common import dpo_step_loss, preference_labels, step_log_ratios
+from rlhf_diffusion.diffusion.sampling import NoisePredictor, decode_latents, initial_noise, sample_trajectory
+from rlhf_diffusion.models.conditioning import TextConditioning
+
+
+def select_steps(num_pairs: int, num_steps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Step indices to train per pair: all K when fraction = 1 (D3PO default), else a random subset per pair.
+
+    Returns:
+        (num_pairs, k) long, k = max(1, round(fraction · K)); the same subset is used for winner and loser.
+    """
+    k = max(1, round(fraction * num_steps))
+    scores = torch.rand((num_pairs, num_steps), generator=generator)
+    return scores.argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+@register_algorithm("d3po")
+class D3PO(Algorithm):
+    """D3PO with the official code's choices: mean log-probs, ratio clamp ε = 0.1, β = 0.1, all K steps."""
+
+    name = "d3po"
+    cfg_in_training = True  # train.cfg = True in the official code: same w for θ and ref (§1b)
+
+    @torch.no_grad()
+    def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
+        p = len(prompts)
+        x_T = initial_noise(p, ctx.model, ctx.generator, ctx.predictor.height, ctx.predictor.width)
+        # Two trajectories from the same x_T, batched as one (2P) run: rows [0, P) = A, [P, 2P) = B (§1a.2–3).
+        traj = sample_trajectory(ctx.predictor, TextConditioning.cat([cond, cond]), torch.cat([x_T, x_T]),
+                                 ctx.grid, ctx.generator)
+        images = decode_latents(ctx.model, traj.final).cpu()
+        result = ctx.reward_fn(images, prompts + prompts)
+        per_reward = {k: v.view(2, p).T for k, v in result.per_reward.items()}  # (P, 2)
+        labels = preference_labels(per_reward, ctx.reward_weights, self.config.multi_reward)
+        keep = (labels >= 0).nonzero().squeeze(1)  # ties give a constant loss: filter them (§1f)
+        latents = traj.latents.view(2, p, *traj.latents.shape[1:])  # (2, P, K+1, C, h, w)
+        winner = labels[keep]
+        steps = select_steps(len(keep), self.grid.num_steps, self.config.timestep_fraction, ctx.generator)
+        k = steps.shape[1]
+        pair_rows = keep.repeat_interleave(k)  # (M,) prompt index per example
+        winner_rows = winner.repeat_interleave(k)
+        step_index = steps.reshape(-1)
+        lat_w = latents[winner_rows, pair_rows]  # (M, K+1, C, h, w)
+        lat_l = latents[1 - winner_rows, pair_rows]
+        m = torch.arange(len(pair_rows))
+        pairs = StepPairBatch(
+            prompt_index=pair_rows,
+            step_index=step_index,
+            state_w=lat_w[m, step_index],
+            action_w=lat_w[m, step_index + 1],
+            state_l=lat_l[m, step_index],
+            action_l=lat_l[m, step_index + 1],
+        )
+        rewards = result.total.view(2, p).T
+        return RolloutBatch(
+            prompts=list(prompts),
+            pairs=pairs,
+            rewards=rewards,
+            final_images=images[:p],
+            metrics={"tie_fraction": 1 - len(keep) / max(p, 1),
+                     "reward_gap": (rewards[:, 0] - rewards[:, 1]).abs().mean().item()},
+        )
+
+    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
+             generator: torch.Generator) -> LossOutput:
+        # Winner and loser sit in different states: one batched (2M) evaluation of θ and of ref.
+        states = torch.cat([examples.state_w, examples.state_l])
+        actions = torch.cat([examples.action_w, examples.action_l])
+        steps = examples.step_index.repeat(2)
+        delta = step_log_ratios(predictor, self.grid, TextConditioning.cat([cond, cond]), steps, states, actions)
+        m = len(examples)
+        loss, metrics = dpo_step_loss(delta[:m], delta[m:], self.config.beta, self.config.clip_epsilon)
+        return LossOutput(loss=loss, metrics=metrics)

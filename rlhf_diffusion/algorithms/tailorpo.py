@@ -1,0 +1,188 @@
+"""TailorPO and TailorPO-G (Ren et al., ICLR 2025 submission; arXiv 2502.01667): step-level preference pairs
+ranked by the reward of the predicted clean image, both candidates drawn from the same state (ALGORITHMS.md §2).
+
+Samples (§2a): at every DDIM step τ of a trajectory, n candidates x^(j) = μ_θ(x_τ) + σ_τ z^(j) from the shared
+    state; each is scored by r(c, Decode(x̂_0(x^(j)))), x̂_0 taken with the current θ at the candidate's own
+    timestep prev(τ) (their Eq. 12, Tweedie + Jensen); the last step scores x_0 itself. Winner = argmax,
+    loser = argmin; ties dropped [UNCONFIRMED choice]. TailorPO-G moves the winner along the reward gradient
+    (§2b Eq. G, a reconstruction, see `guide_winner`). The trajectory continues from the (guided) winner
+    [R for -G; UNCONFIRMED for plain TailorPO → `continuation` in the config, "random" = SPO's choice].
+Example: (c, τ, x_τ, x^w, x^l) — `StepPairBatch` with state_w == state_l.
+Loss (Eq. 10 with D3PO's ratio constraint, [R]): −log σ(β [log clamp(ρ_w) − log clamp(ρ_l)]), whose gradient
+    is ∝ ∇_θ μ_θ(x_τ)ᵀ (x^w − x^l)/σ_τ² (Eq. 11).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf_diffusion.algorithms.base import (
+    Algorithm,
+    LossOutput,
+    RolloutBatch,
+    RolloutContext,
+    StepPairBatch,
+    register_algorithm,
+)
+from rlhf_diffusion.algorithms.common import dpo_step_loss
+from rlhf_diffusion.algorithms.d3po import select_steps
+from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.diffusion.sampling import NoisePredictor, decode_latents, draw_candidates, initial_noise
+from rlhf_diffusion.models.conditioning import TextConditioning
+
+
+def guide_winner(ctx: RolloutContext, x_w: Tensor, eps_w: Tensor | None, t_w: Tensor, alpha_prod_w: Tensor,
+                 std_dev_t: Tensor, cond: TextConditioning, prompts: list[str], *, gradient: str, norm: str,
+                 gamma: float, raw_scale: float) -> tuple[Tensor, Tensor]:
+    """TailorPO-G: x^w ← x^w + g, g ∝ ∇_x r(c, Decode(x̂_0(x))) at x = x^w (ALGORITHMS §2b, §5.10).
+
+    UNCONFIRMED reconstruction of the paper's Eq. 13 (not retrievable): p(r_high | x) ∝ exp(η r(c, x̂_0(x))).
+    Only x receives a gradient (`torch.autograd.grad`), so no θ-gradient accumulates.
+
+    Args:
+        x_w: (B, C, h, w) winners at timestep prev(τ).
+        eps_w: (B, C, h, w) ε̂_θ at (x_w, prev(τ)), or None at the last step (x_w is x_0; x̂_0 = x_w).
+        t_w: (B,) long, the winners' timestep prev(τ) (used by the full chain).
+        alpha_prod_w: (B,) ᾱ_{prev(τ)} (1 at the last step: x̂_0 = x).
+        std_dev_t: (B,) σ_τ of the step that produced the candidates.
+        gradient: "tweedie_const_eps" — ε̂ held constant, ∂x̂_0/∂x = 1/sqrt(ᾱ) (cheap); "full_chain" — through the
+            UNet call inside x̂_0 (one extra UNet backward).
+        norm: "sigma_relative" — ||g|| = γ σ_τ sqrt(D) per sample; "raw" — g = raw_scale · ∇_x r.
+        gamma, raw_scale: the two scales.
+
+    Returns:
+        (guided winners (B, C, h, w), the reward of Decode(x̂_0(x_w)) before guidance (B,)).
+    """
+    x = x_w.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        if gradient == "full_chain" and eps_w is not None:  # re-run the UNet with x on the tape
+            eps = ctx.predictor(x, t_w, cond)
+            x0 = ddim.pred_x0_from_eps(x, eps, alpha_prod_w.to(x.device))
+        elif eps_w is not None:
+            x0 = ddim.pred_x0_from_eps(x, eps_w.detach(), alpha_prod_w.to(x.device))
+        else:
+            x0 = x
+        images = decode_latents(ctx.model, x0)
+        result, image_grad = ctx.reward_grad_fn(images.detach().cpu(), prompts)
+        (grad,) = torch.autograd.grad(images, x, grad_outputs=image_grad.to(images))
+    grad = grad.detach().to(torch.float32)
+    if norm == "sigma_relative":
+        d = grad[0].numel()
+        scale = gamma * std_dev_t.to(grad.device).view(-1, 1, 1, 1) * d**0.5
+        g = scale * grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+    else:
+        g = raw_scale * grad
+    return (x_w + g).detach(), result.total
+
+
+@register_algorithm("tailorpo")
+class TailorPO(Algorithm):
+    """TailorPO: same-state candidate pairs ranked by r(c, x̂_0) at every step (§2)."""
+
+    name = "tailorpo"
+    cfg_in_training = True  # D3PO's training recipe (CFG in training) [R: they follow D3PO]
+    guided = False
+
+    @torch.no_grad()
+    def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
+        cfg, grid, gen = self.config, self.grid, ctx.generator
+        p, n, k = len(prompts), cfg.num_candidates, grid.num_steps
+        device = ctx.model.device
+        prompts_n = [q for q in prompts for _ in range(n)]  # candidate order (P, n) flattened
+        cond_n = cond.repeat_interleave(n)
+        rows = torch.arange(p)
+        trained_steps = torch.zeros((p, k), dtype=torch.bool)
+        trained_steps[rows.view(-1, 1), select_steps(p, k, cfg.timestep_fraction, gen)] = True
+
+        x = initial_noise(p, ctx.model, gen, ctx.predictor.height, ctx.predictor.width).to(device)
+        eps = ctx.predictor(x, grid.timesteps[0].expand(p), cond)
+        examples: list[StepPairBatch] = []
+        gaps, ties, final_rewards, final_images = [], [], None, None
+        for i in range(k):
+            idx = torch.full((p,), i, dtype=torch.long)
+            _, a, a_prev, std = (v.to(device) for v in grid.scalars(idx))
+            mean, _ = ddim.ddim_step_mean(x, eps, a, a_prev, std)
+            cands = draw_candidates(mean, std, n, gen)  # (P, n, C, h, w), step 2 of §2a
+            flat = cands.flatten(0, 1)
+            last = i == k - 1
+            if last:  # the candidates are x_0: score them directly [D]
+                eps_c, x0_hat = None, flat
+            else:  # step 3: x̂_0 at the candidate's own timestep prev(τ), current θ
+                eps_c = ctx.predictor(flat, grid.timesteps[i + 1].expand(p * n), cond_n)
+                x0_hat = ddim.pred_x0_from_eps(flat, eps_c, a_prev.repeat_interleave(n))
+            images = decode_latents(ctx.model, x0_hat).cpu()
+            scores = ctx.reward_fn(images, prompts_n).total.view(p, n)
+            w_idx, l_idx = scores.argmax(dim=1), scores.argmin(dim=1)  # step 4
+            gap = scores[rows, w_idx] - scores[rows, l_idx]
+            valid = gap > 0  # ties dropped [U]
+            x_w, x_l = cands[rows, w_idx], cands[rows, l_idx]
+            eps_w = None if last else eps_c.view(p, n, *eps_c.shape[1:])[rows, w_idx]
+            if self.guided:  # step 5 (TailorPO-G)
+                alpha_w = torch.ones(p, device=device) if last else a_prev
+                t_w = grid.prev_timesteps[i].clamp(min=0).expand(p)
+                x_w, _ = guide_winner(
+                    ctx, x_w, eps_w, t_w, alpha_w, std, cond, list(prompts), gradient=cfg.guidance_gradient,
+                    norm=cfg.guidance_norm, gamma=cfg.guidance_gamma, raw_scale=cfg.guidance_scale_raw,
+                )
+            keep = valid & trained_steps[:, i]
+            if keep.any():
+                examples.append(StepPairBatch(
+                    prompt_index=rows[keep], step_index=idx[keep], state_w=x[keep].cpu(),
+                    action_w=x_w[keep].cpu(), state_l=x[keep].cpu(), action_l=x_l[keep].cpu(),
+                ))
+            gaps.append(gap.mean().item())
+            ties.append(1 - valid.float().mean().item())
+            if last:
+                final_rewards, final_images = scores, images.view(p, n, *images.shape[1:])[rows, w_idx]
+                break
+            # step 6: continue from the (guided) winner, or from a random candidate (SPO)
+            if cfg.continuation == "random":
+                c_idx = torch.randint(0, n, (p,), generator=gen)
+                x, eps = cands[rows, c_idx], eps_c.view(p, n, *eps_c.shape[1:])[rows, c_idx]
+            elif self.guided:  # the state moved: recompute ε̂ at the guided winner
+                x = x_w
+                eps = ctx.predictor(x, grid.timesteps[i + 1].expand(p), cond)
+            else:  # reuse the winner's UNet call as the next step's ε̂ [D]
+                x, eps = x_w, eps_w
+        pairs = StepPairBatch.concat(examples) if examples else _empty_step_pairs(x)
+        metrics = {"tie_fraction": sum(ties) / k, "reward_gap_first_step": gaps[0], "reward_gap_last_step": gaps[-1],
+                   "reward_gap": sum(gaps) / k}
+        return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=final_rewards,
+                            final_images=final_images, metrics=metrics)
+
+    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
+             generator: torch.Generator) -> LossOutput:
+        device = predictor.model.device
+        t, a, a_prev, std = (v.to(device) for v in self.grid.scalars(examples.step_index))
+        state = examples.state_w.to(device)  # shared x_τ: one evaluation of θ and of ref serves both actions
+        eps_theta = predictor(state, t, cond)
+        eps_ref = predictor(state, t, cond, reference=True)
+        mean_theta, _ = ddim.ddim_step_mean(state, eps_theta, a, a_prev, std)
+        mean_ref, _ = ddim.ddim_step_mean(state, eps_ref, a, a_prev, std)
+        delta_w = ddim.log_ratio_same_std(examples.action_w.to(device), mean_theta, mean_ref, std)
+        delta_l = ddim.log_ratio_same_std(examples.action_l.to(device), mean_theta, mean_ref, std)
+        loss, metrics = dpo_step_loss(delta_w, delta_l, self.config.beta, self.config.clip_epsilon)
+        return LossOutput(loss=loss, metrics=metrics)
+
+
+@register_algorithm("tailorpo_g")
+class TailorPOG(TailorPO):
+    """TailorPO-G: TailorPO with the winner moved along the reward gradient before it is stored and continued."""
+
+    name = "tailorpo_g"
+    guided = True
+
+    @torch.no_grad()
+    def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
+        if ctx.reward_grad_fn is None:
+            raise ValueError("algorithm tailorpo_g needs differentiable rewards (a reward gradient); "
+                             "the configured rewards are not differentiable")
+        return super().rollout(ctx, prompts, cond)
+
+
+def _empty_step_pairs(like: Tensor) -> StepPairBatch:
+    empty = torch.empty((0, *like.shape[1:]))
+    index = torch.empty(0, dtype=torch.long)
+    return StepPairBatch(prompt_index=index, step_index=index, state_w=empty, action_w=empty,
+                         state_l=empty, action_l=empty)

@@ -1,0 +1,236 @@
+"""Denoising trajectories for preference RL: plain, paired (shared x_T) and branched (n candidates from one x_τ).
+
+The maths lives in `ddim.py`; this module owns the loop over the K-step grid, the noise predictor that wraps
+the (LoRA) UNet with classifier-free guidance, and latent decoding. Everything here runs without gradients
+unless a caller asks for them (TailorPO-G's reward gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.models.conditioning import (
+    TextConditioning,
+    encode_negative,
+    predict_noise_cfg,
+)
+from rlhf_diffusion.models.loading import DiffusionModel, lora_disabled
+
+__all__ = [
+    "DDIMGrid",
+    "NoisePredictor",
+    "Trajectory",
+    "decode_latents",
+    "draw_candidates",
+    "initial_noise",
+    "sample_trajectory",
+]
+
+
+@dataclass(frozen=True)
+class DDIMGrid:
+    """The K-step DDIM grid with every per-step scheduler scalar, index i = 0 … K−1 from noise to data.
+
+    Attributes:
+        timesteps: (K,) long τ_i, descending (951 … 1 for K = 20).
+        prev_timesteps: (K,) long prev(τ_i) (may be negative at the last step → ᾱ_0 is used).
+        alpha_prod: (K,) ᾱ_{τ_i}.
+        alpha_prod_prev: (K,) ᾱ_{prev(τ_i)}.
+        std_dev: (K,) σ_{τ_i}(η).
+        eta: DDIM η.
+        alphas_cumprod: (N,) the whole training-grid table (for DDE / Diffusion-DPO, which sample t on it).
+        betas: (N,).
+    """
+
+    timesteps: Tensor
+    prev_timesteps: Tensor
+    alpha_prod: Tensor
+    alpha_prod_prev: Tensor
+    std_dev: Tensor
+    eta: float
+    alphas_cumprod: Tensor
+    betas: Tensor
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_steps: int, eta: float) -> "DDIMGrid":
+        """Builds the grid from a diffusers `DDIMScheduler` (its config: N, offset, betas, ᾱ table)."""
+        n_train = scheduler.config.num_train_timesteps
+        if scheduler.config.timestep_spacing != "leading":
+            raise ValueError(
+                f"scheduler timestep_spacing must be 'leading' (SD / DDPO / D3PO), got "
+                f"{scheduler.config.timestep_spacing!r}"
+            )
+        if scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"only epsilon-prediction models are supported, got {scheduler.config.prediction_type!r}")
+        timesteps = ddim.ddim_timesteps(n_train, num_steps, scheduler.config.steps_offset)
+        prev = ddim.previous_timesteps(timesteps, n_train, num_steps)
+        table = scheduler.alphas_cumprod.to(torch.float32)
+        alpha_prod = ddim.gather_alpha(table, timesteps)
+        alpha_prod_prev = ddim.gather_alpha_prev(table, prev, scheduler.final_alpha_cumprod)
+        return cls(
+            timesteps=timesteps,
+            prev_timesteps=prev,
+            alpha_prod=alpha_prod,
+            alpha_prod_prev=alpha_prod_prev,
+            std_dev=ddim.ddim_std(alpha_prod, alpha_prod_prev, eta),
+            eta=eta,
+            alphas_cumprod=table,
+            betas=scheduler.betas.to(torch.float32),
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def scalars(self, step_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-sample (τ, ᾱ_τ, ᾱ_prev, σ_τ) for step indices (B,) → four (B,) tensors."""
+        i = step_index.long().cpu()
+        return self.timesteps[i], self.alpha_prod[i], self.alpha_prod_prev[i], self.std_dev[i]
+
+    def prev_alpha_of_candidates(self, step_index: Tensor) -> Tensor:
+        """ᾱ at a candidate's own timestep prev(τ_i) (B,): the noise level of x_prev."""
+        return self.alpha_prod_prev[step_index.long().cpu()]
+
+
+class NoisePredictor:
+    """The policy's CFG noise prediction ε̂_θ(x, τ, c) and its reference twin (LoRA disabled, §5.12).
+
+    Args:
+        model: loaded pipeline components (LoRA attached or not).
+        guidance_scale: CFG weight w (1.0 = conditional only).
+        height, width: image size in pixels (SDXL micro-conditioning); default the model's native size.
+    """
+
+    def __init__(self, model: DiffusionModel, guidance_scale: float, height: int | None = None,
+                 width: int | None = None):
+        self.model = model
+        self.guidance_scale = guidance_scale
+        self.height = height or model.resolution
+        self.width = width or model.resolution
+        self._uncond_row = encode_negative(model, 1, height=self.height, width=self.width)
+
+    @property
+    def unet(self):
+        return self.model.unet
+
+    def __call__(self, x_t: Tensor, timesteps: Tensor, cond: TextConditioning, *, reference: bool = False) -> Tensor:
+        """ε̂ at (x_t, τ) for each sample.
+
+        Args:
+            x_t: (B, C, h, w) latents.
+            timesteps: (B,) long or a scalar.
+            cond: B conditionings (one per sample).
+            reference: evaluate the reference policy (LoRA disabled), without gradients.
+
+        Returns:
+            (B, C, h, w) float32.
+        """
+        batch = x_t.shape[0]
+        t = torch.as_tensor(timesteps, device=x_t.device).long()
+        if t.ndim == 0:
+            t = t.expand(batch)
+        uncond = self._uncond_row.repeat_interleave(batch) if self.guidance_scale != 1.0 else None
+        dtype = self.model.unet.dtype
+        x_in = x_t.to(dtype)
+        cond = cond.to(device=x_t.device)
+        if reference:
+            with torch.no_grad(), lora_disabled(self.model.unet):
+                eps = predict_noise_cfg(self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
+        else:
+            eps = predict_noise_cfg(self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
+        return eps.to(torch.float32)
+
+
+@dataclass
+class Trajectory:
+    """A batch of denoising trajectories on the K-step grid.
+
+    Attributes:
+        latents: (B, K+1, C, h, w): x_{τ_0} = x_T, x_{τ_1}, …, x_0.
+        log_probs: (B, K) per-element-mean log π(x_{τ_{i+1}} | x_{τ_i}) under the sampling policy.
+    """
+
+    latents: Tensor
+    log_probs: Tensor
+
+    @property
+    def final(self) -> Tensor:
+        """(B, C, h, w) x_0."""
+        return self.latents[:, -1]
+
+
+def initial_noise(batch: int, model: DiffusionModel, generator: torch.Generator, height: int | None = None,
+                  width: int | None = None) -> Tensor:
+    """x_T ~ N(0, I) of shape (B, C, h, w), h = height / vae_scale_factor, drawn on CPU for reproducibility."""
+    f = model.vae_scale_factor
+    h, w = (height or model.resolution) // f, (width or model.resolution) // f
+    return torch.randn((batch, model.latent_channels, h, w), generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_trajectory(predictor: NoisePredictor, cond: TextConditioning, x_T: Tensor, grid: DDIMGrid,
+                      generator: torch.Generator) -> Trajectory:
+    """Samples a plain stochastic DDIM trajectory (η = grid.eta) and records every state and log-prob.
+
+    Two calls with the same x_T give D3PO's paired trajectories (shared x_T, fresh noise at every step).
+
+    Args:
+        predictor: the policy's noise prediction.
+        cond: B conditionings.
+        x_T: (B, C, h, w) initial noise.
+        grid: the K-step grid.
+        generator: CPU RNG for the per-step noise.
+    """
+    device = predictor.model.device
+    x = x_T.to(device)
+    states, log_probs = [x.cpu()], []
+    for i in range(grid.num_steps):
+        idx = torch.full((x.shape[0],), i, dtype=torch.long)
+        t, a, a_prev, _ = grid.scalars(idx)
+        eps = predictor(x, t, cond)
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+        if grid.eta > 0:
+            x, logp, _, _ = ddim.ddim_step_with_logprob(x, eps, a.to(device), a_prev.to(device), grid.eta, noise=noise)
+        else:  # deterministic DDIM (evaluation): no policy log-prob exists
+            std = torch.zeros_like(a)
+            x, _ = ddim.ddim_step_mean(x, eps, a.to(device), a_prev.to(device), std.to(device))
+            logp = torch.zeros(x.shape[0])
+        states.append(x.cpu())
+        log_probs.append(logp.cpu())
+    return Trajectory(latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1))
+
+
+def draw_candidates(mean: Tensor, std_dev: Tensor, num_candidates: int, generator: torch.Generator) -> Tensor:
+    """n candidates x^(j) = μ_τ + σ_τ z^(j) from the same state (TailorPO / SPO branching).
+
+    Args:
+        mean: (B, C, h, w) DDIM mean at the shared state.
+        std_dev: (B,) σ_τ.
+        num_candidates: n ≥ 2.
+
+    Returns:
+        (B, n, C, h, w).
+    """
+    z = torch.randn((mean.shape[0], num_candidates) + tuple(mean.shape[1:]), generator=generator,
+                    dtype=torch.float32).to(mean.device)
+    return mean.unsqueeze(1) + std_dev.to(mean.device).view(-1, 1, 1, 1, 1) * z
+
+
+def decode_latents(model: DiffusionModel, latents: Tensor, clamp: bool = True) -> Tensor:
+    """VAE decode: (B, C, h, w) latents → (B, 3, H, W) float32 images in [0, 1] (differentiable).
+
+    Latents are divided by the VAE scaling factor (and shifted where the VAE defines a shift); the decoder's
+    [−1, 1] output maps to [0, 1]. With `clamp=False` out-of-range values are kept, which keeps the reward
+    gradient alive for guidance on predicted x̂_0 (REWARDS.md §1, pitfall 4).
+    """
+    vae = model.vae
+    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        z = z + shift
+    images = (vae.decode(z).sample.to(torch.float32) + 1) / 2
+    return images.clamp(0, 1) if clamp else images
