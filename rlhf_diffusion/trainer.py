@@ -31,7 +31,7 @@ from rlhf_diffusion.models.tiny import build_tiny_pipeline
 from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
 
-__all__ = ["EvalResult", "LocalTrainer", "RunResult", "resolve_device", "resolve_model_source"]
+__all__ = ["EvalResult", "LocalTrainer", "RunResult", "resolve_device", "resolve_model_source", "save_grid"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_PREFIX = "tiny:"
@@ -56,6 +56,13 @@ def resolve_model_source(pretrained: str, cache_dir: str | Path) -> str:
     if not (target / "model_index.json").exists():
         build_tiny_pipeline(target, kind)
     return str(target)
+
+
+def save_grid(images: Tensor, path: Path, nrow: int) -> None:
+    """Writes (N, 3, H, W) images in [0, 1] as one PNG grid, `nrow` images per row (one row per prompt)."""
+    from torchvision.utils import save_image
+
+    save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
 
 
 @dataclass
@@ -222,7 +229,8 @@ class LocalTrainer:
     # ---------------------------------------------------------------------------------------------------------
 
     def fit(self, iterations: int | None = None, log=print) -> RunResult:
-        """Runs the loop and writes the run directory: metrics.jsonl, eval.json, the exported LoRA, PNGs."""
+        """Runs the loop and writes the run directory: metrics.jsonl, eval.json, the exported LoRA, and the held-out
+        image grids grid_before.png / grid_after.png (one row per eval prompt, one column per seed)."""
         iterations = iterations or self.config.train.iterations
         run_dir = Path(self.config.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +262,8 @@ class LocalTrainer:
                     f"{record['images_per_second']:.1f} img/s")
         after = self.evaluate()
         log(f"[eval] after {iterations} iterations: reward {after.mean:.4f} (before {before.mean:.4f})")
+        save_grid(before.images, run_dir / "grid_before.png", nrow=self.config.prompts.eval_seeds)
+        save_grid(after.images, run_dir / "grid_after.png", nrow=self.config.prompts.eval_seeds)
         lora_file = export_lora(self.model, run_dir / "lora")
         summary = {"eval_before": before.mean, "eval_after": after.mean, "per_reward_before": before.per_reward,
                    "per_reward_after": after.per_reward, "iterations": iterations,

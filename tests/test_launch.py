@@ -24,6 +24,10 @@ def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tm
     assert len(lines) == 2 and json.loads(lines[-1])["iteration"] == 2
     summary = json.loads((run_dir / "eval.json").read_text())
     assert summary["algorithm"] == "tailorpo" and "eval_before" in summary and "eval_after" in summary
+    from PIL import Image
+
+    grid = Image.open(run_dir / "grid_after.png")  # 8 eval prompts x 1 seed, 64 px + 2 px padding
+    assert grid.size == (2 + 66, 8 * 66 + 2)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "_tiny_models" / "sd15")
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(run_dir / "lora")

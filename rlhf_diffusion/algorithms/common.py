@@ -5,6 +5,7 @@ labels (weighted sum or Pareto), and the final-image pair sampler used by the on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,18 +16,20 @@ from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import (
     DDIMGrid,
     NoisePredictor,
+    Trajectory,
     decode_latents,
     initial_noise,
     sample_trajectory,
 )
 from rlhf_diffusion.models.conditioning import TextConditioning
-from rlhf_diffusion.rewards.base import RewardResult
 
 __all__ = [
+    "RankedPairs",
     "diffusion_dpo_mse_delta",
     "dpo_step_loss",
     "preference_labels",
     "sample_final_pairs",
+    "sample_ranked_pairs",
     "step_log_ratios",
 ]
 
@@ -110,12 +113,50 @@ def preference_labels(per_reward: dict[str, Tensor], weights: dict[str, float], 
     raise ValueError(f"unknown preference rule {rule!r}; expected 'weighted_sum' or 'pareto'")
 
 
-def _reward_of_final(ctx: RolloutContext, latents: Tensor, prompts: list[str]) -> tuple[RewardResult, Tensor]:
-    images = decode_latents(ctx.model, latents)
-    return ctx.reward_fn(images.cpu(), prompts), images.cpu()
+@dataclass
+class RankedPairs:
+    """Two sampled trajectories per prompt and which one the reward prefers.
+
+    Attributes:
+        trajectory: 2P trajectories; rows [0, P) are sample 0 of each prompt, rows [P, 2P) sample 1.
+        labels: (P,) long, 0 or 1 = the winning sample, −1 = tie.
+        rewards: (P, 2) weighted total reward of sample 0 and sample 1.
+        images: (P, 3, H, W) decoded final images of sample 0 (for grids).
+    """
+
+    trajectory: Trajectory
+    labels: Tensor
+    rewards: Tensor
+    images: Tensor
+
+    def metrics(self) -> dict[str, float]:
+        return {"tie_fraction": (self.labels < 0).float().mean().item(),
+                "reward_gap": (self.rewards[:, 0] - self.rewards[:, 1]).abs().mean().item()}
 
 
 @torch.no_grad()
+def sample_ranked_pairs(ctx: RolloutContext, prompts: list[str], cond: TextConditioning, *,
+                        shared_initial_noise: bool, rule: str = "weighted_sum") -> RankedPairs:
+    """Samples two trajectories per prompt in one 2P batch, decodes and scores the finals, and labels the pairs.
+
+    Args:
+        shared_initial_noise: both samples start from the same x_T (D3PO §1a.3) or from independent noise.
+        rule: "weighted_sum" or "pareto" (see `preference_labels`).
+    """
+    p = len(prompts)
+    h, w = ctx.predictor.height, ctx.predictor.width
+    if shared_initial_noise:
+        x_T = initial_noise(p, ctx.model, ctx.generator, h, w).repeat(2, 1, 1, 1)
+    else:
+        x_T = initial_noise(2 * p, ctx.model, ctx.generator, h, w)
+    traj = sample_trajectory(ctx.predictor, TextConditioning.cat([cond, cond]), x_T, ctx.grid, ctx.generator)
+    images = decode_latents(ctx.model, traj.final).cpu()
+    result = ctx.reward_fn(images, prompts + prompts)
+    per_reward = {k: v.view(2, p).T for k, v in result.per_reward.items()}  # (P, 2)
+    labels = preference_labels(per_reward, ctx.reward_weights, rule)
+    return RankedPairs(trajectory=traj, labels=labels, rewards=result.total.view(2, p).T, images=images[:p])
+
+
 def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextConditioning,
                        rule: str = "weighted_sum") -> RolloutBatch:
     """Two independent samples per prompt, ranked by the reward: online pairs for DDE / Diffusion-DPO.
@@ -123,30 +164,19 @@ def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondit
     (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
     policy and labels them with the reward model, as an AI annotator does.) Ties are dropped.
     """
+    ranked = sample_ranked_pairs(ctx, prompts, cond, shared_initial_noise=False, rule=rule)
     p = len(prompts)
-    x_T = initial_noise(2 * p, ctx.model, ctx.generator, ctx.predictor.height, ctx.predictor.width)
-    traj = sample_trajectory(ctx.predictor, TextConditioning.cat([cond, cond]), x_T, ctx.grid, ctx.generator)
-    result, images = _reward_of_final(ctx, traj.final, prompts + prompts)
-    per_reward = {k: v.view(2, p).T for k, v in result.per_reward.items()}  # (P, 2)
-    labels = preference_labels(per_reward, ctx.reward_weights, rule)
-    keep = labels >= 0
-    finals = traj.final.view(2, p, *traj.final.shape[1:])  # (2, P, C, h, w)
+    keep = ranked.labels >= 0
+    finals = ranked.trajectory.final.view(2, p, *ranked.trajectory.final.shape[1:])  # (2, P, C, h, w)
     rows = torch.arange(p)
-    winner = labels.clamp(min=0)
+    winner = ranked.labels.clamp(min=0)
     pairs = FinalPairBatch(
         prompt_index=rows[keep],
         x0_w=finals[winner, rows][keep],
         x0_l=finals[1 - winner, rows][keep],
     )
-    rewards = result.total.view(2, p).T
-    return RolloutBatch(
-        prompts=list(prompts),
-        pairs=pairs,
-        rewards=rewards,
-        final_images=images[:p],
-        metrics={"tie_fraction": 1 - keep.float().mean().item(),
-                 "reward_gap": (rewards[:, 0] - rewards[:, 1]).abs().mean().item()},
-    )
+    return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=ranked.rewards, final_images=ranked.images,
+                        metrics=ranked.metrics())
 
 
 def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x0_w: Tensor,

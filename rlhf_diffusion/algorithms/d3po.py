@@ -19,8 +19,8 @@ from rlhf_diffusion.algorithms.base import (
     StepPairBatch,
     register_algorithm,
 )
-from rlhf_diffusion.algorithms.common import dpo_step_loss, preference_labels, step_log_ratios
-from rlhf_diffusion.diffusion.sampling import NoisePredictor, decode_latents, initial_noise, sample_trajectory
+from rlhf_diffusion.algorithms.common import dpo_step_loss, sample_ranked_pairs, step_log_ratios
+from rlhf_diffusion.diffusion.sampling import NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 
@@ -44,15 +44,9 @@ class D3PO(Algorithm):
 
     @torch.no_grad()
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
-        p = len(prompts)
-        x_T = initial_noise(p, ctx.model, ctx.generator, ctx.predictor.height, ctx.predictor.width)
-        # Two trajectories from the same x_T, batched as one (2P) run: rows [0, P) = A, [P, 2P) = B (§1a.2–3).
-        traj = sample_trajectory(ctx.predictor, TextConditioning.cat([cond, cond]), torch.cat([x_T, x_T]),
-                                 ctx.grid, ctx.generator)
-        images = decode_latents(ctx.model, traj.final).cpu()
-        result = ctx.reward_fn(images, prompts + prompts)
-        per_reward = {k: v.view(2, p).T for k, v in result.per_reward.items()}  # (P, 2)
-        labels = preference_labels(per_reward, ctx.reward_weights, self.config.multi_reward)
+        # Two trajectories per prompt from the same x_T, fresh noise at every step (§1a.2–3), ranked (§1a.4).
+        ranked = sample_ranked_pairs(ctx, prompts, cond, shared_initial_noise=True, rule=self.config.multi_reward)
+        p, traj, labels = len(prompts), ranked.trajectory, ranked.labels
         keep = (labels >= 0).nonzero().squeeze(1)  # ties give a constant loss: filter them (§1f)
         latents = traj.latents.view(2, p, *traj.latents.shape[1:])  # (2, P, K+1, C, h, w)
         winner = labels[keep]
@@ -72,15 +66,8 @@ class D3PO(Algorithm):
             state_l=lat_l[m, step_index],
             action_l=lat_l[m, step_index + 1],
         )
-        rewards = result.total.view(2, p).T
-        return RolloutBatch(
-            prompts=list(prompts),
-            pairs=pairs,
-            rewards=rewards,
-            final_images=images[:p],
-            metrics={"tie_fraction": 1 - len(keep) / max(p, 1),
-                     "reward_gap": (rewards[:, 0] - rewards[:, 1]).abs().mean().item()},
-        )
+        return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=ranked.rewards, final_images=ranked.images,
+                            metrics=ranked.metrics())
 
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
              generator: torch.Generator) -> LossOutput:
