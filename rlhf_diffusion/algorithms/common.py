@@ -63,20 +63,22 @@ def dpo_step_loss(delta_w: Tensor, delta_l: Tensor, beta: float, clip_epsilon: f
 
 
 def step_log_ratios(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, step_index: Tensor,
-                    states: Tensor, actions: Tensor) -> Tensor:
+                    states: Tensor, *actions: Tensor) -> tuple[Tensor, ...]:
     """Δ = log π_θ(action | state) − log π_ref(action | state) under the DDIM policy, per example.
 
-    Both policies share σ_τ, so Δ is the closed form of §5.5 (per-element mean, as the official codes).
+    Both policies share σ_τ, so Δ is the closed form of §5.5 (per-element mean, as the official codes). One
+    evaluation of θ and of ref at `states` serves every action given (TailorPO's winner and loser share x_τ).
 
     Args:
         predictor: CFG noise prediction (θ with gradient; reference without).
         grid: the DDIM grid of the rollout.
         cond: M conditionings.
         step_index: (M,) grid indices.
-        states, actions: (M, C, h, w) x_τ and x_prev.
+        states: (M, C, h, w) x_τ.
+        *actions: one or more (M, C, h, w) x_prev taken from `states`.
 
     Returns:
-        (M,) Δ, differentiable w.r.t. the LoRA parameters.
+        One (M,) Δ per action, differentiable w.r.t. the LoRA parameters.
     """
     device = predictor.model.device
     t, a, a_prev, std = (v.to(device) for v in grid.scalars(step_index))
@@ -85,7 +87,7 @@ def step_log_ratios(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditi
     eps_ref = predictor(states, t, cond, reference=True)
     mean_theta, _ = ddim.ddim_step_mean(states, eps_theta, a, a_prev, std)
     mean_ref, _ = ddim.ddim_step_mean(states, eps_ref, a, a_prev, std)
-    return ddim.log_ratio_same_std(actions.to(device), mean_theta, mean_ref, std)
+    return tuple(ddim.log_ratio_same_std(x.to(device), mean_theta, mean_ref, std) for x in actions)
 
 
 def preference_labels(per_reward: dict[str, Tensor], weights: dict[str, float], rule: str) -> Tensor:

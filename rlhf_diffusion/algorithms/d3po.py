@@ -75,7 +75,7 @@ class D3PO(Algorithm):
         states = torch.cat([examples.state_w, examples.state_l])
         actions = torch.cat([examples.action_w, examples.action_l])
         steps = examples.step_index.repeat(2)
-        delta = step_log_ratios(predictor, self.grid, TextConditioning.cat([cond, cond]), steps, states, actions)
+        (delta,) = step_log_ratios(predictor, self.grid, TextConditioning.cat([cond, cond]), steps, states, actions)
         m = len(examples)
         loss, metrics = dpo_step_loss(delta[:m], delta[m:], self.config.beta, self.config.clip_epsilon)
         return LossOutput(loss=loss, metrics=metrics)

@@ -25,7 +25,7 @@ from rlhf_diffusion.algorithms.base import (
     StepPairBatch,
     register_algorithm,
 )
-from rlhf_diffusion.algorithms.common import dpo_step_loss
+from rlhf_diffusion.algorithms.common import dpo_step_loss, step_log_ratios
 from rlhf_diffusion.algorithms.d3po import select_steps
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import NoisePredictor, decode_latents, draw_candidates, initial_noise
@@ -153,15 +153,9 @@ class TailorPO(Algorithm):
 
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
              generator: torch.Generator) -> LossOutput:
-        device = predictor.model.device
-        t, a, a_prev, std = (v.to(device) for v in self.grid.scalars(examples.step_index))
-        state = examples.state_w.to(device)  # shared x_τ: one evaluation of θ and of ref serves both actions
-        eps_theta = predictor(state, t, cond)
-        eps_ref = predictor(state, t, cond, reference=True)
-        mean_theta, _ = ddim.ddim_step_mean(state, eps_theta, a, a_prev, std)
-        mean_ref, _ = ddim.ddim_step_mean(state, eps_ref, a, a_prev, std)
-        delta_w = ddim.log_ratio_same_std(examples.action_w.to(device), mean_theta, mean_ref, std)
-        delta_l = ddim.log_ratio_same_std(examples.action_l.to(device), mean_theta, mean_ref, std)
+        # shared x_τ: one evaluation of θ and of ref serves both actions
+        delta_w, delta_l = step_log_ratios(predictor, self.grid, cond, examples.step_index, examples.state_w,
+                                           examples.action_w, examples.action_l)
         loss, metrics = dpo_step_loss(delta_w, delta_l, self.config.beta, self.config.clip_epsilon)
         return LossOutput(loss=loss, metrics=metrics)
 

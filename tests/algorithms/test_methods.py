@@ -121,8 +121,10 @@ def test_one_step_raises_winner_over_loser_log_likelihood(sd15_dir, tmp_path, na
 
     def margin():
         with torch.no_grad():
-            dw = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_w, ex.action_w)
-            dl = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_l, ex.action_l)
+            (dw,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_w,
+                                    ex.action_w)
+            (dl,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_l,
+                                    ex.action_l)
         return (dw - dl).mean().item(), dw.mean().item()
 
     before_margin, before_w = margin()
