@@ -536,7 +536,23 @@ class ResourcesConfig(_FrozenModel):
         0.0, ge=0, description="GPUs reserved per reward server (a fraction shares a GPU); 0 = CPU only."
     )
     learner_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the single Learner actor; 0 = CPU only.")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPU cores reserved by each actor (Ray num_cpus).")
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPU cores reserved by each actor (Ray num_cpus); also its torch thread count "
+        "(at least 1)."
+    )
+    max_actor_restarts: int = Field(
+        3, ge=0, description="How often Ray restarts a dead sampler or reward server (its work is redone); the "
+        "learner is never restarted (the run ends with a resumable checkpoint)."
+    )
+    reward_batch_window_ms: float = Field(
+        2.0, ge=0, description="How long a reward server's idle queue waits for more requests before a batch; "
+        "requests arriving while a batch runs always join the next one."
+    )
+    reward_max_batch_images: int = Field(256, ge=1, description="Most images in one batched reward-model call.")
+    actor_start_timeout_s: float = Field(
+        600.0, gt=0, description="How long the driver waits for every actor to load its models before failing "
+        "(a cluster without the reserved CPUs/GPUs never starts them)."
+    )
 
 
 class TrainConfig(_FrozenModel):
@@ -643,7 +659,8 @@ class TrackingConfig(_FrozenModel):
 
     enabled: bool = Field(True, description="Log params, metrics, image grids and the LoRA to MLflow.")
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; None = a sqlite file under the run directory."
+        None, description="MLflow tracking URI (a server such as http://host:5000, or a store URI); None = "
+        "sqlite:///<output_dir>/mlflow.db, shared by every run under output_dir so they can be compared."
     )
     experiment: str = Field("rlhf_diffusion", min_length=1, description="MLflow experiment name.")
     log_every: int = Field(1, ge=1, description="Log metrics every this many iterations.")

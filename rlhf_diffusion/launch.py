@@ -1,16 +1,30 @@
-"""Command-line entry: `python -m rlhf_diffusion.launch CONFIG.yaml [--set key=value ...]`.
+"""Command-line entry: `python -m rlhf_diffusion.launch CONFIG.yaml [--set key=value ...] [--resume]`.
 
-Runs the configured method end to end in this process (`trainer.LocalTrainer`): evaluation on held-out seeds,
-the training loop, evaluation again, and the exported diffusers-format LoRA under `<output_dir>/<run_name>/lora`.
-A bad config or a missing file ends in one message naming the field or file, exit code 2.
+Joins the Ray cluster named by RAY_ADDRESS (set by `ray job submit`, or by you for `ray start`-ed clusters) or
+starts a local Ray instance, starts the samplers, reward servers and learner the config's `resources` section asks
+for, and runs the loop (`trainer.Trainer`): held-out evaluation, training with checkpoints, evaluation again, the
+diffusers-format LoRA under `<output_dir>/<run_name>/lora`, everything logged to MLflow.
+
+    ray job submit -- python -m rlhf_diffusion.launch configs/sdxl_dde.yaml
+    python -m rlhf_diffusion.launch configs/tiny.yaml                 # local Ray, CPU, minutes
+    python -m rlhf_diffusion.launch configs/tiny.yaml --resume        # continue from the last checkpoint
+    python -m rlhf_diffusion.launch configs/tiny.yaml --no-ray        # the same loop in one process
+
+Exit codes: 0 done; 2 a problem with the input (config field, missing file, resources the cluster lacks, nothing
+to resume), with one message naming it; 1 the run failed (e.g. the learner died: the message names the
+checkpoint to resume from).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from rlhf_diffusion.config import ConfigError, load_config
+
+ADDRESS_ENV = "RAY_ADDRESS"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,7 +32,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("config", help="run configuration (YAML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run from <output_dir>/<run_name>/checkpoints/latest")
+    parser.add_argument("--no-ray", action="store_true", help="run every role in this process (no Ray)")
+    parser.add_argument("--no-progress", action="store_true", help="print one line per iteration, no progress bar")
     return parser.parse_args(argv)
+
+
+def connect_ray(config) -> str:
+    """Connects to the cluster in RAY_ADDRESS, or starts a local Ray with enough logical CPUs for the actors.
+    Returns a description of what it did."""
+    import ray
+
+    from rlhf_diffusion.trainer import required_resources
+
+    address = os.environ.get(ADDRESS_ENV)
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return f"joined the Ray cluster at {address}"
+    need = math.ceil(required_resources(config)["CPU"])
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="WARNING")
+    return "started a local Ray instance"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,18 +62,51 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return 2
+    from rlhf_diffusion.checkpoint import CheckpointError
     from rlhf_diffusion.models.loading import ModelLoadError
-    from rlhf_diffusion.trainer import LocalTrainer
+    from rlhf_diffusion.trainer import LearnerCrashed, ResumeError, Trainer
 
+    use_ray = not args.no_ray
+    if use_ray:
+        try:
+            print(f"[launch] {connect_ray(config)}", flush=True)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            print(f"error: cannot reach the Ray cluster ({ADDRESS_ENV}={os.environ.get(ADDRESS_ENV)}): {error}",
+                  file=sys.stderr)
+            return 2
+    trainer = None
     try:
-        trainer = LocalTrainer(config)
-    except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    result = trainer.fit()
+        try:
+            trainer = Trainer(config, use_ray=use_ray, resume=args.resume, progress=not args.no_progress)
+        except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        try:
+            result = trainer.fit()
+        except (ResumeError, CheckpointError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except LearnerCrashed as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+        if use_ray:
+            import ray
+
+            ray.shutdown()
     print(f"run directory: {result.run_dir}")
-    print(f"held-out reward: {result.eval_before.mean:.4f} -> {result.eval_after.mean:.4f}")
+    if result.eval_before is not None:
+        print(f"held-out reward: {result.eval_before.mean:.4f} -> {result.eval_after.mean:.4f}")
+    else:
+        print(f"held-out reward after training: {result.eval_after.mean:.4f}")
     print(f"LoRA (diffusers format): {result.lora_file}")
+    if result.mlflow_run_id:
+        from rlhf_diffusion.tracking import default_tracking_uri
+
+        uri = config.tracking.tracking_uri or default_tracking_uri(config)
+        print(f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri {uri}")
     return 0
 
 

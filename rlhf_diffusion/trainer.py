@@ -1,78 +1,95 @@
-"""Single-process training: the whole loop (sample → reward → label → train → evaluate) in one process.
+"""The driver loop: schedule rollouts, train, publish weights, log, checkpoint (DESIGN.md, "single controller").
 
-This is the loop the Ray runtime distributes: the same `Algorithm.rollout` / `Algorithm.loss` and the same
-`Policy` state run here on one device, for tests and for checking that a method learns. `fit()` reads as the
-dataflow; every piece of maths lives in `diffusion/` and `algorithms/`.
+    Trainer(config).fit()                    samplers, reward servers and the learner as Ray actors
+    Trainer(config, use_ray=False).fit()     the same loop with the same classes in this process
+    LocalTrainer(config)                     = use_ray=False, plus handles on the model for tests
+
+One iteration i: the prompts of i (a pure function of seed and i) are split into one shard per sampler; each
+sampler samples its shard with weights version v(i) = max(0, i − max_staleness) and a seed derived from
+(seed, i, shard); the learner trains on the joined batch (version i → i + 1) and publishes the new weights through
+the object store. With `train.max_staleness = s >= 1` the rollouts of iterations i+1 .. i+s are already queued on
+the samplers while the learner trains on i, so sampling and training overlap; every batch is trained at staleness
+exactly min(i, s). Because the schedule and every random draw are fixed by (seed, iteration, shard), a shard redone
+after a sampler crash, or an iteration redone after a resume, produces the same data: a faulted or resumed run
+ends with the same LoRA as an uninterrupted one.
+
+Faults: a sampler or reward server that dies is restarted by Ray (`resources.max_actor_restarts`); the driver redoes
+the dead sampler's shard (a reward call in flight is retried by Ray on the restarted server). A learner that dies
+ends the run with `LearnerCrashed`, which names the checkpoint to resume from.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext, build_algorithm
-from rlhf_diffusion.config import RunConfig
-from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor, decode_latents, initial_noise, sample_trajectory
-from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
-from rlhf_diffusion.models.loading import (
-    DiffusionModel,
-    attach_lora,
-    export_lora,
-    load_diffusion_model,
-    lora_parameters,
-)
-from rlhf_diffusion.models.tiny import build_tiny_pipeline
+from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext
+from rlhf_diffusion.checkpoint import CheckpointState, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_diffusion.config import RunConfig, flatten_config
+from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
+from rlhf_diffusion.tracking import NullTracker, build_tracker
+from rlhf_diffusion.workers.learner import Learner
+from rlhf_diffusion.workers.messages import (
+    ROLLOUT_STREAM,
+    PublishedWeights,
+    RolloutRequest,
+    TrainResult,
+    derive_seed,
+    prompts_for_iteration,
+)
+from rlhf_diffusion.workers.policy import load_policy, resolve_device, resolve_model_source
+from rlhf_diffusion.workers.reward_server import RewardServer
+from rlhf_diffusion.workers.sampler import EvalShard, Sampler
 
-__all__ = ["EvalResult", "LocalTrainer", "RunResult", "resolve_device", "resolve_model_source", "save_grid"]
+__all__ = [
+    "EvalResult",
+    "LearnerCrashed",
+    "LocalTrainer",
+    "RunResult",
+    "Trainer",
+    "resolve_device",
+    "resolve_model_source",
+    "save_grid",
+]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_PREFIX = "tiny:"
+# Settings of resume that may differ from the checkpoint's config (everything else must match).
+RESUMABLE_CHANGES = ("train.iterations", "tracking.", "checkpoint.", "resources.")
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" → CUDA when available, else CPU; "cuda" without a GPU is an error naming `device`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config device: 'cuda' was requested but no CUDA device is visible")
-    return torch.device(name)
+class LearnerCrashed(RuntimeError):
+    """The learner actor died; the message names the checkpoint to resume from."""
 
 
-def resolve_model_source(pretrained: str, cache_dir: str | Path) -> str:
-    """The directory or hub id to load: "tiny:sd15" / "tiny:sdxl" build (once) a tiny random-weight pipeline
-    under `cache_dir/_tiny_models/<kind>` and return that directory, so it loads through the production loader."""
-    if not pretrained.startswith(TINY_PREFIX):
-        return pretrained
-    kind = pretrained[len(TINY_PREFIX):]
-    target = Path(cache_dir) / "_tiny_models" / kind
-    if not (target / "model_index.json").exists():
-        build_tiny_pipeline(target, kind)
-    return str(target)
+class ResumeError(RuntimeError):
+    """`--resume` was asked for but there is nothing (compatible) to resume."""
 
 
 def save_grid(images: Tensor, path: Path, nrow: int) -> None:
     """Writes (N, 3, H, W) images in [0, 1] as one PNG grid, `nrow` images per row (one row per prompt)."""
     from torchvision.utils import save_image
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
 
 
 @dataclass
 class EvalResult:
-    """Rewards of a fixed set of (prompt, seed) samples.
+    """Rewards of the fixed held-out (prompt, seed) samples.
 
     Attributes:
         mean: mean of the weighted total reward.
         per_reward: name → mean raw score.
-        images: (N, 3, H, W) the images, in prompt-major order.
+        images: (N, 3, H, W) the images, prompt-major.
         rewards: (N,) weighted totals.
     """
 
@@ -81,192 +98,508 @@ class EvalResult:
     images: Tensor
     rewards: Tensor
 
+    def summary(self) -> dict[str, Any]:
+        return {"mean": self.mean, "per_reward": self.per_reward}
+
 
 @dataclass
 class RunResult:
-    """What `LocalTrainer.fit` returns."""
+    """What `Trainer.fit` returns."""
 
     run_dir: Path
-    eval_before: EvalResult
+    eval_before: EvalResult | None
     eval_after: EvalResult
     history: list[dict[str, float]] = field(default_factory=list)
     lora_file: Path | None = None
+    mlflow_run_id: str | None = None
+    faults: dict[str, int] = field(default_factory=dict)
 
 
-class LocalTrainer:
-    """Owns one model (policy = LoRA UNet, reference = the same UNet with the adapter disabled), the rewards, the
-    algorithm and the optimizer, all in this process.
+# ---------------------------------------------------------------------------------------------------------------
+# Backends: the same calls on Ray actors or on objects in this process
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Done:
+    """An already computed result, shaped like an ObjectRef for `_get`."""
+
+    def __init__(self, value: Any = None, error: BaseException | None = None):
+        self.value, self.error = value, error
+
+
+class _LocalMethod:
+    def __init__(self, method: Callable):
+        self.method = method
+
+    def remote(self, *args, **kwargs) -> _Done:
+        try:
+            return _Done(self.method(*args, **kwargs))
+        except Exception as error:  # raised at _get, as Ray would
+            return _Done(error=error)
+
+
+class LocalHandle:
+    """Calls an object's methods in this process with the call shape of a Ray actor handle (`h.m.remote(...)`)."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self.obj, name))
+
+
+def _get(ref: Any) -> Any:
+    if isinstance(ref, _Done):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+    import ray
+
+    return ray.get(ref)
+
+
+def _actor_died(error: BaseException) -> bool:
+    """True when `error` means an actor died (directly, or inside a call the failed task made)."""
+    try:
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    seen = 0
+    while error is not None and seen < 5:
+        if isinstance(error, (RayActorError, ActorUnavailableError)):
+            return True
+        if isinstance(error, RayTaskError):
+            error = getattr(error, "cause", None)
+        else:
+            error = error.__cause__
+        seen += 1
+    return False
+
+
+def required_resources(config: RunConfig) -> dict[str, float]:
+    """Logical CPUs and GPUs the configured actors reserve."""
+    r = config.resources
+    actors = r.num_samplers + r.num_reward_servers + 1
+    return {"CPU": actors * r.cpus_per_actor,
+            "GPU": r.num_samplers * r.sampler_gpus + r.num_reward_servers * r.reward_server_gpus + r.learner_gpus}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns the control flow of one run.
 
     Args:
-        config: the validated run configuration.
+        config: the validated run config.
+        use_ray: actors on the Ray cluster this process is connected to (`ray.init` must have run), or objects in
+            this process.
+        resume: continue from the run directory's latest checkpoint.
+        log: where progress lines go.
+        progress: show a tqdm progress bar (iteration, reward, loss, images/s).
+        on_event: `(event, trainer, iteration)` callback at "rollouts_submitted" and "iteration_done" (tests use
+            it to inject faults at a deterministic point).
     """
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, *, use_ray: bool = True, resume: bool = False,
+                 log: Callable[[str], None] = print, progress: bool = False,
+                 on_event: Callable[[str, Trainer, int], None] | None = None):
         self.config = config
-        self.device = resolve_device(config.device)
-        torch.manual_seed(config.seed)
-        source = resolve_model_source(config.model.pretrained, config.output_dir)
-        self.model: DiffusionModel = load_diffusion_model(
-            source, kind=config.model.kind, dtype=_DTYPES[config.model.dtype], device=self.device,
-            revision=config.model.revision,
-        )
-        lora = config.model.lora
-        attach_lora(self.model.unet, rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules),
-                    init=lora.init)
-        self.resolution = config.model.resolution or self.model.resolution
-        self.reward = WeightedReward.from_specs(config.rewards, device=self.device)
-        self.reward_weights = {spec.name: spec.weight for spec in config.rewards}
-        self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
-        self.algorithm = build_algorithm(config.algorithm, self.grid)
-        self.sample_predictor = NoisePredictor(self.model, config.sampling.guidance_scale, self.resolution,
-                                               self.resolution)
-        self.train_predictor = (self.sample_predictor if self.algorithm.cfg_in_training
-                                else NoisePredictor(self.model, 1.0, self.resolution, self.resolution))
-        train = config.train
-        self.optimizer = torch.optim.AdamW(
-            lora_parameters(self.model.unet), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-            weight_decay=train.weight_decay, eps=train.adam_eps,
-        )
+        self.use_ray = use_ray
+        self.resume = resume
+        self.log = log
+        self.progress = progress
+        self.on_event = on_event or (lambda *_: None)
+        self.run_dir = Path(config.run_dir)
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        self.source = resolve_model_source(config.model.pretrained, config.output_dir)
         self.train_prompts = load_prompts(config.prompts.train)
         self.eval_prompts = load_prompts(config.prompts.eval or config.prompts.train)
-        self.rollout_generator = torch.Generator().manual_seed(config.seed)
-        self.train_generator = torch.Generator().manual_seed(config.seed + 1)
-        self.prompt_generator = torch.Generator().manual_seed(config.seed + 2)
-        self._prompt_queue: list[str] = []
-        self.iteration = 0
+        self.faults = {"sampler_restarts": 0, "shards_redone": 0}
+        self.reward_servers: list = []
+        if use_ray:
+            self._start_actors()
+        else:
+            self._start_local()
 
-    # ---------------------------------------------------------------------------------------------------------
-    # rooms: encode, rollout, train, evaluate
-    # ---------------------------------------------------------------------------------------------------------
+    # -- actors ----------------------------------------------------------------------------------------------------
 
-    def encode(self, prompts: Sequence[str]) -> TextConditioning:
-        return encode_prompts(self.model, list(prompts), height=self.resolution, width=self.resolution)
+    def _start_local(self) -> None:
+        config = self.config
+        device = resolve_device(config.device)
+        model = load_policy(config, self.source, device)
+        self.reward = WeightedReward.from_specs(config.rewards, device=device)
+        self.learner_obj = Learner(config, self.source, model=model)
+        # Strictly on-policy samplers share the learner's UNet; a pipelined schedule samples with older weights,
+        # so each sampler then holds its own copy.
+        share = config.train.max_staleness == 0
+        self.sampler_objs = [
+            Sampler(config, self.source, rank=i, model=model if share else load_policy(config, self.source, device),
+                    reward=self.reward)
+            for i in range(config.resources.num_samplers)
+        ]
+        self.learner = LocalHandle(self.learner_obj)
+        self.samplers = [LocalHandle(s) for s in self.sampler_objs]
 
-    def next_prompts(self) -> list[str]:
-        """The next `sampling.batch_size` training prompts: epochs over a seeded shuffle of the prompt list."""
-        out = []
-        while len(out) < self.config.sampling.batch_size:
-            if not self._prompt_queue:
-                order = torch.randperm(len(self.train_prompts), generator=self.prompt_generator).tolist()
-                self._prompt_queue = [self.train_prompts[i] for i in order]
-            out.append(self._prompt_queue.pop())
-        return out
+    def _start_actors(self) -> None:
+        import ray
 
-    def rollout_context(self) -> RolloutContext:
-        return RolloutContext(
-            model=self.model,
-            predictor=self.sample_predictor,
-            grid=self.grid,
-            reward_fn=self.reward.score,
-            reward_grad_fn=self.reward.score_and_grad if self.reward.differentiable else None,
-            generator=self.rollout_generator,
-            reward_weights=self.reward_weights,
-        )
+        config, res = self.config, self.config.resources
+        need = required_resources(config)
+        have = ray.cluster_resources()
+        for kind, amount in need.items():
+            if amount > have.get(kind, 0.0) + 1e-9:
+                raise RuntimeError(
+                    f"the configured actors need {amount:g} {kind} but the Ray cluster has {have.get(kind, 0.0):g}; "
+                    f"lower resources.cpus_per_actor / resources.*_gpus / resources.num_samplers, or add nodes"
+                )
+        threads = max(1, int(res.cpus_per_actor))
+        restarts = res.max_actor_restarts
+        self.reward_servers = [
+            ray.remote(RewardServer).options(
+                num_cpus=res.cpus_per_actor, num_gpus=res.reward_server_gpus, max_restarts=restarts,
+                max_task_retries=restarts, name=None,
+            ).remote(list(config.rewards), config.device, res.reward_batch_window_ms, res.reward_max_batch_images,
+                     threads)
+            for _ in range(res.num_reward_servers)
+        ]
+        sampler_cls = ray.remote(Sampler)
+        self.samplers = [
+            sampler_cls.options(num_cpus=res.cpus_per_actor, num_gpus=res.sampler_gpus, max_restarts=restarts,
+                                max_task_retries=0).remote(config, self.source, rank=i,
+                                                           reward_servers=self.reward_servers, num_threads=threads)
+            for i in range(res.num_samplers)
+        ]
+        self.learner = ray.remote(Learner).options(num_cpus=res.cpus_per_actor, num_gpus=res.learner_gpus,
+                                                   max_restarts=0).remote(config, self.source, num_threads=threads)
+        pending = {"reward server": [s.ready.remote() for s in self.reward_servers],
+                   "sampler": [s.ready.remote() for s in self.samplers], "learner": [self.learner.ready.remote()]}
+        for role, refs in pending.items():
+            try:
+                ray.get(refs, timeout=res.actor_start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"the {role} actors did not start within resources.actor_start_timeout_s="
+                                   f"{res.actor_start_timeout_s:g} s (is the cluster out of CPUs/GPUs?)") from None
+            except ray.exceptions.RayActorError as error:
+                raise RuntimeError(f"the {role} actor failed to start: {error}") from None
 
-    def rollout(self, prompts: list[str]) -> RolloutBatch:
-        self.model.unet.eval()
-        batch = self.algorithm.rollout(self.rollout_context(), prompts, self.encode(prompts))
-        batch.pairs.validate()
-        return batch
+    def shutdown(self) -> None:
+        """Kills the actors this trainer started (Ray) — the cluster itself is left running."""
+        if not self.use_ray:
+            return
+        import ray
 
-    def train_on(self, batch: RolloutBatch) -> dict[str, float]:
-        """Optimizer steps over the rollout's examples: `num_inner_epochs` passes of `train_batch_size`."""
-        train = self.config.train
-        examples = batch.pairs
-        cond_all = self.encode(batch.prompts)
-        sums: dict[str, float] = {}
-        steps = 0
-        for _ in range(train.num_inner_epochs):
-            order = torch.randperm(len(examples), generator=self.train_generator)
-            for chunk in order.split(train.train_batch_size):
-                minibatch = examples.select(chunk)
-                cond = cond_all.index(minibatch.prompt_index)
-                out = self.algorithm.loss(self.train_predictor, cond, minibatch, self.train_generator)
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(self.model.unet), train.grad_clip)
-                self.optimizer.step()
-                self.algorithm.apply_state_update(out.state_update)
-                for key, value in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                steps += 1
-        metrics = {key: value / steps for key, value in sums.items()} if steps else {}
-        metrics["optimizer_steps"] = float(steps)
-        metrics["num_examples"] = float(len(examples))
-        return metrics
+        for actor in [*self.samplers, *self.reward_servers, self.learner]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead
+                pass
 
-    @torch.no_grad()
-    def evaluate(self, prompts: Sequence[str] | None = None, num_seeds: int | None = None) -> EvalResult:
-        """Rewards of the current policy on held-out (prompt, seed) samples; same seeds every call.
+    # -- calls -------------------------------------------------------------------------------------------------------
 
-        x_T of each (prompt, seed) comes from its own generator and the per-step noise from one seeded per
-        prompt, so the result depends only on the weights, never on earlier random draws of the run.
-        """
-        prompts = list(prompts if prompts is not None else self.eval_prompts)
-        num_seeds = num_seeds or self.config.prompts.eval_seeds
+    def _publish(self) -> PublishedWeights:
+        return _get(self.learner.publish.remote() if self.use_ray else self.learner.weights.remote())
+
+    def _learner_call(self, iteration: int, method: str, *args) -> Any:
+        try:
+            return _get(getattr(self.learner, method).remote(*args))
+        except Exception as error:
+            if not _actor_died(error):
+                raise
+            latest = latest_checkpoint(self.checkpoint_root)
+            where = (f"the last checkpoint is {latest} (iteration {load_checkpoint(latest).iteration}); continue "
+                     f"with: python -m rlhf_diffusion.launch <config> --resume") if latest else \
+                "no checkpoint was written yet (checkpoint.every); the run must start over"
+            raise LearnerCrashed(f"the learner actor died during iteration {iteration} ({type(error).__name__}); "
+                                 f"{where}") from None
+
+    def shard_requests(self, iteration: int, weights: PublishedWeights) -> list[RolloutRequest]:
+        """The rollout requests of `iteration`, one per sampler."""
+        b = self.config.sampling.batch_size
+        prompts = prompts_for_iteration(self.train_prompts, self.config.seed, iteration, b * len(self.samplers))
+        return [RolloutRequest(iteration=iteration, shard=k, prompts=prompts[k * b:(k + 1) * b],
+                               seed=derive_seed(self.config.seed, ROLLOUT_STREAM, iteration, k), weights=weights)
+                for k in range(len(self.samplers))]
+
+    def _submit(self, iteration: int, weights: PublishedWeights) -> list[tuple[RolloutRequest, Any]]:
+        return [(req, self.samplers[req.shard].rollout.remote(req)) for req in self.shard_requests(iteration, weights)]
+
+    def _gather(self, iteration: int, entries: list[tuple[RolloutRequest, Any]]) -> RolloutBatch:
+        """Waits for the shards of `iteration` in shard order; a shard whose sampler died is redone (same request,
+        same seed) on the restarted actor."""
+        retries = self.config.resources.max_actor_restarts
+        shards = []
+        for request, ref in entries:
+            for attempt in range(retries + 1):
+                try:
+                    shards.append(_get(ref))
+                    break
+                except Exception as error:
+                    if not _actor_died(error) or attempt == retries:
+                        if _actor_died(error):
+                            raise RuntimeError(f"sampler {request.shard} kept dying during iteration {iteration} "
+                                               f"({retries} redos): {error}") from None
+                        raise
+                    self.faults["shards_redone"] += 1
+                    self.log(f"[fault] sampler {request.shard} died during iteration {iteration}; Ray restarts it "
+                             f"and the shard is redone with the same seed and weights version "
+                             f"{request.weights.version}")
+                    ref = self.samplers[request.shard].rollout.remote(request)
+        return RolloutBatch.concat(shards)
+
+    def evaluate(self, weights: PublishedWeights) -> EvalResult:
+        """Held-out rewards with `weights`: eval prompts dealt round-robin to the samplers, fixed seeds."""
+        n = len(self.samplers)
+        seeds = self.config.prompts.eval_seeds
+        refs = []
+        for k in range(n):
+            idx = list(range(k, len(self.eval_prompts), n))
+            if idx:
+                refs.append(self.samplers[k].evaluate.remote([self.eval_prompts[j] for j in idx], idx, seeds, weights))
+        shards: list[EvalShard] = [_get(r) for r in refs]
+        order = sorted((j, s, pos) for s, shard in enumerate(shards) for pos, j in enumerate(shard.prompt_indices))
         images, totals, per = [], [], {}
-        for j, prompt in enumerate(prompts):
-            gens = [torch.Generator().manual_seed(1_000_003 * (s + 1) + j) for s in range(num_seeds)]
-            x_T = torch.cat([initial_noise(1, self.model, g, self.resolution, self.resolution) for g in gens])
-            cond = self.encode([prompt] * num_seeds)
-            traj = sample_trajectory(self.sample_predictor, cond, x_T, self.grid, gens[0])
-            imgs = decode_latents(self.model, traj.final).cpu()
-            result = self.reward.score(imgs, [prompt] * num_seeds)
-            images.append(imgs)
-            totals.append(result.total)
-            for name, value in result.per_reward.items():
-                per.setdefault(name, []).append(value)
+        for _, s, pos in order:
+            rows = slice(pos * seeds, (pos + 1) * seeds)
+            images.append(shards[s].images[rows])
+            totals.append(shards[s].totals[rows])
+            for name, value in shards[s].per_reward.items():
+                per.setdefault(name, []).append(value[rows])
         rewards = torch.cat(totals)
-        return EvalResult(
-            mean=rewards.mean().item(),
-            per_reward={name: torch.cat(v).mean().item() for name, v in per.items()},
-            images=torch.cat(images),
-            rewards=rewards,
-        )
+        return EvalResult(mean=rewards.mean().item(),
+                          per_reward={name: torch.cat(v).mean().item() for name, v in per.items()},
+                          images=torch.cat(images), rewards=rewards)
 
-    # ---------------------------------------------------------------------------------------------------------
-    # the loop
-    # ---------------------------------------------------------------------------------------------------------
+    # -- checkpoints -------------------------------------------------------------------------------------------------
 
-    def fit(self, iterations: int | None = None, log=print) -> RunResult:
-        """Runs the loop and writes the run directory: metrics.jsonl, eval.json, the exported LoRA, and the held-out
-        image grids grid_before.png / grid_after.png (one row per eval prompt, one column per seed)."""
-        iterations = iterations or self.config.train.iterations
-        run_dir = Path(self.config.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        before = self.evaluate()
-        log(f"[eval] before training: reward {before.mean:.4f}")
+    def _checkpoint(self, iteration: int, published: dict[int, PublishedWeights], meta: dict[str, Any]) -> Path:
+        learner_state = self._learner_call(iteration, "state_dict")
+        lora_file = self._learner_call(iteration, "lora_file_bytes")
+        history = {v: w.resolve() for v, w in published.items() if v < learner_state["version"]}
+        state = CheckpointState(iteration=iteration, learner=learner_state, weights_history=history, meta=meta,
+                                lora_file=lora_file)
+        return save_checkpoint(self.checkpoint_root, state, keep_last=self.config.checkpoint.keep_last)
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        ours = flatten_config(self.config)
+        theirs = saved.get("config", {})
+        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)
+                         and not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES))
+        if changed:
+            raise ResumeError(f"cannot resume {self.run_dir}: the config differs from the checkpoint's in "
+                              f"{', '.join(changed)} (only {', '.join(RESUMABLE_CHANGES)} may change)")
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+
+    def fit(self, iterations: int | None = None) -> RunResult:
+        """Runs (or resumes) the loop; writes metrics.jsonl, eval.json, grids, checkpoints and lora/ under the run
+        directory and logs the same to MLflow."""
+        config = self.config
+        iterations = iterations or config.train.iterations
+        staleness = config.train.max_staleness
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_iteration, mlflow_run_id, eval_before_summary = 0, None, None
+        published: dict[int, PublishedWeights] = {}
+        if self.resume:
+            path = latest_checkpoint(self.checkpoint_root)
+            if path is None:
+                raise ResumeError(f"--resume: no checkpoint under {self.checkpoint_root}")
+            state = load_checkpoint(path)
+            self._check_resumable(state.meta)
+            version = self._learner_call(state.iteration, "load_state_dict", state.learner)
+            start_iteration = state.iteration
+            mlflow_run_id = state.meta.get("mlflow_run_id")
+            eval_before_summary = state.meta.get("eval_before")
+            published = {v: PublishedWeights(version=v, state=w) for v, w in state.weights_history.items()}
+            if self.use_ray:
+                import ray
+
+                published = {v: PublishedWeights(version=v, ref=[ray.put(w.state)]) for v, w in published.items()}
+            published[version] = self._publish()
+            self.log(f"[resume] from {path}: iteration {start_iteration}, weights version {version}")
+            self._truncate_metrics(start_iteration)
+        tracker = build_tracker(config, mlflow_run_id) if config.tracking.enabled else NullTracker()
+        eval_before = None
+        try:
+            if not self.resume:
+                published[0] = self._publish()
+                eval_before = self.evaluate(published[0])
+                eval_before_summary = eval_before.summary()
+                save_grid(eval_before.images, self.run_dir / "grid_before.png", nrow=config.prompts.eval_seeds)
+                tracker.log_artifact(self.run_dir / "grid_before.png", "grids")
+                tracker.log_metrics({"eval/reward_mean": eval_before.mean,
+                                     **{f"eval/{k}": v for k, v in eval_before.per_reward.items()}}, step=0)
+                self.log(f"[eval] before training: reward {eval_before.mean:.4f}")
+            meta = {"seed": config.seed, "config": flatten_config(config), "mlflow_run_id": tracker.run_id,
+                    "eval_before": eval_before_summary}
+            history = self._loop(start_iteration, iterations, staleness, published, tracker, meta)
+            final = published[max(published)]
+            eval_after = self.evaluate(final)
+            self.log(f"[eval] after {iterations} iterations: reward {eval_after.mean:.4f}"
+                     + (f" (before {eval_before_summary['mean']:.4f})" if eval_before_summary else ""))
+            save_grid(eval_after.images, self.run_dir / "grid_after.png", nrow=config.prompts.eval_seeds)
+            if iterations % max(config.checkpoint.every, 1) != 0 or config.checkpoint.every == 0:
+                self._checkpoint(iterations, {v: w for v, w in published.items() if v >= iterations - staleness},
+                                 meta)
+            lora_dir = self.run_dir / "lora"
+            lora_dir.mkdir(parents=True, exist_ok=True)
+            lora_file = lora_dir / "pytorch_lora_weights.safetensors"
+            tmp = lora_file.with_name(f".{lora_file.name}.tmp")
+            tmp.write_bytes(self._learner_call(iterations, "lora_file_bytes"))
+            os.replace(tmp, lora_file)
+            summary = {"eval_before": eval_before_summary["mean"] if eval_before_summary else None,
+                       "eval_after": eval_after.mean,
+                       "per_reward_before": eval_before_summary["per_reward"] if eval_before_summary else None,
+                       "per_reward_after": eval_after.per_reward, "iterations": iterations,
+                       "algorithm": config.algorithm.name, "faults": self.faults, "mlflow_run_id": tracker.run_id}
+            (self.run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+            tracker.log_metrics({"eval/reward_mean": eval_after.mean,
+                                 **{f"eval/{k}": v for k, v in eval_after.per_reward.items()}}, step=iterations)
+            tracker.log_artifact(self.run_dir / "grid_after.png", "grids")
+            tracker.log_artifact(lora_file, "lora")
+            tracker.log_dict(summary, "eval.json")
+            tracker.end("FINISHED")
+        except BaseException:
+            tracker.end("FAILED")
+            raise
+        return RunResult(run_dir=self.run_dir, eval_before=eval_before, eval_after=eval_after, history=history,
+                         lora_file=lora_file, mlflow_run_id=tracker.run_id, faults=dict(self.faults))
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= iteration]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def _loop(self, start: int, iterations: int, staleness: int, published: dict[int, PublishedWeights],
+              tracker, meta: dict[str, Any]) -> list[dict[str, float]]:
+        config = self.config
         history: list[dict[str, float]] = []
-        with open(run_dir / "metrics.jsonl", "w") as metrics_file:
-            for _ in range(iterations):
-                start = time.perf_counter()
-                batch = self.rollout(self.next_prompts())
-                sampled = time.perf_counter()
-                metrics = self.train_on(batch)
-                self.iteration += 1
-                elapsed = time.perf_counter() - start
+        in_flight: dict[int, list] = {}
+        next_submit = start
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=iterations, initial=start, desc=config.run_name, unit="it", dynamic_ncols=True)
+        wall_start = time.perf_counter()
+        busy = {"sampler": 0.0, "learner": 0.0}
+        with open(self.run_dir / "metrics.jsonl", "a") as metrics_file:
+            for it in range(start, iterations):
+                t0 = time.perf_counter()
+                while next_submit < iterations and next_submit <= it + staleness:
+                    in_flight[next_submit] = self._submit(next_submit, published[max(0, next_submit - staleness)])
+                    next_submit += 1
+                self.on_event("rollouts_submitted", self, it)
+                batch = self._gather(it, in_flight.pop(it))
+                t_sampled = time.perf_counter()
+                result: TrainResult = self._learner_call(it, "train", batch, it)
+                published[result.version] = self._publish()
+                for version in [v for v in published if v < it + 1 - staleness]:
+                    del published[version]
+                elapsed = time.perf_counter() - t0
+                images = int(batch.rewards.numel())
+                busy["sampler"] += batch.metrics.get("rollout_seconds", 0.0)
+                busy["learner"] += result.metrics.get("train_seconds", 0.0)
+                wall = time.perf_counter() - wall_start
                 record = {
-                    "iteration": float(self.iteration),
+                    "iteration": float(it + 1),
+                    "weights_version": float(result.version),
                     "reward_mean": batch.rewards.mean().item(),
                     "reward_std": batch.rewards.std().item() if batch.rewards.numel() > 1 else 0.0,
-                    "images_per_second": batch.rewards.numel() / max(sampled - start, 1e-9),
+                    **{f"reward/{name}_mean": v.mean().item() for name, v in batch.per_reward.items()},
+                    **{f"reward/{name}_std": (v.std().item() if v.numel() > 1 else 0.0)
+                       for name, v in batch.per_reward.items()},
+                    "images_per_second": images / max(elapsed, 1e-9),
+                    "wait_for_rollouts_seconds": t_sampled - t0,
                     "seconds": elapsed,
+                    "sampler_busy_fraction": busy["sampler"] / max(wall * len(self.samplers), 1e-9),
+                    "learner_busy_fraction": busy["learner"] / max(wall, 1e-9),
+                    "dropped": float(result.dropped),
+                    **{f"faults/{k}": float(v) for k, v in self.faults.items()},
                     **{f"rollout/{k}": v for k, v in batch.metrics.items()},
-                    **{f"train/{k}": v for k, v in metrics.items()},
+                    **{f"train/{k}": v for k, v in result.metrics.items()},
                 }
+                if self.use_ray and self.reward_servers and (it + 1) % config.tracking.log_every == 0:
+                    record.update(self._reward_server_stats())
                 history.append(record)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                log(f"[iter {self.iteration:4d}] reward {record['reward_mean']:.4f} "
-                    f"loss {metrics.get('loss', float('nan')):.4f} examples {int(metrics['num_examples'])} "
-                    f"{record['images_per_second']:.1f} img/s")
-        after = self.evaluate()
-        log(f"[eval] after {iterations} iterations: reward {after.mean:.4f} (before {before.mean:.4f})")
-        save_grid(before.images, run_dir / "grid_before.png", nrow=self.config.prompts.eval_seeds)
-        save_grid(after.images, run_dir / "grid_after.png", nrow=self.config.prompts.eval_seeds)
-        lora_file = export_lora(self.model, run_dir / "lora")
-        summary = {"eval_before": before.mean, "eval_after": after.mean, "per_reward_before": before.per_reward,
-                   "per_reward_after": after.per_reward, "iterations": iterations,
-                   "algorithm": self.config.algorithm.name}
-        (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
-        return RunResult(run_dir=run_dir, eval_before=before, eval_after=after, history=history, lora_file=lora_file)
+                if (it + 1) % config.tracking.log_every == 0:
+                    tracker.log_metrics(record, step=it + 1)
+                loss = result.metrics.get("loss", float("nan"))
+                line = (f"[iter {it + 1:4d}] reward {record['reward_mean']:.4f} loss {loss:.4f} "
+                        f"staleness {int(result.metrics.get('staleness', 0))} {record['images_per_second']:.2f} img/s")
+                if bar is not None:
+                    bar.set_postfix(reward=f"{record['reward_mean']:.4f}", loss=f"{loss:.4f}",
+                                    img_s=f"{record['images_per_second']:.2f}")
+                    bar.update(1)
+                else:
+                    self.log(line)
+                every = config.tracking.image_grid_every
+                if every and (it + 1) % every == 0 and it + 1 < iterations:
+                    ev = self.evaluate(published[result.version])
+                    grid = self.run_dir / "grids" / f"iter_{it + 1:06d}.png"
+                    save_grid(ev.images, grid, nrow=config.prompts.eval_seeds)
+                    tracker.log_artifact(grid, "grids")
+                    tracker.log_metrics({"eval/reward_mean": ev.mean,
+                                         **{f"eval/{k}": v for k, v in ev.per_reward.items()}}, step=it + 1)
+                if config.checkpoint.every and (it + 1) % config.checkpoint.every == 0:
+                    path = self._checkpoint(it + 1, published, {**meta, "faults": dict(self.faults)})
+                    self.log(f"[checkpoint] {path}")
+                self.on_event("iteration_done", self, it)
+        if bar is not None:
+            bar.close()
+        return history
+
+    def _reward_server_stats(self) -> dict[str, float]:
+        import ray
+
+        stats = ray.get([s.stats.remote() for s in self.reward_servers])
+        out: dict[str, float] = {}
+        for key in ("score/requests_per_batch", "grad/requests_per_batch"):
+            values = [s[key] for s in stats if s.get(key)]
+            if values:
+                out[f"reward_server/{key.replace('/', '_')}"] = sum(values) / len(values)
+        busy = sum(s["score/busy_seconds"] + s["grad/busy_seconds"] for s in stats)
+        up = sum(s["uptime_seconds"] for s in stats)
+        out["reward_server/busy_fraction"] = busy / up if up else 0.0
+        return out
+
+
+class LocalTrainer(Trainer):
+    """The whole loop in this process (no Ray): one policy shared by sampler and learner when on-policy.
+
+    Besides `fit`, it exposes the pieces for tests: `model`, `encode`, `rollout(prompts)`, `rollout_context()`,
+    `sample_predictor`, `train_predictor`, `grid`, `algorithm`, `reward`, `train_generator`.
+    """
+
+    def __init__(self, config: RunConfig, **kwargs):
+        kwargs.setdefault("log", print)
+        super().__init__(config, use_ray=False, **kwargs)
+        self.sampler: Sampler = self.sampler_objs[0]
+        self.model = self.learner_obj.model
+        self.grid = self.learner_obj.grid
+        self.algorithm = self.learner_obj.algorithm
+        self.sample_predictor = self.sampler.predictor
+        self.train_predictor = self.learner_obj.predictor
+        self.rollout_generator = torch.Generator().manual_seed(config.seed)
+        self.train_generator = torch.Generator().manual_seed(config.seed + 1)
+
+    def encode(self, prompts: Sequence[str]) -> TextConditioning:
+        return self.sampler.encode(prompts)
+
+    def rollout_context(self) -> RolloutContext:
+        return self.sampler.rollout_context(self.rollout_generator)
+
+    def rollout(self, prompts: list[str]) -> RolloutBatch:
+        """One rollout of `prompts` with the current weights (ad-hoc, outside the iteration schedule)."""
+        self.sampler.weights_version = self.learner_obj.version  # shares the learner's UNet
+        self.model.unet.eval()
+        batch = self.algorithm.rollout(self.rollout_context(), list(prompts), self.encode(prompts))
+        batch.pairs.validate()
+        batch.weights_version = self.learner_obj.version
+        return batch

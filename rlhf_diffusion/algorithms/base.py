@@ -111,6 +111,7 @@ class RolloutBatch:
         rewards: (P, n) final-image rewards of every sampled trajectory (n = 2 for pairs), for logging.
         metrics: scalar rollout statistics (tie fraction, reward gap per step, ...).
         weights_version: version of the LoRA weights the rollout was sampled with.
+        per_reward: reward name → (P, n) raw (unweighted) final-image scores, for logging each reward.
     """
 
     prompts: list[str]
@@ -119,6 +120,43 @@ class RolloutBatch:
     final_images: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     weights_version: int = 0
+    per_reward: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def concat(cls, batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
+        """Joins the shards of one iteration in order: prompts are appended and each shard's `prompt_index` is
+        offset by the prompts before it. Metrics are averaged weighted by prompt count, except `*_seconds`, which
+        are summed (busy time). All shards must carry the same `weights_version`."""
+        if not batches:
+            raise ValueError("RolloutBatch.concat needs at least one batch")
+        versions = {b.weights_version for b in batches}
+        if len(versions) != 1:
+            raise ValueError(f"shards of one iteration were sampled with different weights versions {sorted(versions)}")
+        offset, pairs = 0, []
+        for b in batches:
+            shifted = dataclasses.replace(b.pairs, prompt_index=b.pairs.prompt_index + offset)
+            pairs.append(shifted)
+            offset += len(b.prompts)
+        images = [b.final_images for b in batches]
+        counts = [len(b.prompts) for b in batches]
+        metrics: dict[str, float] = {}
+        for key in {k for b in batches for k in b.metrics}:
+            values = [(b.metrics[key], n) for b, n in zip(batches, counts) if key in b.metrics]
+            if key.endswith("_seconds"):
+                metrics[key] = sum(v for v, _ in values)
+            else:
+                metrics[key] = sum(v * n for v, n in values) / sum(n for _, n in values)
+        names = [set(b.per_reward) for b in batches]
+        return cls(
+            prompts=[p for b in batches for p in b.prompts],
+            pairs=type(pairs[0]).concat(pairs),
+            rewards=torch.cat([b.rewards for b in batches]),
+            final_images=torch.cat(images) if all(i is not None for i in images) else None,
+            metrics=metrics,
+            weights_version=versions.pop(),
+            per_reward={name: torch.cat([b.per_reward[name] for b in batches])
+                        for name in set.intersection(*names)} if names else {},
+        )
 
 
 @dataclass

@@ -5,7 +5,7 @@ labels (weighted sum or Pareto), and the final-image pair sampler used by the on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -124,12 +124,14 @@ class RankedPairs:
         labels: (P,) long, 0 or 1 = the winning sample, −1 = tie.
         rewards: (P, 2) weighted total reward of sample 0 and sample 1.
         images: (P, 3, H, W) decoded final images of sample 0 (for grids).
+        per_reward: reward name → (P, 2) raw scores of both samples.
     """
 
     trajectory: Trajectory
     labels: Tensor
     rewards: Tensor
     images: Tensor
+    per_reward: dict[str, Tensor] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         return {"tie_fraction": (self.labels < 0).float().mean().item(),
@@ -156,7 +158,8 @@ def sample_ranked_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondi
     result = ctx.reward_fn(images, prompts + prompts)
     per_reward = {k: v.view(2, p).T for k, v in result.per_reward.items()}  # (P, 2)
     labels = preference_labels(per_reward, ctx.reward_weights, rule)
-    return RankedPairs(trajectory=traj, labels=labels, rewards=result.total.view(2, p).T, images=images[:p])
+    return RankedPairs(trajectory=traj, labels=labels, rewards=result.total.view(2, p).T, images=images[:p],
+                       per_reward=per_reward)
 
 
 def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextConditioning,
@@ -178,7 +181,7 @@ def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondit
         x0_l=finals[1 - winner, rows][keep],
     )
     return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=ranked.rewards, final_images=ranked.images,
-                        metrics=ranked.metrics())
+                        metrics=ranked.metrics(), per_reward=ranked.per_reward)
 
 
 def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x0_w: Tensor,

@@ -67,7 +67,7 @@ class D3PO(Algorithm):
             action_l=lat_l[m, step_index + 1],
         )
         return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=ranked.rewards, final_images=ranked.images,
-                            metrics=ranked.metrics())
+                            metrics=ranked.metrics(), per_reward=ranked.per_reward)
 
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
              generator: torch.Generator) -> LossOutput:

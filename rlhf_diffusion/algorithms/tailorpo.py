@@ -112,7 +112,8 @@ class TailorPO(Algorithm):
                 eps_c = ctx.predictor(flat, grid.timesteps[i + 1].expand(p * n), cond_n)
                 x0_hat = ddim.pred_x0_from_eps(flat, eps_c, a_prev.repeat_interleave(n))
             images = decode_latents(ctx.model, x0_hat).cpu()
-            scores = ctx.reward_fn(images, prompts_n).total.view(p, n)
+            result = ctx.reward_fn(images, prompts_n)
+            scores = result.total.view(p, n)
             w_idx, l_idx = scores.argmax(dim=1), scores.argmin(dim=1)  # step 4
             gap = scores[rows, w_idx] - scores[rows, l_idx]
             valid = gap > 0  # ties dropped [U]
@@ -135,6 +136,7 @@ class TailorPO(Algorithm):
             ties.append(1 - valid.float().mean().item())
             if last:
                 final_rewards, final_images = scores, images.view(p, n, *images.shape[1:])[rows, w_idx]
+                final_per_reward = {name: v.view(p, n) for name, v in result.per_reward.items()}
                 break
             # step 6: continue from the (guided) winner, or from a random candidate (SPO)
             if cfg.continuation == "random":
@@ -149,7 +151,7 @@ class TailorPO(Algorithm):
         metrics = {"tie_fraction": sum(ties) / k, "reward_gap_first_step": gaps[0], "reward_gap_last_step": gaps[-1],
                    "reward_gap": sum(gaps) / k}
         return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=final_rewards,
-                            final_images=final_images, metrics=metrics)
+                            final_images=final_images, metrics=metrics, per_reward=final_per_reward)
 
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
              generator: torch.Generator) -> LossOutput:

@@ -1,0 +1,184 @@
+"""Run-state checkpoints: written atomically, read back exactly.
+
+A checkpoint after iteration k is a directory `<run_dir>/checkpoints/iter_<k:06d>/`:
+
+    lora/pytorch_lora_weights.safetensors   the LoRA in the diffusers format (loads with pipe.load_lora_weights)
+    learner_lora.safetensors                the LoRA in peft format, exactly as trained (resume reads this one)
+    optimizer.pt                            AdamW state (tensors and numbers only: loads with weights_only=True)
+    algorithm_state.safetensors             the method's state, e.g. DDE's EMA correction table (may be empty)
+    weights_history.safetensors             the LoRA versions rollouts still in flight were sampled with
+                                            (versions k - max_staleness .. k), keyed "v<version>/<param>"
+    state.json                              iteration, learner version, seed, the resolved config, the MLflow
+                                            run id, the pre-training evaluation, fault counters
+
+RNG state: every random draw of a run is derived from (seed, iteration, shard) (`workers/messages.derive_seed`),
+so the seed and the iteration in state.json are the whole RNG state; no generator state needs saving.
+
+Atomicity: the directory is written under a temporary name, fsynced and renamed into place; `checkpoints/latest`
+names the newest complete checkpoint and is itself replaced atomically. A crash mid-write leaves the previous
+checkpoint as the latest. Only the `keep_last` newest checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["CheckpointError", "CheckpointState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not belong to this run's config."""
+
+
+@dataclass
+class CheckpointState:
+    """What a checkpoint holds.
+
+    Attributes:
+        iteration: iterations completed.
+        learner: `Learner.state_dict()` (version, lora, optimizer, algorithm, dropped).
+        weights_history: version → peft LoRA state dict, for the rollouts in flight at checkpoint time.
+        meta: JSON-able driver state (seed, config, mlflow_run_id, eval_before, counters).
+        lora_file: bytes of the diffusers-format LoRA file (written on save; None when loaded).
+    """
+
+    iteration: int
+    learner: dict[str, Any]
+    weights_history: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    lora_file: bytes | None = None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_bytes(tmp, text.encode("utf-8"))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(root: str | Path, state: CheckpointState, keep_last: int = 2) -> Path:
+    """Writes `state` as `root/iter_<iteration>/` atomically, points `root/latest` at it, prunes old ones.
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"iter_{state.iteration:06d}"
+    final = root / name
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        if state.lora_file is not None:
+            (staging / "lora").mkdir()
+            _write_bytes(staging / "lora" / LORA_FILE, state.lora_file)
+        save_file({k: v.contiguous() for k, v in state.learner["lora"].items()}, staging / "learner_lora.safetensors")
+        with open(staging / "optimizer.pt", "wb") as f:
+            torch.save(state.learner["optimizer"], f)
+            f.flush()
+            os.fsync(f.fileno())
+        save_file({k: v.contiguous() for k, v in state.learner["algorithm"].items()},
+                  staging / "algorithm_state.safetensors")
+        history = {f"v{version}/{key}": value.contiguous()
+                   for version, weights in state.weights_history.items() for key, value in weights.items()}
+        save_file(history, staging / "weights_history.safetensors")
+        meta = {**state.meta, "iteration": state.iteration, "learner_version": int(state.learner["version"]),
+                "dropped": int(state.learner.get("dropped", 0)),
+                "history_versions": sorted(int(v) for v in state.weights_history)}
+        _write_bytes(staging / "state.json", json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
+        for path in staging.rglob("*"):
+            if path.is_file():
+                os.chmod(path, 0o644)
+        os.chmod(staging, 0o755)
+        _fsync_dir(staging)
+        if final.exists():  # a re-run of the same iteration after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _atomic_write_text(root / "latest", name + "\n")
+    _prune(root, keep_last)
+    return final
+
+
+def _complete(path: Path) -> bool:
+    return (path / "state.json").is_file() and (path / "learner_lora.safetensors").is_file()
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and _complete(p))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".iter_*.tmp-*"):  # staging dirs of a crashed writer
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (what `latest` names, else the highest complete iter_*)."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if _complete(candidate):
+            return candidate
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and _complete(p))
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path) -> CheckpointState:
+    """Reads a checkpoint directory written by `save_checkpoint`.
+
+    Raises:
+        CheckpointError: the directory is missing or incomplete (names the missing file).
+    """
+    path = Path(path)
+    for required in ("state.json", "learner_lora.safetensors", "optimizer.pt", "algorithm_state.safetensors",
+                     "weights_history.safetensors"):
+        if not (path / required).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {required} is missing")
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    history: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(path / "weights_history.safetensors").items():
+        version, _, param = key.partition("/")
+        history.setdefault(int(version[1:]), {})[param] = value
+    learner = {
+        "version": int(meta["learner_version"]),
+        "dropped": int(meta.get("dropped", 0)),
+        "lora": load_file(path / "learner_lora.safetensors"),
+        "optimizer": optimizer,
+        "algorithm": load_file(path / "algorithm_state.safetensors"),
+    }
+    return CheckpointState(iteration=int(meta["iteration"]), learner=learner, weights_history=history, meta=meta)

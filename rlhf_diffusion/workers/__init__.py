@@ -1,0 +1,9 @@
+"""The three kinds of actors of the runtime (DESIGN.md): samplers, reward servers, one learner.
+
+Each is a plain Python class (usable in one process, as `trainer.LocalTrainer` does) that `trainer.Trainer` turns
+into a Ray actor with `ray.remote(...)`. What crosses an actor boundary is defined in `messages.py`.
+"""
+
+from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest, TrainResult, derive_seed
+
+__all__ = ["PublishedWeights", "RolloutRequest", "TrainResult", "derive_seed"]

@@ -1,0 +1,76 @@
+"""Loading the policy every actor holds: the pipeline from `model.pretrained` plus the configured LoRA adapter.
+
+Samplers and the learner call `load_policy` with the same config, so their UNets are identical (same base weights,
+same LoRA init drawn from a seed derived from `config.seed`) before the learner's first published weights arrive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlhf_diffusion.config import RunConfig
+from rlhf_diffusion.models.loading import DiffusionModel, attach_lora, load_diffusion_model
+from rlhf_diffusion.models.tiny import build_tiny_pipeline
+from rlhf_diffusion.workers.messages import derive_seed
+
+__all__ = ["DTYPES", "TINY_PREFIX", "load_policy", "resolve_device", "resolve_model_source"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_PREFIX = "tiny:"
+LORA_INIT_STREAM = 4
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" → CUDA when this process sees a GPU (a Ray actor sees one only if it reserved one), else CPU;
+    "cuda" without a visible GPU is an error naming `device`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config device: 'cuda' was requested but no CUDA device is visible")
+    return torch.device(name)
+
+
+def resolve_model_source(pretrained: str, cache_dir: str | Path) -> str:
+    """The directory or hub id to load: "tiny:sd15" / "tiny:sdxl" build (once) a tiny random-weight pipeline
+    under `cache_dir/_tiny_models/<kind>` and return that directory, so it loads through the production loader.
+    The build goes to a temporary directory that is renamed into place, so concurrent callers never see half a
+    pipeline."""
+    if not pretrained.startswith(TINY_PREFIX):
+        return pretrained
+    kind = pretrained[len(TINY_PREFIX):]
+    target = Path(cache_dir) / "_tiny_models" / kind
+    if not (target / "model_index.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
+        try:
+            build_tiny_pipeline(staging, kind)
+            try:
+                os.replace(staging, target)
+            except OSError:  # another process finished first
+                if not (target / "model_index.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def load_policy(config: RunConfig, source: str, device: torch.device) -> DiffusionModel:
+    """The pipeline at `source` (a directory or hub id, see `resolve_model_source`) with the configured LoRA on
+    its UNet; the LoRA's A matrices are drawn from a seed derived from `config.seed` (B = 0, so the policy starts
+    equal to the base model)."""
+    model = load_diffusion_model(source, kind=config.model.kind, dtype=DTYPES[config.model.dtype], device=device,
+                                 revision=config.model.revision)
+    lora = config.model.lora
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(derive_seed(config.seed, LORA_INIT_STREAM))
+    try:
+        attach_lora(model.unet, rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules),
+                    init=lora.init)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    return model

@@ -1,0 +1,205 @@
+"""SamplerWorker: holds the pipeline and a copy of the current LoRA, runs the algorithm's rollout.
+
+A sampler owns no randomness of its own: every rollout seeds its generator from the request
+(`RolloutRequest.seed`, derived from the run seed, the iteration and the shard), and loads the weights version the
+request names. So a rollout redone on a restarted actor returns the same batch as the first attempt.
+
+Rewards come from a `RewardClient`: the reward servers under Ray (`RemoteReward`), or a `WeightedReward` in this
+process. TailorPO calls it at every denoising step with all of the sampler's candidates in one batch; TailorPO-G
+gets d reward / d image from it and chains it through this sampler's VAE decoder (`algorithms/tailorpo.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext, build_algorithm
+from rlhf_diffusion.config import NON_DIFFERENTIABLE_REWARDS, RunConfig
+from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor, decode_latents, initial_noise, sample_trajectory
+from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
+from rlhf_diffusion.models.loading import DiffusionModel, set_lora_state_dict
+from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
+from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest
+from rlhf_diffusion.workers.policy import load_policy, resolve_device
+
+__all__ = ["EvalShard", "RemoteReward", "Sampler", "eval_generators"]
+
+
+class RemoteReward:
+    """The reward-server side of a sampler: `score` / `score_and_grad` as blocking calls to one RewardServer
+    actor (sampler `rank` talks to server `rank % M`, spreading samplers over servers). Counts the seconds spent
+    waiting, which the sampler reports as `reward_seconds`."""
+
+    def __init__(self, servers: Sequence, rank: int, differentiable: bool):
+        if not servers:
+            raise ValueError("RemoteReward needs at least one reward server")
+        self.server = servers[rank % len(servers)]
+        self.differentiable = differentiable
+        self.wait_seconds = 0.0
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
+        import ray
+
+        start = time.perf_counter()
+        try:
+            return ray.get(self.server.score.remote(images.detach().cpu(), list(prompts)))
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+
+    def score_and_grad(self, images: Tensor, prompts: Sequence[str]) -> tuple[RewardResult, Tensor]:
+        import ray
+
+        start = time.perf_counter()
+        try:
+            return ray.get(self.server.score_and_grad.remote(images.detach().cpu(), list(prompts)))
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+
+
+class _LocalRewardClient:
+    """A `WeightedReward` in this process, with the same interface and timing as `RemoteReward`."""
+
+    def __init__(self, reward: WeightedReward):
+        self.reward = reward
+        self.differentiable = reward.differentiable
+        self.wait_seconds = 0.0
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
+        start = time.perf_counter()
+        try:
+            return self.reward.score(images, prompts)
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+
+    def score_and_grad(self, images: Tensor, prompts: Sequence[str]) -> tuple[RewardResult, Tensor]:
+        start = time.perf_counter()
+        try:
+            return self.reward.score_and_grad(images, prompts)
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+
+
+def eval_generators(prompt_index: int, num_seeds: int) -> list[torch.Generator]:
+    """One generator per (held-out prompt, seed): x_T of seed s of prompt j comes from its own generator and the
+    per-step noise from seed 0's, so an evaluation depends only on the weights, never on the run's history."""
+    return [torch.Generator().manual_seed(1_000_003 * (s + 1) + prompt_index) for s in range(num_seeds)]
+
+
+@dataclass
+class EvalShard:
+    """Held-out samples of some eval prompts. All CPU.
+
+    Attributes:
+        prompt_indices: the global indices j of the prompts, in order.
+        images: (len(prompt_indices) * S, 3, H, W) in [0, 1], prompt-major.
+        totals: (len * S,) weighted reward totals.
+        per_reward: reward name → (len * S,) raw scores.
+    """
+
+    prompt_indices: list[int]
+    images: Tensor
+    totals: Tensor
+    per_reward: dict[str, Tensor]
+
+
+class Sampler:
+    """One sampler: policy pipeline + rollout.
+
+    Args:
+        config: the run config.
+        source: the pipeline directory or hub id (already resolved, see `policy.resolve_model_source`).
+        rank: this sampler's index (picks its reward server).
+        reward_servers: RewardServer actor handles; None = build the rewards in this process.
+        model: share an already loaded policy instead of loading one (the single-process trainer).
+        reward: share an already built `WeightedReward` (single process; requires `reward_servers=None`).
+        num_threads: torch intra-op threads (under Ray: the CPUs the actor reserved).
+    """
+
+    def __init__(self, config: RunConfig, source: str, *, rank: int = 0, reward_servers: Sequence | None = None,
+                 model: DiffusionModel | None = None, reward: WeightedReward | None = None,
+                 num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.config = config
+        self.rank = rank
+        self.device = resolve_device(config.device) if model is None else model.device
+        self.model = model if model is not None else load_policy(config, source, self.device)
+        self.resolution = config.model.resolution or self.model.resolution
+        differentiable = not any(spec.name in NON_DIFFERENTIABLE_REWARDS for spec in config.rewards)
+        if reward_servers is not None:
+            self.reward = RemoteReward(reward_servers, rank, differentiable)
+        else:
+            self.reward = _LocalRewardClient(reward or WeightedReward.from_specs(config.rewards, device=self.device))
+        self.reward_weights = {spec.name: spec.weight for spec in config.rewards}
+        self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
+        self.algorithm = build_algorithm(config.algorithm, self.grid)
+        self.predictor = NoisePredictor(self.model, config.sampling.guidance_scale, self.resolution, self.resolution)
+        # Version of the LoRA in `self.model`; -1 = not set by a learner yet (a fresh or restarted actor).
+        self.weights_version = -1
+
+    def ready(self) -> int:
+        """Returns the rank once the actor is constructed (the driver waits on it to surface load errors)."""
+        return self.rank
+
+    def encode(self, prompts: Sequence[str]) -> TextConditioning:
+        return encode_prompts(self.model, list(prompts), height=self.resolution, width=self.resolution)
+
+    def load_weights(self, weights: PublishedWeights) -> None:
+        """Loads `weights` into the policy unless it already holds that version."""
+        if weights.version != self.weights_version:
+            set_lora_state_dict(self.model.unet, weights.resolve())
+            self.weights_version = weights.version
+
+    def rollout_context(self, generator: torch.Generator) -> RolloutContext:
+        return RolloutContext(
+            model=self.model,
+            predictor=self.predictor,
+            grid=self.grid,
+            reward_fn=self.reward.score,
+            reward_grad_fn=self.reward.score_and_grad if self.reward.differentiable else None,
+            generator=generator,
+            reward_weights=self.reward_weights,
+        )
+
+    def rollout(self, request: RolloutRequest) -> RolloutBatch:
+        """Samples the request's prompts with its weights version and seed; returns the labelled examples with
+        `weights_version` set and timings in `metrics` (rollout_seconds, reward_seconds)."""
+        start = time.perf_counter()
+        self.load_weights(request.weights)
+        waited = self.reward.wait_seconds
+        self.model.unet.eval()
+        generator = torch.Generator().manual_seed(request.seed)
+        batch = self.algorithm.rollout(self.rollout_context(generator), list(request.prompts),
+                                       self.encode(request.prompts))
+        batch.pairs.validate()
+        batch.weights_version = self.weights_version
+        batch.metrics["rollout_seconds"] = time.perf_counter() - start
+        batch.metrics["reward_seconds"] = self.reward.wait_seconds - waited
+        return batch
+
+    @torch.no_grad()
+    def evaluate(self, prompts: Sequence[str], prompt_indices: Sequence[int], num_seeds: int,
+                 weights: PublishedWeights | None = None) -> EvalShard:
+        """Held-out samples: `num_seeds` images of each prompt, seeded by (global prompt index, seed) only."""
+        if weights is not None:
+            self.load_weights(weights)
+        self.model.unet.eval()
+        images, totals, per = [], [], {}
+        for j, prompt in zip(prompt_indices, prompts):
+            gens = eval_generators(j, num_seeds)
+            x_T = torch.cat([initial_noise(1, self.model, g, self.resolution, self.resolution) for g in gens])
+            cond = self.encode([prompt] * num_seeds)
+            trajectory = sample_trajectory(self.predictor, cond, x_T, self.grid, gens[0])
+            imgs = decode_latents(self.model, trajectory.final).cpu()
+            result = self.reward.score(imgs, [prompt] * num_seeds)
+            images.append(imgs)
+            totals.append(result.total)
+            for name, value in result.per_reward.items():
+                per.setdefault(name, []).append(value)
+        return EvalShard(prompt_indices=list(prompt_indices), images=torch.cat(images), totals=torch.cat(totals),
+                         per_reward={name: torch.cat(v) for name, v in per.items()})
