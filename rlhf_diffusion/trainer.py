@@ -329,36 +329,63 @@ class Trainer:
     def _gather(self, iteration: int, entries: list[tuple[RolloutRequest, Any]]) -> RolloutBatch:
         """Waits for the shards of `iteration` in shard order; a shard whose sampler died is redone (same request,
         same seed) on the restarted actor."""
-        retries = self.config.resources.max_actor_restarts
         shards = []
         for request, ref in entries:
-            for attempt in range(retries + 1):
-                try:
-                    shards.append(_get(ref))
-                    break
-                except Exception as error:
-                    if not _actor_died(error) or attempt == retries:
-                        if _actor_died(error):
-                            raise RuntimeError(f"sampler {request.shard} kept dying during iteration {iteration} "
-                                               f"({retries} redos): {error}") from None
-                        raise
-                    self.faults["shards_redone"] += 1
-                    self.log(f"[fault] sampler {request.shard} died during iteration {iteration}; Ray restarts it "
-                             f"and the shard is redone with the same seed and weights version "
-                             f"{request.weights.version}")
-                    ref = self.samplers[request.shard].rollout.remote(request)
+            shards.append(self._sampler_result(
+                request.shard, ref, lambda r=request: self.samplers[r.shard].rollout.remote(r),
+                f"iteration {iteration}; the shard is redone with the same seed and weights version "
+                f"{request.weights.version}"))
         return RolloutBatch.concat(shards)
+
+    def _sampler_result(self, rank: int, ref: Any, resubmit: Callable[[], Any], what: str) -> Any:
+        """The result of a sampler call; when the sampler died, waits for Ray to restart it and calls again
+        (sampler calls are pure functions of their arguments, so a repeat returns the same result)."""
+        retries = self.config.resources.max_actor_restarts
+        for attempt in range(retries + 1):
+            try:
+                return _get(ref)
+            except Exception as error:
+                if not _actor_died(error):
+                    raise
+                if attempt == retries:
+                    raise RuntimeError(f"sampler {rank} kept dying ({retries} restarts, "
+                                       f"resources.max_actor_restarts) during {what}: {error}") from None
+                self.faults["shards_redone"] += 1
+                self.log(f"[fault] sampler {rank} died during {what}")
+                self._wait_until_restarted(self.samplers[rank], f"sampler {rank}")
+                ref = resubmit()
+        raise AssertionError("unreachable")
+
+    def _wait_until_restarted(self, actor: Any, role: str) -> None:
+        """Blocks until Ray has restarted `actor` (calls meanwhile fail with ActorUnavailableError)."""
+        import ray
+
+        deadline = time.monotonic() + self.config.resources.actor_start_timeout_s
+        while True:
+            try:
+                ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                self.faults["sampler_restarts"] += 1
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{role} was not restarted within resources.actor_start_timeout_s") from None
+                time.sleep(0.2)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"{role} was not restarted within resources.actor_start_timeout_s") from None
 
     def evaluate(self, weights: PublishedWeights) -> EvalResult:
         """Held-out rewards with `weights`: eval prompts dealt round-robin to the samplers, fixed seeds."""
         n = len(self.samplers)
         seeds = self.config.prompts.eval_seeds
-        refs = []
+        calls = []
         for k in range(n):
             idx = list(range(k, len(self.eval_prompts), n))
             if idx:
-                refs.append(self.samplers[k].evaluate.remote([self.eval_prompts[j] for j in idx], idx, seeds, weights))
-        shards: list[EvalShard] = [_get(r) for r in refs]
+                def call(k=k, idx=idx):
+                    return self.samplers[k].evaluate.remote([self.eval_prompts[j] for j in idx], idx, seeds, weights)
+
+                calls.append((k, call(), call))
+        shards: list[EvalShard] = [self._sampler_result(k, ref, call, "evaluation") for k, ref, call in calls]
         order = sorted((j, s, pos) for s, shard in enumerate(shards) for pos, j in enumerate(shard.prompt_indices))
         images, totals, per = [], [], {}
         for _, s, pos in order:

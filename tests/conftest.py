@@ -4,6 +4,14 @@ Every test that needs a model loads it from one of these directories through the
 (`rlhf_diffusion.models.load_diffusion_model`), so tests exercise the same code path as real checkpoints.
 """
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,3 +29,80 @@ def tiny_sd15_dir(tmp_path_factory) -> Path:
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
     """A tiny SDXL pipeline directory (64x64 images, 4x16x16 latents, text width 32 + 32, pooled 32)."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real local Ray cluster on 127.0.0.1 (head node with the job server), started once for the tests that need it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayCluster:
+    """A `ray start --head --block` process we own: its GCS address (for ray.init / RAY_ADDRESS) and its job server
+    URL (for `ray job submit --address`)."""
+
+    gcs_address: str
+    dashboard_url: str
+    ray_bin: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """Starts a head node bound to loopback (8 logical CPUs, no GPU) and stops it, and only it, at the end."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port, dashboard_port = _free_port(), _free_port()
+    log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "8",
+         "--num-gpus", "0", "--include-dashboard", "true", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    cluster = RayCluster(gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+                         ray_bin=ray_bin)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {process.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(f"{cluster.dashboard_url}/api/version", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not come up in 120 s; see {log.name}")
+            time.sleep(1)
+        yield cluster
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_connected(ray_cluster):
+    """This test process connected to the shared cluster as a driver (for the rest of the session)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.gcs_address, logging_level="WARNING")
+    yield ray_cluster

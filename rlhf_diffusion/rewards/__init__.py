@@ -3,7 +3,15 @@
 Importing this package registers every reward module's rewards in `REWARD_REGISTRY`.
 """
 
-from rlhf_diffusion.rewards import compressibility, pixel  # noqa: F401  (fills REWARD_REGISTRY)
+from rlhf_diffusion.rewards import (  # noqa: F401  (fills REWARD_REGISTRY)
+    aesthetic,
+    clip_score,
+    compressibility,
+    hpsv2,
+    imagereward,
+    pickscore,
+    pixel,
+)
 from rlhf_diffusion.rewards.base import (
     REWARD_REGISTRY,
     NotDifferentiableError,

@@ -1,0 +1,265 @@
+"""CLIP score: prompt–image agreement under a CLIP model (REWARDS.md §2.6), plus the Hugging Face CLIP loading
+shared with the aesthetic reward.
+
+Real weights: any Hugging Face `CLIPModel` directory or hub id; the default is `openai/clip-vit-large-patch14`
+(ViT-L/14 @ 224, 427.6M parameters, the backbone of torchmetrics' `CLIPScore`). `openai/clip-vit-base-patch32`
+is Hessel et al.'s backbone; `openai/clip-vit-large-patch14-336` works too (the input size is read from the
+model config). Weights load with `CLIPModel.from_pretrained` (safetensors, or a `.bin` through
+`torch.load(weights_only=True)`); no remote code.
+
+Score (differentiable):
+
+    ê = E_img(x) / ‖E_img(x)‖,   t̂ = E_txt(prompt) / ‖E_txt(prompt)‖
+    clip_score = scale · cos(ê, t̂) = scale · ê·t̂                 (default, scale = 100)
+    clip_score = max(scale · ê·t̂, 0)                             (nonnegative=True: torchmetrics with scale 100,
+                                                                   Hessel et al. CLIP-S with scale 2.5)
+
+where x is the image resized (shortest side, bicubic, antialiased) to the model's input size, centre-cropped and
+normalised with the OpenAI CLIP mean/std (REWARDS.md §1), and the prompt is CLIP-BPE tokenised (at most 77
+tokens, longer prompts are truncated). The max(·, 0) of the published metrics zeroes the gradient of poorly
+matching images, so RL and guidance use the raw scaled cosine by default.
+
+Value range: scale · [−1, 1]. With ViT-L/14 and scale 100, SD1.5 images of their own prompts score ≈ 25–32
+(unverified estimate, REWARDS.md §2.6); a mismatched prompt scores ≈ 10–20.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from rlhf_diffusion.rewards.base import RewardModel, register_reward
+from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_shortest_and_center_crop
+
+__all__ = [
+    "DEFAULT_CLIP_MODEL",
+    "ClipImageEncoder",
+    "ClipScore",
+    "build_tiny_clip_score",
+    "is_hub_id",
+    "load_clip_model",
+    "resolve_dtype",
+    "resolve_source",
+    "save_tiny_clip",
+    "tiny_clip_config",
+]
+
+# torchmetrics' CLIPScore default backbone (OpenAI CLIP ViT-L/14 @ 224).
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+
+# `dtype` constructor argument (a config string) → torch dtype the reward's weights run in.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Maps a config dtype name ("float32", "bfloat16", "float16") to a torch dtype.
+
+    Raises:
+        ValueError: unknown name (the message lists the allowed ones).
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, _DTYPES))}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def is_hub_id(source: str) -> bool:
+    """True for a string shaped like a Hugging Face Hub id ("owner/name") that is not an existing local path."""
+    if Path(source).expanduser().exists() or Path(source).is_absolute() or source.startswith((".", "~")):
+        return False
+    return source.count("/") == 1 and all(source.split("/"))
+
+
+def resolve_source(source: str, what: str) -> str:
+    """Returns `source` as an existing local path (user-expanded) or as a hub id; raises if it is neither.
+
+    Args:
+        source: a local file/directory or a hub id "owner/name".
+        what: what `source` should hold, for the error message (e.g. "CLIP model directory").
+
+    Raises:
+        FileNotFoundError: `source` is not an existing local path and cannot be a hub id.
+    """
+    local = Path(source).expanduser()
+    if local.exists():
+        return str(local)
+    if is_hub_id(source):
+        return source
+    raise FileNotFoundError(f"{what} {source!r} does not exist (expected a local path or a hub id 'owner/name')")
+
+
+def load_clip_model(source: str, *, dtype: torch.dtype = torch.float32) -> CLIPModel:
+    """Loads a frozen Hugging Face `CLIPModel` (eval mode, no parameter requires grad) from a directory or hub id.
+
+    Every weight of the architecture must be in the checkpoint: a missing key (a renamed or foreign state dict)
+    is an error, never a silently random-initialised layer.
+
+    Raises:
+        FileNotFoundError: `source` is neither an existing local path nor a hub id.
+        ValueError: the directory / hub repo does not hold a loadable `CLIPModel` (the message names it).
+    """
+    source = resolve_source(source, "CLIP model directory")
+    try:
+        model, info = CLIPModel.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, HF hub errors, ...
+        raise ValueError(f"cannot load a CLIPModel from {source!r}: {type(err).__name__}: {err}") from err
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        shown = ", ".join(map(str, (missing + mismatched)[:5]))
+        raise ValueError(f"checkpoint in {source!r} does not match CLIPModel: {len(missing)} missing and "
+                         f"{len(mismatched)} mismatched weight(s), e.g. {shown}")
+    return model.eval().requires_grad_(False)
+
+
+class ClipImageEncoder(nn.Module):
+    """Image tower of a Hugging Face CLIP model with CLIP's preprocessing, differentiable end to end.
+
+    images (N, 3, H, W) in [0, 1] → resize shortest side + centre crop to `image_size` → OpenAI mean/std →
+    vision transformer → pooled output → visual projection → (N, projection_dim) unnormalised embeddings.
+    Equal to `CLIPModel.get_image_features` on the preprocessed pixels.
+    """
+
+    def __init__(self, clip: CLIPModel):
+        super().__init__()
+        self.vision_model = clip.vision_model
+        self.visual_projection = clip.visual_projection
+        self.image_size = int(clip.config.vision_config.image_size)
+        self.projection_dim = int(clip.config.projection_dim)
+        self.eval()  # the towers come frozen and in eval mode; keep the wrapper consistent
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """(N, 3, H, W) in [0, 1] → (N, 3, S, S) normalised pixel values (S = `image_size`), float32 graph kept."""
+        return normalize(resize_shortest_and_center_crop(images.float(), self.image_size))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(N, 3, H, W) in [0, 1] on the encoder's device → (N, projection_dim) in the encoder's dtype."""
+        dtype = self.visual_projection.weight.dtype
+        pooled = self.vision_model(pixel_values=self.preprocess(images).to(dtype)).pooler_output  # (N, hidden)
+        return self.visual_projection(pooled)  # (N, projection_dim)
+
+
+@register_reward("clip_score")
+class ClipScore(RewardModel):
+    """scale · cos(CLIP image embedding, CLIP text embedding); differentiable with respect to the pixels.
+
+    Args:
+        path: Hugging Face `CLIPModel` directory (with its tokenizer files) or hub id; None =
+            `openai/clip-vit-large-patch14`.
+        scale: multiplier of the cosine (100 as torchmetrics, 2.5 as Hessel et al., 1 for the raw cosine).
+        nonnegative: apply max(·, 0) like the published metrics (zero gradient where the cosine is negative).
+        dtype: dtype the model runs in: "float32", "bfloat16" or "float16".
+
+    Raises:
+        FileNotFoundError: `path` does not exist and is not a hub id.
+        ValueError: `path` holds no loadable CLIP model or tokenizer; `scale` is not a finite positive number;
+            unknown `dtype`.
+    """
+
+    differentiable = True
+
+    def __init__(self, path: str | None = None, *, scale: float = 100.0, nonnegative: bool = False,
+                 dtype: str = "float32"):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"reward 'clip_score': scale must be a finite positive number, got {scale!r}")
+        self.source = path if path is not None else DEFAULT_CLIP_MODEL
+        self.scale = float(scale)
+        self.nonnegative = bool(nonnegative)
+        self.model = load_clip_model(self.source, dtype=resolve_dtype(dtype))
+        self.image_encoder = ClipImageEncoder(self.model)
+        self.tokenizer = _load_tokenizer(self.source)
+        self.max_length = min(int(self.tokenizer.model_max_length),
+                              int(self.model.config.text_config.max_position_embeddings))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    def to(self, device: str | torch.device) -> ClipScore:
+        self.model.to(device)
+        return self
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """(N, 3, H, W) in [0, 1] → the model's normalised (N, 3, S, S) pixel values (differentiable)."""
+        return self.image_encoder.preprocess(images)
+
+    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """(N,) prompts → (N, projection_dim) L2-normalised text embeddings, float32, no graph."""
+        unique = list(dict.fromkeys(prompts))  # several images per prompt: encode each prompt once
+        tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            out = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        # transformers >= 5 returns an output object whose `pooler_output` is the projected embedding (§1).
+        features = F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)  # (U, P)
+        index = torch.tensor([unique.index(p) for p in prompts], device=features.device)
+        return features[index]  # (N, P)
+
+    def _score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        image_embeds = F.normalize(self.image_encoder(images.to(self.device)).float(), dim=-1)  # (N, P)
+        cosine = (image_embeds * self.text_embeddings(prompts)).sum(dim=-1)  # (N,)
+        scores = self.scale * cosine
+        return scores.clamp(min=0) if self.nonnegative else scores
+
+    def __repr__(self) -> str:
+        return f"ClipScore(path={self.source!r}, scale={self.scale}, nonnegative={self.nonnegative})"
+
+
+def _load_tokenizer(source: str) -> CLIPTokenizer:
+    source = resolve_source(source, "CLIP tokenizer directory")
+    try:
+        return CLIPTokenizer.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - tokenizer loading raises OSError, ValueError, TypeError, ...
+        raise ValueError(f"cannot load a CLIPTokenizer from {source!r}: {type(err).__name__}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tiny random-weight model for tests
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_clip_config(*, projection_dim: int = 16) -> CLIPConfig:
+    """A tiny CLIP (2-layer width-32 vision tower, patch 14, input 224 as the real processor config; 1-layer
+    width-16 text tower with the real 49,408-token vocabulary and 77 positions) with the special-token ids of the
+    real OpenAI CLIP tokenizer."""
+    return CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=49408, max_position_embeddings=77, projection_dim=projection_dim,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=14, image_size=224, projection_dim=projection_dim),
+        projection_dim=projection_dim,
+    )
+
+
+def save_tiny_clip(out_dir: str | Path, *, projection_dim: int, seed: int = 0) -> Path:
+    """Saves a tiny random-weight CLIP as a Hugging Face model directory laid out like `openai/clip-vit-large-patch14`:
+    `config.json` + `model.safetensors`, the CLIP BPE tokenizer, and `preprocessor_config.json` with the real
+    processor settings (shortest edge 224, centre crop 224, bicubic, OpenAI mean/std)."""
+    from rlhf_diffusion.models.tiny import build_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    CLIPModel(tiny_clip_config(projection_dim=projection_dim)).save_pretrained(out_dir)
+    build_clip_tokenizer().save_pretrained(out_dir)
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
+                                   do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_clip_score(out_dir: str | Path, seed: int = 0) -> Path:
+    """Builds a tiny random-weight CLIP model directory for the `clip_score` reward (tests only).
+
+    Same format as the real hub model (`CLIPModel.save_pretrained` + tokenizer + preprocessor config), so
+    `ClipScore(path=<returned dir>)` exercises the production loading code. Projection width 16, input 224.
+
+    Returns:
+        `out_dir` as a `Path`, to pass as the reward's `path`.
+    """
+    return save_tiny_clip(out_dir, projection_dim=16, seed=seed)
