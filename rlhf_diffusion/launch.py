@@ -51,7 +51,10 @@ def connect_ray(config) -> str:
         ray.init(address=address, logging_level="WARNING")
         return f"joined the Ray cluster at {address}"
     need = math.ceil(required_resources(config)["CPU"])
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="WARNING")
+    # address="local": a new instance even when a `ray start` cluster runs on this machine (join that one by
+    # setting RAY_ADDRESS).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+             logging_level="WARNING")
     return "started a local Ray instance"
 
 
