@@ -1,0 +1,87 @@
+"""Checkpoints: exact round trip, atomic replacement, pruning, clear errors for incomplete ones."""
+
+import json
+
+import pytest
+import torch
+
+from rlhf_diffusion.checkpoint import (
+    CheckpointError,
+    CheckpointState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def make_state(iteration: int) -> CheckpointState:
+    g = torch.Generator().manual_seed(iteration)
+    lora = {"a.lora_A.weight": torch.randn(4, 8, generator=g), "a.lora_B.weight": torch.randn(8, 4, generator=g)}
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    return CheckpointState(
+        iteration=iteration,
+        learner={"version": iteration, "dropped": 1, "lora": lora, "optimizer": optimizer.state_dict(),
+                 "algorithm": {"correction_table": torch.linspace(0, 1, 1000)}},
+        weights_history={iteration - 1: {k: v - 1 for k, v in lora.items()}, iteration: lora},
+        meta={"seed": 7, "mlflow_run_id": "abc", "eval_before": {"mean": 0.5, "per_reward": {"x": 0.5}}},
+        lora_file=b"diffusers-lora-bytes",
+    )
+
+
+def test_round_trip_is_exact(tmp_path):
+    state = make_state(4)
+    path = save_checkpoint(tmp_path, state)
+    assert path.name == "iter_000004" and latest_checkpoint(tmp_path) == path
+    loaded = load_checkpoint(path)
+    assert loaded.iteration == 4 and loaded.learner["version"] == 4 and loaded.learner["dropped"] == 1
+    for key, value in state.learner["lora"].items():
+        assert torch.equal(loaded.learner["lora"][key], value)
+    assert torch.equal(loaded.learner["algorithm"]["correction_table"], torch.linspace(0, 1, 1000))
+    assert torch.equal(loaded.learner["optimizer"]["state"][0]["exp_avg"],
+                       state.learner["optimizer"]["state"][0]["exp_avg"])
+    assert sorted(loaded.weights_history) == [3, 4]
+    assert torch.equal(loaded.weights_history[3]["a.lora_A.weight"], state.learner["lora"]["a.lora_A.weight"] - 1)
+    assert loaded.meta["mlflow_run_id"] == "abc" and loaded.meta["eval_before"]["mean"] == 0.5
+    assert (path / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == b"diffusers-lora-bytes"
+
+
+def test_keep_last_prunes_and_latest_moves(tmp_path):
+    for iteration in (2, 4, 6):
+        save_checkpoint(tmp_path, make_state(iteration), keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_000004", "iter_000006"]
+    assert (tmp_path / "latest").read_text().strip() == "iter_000006"
+
+
+def test_a_crashed_write_leaves_the_previous_checkpoint_latest(tmp_path):
+    save_checkpoint(tmp_path, make_state(2))
+    bad = make_state(4)
+    bad.learner["lora"] = {"x": "not a tensor"}  # the writer fails midway through the staging directory
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path, bad)
+    assert latest_checkpoint(tmp_path).name == "iter_000002"
+    assert not list(tmp_path.glob(".iter_*"))  # the staging directory was removed
+    assert not (tmp_path / "iter_000004").exists()
+
+
+def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, make_state(2))
+    save_checkpoint(tmp_path, make_state(4), keep_last=5)
+    (tmp_path / "iter_000004" / "state.json").unlink()  # damaged by hand
+    assert latest_checkpoint(tmp_path).name == "iter_000002"
+    assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_incomplete_checkpoint_names_the_missing_file(tmp_path):
+    path = save_checkpoint(tmp_path, make_state(2))
+    (path / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        load_checkpoint(path)
+
+
+def test_state_json_is_readable_json(tmp_path):
+    path = save_checkpoint(tmp_path, make_state(2))
+    meta = json.loads((path / "state.json").read_text())
+    assert meta["iteration"] == 2 and meta["learner_version"] == 2 and meta["history_versions"] == [1, 2]
