@@ -538,3 +538,18 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     assert result.stderr.startswith(f"{path}: invalid config (2 problems):")
     assert "  sampling.eta: " in result.stderr and "  algorithm.beta: " in result.stderr
     assert result.stdout == ""
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    from rlhf_diffusion.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"tiny.yaml", "sd15_tailorpo.yaml", "sd15_tailorpo_g.yaml", "sd15_d3po.yaml",
+                                         "sdxl_dde.yaml"}
+    names = {}
+    for path in configs:
+        config = load_config(path)
+        names[path.name] = config.algorithm.name
+    assert names["sd15_tailorpo_g.yaml"] == "tailorpo_g" and names["sdxl_dde.yaml"] == "dde"
