@@ -30,6 +30,8 @@ def learning_overrides(kind: str, method: str, reward: str, iterations: int, out
         f"run_name={kind}_{method}_{reward}",
         "prompts.eval.inline=[a red fox, a small bird, a green frog, a blue whale]",
         "prompts.eval_seeds=4",
+        "tracking.enabled=false",
+        "checkpoint.every=0",
     ]
 
 
@@ -52,7 +54,7 @@ def main() -> None:
                 overrides = learning_overrides(kind, method, reward, args.iterations, args.output_dir)
                 config = load_config(args.config, overrides + args.overrides)
                 start = time.perf_counter()
-                result = LocalTrainer(config).fit(log=lambda *_: None)
+                result = LocalTrainer(config, log=lambda *_: None).fit()
                 b, a = result.eval_before.mean, result.eval_after.mean
                 print(f"{kind:8} {reward:22} {method:14} {b:10.4f} {a:10.4f} {a - b:+10.4f} "
                       f"{time.perf_counter() - start:6.1f}", flush=True)

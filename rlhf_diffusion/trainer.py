@@ -601,7 +601,7 @@ class LocalTrainer(Trainer):
     """The whole loop in this process (no Ray): one policy shared by sampler and learner when on-policy.
 
     Besides `fit`, it exposes the pieces for tests: `model`, `encode`, `rollout(prompts)`, `rollout_context()`,
-    `sample_predictor`, `train_predictor`, `grid`, `algorithm`, `reward`, `train_generator`.
+    `train_on(batch)`, `sample_predictor`, `train_predictor`, `grid`, `algorithm`, `reward`, `train_generator`.
     """
 
     def __init__(self, config: RunConfig, **kwargs):
@@ -630,3 +630,7 @@ class LocalTrainer(Trainer):
         batch.pairs.validate()
         batch.weights_version = self.learner_obj.version
         return batch
+
+    def train_on(self, batch: RolloutBatch) -> dict[str, float]:
+        """One learner round on `batch` (ad-hoc, outside the iteration schedule); returns its metrics."""
+        return self.learner_obj.train(batch, self.learner_obj.version).metrics

@@ -25,8 +25,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_learning.yaml"
 @pytest.mark.parametrize("method", METHODS)
 def test_thirty_iterations_raise_held_out_reward(kind, method, tmp_path):
     config = load_config(CONFIG, learning_overrides(kind, method, "saturation", 30, str(tmp_path)))
-    trainer = LocalTrainer(config)
-    result = trainer.fit(log=lambda *_: None)
+    trainer = LocalTrainer(config, log=lambda *_: None)
+    result = trainer.fit()
     assert len(result.history) == 30
     assert all(r["train/optimizer_steps"] >= 1 for r in result.history)
     assert any(v.abs().max() > 0 for k, v in get_lora_state_dict(trainer.model.unet).items() if "lora_B" in k)

@@ -32,7 +32,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -337,6 +337,18 @@ def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
     return [param for name, param in unet.named_parameters() if ".lora_" in name]
 
 
+def _lora_parameter_map(unet: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """peft state-dict key → the adapter's parameter, e.g. `….to_q.lora_A.weight` → the parameter named
+    `….to_q.lora_A.<adapter>.weight`. The same keys `get_peft_model_state_dict` produces (tested), read straight
+    from `named_parameters` so that a publish never walks the whole (frozen, multi-GB) state dict."""
+    marker = f".{adapter_name}."
+    out = {}
+    for name, param in unet.named_parameters():
+        if (".lora_A." in name or ".lora_B." in name) and marker in name:
+            out[name.replace(marker, ".", 1)] = param
+    return out
+
+
 def get_lora_state_dict(unet: nn.Module, *, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter weights in peft's key format, as detached CPU float32 clones.
 
@@ -344,8 +356,8 @@ def get_lora_state_dict(unet: nn.Module, *, adapter_name: str = "default") -> di
     the format `set_lora_state_dict` reads back.
     """
     _require_lora(unet, adapter_name)
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return {key: value.detach().to(device="cpu", dtype=torch.float32).clone() for key, value in state.items()}
+    return {key: param.detach().to(device="cpu", dtype=torch.float32).clone()
+            for key, param in _lora_parameter_map(unet, adapter_name).items()}
 
 
 def set_lora_state_dict(
@@ -360,7 +372,7 @@ def set_lora_state_dict(
         ValueError: the UNet has no such adapter, or `state` has missing / unexpected keys or wrong shapes.
     """
     _require_lora(unet, adapter_name)
-    expected = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    expected = _lora_parameter_map(unet, adapter_name)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -370,15 +382,15 @@ def set_lora_state_dict(
             f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
     wrong_shapes = [
-        f"{key}: got {tuple(state[key].shape)}, expected {tuple(value.shape)}"
-        for key, value in expected.items()
-        if tuple(state[key].shape) != tuple(value.shape)
+        f"{key}: got {tuple(state[key].shape)}, expected {tuple(param.shape)}"
+        for key, param in expected.items()
+        if tuple(state[key].shape) != tuple(param.shape)
     ]
     if wrong_shapes:
         raise ValueError(f"LoRA state dict has wrong shapes: {wrong_shapes[:3]}")
-    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
-    if result.unexpected_keys:
-        raise ValueError(f"peft did not place LoRA keys {result.unexpected_keys[:3]} in the UNet")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(state[key])
 
 
 @contextmanager

@@ -155,6 +155,10 @@ def test_lora_state_dict_round_trip(sd15, unet_inputs):
     assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
     assert all(v.device.type == "cpu" and v.dtype == torch.float32 and not v.requires_grad for v in got.values())
     assert all("default" not in k for k in got)  # peft keys, no adapter name
+    from peft import get_peft_model_state_dict
+
+    reference = get_peft_model_state_dict(sd15.unet)  # peft's own export: the same keys and values
+    assert set(reference) == set(got) and all(torch.equal(reference[k], got[k]) for k in got)
     got[next(iter(got))].add_(1.0)  # a clone: editing it leaves the model alone
     assert torch.equal(get_lora_state_dict(sd15.unet)[next(iter(got))], state[next(iter(got))])
     assert [id(p) for p in lora_parameters(sd15.unet)] == params_before  # copied in place
