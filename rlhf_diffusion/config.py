@@ -607,9 +607,16 @@ class TrainConfig(_FrozenModel):
 class PromptSource(_FrozenModel):
     """Where prompts come from: exactly one of a builtin list, a text file, or an inline list."""
 
-    builtin: Literal["simple_animals"] | None = Field(
+    builtin: Literal[
+        "simple_animals", "partiprompts", "partiprompts:abstract", "partiprompts:animals", "partiprompts:artifacts",
+        "partiprompts:arts", "partiprompts:food_beverage", "partiprompts:illustrations", "partiprompts:indoor_scenes",
+        "partiprompts:outdoor_scenes", "partiprompts:people", "partiprompts:produce_plants", "partiprompts:vehicles",
+        "partiprompts:world_knowledge",
+    ] | None = Field(
         None, description="A builtin prompt list: 'simple_animals' = DDPO's 45 animal names [C], used by D3PO [C] "
-        "and TailorPO [R]."
+        "and TailorPO [R]; 'partiprompts' = all 1,632 PartiPrompts (google-research/parti, Apache-2.0); "
+        "'partiprompts:<category>' = the PartiPrompts of one category (lower-case, '_' for other characters: "
+        "animals, food_beverage, world_knowledge, ...; see rlhf_diffusion/prompts.py)."
     )
     file: str | None = Field(
         None, description="A UTF-8 text file with one prompt per line (relative to the working directory)."

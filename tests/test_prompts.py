@@ -138,7 +138,8 @@ def test_config_builtin_names_match_the_package():
     assert get_args(literal) == BUILTIN_PROMPT_SETS
     cfg = parse_config({"model": {"pretrained": "tiny:sd15"}, "algorithm": {"name": "d3po"},
                         "rewards": [{"name": "brightness"}],
-                        "prompts": {"train": {"builtin": "partiprompts:vehicles"}, "eval": {"builtin": "partiprompts"}}})
+                        "prompts": {"train": {"builtin": "partiprompts:vehicles"},
+                                    "eval": {"builtin": "partiprompts"}}})
     assert len(load_prompts(cfg.prompts.train)) == 104 and len(load_prompts(cfg.prompts.eval)) == 1632
 
 

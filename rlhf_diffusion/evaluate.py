@@ -1,0 +1,817 @@
+"""Offline evaluation: sample a prompt set with a base model and trained LoRAs, score the images, write the table.
+
+    python -m rlhf_diffusion.evaluate --model runwayml/stable-diffusion-v1-5 --prompts partiprompts:animals \\
+        --limit 100 --seeds 4 --reward aesthetic@/weights/aesthetic --reward clip_score@/weights/clip \\
+        --lora runs/d3po/lora --lora tailorpo=runs/tailorpo/lora --out eval/animals
+
+One row per model: the base model, then each `--lora` (a directory written by `export_lora`, i.e. a run's
+`<run>/lora/`, the `.safetensors` file itself, or a run directory holding `lora/`). Every row samples the same
+images: image s of prompt j starts from the generators `workers.sampler.eval_generators(j, seeds)` (x_T from
+generator s, the per-step noise from generator 0), exactly as the trainer's held-out evaluation does, so with the
+run's sampling settings (`--steps`, `--eta`, `--guidance`, `--resolution`) and its eval prompts a LoRA row
+reproduces the run's final evaluation (`eval.json`) image for image.
+
+Written to `--out DIR`:
+
+    results.md       the table: one row per model, "mean ± std" of every reward (and of the weighted total when
+                     there are several rewards or a weight != 1) over all prompts × seeds images (std: sample std)
+    results.csv      the same numbers, full precision: model, lora, images, <reward>_mean, <reward>_std, ...
+    per_prompt.csv   one row per (model, prompt): each reward's mean over the seeds (+ PartiPrompts category and
+                     challenge columns when the prompts are a partiprompts set)
+    grid.png         the first --grid-prompts prompts, one per row; columns: base seeds 0..S-1, then each LoRA's seeds
+    images/          with --save-images: every image as images/<row>/p<prompt index>_s<seed>.png
+
+With `--mlflow-uri URI` (alias `--tracking-uri`) the evaluation is logged to MLflow (experiment `--experiment`):
+one parent run (params: model, prompts, sampling settings, rewards, LoRAs; artifacts: the table, both CSVs and
+the grid) and one child run per model row (params: label, lora; metrics `eval/<reward>`, `eval/<reward>_std`,
+`eval/reward_mean`, `eval/reward_std`, named like the trainer's eval metrics).
+
+Rewards: `--reward name[:weight][@path]` (repeatable) and/or `--rewards-yaml FILE`, a YAML list of reward entries
+(`{name, weight, path, kwargs}`, the run config's `rewards` schema) or a mapping with such a `rewards` list (e.g. a
+run config). Rewards that load a model (aesthetic, imagereward, pickscore, hpsv2, clip_score) need a path: a local
+directory or file in the model's published format, or a hub id (downloaded by the reward's own loader).
+
+Exit codes: 0 done; 2 a problem with the input (missing LoRA or prompt file, unknown reward, a model reward without
+a path, a LoRA file that does not fit the model, ...), reported as one message naming it, without a traceback;
+1 an unexpected failure, or MLflow logging failed (the results are written first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "EvaluateError",
+    "EvaluationResult",
+    "LoraFile",
+    "LoraFileError",
+    "ModelRow",
+    "PromptSet",
+    "apply_lora",
+    "evaluate",
+    "log_to_mlflow",
+    "main",
+    "parse_reward_spec",
+    "read_lora_file",
+    "resolve_lora_path",
+    "resolve_prompts",
+    "write_report",
+]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # = models.loading.LORA_WEIGHT_NAME (not imported: lazy torch)
+EVAL_ADAPTER = "eval_lora"  # the peft adapter name a loaded LoRA gets on the evaluation UNet
+DEFAULT_EXPERIMENT = "rlhf_diffusion"  # the trainer's default experiment, so evaluations sit beside the runs
+# The diffusers LoRA metadata key (`save_lora_weights(..., unet_lora_adapter_metadata=...)`).
+LORA_METADATA_KEY = "lora_adapter_metadata"
+# peft LoraConfig fields that shape the forward pass; the rest of the saved config (init, task, paths) is dropped.
+_LORA_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+                       "use_rslora", "fan_in_fan_out", "layers_to_transform", "layers_pattern")
+_LORA_KEY_RE = re.compile(r"^unet\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class EvaluateError(Exception):
+    """A problem with the input (a path, a reward, a prompt set); `str(error)` is the one message to show."""
+
+
+class LoraFileError(EvaluateError, ValueError):
+    """A LoRA file that cannot be read or does not fit the model; the message starts with the file's path."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: prompts, rewards, LoRA files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts to evaluate and where they came from.
+
+    Attributes:
+        source: what the user named (a built-in set, a file path, or "inline").
+        prompts: the prompts, in order; prompt j is seeded by its index j.
+        extra: per-prompt columns for per_prompt.csv (PartiPrompts: category, challenge), each a list as long as
+            `prompts`.
+    """
+
+    source: str
+    prompts: list[str]
+    extra: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve_prompts(spec: str | None, inline: Sequence[str] = (), limit: int | None = None) -> PromptSet:
+    """The prompt set named by `--prompts` (a built-in set or a prompt file) or given inline, cut to `limit`.
+
+    Raises:
+        EvaluateError: neither or both given, an unknown set / missing file, an empty or blank prompt.
+    """
+    from rlhf_diffusion.prompts import BUILTIN_PROMPT_SETS, load_builtin, load_partiprompts, load_prompt_file
+
+    if (spec is None) == (not inline):
+        raise EvaluateError("give the prompts with either --prompts SET_OR_FILE or --prompt TEXT (repeatable)")
+    extra: dict[str, list[str]] = {}
+    if inline:
+        blank = [i for i, p in enumerate(inline) if not p.strip()]
+        if blank:
+            raise EvaluateError(f"--prompt {blank[0] + 1} is empty")
+        source, prompts = "inline", list(inline)
+    elif spec in BUILTIN_PROMPT_SETS:
+        source, prompts = spec, load_builtin(spec)
+        if spec.startswith("partiprompts"):
+            rows = load_partiprompts(category=spec.partition(":")[2] or None)
+            extra = {"category": [r.category for r in rows], "challenge": [r.challenge for r in rows]}
+    elif Path(spec).expanduser().is_file():
+        source = spec
+        try:
+            prompts = load_prompt_file(Path(spec).expanduser())
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise EvaluateError(f"--prompts {spec}: {error}") from None
+    else:
+        raise EvaluateError(f"--prompts {spec!r}: no such prompt file, and not a built-in set "
+                            f"({', '.join(BUILTIN_PROMPT_SETS)})")
+    if limit is not None:
+        prompts = prompts[:limit]
+        extra = {k: v[:limit] for k, v in extra.items()}
+    return PromptSet(source=source, prompts=prompts, extra=extra)
+
+
+def _model_reward_names() -> set[str]:
+    """Registered rewards whose constructor takes a `path` (they load model weights)."""
+    from rlhf_diffusion.rewards import REWARD_REGISTRY
+
+    return {name for name, cls in REWARD_REGISTRY.items() if "path" in inspect.signature(cls).parameters}
+
+
+def parse_reward_spec(text: str) -> dict[str, Any]:
+    """`name[:weight][@path]` -> a reward entry `{"name", "weight", "path"}` (checked by `check_rewards`).
+
+    Raises:
+        EvaluateError: an empty name or a weight that is not a number.
+    """
+    head, at, path = text.partition("@")
+    name, colon, weight_text = head.partition(":")
+    name = name.strip()
+    if not name:
+        raise EvaluateError(f"--reward {text!r}: expected name[:weight][@path]")
+    if at and not path.strip():
+        raise EvaluateError(f"--reward {text!r}: empty path after '@'")
+    entry: dict[str, Any] = {"name": name, "path": path.strip() if at else None}
+    if colon:
+        try:
+            entry["weight"] = float(weight_text)
+        except ValueError:
+            raise EvaluateError(f"--reward {text!r}: weight {weight_text!r} is not a number") from None
+    return entry
+
+
+def _read_rewards_yaml(path: str) -> list[dict[str, Any]]:
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise EvaluateError(f"--rewards-yaml {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise EvaluateError(f"--rewards-yaml {path}: cannot read it: {error}") from None
+    if isinstance(data, dict) and "rewards" in data:
+        data = data["rewards"]
+    if not isinstance(data, list) or not data or not all(isinstance(entry, dict) for entry in data):
+        raise EvaluateError(f"--rewards-yaml {path}: expected a non-empty list of reward entries "
+                            "({name, weight, path, kwargs}) or a mapping with such a `rewards` list")
+    return data
+
+
+def check_rewards(entries: Sequence[dict[str, Any]], origins: Sequence[str]) -> list[Any]:
+    """Validates reward entries with the run config's `RewardConfig` schema, plus: names are distinct, and a
+    reward that loads a model has a path that exists (or is a hub id).
+
+    Args:
+        entries: `{name, weight, path, kwargs}` mappings.
+        origins: for each entry, how to name it in a message (`--reward aesthetic`, `rewards.yaml entry 0`).
+
+    Returns:
+        The validated `config.RewardConfig` objects.
+
+    Raises:
+        EvaluateError: the first problem, naming the entry and the reward.
+    """
+    from pydantic import ValidationError
+
+    from rlhf_diffusion.config import REWARD_NAMES, RewardConfig
+
+    if not entries:
+        raise EvaluateError("no rewards: give at least one --reward name[:weight][@path] or --rewards-yaml FILE")
+    model_rewards = _model_reward_names()
+    specs, seen = [], set()
+    for entry, origin in zip(entries, origins):
+        name = entry.get("name")
+        if name not in REWARD_NAMES:
+            raise EvaluateError(f"{origin}: unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}")
+        try:
+            spec = RewardConfig.model_validate(entry)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in error.errors())
+            raise EvaluateError(f"{origin}: {problems}") from None
+        if not math.isfinite(spec.weight):
+            raise EvaluateError(f"{origin}: the weight must be finite (got {spec.weight})")
+        if spec.name in seen:
+            raise EvaluateError(f"{origin}: reward {spec.name!r} is given twice")
+        seen.add(spec.name)
+        if spec.name in model_rewards:
+            if spec.path is None:
+                raise EvaluateError(f"{origin}: reward {spec.name!r} loads a model and needs its weights' location: "
+                                    f"--reward {spec.name}@PATH (a local directory/file or a hub id)")
+            local = Path(spec.path).expanduser()
+            if not local.exists() and (spec.path.startswith(("/", ".", "~")) or not _HUB_ID_RE.match(spec.path)):
+                raise EvaluateError(f"{origin}: reward {spec.name!r}: no such file or directory: {spec.path}")
+        elif spec.path is not None:
+            raise EvaluateError(f"{origin}: reward {spec.name!r} loads no weights and takes no path "
+                                f"(got {spec.path!r})")
+        specs.append(spec)
+    return specs
+
+
+def resolve_lora_path(path: str | Path) -> Path:
+    """The LoRA file a `--lora` argument names: the file itself, `DIR/pytorch_lora_weights.safetensors` (an
+    `export_lora` directory, e.g. `<run>/lora`), or `RUN/lora/pytorch_lora_weights.safetensors` (a run directory).
+
+    Raises:
+        LoraFileError: nothing there, or a directory without a LoRA file.
+    """
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    if given.is_dir():
+        for candidate in (given / LORA_WEIGHT_NAME, given / "lora" / LORA_WEIGHT_NAME):
+            if candidate.is_file():
+                return candidate
+        raise LoraFileError(f"{path}: no {LORA_WEIGHT_NAME} in this directory (nor in its lora/ subdirectory)")
+    raise LoraFileError(f"{path}: no such LoRA file or directory")
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A UNet LoRA read from a diffusers-format safetensors file (what `export_lora` writes).
+
+    Attributes:
+        path: the file.
+        state: peft-format weights without the `unet.` prefix (`<module>.lora_A.weight`, `<module>.lora_B.weight`),
+            the format `models.loading.set_lora_state_dict` reads.
+        config: the `peft.LoraConfig` keyword arguments that shape the forward pass: from the file's
+            `lora_adapter_metadata` when present, else inferred as diffusers does (r from the lora_A shapes,
+            α = r, target modules = the adapted modules' full names).
+        from_metadata: whether `config` came from the file's metadata.
+    """
+
+    path: Path
+    state: dict[str, Any]
+    config: dict[str, Any]
+    from_metadata: bool
+
+
+def read_lora_file(path: str | Path) -> LoraFile:
+    """Reads a UNet LoRA file written by `export_lora` (or diffusers' `save_lora_weights` for a UNet).
+
+    Args:
+        path: the `.safetensors` file (see `resolve_lora_path` for directories).
+
+    Raises:
+        LoraFileError: not a safetensors file, keys that are not `unet.<module>.lora_A/B.weight`, a module with
+            only one of A / B, unreadable metadata, or LoRA features evaluation does not support (DoRA, biases).
+            The message starts with the file's path.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LoraFileError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
+    if not tensors:
+        raise LoraFileError(f"{path}: holds no tensors")
+    bad = sorted(key for key in tensors if not _LORA_KEY_RE.match(key))
+    if bad:
+        raise LoraFileError(
+            f"{path}: not a UNet LoRA in diffusers/peft format: {len(bad)} of {len(tensors)} keys are not "
+            f"'unet.<module>.lora_A.weight' / 'unet.<module>.lora_B.weight' (e.g. {', '.join(bad[:3])}); "
+            "expected a file written by export_lora or diffusers' save_lora_weights")
+    parts: dict[str, set[str]] = {}
+    for key in tensors:
+        match = _LORA_KEY_RE.match(key)
+        parts.setdefault(match["module"], set()).add(match["part"])
+    half = sorted(module for module, found in parts.items() if found != {"lora_A", "lora_B"})
+    if half:
+        raise LoraFileError(f"{path}: {len(half)} modules have only one of lora_A / lora_B (e.g. {half[0]})")
+    state = {key.removeprefix("unet."): value for key, value in tensors.items()}
+    if LORA_METADATA_KEY in metadata:
+        config = _config_from_metadata(path, metadata[LORA_METADATA_KEY])
+        from_metadata = True
+    else:
+        config = _infer_config(state)
+        from_metadata = False
+    return LoraFile(path=path, state=state, config=config, from_metadata=from_metadata)
+
+
+def _config_from_metadata(path: Path, text: str) -> dict[str, Any]:
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LoraFileError(f"{path}: its {LORA_METADATA_KEY} metadata is not JSON: {error}") from None
+    if not isinstance(saved, dict):
+        raise LoraFileError(f"{path}: its {LORA_METADATA_KEY} metadata is not a JSON object")
+    saved = {key.removeprefix("unet."): value for key, value in saved.items()}
+    if "r" not in saved or "lora_alpha" not in saved or not saved.get("target_modules"):
+        raise LoraFileError(f"{path}: its {LORA_METADATA_KEY} metadata lacks r / lora_alpha / target_modules")
+    unsupported = [name for name in ("use_dora", "lora_bias") if saved.get(name)]
+    if saved.get("bias", "none") != "none":
+        unsupported.append(f"bias={saved['bias']!r}")
+    if unsupported:
+        raise LoraFileError(f"{path}: LoRA features that evaluation does not load: {', '.join(unsupported)}")
+    config = {name: saved[name] for name in _LORA_CONFIG_FIELDS if saved.get(name) is not None}
+    if isinstance(config["target_modules"], str):  # peft allows a regex string
+        return config
+    config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
+def _infer_config(state: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' rule for a file without metadata: r from the lora_A shapes, α = r, targets = the modules."""
+    from collections import Counter
+
+    ranks = {key.removesuffix(".lora_A.weight"): int(value.shape[0])
+             for key, value in state.items() if key.endswith(".lora_A.weight")}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {module: r for module, r in ranks.items() if r != rank}
+    return {"r": rank, "lora_alpha": rank, "target_modules": sorted(ranks), "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern)}
+
+
+def apply_lora(unet: Any, lora: LoraFile, adapter_name: str = EVAL_ADAPTER) -> None:
+    """Loads `lora` into the UNet as the active adapter `adapter_name`, replacing an adapter of that name.
+
+    Raises:
+        LoraFileError: the file's target modules, keys or shapes do not fit this UNet (message names the file).
+    """
+    from peft import LoraConfig
+
+    from rlhf_diffusion.models.loading import set_lora_state_dict
+
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        unet.delete_adapters(adapter_name)
+    try:
+        unet.add_adapter(LoraConfig(**lora.config), adapter_name=adapter_name)
+    except (ValueError, TypeError, KeyError) as error:
+        raise LoraFileError(f"{lora.path}: its LoRA does not fit this UNet: {error}") from None
+    try:
+        set_lora_state_dict(unet, lora.state, adapter_name=adapter_name)
+    except (ValueError, RuntimeError) as error:
+        unet.delete_adapters(adapter_name)
+        raise LoraFileError(f"{lora.path}: its LoRA does not fit this UNet: {error}") from None
+    unet.set_adapter(adapter_name)
+    unet.requires_grad_(False)
+    unet.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling and scoring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRow:
+    """The scores of one model (base or base + one LoRA) on every (prompt, seed).
+
+    Attributes:
+        label: the row's name in the table ("base", or the LoRA's label).
+        lora: the LoRA file, None for the base model.
+        scores: reward name -> (P, S) float32 raw scores, prompt-major.
+        total: (P, S) float32 weighted totals.
+        images: (min(P, grid_prompts) * S, 3, H, W) float32 in [0, 1], prompt-major: the images of the grid.
+        seconds: wall time of the row.
+    """
+
+    label: str
+    lora: Path | None
+    scores: dict[str, Any]
+    total: Any
+    images: Any
+    seconds: float = 0.0
+
+    def stats(self, name: str) -> tuple[float, float]:
+        """(mean, sample std) over all images of a reward, or of the weighted total for name "total"."""
+        values = (self.total if name == "total" else self.scores[name]).flatten()
+        std = values.std().item() if values.numel() > 1 else 0.0
+        return values.mean().item(), std
+
+
+@dataclass
+class EvaluationResult:
+    """Everything `evaluate` measured, and the settings it used (for the report and MLflow)."""
+
+    model: str
+    prompts: PromptSet
+    rewards: list[Any]
+    rows: list[ModelRow]
+    settings: dict[str, Any]
+
+    @property
+    def columns(self) -> list[str]:
+        """The table's score columns: every reward, plus "total" when it differs from the only reward."""
+        names = [spec.name for spec in self.rewards]
+        if len(self.rewards) > 1 or self.rewards[0].weight != 1.0:
+            names.append("total")
+        return names
+
+
+def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequence[tuple[str, Path]] = (), *,
+             seeds: int = 2, steps: int = 20, eta: float = 1.0, guidance_scale: float = 5.0,
+             resolution: int | None = None, device: str = "auto", dtype: str = "float32", kind: str = "auto",
+             revision: str | None = None, cache_dir: str | Path = ".", grid_prompts: int = 8,
+             image_dir: Path | None = None, log: Callable[[str], None] = print) -> EvaluationResult:
+    """Samples every prompt × seed with the base model and with each LoRA, and scores the images.
+
+    Args:
+        model: a diffusers pipeline directory, a hub id, or "tiny:sd15" / "tiny:sdxl" (built under `cache_dir`).
+        prompts: the prompts; prompt j is seeded by j (`eval_generators(j, seeds)`).
+        rewards: `RewardConfig`-like entries (name, weight, path, kwargs).
+        loras: (label, LoRA file) per extra row, evaluated in order after the base row.
+        seeds: images per prompt.
+        steps, eta, guidance_scale: the DDIM sampler (K steps, η in [0, 1], CFG weight).
+        resolution: image side in pixels; None = the model's native size.
+        device, dtype, kind, revision: how to load the model (as the run config's `device` and `model.*`).
+        grid_prompts: how many prompts' images each row keeps for the grid.
+        image_dir: when set, every image is also written to `image_dir/<row>/p<j>_s<s>.png`.
+        log: progress lines.
+
+    Raises:
+        EvaluateError: the model, a reward or a LoRA cannot be loaded (the message names it).
+    """
+    import torch
+
+    from rlhf_diffusion.diffusion.sampling import (
+        DDIMGrid,
+        NoisePredictor,
+        decode_latents,
+        initial_noise,
+        sample_trajectory,
+    )
+    from rlhf_diffusion.models.conditioning import encode_prompts
+    from rlhf_diffusion.models.loading import ModelLoadError, load_diffusion_model
+    from rlhf_diffusion.workers.policy import DTYPES, resolve_device, resolve_model_source
+    from rlhf_diffusion.workers.sampler import eval_generators
+
+    try:
+        torch_device = resolve_device(device)
+    except RuntimeError as error:
+        raise EvaluateError(f"--device: {error}") from None
+    lora_files = [(label, read_lora_file(path)) for label, path in loras]  # unreadable files fail before loading
+    try:
+        source = resolve_model_source(model, Path(cache_dir))
+        pipeline = load_diffusion_model(source, kind=kind, dtype=DTYPES[dtype], device=torch_device,
+                                        revision=revision)
+    except ModelLoadError as error:
+        raise EvaluateError(f"--model {model}: {error}") from None
+    reward_fn = _build_rewards(rewards, torch_device)
+    res = resolution or pipeline.resolution
+    if res < 8 or res % pipeline.vae_scale_factor:
+        raise EvaluateError(f"--resolution {res}: must be a multiple of {pipeline.vae_scale_factor} for this model")
+    grid = DDIMGrid.from_scheduler(pipeline.scheduler, steps, eta)
+    predictor = NoisePredictor(pipeline, guidance_scale, res, res)
+    settings = {"seeds": seeds, "steps": steps, "eta": eta, "guidance_scale": guidance_scale, "resolution": res,
+                "device": str(torch_device), "dtype": dtype, "kind": pipeline.kind, "source": source}
+
+    rows = []
+    for index, (label, lora) in enumerate([("base", None), *lora_files]):
+        start = time.perf_counter()
+        if lora is not None:  # the base row comes first, before any adapter exists
+            apply_lora(pipeline.unet, lora)
+        pipeline.unet.eval()
+        per: dict[str, list] = {spec.name: [] for spec in rewards}
+        totals, kept = [], []
+        with torch.no_grad():
+            # The trainer's held-out evaluation (workers/sampler.py Sampler.evaluate), prompt by prompt.
+            for j, prompt in enumerate(prompts.prompts):
+                gens = eval_generators(j, seeds)
+                x_T = torch.cat([initial_noise(1, pipeline, g, res, res) for g in gens])  # (S, C, h, w)
+                cond = encode_prompts(pipeline, [prompt] * seeds, height=res, width=res)
+                trajectory = sample_trajectory(predictor, cond, x_T, grid, gens[0])
+                images = decode_latents(pipeline, trajectory.final).cpu()  # (S, 3, H, W) in [0, 1]
+                result = reward_fn.score(images, [prompt] * seeds)
+                totals.append(result.total)
+                for name, value in result.per_reward.items():
+                    per[name].append(value)
+                if j < grid_prompts:
+                    kept.append(images)
+                if image_dir is not None:
+                    _save_images(images, image_dir / _row_dirname(index, label), j)
+        row = ModelRow(label=label, lora=None if lora is None else lora.path,
+                       scores={name: torch.stack(v) for name, v in per.items()}, total=torch.stack(totals),
+                       images=torch.cat(kept) if kept else torch.empty(0), seconds=time.perf_counter() - start)
+        rows.append(row)
+        summary = ", ".join(f"{name} {row.stats(name)[0]:.4f} ± {row.stats(name)[1]:.4f}" for name in per)
+        log(f"[evaluate] {label}: {summary} ({len(prompts.prompts) * seeds} images, {row.seconds:.1f} s)")
+    return EvaluationResult(model=model, prompts=prompts, rewards=list(rewards), rows=rows, settings=settings)
+
+
+def _build_rewards(specs: Sequence[Any], device: Any) -> Any:
+    from rlhf_diffusion.rewards import WeightedReward, build_reward
+
+    terms = []
+    for spec in specs:
+        where = f" from {spec.path}" if spec.path else ""
+        try:
+            terms.append((build_reward(spec.name, path=spec.path, device=device, **dict(spec.kwargs or {})),
+                          spec.weight))
+        except Exception as error:  # noqa: BLE001 - loaders raise many types; one message naming the reward
+            raise EvaluateError(f"reward {spec.name!r}: cannot load it{where}: {type(error).__name__}: "
+                                f"{error}") from None
+    return WeightedReward(terms)
+
+
+def _row_dirname(index: int, label: str) -> str:
+    return f"{index:02d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', label).strip('_') or 'lora'}"
+
+
+def _save_images(images: Any, directory: Path, prompt_index: int) -> None:
+    from torchvision.utils import save_image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for s, image in enumerate(images):
+        save_image(image, directory / f"p{prompt_index:05d}_s{s}.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report and MLflow
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Path]:
+    """Writes results.md, results.csv, per_prompt.csv and grid.png under `out_dir`; returns their paths by name."""
+    import torch
+
+    from rlhf_diffusion.trainer import save_grid
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = result.columns
+    paths = {"table": out / "results.md", "csv": out / "results.csv", "per_prompt": out / "per_prompt.csv",
+             "grid": out / "grid.png"}
+    num_prompts, seeds = len(result.prompts.prompts), result.settings["seeds"]
+
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "lora", "images", *(f"{c}_{s}" for c in columns for s in ("mean", "std"))])
+        for row in result.rows:
+            writer.writerow([row.label, row.lora or "", num_prompts * seeds,
+                             *(repr(v) for c in columns for v in row.stats(c))])
+
+    with open(paths["per_prompt"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        extra = list(result.prompts.extra)
+        writer.writerow(["model", "prompt_index", "prompt", *extra, "seeds", *columns])
+        for row in result.rows:
+            for j, prompt in enumerate(result.prompts.prompts):
+                values = [(row.total if c == "total" else row.scores[c])[j].mean().item() for c in columns]
+                writer.writerow([row.label, j, prompt, *(result.prompts.extra[k][j] for k in extra), seeds,
+                                 *(repr(v) for v in values)])
+
+    shown = result.rows[0].images.shape[0] // seeds if result.rows[0].images.numel() else 0
+    if shown:
+        per_prompt = [r.images.view(-1, seeds, *r.images.shape[1:])[:shown] for r in result.rows]  # (P', S, 3, H, W)
+        grid = torch.cat(per_prompt, dim=1).flatten(0, 1)  # prompt-major, then model, then seed
+        save_grid(grid, paths["grid"], nrow=len(result.rows) * seeds)
+    else:
+        paths.pop("grid")
+
+    header = "| model | " + " | ".join("weighted total" if c == "total" else c for c in columns) + " |"
+    lines = [
+        "# Evaluation",
+        "",
+        f"Base model `{result.model}`; prompts `{result.prompts.source}` ({num_prompts} prompts × {seeds} seeds = "
+        f"{num_prompts * seeds} images per row); DDIM {result.settings['steps']} steps, η "
+        f"{result.settings['eta']:g}, guidance {result.settings['guidance_scale']:g}, "
+        f"{result.settings['resolution']} px.",
+        "Rewards: " + ", ".join(f"`{_reward_label(spec)}`" for spec in result.rewards)
+        + ". Cells: mean ± sample std over all images.",
+        "",
+        header,
+        "|" + "---|" * (len(columns) + 1),
+    ]
+    for row in result.rows:
+        cells = [f"{m:.4f} ± {s:.4f}" for m, s in (row.stats(c) for c in columns)]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("LoRAs: " + (", ".join(f"{row.label} = `{row.lora}`" for row in result.rows if row.lora) or "none")
+                 + ".")
+    if "grid" in paths:
+        lines.append(f"`grid.png`: the first {shown} prompts, one per row; columns: "
+                     + ", then ".join(f"{row.label} seeds 0–{seeds - 1}" for row in result.rows) + ".")
+    paths["table"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths
+
+
+def _reward_label(spec: Any) -> str:
+    text = spec.name if spec.weight == 1.0 else f"{spec.name}:{spec.weight:g}"
+    return f"{text}@{spec.path}" if spec.path else text
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, as the trainer's tracker does
+        artifact_location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def log_to_mlflow(result: EvaluationResult, paths: dict[str, Path], uri: str, experiment: str = DEFAULT_EXPERIMENT,
+                  run_name: str = "evaluate") -> str:
+    """Logs one parent run (params, the report files as artifacts) and one child run per row (metrics).
+
+    Returns:
+        The parent run's id.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(client, experiment, uri)
+    tags = {"rlhf_diffusion.kind": "evaluation"}
+    parent = client.create_run(experiment_id, run_name=run_name, tags={**tags, "mlflow.runName": run_name})
+    parent_id = parent.info.run_id
+    try:
+        params = {"model": result.model, "prompts": result.prompts.source,
+                  "num_prompts": str(len(result.prompts.prompts)),
+                  "rewards": json.dumps([_reward_label(spec) for spec in result.rewards]),
+                  "loras": json.dumps([str(row.lora) for row in result.rows if row.lora]),
+                  **{key: str(value) for key, value in result.settings.items()}}
+        client.log_batch(parent_id, params=[mlflow.entities.Param(k, v[:500]) for k, v in params.items()])
+        for path in paths.values():
+            client.log_artifact(parent_id, str(path))
+        now = mlflow.utils.time.get_current_time_millis()
+        for row in result.rows:
+            child = client.create_run(experiment_id, run_name=row.label,
+                                      tags={**tags, "mlflow.parentRunId": parent_id, "mlflow.runName": row.label})
+            metrics = {}
+            for spec in result.rewards:
+                metrics[f"eval/{spec.name}"], metrics[f"eval/{spec.name}_std"] = row.stats(spec.name)
+            metrics["eval/reward_mean"], metrics["eval/reward_std"] = row.stats("total")
+            client.log_batch(
+                child.info.run_id,
+                metrics=[mlflow.entities.Metric(k, v, now, 0) for k, v in metrics.items() if math.isfinite(v)],
+                params=[mlflow.entities.Param("label", row.label), mlflow.entities.Param("lora", str(row.lora or "")),
+                        mlflow.entities.Param("model", result.model[:500])],
+            )
+            client.set_terminated(child.info.run_id, status="FINISHED")
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    client.set_terminated(parent_id, status="FINISHED")
+    return parent_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_diffusion.evaluate", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True,
+                        help="base pipeline: a diffusers directory, a hub id, or tiny:sd15 / tiny:sdxl")
+    parser.add_argument("--lora", action="append", default=[], metavar="[LABEL=]PATH",
+                        help="a LoRA to compare (repeatable; one row each after the base row): an export_lora "
+                        "directory such as <run>/lora, its .safetensors file, or a run directory")
+    parser.add_argument("--prompts", metavar="SET_OR_FILE",
+                        help="a built-in prompt set (simple_animals, partiprompts, partiprompts:<category>) or a "
+                        "text file with one prompt per line")
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                        help="an inline prompt (repeatable; instead of --prompts)")
+    parser.add_argument("--limit", type=_positive_int, help="evaluate only the first N prompts")
+    parser.add_argument("--seeds", type=_positive_int, default=2, help="images (fixed seeds) per prompt; default 2")
+    parser.add_argument("--reward", action="append", default=[], metavar="NAME[:WEIGHT][@PATH]",
+                        help="a reward (repeatable); model rewards need @PATH")
+    parser.add_argument("--rewards-yaml", metavar="FILE",
+                        help="YAML list of reward entries {name, weight, path, kwargs}, or a run config")
+    parser.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps; default 20")
+    parser.add_argument("--eta", type=float, default=1.0,
+                        help="DDIM η in [0, 1] (0 = deterministic DDIM); default 1.0")
+    parser.add_argument("--guidance", type=float, default=5.0,
+                        help="classifier-free guidance scale (>= 1); default 5.0")
+    parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = cuda when a GPU is visible")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of the UNet and text encoders (the VAE stays float32); default float32")
+    parser.add_argument("--kind", choices=("auto", "sd15", "sdxl"), default="auto", help="model family")
+    parser.add_argument("--revision", help="hub revision of a hub-id --model")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory (tiny:* models are built under DIR/_tiny_models)")
+    parser.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grid.png; default 8")
+    parser.add_argument("--save-images", action="store_true", help="also write every image under DIR/images/")
+    parser.add_argument("--mlflow-uri", "--tracking-uri", dest="mlflow_uri", metavar="URI",
+                        help="log to this MLflow tracking URI (e.g. sqlite:///runs/mlflow.db)")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                        help=f"MLflow experiment; default {DEFAULT_EXPERIMENT}")
+    parser.add_argument("--run-name", default="evaluate", help="MLflow name of the parent run; default evaluate")
+    return parser
+
+
+def _parse_loras(args: list[str]) -> list[tuple[str, Path]]:
+    loras, labels = [], set()
+    for text in args:
+        label, eq, path = text.partition("=")
+        if not eq or Path(text).expanduser().exists() or "/" in label or not label:
+            label, path = text, text
+        file = resolve_lora_path(path)
+        if label in labels or label == "base":
+            raise EvaluateError(f"--lora {text}: the label {label!r} is already used; name it with LABEL=PATH")
+        labels.add(label)
+        loras.append((label, file))
+    return loras
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.eta <= 1.0:
+        raise EvaluateError(f"--eta {args.eta}: must be in [0, 1]")
+    if not args.guidance >= 1.0:
+        raise EvaluateError(f"--guidance {args.guidance}: must be >= 1 (1 = no guidance)")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise EvaluateError(f"--resolution {args.resolution}: must be >= 8 and a multiple of 8")
+    if args.grid_prompts < 0:
+        raise EvaluateError(f"--grid-prompts {args.grid_prompts}: must be >= 0")
+    model = args.model
+    if model.startswith("tiny:"):
+        if model not in ("tiny:sd15", "tiny:sdxl"):
+            raise EvaluateError(f"--model {model}: unknown tiny model; valid: tiny:sd15, tiny:sdxl")
+    elif not Path(model).expanduser().is_dir() and (model.startswith(("/", ".", "~")) or not _HUB_ID_RE.match(model)):
+        raise EvaluateError(f"--model {model}: no such pipeline directory (and not a hub id 'org/name')")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 done, 2 bad input with one message on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        _check_sampling(args)
+        prompts = resolve_prompts(args.prompts, args.prompt, args.limit)
+        entries, origins = [], []
+        if args.rewards_yaml:
+            for i, entry in enumerate(_read_rewards_yaml(args.rewards_yaml)):
+                entries.append(entry)
+                origins.append(f"--rewards-yaml {args.rewards_yaml} entry {i}")
+        for text in args.reward:
+            entries.append(parse_reward_spec(text))
+            origins.append(f"--reward {text}")
+        rewards = check_rewards(entries, origins)
+        loras = _parse_loras(args.lora)
+        out = Path(args.out)
+        result = evaluate(
+            args.model, prompts, rewards, loras, seeds=args.seeds, steps=args.steps, eta=args.eta,
+            guidance_scale=args.guidance, resolution=args.resolution, device=args.device, dtype=args.dtype,
+            kind=args.kind, revision=args.revision, cache_dir=out, grid_prompts=args.grid_prompts,
+            image_dir=out / "images" if args.save_images else None,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    except EvaluateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    paths = write_report(result, out)
+    sys.stdout.write(paths["table"].read_text(encoding="utf-8"))
+    if args.mlflow_uri:
+        try:
+            run_id = log_to_mlflow(result, paths, args.mlflow_uri, args.experiment, args.run_name)
+        except Exception as error:  # noqa: BLE001 - a store or server problem; the results are already written
+            print(f"error: logging to MLflow at {args.mlflow_uri} failed ({type(error).__name__}: {error}); the "
+                  f"results are in {out}", file=sys.stderr)
+            return 1
+        print(f"[evaluate] logged to MLflow {args.mlflow_uri}, run {run_id}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
