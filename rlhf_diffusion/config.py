@@ -195,6 +195,18 @@ class ModelConfig(_FrozenModel):
         description="Image side length in pixels for sampling and training (square); must be >= 8 and a multiple "
         "of 8 (the VAE downsamples by 8). None = the model's native size (512 SD1.5, 1024 SDXL).",
     )
+    attention: Literal["sdpa", "default"] = Field(
+        "sdpa",
+        description="Attention kernel of every UNet attention layer (set by every actor after loading): 'sdpa' = "
+        "diffusers' AttnProcessor2_0, torch scaled_dot_product_attention (flash / memory-efficient kernels on "
+        "CUDA); 'default' = diffusers' AttnProcessor, the plain softmax(QKᵀ/√d)V maths (for debugging). Same "
+        "output up to float rounding; the LoRA (on the q/k/v/out Linear layers) is the same under both.",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Store the UNet and VAE weights in the channels_last memory format (faster convolutions on "
+        "CUDA tensor cores, especially with bf16/fp16). Same output; on CPU it only changes the memory layout.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
 
     @field_validator("pretrained")
@@ -269,6 +281,21 @@ class SamplingConfig(_FrozenModel):
         "Diffusion-DPO online) or one branched trajectory (TailorPO). Samples per iteration = batch_size × "
         "resources.num_samplers. Default 8 = D3PO's aesthetic reproduction sample batch per GPU [C].",
     )
+    preview_decoder: str | None = Field(
+        None,
+        description="A local diffusers AutoencoderTiny directory (TAESD format, e.g. a copy of madebyollin/taesd "
+        "for SD1.5 or madebyollin/taesdxl for SDXL) that decodes TailorPO(-G)'s intermediate x̂_0 previews for the "
+        "per-step rewards: much cheaper than the full VAE, but approximate, so it changes which candidate wins. "
+        "The final images (last step, rewards logged, image grids) and TailorPO-G's guidance gradient always use "
+        "the full VAE. None = the full VAE everywhere. Other algorithms ignore it.",
+    )
+
+    @field_validator("preview_decoder")
+    @classmethod
+    def _check_preview_decoder(cls, value: str | None) -> str | None:
+        if value is not None and not (Path(value).expanduser() / "config.json").is_file():
+            raise ValueError("not a diffusers AutoencoderTiny directory (no config.json in it)")
+        return value
 
     @field_validator("eta")
     @classmethod
@@ -594,8 +621,19 @@ class TrainConfig(_FrozenModel):
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no",
-        description="Autocast dtype of the learner's forward passes; 'no' = fp32 (portable to CPU). D3PO/SPO use "
-        "fp16 [C]. An unquoted YAML `no` (read by YAML 1.1 as false) means 'no'.",
+        description="Autocast dtype of the learner's loss forward passes (policy and reference UNet calls) under "
+        "torch.autocast; the LoRA parameters, gradients and optimizer state stay float32. 'no' = fp32 "
+        "(portable to CPU). 'bf16' works on CUDA and CPU. 'fp16' is CUDA only (with a dynamic GradScaler: the "
+        "loss is scaled, gradients are unscaled before clipping, steps with inf/NaN gradients are skipped); "
+        "device 'cpu' with 'fp16' is an error. D3PO/SPO use fp16 [C]. An unquoted YAML `no` (read by YAML 1.1 "
+        "as false) means 'no'. Samplers are not affected (they run in `model.dtype`).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the learner UNet's block activations in the backward pass instead of storing them "
+        "(diffusers enable_gradient_checkpointing): less GPU memory for a larger train_batch_size, about 30% "
+        "more learner compute. Same gradients. Learner only (samplers do not backpropagate through the UNet "
+        "for training).",
     )
 
     @field_validator("mixed_precision", mode="before")
@@ -729,6 +767,14 @@ class RunConfig(_FrozenModel):
                 )
             first_index[reward.name] = index
         return rewards
+
+    @model_validator(mode="after")
+    def _check_mixed_precision_fits_device(self) -> RunConfig:
+        if self.device == "cpu" and self.train.mixed_precision == "fp16":
+            raise _field_error(
+                "train.mixed_precision", "'fp16' needs CUDA (device is 'cpu'); use 'bf16' or 'no' on CPU", "fp16"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_rewards_fit_algorithm(self) -> RunConfig:

@@ -205,6 +205,14 @@ BAD_CONFIGS = [
      "greater than or equal to 0"),
     ("bad_mixed_precision", lambda tmp: (minimal(), ["train.mixed_precision=fp8"]), "train.mixed_precision",
      "'bf16'"),
+    ("fp16_on_cpu", lambda tmp: (minimal(), ["device=cpu", "train.mixed_precision=fp16"]), "train.mixed_precision",
+     "'fp16' needs CUDA"),
+    ("preview_decoder_missing", lambda tmp: (minimal(), [f"sampling.preview_decoder={tmp}"]),
+     "sampling.preview_decoder", "not a diffusers AutoencoderTiny directory"),
+    ("bad_attention", lambda tmp: (minimal(), ["model.attention=flash"]), "model.attention", "'sdpa'"),
+    ("bad_channels_last", lambda tmp: (minimal(), ["model.channels_last=maybe"]), "model.channels_last", "bool"),
+    ("bad_gradient_checkpointing", lambda tmp: (minimal(), ["train.gradient_checkpointing=3"]),
+     "train.gradient_checkpointing", "bool"),
 ]
 
 

@@ -7,6 +7,8 @@ Samples (§2a): at every DDIM step τ of a trajectory, n candidates x^(j) = μ_�
     loser = argmin; ties dropped [UNCONFIRMED choice]. TailorPO-G moves the winner along the reward gradient
     (§2b Eq. G, a reconstruction, see `guide_winner`). The trajectory continues from the (guided) winner
     [R for -G; UNCONFIRMED for plain TailorPO → `continuation` in the config, "random" = SPO's choice].
+    With `sampling.preview_decoder` the intermediate x̂_0 are decoded by a tiny TAESD decoder (`decode_preview`);
+    the last step's x_0 and TailorPO-G's guidance gradient always use the full VAE.
 Example: (c, τ, x_τ, x^w, x^l) — `StepPairBatch` with state_w == state_l.
 Loss (Eq. 10 with D3PO's ratio constraint, [R]): −log σ(β [log clamp(ρ_w) − log clamp(ρ_l)]), whose gradient
     is ∝ ∇_θ μ_θ(x_τ)ᵀ (x^w − x^l)/σ_τ² (Eq. 11).
@@ -28,7 +30,13 @@ from rlhf_diffusion.algorithms.base import (
 from rlhf_diffusion.algorithms.common import dpo_step_loss, step_log_ratios
 from rlhf_diffusion.algorithms.d3po import select_steps
 from rlhf_diffusion.diffusion import ddim
-from rlhf_diffusion.diffusion.sampling import NoisePredictor, decode_latents, draw_candidates, initial_noise
+from rlhf_diffusion.diffusion.sampling import (
+    NoisePredictor,
+    decode_latents,
+    decode_preview,
+    draw_candidates,
+    initial_noise,
+)
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 
@@ -111,7 +119,8 @@ class TailorPO(Algorithm):
             else:  # step 3: x̂_0 at the candidate's own timestep prev(τ), current θ
                 eps_c = ctx.predictor(flat, grid.timesteps[i + 1].expand(p * n), cond_n)
                 x0_hat = ddim.pred_x0_from_eps(flat, eps_c, a_prev.repeat_interleave(n))
-            images = decode_latents(ctx.model, x0_hat).cpu()
+            # the final x_0 with the full VAE; intermediate x̂_0 with the preview decoder if one is configured
+            images = (decode_latents if last else decode_preview)(ctx.model, x0_hat).cpu()
             result = ctx.reward_fn(images, prompts_n)
             scores = result.total.view(p, n)
             w_idx, l_idx = scores.argmax(dim=1), scores.argmin(dim=1)  # step 4

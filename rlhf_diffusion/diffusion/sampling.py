@@ -25,6 +25,7 @@ __all__ = [
     "NoisePredictor",
     "Trajectory",
     "decode_latents",
+    "decode_preview",
     "draw_candidates",
     "initial_noise",
     "sample_trajectory",
@@ -227,7 +228,20 @@ def decode_latents(model: DiffusionModel, latents: Tensor, clamp: bool = True) -
     [−1, 1] output maps to [0, 1]. With `clamp=False` out-of-range values are kept, which keeps the reward
     gradient alive for guidance on predicted x̂_0 (REWARDS.md §1, pitfall 4).
     """
-    vae = model.vae
+    return _decode(model.vae, latents, clamp)
+
+
+def decode_preview(model: DiffusionModel, latents: Tensor) -> Tensor:
+    """Cheap approximate decode of intermediate x̂_0 for per-step rewards: (B, C, h, w) → (B, 3, H, W) float32 in
+    [0, 1], with `model.preview_vae` (a TAESD `AutoencoderTiny`, `sampling.preview_decoder`) when the model has
+    one, else exactly `decode_latents`."""
+    if model.preview_vae is None:
+        return decode_latents(model, latents)
+    return _decode(model.preview_vae, latents, clamp=True)
+
+
+def _decode(vae, latents: Tensor, clamp: bool) -> Tensor:
+    """`decode_latents` with a given decoder (`AutoencoderKL`, or `AutoencoderTiny`: scaling 1, shift 0)."""
     z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:

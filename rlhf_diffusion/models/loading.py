@@ -26,12 +26,14 @@ from typing import Iterator, Literal
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -45,9 +47,12 @@ __all__ = [
     "export_lora",
     "get_lora_state_dict",
     "load_diffusion_model",
+    "load_preview_decoder",
     "lora_disabled",
     "lora_parameters",
+    "set_attention",
     "set_lora_state_dict",
+    "to_channels_last",
 ]
 
 # File name diffusers' `save_lora_weights` writes and `load_lora_weights` looks for.
@@ -96,6 +101,8 @@ class DiffusionModel:
         source: the directory or hub id the components were loaded from.
         force_zeros_for_empty_prompt: SDXL only: the unconditional (CFG) embedding is all zeros instead of the
             encoding of "" (the pipeline's `model_index.json` setting; True for SDXL base).
+        preview_vae: an optional tiny decoder (TAESD `AutoencoderTiny`, float32) for cheap approximate decodes of
+            intermediate x̂_0 (`sampling.preview_decoder`); None = previews use `vae`.
     """
 
     kind: Literal["sd15", "sdxl"]
@@ -106,6 +113,7 @@ class DiffusionModel:
     scheduler: DDIMScheduler
     source: str
     force_zeros_for_empty_prompt: bool = True
+    preview_vae: AutoencoderTiny | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -262,6 +270,61 @@ def load_diffusion_model(
         source=source,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
+
+
+def load_preview_decoder(path: str | Path, model: DiffusionModel) -> AutoencoderTiny:
+    """Loads a TAESD-format `AutoencoderTiny` directory (float32, frozen, on the model's device) for previews.
+
+    Raises:
+        ModelLoadError: it cannot be loaded, or its latent channels or upsampling factor differ from the
+            pipeline's VAE (its images would not match the full decoder's), naming `sampling.preview_decoder`.
+    """
+    try:
+        decoder = AutoencoderTiny.from_pretrained(str(path), torch_dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, ...
+        raise ModelLoadError(
+            f"sampling.preview_decoder: cannot load an AutoencoderTiny from {str(path)!r}: {type(err).__name__}: {err}"
+        ) from err
+    config = decoder.config
+    scale = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
+    if config.latent_channels != model.vae.config.latent_channels or scale != model.vae_scale_factor:
+        raise ModelLoadError(
+            f"sampling.preview_decoder {str(path)!r} decodes {config.latent_channels}-channel latents with "
+            f"upsampling x{scale}, but the pipeline's VAE has {model.vae.config.latent_channels} channels and "
+            f"x{model.vae_scale_factor}"
+        )
+    return _freeze(decoder, model.device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Speed options (same outputs up to float rounding)
+# --------------------------------------------------------------------------------------------------------------------
+
+# `model.attention` name -> diffusers attention processor class.
+_ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "default": AttnProcessor}
+
+
+def set_attention(unet: UNet2DConditionModel, attention: Literal["sdpa", "default"]) -> None:
+    """Gives every attention layer of the UNet the processor `attention` names (in place).
+
+    `"sdpa"` = `AttnProcessor2_0` (torch `scaled_dot_product_attention`, fused kernels on CUDA); `"default"` =
+    `AttnProcessor` (explicit softmax(QKᵀ/√d)·V). Processors only compute attention from the module's q/k/v/out
+    projections, so a LoRA on those Linear layers works the same under either.
+
+    Raises:
+        ValueError: `attention` is not a known name.
+    """
+    if attention not in _ATTENTION_PROCESSORS:
+        raise ValueError(f"model.attention must be one of {sorted(_ATTENTION_PROCESSORS)}, got {attention!r}")
+    unet.set_attn_processor(_ATTENTION_PROCESSORS[attention]())
+
+
+def to_channels_last(model: DiffusionModel) -> None:
+    """Stores the 4-D weights of the UNet, the VAE and the preview decoder (if any) in the channels_last memory
+    format (in place; same values)."""
+    for module in (model.unet, model.vae, model.preview_vae):
+        if module is not None:
+            module.to(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -5,10 +5,15 @@ Versions: the learner starts at version 0 (the initial LoRA) and every training 
 with version v and trained at learner version V has staleness V − v; a batch staler than `train.max_staleness` is
 dropped (counted, never trained on). The optimizer's minibatch order and DDE's timestep draws come from a
 generator seeded by (run seed, iteration), so a round redone after a resume draws the same numbers.
+
+Speed options (`train.mixed_precision`, `train.gradient_checkpointing`) apply here only: the loss forward runs
+under `torch.autocast` (bf16 / fp16) while the LoRA parameters, their gradients and the optimizer stay float32;
+fp16 adds a dynamic `GradScaler`; checkpointing recomputes UNet block activations in the backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Sequence
@@ -31,7 +36,10 @@ from rlhf_diffusion.models.loading import (
 from rlhf_diffusion.workers.messages import TRAIN_STREAM, PublishedWeights, TrainResult, derive_seed
 from rlhf_diffusion.workers.policy import load_policy, resolve_device
 
-__all__ = ["Learner"]
+__all__ = ["AUTOCAST_DTYPES", "Learner"]
+
+# `train.mixed_precision` -> autocast dtype (None = no autocast).
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _to_cpu(value: Any) -> Any:
@@ -60,7 +68,17 @@ class Learner:
             torch.set_num_threads(num_threads)
         self.config = config
         self.device = resolve_device(config.device) if model is None else model.device
+        if config.train.mixed_precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(
+                f"train.mixed_precision 'fp16' needs CUDA, but the learner runs on {self.device.type!r}; use 'bf16' "
+                "or 'no'"
+            )
         self.model = model if model is not None else load_policy(config, source, self.device)
+        if config.train.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()
+        self.autocast_dtype = AUTOCAST_DTYPES[config.train.mixed_precision]
+        # Dynamic loss scaling for fp16 (whose gradients underflow); with enabled=False every call passes through.
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.mixed_precision == "fp16")
         self.resolution = config.model.resolution or self.model.resolution
         self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
         self.algorithm = build_algorithm(config.algorithm, self.grid)
@@ -82,6 +100,12 @@ class Learner:
     def encode(self, prompts: Sequence[str]) -> TextConditioning:
         return encode_prompts(self.model, list(prompts), height=self.resolution, width=self.resolution)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the loss forward runs in: `torch.autocast` at `train.mixed_precision`, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
     def train(self, batch: RolloutBatch, iteration: int) -> TrainResult:
         """`num_inner_epochs` passes of `train_batch_size`-example optimizer steps over `batch`."""
         start = time.perf_counter()
@@ -102,11 +126,14 @@ class Learner:
             for chunk in order.split(train.train_batch_size):
                 minibatch = examples.select(chunk)
                 cond = cond_all.index(minibatch.prompt_index)
-                out = self.algorithm.loss(self.predictor, cond, minibatch, generator)
+                with self.autocast():
+                    out = self.algorithm.loss(self.predictor, cond, minibatch, generator)
                 self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                self.grad_scaler.scale(out.loss).backward()
+                self.grad_scaler.unscale_(self.optimizer)  # clip the true gradients
                 grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(self.model.unet), train.grad_clip)
-                self.optimizer.step()
+                self.grad_scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+                self.grad_scaler.update()
                 self.algorithm.apply_state_update(out.state_update)
                 for key, value in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
                     sums[key] = sums.get(key, 0.0) + value

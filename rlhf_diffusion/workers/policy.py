@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from rlhf_diffusion.config import RunConfig
-from rlhf_diffusion.models.loading import DiffusionModel, attach_lora, load_diffusion_model
+from rlhf_diffusion.models.loading import (
+    DiffusionModel,
+    attach_lora,
+    load_diffusion_model,
+    load_preview_decoder,
+    set_attention,
+    to_channels_last,
+)
 from rlhf_diffusion.models.tiny import build_tiny_pipeline
 from rlhf_diffusion.workers.messages import derive_seed
 
@@ -62,9 +69,12 @@ def resolve_model_source(pretrained: str, cache_dir: str | Path) -> str:
 def load_policy(config: RunConfig, source: str, device: torch.device) -> DiffusionModel:
     """The pipeline at `source` (a directory or hub id, see `resolve_model_source`) with the configured LoRA on
     its UNet; the LoRA's A matrices are drawn from a seed derived from `config.seed` (B = 0, so the policy starts
-    equal to the base model)."""
+    equal to the base model). The UNet gets the `model.attention` processor, with `model.channels_last` the
+    UNet and VAE (LoRA included) are stored channels_last, and `sampling.preview_decoder` is loaded as
+    `model.preview_vae`."""
     model = load_diffusion_model(source, kind=config.model.kind, dtype=DTYPES[config.model.dtype], device=device,
                                  revision=config.model.revision)
+    set_attention(model.unet, config.model.attention)
     lora = config.model.lora
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(derive_seed(config.seed, LORA_INIT_STREAM))
@@ -73,4 +83,8 @@ def load_policy(config: RunConfig, source: str, device: torch.device) -> Diffusi
                     init=lora.init)
     finally:
         torch.random.set_rng_state(rng_state)
+    if config.sampling.preview_decoder is not None:
+        model.preview_vae = load_preview_decoder(config.sampling.preview_decoder, model)
+    if config.model.channels_last:
+        to_channels_last(model)
     return model
