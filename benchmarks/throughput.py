@@ -68,7 +68,8 @@ def tailorpo_cost(args, out: str) -> dict[str, float]:
     from rlhf_diffusion.trainer import LocalTrainer
 
     config = load_config(args.config, [*args.set, f"output_dir={out}", "run_name=cost",
-                                       f"algorithm={METHOD_SECTIONS['tailorpo']}", "tracking.enabled=false"])
+                                       f"algorithm={METHOD_SECTIONS['tailorpo']}", "tracking.enabled=false",
+                                       "train.max_staleness=0"])  # one shared UNet: the hook sees every call
     trainer = LocalTrainer(config, log=lambda *_: None)
     rows = [0]
     trainer.model.unet.register_forward_pre_hook(lambda module, a, kw: rows.__setitem__(
