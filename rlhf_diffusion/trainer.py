@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,13 @@ import torch
 from torch import Tensor
 
 from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext
-from rlhf_diffusion.checkpoint import CheckpointState, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_diffusion.checkpoint import (
+    LORA_FILE,
+    CheckpointState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from rlhf_diffusion.config import RunConfig, flatten_config
 from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.prompts import load_prompts
@@ -470,11 +477,13 @@ class Trainer:
             if iterations % max(config.checkpoint.every, 1) != 0 or config.checkpoint.every == 0:
                 self._checkpoint(iterations, {v: w for v, w in published.items() if v >= iterations - staleness},
                                  meta)
+            # The newest checkpoint now holds the final weights (written in the loop or just above): its
+            # diffusers-format LoRA becomes the run's, without asking the learner to export it a second time.
             lora_dir = self.run_dir / "lora"
             lora_dir.mkdir(parents=True, exist_ok=True)
-            lora_file = lora_dir / "pytorch_lora_weights.safetensors"
+            lora_file = lora_dir / LORA_FILE
             tmp = lora_file.with_name(f".{lora_file.name}.tmp")
-            tmp.write_bytes(self._learner_call(iterations, "lora_file_bytes"))
+            shutil.copyfile(latest_checkpoint(self.checkpoint_root) / "lora" / LORA_FILE, tmp)
             os.replace(tmp, lora_file)
             summary = {"eval_before": eval_before_summary["mean"] if eval_before_summary else None,
                        "eval_after": eval_after.mean,

@@ -19,6 +19,18 @@ import pytest
 from rlhf_diffusion.models.tiny import build_tiny_pipeline
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and two threads crawl when the machine's cores are busy: a module
+    that uses this runs its tests on one torch thread and restores the count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory) -> Path:
     """A tiny SD1.5 pipeline directory (64x64 images, 4x16x16 latents, text width 32)."""

@@ -39,12 +39,8 @@ CELL = 64 + 2  # save_grid: 64 px images, 2 px padding
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and two threads crawl when the machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every test of this module on one torch thread (the shared `one_torch_thread` fixture)."""
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

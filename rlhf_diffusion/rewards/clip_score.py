@@ -41,6 +41,7 @@ __all__ = [
     "ClipImageEncoder",
     "ClipScore",
     "build_tiny_clip_score",
+    "clip_text_embeddings",
     "is_hub_id",
     "load_clip_model",
     "resolve_dtype",
@@ -143,6 +144,20 @@ class ClipImageEncoder(nn.Module):
         return self.visual_projection(pooled)  # (N, projection_dim)
 
 
+def clip_text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, prompts: Sequence[str],
+                         max_length: int) -> Tensor:
+    """(N,) prompts → (N, projection_dim) L2-normalised text embeddings of a transformers `CLIPModel`, float32,
+    no graph; each distinct prompt is encoded once (several images per prompt are the rule)."""
+    unique = list(dict.fromkeys(prompts))
+    tokens = tokenizer(unique, padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt").to(model.logit_scale.device)
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+    # transformers >= 5 returns an output object whose `pooler_output` is the projected embedding (§1).
+    features = F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)  # (U, P)
+    index = torch.tensor([unique.index(p) for p in prompts], device=features.device)
+    return features[index]  # (N, P)
+
 @register_reward("clip_score")
 class ClipScore(RewardModel):
     """scale · cos(CLIP image embedding, CLIP text embedding); differentiable with respect to the pixels.
@@ -189,15 +204,7 @@ class ClipScore(RewardModel):
 
     def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
         """(N,) prompts → (N, projection_dim) L2-normalised text embeddings, float32, no graph."""
-        unique = list(dict.fromkeys(prompts))  # several images per prompt: encode each prompt once
-        tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            out = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        # transformers >= 5 returns an output object whose `pooler_output` is the projected embedding (§1).
-        features = F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)  # (U, P)
-        index = torch.tensor([unique.index(p) for p in prompts], device=features.device)
-        return features[index]  # (N, P)
+        return clip_text_embeddings(self.model, self.tokenizer, prompts, self.max_length)
 
     def _score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         image_embeds = F.normalize(self.image_encoder(images.to(self.device)).float(), dim=-1)  # (N, P)

@@ -34,6 +34,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPToken
 from rlhf_diffusion.rewards.base import RewardModel, register_reward
 from rlhf_diffusion.rewards.clip_score import (
     ClipImageEncoder,
+    clip_text_embeddings,
     load_clip_model,
     resolve_dtype,
     resolve_source,
@@ -148,15 +149,7 @@ class PickScore(RewardModel):
 
     def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
         """(N,) prompts → (N, projection_dim) L2-normalised text embeddings, float32, no graph."""
-        unique = list(dict.fromkeys(prompts))  # several images per prompt: encode each prompt once
-        tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            out = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        # transformers >= 5 returns an output object whose `pooler_output` is the projected embedding (§1).
-        features = F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)  # (U, P)
-        index = torch.tensor([unique.index(p) for p in prompts], device=features.device)
-        return features[index]  # (N, P)
+        return clip_text_embeddings(self.model, self.tokenizer, prompts, self.max_length)
 
     def _score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         image_embeds = F.normalize(self.image_encoder(images.to(self.device)).float(), dim=-1)  # (N, P)

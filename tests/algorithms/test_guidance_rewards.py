@@ -37,12 +37,8 @@ LATENT_DIM = 4 * 16 * 16  # D of the tiny SD1.5 latents
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and two threads crawl when the machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every test of this module on one torch thread (the shared `one_torch_thread` fixture)."""
 
 
 @pytest.fixture(scope="session")
