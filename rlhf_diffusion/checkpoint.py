@@ -4,6 +4,9 @@ A checkpoint after iteration k is a directory `<run_dir>/checkpoints/iter_<k:06d
 
     lora/pytorch_lora_weights.safetensors   the LoRA in the diffusers format (loads with pipe.load_lora_weights)
     learner_lora.safetensors                the LoRA in peft format, exactly as trained (resume reads this one)
+  or, with model.finetune: full,
+    unet/                                   the UNet in the diffusers format (UNet2DConditionModel.from_pretrained)
+    learner_unet.safetensors                the UNet state dict, float32, exactly as trained (resume reads this)
     optimizer.pt                            AdamW state (tensors and numbers only: loads with weights_only=True)
     algorithm_state.safetensors             the method's state, e.g. DDE's EMA correction table (may be empty)
     weights_history.safetensors             the LoRA versions rollouts still in flight were sampled with
@@ -35,6 +38,8 @@ from safetensors.torch import load_file, save_file
 __all__ = ["CheckpointError", "CheckpointState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# The learner-state key of the trained weights: a LoRA or (model.finetune: full) the whole UNet.
+WEIGHTS_KEYS = ("lora", "unet")
 
 
 class CheckpointError(RuntimeError):
@@ -47,17 +52,19 @@ class CheckpointState:
 
     Attributes:
         iteration: iterations completed.
-        learner: `Learner.state_dict()` (version, lora, optimizer, algorithm, dropped).
-        weights_history: version → peft LoRA state dict, for the rollouts in flight at checkpoint time.
+        learner: `Learner.state_dict()` (version, lora or unet, optimizer, algorithm, dropped).
+        weights_history: version → published weights (LoRA or UNet state dict), for the rollouts in flight at
+            checkpoint time.
         meta: JSON-able driver state (seed, config, mlflow_run_id, eval_before, counters).
-        lora_file: bytes of the diffusers-format LoRA file (written on save; None when loaded).
+        export: the deliverable files, {relative path: bytes} (`Learner.export_files()`: `lora/…` or `unet/…`),
+            written on save; empty when loaded.
     """
 
     iteration: int
     learner: dict[str, Any]
     weights_history: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-    lora_file: bytes | None = None
+    export: dict[str, bytes] = field(default_factory=dict)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,10 +106,14 @@ def save_checkpoint(root: str | Path, state: CheckpointState, keep_last: int = 2
     final = root / name
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
-        if state.lora_file is not None:
-            (staging / "lora").mkdir()
-            _write_bytes(staging / "lora" / LORA_FILE, state.lora_file)
-        save_file({k: v.contiguous() for k, v in state.learner["lora"].items()}, staging / "learner_lora.safetensors")
+        for relative, data in state.export.items():
+            target = staging / relative
+            if staging.resolve() not in target.resolve().parents:
+                raise CheckpointError(f"export path {relative!r} leaves the checkpoint directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_bytes(target, data)
+        key = _weights_key(state.learner)
+        save_file({k: v.contiguous() for k, v in state.learner[key].items()}, staging / f"learner_{key}.safetensors")
         with open(staging / "optimizer.pt", "wb") as f:
             torch.save(state.learner["optimizer"], f)
             f.flush()
@@ -133,8 +144,16 @@ def save_checkpoint(root: str | Path, state: CheckpointState, keep_last: int = 2
     return final
 
 
+def _weights_key(learner: dict[str, Any]) -> str:
+    keys = [key for key in WEIGHTS_KEYS if key in learner]
+    if len(keys) != 1:
+        raise CheckpointError(f"learner state must hold exactly one of {WEIGHTS_KEYS}, got {sorted(learner)}")
+    return keys[0]
+
+
 def _complete(path: Path) -> bool:
-    return (path / "state.json").is_file() and (path / "learner_lora.safetensors").is_file()
+    return (path / "state.json").is_file() and any((path / f"learner_{key}.safetensors").is_file()
+                                                   for key in WEIGHTS_KEYS)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -164,7 +183,8 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
         CheckpointError: the directory is missing or incomplete (names the missing file).
     """
     path = Path(path)
-    for required in ("state.json", "learner_lora.safetensors", "optimizer.pt", "algorithm_state.safetensors",
+    weights_key = next((k for k in WEIGHTS_KEYS if (path / f"learner_{k}.safetensors").is_file()), "lora")
+    for required in ("state.json", f"learner_{weights_key}.safetensors", "optimizer.pt", "algorithm_state.safetensors",
                      "weights_history.safetensors"):
         if not (path / required).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {required} is missing")
@@ -177,7 +197,7 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
     learner = {
         "version": int(meta["learner_version"]),
         "dropped": int(meta.get("dropped", 0)),
-        "lora": load_file(path / "learner_lora.safetensors"),
+        weights_key: load_file(path / f"learner_{weights_key}.safetensors"),
         "optimizer": optimizer,
         "algorithm": load_file(path / "algorithm_state.safetensors"),
     }

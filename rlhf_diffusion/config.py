@@ -207,6 +207,15 @@ class ModelConfig(_FrozenModel):
         description="Store the UNet and VAE weights in the channels_last memory format (faster convolutions on "
         "CUDA tensor cores, especially with bf16/fp16). Same output; on CPU it only changes the memory layout.",
     )
+    finetune: Literal["lora", "full"] = Field(
+        "lora",
+        description="What the learner trains: 'lora' = a LoRA adapter on the UNet (the reference policy is the "
+        "UNet with the adapter disabled; the run exports pytorch_lora_weights.safetensors); 'full' = every UNet "
+        "weight, as DDE trains in its paper [C] (the learner keeps float32 master weights plus a frozen reference "
+        "copy in `dtype`, samplers receive the whole UNet in `dtype` at every publish, and the run exports a "
+        "diffusers `unet/` directory). `lora` is ignored under 'full'. Full SD1.5/SDXL needs a GPU learner "
+        "(Adam state is 2x the UNet) and usually several learner ranks (resources.num_learners).",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
 
     @field_validator("pretrained")
@@ -562,7 +571,13 @@ class ResourcesConfig(_FrozenModel):
     reward_server_gpus: float = Field(
         0.0, ge=0, description="GPUs reserved per reward server (a fraction shares a GPU); 0 = CPU only."
     )
-    learner_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the single Learner actor; 0 = CPU only.")
+    learner_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each learner rank; 0 = CPU only.")
+    num_learners: int = Field(
+        1, ge=1, description="Learner ranks (data-parallel, torch DistributedDataParallel: NCCL on GPUs, gloo on "
+        "CPU). Each rank reserves learner_gpus and cpus_per_actor, computes its contiguous share of every "
+        "minibatch (random draws are made for the whole minibatch, so any rank count computes the same "
+        "gradient) and all ranks step identically; rank 0 publishes and checkpoints. >1 needs Ray (not --no-ray).",
+    )
     cpus_per_actor: float = Field(
         1.0, gt=0, description="CPU cores reserved by each actor (Ray num_cpus); also its torch thread count "
         "(at least 1)."

@@ -45,7 +45,8 @@ from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
 from rlhf_diffusion.tracking import NullTracker, build_tracker
-from rlhf_diffusion.workers.learner import Learner
+from rlhf_diffusion.models.loading import UNET_EXPORT_DIR
+from rlhf_diffusion.workers.learner import Learner, LearnerGroup
 from rlhf_diffusion.workers.messages import (
     ROLLOUT_STREAM,
     PublishedWeights,
@@ -118,6 +119,7 @@ class RunResult:
     eval_after: EvalResult
     history: list[dict[str, float]] = field(default_factory=list)
     lora_file: Path | None = None
+    unet_dir: Path | None = None  # model.finetune: full — the diffusers UNet directory instead of a LoRA file
     mlflow_run_id: str | None = None
     faults: dict[str, int] = field(default_factory=dict)
 
@@ -160,6 +162,8 @@ def _get(ref: Any) -> Any:
         if ref.error is not None:
             raise ref.error
         return ref.value
+    if hasattr(ref, "get"):  # a call on every rank of a LearnerGroup
+        return ref.get()
     import ray
 
     return ray.get(ref)
@@ -186,9 +190,10 @@ def _actor_died(error: BaseException) -> bool:
 def required_resources(config: RunConfig) -> dict[str, float]:
     """Logical CPUs and GPUs the configured actors reserve."""
     r = config.resources
-    actors = r.num_samplers + r.num_reward_servers + 1
+    actors = r.num_samplers + r.num_reward_servers + r.num_learners
     return {"CPU": actors * r.cpus_per_actor,
-            "GPU": r.num_samplers * r.sampler_gpus + r.num_reward_servers * r.reward_server_gpus + r.learner_gpus}
+            "GPU": r.num_samplers * r.sampler_gpus + r.num_reward_servers * r.reward_server_gpus
+            + r.num_learners * r.learner_gpus}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,8 +240,11 @@ class Trainer:
 
     def _start_local(self) -> None:
         config = self.config
+        if config.resources.num_learners > 1:
+            raise ValueError(f"resources.num_learners={config.resources.num_learners} needs Ray (data-parallel "
+                             "learner actors); set it to 1 to run in one process")
         device = resolve_device(config.device)
-        model = load_policy(config, self.source, device)
+        model = load_policy(config, self.source, device, for_training=True)
         self.reward = WeightedReward.from_specs(config.rewards, device=device)
         self.learner_obj = Learner(config, self.source, model=model)
         # Strictly on-policy samplers share the learner's UNet; a pipelined schedule samples with older weights,
@@ -279,10 +287,21 @@ class Trainer:
                                                            reward_servers=self.reward_servers, num_threads=threads)
             for i in range(res.num_samplers)
         ]
-        self.learner = ray.remote(Learner).options(num_cpus=res.cpus_per_actor, num_gpus=res.learner_gpus,
-                                                   max_restarts=0).remote(config, self.source, num_threads=threads)
+        learner_cls = ray.remote(Learner).options(num_cpus=res.cpus_per_actor, num_gpus=res.learner_gpus,
+                                                  max_restarts=0)
+        if res.num_learners == 1:
+            self.learner = learner_cls.remote(config, self.source, num_threads=threads)
+            learner_ready = [self.learner.ready.remote()]
+        else:
+            try:
+                self.learner = LearnerGroup(learner_cls, config, self.source, world_size=res.num_learners,
+                                            num_threads=threads, timeout_s=res.actor_start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"the {res.num_learners} learner ranks did not start and connect within "
+                                   f"resources.actor_start_timeout_s={res.actor_start_timeout_s:g} s") from None
+            learner_ready = []
         pending = {"reward server": [s.ready.remote() for s in self.reward_servers],
-                   "sampler": [s.ready.remote() for s in self.samplers], "learner": [self.learner.ready.remote()]}
+                   "sampler": [s.ready.remote() for s in self.samplers], "learner": learner_ready}
         for role, refs in pending.items():
             try:
                 ray.get(refs, timeout=res.actor_start_timeout_s)
@@ -298,7 +317,8 @@ class Trainer:
             return
         import ray
 
-        for actor in [*self.samplers, *self.reward_servers, self.learner]:
+        learners = self.learner.actors if isinstance(self.learner, LearnerGroup) else [self.learner]
+        for actor in [*self.samplers, *self.reward_servers, *learners]:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already dead
@@ -410,11 +430,23 @@ class Trainer:
 
     def _checkpoint(self, iteration: int, published: dict[int, PublishedWeights], meta: dict[str, Any]) -> Path:
         learner_state = self._learner_call(iteration, "state_dict")
-        lora_file = self._learner_call(iteration, "lora_file_bytes")
+        export = self._learner_call(iteration, "export_files")
         history = {v: w.resolve() for v, w in published.items() if v < learner_state["version"]}
         state = CheckpointState(iteration=iteration, learner=learner_state, weights_history=history, meta=meta,
-                                lora_file=lora_file)
+                                export=export)
         return save_checkpoint(self.checkpoint_root, state, keep_last=self.config.checkpoint.keep_last)
+
+    def _copy_export(self, checkpoint: Path) -> Path:
+        """Copies the checkpoint's `lora/` or `unet/` directory to the run directory (file by file, each through
+        a temporary name and `os.replace`) and returns the run's copy."""
+        source = next(checkpoint / name for name in ("lora", UNET_EXPORT_DIR) if (checkpoint / name).is_dir())
+        target = self.run_dir / source.name
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(source.iterdir()):
+            tmp = target / f".{path.name}.tmp"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target / path.name)
+        return target
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         ours = flatten_config(self.config)
@@ -478,13 +510,9 @@ class Trainer:
                 self._checkpoint(iterations, {v: w for v, w in published.items() if v >= iterations - staleness},
                                  meta)
             # The newest checkpoint now holds the final weights (written in the loop or just above): its
-            # diffusers-format LoRA becomes the run's, without asking the learner to export it a second time.
-            lora_dir = self.run_dir / "lora"
-            lora_dir.mkdir(parents=True, exist_ok=True)
-            lora_file = lora_dir / LORA_FILE
-            tmp = lora_file.with_name(f".{lora_file.name}.tmp")
-            shutil.copyfile(latest_checkpoint(self.checkpoint_root) / "lora" / LORA_FILE, tmp)
-            os.replace(tmp, lora_file)
+            # diffusers-format export (lora/ or unet/) becomes the run's, without a second export by the learner.
+            export_dir = self._copy_export(latest_checkpoint(self.checkpoint_root))
+            lora_file = export_dir / LORA_FILE if export_dir.name == "lora" else None
             summary = {"eval_before": eval_before_summary["mean"] if eval_before_summary else None,
                        "eval_after": eval_after.mean,
                        "per_reward_before": eval_before_summary["per_reward"] if eval_before_summary else None,
@@ -494,14 +522,16 @@ class Trainer:
             tracker.log_metrics({"eval/reward_mean": eval_after.mean,
                                  **{f"eval/{k}": v for k, v in eval_after.per_reward.items()}}, step=iterations)
             tracker.log_artifact(self.run_dir / "grid_after.png", "grids")
-            tracker.log_artifact(lora_file, "lora")
+            for path in sorted(export_dir.iterdir()):
+                tracker.log_artifact(path, export_dir.name)
             tracker.log_dict(summary, "eval.json")
             tracker.end("FINISHED")
         except BaseException:
             tracker.end("FAILED")
             raise
         return RunResult(run_dir=self.run_dir, eval_before=eval_before, eval_after=eval_after, history=history,
-                         lora_file=lora_file, mlflow_run_id=tracker.run_id, faults=dict(self.faults))
+                         lora_file=lora_file, unet_dir=None if lora_file else export_dir,
+                         mlflow_run_id=tracker.run_id, faults=dict(self.faults))
 
     def _truncate_metrics(self, iteration: int) -> None:
         path = self.run_dir / "metrics.jsonl"

@@ -27,7 +27,7 @@ def make_state(iteration: int) -> CheckpointState:
                  "algorithm": {"correction_table": torch.linspace(0, 1, 1000)}},
         weights_history={iteration - 1: {k: v - 1 for k, v in lora.items()}, iteration: lora},
         meta={"seed": 7, "mlflow_run_id": "abc", "eval_before": {"mean": 0.5, "per_reward": {"x": 0.5}}},
-        lora_file=b"diffusers-lora-bytes",
+        export={"lora/pytorch_lora_weights.safetensors": b"diffusers-lora-bytes"},
     )
 
 
@@ -85,3 +85,25 @@ def test_state_json_is_readable_json(tmp_path):
     path = save_checkpoint(tmp_path, make_state(2))
     meta = json.loads((path / "state.json").read_text())
     assert meta["iteration"] == 2 and meta["learner_version"] == 2 and meta["history_versions"] == [1, 2]
+
+
+def test_a_full_unet_checkpoint_round_trips_under_its_own_key(tmp_path):
+    state = make_state(3)
+    state.learner["unet"] = {"conv_in.weight": torch.randn(4, 4, 3, 3), "conv_in.bias": torch.randn(4)}
+    del state.learner["lora"]
+    state.export = {"unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"weights"}
+    path = save_checkpoint(tmp_path, state)
+    assert (path / "learner_unet.safetensors").is_file() and not (path / "learner_lora.safetensors").exists()
+    assert (path / "unet" / "config.json").read_bytes() == b"{}"
+    loaded = load_checkpoint(path)
+    assert "lora" not in loaded.learner and latest_checkpoint(tmp_path) == path
+    for key, value in state.learner["unet"].items():
+        assert torch.equal(loaded.learner["unet"][key], value)
+
+
+def test_export_paths_may_not_leave_the_checkpoint(tmp_path):
+    state = make_state(2)
+    state.export = {"../escaped.bin": b"x"}
+    with pytest.raises(CheckpointError, match="leaves the checkpoint"):
+        save_checkpoint(tmp_path / "ckpt", state)
+    assert not (tmp_path / "escaped.bin").exists()

@@ -221,6 +221,28 @@ class Algorithm(abc.ABC):
              generator: torch.Generator) -> LossOutput:
         """The loss on a minibatch of examples; `cond` holds one conditioning per example."""
 
+    def loss_on_rows(self, predictor: NoisePredictor, cond: TextConditioning, examples: Any,
+                     generator: torch.Generator, rows: Tensor) -> LossOutput:
+        """The loss of the minibatch examples at `rows` (a data-parallel rank's share), with every random draw made
+        for the whole minibatch first, so that R ranks together compute exactly the single-process loss: the
+        size-weighted mean of the R shard losses equals `loss(...)` on all rows, whatever R is.
+
+        The default suits losses that draw nothing (D3PO, TailorPO); a method whose loss draws from `generator`
+        (DDE, Diffusion-DPO: t and ε per pair) must override it. `cond` holds one conditioning per example of the
+        whole minibatch; a `state_update` covers only `rows` (see `merge_state_updates`).
+        """
+        return self.loss(predictor, cond.index(rows), examples.select(rows), generator)
+
+    @staticmethod
+    def merge_state_updates(updates: Sequence[Any]) -> Any:
+        """Joins the `state_update`s of the ranks' shards (in rank order) into the update of the whole minibatch.
+        A state update is None or a tuple of per-example tensors (DDE: timesteps, statistics), so joining is
+        concatenation field by field; contiguous shards in rank order restore the single-process order."""
+        present = [u for u in updates if u is not None]
+        if not present:
+            return None
+        return tuple(torch.cat(parts) for parts in zip(*present))
+
     def apply_state_update(self, update: Any) -> None:
         """Applies the state statistics of one loss call after the optimizer step (no-op by default)."""
 

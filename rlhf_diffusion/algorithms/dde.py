@@ -96,9 +96,21 @@ class DDE(Algorithm):
 
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
              generator: torch.Generator) -> LossOutput:
-        m = len(examples)
-        timesteps = sample_timesteps(m, self.config.timestep_range, generator)
-        noise = torch.randn(examples.x0_w.shape, generator=generator)
+        timesteps, noise = self.draw(examples, generator)
+        return self._loss(predictor, cond, examples, timesteps, noise)
+
+    def loss_on_rows(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
+                     generator: torch.Generator, rows: Tensor) -> LossOutput:
+        timesteps, noise = self.draw(examples, generator)  # drawn for the whole minibatch, then sliced
+        return self._loss(predictor, cond.index(rows), examples.select(rows), timesteps[rows], noise[rows])
+
+    def draw(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One t (uniform on `timestep_range`) and one ε per pair, shared by winner and loser."""
+        timesteps = sample_timesteps(len(examples), self.config.timestep_range, generator)
+        return timesteps, torch.randn(examples.x0_w.shape, generator=generator)
+
+    def _loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch, timesteps: Tensor,
+              noise: Tensor) -> LossOutput:
         delta = diffusion_dpo_mse_delta(predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise)
         alpha_prod = ddim.gather_alpha(self.grid.alphas_cumprod, timesteps).to(delta.device)
         if self.config.correction == "ema":

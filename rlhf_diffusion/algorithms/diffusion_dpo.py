@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from rlhf_diffusion.algorithms.base import (
     Algorithm,
@@ -37,8 +38,21 @@ class DiffusionDPO(Algorithm):
 
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
              generator: torch.Generator) -> LossOutput:
+        timesteps, noise = self.draw(examples, generator)
+        return self._loss(predictor, cond, examples, timesteps, noise)
+
+    def loss_on_rows(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
+                     generator: torch.Generator, rows: Tensor) -> LossOutput:
+        timesteps, noise = self.draw(examples, generator)  # drawn for the whole minibatch, then sliced
+        return self._loss(predictor, cond.index(rows), examples.select(rows), timesteps[rows], noise[rows])
+
+    def draw(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One t (uniform on `timestep_range`) and one ε per pair, shared by winner and loser [C]."""
         timesteps = sample_timesteps(len(examples), self.config.timestep_range, generator)
-        noise = torch.randn(examples.x0_w.shape, generator=generator)
+        return timesteps, torch.randn(examples.x0_w.shape, generator=generator)
+
+    def _loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch, timesteps: Tensor,
+              noise: Tensor) -> LossOutput:
         delta = diffusion_dpo_mse_delta(predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise)
         logits = -0.5 * self.config.beta * delta  # inside = −0.5 β_dpo [(e^w_θ − e^l_θ) − (e^w_ref − e^l_ref)]
         loss = -F.logsigmoid(logits).mean()

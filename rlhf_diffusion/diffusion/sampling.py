@@ -98,7 +98,8 @@ class DDIMGrid:
 
 
 class NoisePredictor:
-    """The policy's CFG noise prediction ε̂_θ(x, τ, c) and its reference twin (LoRA disabled, §5.12).
+    """The policy's CFG noise prediction ε̂_θ(x, τ, c) and its reference twin (LoRA disabled, §5.12, or the frozen
+    `reference_unet` of full fine-tuning).
 
     Args:
         model: loaded pipeline components (LoRA attached or not).
@@ -113,6 +114,9 @@ class NoisePredictor:
         self.height = height or model.resolution
         self.width = width or model.resolution
         self._uncond_row = encode_negative(model, 1, height=self.height, width=self.width)
+        # What the policy's (θ) forward calls: the UNet, or a wrapper of it such as DistributedDataParallel (set by
+        # a data-parallel learner so that the backward pass all-reduces the gradients).
+        self.forward_module: torch.nn.Module | None = None
 
     @property
     def unet(self):
@@ -138,11 +142,16 @@ class NoisePredictor:
         dtype = self.model.unet.dtype
         x_in = x_t.to(dtype)
         cond = cond.to(device=x_t.device)
-        if reference:
+        if reference and self.model.reference_unet is not None:  # full fine-tuning: the frozen copy
+            ref = self.model.reference_unet
+            with torch.no_grad():
+                eps = predict_noise_cfg(ref, x_t.to(ref.dtype), t, cond, uncond, self.guidance_scale)
+        elif reference:
             with torch.no_grad(), lora_disabled(self.model.unet):
                 eps = predict_noise_cfg(self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
         else:
-            eps = predict_noise_cfg(self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
+            eps = predict_noise_cfg(self.forward_module or self.model.unet, x_in, t, cond, uncond,
+                                    self.guidance_scale)
         return eps.to(torch.float32)
 
 

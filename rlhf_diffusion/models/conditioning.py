@@ -231,7 +231,7 @@ def predict_noise(unet, x_t: Tensor, t: Tensor, cond: TextConditioning) -> Tenso
     """ε_θ(x_t, t, c): one UNet call, differentiable.
 
     Args:
-        unet: `UNet2DConditionModel` (with or without an active LoRA).
+        unet: `UNet2DConditionModel` (with or without an active LoRA), or a DistributedDataParallel wrapping one.
         x_t: (B, C, h, w) noisy latents.
         t: (B,) or scalar timesteps on the training grid (0 … 999).
         cond: B conditionings; moved to x_t's device and cast to its dtype.
@@ -246,7 +246,8 @@ def predict_noise(unet, x_t: Tensor, t: Tensor, cond: TextConditioning) -> Tenso
         raise ValueError(f"cond has {len(cond)} rows but x_t has batch {x_t.shape[0]}")
     cond = cond.to(device=x_t.device, dtype=x_t.dtype)
     added_cond_kwargs = None
-    if unet.config.addition_embed_type == "text_time":
+    config = getattr(unet, "module", unet).config  # `module`: a DistributedDataParallel wrapper
+    if config.addition_embed_type == "text_time":
         if not cond.is_sdxl:
             raise ValueError("this SDXL UNet needs pooled_prompt_embeds and add_time_ids in the conditioning")
         added_cond_kwargs = {"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.add_time_ids}

@@ -6,7 +6,10 @@ frozen; the only trainable parameters are the LoRA matrices that `attach_lora` i
 (diffusers' `PeftAdapterMixin`).
 
 The policy and the reference policy share one UNet: the reference is the same UNet with the adapter disabled
-(`lora_disabled`), so no second copy of the weights exists.
+(`lora_disabled`), so no second copy of the weights exists. Full fine-tuning (`model.finetune: full`, DDE's
+setting) trains every UNet weight instead; the learner then keeps a frozen copy as `DiffusionModel.reference_unet`
+(`add_reference_copy`), and `trainable_parameters` / `get_trainable_state` / `set_trainable_state` /
+`export_trainable` treat both cases alike.
 
 `export_lora` writes the adapter in the diffusers LoRA format, the file a stock pipeline reads with
 `pipe.load_lora_weights(dir)`.
@@ -14,6 +17,7 @@ The policy and the reference policy share one UNet: the reference is the same UN
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -43,16 +47,21 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "DiffusionModel",
     "ModelLoadError",
+    "add_reference_copy",
     "attach_lora",
     "export_lora",
+    "export_trainable",
     "get_lora_state_dict",
+    "get_trainable_state",
     "load_diffusion_model",
     "load_preview_decoder",
     "lora_disabled",
     "lora_parameters",
     "set_attention",
     "set_lora_state_dict",
+    "set_trainable_state",
     "to_channels_last",
+    "trainable_parameters",
 ]
 
 # File name diffusers' `save_lora_weights` writes and `load_lora_weights` looks for.
@@ -103,6 +112,8 @@ class DiffusionModel:
             encoding of "" (the pipeline's `model_index.json` setting; True for SDXL base).
         preview_vae: an optional tiny decoder (TAESD `AutoencoderTiny`, float32) for cheap approximate decodes of
             intermediate x̂_0 (`sampling.preview_decoder`); None = previews use `vae`.
+        reference_unet: full fine-tuning only: a frozen copy of the base UNet, the reference policy (with a LoRA
+            the reference is `unet` with the adapter disabled and this stays None).
     """
 
     kind: Literal["sd15", "sdxl"]
@@ -114,6 +125,7 @@ class DiffusionModel:
     source: str
     force_zeros_for_empty_prompt: bool = True
     preview_vae: AutoencoderTiny | None = None
+    reference_unet: UNet2DConditionModel | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -554,3 +566,67 @@ def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRA or full fine-tuning, alike
+# --------------------------------------------------------------------------------------------------------------------
+
+# Directory (inside a run or a checkpoint) that holds a fully fine-tuned UNet in the diffusers format.
+UNET_EXPORT_DIR = "unet"
+
+
+def add_reference_copy(model: DiffusionModel, dtype: torch.dtype | None = None) -> None:
+    """Prepares `model` for full fine-tuning: the UNet becomes trainable float32 master weights (the loss
+    forward may still run under autocast) and a frozen copy of the base weights, in `dtype` (default the UNet's
+    loaded dtype), becomes `model.reference_unet`."""
+    if _lora_layers(model.unet):
+        raise ValueError("full fine-tuning needs a UNet without a LoRA adapter")
+    reference = copy.deepcopy(model.unet).to(dtype=dtype or model.unet.dtype)
+    reference.requires_grad_(False).eval()
+    model.reference_unet = reference
+    model.unet.to(torch.float32).requires_grad_(True)
+
+
+def trainable_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer trains: the LoRA parameters when an adapter is attached, else every UNet parameter."""
+    if _lora_layers(unet):
+        return lora_parameters(unet)
+    return list(unet.parameters())
+
+
+def get_trainable_state(unet: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The trained weights as detached CPU clones: the LoRA (peft keys, always float32) or, for full fine-tuning,
+    the whole UNet state dict in `dtype` (samplers take it in their `model.dtype`, which halves a bf16 publish)."""
+    if _lora_layers(unet):
+        return get_lora_state_dict(unet)
+    return {key: value.detach().to(device="cpu", dtype=dtype if value.is_floating_point() else value.dtype).clone()
+            for key, value in unet.state_dict().items()}
+
+
+def set_trainable_state(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies weights from `get_trainable_state` into `unet` in place (LoRA, or the whole UNet, strictly)."""
+    if _lora_layers(unet):
+        set_lora_state_dict(unet, state)
+        return
+    result = unet.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"UNet state dict does not match the UNet: {len(result.missing_keys)} missing keys "
+            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:3]} "
+            "(a LoRA state for a fully fine-tuned run, or the other way round?)"
+        )
+
+
+def export_trainable(model: DiffusionModel, out_dir: str | Path) -> dict[str, bytes]:
+    """The run's deliverable as {relative path: file bytes}: `lora/pytorch_lora_weights.safetensors` (see
+    `export_lora`) or, for full fine-tuning, the diffusers UNet directory `unet/config.json` +
+    `unet/diffusion_pytorch_model.safetensors` (float32), which a stock pipeline takes as
+    `UNet2DConditionModel.from_pretrained(dir, subfolder="unet")`. `out_dir` is a scratch directory."""
+    out_dir = Path(out_dir)
+    if _lora_layers(model.unet):
+        path = export_lora(model, out_dir / "lora")
+        return {f"lora/{path.name}": path.read_bytes()}
+    model.unet.save_pretrained(out_dir / UNET_EXPORT_DIR, safe_serialization=True)
+    return {f"{UNET_EXPORT_DIR}/{p.name}": p.read_bytes()
+            for p in sorted((out_dir / UNET_EXPORT_DIR).iterdir()) if p.is_file()}

@@ -9,18 +9,34 @@ generator seeded by (run seed, iteration), so a round redone after a resume draw
 Speed options (`train.mixed_precision`, `train.gradient_checkpointing`) apply here only: the loss forward runs
 under `torch.autocast` (bf16 / fp16) while the LoRA parameters, their gradients and the optimizer stay float32;
 fp16 adds a dynamic `GradScaler`; checkpointing recomputes UNet block activations in the backward pass.
+
+Data parallelism (`resources.num_learners` = R > 1): R learner actors form one torch.distributed process group
+(NCCL on GPUs, gloo on CPU) and wrap the UNet in DistributedDataParallel. Every rank receives the whole rollout
+batch and walks the same minibatch order; rank r computes the loss of its contiguous share of each minibatch
+(`Algorithm.loss_on_rows`: random draws are made for the whole minibatch first) scaled by R·|share|/|minibatch|,
+so DDP's gradient average is exactly the single-process minibatch gradient. Gradients are therefore identical on
+every rank, so are the clipped update and the weights; the algorithm's state updates and the metrics are gathered
+from all ranks. A rank whose share is empty (a minibatch smaller than R) runs one row at weight 0, because every
+rank must take part in each all-reduce. `LearnerGroup` is the driver-side handle of the R actors.
+
+Why not Ray Train's `TorchTrainer`: `fit()` owns the training loop and its own checkpoints and restarts, whereas
+here the driver hands the learner one rollout batch per iteration (deterministic schedule, staleness, our atomic
+checkpoints). The group therefore does itself what TorchTrainer's torch backend does (rendezvous on rank 0's
+address, `init_process_group`, DDP), as verl and OpenRLHF do for their RL learners.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import socket
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from rlhf_diffusion.algorithms import RolloutBatch, build_algorithm
 from rlhf_diffusion.config import RunConfig
@@ -28,15 +44,15 @@ from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
 from rlhf_diffusion.models.loading import (
     DiffusionModel,
-    export_lora,
-    get_lora_state_dict,
-    lora_parameters,
-    set_lora_state_dict,
+    export_trainable,
+    get_trainable_state,
+    set_trainable_state,
+    trainable_parameters,
 )
 from rlhf_diffusion.workers.messages import TRAIN_STREAM, PublishedWeights, TrainResult, derive_seed
-from rlhf_diffusion.workers.policy import load_policy, resolve_device
+from rlhf_diffusion.workers.policy import DTYPES, load_policy, resolve_device
 
-__all__ = ["AUTOCAST_DTYPES", "Learner"]
+__all__ = ["AUTOCAST_DTYPES", "Learner", "LearnerGroup"]
 
 # `train.mixed_precision` -> autocast dtype (None = no autocast).
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,19 +69,25 @@ def _to_cpu(value: Any) -> Any:
 
 
 class Learner:
-    """The single learner.
+    """The learner, or one rank of a data-parallel learner.
 
     Args:
         config: the run config.
         source: the pipeline directory or hub id (resolved).
         model: share an already loaded policy (the single-process trainer) instead of loading one.
         num_threads: torch intra-op threads (under Ray: the CPUs the actor reserved).
+        rank, world_size: this rank and the number of ranks; with world_size > 1, `init_process_group` must run
+            on every rank before training.
     """
 
     def __init__(self, config: RunConfig, source: str, *, model: DiffusionModel | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, rank: int = 0, world_size: int = 1):
         if num_threads:
             torch.set_num_threads(num_threads)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"learner rank {rank} is outside 0..{world_size - 1}")
+        self.rank, self.world_size = rank, world_size
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.config = config
         self.device = resolve_device(config.device) if model is None else model.device
         if config.train.mixed_precision == "fp16" and self.device.type != "cuda":
@@ -73,7 +95,7 @@ class Learner:
                 f"train.mixed_precision 'fp16' needs CUDA, but the learner runs on {self.device.type!r}; use 'bf16' "
                 "or 'no'"
             )
-        self.model = model if model is not None else load_policy(config, source, self.device)
+        self.model = model if model is not None else load_policy(config, source, self.device, for_training=True)
         if config.train.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
         self.autocast_dtype = AUTOCAST_DTYPES[config.train.mixed_precision]
@@ -88,14 +110,54 @@ class Learner:
         )
         train = config.train
         self.optimizer = torch.optim.AdamW(
-            lora_parameters(self.model.unet), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+            trainable_parameters(self.model.unet), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
             weight_decay=train.weight_decay, eps=train.adam_eps,
         )
         self.version = 0
         self.dropped = 0
+        # Samplers receive the weights in the dtype they compute in (a full-UNet publish in bf16 is half the size).
+        self.publish_dtype = DTYPES[config.model.dtype]
 
     def ready(self) -> int:
         return self.version
+
+    # -- data parallelism ------------------------------------------------------------------------------------------
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0: this node's IP and a free TCP port for the process group's rendezvous."""
+        try:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        except Exception:  # not in a Ray worker
+            host = "127.0.0.1"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            return host, sock.getsockname()[1]
+
+    def init_process_group(self, host: str, port: int, timeout_s: float = 600.0) -> int:
+        """Joins the R-rank process group (every rank calls this at once) and wraps the UNet in DDP; rank 0's
+        weights are broadcast to all ranks. Returns the rank."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model.unet, device_ids=device_ids)
+        self.predictor.forward_module = self.ddp
+        return self.rank
+
+    def _shard(self, size: int) -> tuple[torch.Tensor, float]:
+        """This rank's rows of a `size`-example minibatch and the weight that makes DDP's gradient average equal
+        the minibatch-mean gradient (an empty share runs row 0 at weight 0)."""
+        rows = torch.tensor_split(torch.arange(size), self.world_size)[self.rank]
+        if len(rows) == 0:
+            return torch.zeros(1, dtype=torch.long), 0.0
+        return rows, len(rows) * self.world_size / size
+
+    def _gather(self, value: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
 
     def encode(self, prompts: Sequence[str]) -> TextConditioning:
         return encode_prompts(self.model, list(prompts), height=self.resolution, width=self.resolution)
@@ -127,15 +189,26 @@ class Learner:
                 minibatch = examples.select(chunk)
                 cond = cond_all.index(minibatch.prompt_index)
                 with self.autocast():
-                    out = self.algorithm.loss(self.predictor, cond, minibatch, generator)
+                    if self.world_size == 1:
+                        out, weight = self.algorithm.loss(self.predictor, cond, minibatch, generator), 1.0
+                    else:
+                        rows, weight = self._shard(len(minibatch))
+                        out = self.algorithm.loss_on_rows(self.predictor, cond, minibatch, generator, rows)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.grad_scaler.scale(out.loss).backward()
+                self.grad_scaler.scale(out.loss * weight).backward()  # DDP all-reduces (averages) here
                 self.grad_scaler.unscale_(self.optimizer)  # clip the true gradients
-                grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(self.model.unet), train.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model.unet), train.grad_clip)
                 self.grad_scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
                 self.grad_scaler.update()
-                self.algorithm.apply_state_update(out.state_update)
-                for key, value in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
+                values = {"loss": out.loss.item(), **out.metrics}
+                update = out.state_update
+                if self.world_size > 1:  # every rank applies the whole minibatch's update; metrics are size-weighted
+                    shares = self._gather((weight, values, update if weight > 0 else None))
+                    update = self.algorithm.merge_state_updates([u for _, _, u in shares])
+                    total = sum(w for w, _, _ in shares)
+                    values = {key: sum(w * v[key] for w, v, _ in shares if w > 0) / total for key in values}
+                self.algorithm.apply_state_update(update)
+                for key, value in {**values, "grad_norm": grad_norm.item()}.items():
                     sums[key] = sums.get(key, 0.0) + value
                 steps += 1
         self.model.unet.eval()
@@ -146,35 +219,104 @@ class Learner:
         return TrainResult(version=self.version, metrics=metrics)
 
     def weights(self) -> PublishedWeights:
-        """The current LoRA (peft format, CPU float32) with its version, in this process."""
-        return PublishedWeights(version=self.version, state=get_lora_state_dict(self.model.unet))
+        """The current trained weights (LoRA: peft format, CPU float32; full: the UNet in `model.dtype`) with
+        their version, in this process."""
+        return PublishedWeights(version=self.version,
+                                state=get_trainable_state(self.model.unet, self.publish_dtype))
 
     def publish(self) -> PublishedWeights:
-        """The current LoRA put into the Ray object store once; samplers fetch it by reference."""
+        """The current weights put into the Ray object store once; samplers fetch them by reference."""
         import ray
 
-        return PublishedWeights(version=self.version, ref=[ray.put(get_lora_state_dict(self.model.unet))])
+        return PublishedWeights(version=self.version,
+                                ref=[ray.put(get_trainable_state(self.model.unet, self.publish_dtype))])
 
-    def lora_file_bytes(self) -> bytes:
-        """The current LoRA as the bytes of a diffusers `pytorch_lora_weights.safetensors` (for the driver to
-        write into the run directory, wherever this actor runs)."""
+    def export_files(self) -> dict[str, bytes]:
+        """The run's deliverable as {relative path: bytes} (`lora/pytorch_lora_weights.safetensors` or the `unet/`
+        directory, see `export_trainable`), for the driver to write wherever this actor runs."""
         with tempfile.TemporaryDirectory() as tmp:
-            return Path(export_lora(self.model, tmp)).read_bytes()
+            return export_trainable(self.model, tmp)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed learner needs: version, LoRA, optimizer and algorithm state (all CPU)."""
+        """Everything a resumed learner needs: version, trained weights (float32), optimizer and algorithm state
+        (all CPU). The weights sit under "lora" or, for full fine-tuning, "unet"."""
         return {
             "version": self.version,
             "dropped": self.dropped,
-            "lora": get_lora_state_dict(self.model.unet),
+            self.weights_key: get_trainable_state(self.model.unet),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "algorithm": _to_cpu(self.algorithm.state_dict()),
         }
 
+    @property
+    def weights_key(self) -> str:
+        return "unet" if self.config.model.finetune == "full" else "lora"
+
     def load_state_dict(self, state: dict[str, Any]) -> int:
-        set_lora_state_dict(self.model.unet, state["lora"])
+        if self.weights_key not in state:
+            raise ValueError(f"the checkpoint holds no {self.weights_key!r} weights (model.finetune is "
+                             f"{self.config.model.finetune!r})")
+        set_trainable_state(self.model.unet, state[self.weights_key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.version = int(state["version"])
         self.dropped = int(state.get("dropped", 0))
         return self.version
+
+
+class _GroupRef:
+    """The pending results of one call on every rank; `get` returns rank 0's (all ranks agree), raising as soon as
+    any rank fails, so a dead rank does not leave the driver waiting for the collectives of the others."""
+
+    def __init__(self, refs: list):
+        self.refs = refs
+
+    def get(self) -> Any:
+        import ray
+
+        pending = list(self.refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+        return ray.get(self.refs[0])
+
+
+class _GroupMethod:
+    def __init__(self, group: LearnerGroup, name: str):
+        self.group, self.name = group, name
+
+    def remote(self, *args) -> Any:
+        if self.name in LearnerGroup.ALL_RANKS:
+            return _GroupRef([getattr(actor, self.name).remote(*args) for actor in self.group.actors])
+        return getattr(self.group.actors[0], self.name).remote(*args)  # identical on every rank: ask rank 0
+
+
+class LearnerGroup:
+    """The driver's handle on R data-parallel learner actors, with the call shape of one learner actor
+    (`group.train.remote(batch, it)`): calls that change state run on every rank (`ALL_RANKS`), reads go to rank
+    0. The actors are started, connected into one process group and DDP-wrapped here.
+
+    Args:
+        actor_cls: `ray.remote(Learner)` with its options (CPUs, GPUs, restarts) applied.
+        config, source, num_threads: as for `Learner`.
+        world_size: R.
+        timeout_s: process-group timeout (a collective waiting longer for a dead rank fails).
+    """
+
+    ALL_RANKS = frozenset({"train", "load_state_dict", "ready"})
+
+    def __init__(self, actor_cls: Any, config: RunConfig, source: str, *, world_size: int,
+                 num_threads: int | None = None, timeout_s: float = 600.0):
+        import ray
+
+        self.actors = [actor_cls.remote(config, source, num_threads=num_threads, rank=rank, world_size=world_size)
+                       for rank in range(world_size)]
+        ray.get([actor.ready.remote() for actor in self.actors], timeout=timeout_s)
+        host, port = ray.get(self.actors[0].rendezvous_address.remote())
+        ray.get([actor.init_process_group.remote(host, port, timeout_s) for actor in self.actors],
+                timeout=timeout_s)
+
+    def __getattr__(self, name: str) -> _GroupMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _GroupMethod(self, name)

@@ -1,4 +1,5 @@
-"""Loading the policy every actor holds: the pipeline from `model.pretrained` plus the configured LoRA adapter.
+"""Loading the policy every actor holds: the pipeline from `model.pretrained` plus the configured LoRA adapter (or,
+for `model.finetune: full`, the bare UNet, with a frozen reference copy in the learner).
 
 Samplers and the learner call `load_policy` with the same config, so their UNets are identical (same base weights,
 same LoRA init drawn from a seed derived from `config.seed`) before the learner's first published weights arrive.
@@ -16,6 +17,7 @@ import torch
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.models.loading import (
     DiffusionModel,
+    add_reference_copy,
     attach_lora,
     load_diffusion_model,
     load_preview_decoder,
@@ -66,23 +68,30 @@ def resolve_model_source(pretrained: str, cache_dir: str | Path) -> str:
     return str(target)
 
 
-def load_policy(config: RunConfig, source: str, device: torch.device) -> DiffusionModel:
+def load_policy(config: RunConfig, source: str, device: torch.device, *, for_training: bool = False) -> DiffusionModel:
     """The pipeline at `source` (a directory or hub id, see `resolve_model_source`) with the configured LoRA on
     its UNet; the LoRA's A matrices are drawn from a seed derived from `config.seed` (B = 0, so the policy starts
     equal to the base model). The UNet gets the `model.attention` processor, with `model.channels_last` the
     UNet and VAE (LoRA included) are stored channels_last, and `sampling.preview_decoder` is loaded as
-    `model.preview_vae`."""
+    `model.preview_vae`.
+
+    With `model.finetune: full` no LoRA is attached; `for_training` (the learner) then makes the UNet trainable
+    float32 weights and keeps a frozen reference copy in `model.dtype` (samplers need neither)."""
     model = load_diffusion_model(source, kind=config.model.kind, dtype=DTYPES[config.model.dtype], device=device,
                                  revision=config.model.revision)
     set_attention(model.unet, config.model.attention)
-    lora = config.model.lora
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(derive_seed(config.seed, LORA_INIT_STREAM))
-    try:
-        attach_lora(model.unet, rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules),
-                    init=lora.init)
-    finally:
-        torch.random.set_rng_state(rng_state)
+    if config.model.finetune == "full":
+        if for_training:
+            add_reference_copy(model, DTYPES[config.model.dtype])
+    else:
+        lora = config.model.lora
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(derive_seed(config.seed, LORA_INIT_STREAM))
+        try:
+            attach_lora(model.unet, rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules),
+                        init=lora.init)
+        finally:
+            torch.random.set_rng_state(rng_state)
     if config.sampling.preview_decoder is not None:
         model.preview_vae = load_preview_decoder(config.sampling.preview_decoder, model)
     if config.model.channels_last:

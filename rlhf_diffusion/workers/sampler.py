@@ -22,7 +22,7 @@ from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext, build_algori
 from rlhf_diffusion.config import NON_DIFFERENTIABLE_REWARDS, RunConfig
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor, decode_latents, initial_noise, sample_trajectory
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
-from rlhf_diffusion.models.loading import DiffusionModel, set_lora_state_dict
+from rlhf_diffusion.models.loading import DiffusionModel, set_trainable_state
 from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
 from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest
 from rlhf_diffusion.workers.policy import load_policy, resolve_device
@@ -152,7 +152,7 @@ class Sampler:
     def load_weights(self, weights: PublishedWeights) -> None:
         """Loads `weights` into the policy unless it already holds that version."""
         if weights.version != self.weights_version:
-            set_lora_state_dict(self.model.unet, weights.resolve())
+            set_trainable_state(self.model.unet, weights.resolve())
             self.weights_version = weights.version
 
     def rollout_context(self, generator: torch.Generator) -> RolloutContext:
