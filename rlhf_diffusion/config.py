@@ -39,6 +39,7 @@ from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ALGORITHM_NAMES",
+    "DataConfig",
     "DEFAULT_LORA_TARGETS",
     "NON_DIFFERENTIABLE_REWARDS",
     "NUM_TRAIN_TIMESTEPS",
@@ -739,6 +740,38 @@ class CheckpointConfig(_FrozenModel):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+OFFLINE_DATA_ALGORITHMS = ("dde", "dde_single", "diffusion_dpo")
+
+
+class DataConfig(_FrozenModel):
+    """Offline preference pairs for the final-image methods (DDE, DDE-Single, Diffusion-DPO), streamed from disk
+    by the samplers (each reads its own shard), VAE-encoded, and optionally mixed with online pairs."""
+
+    format: Literal["pickapic_parquet", "jsonl"] = Field(
+        description="'pickapic_parquet' = Pick-a-Pic v2 Parquet (columns caption, jpg_0, jpg_1, label_0; ties "
+        "label_0 = 0.5 are dropped and winners put first, as Diffusion-DPO [C]); 'jsonl' = one {\"prompt\", "
+        "\"image_w\", \"image_l\"} object per line (paths relative to the file; \"tie\": true drops the pair).",
+    )
+    path: str = Field(
+        min_length=1,
+        description="A Parquet file, a directory of *.parquet shards, a glob, or a JSONL file. It must be readable "
+        "on every sampler node.",
+    )
+    pairs_per_iteration: int = Field(
+        8, ge=1, description="Offline pairs each sampler contributes per iteration (iteration i, counted from 0, "
+        "takes pairs i·n … (i+1)·n−1 of the sampler's shard, so a redone shard or a resumed run reads the same pairs).",
+    )
+    online: bool = Field(
+        False, description="Also sample online pairs for the iteration's prompts (two images per prompt from the "
+        "current policy, ranked by the rewards) and train on both. False = offline only (no images are sampled "
+        "for training; the rewards still score evaluations).",
+    )
+    shuffle_buffer: int = Field(
+        1000, ge=0, description="Streaming shuffle buffer (records); 0 = file order. Order depends on (seed, pass).",
+    )
+    read_batch_size: int = Field(64, ge=1, description="Parquet rows decoded per read (memory per reader).")
+
+
 class RunConfig(_FrozenModel):
     """Everything one run needs. Immutable once loaded."""
 
@@ -765,6 +798,9 @@ class RunConfig(_FrozenModel):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Training and evaluation prompts.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    data: DataConfig | None = Field(
+        None, description="Offline preference pairs (DDE / Diffusion-DPO); None = online pairs only."
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -782,6 +818,15 @@ class RunConfig(_FrozenModel):
                 )
             first_index[reward.name] = index
         return rewards
+
+    @model_validator(mode="after")
+    def _check_data_fits_algorithm(self) -> RunConfig:
+        if self.data is not None and self.algorithm.name not in OFFLINE_DATA_ALGORITHMS:
+            raise _field_error(
+                "data", f"offline preference pairs train only {', '.join(OFFLINE_DATA_ALGORITHMS)} (final-image "
+                f"pairs); {self.algorithm.name} needs trajectories from its own rollouts", self.data.format,
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_mixed_precision_fits_device(self) -> RunConfig:

@@ -574,11 +574,12 @@ class Trainer:
                 record = {
                     "iteration": float(it + 1),
                     "weights_version": float(result.version),
-                    "reward_mean": batch.rewards.mean().item(),
-                    "reward_std": batch.rewards.std().item() if batch.rewards.numel() > 1 else 0.0,
-                    **{f"reward/{name}_mean": v.mean().item() for name, v in batch.per_reward.items()},
+                    **({"reward_mean": batch.rewards.mean().item(),  # absent for offline-only batches
+                        "reward_std": batch.rewards.std().item() if batch.rewards.numel() > 1 else 0.0}
+                       if batch.rewards.numel() else {}),
+                    **{f"reward/{name}_mean": v.mean().item() for name, v in batch.per_reward.items() if v.numel()},
                     **{f"reward/{name}_std": (v.std().item() if v.numel() > 1 else 0.0)
-                       for name, v in batch.per_reward.items()},
+                       for name, v in batch.per_reward.items() if v.numel()},
                     "images_per_second": images / max(elapsed, 1e-9),
                     "wait_for_rollouts_seconds": t_sampled - t0,
                     "seconds": elapsed,
@@ -597,10 +598,10 @@ class Trainer:
                 if (it + 1) % config.tracking.log_every == 0:
                     tracker.log_metrics(record, step=it + 1)
                 loss = result.metrics.get("loss", float("nan"))
-                line = (f"[iter {it + 1:4d}] reward {record['reward_mean']:.4f} loss {loss:.4f} "
+                line = (f"[iter {it + 1:4d}] reward {record.get('reward_mean', float('nan')):.4f} loss {loss:.4f} "
                         f"staleness {int(result.metrics.get('staleness', 0))} {record['images_per_second']:.2f} img/s")
                 if bar is not None:
-                    bar.set_postfix(reward=f"{record['reward_mean']:.4f}", loss=f"{loss:.4f}",
+                    bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}", loss=f"{loss:.4f}",
                                     img_s=f"{record['images_per_second']:.2f}")
                     bar.update(1)
                 else:

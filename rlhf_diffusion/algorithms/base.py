@@ -125,8 +125,8 @@ class RolloutBatch:
     @classmethod
     def concat(cls, batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
         """Joins the shards of one iteration in order: prompts are appended and each shard's `prompt_index` is
-        offset by the prompts before it. Metrics are averaged weighted by prompt count, except `*_seconds`, which
-        are summed (busy time). All shards must carry the same `weights_version`."""
+        offset by the prompts before it. Metrics are averaged weighted by prompt count, except `*_seconds` (busy
+        time) and `*_count` (counters), which are summed. All shards must carry the same `weights_version`."""
         if not batches:
             raise ValueError("RolloutBatch.concat needs at least one batch")
         versions = {b.weights_version for b in batches}
@@ -142,11 +142,11 @@ class RolloutBatch:
         metrics: dict[str, float] = {}
         for key in {k for b in batches for k in b.metrics}:
             values = [(b.metrics[key], n) for b, n in zip(batches, counts) if key in b.metrics]
-            if key.endswith("_seconds"):
+            if key.endswith("_seconds") or key.endswith("_count"):
                 metrics[key] = sum(v for v, _ in values)
             else:
                 metrics[key] = sum(v * n for v, n in values) / sum(n for _, n in values)
-        names = [set(b.per_reward) for b in batches]
+        names = [set(b.per_reward) for b in batches if b.rewards.numel()]  # offline pairs carry no rewards
         return cls(
             prompts=[p for b in batches for p in b.prompts],
             pairs=type(pairs[0]).concat(pairs),
@@ -154,7 +154,7 @@ class RolloutBatch:
             final_images=torch.cat(images) if all(i is not None for i in images) else None,
             metrics=metrics,
             weights_version=versions.pop(),
-            per_reward={name: torch.cat([b.per_reward[name] for b in batches])
+            per_reward={name: torch.cat([b.per_reward[name] for b in batches if b.rewards.numel()])
                         for name in set.intersection(*names)} if names else {},
         )
 

@@ -27,6 +27,7 @@ __all__ = [
     "decode_latents",
     "decode_preview",
     "draw_candidates",
+    "encode_images",
     "initial_noise",
     "sample_trajectory",
 ]
@@ -238,6 +239,20 @@ def decode_latents(model: DiffusionModel, latents: Tensor, clamp: bool = True) -
     gradient alive for guidance on predicted x̂_0 (REWARDS.md §1, pitfall 4).
     """
     return _decode(model.vae, latents, clamp)
+
+
+def encode_images(model: DiffusionModel, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """VAE encode: (B, 3, H, W) images in [0, 1] → (B, C, h, w) latents as the UNet sees them (× scaling factor,
+    minus the shift where the VAE defines one), drawn from the posterior with `generator` (its mean when None)."""
+    vae = model.vae
+    pixels = (images.to(device=vae.device, dtype=vae.dtype) * 2 - 1)
+    posterior = vae.encode(pixels).latent_dist
+    z = posterior.mean if generator is None else posterior.mean + posterior.std * torch.randn(
+        posterior.mean.shape, generator=generator).to(device=vae.device, dtype=vae.dtype)
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        z = z - shift
+    return (z * vae.config.scaling_factor).to(torch.float32)
 
 
 def decode_preview(model: DiffusionModel, latents: Tensor) -> Tensor:

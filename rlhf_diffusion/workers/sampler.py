@@ -20,6 +20,7 @@ from torch import Tensor
 
 from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext, build_algorithm
 from rlhf_diffusion.config import NON_DIFFERENTIABLE_REWARDS, RunConfig
+from rlhf_diffusion.data.offline import OfflinePairStream, encode_pairs
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor, decode_latents, initial_noise, sample_trajectory
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
 from rlhf_diffusion.models.loading import DiffusionModel, set_trainable_state
@@ -141,6 +142,11 @@ class Sampler:
         self.predictor = NoisePredictor(self.model, config.sampling.guidance_scale, self.resolution, self.resolution)
         # Version of the LoRA in `self.model`; -1 = not set by a learner yet (a fresh or restarted actor).
         self.weights_version = -1
+        # Offline preference pairs (DDE / Diffusion-DPO): this sampler reads shard `rank` of the source.
+        self.offline = None
+        if config.data is not None:
+            self.offline = OfflinePairStream(config.data, config.seed, shard_index=rank,
+                                             num_shards=config.resources.num_samplers)
 
     def ready(self) -> int:
         """Returns the rank once the actor is constructed (the driver waits on it to surface load errors)."""
@@ -174,8 +180,16 @@ class Sampler:
         waited = self.reward.wait_seconds
         self.model.unet.eval()
         generator = torch.Generator().manual_seed(request.seed)
-        batch = self.algorithm.rollout(self.rollout_context(generator), list(request.prompts),
-                                       self.encode(request.prompts))
+        parts = []
+        if self.offline is None or self.config.data.online:
+            parts.append(self.algorithm.rollout(self.rollout_context(generator), list(request.prompts),
+                                                self.encode(request.prompts)))
+            parts[-1].weights_version = self.weights_version
+        if self.offline is not None:
+            pairs, data_metrics = self.offline.take(request.iteration)
+            parts.append(encode_pairs(self.model, pairs, self.resolution, generator, self.weights_version))
+            parts[-1].metrics.update(data_metrics)
+        batch = parts[0] if len(parts) == 1 else RolloutBatch.concat(parts)
         batch.pairs.validate()
         batch.weights_version = self.weights_version
         batch.metrics["rollout_seconds"] = time.perf_counter() - start
