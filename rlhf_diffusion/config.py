@@ -86,9 +86,16 @@ RewardName = Literal[
     "pickscore",
     "hpsv2",
     "clip_score",
+    "custom",
 ]
-REWARD_NAMES: tuple[str, ...] = get_args(RewardName)
+# `name: custom` = a user's reward loaded from `target` ("package.module:Attribute", rewards/custom.py).
+CUSTOM_REWARD = "custom"
+# The built-in (registered) rewards: every name but `custom`.
+REWARD_NAMES: tuple[str, ...] = tuple(name for name in get_args(RewardName) if name != CUSTOM_REWARD)
+# Built-in rewards without a gradient. A custom reward's differentiability is only known once it is built.
 NON_DIFFERENTIABLE_REWARDS: frozenset[str] = frozenset({"jpeg_compressibility", "jpeg_incompressibility"})
+# `package.module:Attribute` (the attribute may be dotted: `module:Class.factory`); same grammar as rewards/custom.py.
+_REWARD_TARGET_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 TINY_MODELS: tuple[str, ...] = ("tiny:sd15", "tiny:sdxl")
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -537,7 +544,8 @@ class RewardConfig(_FrozenModel):
 
     name: RewardName = Field(
         description="Reward model. JPEG (in)compressibility are not differentiable (no TailorPO-G); see "
-        "shared/REWARDS.md for each model's source and preprocessing.",
+        "shared/REWARDS.md for each model's source and preprocessing. 'custom' = a user's reward loaded from "
+        "`target` (README 'Custom rewards').",
     )
     weight: float = Field(
         1.0,
@@ -552,6 +560,27 @@ class RewardConfig(_FrozenModel):
         default_factory=dict,
         description="Extra keyword arguments for the reward's constructor (reward-specific, e.g. a JPEG quality).",
     )
+    target: str | None = Field(
+        None,
+        description="Only for name 'custom' (required there): 'package.module:Attribute', a RewardModel subclass or "
+        "a factory returning a reward, called with `kwargs` (and `path` when set). The module must be importable "
+        "on every Ray node (ray job submit --working-dir, runtime_env py_modules, or PYTHONPATH).",
+    )
+    label: str | None = Field(
+        None,
+        pattern=_RUN_NAME_PATTERN,
+        description="The reward's key in metrics (reward/<label>_mean), per-reward scores and Pareto ranking; keys "
+        "must be distinct. None = the attribute name of a custom `target`, else `name`.",
+    )
+
+    @property
+    def key(self) -> str:
+        """The reward's key in metrics, `per_reward` dicts and Pareto ranking (see `label`)."""
+        if self.label is not None:
+            return self.label
+        if self.name == CUSTOM_REWARD and self.target is not None:
+            return self.target.rpartition(":")[2].rpartition(".")[2]
+        return self.name
 
     @field_validator("weight")
     @classmethod
@@ -559,6 +588,23 @@ class RewardConfig(_FrozenModel):
         if value == 0:
             raise ValueError("must be non-zero (remove the reward instead)")
         return value
+
+    @model_validator(mode="after")
+    def _check_target(self) -> RewardConfig:
+        if self.name == CUSTOM_REWARD:
+            if self.target is None:
+                raise _field_error(
+                    "target", "required for name 'custom': the reward's import path 'package.module:Attribute'", None
+                )
+            if not _REWARD_TARGET_RE.match(self.target):
+                raise _field_error(
+                    "target", "expected 'package.module:Attribute' (e.g. 'my_pkg.rewards:MyReward')", self.target
+                )
+        elif self.target is not None:
+            raise _field_error(
+                "target", f"only for name 'custom' ({self.name!r} is a built-in reward; remove `target`)", self.target
+            )
+        return self
 
 
 class ResourcesConfig(_FrozenModel):
@@ -810,13 +856,23 @@ class RunConfig(_FrozenModel):
     @field_validator("rewards")
     @classmethod
     def _check_distinct_rewards(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:
+        # Rewards are keyed by `RewardConfig.key` (label, else a custom target's attribute, else name) in metrics,
+        # per-reward scores and Pareto ranking, so keys must be distinct; a built-in may appear twice with labels.
         first_index: dict[str, int] = {}
         for index, reward in enumerate(rewards):
-            if reward.name in first_index:
+            key = reward.key
+            if key in first_index:
+                first = rewards[first_index[key]]
+                if reward.label is None and first.label is None and reward.name == first.name != CUSTOM_REWARD:
+                    raise _field_error(
+                        f"{index}.name", f"duplicate reward (already rewards.{first_index[key]}.name); give each a "
+                        "distinct `label` to use a reward twice", reward.name
+                    )
                 raise _field_error(
-                    f"{index}.name", f"duplicate reward (already rewards.{first_index[reward.name]}.name)", reward.name
+                    f"{index}.label", f"duplicate reward key {key!r} (already the key of rewards.{first_index[key]}); "
+                    "give each reward a distinct `label`", key
                 )
-            first_index[reward.name] = index
+            first_index[key] = index
         return rewards
 
     @model_validator(mode="after")
@@ -838,6 +894,8 @@ class RunConfig(_FrozenModel):
 
     @model_validator(mode="after")
     def _check_rewards_fit_algorithm(self) -> RunConfig:
+        # Built-in rewards only: a custom reward's differentiability is known once it is built (its module is not
+        # imported while validating a config), so a non-differentiable custom reward is refused when the run starts.
         if self.algorithm.name == "tailorpo_g":
             for index, reward in enumerate(self.rewards):
                 if reward.name in NON_DIFFERENTIABLE_REWARDS:

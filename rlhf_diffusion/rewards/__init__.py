@@ -22,14 +22,18 @@ from rlhf_diffusion.rewards.base import (
     register_reward,
     validate_reward_inputs,
 )
+from rlhf_diffusion.rewards.custom import CustomReward, CustomRewardError, load_custom_reward
 
 __all__ = [
     "REWARD_REGISTRY",
+    "CustomReward",
+    "CustomRewardError",
     "NotDifferentiableError",
     "RewardModel",
     "RewardResult",
     "WeightedReward",
     "build_reward",
+    "load_custom_reward",
     "register_reward",
     "validate_reward_inputs",
 ]

@@ -19,7 +19,8 @@ A subclass implements one method, `_score`, and registers itself by name:
 
 `build_reward(name, path=..., device=..., **kwargs)` constructs a registered reward from a config entry. Rewards
 that load weights take a `path` constructor argument; rewards that load nothing take none, and passing one is an
-error.
+error. `build_reward("custom", target="pkg.module:Attr", **kwargs)` loads a user's reward by import path instead
+(rewards/custom.py).
 """
 
 from __future__ import annotations
@@ -197,6 +198,8 @@ def _to_cpu32(t: Tensor) -> Tensor:
 
 # name → reward class; filled by `@register_reward` when `rlhf_diffusion.rewards` is imported.
 REWARD_REGISTRY: dict[str, type[RewardModel]] = {}
+# The config name of a user's reward loaded by import path (rewards/custom.py); never registered.
+CUSTOM_REWARD = "custom"
 
 _RewardClass = TypeVar("_RewardClass", bound=type[RewardModel])
 
@@ -210,6 +213,8 @@ def register_reward(name: str) -> Callable[[_RewardClass], _RewardClass]:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+    if name == CUSTOM_REWARD:
+        raise ValueError(f"reward name '{CUSTOM_REWARD}' is reserved for rewards loaded by import path")
 
     def decorator(cls: _RewardClass) -> _RewardClass:
         if not (isinstance(cls, type) and issubclass(cls, RewardModel)):
@@ -230,19 +235,28 @@ def _registered() -> str:
 
 
 def build_reward(name: str, *, path: str | None = None, device: str | torch.device = "cpu",
-                 **kwargs: Any) -> RewardModel:
-    """Constructs the registered reward `name` and moves it to `device`.
+                 target: str | None = None, **kwargs: Any) -> RewardModel:
+    """Constructs the registered reward `name` (or the custom reward `target`) and moves it to `device`.
 
     Args:
-        name: registry name, e.g. "jpeg_compressibility".
+        name: registry name, e.g. "jpeg_compressibility", or "custom" (then `target` says what to load).
         path: where the reward's weights are (its own published format); only for rewards that load weights.
         device: where the reward runs.
+        target: only for name "custom": "package.module:Attribute" (see `rewards.custom.load_custom_reward`).
         **kwargs: the reward class's constructor arguments.
 
     Raises:
         ValueError: unknown name (the message lists the registered names), or arguments the reward does not take
-            or lacks (the message names the reward and the argument).
+            or lacks (the message names the reward and the argument); for a custom reward a
+            `CustomRewardError` (a ValueError) naming the target.
     """
+    if name == CUSTOM_REWARD:
+        from rlhf_diffusion.rewards.custom import build_custom_reward
+
+        return build_custom_reward(target, path=path, device=device, kwargs=kwargs)
+    if target is not None:
+        raise ValueError(f"reward '{name}' is built in; `target` is only for name '{CUSTOM_REWARD}' (got "
+                         f"target={target!r})")
     if name not in REWARD_REGISTRY:
         raise ValueError(f"unknown reward '{name}'; registered: {_registered()}")
     cls = REWARD_REGISTRY[name]
@@ -283,7 +297,8 @@ class WeightedReward:
     """Weighted sum of several rewards, built from [(RewardModel, weight), ...].
 
     The total is Σ_i w_i · r_i and its gradient Σ_i w_i · ∇r_i; it is differentiable only if every term is.
-    Terms are keyed by reward name, so each registered reward appears at most once.
+    Terms are keyed by `reward.name`, so each key appears at most once; `from_specs` sets an instance's name to its
+    config key (`label`, else a custom target's attribute name, else the registry name).
     """
 
     def __init__(self, terms: Sequence[tuple[RewardModel, float]]):
@@ -305,6 +320,15 @@ class WeightedReward:
     def differentiable(self) -> bool:
         """True when every term is differentiable."""
         return all(reward.differentiable for reward, _ in self.terms)
+
+    @property
+    def not_differentiable(self) -> list[str]:
+        """The terms without a gradient, each as "'key'" or "'key' (custom reward 'pkg.mod:Attr' (rewards.i.target))",
+        for error messages; empty when the sum is differentiable."""
+        from rlhf_diffusion.rewards.custom import CustomReward
+
+        return [repr(reward.name) + (f" ({reward.describe()})" if isinstance(reward, CustomReward) else "")
+                for reward, _ in self.terms if not reward.differentiable]
 
     @property
     def names(self) -> list[str]:
@@ -367,20 +391,38 @@ class WeightedReward:
 
         Args:
             specs: objects with attributes `.name`, `.weight`, `.path` (or None) and `.kwargs` (dict or None),
-                e.g. the config's `RewardConfig`.
+                e.g. the config's `RewardConfig`; optionally `.target` (name "custom": the import path) and
+                `.label` (the reward's key; None = a custom target's attribute name, else `.name`).
             device: where every reward runs.
+
+        Raises:
+            ValueError: a reward cannot be built; for a custom reward a `CustomRewardError` naming
+                `rewards.<i>.target`.
         """
         if len(specs) == 0:
             raise ValueError("no rewards configured; need at least one reward entry")
-        terms = [(build_reward(s.name, path=s.path, device=device, **dict(s.kwargs or {})), s.weight) for s in specs]
+        terms = []
+        for index, spec in enumerate(specs):
+            kwargs = dict(spec.kwargs or {})
+            label = getattr(spec, "label", None)
+            if spec.name == CUSTOM_REWARD:
+                from rlhf_diffusion.rewards.custom import build_custom_reward
+
+                reward = build_custom_reward(getattr(spec, "target", None), path=spec.path, device=device,
+                                             kwargs=kwargs, where=f"rewards.{index}.target")
+            else:
+                reward = build_reward(spec.name, path=spec.path, device=device,
+                                      target=getattr(spec, "target", None), **kwargs)
+            if label is not None:
+                reward.name = label  # instance attribute: the key in per_reward, metrics and Pareto ranking
+            terms.append((reward, spec.weight))
         return cls(terms)
 
     def _require_differentiable(self) -> None:
-        offending = [reward.name for reward, _ in self.terms if not reward.differentiable]
+        offending = self.not_differentiable
         if offending:
             raise NotDifferentiableError(
-                f"the weighted reward has no gradient: reward(s) {', '.join(map(repr, offending))} "
-                "are not differentiable")
+                f"the weighted reward has no gradient: reward(s) {', '.join(offending)} are not differentiable")
 
     def _weighted_sum(self, per_reward: dict[str, Tensor]) -> Tensor:
         # (N,) Σ_i w_i · r_i, accumulated in the dtype/device of the first term's scores.

@@ -46,6 +46,12 @@ class RewardHost:
         self.device = resolve_device(device)
         self.reward = WeightedReward.from_specs(specs, device=self.device)
 
+    def describe(self) -> dict[str, Any]:
+        """What a client needs to know before scoring: `names` (reward keys, in order), `weights` (key → weight),
+        `differentiable`, and `not_differentiable` (the terms without a gradient, described for messages)."""
+        return {"names": self.reward.names, "weights": self.reward.weights,
+                "differentiable": self.reward.differentiable, "not_differentiable": self.reward.not_differentiable}
+
     def score_many(self, requests: list[tuple[Tensor, list[str]]]) -> list[RewardResult]:
         """Scores several requests in one batch per image size; returns one result per request, in order."""
         return self._batched(requests, lambda images, prompts: self.reward.score(images, prompts),
@@ -182,6 +188,10 @@ class RewardServer:
 
     async def ready(self) -> bool:
         return True
+
+    async def describe(self) -> dict[str, Any]:
+        """`RewardHost.describe`: reward keys, weights and differentiability (custom rewards' is only known here)."""
+        return self.host.describe()
 
     async def score(self, images: Tensor, prompts: list[str]) -> RewardResult:
         """(N, 3, H, W) images in [0, 1] + N prompts → `RewardResult` (float32 CPU)."""

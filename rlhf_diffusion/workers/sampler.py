@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext, build_algorithm
-from rlhf_diffusion.config import NON_DIFFERENTIABLE_REWARDS, RunConfig
+from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.data.offline import OfflinePairStream, encode_pairs
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor, decode_latents, initial_noise, sample_trajectory
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
@@ -131,14 +131,23 @@ class Sampler:
         self.device = resolve_device(config.device) if model is None else model.device
         self.model = model if model is not None else load_policy(config, source, self.device)
         self.resolution = config.model.resolution or self.model.resolution
-        differentiable = not any(spec.name in NON_DIFFERENTIABLE_REWARDS for spec in config.rewards)
-        if reward_servers is not None:
-            self.reward = RemoteReward(reward_servers, rank, differentiable)
+        if reward_servers is not None:  # the server knows which rewards (custom ones included) have gradients
+            import ray
+
+            info = ray.get(reward_servers[rank % len(reward_servers)].describe.remote())
+            self.reward = RemoteReward(reward_servers, rank, info["differentiable"])
+            not_differentiable = info["not_differentiable"]
         else:
-            self.reward = _LocalRewardClient(reward or WeightedReward.from_specs(config.rewards, device=self.device))
-        self.reward_weights = {spec.name: spec.weight for spec in config.rewards}
+            local = reward or WeightedReward.from_specs(config.rewards, device=self.device)
+            self.reward = _LocalRewardClient(local)
+            not_differentiable = local.not_differentiable
+        self.reward_weights = {spec.key: spec.weight for spec in config.rewards}  # keyed as the scores are
         self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
         self.algorithm = build_algorithm(config.algorithm, self.grid)
+        if getattr(self.algorithm, "guided", False) and not_differentiable:
+            raise ValueError(f"algorithm {config.algorithm.name} needs a reward gradient, but reward(s) "
+                             f"{', '.join(not_differentiable)} are not differentiable; use tailorpo, or a "
+                             "differentiable reward")
         self.predictor = NoisePredictor(self.model, config.sampling.guidance_scale, self.resolution, self.resolution)
         # Version of the LoRA in `self.model`; -1 = not set by a learner yet (a fresh or restarted actor).
         self.weights_version = -1
