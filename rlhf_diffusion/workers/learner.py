@@ -186,6 +186,8 @@ class Learner:
         for _ in range(train.num_inner_epochs):
             order = torch.randperm(len(examples), generator=generator)
             for chunk in order.split(train.train_batch_size):
+                if len(chunk) == 0:  # an empty batch (every pair a tie) splits into one empty chunk: no step
+                    continue
                 minibatch = examples.select(chunk)
                 cond = cond_all.index(minibatch.prompt_index)
                 with self.autocast():

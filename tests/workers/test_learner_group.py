@@ -125,3 +125,14 @@ def test_two_gloo_ranks_match_each_other_and_one_learner(finetune, train_batch_s
         assert (tables[0]["correction_table"] != 0).sum() > 0
         for key in ("loss", "implicit_accuracy", "mean_delta"):
             assert result.metrics[key] == pytest.approx(expected.metrics[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_batch_without_pairs_trains_no_step(tiny_sd15_dir, tmp_path, one_torch_thread):
+    """Every pair a tie (e.g. Pareto ranking with no dominance): no optimizer step, no crash, a new version."""
+    learner = Learner(make_config(tiny_sd15_dir, tmp_path, num_learners=1, finetune="lora", train_batch_size=4,
+                                  epochs=1), str(tiny_sd15_dir))
+    before = get_trainable_state(learner.model.unet)
+    result = learner.train(pair_batch(learner, 0), iteration=1)
+    assert result.version == 1 and result.metrics["optimizer_steps"] == 0
+    after = get_trainable_state(learner.model.unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)
