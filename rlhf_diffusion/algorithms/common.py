@@ -1,9 +1,11 @@
 """Primitives shared by several methods (ALGORITHMS.md §5): the clamped DPO step loss (D3PO / TailorPO / SPO),
 step log-ratios under the DDIM policy, the Diffusion-DPO ε-MSE difference (Uniform baseline, DDE), preference
-labels (weighted sum or Pareto), and the final-image pair sampler used by the online DDE / Diffusion-DPO."""
+labels (weighted sum or Pareto), the final-image pair sampler used by the online DDE / Diffusion-DPO, and
+`FinalPairAlgorithm`, the part those two methods share (rollout, per-pair t and ε draws, data-parallel shares)."""
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_diffusion.algorithms.base import FinalPairBatch, RolloutBatch, RolloutContext
+from rlhf_diffusion.algorithms.base import Algorithm, FinalPairBatch, LossOutput, RolloutBatch, RolloutContext
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import (
     DDIMGrid,
@@ -24,12 +26,14 @@ from rlhf_diffusion.diffusion.sampling import (
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 __all__ = [
+    "FinalPairAlgorithm",
     "RankedPairs",
     "diffusion_dpo_mse_delta",
     "dpo_step_loss",
     "preference_labels",
     "sample_final_pairs",
     "sample_ranked_pairs",
+    "sample_timesteps",
     "step_log_ratios",
 ]
 
@@ -214,3 +218,40 @@ def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: Tex
     err_ref = ((predictor(x_t, t2, cond2, reference=True) - target) ** 2).mean(dim=(1, 2, 3))
     m = x0_w.shape[0]
     return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:])
+
+
+def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """One t per pair, uniform on [lo, hi] of the 1000-step training grid (§3a, uniform assumed [U])."""
+    lo, hi = timestep_range
+    return torch.randint(lo, hi + 1, (count,), generator=generator)
+
+
+class FinalPairAlgorithm(Algorithm):
+    """A method trained on final-image pairs with one (t, ε) per pair (DDE, Diffusion-DPO): online pairs from
+    `sample_final_pairs`, t uniform on `config.timestep_range` and ε shared by winner and loser [C], drawn for the
+    whole minibatch before a data-parallel rank takes its rows. Subclasses implement `pair_loss`."""
+
+    cfg_in_training = False  # ε-MSE on the conditional model, as Diffusion-DPO
+
+    def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
+        return sample_final_pairs(ctx, prompts, cond)
+
+    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
+             generator: torch.Generator) -> LossOutput:
+        timesteps, noise = self.draw(examples, generator)
+        return self.pair_loss(predictor, cond, examples, timesteps, noise)
+
+    def loss_on_rows(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
+                     generator: torch.Generator, rows: Tensor) -> LossOutput:
+        timesteps, noise = self.draw(examples, generator)  # drawn for the whole minibatch, then sliced
+        return self.pair_loss(predictor, cond.index(rows), examples.select(rows), timesteps[rows], noise[rows])
+
+    def draw(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One t (uniform on `timestep_range`) and one ε per pair, shared by winner and loser."""
+        timesteps = sample_timesteps(len(examples), self.config.timestep_range, generator)
+        return timesteps, torch.randn(examples.x0_w.shape, generator=generator)
+
+    @abc.abstractmethod
+    def pair_loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
+                  timesteps: Tensor, noise: Tensor) -> LossOutput:
+        """The loss of `examples` at the given per-pair `timesteps` (M,) and `noise` (M, C, h, w)."""

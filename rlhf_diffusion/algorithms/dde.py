@@ -22,15 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_diffusion.algorithms.base import (
-    Algorithm,
-    FinalPairBatch,
-    LossOutput,
-    RolloutBatch,
-    RolloutContext,
-    register_algorithm,
-)
-from rlhf_diffusion.algorithms.common import diffusion_dpo_mse_delta, sample_final_pairs
+from rlhf_diffusion.algorithms.base import FinalPairBatch, LossOutput, register_algorithm
+from rlhf_diffusion.algorithms.common import FinalPairAlgorithm, diffusion_dpo_mse_delta
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
@@ -72,17 +65,9 @@ def ema_update(table: Tensor, timesteps: Tensor, statistic: Tensor, momentum: fl
     return torch.where(seen, momentum * table + (1 - momentum) * batch_mean, table)
 
 
-def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: torch.Generator) -> Tensor:
-    """One t per pair, uniform on [lo, hi] of the 1000-step training grid (§3a, uniform assumed [U])."""
-    lo, hi = timestep_range
-    return torch.randint(lo, hi + 1, (count,), generator=generator)
-
-
 @register_algorithm("dde", "dde_single")
-class DDE(Algorithm):
+class DDE(FinalPairAlgorithm):
     """DDE with the EMA stepwise correction (`correction: ema`) or DDE-Single (`correction: none`)."""
-
-    cfg_in_training = False  # ε-MSE on the conditional model, as Diffusion-DPO
 
     def __init__(self, config, grid: DDIMGrid):
         super().__init__(config, grid)
@@ -91,26 +76,8 @@ class DDE(Algorithm):
         self.kl_weights = ddim.ddpm_kl_weights(grid.betas)  # λ_t (T,)
         self.correction_table = torch.zeros(t_count, dtype=torch.float32)  # A[0..T−1], fp32, checkpointed
 
-    def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
-        return sample_final_pairs(ctx, prompts, cond)
-
-    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
-             generator: torch.Generator) -> LossOutput:
-        timesteps, noise = self.draw(examples, generator)
-        return self._loss(predictor, cond, examples, timesteps, noise)
-
-    def loss_on_rows(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
-                     generator: torch.Generator, rows: Tensor) -> LossOutput:
-        timesteps, noise = self.draw(examples, generator)  # drawn for the whole minibatch, then sliced
-        return self._loss(predictor, cond.index(rows), examples.select(rows), timesteps[rows], noise[rows])
-
-    def draw(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """One t (uniform on `timestep_range`) and one ε per pair, shared by winner and loser."""
-        timesteps = sample_timesteps(len(examples), self.config.timestep_range, generator)
-        return timesteps, torch.randn(examples.x0_w.shape, generator=generator)
-
-    def _loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch, timesteps: Tensor,
-              noise: Tensor) -> LossOutput:
+    def pair_loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
+                  timesteps: Tensor, noise: Tensor) -> LossOutput:
         delta = diffusion_dpo_mse_delta(predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise)
         alpha_prod = ddim.gather_alpha(self.grid.alphas_cumprod, timesteps).to(delta.device)
         if self.config.correction == "ema":
