@@ -158,8 +158,40 @@ def clip_text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, prompts: Se
     index = torch.tensor([unique.index(p) for p in prompts], device=features.device)
     return features[index]  # (N, P)
 
+class ClipCosineReward(RewardModel):
+    """A reward made of the cosine between a Hugging Face CLIP model's image and text embeddings (CLIP score,
+    PickScore). Subclasses load `model` (a `CLIPModel`), `image_encoder` (`ClipImageEncoder(model)`),
+    `tokenizer` and `max_length`, and scale `cosine` in `_score`."""
+
+    model: CLIPModel
+    image_encoder: ClipImageEncoder
+    tokenizer: CLIPTokenizer
+    max_length: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    def to(self, device: str | torch.device) -> ClipCosineReward:
+        self.model.to(device)
+        return self
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """(N, 3, H, W) in [0, 1] → the model's normalised (N, 3, S, S) pixel values (differentiable)."""
+        return self.image_encoder.preprocess(images)
+
+    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """(N,) prompts → (N, projection_dim) L2-normalised text embeddings, float32, no graph."""
+        return clip_text_embeddings(self.model, self.tokenizer, prompts, self.max_length)
+
+    def cosine(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """(N,) cos(image embedding, text embedding), differentiable with respect to the pixels."""
+        image_embeds = F.normalize(self.image_encoder(images.to(self.device)).float(), dim=-1)  # (N, P)
+        return (image_embeds * self.text_embeddings(prompts)).sum(dim=-1)
+
+
 @register_reward("clip_score")
-class ClipScore(RewardModel):
+class ClipScore(ClipCosineReward):
     """scale · cos(CLIP image embedding, CLIP text embedding); differentiable with respect to the pixels.
 
     Args:
@@ -190,26 +222,8 @@ class ClipScore(RewardModel):
         self.max_length = min(int(self.tokenizer.model_max_length),
                               int(self.model.config.text_config.max_position_embeddings))
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
-
-    def to(self, device: str | torch.device) -> ClipScore:
-        self.model.to(device)
-        return self
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """(N, 3, H, W) in [0, 1] → the model's normalised (N, 3, S, S) pixel values (differentiable)."""
-        return self.image_encoder.preprocess(images)
-
-    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
-        """(N,) prompts → (N, projection_dim) L2-normalised text embeddings, float32, no graph."""
-        return clip_text_embeddings(self.model, self.tokenizer, prompts, self.max_length)
-
     def _score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        image_embeds = F.normalize(self.image_encoder(images.to(self.device)).float(), dim=-1)  # (N, P)
-        cosine = (image_embeds * self.text_embeddings(prompts)).sum(dim=-1)  # (N,)
-        scores = self.scale * cosine
+        scores = self.scale * self.cosine(images, prompts)
         return scores.clamp(min=0) if self.nonnegative else scores
 
     def __repr__(self) -> str:

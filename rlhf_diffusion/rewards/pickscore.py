@@ -27,14 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from rlhf_diffusion.rewards.base import RewardModel, register_reward
+from rlhf_diffusion.rewards.base import register_reward
 from rlhf_diffusion.rewards.clip_score import (
+    ClipCosineReward,
     ClipImageEncoder,
-    clip_text_embeddings,
     load_clip_model,
     resolve_dtype,
     resolve_source,
@@ -104,7 +103,7 @@ def _rounded(values: Sequence[float]) -> tuple[float, ...]:
 
 
 @register_reward("pickscore")
-class PickScore(RewardModel):
+class PickScore(ClipCosineReward):
     """PickScore v1: exp(logit_scale) · cos(CLIP-H image embedding, text embedding), ≈ 20–22 for SD1.5.
 
     Args:
@@ -135,26 +134,8 @@ class PickScore(RewardModel):
         self.tokenizer: CLIPTokenizer = processor.tokenizer
         self.max_length = min(MAX_PROMPT_TOKENS, int(self.model.config.text_config.max_position_embeddings))
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
-
-    def to(self, device: str | torch.device) -> PickScore:
-        self.model.to(device)
-        return self
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """(N, 3, H, W) in [0, 1] → CLIP's normalised (N, 3, 224, 224) float32 pixel values (differentiable)."""
-        return self.image_encoder.preprocess(images)
-
-    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
-        """(N,) prompts → (N, projection_dim) L2-normalised text embeddings, float32, no graph."""
-        return clip_text_embeddings(self.model, self.tokenizer, prompts, self.max_length)
-
     def _score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        image_embeds = F.normalize(self.image_encoder(images.to(self.device)).float(), dim=-1)  # (N, P)
-        cosine = (image_embeds * self.text_embeddings(prompts)).sum(dim=-1)  # (N,)
-        return self.model.logit_scale.float().exp() * cosine
+        return self.model.logit_scale.float().exp() * self.cosine(images, prompts)
 
     def __repr__(self) -> str:
         return f"PickScore(path={self.source!r}, processor_path={self.processor_source!r})"
