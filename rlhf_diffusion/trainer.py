@@ -46,7 +46,7 @@ from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
 from rlhf_diffusion.tracking import NullTracker, build_tracker
 from rlhf_diffusion.models.loading import UNET_EXPORT_DIR
-from rlhf_diffusion.workers.learner import Learner, LearnerGroup
+from rlhf_diffusion.workers.learner import GroupRef, Learner, LearnerGroup
 from rlhf_diffusion.workers.messages import (
     ROLLOUT_STREAM,
     PublishedWeights,
@@ -162,7 +162,7 @@ def _get(ref: Any) -> Any:
         if ref.error is not None:
             raise ref.error
         return ref.value
-    if hasattr(ref, "get"):  # a call on every rank of a LearnerGroup
+    if isinstance(ref, GroupRef):  # a call on every rank of a LearnerGroup
         return ref.get()
     import ray
 

@@ -20,7 +20,6 @@ from rlhf_diffusion.config import (
     ConfigError,
     D3POConfig,
     DDEConfig,
-    RunConfig,
     TailorPOConfig,
     TailorPOGConfig,
     apply_overrides,

@@ -10,6 +10,7 @@ the next one reopens its source and skips to it (reading, not training on, the p
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 
@@ -39,7 +40,6 @@ class OfflinePairStream:
         self._iterator: Iterator[PreferencePair] | None = None
         self._position = 0
         self._reported = DataStats()
-        self.skipped = 0
 
     def _open(self) -> PreferenceSource:
         return PreferenceSource(self.data.format, self.data.path, epochs=None, shuffle_buffer=self.data.shuffle_buffer,
@@ -54,10 +54,10 @@ class OfflinePairStream:
         n = self.data.pairs_per_iteration
         start = iteration * n
         if self._iterator is None or start != self._position:
-            self.source = self._open()
-            self._reported = DataStats()
+            if self._iterator is not None:  # the open source has been read from: start it over
+                self.source = self._open()
+                self._reported = DataStats()
             self._iterator = iter(self.source)
-            self.skipped += start
             for _ in itertools.islice(self._iterator, start):
                 pass
             self._position = start
@@ -69,9 +69,7 @@ class OfflinePairStream:
             "offline_ties_dropped_count": float(stats.ties_dropped - before.ties_dropped),
             "offline_corrupt_rows_count": float(stats.corrupt_total - before.corrupt_total),
         }
-        self._reported = DataStats(rows_read=stats.rows_read, pairs_yielded=stats.pairs_yielded,
-                                   ties_dropped=stats.ties_dropped, passes=stats.passes,
-                                   corrupt=stats.corrupt.copy())
+        self._reported = dataclasses.replace(stats, corrupt=stats.corrupt.copy())
         return pairs, metrics
 
 

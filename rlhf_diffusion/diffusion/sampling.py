@@ -247,8 +247,7 @@ def encode_images(model: DiffusionModel, images: Tensor, generator: torch.Genera
     vae = model.vae
     pixels = (images.to(device=vae.device, dtype=vae.dtype) * 2 - 1)
     posterior = vae.encode(pixels).latent_dist
-    z = posterior.mean if generator is None else posterior.mean + posterior.std * torch.randn(
-        posterior.mean.shape, generator=generator).to(device=vae.device, dtype=vae.dtype)
+    z = posterior.mode() if generator is None else posterior.sample(generator)
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         z = z - shift

@@ -52,7 +52,7 @@ from rlhf_diffusion.models.loading import (
 from rlhf_diffusion.workers.messages import TRAIN_STREAM, PublishedWeights, TrainResult, derive_seed
 from rlhf_diffusion.workers.policy import DTYPES, load_policy, resolve_device
 
-__all__ = ["AUTOCAST_DTYPES", "Learner", "LearnerGroup"]
+__all__ = ["AUTOCAST_DTYPES", "GroupRef", "Learner", "LearnerGroup"]
 
 # `train.mixed_precision` -> autocast dtype (None = no autocast).
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -266,7 +266,7 @@ class Learner:
         return self.version
 
 
-class _GroupRef:
+class GroupRef:
     """The pending results of one call on every rank; `get` returns rank 0's (all ranks agree), raising as soon as
     any rank fails, so a dead rank does not leave the driver waiting for the collectives of the others."""
 
@@ -289,7 +289,7 @@ class _GroupMethod:
 
     def remote(self, *args) -> Any:
         if self.name in LearnerGroup.ALL_RANKS:
-            return _GroupRef([getattr(actor, self.name).remote(*args) for actor in self.group.actors])
+            return GroupRef([getattr(actor, self.name).remote(*args) for actor in self.group.actors])
         return getattr(self.group.actors[0], self.name).remote(*args)  # identical on every rank: ask rank 0
 
 
