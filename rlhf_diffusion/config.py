@@ -51,6 +51,8 @@ __all__ = [
     "D3POConfig",
     "DDEConfig",
     "DiffusionDPOConfig",
+    "EarlyStopConfig",
+    "GuardsConfig",
     "LoraConfig",
     "ModelConfig",
     "PromptSource",
@@ -179,7 +181,8 @@ class ModelConfig(_FrozenModel):
 
     pretrained: str = Field(
         description="The base pipeline: a local diffusers pipeline directory, a Hugging Face hub id ('org/name', "
-        "e.g. 'runwayml/stable-diffusion-v1-5', the D3PO base [C]), or 'tiny:sd15' / 'tiny:sdxl' (tiny "
+        "e.g. 'runwayml/stable-diffusion-v1-5', the D3PO base [C]), 'testbed:pipeline' (the shipped model trained on "
+        "the procedural world of rlhf_diffusion/testbed, 64 px), or 'tiny:sd15' / 'tiny:sdxl' (tiny "
         "random-weight pipelines the package builds itself, for tests and the embedded CPU default). Relative "
         "paths are relative to the working directory.",
     )
@@ -233,6 +236,14 @@ class ModelConfig(_FrozenModel):
             if value not in TINY_MODELS:
                 raise ValueError(f"unknown tiny model; valid tiny models: {', '.join(TINY_MODELS)}")
             return value
+        if value.startswith("testbed:"):
+            from rlhf_diffusion.testbed.assets import resolve_testbed
+
+            try:
+                resolve_testbed(value)
+            except (ValueError, FileNotFoundError) as err:
+                raise ValueError(str(err)) from None
+            return value
         path = Path(value).expanduser()
         if path.is_dir():
             return value
@@ -259,7 +270,8 @@ class ModelConfig(_FrozenModel):
     def _check_consistency(self) -> ModelConfig:
         if self.pretrained in TINY_MODELS and self.kind not in ("auto", self.pretrained.removeprefix("tiny:")):
             raise _field_error("kind", f"contradicts pretrained {self.pretrained!r}", self.kind)
-        is_local = self.pretrained in TINY_MODELS or Path(self.pretrained).expanduser().is_dir()
+        is_local = (self.pretrained in TINY_MODELS or self.pretrained.startswith("testbed:")
+                    or Path(self.pretrained).expanduser().is_dir())
         if self.revision is not None and is_local:
             raise _field_error("revision", "only valid when `pretrained` is a hub id", self.revision)
         return self
@@ -607,6 +619,33 @@ class RewardConfig(_FrozenModel):
         return self
 
 
+def _same_reward_model(a: RewardConfig, b: RewardConfig) -> bool:
+    """Whether two reward entries build the same model (label and weight aside)."""
+    return (a.name, a.target, a.path, a.kwargs) == (b.name, b.target, b.path, b.kwargs)
+
+
+def _check_distinct_reward_keys(rewards: list[RewardConfig], where: str) -> list[RewardConfig]:
+    """Rewards are keyed by `RewardConfig.key` (label, else a custom target's attribute, else name) in metrics,
+    per-reward scores and Pareto ranking, so the keys of one list (`where`: its dotted path) must be distinct; a
+    built-in may appear twice with labels. Error paths are relative to the list."""
+    first_index: dict[str, int] = {}
+    for index, reward in enumerate(rewards):
+        key = reward.key
+        if key in first_index:
+            first = rewards[first_index[key]]
+            if reward.label is None and first.label is None and reward.name == first.name != CUSTOM_REWARD:
+                raise _field_error(
+                    f"{index}.name", f"duplicate reward (already {where}.{first_index[key]}.name); give each a "
+                    "distinct `label` to use a reward twice", reward.name
+                )
+            raise _field_error(
+                f"{index}.label", f"duplicate reward key {key!r} (already the key of {where}.{first_index[key]}); "
+                "give each reward a distinct `label`", key
+            )
+        first_index[key] = index
+    return rewards
+
+
 class ResourcesConfig(_FrozenModel):
     """How many Ray actors of each role to start and what each one reserves."""
 
@@ -708,13 +747,14 @@ class PromptSource(_FrozenModel):
     """Where prompts come from: exactly one of a builtin list, a text file, or an inline list."""
 
     builtin: Literal[
-        "simple_animals", "partiprompts", "partiprompts:abstract", "partiprompts:animals", "partiprompts:artifacts",
+        "simple_animals", "testbed_train", "testbed_heldout", "partiprompts", "partiprompts:abstract", "partiprompts:animals", "partiprompts:artifacts",
         "partiprompts:arts", "partiprompts:food_beverage", "partiprompts:illustrations", "partiprompts:indoor_scenes",
         "partiprompts:outdoor_scenes", "partiprompts:people", "partiprompts:produce_plants", "partiprompts:vehicles",
         "partiprompts:world_knowledge",
     ] | None = Field(
         None, description="A builtin prompt list: 'simple_animals' = DDPO's 45 animal names [C], used by D3PO [C] "
-        "and TailorPO [R]; 'partiprompts' = all 1,632 PartiPrompts (google-research/parti, Apache-2.0); "
+        "and TailorPO [R]; 'testbed_train' / 'testbed_heldout' = the 332 / 82 captions of the testbed world's "
+        "fixed split (rlhf_diffusion/testbed, for `model.pretrained: testbed:pipeline`); 'partiprompts' = all 1,632 PartiPrompts (google-research/parti, Apache-2.0); "
         "'partiprompts:<category>' = the PartiPrompts of one category (lower-case, '_' for other characters: "
         "animals, food_beverage, world_knowledge, ...; see rlhf_diffusion/prompts.py)."
     )
@@ -779,6 +819,104 @@ class CheckpointConfig(_FrozenModel):
 
     every: int = Field(10, ge=0, description="Checkpoint every this many iterations; 0 = only at the end.")
     keep_last: int = Field(2, ge=1, description="Number of most recent checkpoints kept on disk.")
+
+
+class EarlyStopConfig(_FrozenModel):
+    """Stop the run when a held-out reward has fallen too far below its value before training."""
+
+    reward: str = Field(
+        min_length=1,
+        description="Key of the held-out reward to watch: the key of a `guards.heldout_rewards` entry (its `label`, "
+        "else a custom target's attribute name, else its `name`).",
+    )
+    drop_fraction: float = Field(
+        ge=0,
+        description="Stop when the relative drop d = (before − now) / max(|before|, min_scale) exceeds this at "
+        "`patience` consecutive evaluation passes. `before` = the reward's mean over the evaluation images before "
+        "training (iteration 0), `now` = at a pass during training. Rewards are larger-is-better, so d > 0 means "
+        "the reward fell, whatever the sign of `before` (ImageReward and the JPEG rewards can be negative): "
+        "before = −2, now = −3 is a drop of 0.5. E.g. 0.1 = stop once the reward is 10% of |before| below where it "
+        "started; 0 = stop on any fall.",
+    )
+    patience: int = Field(
+        1,
+        ge=1,
+        description="How many consecutive evaluation passes must exceed drop_fraction before the run stops (1 = the "
+        "first one); a pass within the limit resets the count. Passes run every `guards.every` and "
+        "`tracking.image_grid_every` iterations.",
+    )
+    min_scale: float = Field(
+        1e-8,
+        gt=0,
+        description="Floor of the denominator max(|before|, min_scale), so that a reward starting near 0 (ImageReward "
+        "is standardised to mean 0) does not turn a tiny change into a huge relative drop. Set to the reward's "
+        "typical spread (e.g. 1.0 for ImageReward) to make drop_fraction an absolute drop in reward units whenever "
+        "|before| < min_scale.",
+    )
+
+
+class GuardsConfig(_FrozenModel):
+    """Reward-hacking guards (README "Guarding against reward hacking"): rewards the policy is not trained on, scored
+    on the fixed evaluation images beside the training reward; the per-step KL of the policy to the reference; an
+    optional early stop when a held-out reward falls. Default: no held-out rewards and no early stop; the KL
+    metrics are on (they reuse the learner's forward passes: no extra UNet calls)."""
+
+    heldout_rewards: list[RewardConfig] = Field(
+        default_factory=list,
+        description="Rewards NOT used for training (same schema as `rewards`, custom ones included), scored only on "
+        "the evaluation images and logged one by one as heldout/<key> (mean raw score) beside eval/<key> (the "
+        "training rewards on the same images). They are hosted on the reward servers next to the training rewards "
+        "but never enter the training reward, the preference labels or TailorPO-G's gradient. Keys must be "
+        "distinct and differ from the training rewards' keys, and none may be the same model as a training reward "
+        "(same name, path, kwargs and target). `weight` has no effect here (nothing is summed), so only the "
+        "default 1.0 is accepted.",
+    )
+    every: int = Field(
+        0,
+        ge=0,
+        description="Run an evaluation pass (the eval prompts × prompts.eval_seeds fixed seeds, scored by the "
+        "training and the held-out rewards from the same images) every this many iterations, besides the passes "
+        "before training, every tracking.image_grid_every iterations (which also write an image grid) and at the "
+        "end. 0 = only those passes. The early stop is checked at every pass during training.",
+    )
+    early_stop: EarlyStopConfig | None = Field(
+        None,
+        description="Stop the run cleanly (final checkpoint, export, final evaluation; the reason in eval.json and "
+        "the MLflow tag `early_stop`) when a held-out reward falls by more than a set fraction of its value before "
+        "training; None = never stop early.",
+    )
+    log_kl: bool = Field(
+        True,
+        description="Log the policy's divergence from the reference from the learner's own forward passes, averaged "
+        "over each iteration's training examples. D3PO / TailorPO(-G): kl/step_<k> = KL(π_θ ‖ π_ref) of the DDIM "
+        "step k (closed form for Gaussians that share σ: mean over latent elements of (μ_θ − μ_ref)²/(2σ²), nats "
+        "per element) and kl/log_ratio_step_<k> = mean log π_θ/π_ref of the stored actions. DDE / DDE-Single / "
+        "Diffusion-DPO (random t): kl/eps_sq_diff_t_<lo> = mean (ε_θ − ε_ref)² and kl/ddpm_step_t_<lo> = λ_t × "
+        "that (the KL of the DDPM reverse step at t), per timestep bucket [lo, lo + 100). Each also as <name>_mean.",
+    )
+
+    @field_validator("heldout_rewards")
+    @classmethod
+    def _check_heldout_rewards(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:
+        for index, reward in enumerate(rewards):
+            if reward.weight != 1.0:
+                raise _field_error(
+                    f"{index}.weight", "has no effect on a held-out reward (each is logged on its own, never "
+                    "summed); remove it", reward.weight
+                )
+        return _check_distinct_reward_keys(rewards, "guards.heldout_rewards")
+
+    @model_validator(mode="after")
+    def _check_early_stop_reward(self) -> GuardsConfig:
+        if self.early_stop is not None:
+            keys = [reward.key for reward in self.heldout_rewards]
+            if self.early_stop.reward not in keys:
+                valid = ", ".join(map(repr, keys)) if keys else "none: guards.heldout_rewards is empty"
+                raise _field_error(
+                    "early_stop.reward", f"is not the key of a held-out reward (valid: {valid})",
+                    self.early_stop.reward,
+                )
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -847,6 +985,10 @@ class RunConfig(_FrozenModel):
     data: DataConfig | None = Field(
         None, description="Offline preference pairs (DDE / Diffusion-DPO); None = online pairs only."
     )
+    guards: GuardsConfig = Field(
+        default_factory=GuardsConfig,
+        description="Reward-hacking guards: held-out rewards, per-step KL to the reference, early stop.",
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -856,24 +998,26 @@ class RunConfig(_FrozenModel):
     @field_validator("rewards")
     @classmethod
     def _check_distinct_rewards(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:
-        # Rewards are keyed by `RewardConfig.key` (label, else a custom target's attribute, else name) in metrics,
-        # per-reward scores and Pareto ranking, so keys must be distinct; a built-in may appear twice with labels.
-        first_index: dict[str, int] = {}
-        for index, reward in enumerate(rewards):
-            key = reward.key
-            if key in first_index:
-                first = rewards[first_index[key]]
-                if reward.label is None and first.label is None and reward.name == first.name != CUSTOM_REWARD:
+        return _check_distinct_reward_keys(rewards, "rewards")
+
+    @model_validator(mode="after")
+    def _check_heldout_rewards_are_not_trained_on(self) -> RunConfig:
+        trained = {reward.key: index for index, reward in enumerate(self.rewards)}
+        for index, heldout in enumerate(self.guards.heldout_rewards):
+            where = f"guards.heldout_rewards.{index}"
+            for train_index, reward in enumerate(self.rewards):
+                if _same_reward_model(heldout, reward):
                     raise _field_error(
-                        f"{index}.name", f"duplicate reward (already rewards.{first_index[key]}.name); give each a "
-                        "distinct `label` to use a reward twice", reward.name
+                        where, f"is the same reward model as rewards.{train_index} (same name, path, kwargs and "
+                        "target): a reward the policy is trained on is not held out", heldout.key,
                     )
+            if heldout.key in trained:
+                field = "label" if heldout.label is not None else "target" if heldout.name == CUSTOM_REWARD else "name"
                 raise _field_error(
-                    f"{index}.label", f"duplicate reward key {key!r} (already the key of rewards.{first_index[key]}); "
-                    "give each reward a distinct `label`", key
+                    f"{where}.{field}", f"key {heldout.key!r} is also the key of rewards.{trained[heldout.key]}; a "
+                    "held-out reward needs its own key (give it a distinct `label`)", heldout.key,
                 )
-            first_index[key] = index
-        return rewards
+        return self
 
     @model_validator(mode="after")
     def _check_data_fits_algorithm(self) -> RunConfig:

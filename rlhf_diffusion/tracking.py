@@ -42,6 +42,12 @@ class NullTracker:
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         pass
 
+    def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def clear_tag(self, key: str) -> None:
+        pass
+
     def end(self, status: str = "FINISHED") -> None:
         pass
 
@@ -96,6 +102,15 @@ class Tracker:
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Sets a run tag (e.g. `early_stop` = why the run stopped before train.iterations)."""
+        self.client.set_tag(self.run_id, key, _clip(value))
+
+    def clear_tag(self, key: str) -> None:
+        """Removes a run tag if it is set (a resumed run that went on past an earlier early stop)."""
+        if key in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, key)
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

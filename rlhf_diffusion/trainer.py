@@ -16,6 +16,11 @@ ends with the same LoRA as an uninterrupted one.
 Faults: a sampler or reward server that dies is restarted by Ray (`resources.max_actor_restarts`); the driver redoes
 the dead sampler's shard (a reward call in flight is retried by Ray on the restarted server). A learner that dies
 ends the run with `LearnerCrashed`, which names the checkpoint to resume from.
+
+Evaluation passes (fixed prompts and seeds) run before training, every `tracking.image_grid_every` (with an image
+grid) and `guards.every` iterations, and at the end; each scores the same images with the training rewards
+(eval/...) and the held-out rewards (heldout/..., `guards.heldout_rewards`). `guards.early_stop` ends the run
+cleanly after a pass whose held-out reward fell too far below its value before training (`EarlyStopGuard`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from rlhf_diffusion.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from rlhf_diffusion.config import RunConfig, flatten_config
+from rlhf_diffusion.config import EarlyStopConfig, RunConfig, flatten_config
 from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
@@ -56,10 +61,12 @@ from rlhf_diffusion.workers.messages import (
     prompts_for_iteration,
 )
 from rlhf_diffusion.workers.policy import load_policy, resolve_device, resolve_model_source
-from rlhf_diffusion.workers.reward_server import RewardServer
+from rlhf_diffusion.workers.reward_server import RewardServer, build_heldout_reward
 from rlhf_diffusion.workers.sampler import EvalShard, Sampler
 
 __all__ = [
+    "EarlyStop",
+    "EarlyStopGuard",
     "EvalResult",
     "LearnerCrashed",
     "LocalTrainer",
@@ -67,11 +74,13 @@ __all__ = [
     "Trainer",
     "resolve_device",
     "resolve_model_source",
+    "relative_drop",
     "save_grid",
 ]
 
-# Settings of resume that may differ from the checkpoint's config (everything else must match).
-RESUMABLE_CHANGES = ("train.iterations", "tracking.", "checkpoint.", "resources.")
+# Settings of resume that may differ from the checkpoint's config (everything else must match). The guards only
+# watch the run (they never change what is trained), so they may change too, e.g. a looser early stop.
+RESUMABLE_CHANGES = ("train.iterations", "tracking.", "checkpoint.", "resources.", "guards.")
 
 
 class LearnerCrashed(RuntimeError):
@@ -99,15 +108,65 @@ class EvalResult:
         per_reward: name → mean raw score.
         images: (N, 3, H, W) the images, prompt-major.
         rewards: (N,) weighted totals.
+        heldout: held-out reward key → mean raw score on the same images (`guards.heldout_rewards`).
     """
 
     mean: float
     per_reward: dict[str, float]
     images: Tensor
     rewards: Tensor
+    heldout: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"mean": self.mean, "per_reward": self.per_reward}
+        return {"mean": self.mean, "per_reward": self.per_reward, "heldout": self.heldout}
+
+
+def relative_drop(before: float, now: float, min_scale: float) -> float:
+    """How far a (larger-is-better) reward fell, relative to its starting magnitude:
+    (before − now) / max(|before|, min_scale). Positive = it fell, whatever the signs (before −2, now −3 → 0.5);
+    negative = it rose."""
+    return (before - now) / max(abs(before), min_scale)
+
+
+class EarlyStopGuard:
+    """`guards.early_stop`: counts consecutive evaluation passes at which the watched held-out reward's
+    `relative_drop` from its value before training exceeds `drop_fraction`; at `patience` of them the run stops.
+
+    Args:
+        config: the early-stop settings.
+        before: the reward's held-out mean before training.
+        strikes: consecutive passes over the limit so far (restored from a checkpoint on resume).
+    """
+
+    def __init__(self, config: EarlyStopConfig, before: float, strikes: int = 0):
+        self.config = config
+        self.before = before
+        self.strikes = strikes
+
+    def drop(self, heldout: dict[str, float]) -> float:
+        """The watched reward's `relative_drop` at an evaluation pass (held-out key → mean)."""
+        return relative_drop(self.before, heldout[self.config.reward], self.config.min_scale)
+
+    def check(self, heldout: dict[str, float]) -> str | None:
+        """Counts one evaluation pass (held-out key → mean); returns why the run must stop, or None."""
+        drop = self.drop(heldout)
+        self.strikes = self.strikes + 1 if drop > self.config.drop_fraction else 0
+        if self.strikes < self.config.patience:
+            return None
+        return (f"held-out reward {self.config.reward!r} fell from {self.before:.6g} before training to "
+                f"{heldout[self.config.reward]:.6g} (relative drop {drop:.4g} > guards.early_stop.drop_fraction "
+                f"{self.config.drop_fraction:g}" + (f" at {self.strikes} consecutive evaluations"
+                                                     if self.config.patience > 1 else "") + ")")
+
+
+@dataclass
+class EarlyStop:
+    """Why and where `guards.early_stop` ended the run: after training iteration `iteration` (1-based), whose
+    evaluation pass (`evaluation`) is also the run's final evaluation."""
+
+    iteration: int
+    reason: str
+    evaluation: EvalResult
 
 
 @dataclass
@@ -122,6 +181,7 @@ class RunResult:
     unet_dir: Path | None = None  # model.finetune: full — the diffusers UNet directory instead of a LoRA file
     mlflow_run_id: str | None = None
     faults: dict[str, int] = field(default_factory=dict)
+    early_stop: EarlyStop | None = None  # set when guards.early_stop ended the run before train.iterations
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,6 +291,9 @@ class Trainer:
         self.eval_prompts = load_prompts(config.prompts.eval or config.prompts.train)
         self.faults = {"sampler_restarts": 0, "shards_redone": 0}
         self.reward_servers: list = []
+        self.heldout_before: dict[str, float] = {}  # held-out reward means before training (the early stop's base)
+        self.guard: EarlyStopGuard | None = None
+        self.stop: EarlyStop | None = None
         if use_ray:
             self._start_actors()
         else:
@@ -246,13 +309,14 @@ class Trainer:
         device = resolve_device(config.device)
         model = load_policy(config, self.source, device, for_training=True)
         self.reward = WeightedReward.from_specs(config.rewards, device=device)
+        self.heldout_reward = build_heldout_reward(config.guards.heldout_rewards, device=device)
         self.learner_obj = Learner(config, self.source, model=model)
         # Strictly on-policy samplers share the learner's UNet; a pipelined schedule samples with older weights,
         # so each sampler then holds its own copy.
         share = config.train.max_staleness == 0
         self.sampler_objs = [
             Sampler(config, self.source, rank=i, model=model if share else load_policy(config, self.source, device),
-                    reward=self.reward)
+                    reward=self.reward, heldout_reward=self.heldout_reward)
             for i in range(config.resources.num_samplers)
         ]
         self.learner = LocalHandle(self.learner_obj)
@@ -277,7 +341,7 @@ class Trainer:
                 num_cpus=res.cpus_per_actor, num_gpus=res.reward_server_gpus, max_restarts=restarts,
                 max_task_retries=restarts, name=None,
             ).remote(list(config.rewards), config.device, res.reward_batch_window_ms, res.reward_max_batch_images,
-                     threads)
+                     threads, heldout_specs=list(config.guards.heldout_rewards))
             for _ in range(res.num_reward_servers)
         ]
         sampler_cls = ray.remote(Sampler)
@@ -414,17 +478,35 @@ class Trainer:
                 calls.append((k, call(), call))
         shards: list[EvalShard] = [self._sampler_result(k, ref, call, "evaluation") for k, ref, call in calls]
         order = sorted((j, s, pos) for s, shard in enumerate(shards) for pos, j in enumerate(shard.prompt_indices))
-        images, totals, per = [], [], {}
+        images, totals, per, heldout = [], [], {}, {}
         for _, s, pos in order:
             rows = slice(pos * seeds, (pos + 1) * seeds)
             images.append(shards[s].images[rows])
             totals.append(shards[s].totals[rows])
             for name, value in shards[s].per_reward.items():
                 per.setdefault(name, []).append(value[rows])
+            for name, value in shards[s].heldout.items():
+                heldout.setdefault(name, []).append(value[rows])
         rewards = torch.cat(totals)
         return EvalResult(mean=rewards.mean().item(),
                           per_reward={name: torch.cat(v).mean().item() for name, v in per.items()},
-                          images=torch.cat(images), rewards=rewards)
+                          images=torch.cat(images), rewards=rewards,
+                          heldout={name: torch.cat(v).mean().item() for name, v in heldout.items()})
+
+    def _eval_metrics(self, ev: EvalResult) -> dict[str, float]:
+        """What an evaluation pass logs: eval/reward_mean and eval/<key> (training rewards), heldout/<key>
+        (held-out rewards, same images) and, with an early stop, heldout/<key>_drop of the watched reward."""
+        metrics = {"eval/reward_mean": ev.mean, **{f"eval/{k}": v for k, v in ev.per_reward.items()},
+                   **{f"heldout/{k}": v for k, v in ev.heldout.items()}}
+        if self.guard is not None:
+            metrics[f"heldout/{self.guard.config.reward}_drop"] = self.guard.drop(ev.heldout)
+        return metrics
+
+    def _start_guard(self, strikes: int = 0) -> None:
+        """Sets up `guards.early_stop` from the held-out values before training (`self.heldout_before`)."""
+        early_stop = self.config.guards.early_stop
+        if early_stop is not None:
+            self.guard = EarlyStopGuard(early_stop, self.heldout_before[early_stop.reward], strikes)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -468,16 +550,18 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start_iteration, mlflow_run_id, eval_before_summary = 0, None, None
         published: dict[int, PublishedWeights] = {}
+        self.stop = None
         if self.resume:
             path = latest_checkpoint(self.checkpoint_root)
             if path is None:
                 raise ResumeError(f"--resume: no checkpoint under {self.checkpoint_root}")
             state = load_checkpoint(path)
             self._check_resumable(state.meta)
+            eval_before_summary = state.meta.get("eval_before")
+            self._restore_guard(state.meta)
             version = self._learner_call(state.iteration, "load_state_dict", state.learner)
             start_iteration = state.iteration
             mlflow_run_id = state.meta.get("mlflow_run_id")
-            eval_before_summary = state.meta.get("eval_before")
             published = {v: PublishedWeights(version=v, state=w) for v, w in state.weights_history.items()}
             if self.use_ray:
                 import ray
@@ -493,34 +577,40 @@ class Trainer:
                 published[0] = self._publish()
                 eval_before = self.evaluate(published[0])
                 eval_before_summary = eval_before.summary()
+                self.heldout_before = dict(eval_before.heldout)
+                self._start_guard()
                 save_grid(eval_before.images, self.run_dir / "grid_before.png", nrow=config.prompts.eval_seeds)
                 tracker.log_artifact(self.run_dir / "grid_before.png", "grids")
-                tracker.log_metrics({"eval/reward_mean": eval_before.mean,
-                                     **{f"eval/{k}": v for k, v in eval_before.per_reward.items()}}, step=0)
-                self.log(f"[eval] before training: reward {eval_before.mean:.4f}")
+                tracker.log_metrics(self._eval_metrics(eval_before), step=0)
+                self.log(f"[eval] before training: reward {eval_before.mean:.4f}"
+                         + "".join(f", held-out {k} {v:.4f}" for k, v in eval_before.heldout.items()))
             meta = {"seed": config.seed, "config": flatten_config(config), "mlflow_run_id": tracker.run_id,
                     "eval_before": eval_before_summary}
             history = self._loop(start_iteration, iterations, staleness, published, tracker, meta)
-            final = published[max(published)]
-            eval_after = self.evaluate(final)
-            self.log(f"[eval] after {iterations} iterations: reward {eval_after.mean:.4f}"
-                     + (f" (before {eval_before_summary['mean']:.4f})" if eval_before_summary else ""))
+            done = self.stop.iteration if self.stop is not None else iterations
+            final = published[max(published)]  # = weights version `done`
+            eval_after = self.stop.evaluation if self.stop is not None else self.evaluate(final)
+            self.log(f"[eval] after {done} iterations: reward {eval_after.mean:.4f}"
+                     + (f" (before {eval_before_summary['mean']:.4f})" if eval_before_summary else "")
+                     + "".join(f", held-out {k} {v:.4f}" for k, v in eval_after.heldout.items()))
             save_grid(eval_after.images, self.run_dir / "grid_after.png", nrow=config.prompts.eval_seeds)
-            if iterations % max(config.checkpoint.every, 1) != 0 or config.checkpoint.every == 0:
-                self._checkpoint(iterations, {v: w for v, w in published.items() if v >= iterations - staleness},
-                                 meta)
+            if done % max(config.checkpoint.every, 1) != 0 or config.checkpoint.every == 0:
+                self._checkpoint(done, {v: w for v, w in published.items() if v >= done - staleness},
+                                 self._checkpoint_meta(meta))
             # The newest checkpoint now holds the final weights (written in the loop or just above): its
             # diffusers-format export (lora/ or unet/) becomes the run's, without a second export by the learner.
             export_dir = self._copy_export(latest_checkpoint(self.checkpoint_root))
             lora_file = export_dir / LORA_FILE if export_dir.name == "lora" else None
-            summary = {"eval_before": eval_before_summary["mean"] if eval_before_summary else None,
-                       "eval_after": eval_after.mean,
-                       "per_reward_before": eval_before_summary["per_reward"] if eval_before_summary else None,
-                       "per_reward_after": eval_after.per_reward, "iterations": iterations,
-                       "algorithm": config.algorithm.name, "faults": self.faults, "mlflow_run_id": tracker.run_id}
+            summary = self._summary(eval_before_summary, eval_after, done, iterations, tracker.run_id)
             (self.run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
-            tracker.log_metrics({"eval/reward_mean": eval_after.mean,
-                                 **{f"eval/{k}": v for k, v in eval_after.per_reward.items()}}, step=iterations)
+            if self.stop is None:  # an early stop's pass was logged at its iteration, in the loop
+                tracker.log_metrics(self._eval_metrics(eval_after), step=done)
+                if self.resume:  # the run went on past an earlier early stop
+                    tracker.clear_tag("early_stop")
+                    tracker.clear_tag("early_stop_iteration")
+            else:
+                tracker.set_tag("early_stop", self.stop.reason)
+                tracker.set_tag("early_stop_iteration", str(done))
             tracker.log_artifact(self.run_dir / "grid_after.png", "grids")
             for path in sorted(export_dir.iterdir()):
                 tracker.log_artifact(path, export_dir.name)
@@ -531,7 +621,44 @@ class Trainer:
             raise
         return RunResult(run_dir=self.run_dir, eval_before=eval_before, eval_after=eval_after, history=history,
                          lora_file=lora_file, unet_dir=None if lora_file else export_dir,
-                         mlflow_run_id=tracker.run_id, faults=dict(self.faults))
+                         mlflow_run_id=tracker.run_id, faults=dict(self.faults), early_stop=self.stop)
+
+    def _summary(self, eval_before: dict[str, Any] | None, eval_after: EvalResult, done: int, planned: int,
+                 mlflow_run_id: str | None) -> dict[str, Any]:
+        """eval.json: the evaluation before (a summary, kept across resumes) and after, per reward and held-out
+        reward; iterations done and planned; whether and why guards.early_stop ended the run."""
+        heldout = bool(self.config.guards.heldout_rewards)
+        return {"eval_before": eval_before["mean"] if eval_before else None, "eval_after": eval_after.mean,
+                "per_reward_before": eval_before["per_reward"] if eval_before else None,
+                "per_reward_after": eval_after.per_reward,
+                "heldout_before": self.heldout_before if heldout else None,
+                "heldout_after": eval_after.heldout if heldout else None,
+                "iterations": done, "iterations_planned": planned, "stopped_early": self.stop is not None,
+                "stop_reason": self.stop.reason if self.stop is not None else None,
+                "algorithm": self.config.algorithm.name, "faults": self.faults, "mlflow_run_id": mlflow_run_id}
+
+    def _restore_guard(self, meta: dict[str, Any]) -> None:
+        """On resume: the held-out values before training and the early stop's count, from the checkpoint."""
+        self.heldout_before = dict((meta.get("eval_before") or {}).get("heldout") or {})
+        early_stop = self.config.guards.early_stop
+        if early_stop is not None and early_stop.reward not in self.heldout_before:
+            raise ResumeError(f"cannot resume {self.run_dir} with guards.early_stop.reward {early_stop.reward!r}: "
+                              "the checkpoint holds no value of it before training (it was not a held-out reward "
+                              "when the run started)")
+        self._start_guard(int(meta.get("early_stop_strikes", 0)))
+
+    def _checkpoint_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """`meta` plus what changes during the run: fault counters and the early stop's consecutive count."""
+        return {**meta, "faults": dict(self.faults),
+                "early_stop_strikes": self.guard.strikes if self.guard is not None else 0}
+
+    def _evaluation_due(self, step: int, iterations: int) -> tuple[bool, bool]:
+        """(an evaluation pass runs after iteration `step`, it writes an image grid). The pass after the last
+        iteration is the final evaluation, run by `fit`."""
+        grid_every, guard_every = self.config.tracking.image_grid_every, self.config.guards.every
+        grid = bool(grid_every) and step % grid_every == 0
+        due = (grid or (bool(guard_every) and step % guard_every == 0)) and step < iterations
+        return due, grid
 
     def _truncate_metrics(self, iteration: int) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -590,13 +717,16 @@ class Trainer:
                     **{f"rollout/{k}": v for k, v in batch.metrics.items()},
                     **{f"train/{k}": v for k, v in result.metrics.items()},
                 }
+                record.update(result.diagnostics)  # kl/... (guards.log_kl)
                 if self.use_ray and self.reward_servers and (it + 1) % config.tracking.log_every == 0:
                     record.update(self._reward_server_stats())
-                history.append(record)
-                metrics_file.write(json.dumps(record) + "\n")
+                evaluated, eval_metrics = self._evaluate_in_loop(it + 1, iterations, published[result.version],
+                                                                 tracker)
+                history.append({**record, **eval_metrics})
+                metrics_file.write(json.dumps({**record, **eval_metrics}) + "\n")
                 metrics_file.flush()
                 if (it + 1) % config.tracking.log_every == 0:
-                    tracker.log_metrics(record, step=it + 1)
+                    tracker.log_metrics(record, step=it + 1)  # eval/ and heldout/ went at the evaluation
                 loss = result.metrics.get("loss", float("nan"))
                 line = (f"[iter {it + 1:4d}] reward {record.get('reward_mean', float('nan')):.4f} loss {loss:.4f} "
                         f"staleness {int(result.metrics.get('staleness', 0))} {record['images_per_second']:.2f} img/s")
@@ -606,21 +736,36 @@ class Trainer:
                     bar.update(1)
                 else:
                     self.log(line)
-                every = config.tracking.image_grid_every
-                if every and (it + 1) % every == 0 and it + 1 < iterations:
-                    ev = self.evaluate(published[result.version])
-                    grid = self.run_dir / "grids" / f"iter_{it + 1:06d}.png"
-                    save_grid(ev.images, grid, nrow=config.prompts.eval_seeds)
-                    tracker.log_artifact(grid, "grids")
-                    tracker.log_metrics({"eval/reward_mean": ev.mean,
-                                         **{f"eval/{k}": v for k, v in ev.per_reward.items()}}, step=it + 1)
+                if evaluated is not None and self.guard is not None:
+                    reason = self.guard.check(evaluated.heldout)
+                    if reason is not None:
+                        self.stop = EarlyStop(iteration=it + 1, reason=reason, evaluation=evaluated)
+                        self.log(f"[guards] early stop after iteration {it + 1}: {reason}")
                 if config.checkpoint.every and (it + 1) % config.checkpoint.every == 0:
-                    path = self._checkpoint(it + 1, published, {**meta, "faults": dict(self.faults)})
+                    path = self._checkpoint(it + 1, published, self._checkpoint_meta(meta))
                     self.log(f"[checkpoint] {path}")
                 self.on_event("iteration_done", self, it)
+                if self.stop is not None:
+                    break
         if bar is not None:
             bar.close()
         return history
+
+    def _evaluate_in_loop(self, step: int, iterations: int, weights: PublishedWeights,
+                          tracker) -> tuple[EvalResult | None, dict[str, float]]:
+        """The evaluation pass after iteration `step`, if one is due: writes its image grid (every
+        tracking.image_grid_every) and logs its metrics; returns (the evaluation or None, its metrics)."""
+        due, grid_due = self._evaluation_due(step, iterations)
+        if not due:
+            return None, {}
+        ev = self.evaluate(weights)
+        if grid_due:
+            grid = self.run_dir / "grids" / f"iter_{step:06d}.png"
+            save_grid(ev.images, grid, nrow=self.config.prompts.eval_seeds)
+            tracker.log_artifact(grid, "grids")
+        metrics = self._eval_metrics(ev)
+        tracker.log_metrics(metrics, step=step)
+        return ev, metrics
 
     def _reward_server_stats(self) -> dict[str, float]:
         import ray
@@ -631,7 +776,8 @@ class Trainer:
             values = [s[key] for s in stats if s.get(key)]
             if values:
                 out[f"reward_server/{key.replace('/', '_')}"] = sum(values) / len(values)
-        busy = sum(s["score/busy_seconds"] + s["grad/busy_seconds"] for s in stats)
+        busy = sum(s["score/busy_seconds"] + s["grad/busy_seconds"] + s.get("heldout/busy_seconds", 0.0)
+                   for s in stats)
         up = sum(s["uptime_seconds"] for s in stats)
         out["reward_server/busy_fraction"] = busy / up if up else 0.0
         return out

@@ -191,11 +191,16 @@ class LossOutput:
         loss: scalar to back-propagate.
         metrics: detached scalars (implicit accuracy, clamp fraction, ...).
         state_update: algorithm state to apply after the optimizer step (DDE's EMA statistics), or None.
+        grouped: per-example diagnostics the learner averages per group over a whole training round (all
+            minibatches, all data-parallel ranks) and logs as `<name>_<group>` and `<name>_mean`: name →
+            (groups (N,) long, values (N,) float, detached). The KL of the policy to the reference per step index
+            or timestep bucket (`kl/...`, `guards.log_kl`).
     """
 
     loss: Tensor
     metrics: dict[str, float]
     state_update: Any = None
+    grouped: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 class Algorithm(abc.ABC):

@@ -26,16 +26,24 @@ from rlhf_diffusion.diffusion.sampling import (
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 __all__ = [
+    "KL_TIMESTEP_BUCKET",
     "FinalPairAlgorithm",
     "RankedPairs",
     "diffusion_dpo_mse_delta",
+    "diffusion_dpo_mse_terms",
     "dpo_step_loss",
     "preference_labels",
     "sample_final_pairs",
     "sample_ranked_pairs",
     "sample_timesteps",
+    "step_kl_diagnostics",
     "step_log_ratios",
+    "step_log_ratios_and_kl",
+    "timestep_kl_diagnostics",
 ]
+
+# Width of the timestep buckets (on the 1000-step training grid) of the final-image methods' KL diagnostics.
+KL_TIMESTEP_BUCKET = 100
 
 
 def dpo_step_loss(delta_w: Tensor, delta_l: Tensor, beta: float, clip_epsilon: float) -> tuple[Tensor, dict[str, float]]:
@@ -84,6 +92,17 @@ def step_log_ratios(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditi
     Returns:
         One (M,) Δ per action, differentiable w.r.t. the LoRA parameters.
     """
+    return step_log_ratios_and_kl(predictor, grid, cond, step_index, states, *actions)[1]
+
+
+def step_log_ratios_and_kl(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, step_index: Tensor,
+                           states: Tensor, *actions: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """`step_log_ratios` plus the exact per-step KL(π_θ(·|x_τ) ‖ π_ref(·|x_τ)) at each state, from the same two
+    UNet evaluations (`ddim.kl_same_std`, per-element mean: the unit of Δ).
+
+    Returns:
+        (kl (M,) detached, one (M,) Δ per action differentiable w.r.t. the LoRA parameters).
+    """
     device = predictor.model.device
     t, a, a_prev, std = (v.to(device) for v in grid.scalars(step_index))
     states = states.to(device)
@@ -91,7 +110,25 @@ def step_log_ratios(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditi
     eps_ref = predictor(states, t, cond, reference=True)
     mean_theta, _ = ddim.ddim_step_mean(states, eps_theta, a, a_prev, std)
     mean_ref, _ = ddim.ddim_step_mean(states, eps_ref, a, a_prev, std)
-    return tuple(ddim.log_ratio_same_std(x.to(device), mean_theta, mean_ref, std) for x in actions)
+    kl = ddim.kl_same_std(mean_theta.detach(), mean_ref.detach(), std)
+    return kl, tuple(ddim.log_ratio_same_std(x.to(device), mean_theta, mean_ref, std) for x in actions)
+
+
+def step_kl_diagnostics(state_steps: Tensor, kl: Tensor, action_steps: Tensor,
+                        log_ratios: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """The step-wise methods' `LossOutput.grouped` KL diagnostics, grouped by DDIM step index k:
+
+    - `kl/step_<k>`: the closed-form KL(π_θ ‖ π_ref) of step k at the trained states (per latent element);
+    - `kl/log_ratio_step_<k>`: the mean log π_θ/π_ref of the stored actions — a Monte-Carlo estimate of the same
+      KL only when the actions are samples of the current policy (on-policy D3PO, TailorPO with two candidates);
+      selection (more candidates) and TailorPO-G's guidance bias it.
+
+    Args:
+        state_steps, kl: (S,) step index and KL of each state.
+        action_steps, log_ratios: (A,) step index and Δ of each action.
+    """
+    return {"kl/step": (state_steps.detach().cpu(), kl.detach().float().cpu()),
+            "kl/log_ratio_step": (action_steps.detach().cpu(), log_ratios.detach().float().cpu())}
 
 
 def preference_labels(per_reward: dict[str, Tensor], weights: dict[str, float], rule: str) -> Tensor:
@@ -191,6 +228,7 @@ def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondit
 def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x0_w: Tensor,
                             x0_l: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
     """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(ε − ε_m(x^i_t, t, c))² (§5.7).
+    (`diffusion_dpo_mse_terms` without the diagnostics.)
 
     t and ε are shared within a pair (Diffusion-DPO train.py [C]); x^i_t = sqrt(ᾱ_t) x^i_0 + sqrt(1 − ᾱ_t) ε.
     Δ_t < 0 means θ fits the winner better (relative to ref) than the loser.
@@ -206,6 +244,16 @@ def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: Tex
     Returns:
         (M,) Δ_t, differentiable w.r.t. the LoRA parameters.
     """
+    return diffusion_dpo_mse_terms(predictor, grid, cond, x0_w, x0_l, timesteps, noise)[0]
+
+
+def diffusion_dpo_mse_terms(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x0_w: Tensor,
+                            x0_l: Tensor, timesteps: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """`diffusion_dpo_mse_delta` plus mean_{C,H,W}(ε_θ − ε_ref)² at each noised latent, from the same UNet calls.
+
+    Returns:
+        (Δ_t (M,) differentiable, eps_sq_diff (2M,) detached: winners' rows first, then the losers').
+    """
     device = predictor.model.device
     alpha_prod = ddim.gather_alpha(grid.alphas_cumprod, timesteps).to(device)
     noise = noise.to(device)
@@ -214,10 +262,34 @@ def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: Tex
     t2 = timesteps.to(device).repeat(2)
     cond2 = TextConditioning.cat([cond, cond])
     target = noise.repeat(2, 1, 1, 1)
-    err_theta = ((predictor(x_t, t2, cond2) - target) ** 2).mean(dim=(1, 2, 3))
-    err_ref = ((predictor(x_t, t2, cond2, reference=True) - target) ** 2).mean(dim=(1, 2, 3))
+    eps_theta = predictor(x_t, t2, cond2)
+    eps_ref = predictor(x_t, t2, cond2, reference=True)
+    err_theta = ((eps_theta - target) ** 2).mean(dim=(1, 2, 3))
+    err_ref = ((eps_ref - target) ** 2).mean(dim=(1, 2, 3))
+    eps_sq_diff = ((eps_theta.detach() - eps_ref.detach()) ** 2).mean(dim=(1, 2, 3))
     m = x0_w.shape[0]
-    return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:])
+    return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:]), eps_sq_diff
+
+
+def timestep_kl_diagnostics(timesteps: Tensor, eps_sq_diff: Tensor,
+                            kl_weights: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """The final-image methods' `LossOutput.grouped` KL diagnostics, grouped by timestep bucket
+    lo = KL_TIMESTEP_BUCKET · floor(t / KL_TIMESTEP_BUCKET) (t ∈ [lo, lo + 100)):
+
+    - `kl/eps_sq_diff_t_<lo>`: mean (ε_θ − ε_ref)² per latent element at x_t noised from the pairs' images (not a
+      KL: the raw noise-prediction difference, every t alike);
+    - `kl/ddpm_step_t_<lo>`: λ_t × that = the KL of the DDPM reverse step at t (`ddim.ddpm_step_kl`, nats per
+      element; λ_0 = 0). The samplers run DDIM with η, so it measures the drift of the model, not of the sampler.
+
+    Args:
+        timesteps: (R,) long t of each row.
+        eps_sq_diff: (R,) per-row mean (ε_θ − ε_ref)².
+        kl_weights: (N,) λ_t table (`ddim.ddpm_kl_weights`).
+    """
+    t = timesteps.detach().cpu().long()
+    diff = eps_sq_diff.detach().float().cpu()
+    buckets = torch.div(t, KL_TIMESTEP_BUCKET, rounding_mode="floor") * KL_TIMESTEP_BUCKET
+    return {"kl/eps_sq_diff_t": (buckets, diff), "kl/ddpm_step_t": (buckets, kl_weights.to(diff)[t] * diff)}
 
 
 def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -232,6 +304,10 @@ class FinalPairAlgorithm(Algorithm):
     whole minibatch before a data-parallel rank takes its rows. Subclasses implement `pair_loss`."""
 
     cfg_in_training = False  # ε-MSE on the conditional model, as Diffusion-DPO
+
+    def __init__(self, config, grid: DDIMGrid):
+        super().__init__(config, grid)
+        self.kl_weights = ddim.ddpm_kl_weights(grid.betas)  # λ_t (N,): DDE's statistic, the KL diagnostics
 
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
         return sample_final_pairs(ctx, prompts, cond)

@@ -19,7 +19,12 @@ from rlhf_diffusion.algorithms.base import (
     StepPairBatch,
     register_algorithm,
 )
-from rlhf_diffusion.algorithms.common import dpo_step_loss, sample_ranked_pairs, step_log_ratios
+from rlhf_diffusion.algorithms.common import (
+    dpo_step_loss,
+    sample_ranked_pairs,
+    step_kl_diagnostics,
+    step_log_ratios_and_kl,
+)
 from rlhf_diffusion.diffusion.sampling import NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 
@@ -75,7 +80,8 @@ class D3PO(Algorithm):
         states = torch.cat([examples.state_w, examples.state_l])
         actions = torch.cat([examples.action_w, examples.action_l])
         steps = examples.step_index.repeat(2)
-        (delta,) = step_log_ratios(predictor, self.grid, TextConditioning.cat([cond, cond]), steps, states, actions)
+        kl, (delta,) = step_log_ratios_and_kl(predictor, self.grid, TextConditioning.cat([cond, cond]), steps,
+                                              states, actions)
         m = len(examples)
         loss, metrics = dpo_step_loss(delta[:m], delta[m:], self.config.beta, self.config.clip_epsilon)
-        return LossOutput(loss=loss, metrics=metrics)
+        return LossOutput(loss=loss, metrics=metrics, grouped=step_kl_diagnostics(steps, kl, steps, delta))

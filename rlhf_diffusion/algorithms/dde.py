@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_diffusion.algorithms.base import FinalPairBatch, LossOutput, register_algorithm
-from rlhf_diffusion.algorithms.common import FinalPairAlgorithm, diffusion_dpo_mse_delta
+from rlhf_diffusion.algorithms.common import FinalPairAlgorithm, diffusion_dpo_mse_terms, timestep_kl_diagnostics
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
@@ -73,12 +73,12 @@ class DDE(FinalPairAlgorithm):
         super().__init__(config, grid)
         self.name = config.name
         t_count = grid.alphas_cumprod.shape[0]
-        self.kl_weights = ddim.ddpm_kl_weights(grid.betas)  # λ_t (T,)
         self.correction_table = torch.zeros(t_count, dtype=torch.float32)  # A[0..T−1], fp32, checkpointed
 
     def pair_loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
                   timesteps: Tensor, noise: Tensor) -> LossOutput:
-        delta = diffusion_dpo_mse_delta(predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise)
+        delta, eps_sq_diff = diffusion_dpo_mse_terms(predictor, self.grid, cond, examples.x0_w, examples.x0_l,
+                                                     timesteps, noise)
         alpha_prod = ddim.gather_alpha(self.grid.alphas_cumprod, timesteps).to(delta.device)
         if self.config.correction == "ema":
             correction = suffix_sums(self.correction_table)[timesteps].to(delta.device)  # C_t, stop-gradient
@@ -94,7 +94,8 @@ class DDE(FinalPairAlgorithm):
             "saturated_fraction": (logits.abs() > 10).float().mean().item(),
         }
         update = (timesteps, statistic) if self.config.correction == "ema" else None
-        return LossOutput(loss=loss, metrics=metrics, state_update=update)
+        grouped = timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights)
+        return LossOutput(loss=loss, metrics=metrics, state_update=update, grouped=grouped)
 
     def apply_state_update(self, update) -> None:
         if update is not None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_diffusion.algorithms.base import FinalPairBatch, LossOutput, register_algorithm
-from rlhf_diffusion.algorithms.common import FinalPairAlgorithm, diffusion_dpo_mse_delta
+from rlhf_diffusion.algorithms.common import FinalPairAlgorithm, diffusion_dpo_mse_terms, timestep_kl_diagnostics
 from rlhf_diffusion.diffusion.sampling import NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 
@@ -25,8 +25,10 @@ class DiffusionDPO(FinalPairAlgorithm):
 
     def pair_loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
                   timesteps: Tensor, noise: Tensor) -> LossOutput:
-        delta = diffusion_dpo_mse_delta(predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise)
+        delta, eps_sq_diff = diffusion_dpo_mse_terms(predictor, self.grid, cond, examples.x0_w, examples.x0_l,
+                                                     timesteps, noise)
         logits = -0.5 * self.config.beta * delta  # inside = −0.5 β_dpo [(e^w_θ − e^l_θ) − (e^w_ref − e^l_ref)]
         loss = -F.logsigmoid(logits).mean()
         metrics = {"implicit_accuracy": (delta < 0).float().mean().item(), "mean_delta": delta.mean().item()}
-        return LossOutput(loss=loss, metrics=metrics)
+        grouped = timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights)
+        return LossOutput(loss=loss, metrics=metrics, grouped=grouped)

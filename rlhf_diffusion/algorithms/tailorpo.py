@@ -27,7 +27,7 @@ from rlhf_diffusion.algorithms.base import (
     StepPairBatch,
     register_algorithm,
 )
-from rlhf_diffusion.algorithms.common import dpo_step_loss, step_log_ratios
+from rlhf_diffusion.algorithms.common import dpo_step_loss, step_kl_diagnostics, step_log_ratios_and_kl
 from rlhf_diffusion.algorithms.d3po import select_steps
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import (
@@ -165,10 +165,12 @@ class TailorPO(Algorithm):
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
              generator: torch.Generator) -> LossOutput:
         # shared x_τ: one evaluation of θ and of ref serves both actions
-        delta_w, delta_l = step_log_ratios(predictor, self.grid, cond, examples.step_index, examples.state_w,
-                                           examples.action_w, examples.action_l)
+        steps = examples.step_index
+        kl, (delta_w, delta_l) = step_log_ratios_and_kl(predictor, self.grid, cond, steps, examples.state_w,
+                                                        examples.action_w, examples.action_l)
         loss, metrics = dpo_step_loss(delta_w, delta_l, self.config.beta, self.config.clip_epsilon)
-        return LossOutput(loss=loss, metrics=metrics)
+        grouped = step_kl_diagnostics(steps, kl, steps.repeat(2), torch.cat([delta_w, delta_l]))
+        return LossOutput(loss=loss, metrics=metrics, grouped=grouped)
 
 
 @register_algorithm("tailorpo_g")

@@ -33,9 +33,11 @@ __all__ = [
     "ddim_step_with_logprob",
     "ddim_timesteps",
     "ddpm_kl_weights",
+    "ddpm_step_kl",
     "gather_alpha",
     "gather_alpha_prev",
     "gaussian_log_prob",
+    "kl_same_std",
     "log_ratio_same_std",
     "pair_log_ratio_same_state",
     "previous_timesteps",
@@ -288,6 +290,25 @@ def log_ratio_same_std(
     return _reduce(diff / (2 * s**2), reduction)
 
 
+def kl_same_std(mean_theta: Tensor, mean_ref: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
+    """KL(N(μ_θ, σ²I) ‖ N(μ_ref, σ²I)) = reduce[(μ_θ − μ_ref)²] / (2σ²): the per-step KL of the policy to the
+    reference (ALGORITHMS §5.5; the trace and log-det terms cancel because both policies share σ_τ).
+
+    With `reduction="mean"` it is in nats per latent element, the unit of `log_ratio_same_std`'s "mean" Δ, whose
+    expectation under x ~ π_θ it is; "sum" is the KL of the whole D-dimensional latent (= D × mean).
+
+    Args:
+        mean_theta, mean_ref: (B, C, H, W).
+        std: (B,) σ_τ (> 0).
+
+    Returns:
+        (B,) KL ≥ 0.
+    """
+    s = _per_sample(std, mean_theta)
+    diff = (mean_theta.to(torch.float32) - mean_ref.to(torch.float32)) ** 2
+    return _reduce(diff / (2 * s**2), reduction)
+
+
 def pair_log_ratio_same_state(
     x_winner: Tensor, x_loser: Tensor, eps_theta: Tensor, eps_ref: Tensor, kappa_t: Tensor, std: Tensor,
     reduction: str = "mean",
@@ -357,3 +378,20 @@ def ddpm_kl_weights(betas: Tensor) -> Tensor:
     lam = betas / (2 * alphas * (1 - alpha_prod_prev).clamp(min=torch.finfo(torch.float32).tiny))
     lam[0] = 0.0
     return lam
+
+
+def ddpm_step_kl(eps_theta: Tensor, eps_ref: Tensor, kl_weight: Tensor, reduction: str = "mean") -> Tensor:
+    """KL(p_θ(x_{t−1} | x_t) ‖ p_ref(x_{t−1} | x_t)) of the DDPM reverse step at t with the posterior variance
+    β̃_t (ALGORITHMS §5.2): the means differ by β_t/(sqrt(α_t) sqrt(1 − ᾱ_t)) (ε_ref − ε_θ), so the KL is
+    λ_t · reduce[(ε_θ − ε_ref)²] with λ_t = `ddpm_kl_weights(betas)[t]` = β_t / (2 α_t (1 − ᾱ_{t−1})).
+
+    Args:
+        eps_theta, eps_ref: (B, C, H, W) noise predictions at the same x_t.
+        kl_weight: (B,) λ_t.
+        reduction: "mean" (nats per latent element) or "sum" (the whole latent).
+
+    Returns:
+        (B,) KL ≥ 0.
+    """
+    diff = (eps_theta.to(torch.float32) - eps_ref.to(torch.float32)) ** 2
+    return kl_weight.to(device=diff.device, dtype=torch.float32) * _reduce(diff, reduction)

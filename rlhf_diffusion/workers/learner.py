@@ -52,7 +52,7 @@ from rlhf_diffusion.models.loading import (
 from rlhf_diffusion.workers.messages import TRAIN_STREAM, PublishedWeights, TrainResult, derive_seed
 from rlhf_diffusion.workers.policy import DTYPES, load_policy, resolve_device
 
-__all__ = ["AUTOCAST_DTYPES", "GroupRef", "Learner", "LearnerGroup"]
+__all__ = ["AUTOCAST_DTYPES", "GroupRef", "GroupedMeans", "Learner", "LearnerGroup"]
 
 # `train.mixed_precision` -> autocast dtype (None = no autocast).
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,6 +66,45 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
     return value
+
+
+class GroupedMeans:
+    """Running sums and counts of per-example diagnostics by (name, group) over a training round
+    (`LossOutput.grouped`): sums and counts add, so minibatches and data-parallel ranks merge exactly and each mean
+    is over every example of the round, however the examples fell into minibatches and shares."""
+
+    def __init__(self):
+        self.totals: dict[tuple[str, int], list[float]] = {}  # (name, group) → [sum, count]
+
+    @staticmethod
+    def sums_of(grouped: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[tuple[str, int], tuple[float, int]]:
+        """{(name, group): (sum, count)} of one `LossOutput.grouped` (plain floats: cheap to all-gather)."""
+        out: dict[tuple[str, int], tuple[float, int]] = {}
+        for name, (groups, values) in grouped.items():
+            groups, values = groups.detach().cpu().long(), values.detach().cpu().double()
+            for group in groups.unique().tolist():
+                rows = groups == group
+                out[(name, int(group))] = (float(values[rows].sum()), int(rows.sum()))
+        return out
+
+    def add(self, sums: dict[tuple[str, int], tuple[float, int]]) -> None:
+        for key, (total, count) in sums.items():
+            entry = self.totals.setdefault(key, [0.0, 0])
+            entry[0] += total
+            entry[1] += count
+
+    def means(self) -> dict[str, float]:
+        """`<name>_<group>` → mean over the group's examples, and `<name>_mean` → mean over all of the name's."""
+        out: dict[str, float] = {}
+        overall: dict[str, list[float]] = {}
+        for (name, group), (total, count) in sorted(self.totals.items()):
+            if count:
+                out[f"{name}_{group}"] = total / count
+            entry = overall.setdefault(name, [0.0, 0])
+            entry[0] += total
+            entry[1] += count
+        out.update({f"{name}_mean": total / count for name, (total, count) in overall.items() if count})
+        return out
 
 
 class Learner:
@@ -182,6 +221,8 @@ class Learner:
         self.model.unet.train()
         cond_all = self.encode(batch.prompts)
         sums: dict[str, float] = {}
+        grouped = GroupedMeans()  # guards.log_kl: the per-step KL diagnostics
+        log_grouped = self.config.guards.log_kl
         steps = 0
         for _ in range(train.num_inner_epochs):
             order = torch.randperm(len(examples), generator=generator)
@@ -204,11 +245,16 @@ class Learner:
                 self.grad_scaler.update()
                 values = {"loss": out.loss.item(), **out.metrics}
                 update = out.state_update
+                group_sums = GroupedMeans.sums_of(out.grouped) if log_grouped and weight > 0 else {}
                 if self.world_size > 1:  # every rank applies the whole minibatch's update; metrics are size-weighted
-                    shares = self._gather((weight, values, update if weight > 0 else None))
-                    update = self.algorithm.merge_state_updates([u for _, _, u in shares])
-                    total = sum(w for w, _, _ in shares)
-                    values = {key: sum(w * v[key] for w, v, _ in shares if w > 0) / total for key in values}
+                    shares = self._gather((weight, values, update if weight > 0 else None, group_sums))
+                    update = self.algorithm.merge_state_updates([u for _, _, u, _ in shares])
+                    total = sum(w for w, _, _, _ in shares)
+                    values = {key: sum(w * v[key] for w, v, _, _ in shares if w > 0) / total for key in values}
+                    for _, _, _, share_sums in shares:  # sums and counts add: exactly the one-learner means
+                        grouped.add(share_sums)
+                else:
+                    grouped.add(group_sums)
                 self.algorithm.apply_state_update(update)
                 for key, value in {**values, "grad_norm": grad_norm.item()}.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -218,7 +264,7 @@ class Learner:
         self.version += 1
         metrics.update(optimizer_steps=float(steps), num_examples=float(len(examples)), staleness=float(staleness),
                        dropped_batches=float(self.dropped), train_seconds=time.perf_counter() - start)
-        return TrainResult(version=self.version, metrics=metrics)
+        return TrainResult(version=self.version, metrics=metrics, diagnostics=grouped.means())
 
     def weights(self) -> PublishedWeights:
         """The current trained weights (LoRA: peft format, CPU float32; full: the UNet in `model.dtype`) with

@@ -92,8 +92,12 @@ class TrainResult:
         metrics: mean loss / implicit accuracy / grad norm / ... over the optimizer steps, plus `staleness`
             (learner version before the round − the rollout's weights version) and `train_seconds`.
         dropped: True when the batch was staler than `train.max_staleness` and was not trained on.
+        diagnostics: metrics logged under their own names (not under train/): the per-step KL of the policy to the
+            reference, `kl/...` (`guards.log_kl`), each the mean over the round's training examples, taken at the
+            weights before each optimizer step.
     """
 
     version: int
     metrics: dict[str, float] = field(default_factory=dict)
     dropped: bool = False
+    diagnostics: dict[str, float] = field(default_factory=dict)

@@ -6,6 +6,10 @@ of different images never interact (the `RewardModel` contract), so batching doe
 requests (`score_and_grad`, for TailorPO-G) are batched the same way in their own queue. A reward that has no
 gradient (JPEG size) makes `score_and_grad` raise `NotDifferentiableError`; it never returns zeros.
 
+Held-out rewards (`guards.heldout_rewards`, the reward-hacking guards) live on the same servers but apart from the
+training rewards: only `score_heldout` (the samplers' evaluation passes) reaches them, in a queue of its own, so
+they can never enter a training reward, a preference label or a reward gradient.
+
 `RewardHost` is the synchronous core (usable in one process); `RewardServer` is the asyncio Ray actor around it.
 """
 
@@ -21,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
+from rlhf_diffusion.rewards.base import CUSTOM_REWARD, RewardResult, WeightedReward, build_reward
 from rlhf_diffusion.workers.policy import resolve_device
 
-__all__ = ["MicroBatcher", "RewardHost", "RewardServer", "split_result"]
+__all__ = ["MicroBatcher", "RewardHost", "RewardServer", "build_heldout_reward", "split_result"]
 
 
 def split_result(result: RewardResult, sizes: Sequence[int]) -> list[RewardResult]:
@@ -34,17 +38,45 @@ def split_result(result: RewardResult, sizes: Sequence[int]) -> list[RewardResul
     return [RewardResult(total=totals[i], per_reward={name: per[name][i] for name in per}) for i in range(len(sizes))]
 
 
+def build_heldout_reward(specs: Sequence[Any], device: str | torch.device = "cpu") -> WeightedReward | None:
+    """The held-out rewards (`guards.heldout_rewards`) as one `WeightedReward` whose `per_reward` scores are what
+    counts (its total is never used), keyed by each entry's key; None when there are none. A custom reward that
+    fails to load names `guards.heldout_rewards.<i>.target`."""
+    if not specs:
+        return None
+    terms = []
+    for index, spec in enumerate(specs):
+        kwargs = dict(spec.kwargs or {})
+        if spec.name == CUSTOM_REWARD:
+            from rlhf_diffusion.rewards.custom import build_custom_reward
+
+            reward = build_custom_reward(spec.target, path=spec.path, device=device, kwargs=kwargs,
+                                         where=f"guards.heldout_rewards.{index}.target")
+        else:
+            reward = build_reward(spec.name, path=spec.path, device=device, **kwargs)
+        if spec.label is not None:
+            reward.name = spec.label  # its key in heldout/<key>
+        terms.append((reward, 1.0))
+    return WeightedReward(terms)
+
+
 class RewardHost:
     """The reward models of a run in this process.
 
     Args:
         specs: the config's reward entries (name, weight, path, kwargs).
         device: "auto" / "cpu" / "cuda".
+        heldout_specs: the config's `guards.heldout_rewards` (evaluation only, see `score_heldout_many`).
     """
 
-    def __init__(self, specs: Sequence[Any], device: str = "auto"):
+    def __init__(self, specs: Sequence[Any], device: str = "auto", heldout_specs: Sequence[Any] = ()):
         self.device = resolve_device(device)
         self.reward = WeightedReward.from_specs(specs, device=self.device)
+        self.heldout = build_heldout_reward(heldout_specs, device=self.device)
+
+    def heldout_names(self) -> list[str]:
+        """Keys of the held-out rewards, in config order (empty when there are none)."""
+        return self.heldout.names if self.heldout is not None else []
 
     def describe(self) -> dict[str, Any]:
         """What a client needs to know before scoring: `names` (reward keys, in order), `weights` (key → weight),
@@ -55,6 +87,15 @@ class RewardHost:
     def score_many(self, requests: list[tuple[Tensor, list[str]]]) -> list[RewardResult]:
         """Scores several requests in one batch per image size; returns one result per request, in order."""
         return self._batched(requests, lambda images, prompts: self.reward.score(images, prompts),
+                             lambda out, sizes: split_result(out, sizes))
+
+    def score_heldout_many(self, requests: list[tuple[Tensor, list[str]]]) -> list[RewardResult]:
+        """Like `score_many` with the held-out rewards (their raw scores in `per_reward`); raises when none are
+        configured."""
+        if self.heldout is None:
+            raise ValueError("no held-out rewards are configured (guards.heldout_rewards is empty)")
+        heldout = self.heldout
+        return self._batched(requests, lambda images, prompts: heldout.score(images, prompts),
                              lambda out, sizes: split_result(out, sizes))
 
     def score_and_grad_many(self, requests: list[tuple[Tensor, list[str]]]) -> list[tuple[RewardResult, Tensor]]:
@@ -175,16 +216,18 @@ class RewardServer:
         batch_window_ms: how long the first request of an idle queue waits for others.
         max_batch_images: the most images in one batched model call.
         num_threads: torch intra-op threads for the models.
+        heldout_specs: the config's `guards.heldout_rewards` (served by `score_heldout` only).
     """
 
     def __init__(self, specs: Sequence[Any], device: str = "auto", batch_window_ms: float = 2.0,
-                 max_batch_images: int = 256, num_threads: int = 1):
+                 max_batch_images: int = 256, num_threads: int = 1, heldout_specs: Sequence[Any] = ()):
         torch.set_num_threads(max(1, num_threads))
-        self.host = RewardHost(specs, device)
+        self.host = RewardHost(specs, device, heldout_specs)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         window = batch_window_ms / 1000.0
         self._score = MicroBatcher(self.host.score_many, self._executor, window, max_batch_images)
         self._grad = MicroBatcher(self.host.score_and_grad_many, self._executor, window, max_batch_images)
+        self._heldout = MicroBatcher(self.host.score_heldout_many, self._executor, window, max_batch_images)
 
     async def ready(self) -> bool:
         return True
@@ -201,9 +244,18 @@ class RewardServer:
         """Scores and d total / d images (N, 3, H, W), float32 CPU."""
         return await self._grad.submit(images, prompts)
 
+    async def heldout_names(self) -> list[str]:
+        """`RewardHost.heldout_names`: the held-out reward keys (empty when there are none)."""
+        return self.host.heldout_names()
+
+    async def score_heldout(self, images: Tensor, prompts: list[str]) -> RewardResult:
+        """The held-out rewards' raw scores (`per_reward`) of (N, 3, H, W) evaluation images, float32 CPU."""
+        return await self._heldout.submit(images, prompts)
+
     async def stats(self) -> dict[str, float]:
         """Counters since start: per queue requests, batches, images, busy seconds, requests per batch."""
         out = {f"score/{k}": v for k, v in self._score.stats.as_dict().items()}
         out.update({f"grad/{k}": v for k, v in self._grad.stats.as_dict().items()})
+        out.update({f"heldout/{k}": v for k, v in self._heldout.stats.as_dict().items()})
         out["uptime_seconds"] = time.perf_counter() - self._score.stats.started
         return out

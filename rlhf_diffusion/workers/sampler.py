@@ -7,13 +7,15 @@ request names. So a rollout redone on a restarted actor returns the same batch a
 Rewards come from a `RewardClient`: the reward servers under Ray (`RemoteReward`), or a `WeightedReward` in this
 process. TailorPO calls it at every denoising step with all of the sampler's candidates in one batch; TailorPO-G
 gets d reward / d image from it and chains it through this sampler's VAE decoder (`algorithms/tailorpo.py`).
+Evaluation passes also score their images with the held-out rewards (`guards.heldout_rewards`), which the
+client reaches only through `score_heldout`: rollouts never see them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,6 +29,7 @@ from rlhf_diffusion.models.loading import DiffusionModel, set_trainable_state
 from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
 from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest
 from rlhf_diffusion.workers.policy import load_policy, resolve_device
+from rlhf_diffusion.workers.reward_server import build_heldout_reward
 
 __all__ = ["EvalShard", "RemoteReward", "Sampler", "eval_generators"]
 
@@ -36,11 +39,12 @@ class RemoteReward:
     actor (sampler `rank` talks to server `rank % M`, spreading samplers over servers). Counts the seconds spent
     waiting, which the sampler reports as `reward_seconds`."""
 
-    def __init__(self, servers: Sequence, rank: int, differentiable: bool):
+    def __init__(self, servers: Sequence, rank: int, differentiable: bool, heldout_names: Sequence[str] = ()):
         if not servers:
             raise ValueError("RemoteReward needs at least one reward server")
         self.server = servers[rank % len(servers)]
         self.differentiable = differentiable
+        self.heldout_names = list(heldout_names)
         self.wait_seconds = 0.0
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
@@ -61,13 +65,21 @@ class RemoteReward:
         finally:
             self.wait_seconds += time.perf_counter() - start
 
+    def score_heldout(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
+        """The held-out rewards' raw scores (`per_reward`), for evaluation passes only."""
+        import ray
+
+        return ray.get(self.server.score_heldout.remote(images.detach().cpu(), list(prompts)))
+
 
 class _LocalRewardClient:
     """A `WeightedReward` in this process, with the same interface and timing as `RemoteReward`."""
 
-    def __init__(self, reward: WeightedReward):
+    def __init__(self, reward: WeightedReward, heldout: WeightedReward | None = None):
         self.reward = reward
+        self.heldout = heldout
         self.differentiable = reward.differentiable
+        self.heldout_names = heldout.names if heldout is not None else []
         self.wait_seconds = 0.0
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
@@ -83,6 +95,11 @@ class _LocalRewardClient:
             return self.reward.score_and_grad(images, prompts)
         finally:
             self.wait_seconds += time.perf_counter() - start
+
+    def score_heldout(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
+        if self.heldout is None:
+            raise ValueError("no held-out rewards are configured (guards.heldout_rewards is empty)")
+        return self.heldout.score(images, prompts)
 
 
 def eval_generators(prompt_index: int, num_seeds: int) -> list[torch.Generator]:
@@ -100,12 +117,14 @@ class EvalShard:
         images: (len(prompt_indices) * S, 3, H, W) in [0, 1], prompt-major.
         totals: (len * S,) weighted reward totals.
         per_reward: reward name → (len * S,) raw scores.
+        heldout: held-out reward key → (len * S,) raw scores (`guards.heldout_rewards`; empty without them).
     """
 
     prompt_indices: list[int]
     images: Tensor
     totals: Tensor
     per_reward: dict[str, Tensor]
+    heldout: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Sampler:
@@ -118,12 +137,14 @@ class Sampler:
         reward_servers: RewardServer actor handles; None = build the rewards in this process.
         model: share an already loaded policy instead of loading one (the single-process trainer).
         reward: share an already built `WeightedReward` (single process; requires `reward_servers=None`).
+        heldout_reward: share the already built held-out rewards (single process; `build_heldout_reward`); None
+            = build them from `config.guards.heldout_rewards` when there are any.
         num_threads: torch intra-op threads (under Ray: the CPUs the actor reserved).
     """
 
     def __init__(self, config: RunConfig, source: str, *, rank: int = 0, reward_servers: Sequence | None = None,
                  model: DiffusionModel | None = None, reward: WeightedReward | None = None,
-                 num_threads: int | None = None):
+                 heldout_reward: WeightedReward | None = None, num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.config = config
@@ -134,12 +155,15 @@ class Sampler:
         if reward_servers is not None:  # the server knows which rewards (custom ones included) have gradients
             import ray
 
-            info = ray.get(reward_servers[rank % len(reward_servers)].describe.remote())
-            self.reward = RemoteReward(reward_servers, rank, info["differentiable"])
+            server = reward_servers[rank % len(reward_servers)]
+            info, heldout_names = ray.get([server.describe.remote(), server.heldout_names.remote()])
+            self.reward = RemoteReward(reward_servers, rank, info["differentiable"], heldout_names)
             not_differentiable = info["not_differentiable"]
         else:
             local = reward or WeightedReward.from_specs(config.rewards, device=self.device)
-            self.reward = _LocalRewardClient(local)
+            heldout = heldout_reward if heldout_reward is not None else \
+                build_heldout_reward(config.guards.heldout_rewards, device=self.device)
+            self.reward = _LocalRewardClient(local, heldout)
             not_differentiable = local.not_differentiable
         self.reward_weights = {spec.key: spec.weight for spec in config.rewards}  # keyed as the scores are
         self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
@@ -208,11 +232,12 @@ class Sampler:
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str], prompt_indices: Sequence[int], num_seeds: int,
                  weights: PublishedWeights | None = None) -> EvalShard:
-        """Held-out samples: `num_seeds` images of each prompt, seeded by (global prompt index, seed) only."""
+        """Held-out samples: `num_seeds` images of each prompt, seeded by (global prompt index, seed) only, scored
+        by the training rewards and, when configured, the held-out rewards."""
         if weights is not None:
             self.load_weights(weights)
         self.model.unet.eval()
-        images, totals, per = [], [], {}
+        images, totals, per, heldout = [], [], {}, {}
         for j, prompt in zip(prompt_indices, prompts):
             gens = eval_generators(j, num_seeds)
             x_T = torch.cat([initial_noise(1, self.model, g, self.resolution, self.resolution) for g in gens])
@@ -224,5 +249,9 @@ class Sampler:
             totals.append(result.total)
             for name, value in result.per_reward.items():
                 per.setdefault(name, []).append(value)
+            if self.reward.heldout_names:
+                for name, value in self.reward.score_heldout(imgs, [prompt] * num_seeds).per_reward.items():
+                    heldout.setdefault(name, []).append(value)
         return EvalShard(prompt_indices=list(prompt_indices), images=torch.cat(images), totals=torch.cat(totals),
-                         per_reward={name: torch.cat(v) for name, v in per.items()})
+                         per_reward={name: torch.cat(v) for name, v in per.items()},
+                         heldout={name: torch.cat(v) for name, v in heldout.items()})
