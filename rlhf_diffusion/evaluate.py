@@ -217,8 +217,9 @@ def check_rewards(entries: Sequence[dict[str, Any]], origins: Sequence[str]) -> 
     specs, seen = [], set()
     for entry, origin in zip(entries, origins):
         name = entry.get("name")
-        if name not in REWARD_NAMES:
-            raise EvaluateError(f"{origin}: unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}")
+        if name not in REWARD_NAMES and name != "custom":
+            raise EvaluateError(f"{origin}: unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}, "
+                                "custom (with target: 'package.module:Attribute')")
         try:
             spec = RewardConfig.model_validate(entry)
         except ValidationError as error:
@@ -226,10 +227,19 @@ def check_rewards(entries: Sequence[dict[str, Any]], origins: Sequence[str]) -> 
             raise EvaluateError(f"{origin}: {problems}") from None
         if not math.isfinite(spec.weight):
             raise EvaluateError(f"{origin}: the weight must be finite (got {spec.weight})")
-        if spec.name in seen:
-            raise EvaluateError(f"{origin}: reward {spec.name!r} is given twice")
-        seen.add(spec.name)
-        if spec.name in model_rewards:
+        if spec.key in seen:
+            raise EvaluateError(f"{origin}: reward {spec.key!r} is given twice")
+        seen.add(spec.key)
+        if spec.name == "custom":  # the target was checked by RewardConfig; it is imported when built
+            pass
+        elif spec.path is not None and spec.path.startswith("testbed:"):
+            from rlhf_diffusion.testbed.assets import resolve_testbed
+
+            try:
+                resolve_testbed(spec.path)
+            except (ValueError, FileNotFoundError) as error:
+                raise EvaluateError(f"{origin}: reward {spec.name!r}: {error}") from None
+        elif spec.name in model_rewards:
             if spec.path is None:
                 raise EvaluateError(f"{origin}: reward {spec.name!r} loads a model and needs its weights' location: "
                                     f"--reward {spec.name}@PATH (a local directory/file or a hub id)")
@@ -431,7 +441,7 @@ class EvaluationResult:
     @property
     def columns(self) -> list[str]:
         """The table's score columns: every reward, plus "total" when it differs from the only reward."""
-        names = [spec.name for spec in self.rewards]
+        names = [spec.key for spec in self.rewards]
         if len(self.rewards) > 1 or self.rewards[0].weight != 1.0:
             names.append("total")
         return names
@@ -445,7 +455,8 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
     """Samples every prompt × seed with the base model and with each LoRA, and scores the images.
 
     Args:
-        model: a diffusers pipeline directory, a hub id, or "tiny:sd15" / "tiny:sdxl" (built under `cache_dir`).
+        model: a diffusers pipeline directory, a hub id, "testbed:pipeline", or "tiny:sd15" / "tiny:sdxl" (built
+            under `cache_dir`).
         prompts: the prompts; prompt j is seeded by j (`eval_generators(j, seeds)`).
         rewards: `RewardConfig`-like entries (name, weight, path, kwargs).
         loras: (label, LoRA file) per extra row, evaluated in order after the base row.
@@ -500,7 +511,7 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
         if lora is not None:  # the base row comes first, before any adapter exists
             apply_lora(pipeline.unet, lora)
         pipeline.unet.eval()
-        per: dict[str, list] = {spec.name: [] for spec in rewards}
+        per: dict[str, list] = {spec.key: [] for spec in rewards}
         totals, kept = [], []
         with torch.no_grad():
             # The trainer's held-out evaluation (workers/sampler.py Sampler.evaluate), prompt by prompt.
@@ -528,18 +539,13 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
 
 
 def _build_rewards(specs: Sequence[Any], device: Any) -> Any:
-    from rlhf_diffusion.rewards import WeightedReward, build_reward
+    """The weighted sum, built exactly as the trainer builds it (custom rewards and labels included)."""
+    from rlhf_diffusion.rewards import WeightedReward
 
-    terms = []
-    for spec in specs:
-        where = f" from {spec.path}" if spec.path else ""
-        try:
-            terms.append((build_reward(spec.name, path=spec.path, device=device, **dict(spec.kwargs or {})),
-                          spec.weight))
-        except Exception as error:  # noqa: BLE001 - loaders raise many types; one message naming the reward
-            raise EvaluateError(f"reward {spec.name!r}: cannot load it{where}: {type(error).__name__}: "
-                                f"{error}") from None
-    return WeightedReward(terms)
+    try:
+        return WeightedReward.from_specs(specs, device=device)
+    except Exception as error:  # noqa: BLE001 - loaders raise many types; one message naming the reward
+        raise EvaluateError(f"cannot load the rewards: {type(error).__name__}: {error}") from None
 
 
 def _row_dirname(index: int, label: str) -> str:
@@ -625,7 +631,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
 
 
 def _reward_label(spec: Any) -> str:
-    text = spec.name if spec.weight == 1.0 else f"{spec.name}:{spec.weight:g}"
+    text = spec.key if spec.weight == 1.0 else f"{spec.key}:{spec.weight:g}"
     return f"{text}@{spec.path}" if spec.path else text
 
 
@@ -669,7 +675,7 @@ def log_to_mlflow(result: EvaluationResult, paths: dict[str, Path], uri: str, ex
                                       tags={**tags, "mlflow.parentRunId": parent_id, "mlflow.runName": row.label})
             metrics = {}
             for spec in result.rewards:
-                metrics[f"eval/{spec.name}"], metrics[f"eval/{spec.name}_std"] = row.stats(spec.name)
+                metrics[f"eval/{spec.key}"], metrics[f"eval/{spec.key}_std"] = row.stats(spec.key)
             metrics["eval/reward_mean"], metrics["eval/reward_std"] = row.stats("total")
             client.log_batch(
                 child.info.run_id,
@@ -703,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True,
-                        help="base pipeline: a diffusers directory, a hub id, or tiny:sd15 / tiny:sdxl")
+                        help="base pipeline: a diffusers directory, a hub id, testbed:pipeline, or tiny:sd15 / tiny:sdxl")
     parser.add_argument("--lora", action="append", default=[], metavar="[LABEL=]PATH",
                         help="a LoRA to compare (repeatable; one row each after the base row): an export_lora "
                         "directory such as <run>/lora, its .safetensors file, or a run directory")
@@ -769,6 +775,13 @@ def _check_sampling(args: argparse.Namespace) -> None:
     if model.startswith("tiny:"):
         if model not in ("tiny:sd15", "tiny:sdxl"):
             raise EvaluateError(f"--model {model}: unknown tiny model; valid: tiny:sd15, tiny:sdxl")
+    elif model.startswith("testbed:"):
+        from rlhf_diffusion.testbed.assets import resolve_testbed
+
+        try:
+            resolve_testbed(model)
+        except (ValueError, FileNotFoundError) as err:
+            raise EvaluateError(f"--model {model}: {err}") from None
     elif not Path(model).expanduser().is_dir() and (model.startswith(("/", ".", "~")) or not _HUB_ID_RE.match(model)):
         raise EvaluateError(f"--model {model}: no such pipeline directory (and not a hub id 'org/name')")
 

@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out reward: {result.eval_before.mean:.4f} -> {result.eval_after.mean:.4f}")
     else:
         print(f"held-out reward after training: {result.eval_after.mean:.4f}")
+    for key, value in result.eval_after.heldout.items():
+        before = result.eval_before.heldout.get(key) if result.eval_before is not None else None
+        print(f"held-out {key} (not trained on): " + (f"{before:.4f} -> " if before is not None else "") + f"{value:.4f}")
+    if result.early_stop is not None:
+        print(f"stopped early: {result.early_stop.reason}")
     print(f"LoRA (diffusers format): {result.lora_file}")
     if result.mlflow_run_id:
         from rlhf_diffusion.tracking import default_tracking_uri

@@ -91,6 +91,12 @@ class ResumeError(RuntimeError):
     """`--resume` was asked for but there is nothing (compatible) to resume."""
 
 
+def eval_grid_row(seeds: int) -> int:
+    """Images per row of an evaluation grid: whole prompts (all `seeds` images of each) side by side, at least 8
+    images a row when seeds < 8 (82 prompts x 1 seed is 11 rows of 8, not one column of 82)."""
+    return seeds * max(1, 8 // seeds)
+
+
 def save_grid(images: Tensor, path: Path, nrow: int) -> None:
     """Writes (N, 3, H, W) images in [0, 1] as one PNG grid, `nrow` images per row (one row per prompt)."""
     from torchvision.utils import save_image
@@ -579,7 +585,7 @@ class Trainer:
                 eval_before_summary = eval_before.summary()
                 self.heldout_before = dict(eval_before.heldout)
                 self._start_guard()
-                save_grid(eval_before.images, self.run_dir / "grid_before.png", nrow=config.prompts.eval_seeds)
+                save_grid(eval_before.images, self.run_dir / "grid_before.png", nrow=eval_grid_row(config.prompts.eval_seeds))
                 tracker.log_artifact(self.run_dir / "grid_before.png", "grids")
                 tracker.log_metrics(self._eval_metrics(eval_before), step=0)
                 self.log(f"[eval] before training: reward {eval_before.mean:.4f}"
@@ -593,7 +599,7 @@ class Trainer:
             self.log(f"[eval] after {done} iterations: reward {eval_after.mean:.4f}"
                      + (f" (before {eval_before_summary['mean']:.4f})" if eval_before_summary else "")
                      + "".join(f", held-out {k} {v:.4f}" for k, v in eval_after.heldout.items()))
-            save_grid(eval_after.images, self.run_dir / "grid_after.png", nrow=config.prompts.eval_seeds)
+            save_grid(eval_after.images, self.run_dir / "grid_after.png", nrow=eval_grid_row(config.prompts.eval_seeds))
             if done % max(config.checkpoint.every, 1) != 0 or config.checkpoint.every == 0:
                 self._checkpoint(done, {v: w for v, w in published.items() if v >= done - staleness},
                                  self._checkpoint_meta(meta))
@@ -761,7 +767,7 @@ class Trainer:
         ev = self.evaluate(weights)
         if grid_due:
             grid = self.run_dir / "grids" / f"iter_{step:06d}.png"
-            save_grid(ev.images, grid, nrow=self.config.prompts.eval_seeds)
+            save_grid(ev.images, grid, nrow=eval_grid_row(self.config.prompts.eval_seeds))
             tracker.log_artifact(grid, "grids")
         metrics = self._eval_metrics(ev)
         tracker.log_metrics(metrics, step=step)

@@ -79,12 +79,16 @@ def resolve_source(source: str, what: str) -> str:
     """Returns `source` as an existing local path (user-expanded) or as a hub id; raises if it is neither.
 
     Args:
-        source: a local file/directory or a hub id "owner/name".
+        source: a local file/directory, a hub id "owner/name", or "testbed:clip" (the shipped testbed CLIP).
         what: what `source` should hold, for the error message (e.g. "CLIP model directory").
 
     Raises:
         FileNotFoundError: `source` is not an existing local path and cannot be a hub id.
     """
+    if source.startswith("testbed:"):  # the shipped testbed CLIP (rlhf_diffusion/testbed/assets.py)
+        from rlhf_diffusion.testbed.assets import resolve_testbed
+
+        return resolve_testbed(source)
     local = Path(source).expanduser()
     if local.exists():
         return str(local)

@@ -25,6 +25,7 @@ from rlhf_diffusion.models.loading import (
     to_channels_last,
 )
 from rlhf_diffusion.models.tiny import build_tiny_pipeline
+from rlhf_diffusion.testbed.assets import TESTBED_PREFIX, resolve_testbed
 from rlhf_diffusion.workers.messages import derive_seed
 
 __all__ = ["DTYPES", "TINY_PREFIX", "load_policy", "resolve_device", "resolve_model_source"]
@@ -45,10 +46,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model_source(pretrained: str, cache_dir: str | Path) -> str:
-    """The directory or hub id to load: "tiny:sd15" / "tiny:sdxl" build (once) a tiny random-weight pipeline
+    """The directory or hub id to load: "testbed:pipeline" is the shipped testbed model's directory; "tiny:sd15" / "tiny:sdxl" build (once) a tiny random-weight pipeline
     under `cache_dir/_tiny_models/<kind>` and return that directory, so it loads through the production loader.
     The build goes to a temporary directory that is renamed into place, so concurrent callers never see half a
     pipeline."""
+    if pretrained.startswith(TESTBED_PREFIX):
+        return resolve_testbed(pretrained)
     if not pretrained.startswith(TINY_PREFIX):
         return pretrained
     kind = pretrained[len(TINY_PREFIX):]

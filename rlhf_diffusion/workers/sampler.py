@@ -46,11 +46,13 @@ class RemoteReward:
         self.differentiable = differentiable
         self.heldout_names = list(heldout_names)
         self.wait_seconds = 0.0
+        self.images_scored = 0  # images handed to score / score_and_grad (the rollouts' reward budget)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
         import ray
 
         start = time.perf_counter()
+        self.images_scored += images.shape[0]
         try:
             return ray.get(self.server.score.remote(images.detach().cpu(), list(prompts)))
         finally:
@@ -60,6 +62,7 @@ class RemoteReward:
         import ray
 
         start = time.perf_counter()
+        self.images_scored += images.shape[0]
         try:
             return ray.get(self.server.score_and_grad.remote(images.detach().cpu(), list(prompts)))
         finally:
@@ -81,9 +84,11 @@ class _LocalRewardClient:
         self.differentiable = reward.differentiable
         self.heldout_names = heldout.names if heldout is not None else []
         self.wait_seconds = 0.0
+        self.images_scored = 0
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
         start = time.perf_counter()
+        self.images_scored += images.shape[0]
         try:
             return self.reward.score(images, prompts)
         finally:
@@ -91,6 +96,7 @@ class _LocalRewardClient:
 
     def score_and_grad(self, images: Tensor, prompts: Sequence[str]) -> tuple[RewardResult, Tensor]:
         start = time.perf_counter()
+        self.images_scored += images.shape[0]
         try:
             return self.reward.score_and_grad(images, prompts)
         finally:
@@ -207,10 +213,12 @@ class Sampler:
 
     def rollout(self, request: RolloutRequest) -> RolloutBatch:
         """Samples the request's prompts with its weights version and seed; returns the labelled examples with
-        `weights_version` set and timings in `metrics` (rollout_seconds, reward_seconds)."""
+        `weights_version` set, timings in `metrics` (rollout_seconds, reward_seconds) and the number of images the
+        rollout handed to the reward (reward_images_count: final images, TailorPO's per-step candidates and
+        TailorPO-G's guided winners)."""
         start = time.perf_counter()
         self.load_weights(request.weights)
-        waited = self.reward.wait_seconds
+        waited, scored = self.reward.wait_seconds, self.reward.images_scored
         self.model.unet.eval()
         generator = torch.Generator().manual_seed(request.seed)
         parts = []
@@ -227,6 +235,7 @@ class Sampler:
         batch.weights_version = self.weights_version
         batch.metrics["rollout_seconds"] = time.perf_counter() - start
         batch.metrics["reward_seconds"] = self.reward.wait_seconds - waited
+        batch.metrics["reward_images_count"] = float(self.reward.images_scored - scored)
         return batch
 
     @torch.no_grad()

@@ -1,0 +1,224 @@
+"""Method comparison on the testbed world: every method gets the same budget of reward-scored images, 3 seeds each.
+
+    python benchmarks/methods.py                          # the table in the README (see --help for the knobs)
+    python benchmarks/methods.py --seeds 0 --budget 800   # a quicker look
+
+The base config is `configs/tiny.yaml` (the embedded default: the shipped testbed pipeline, the testbed CLIP as the
+training reward, training on the 332 `testbed_train` captions, evaluation on the 82 held-out `testbed_heldout`
+captions with fixed seeds). Each run swaps in one method with its config defaults (`algorithm={name: <method>}`),
+and the number of iterations is set so that every method spends the same number of reward-scored images:
+
+    budget unit = one image handed to the reward (a final image, or one of TailorPO's per-step candidate x̂_0
+                  previews, or TailorPO-G's guided winner whose gradient is taken)
+
+This is the quantity a preference method pays for (a reward-model call, or a human label in D3PO's setting). It is
+not the compute: TailorPO spends its budget on many cheap one-step previews, D3PO on fewer full trajectories, so
+the table also reports UNet evaluations and seconds. The count per iteration is computed from the config
+(`reward_images_per_iteration`) and checked against the samplers' measured `rollout/reward_images_count` after
+every run; a mismatch stops the script.
+
+Measured before and after, on the held-out captions (same prompts and seeds for every run):
+- the CLIP-score reward the methods train on (testbed CLIP, scale 100);
+- the world checker's accuracy per attribute (testbed/world.py; "all" = every stated attribute right): it is not
+  trained on, so it shows whether a reward gain is real alignment or reward hacking.
+
+Outputs under --out (default runs/methods): results.json (every run), table.md (means ± std over seeds),
+reward_vs_images.png (training reward vs reward-scored images, mean over seeds), and the MLflow runs (experiment
+"methods", tracking store --out/mlflow.db) to compare in `mlflow ui`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rlhf_diffusion.config import RunConfig, load_config  # noqa: E402
+from rlhf_diffusion.prompts import load_prompts  # noqa: E402
+from rlhf_diffusion.testbed.world import batch_accuracy  # noqa: E402
+from rlhf_diffusion.trainer import LocalTrainer  # noqa: E402
+
+METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo")
+ATTRIBUTES = ("background", "count", "colour", "shape", "position", "binding", "all")
+
+
+def reward_images_per_iteration(config: RunConfig) -> int:
+    """Images handed to the reward per training iteration (all samplers), from the config alone.
+
+    D3PO, DDE(-Single), Diffusion-DPO (online): two final images per prompt. TailorPO: `num_candidates` candidates
+    per prompt at each of the K steps (their x̂_0 previews, the last step's are the final images). TailorPO-G: the
+    same plus, at every step, the guided winner whose reward gradient is taken.
+    """
+    prompts = config.sampling.batch_size * config.resources.num_samplers
+    algo, k = config.algorithm, config.sampling.num_steps
+    if algo.name in ("tailorpo", "tailorpo_g"):
+        return prompts * k * (algo.num_candidates + (1 if algo.name == "tailorpo_g" else 0))
+    return 2 * prompts
+
+
+def unet_rows_per_iteration(config: RunConfig) -> int:
+    """UNet evaluations (rows, each with classifier-free guidance counted once) per iteration for sampling."""
+    prompts = config.sampling.batch_size * config.resources.num_samplers
+    algo, k = config.algorithm, config.sampling.num_steps
+    if algo.name in ("tailorpo", "tailorpo_g"):
+        return prompts * (1 + (k - 1) * algo.num_candidates)
+    return 2 * prompts * k
+
+
+def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: list[str]) -> dict:
+    probe = load_config(base, [f"algorithm={{name: {method}}}", *extra])
+    per_iteration = reward_images_per_iteration(probe)
+    iterations = max(1, math.ceil(budget / per_iteration))
+    overrides = [
+        f"algorithm={{name: {method}}}",
+        f"seed={seed}",
+        f"train.iterations={iterations}",
+        f"run_name=methods_{method}_seed{seed}",
+        f"output_dir={out}",
+        "tracking.experiment=methods",
+        "tracking.image_grid_every=0",
+        "checkpoint.every=0",
+        *extra,
+    ]
+    config = load_config(base, overrides)
+    start = time.perf_counter()
+    result = LocalTrainer(config, log=lambda *_: None).fit()
+    seconds = time.perf_counter() - start
+    measured = [row.get("rollout/reward_images_count") for row in result.history]
+    if any(m != per_iteration for m in measured):
+        raise SystemExit(f"{method}: reward images per iteration computed {per_iteration}, measured {measured}")
+    prompts = load_prompts(config.prompts.eval or config.prompts.train)
+    captions = [p for p in prompts for _ in range(config.prompts.eval_seeds)]  # prompt-major, as EvalResult
+    before, after = result.eval_before, result.eval_after
+    cumulative = np.cumsum(measured).tolist()
+    return {
+        "method": method, "seed": seed, "iterations": iterations, "reward_images": int(sum(measured)),
+        "reward_images_per_iteration": per_iteration,
+        "unet_rows": unet_rows_per_iteration(config) * iterations, "seconds": seconds,
+        "reward_before": before.mean, "reward_after": after.mean,
+        "checker_before": batch_accuracy(before.images, captions),
+        "checker_after": batch_accuracy(after.images, captions),
+        "curve": {"images": cumulative, "reward": [row.get("reward_mean") for row in result.history]},
+        "run_dir": str(result.run_dir), "mlflow_run_id": result.mlflow_run_id,
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def write_table(runs: list[dict], path: Path) -> str:
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    first = runs[0]
+    lines = [
+        f"Held-out: {len(first['checker_before'])} attributes checked on the eval images; budget "
+        f"{first['reward_images']} reward-scored images per run (± one iteration); seeds "
+        f"{sorted({r['seed'] for r in runs})}.",
+        "",
+        f"Before training (every run starts from the same model and evaluates the same prompts and seeds): "
+        f"CLIP reward {first['reward_before']:.3f}, checker "
+        + ", ".join(f"{k} {v:.3f}" for k, v in first["checker_before"].items()) + ".",
+        "",
+        "| method | iterations | UNet rows | seconds | CLIP reward after | Δ CLIP | checker all after | Δ all | "
+        + " | ".join(a for a in ATTRIBUTES[:-1]) + " |",
+        "|" + "---|" * (8 + len(ATTRIBUTES) - 1),
+    ]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        row = [m, str(rs[0]["iterations"]), str(rs[0]["unet_rows"]), f"{statistics.mean(r['seconds'] for r in rs):.0f}",
+               _mean_std([r["reward_after"] for r in rs]),
+               _mean_std([r["reward_after"] - r["reward_before"] for r in rs]),
+               _mean_std([r["checker_after"]["all"] for r in rs]),
+               _mean_std([r["checker_after"]["all"] - r["checker_before"]["all"] for r in rs])]
+        row += [_mean_std([r["checker_after"][a] for r in rs]) if a in rs[0]["checker_after"] else "–"
+                for a in ATTRIBUTES[:-1]]
+        lines.append("| " + " | ".join(row) + " |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def write_plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in METHODS:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        x = np.array(rs[0]["curve"]["images"])
+        y = np.array([r["curve"]["reward"] for r in rs], dtype=float)
+        # a 5-iteration moving average per seed (rollout rewards are noisy), then mean ± std over seeds
+        width = max(1, min(5, len(x) // 4))
+        kernel = np.ones(width) / width
+        smooth = np.array([np.convolve(row, kernel, mode="valid") for row in y])
+        xs = x[width - 1:]
+        line, = ax_r.plot(xs, smooth.mean(0), label=m)
+        if len(rs) > 1:
+            ax_r.fill_between(xs, smooth.mean(0) - smooth.std(0), smooth.mean(0) + smooth.std(0),
+                              color=line.get_color(), alpha=0.15)
+        before = np.mean([r["checker_before"]["all"] for r in rs])
+        after = [r["checker_after"]["all"] for r in rs]
+        ax_c.errorbar([0, x[-1]], [before, np.mean(after)], yerr=[0, np.std(after)], marker="o", capsize=3,
+                      label=m, color=line.get_color())
+    ax_r.set_xlabel("reward-scored images")
+    ax_r.set_ylabel("training reward (CLIP score, final images)")
+    ax_r.set_title("reward vs images sampled (mean ± std over seeds)")
+    ax_c.set_xlabel("reward-scored images")
+    ax_c.set_ylabel("held-out checker accuracy (all attributes)")
+    ax_c.set_title("held-out checker accuracy, before → after")
+    for ax in (ax_r, ax_c):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=1600, help="reward-scored images per run")
+    parser.add_argument("--out", type=Path, default=Path("runs/methods"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="extra config override for every run (key=value), e.g. sampling.num_steps=8")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    runs: list[dict] = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["method"], r["seed"], r["reward_images"] >= args.budget) for r in runs}
+    for seed in args.seeds:
+        for method in args.methods:
+            if (method, seed, True) in done:
+                continue
+            run = run_one(args.config, method, seed, args.budget, args.out, args.overrides)
+            runs = [r for r in runs if (r["method"], r["seed"]) != (method, seed)] + [run]
+            results_path.write_text(json.dumps(runs, indent=1))
+            print(f"{method:14} seed {seed}: {run['iterations']} it, {run['reward_images']} images, "
+                  f"{run['seconds']:.0f} s; CLIP {run['reward_before']:.3f} -> {run['reward_after']:.3f}; checker "
+                  f"all {run['checker_before']['all']:.3f} -> {run['checker_after']['all']:.3f}", flush=True)
+    runs = [r for r in runs if r["method"] in args.methods and r["seed"] in args.seeds]
+    print(write_table(runs, args.out / "table.md"))
+    write_plot(runs, args.out / "reward_vs_images.png")
+    print(f"wrote {args.out / 'table.md'}, {args.out / 'reward_vs_images.png'}, {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""The shipped testbed models (`testbed:pipeline`, `testbed:clip`), trained by `python -m rlhf_diffusion.testbed.train`.
+
+    model:   {pretrained: "testbed:pipeline"}                   # diffusers StableDiffusionPipeline directory
+    rewards: [{name: clip_score, path: "testbed:clip"}]         # transformers CLIPModel directory
+
+A `testbed:<name>` reference resolves to `rlhf_diffusion/assets/testbed/<name>` inside the installed package, so a
+config that names it works from any working directory and on every Ray node that has the package installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["TESTBED_DIR", "TESTBED_MODELS", "TESTBED_PREFIX", "is_testbed_ref", "resolve_testbed"]
+
+TESTBED_PREFIX = "testbed:"
+TESTBED_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed"
+# name -> the file that must exist in its directory
+TESTBED_MODELS: dict[str, str] = {"pipeline": "model_index.json", "clip": "config.json"}
+
+
+def is_testbed_ref(value: str) -> bool:
+    return isinstance(value, str) and value.startswith(TESTBED_PREFIX)
+
+
+def resolve_testbed(ref: str) -> str:
+    """`testbed:<name>` -> the absolute directory of that shipped model.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+        FileNotFoundError: the model directory is missing (a source checkout without the weights); the message says
+            how to build it.
+    """
+    name = ref[len(TESTBED_PREFIX):] if is_testbed_ref(ref) else ref
+    if name not in TESTBED_MODELS:
+        raise ValueError(f"unknown testbed model {ref!r}; valid: "
+                         + ", ".join(TESTBED_PREFIX + n for n in TESTBED_MODELS))
+    path = TESTBED_DIR / name
+    if not (path / TESTBED_MODELS[name]).exists():
+        raise FileNotFoundError(f"testbed model {ref!r}: {path} has no {TESTBED_MODELS[name]}; build it with "
+                                f"`python -m rlhf_diffusion.testbed.train --out {TESTBED_DIR}`")
+    return str(path)
