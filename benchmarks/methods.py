@@ -118,6 +118,12 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _learner_examples(run: dict) -> float:
+    """Training examples the learner took over the run (pairs x steps or pairs x t), from its metrics.jsonl."""
+    lines = (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    return sum(json.loads(line).get("train/num_examples", 0.0) for line in lines if line.strip())
+
+
 def write_table(runs: list[dict], path: Path) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     first = runs[0]
@@ -130,13 +136,15 @@ def write_table(runs: list[dict], path: Path) -> str:
         f"CLIP reward {first['reward_before']:.3f}, checker "
         + ", ".join(f"{k} {v:.3f}" for k, v in first["checker_before"].items()) + ".",
         "",
-        "| method | iterations | UNet rows | seconds | CLIP reward after | Δ CLIP | checker all after | Δ all | "
+        "| method | iterations | sampling UNet rows | learner examples | CLIP reward after | Δ CLIP | "
+        "checker all after | Δ all | "
         + " | ".join(a for a in ATTRIBUTES[:-1]) + " |",
         "|" + "---|" * (8 + len(ATTRIBUTES) - 1),
     ]
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
-        row = [m, str(rs[0]["iterations"]), str(rs[0]["unet_rows"]), f"{statistics.mean(r['seconds'] for r in rs):.0f}",
+        row = [m, str(rs[0]["iterations"]), str(rs[0]["unet_rows"]),
+               f"{statistics.mean(_learner_examples(r) for r in rs):.0f}",
                _mean_std([r["reward_after"] for r in rs]),
                _mean_std([r["reward_after"] - r["reward_before"] for r in rs]),
                _mean_std([r["checker_after"]["all"] for r in rs]),
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=1600, help="reward-scored images per run")
+    parser.add_argument("--budget", type=int, default=400, help="reward-scored images per run")
     parser.add_argument("--out", type=Path, default=Path("runs/methods"))
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every run (key=value), e.g. sampling.num_steps=8")
