@@ -747,10 +747,10 @@ class PromptSource(_FrozenModel):
     """Where prompts come from: exactly one of a builtin list, a text file, or an inline list."""
 
     builtin: Literal[
-        "simple_animals", "testbed_train", "testbed_heldout", "partiprompts", "partiprompts:abstract", "partiprompts:animals", "partiprompts:artifacts",
+        "simple_animals", "partiprompts", "partiprompts:abstract", "partiprompts:animals", "partiprompts:artifacts",
         "partiprompts:arts", "partiprompts:food_beverage", "partiprompts:illustrations", "partiprompts:indoor_scenes",
         "partiprompts:outdoor_scenes", "partiprompts:people", "partiprompts:produce_plants", "partiprompts:vehicles",
-        "partiprompts:world_knowledge",
+        "partiprompts:world_knowledge", "testbed_train", "testbed_heldout",
     ] | None = Field(
         None, description="A builtin prompt list: 'simple_animals' = DDPO's 45 animal names [C], used by D3PO [C] "
         "and TailorPO [R]; 'testbed_train' / 'testbed_heldout' = the 332 / 82 captions of the testbed world's "

@@ -62,10 +62,10 @@ _PARTI_BY_SLUG = {parti_slug(name): name for name in PARTI_CATEGORIES}
 # Must equal the `Literal` of `config.PromptSource.builtin` (tests/test_prompts.py checks it).
 BUILTIN_PROMPT_SETS: tuple[str, ...] = (
     "simple_animals",
-    "testbed_train",
-    "testbed_heldout",
     "partiprompts",
     *(f"partiprompts:{slug}" for slug in _PARTI_BY_SLUG),
+    "testbed_train",
+    "testbed_heldout",
 )
 
 

@@ -467,13 +467,14 @@ def test_resolved_yaml_round_trips():
 
 def test_tiny_yaml_loads():
     cfg = load_config(TINY_YAML)
-    assert cfg.run_name == "tiny" and cfg.model.pretrained == "tiny:sd15"
-    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (4, 2.0, 4)
+    assert cfg.run_name == "tiny" and cfg.model.pretrained == "testbed:pipeline"
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (10, 4.0, 4)
     assert cfg.algorithm.name == "tailorpo"
-    assert [reward.name for reward in cfg.rewards] == ["jpeg_compressibility"]
-    assert cfg.train.iterations == 20 and cfg.train.learning_rate == 1e-3
+    assert [(reward.name, reward.path) for reward in cfg.rewards] == [("clip_score", "testbed:clip")]
+    assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker"]
+    assert cfg.train.iterations == 20 and cfg.train.learning_rate == 1e-4
     assert cfg.checkpoint.every == 10
-    assert cfg.prompts.train.inline and all(cfg.prompts.train.inline)
+    assert (cfg.prompts.train.builtin, cfg.prompts.eval.builtin) == ("testbed_train", "testbed_heldout")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from rlhf_diffusion.models.loading import (
     set_lora_state_dict,
 )
 from rlhf_diffusion.rewards.aesthetic import build_tiny_aesthetic
-from rlhf_diffusion.trainer import LocalTrainer
+from rlhf_diffusion.trainer import LocalTrainer, eval_grid_row
 
 PROMPTS = ["a cat", "a dog"]
 SEEDS = 2
@@ -156,14 +156,16 @@ def test_lora_row_reproduces_the_trained_runs_evaluation_exactly(cli_run):
     base = next(r for r in _read_csv(out / "results.csv") if r["model"] == "base")
     assert float(base["brightness_mean"]) == trained.eval_before.mean  # and the base row = the run's eval before
 
-    # the images: the run's grid_after.png (prompt rows × seed columns) equals our trained-LoRA columns
+    # the images: the run's grid_after.png (prompts in order, `eval_grid_row` images a row) equals our trained-LoRA
+    # columns
     theirs = np.asarray(Image.open(trained.run_dir / "grid_after.png"))
     grid = np.asarray(Image.open(out / "grid.png"))
     column0 = 3 * SEEDS  # 4th row of the table
     for j in range(len(PROMPTS)):
         for s in range(SEEDS):
             cell = grid[2 + j * CELL: j * CELL + CELL, 2 + (column0 + s) * CELL: (column0 + s) * CELL + CELL]
-            expected = theirs[2 + j * CELL: j * CELL + CELL, 2 + s * CELL: s * CELL + CELL]
+            r, c = divmod(j * SEEDS + s, eval_grid_row(SEEDS))  # the run's grid wraps whole prompts, >= 8 a row
+            expected = theirs[2 + r * CELL: r * CELL + CELL, 2 + c * CELL: c * CELL + CELL]
             np.testing.assert_array_equal(cell, expected)
             image = np.asarray(Image.open(out / "images" / f"03_{label.strip('/').replace('/', '_')}"
                                           / f"p{j:05d}_s{s}.png"))

@@ -11,6 +11,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from rlhf_diffusion.testbed.assets import resolve_testbed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,8 @@ def run_launch(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tmp_path):
-    proc = run_launch("configs/tiny.yaml", "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2")
+    proc = run_launch("configs/tiny.yaml", "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2",
+                      *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "tiny"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -29,12 +32,15 @@ def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tm
     assert summary["algorithm"] == "tailorpo" and "eval_before" in summary and "eval_after" in summary
     from PIL import Image
 
-    grid = Image.open(run_dir / "grid_after.png")  # 8 eval prompts x 1 seed, 64 px + 2 px padding
-    assert grid.size == (2 + 66, 8 * 66 + 2)
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "_tiny_models" / "sd15")
+    # the held-out checker (a custom reward on the reward server, never trained on) is reported beside the reward
+    assert 0.0 <= summary["heldout_before"]["checker"] <= 1.0 and 0.0 <= summary["heldout_after"]["checker"] <= 1.0
+    assert "held-out checker (not trained on)" in proc.stdout
+    grid = Image.open(run_dir / "grid_after.png")  # 82 eval prompts x 1 seed, 8 a row, 64 px + 2 px padding
+    assert grid.size == (8 * 66 + 2, 11 * 66 + 2)
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_testbed("testbed:pipeline"))
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(run_dir / "lora")
-    image = pipe("a cat", num_inference_steps=2, output_type="np",
+    image = pipe("a red circle on the left on a white background", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
 
@@ -50,6 +56,9 @@ def test_bad_config_fails_fast_naming_the_field(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # `ray job submit` against a real local cluster
 # ---------------------------------------------------------------------------------------------------------------
+
+# The embedded default as it is, with 4 DDIM steps instead of 10 so a test run stays short.
+FAST = ("--set", "sampling.num_steps=4")
 
 TINY_D3PO = """
 run_name: tiny_d3po
@@ -75,7 +84,7 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_pat
     proc = submit_job(ray_cluster, sys.executable, "-m", "rlhf_diffusion.launch", str(ROOT / "configs" / "tiny.yaml"),
                       "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2",
                       "--set", "resources.num_samplers=2", "--set", "resources.num_reward_servers=1",
-                      "--set", "train.max_staleness=1", "--no-progress")
+                      "--set", "train.max_staleness=1", "--no-progress", *FAST)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "joined the Ray cluster" in out and "succeeded" in out.lower()
@@ -83,6 +92,8 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_pat
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [1, 2] and lines[1]["train/staleness"] == 1.0
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # the custom held-out reward (the testbed checker) ran on the cluster's reward server
+    assert "checker" in json.loads((run_dir / "eval.json").read_text())["heldout_after"]
 
     # a second run with another method, in one process, lands in the same MLflow store: side by side
     config = tmp_path / "tiny_d3po.yaml"
