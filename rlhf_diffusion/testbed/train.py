@@ -76,15 +76,15 @@ class TrainSettings:
     threads: int = 2
     # VAE
     vae_channels: tuple[int, ...] = (16, 32, 64, 64)
-    vae_steps: int = 600
+    vae_steps: int = 2000
     vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_crop: int = 32
     vae_object_weight: float = 5.0
     latent_channels: int = 8
     # CLIP
-    clip_steps: int = 1200
+    clip_steps: int = 900
     clip_batch: int = 128
     clip_lr: float = 5e-4
     # UNet + text encoder
