@@ -112,6 +112,11 @@ def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: li
     }
 
 
+def run_settings(config: str, budget: int, overrides: list[str]) -> dict:
+    """What a finished run must match to be reused: the base config (by file name), the budget and the overrides."""
+    return {"config": Path(config).name, "budget": budget, "overrides": list(overrides)}
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -130,7 +135,8 @@ def write_table(runs: list[dict], path: Path) -> str:
     lines = [
         f"Held-out: {len(first['checker_before'])} attributes checked on the eval images; budget "
         f"{first['reward_images']} reward-scored images per run (± one iteration); seeds "
-        f"{sorted({r['seed'] for r in runs})}.",
+        f"{sorted({r['seed'] for r in runs})}; overrides of {first.get('settings', {}).get('config', 'the config')}: "
+        f"{', '.join(first.get('settings', {}).get('overrides', [])) or 'none'}.",
         "",
         f"Before training (every run starts from the same model and evaluates the same prompts and seeds): "
         f"CLIP reward {first['reward_before']:.3f}, checker "
@@ -210,18 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     runs: list[dict] = json.loads(results_path.read_text()) if results_path.exists() else []
-    done = {(r["method"], r["seed"], r["reward_images"] >= args.budget) for r in runs}
+    settings = run_settings(args.config, args.budget, args.overrides)
+    # a finished run is reused only if it ran with these settings (config file, budget, overrides); another
+    # setting's runs stay in results.json but are left out of this table. Use one --out per setting.
+    done = {(r["method"], r["seed"]) for r in runs if r.get("settings") == settings}
     for seed in args.seeds:
         for method in args.methods:
-            if (method, seed, True) in done:
+            if (method, seed) in done:
                 continue
             run = run_one(args.config, method, seed, args.budget, args.out, args.overrides)
-            runs = [r for r in runs if (r["method"], r["seed"]) != (method, seed)] + [run]
+            run["settings"] = settings
+            runs = [r for r in runs if (r["method"], r["seed"], r.get("settings")) != (method, seed, settings)]
+            runs.append(run)
             results_path.write_text(json.dumps(runs, indent=1))
             print(f"{method:14} seed {seed}: {run['iterations']} it, {run['reward_images']} images, "
                   f"{run['seconds']:.0f} s; CLIP {run['reward_before']:.3f} -> {run['reward_after']:.3f}; checker "
                   f"all {run['checker_before']['all']:.3f} -> {run['checker_after']['all']:.3f}", flush=True)
-    runs = [r for r in runs if r["method"] in args.methods and r["seed"] in args.seeds]
+    runs = [r for r in runs
+            if r["method"] in args.methods and r["seed"] in args.seeds and r.get("settings") == settings]
     print(write_table(runs, args.out / "table.md"))
     write_plot(runs, args.out / "reward_vs_images.png")
     print(f"wrote {args.out / 'table.md'}, {args.out / 'reward_vs_images.png'}, {results_path}")

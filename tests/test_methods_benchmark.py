@@ -29,3 +29,41 @@ def test_reward_images_per_iteration_is_what_the_samplers_measure(method, tiny_s
     assert expected == {"tailorpo": 6 * 3 * 2, "tailorpo_g": 6 * 3 * 3}.get(method, 2 * 6)
     assert unet_rows_per_iteration(config) == ({"tailorpo": 6 * (1 + 2 * 2), "tailorpo_g": 6 * (1 + 2 * 2)}
                                                .get(method, 2 * 6 * 3))
+
+
+def _finished_run(method: str, seed: int, settings: dict, run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text('{"train/num_examples": 8.0}\n{"train/num_examples": 8.0}\n')
+    checker = {"background": 1.0, "all": 0.5}
+    return {"method": method, "seed": seed, "iterations": 2, "reward_images": 400, "reward_images_per_iteration": 200,
+            "unet_rows": 40, "seconds": 1.0, "reward_before": 70.0, "reward_after": 71.0,
+            "checker_before": checker, "checker_after": checker,
+            "curve": {"images": [200, 400], "reward": [70.0, 71.0]}, "run_dir": str(run_dir), "settings": settings}
+
+
+def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    """`--out` may hold runs of other budgets or overrides: only runs with these exact settings are reused and
+    tabled; the others are run again (here: recorded, not trained) and the old ones are kept in results.json."""
+    import json
+
+    import methods
+
+    config = str(ROOT / "configs" / "tiny.yaml")
+    same = methods.run_settings(config, 400, [])
+    other = methods.run_settings(config, 400, ["train.learning_rate=3e-4"])
+    (tmp_path / "results.json").write_text(json.dumps([
+        _finished_run("d3po", 0, same, tmp_path / "a"), _finished_run("dde", 0, other, tmp_path / "b")]))
+    ran = []
+
+    def run_one(base, method, seed, budget, out, extra):
+        ran.append((method, seed, budget, extra))
+        return _finished_run(method, seed, {}, tmp_path / f"new_{method}")
+
+    monkeypatch.setattr(methods, "run_one", run_one)
+    assert methods.main(["--config", config, "--methods", "d3po", "dde", "--seeds", "0", "--budget", "400",
+                         "--out", str(tmp_path)]) == 0
+    assert ran == [("dde", 0, 400, [])]  # d3po reused; dde's run had another learning rate
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((r["method"], r["settings"] == same) for r in kept) == [("d3po", True), ("dde", False), ("dde", True)]
+    table = (tmp_path / "table.md").read_text()
+    assert "| d3po |" in table and "| dde |" in table and "overrides of tiny.yaml: none" in table

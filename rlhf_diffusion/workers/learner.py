@@ -294,6 +294,9 @@ class Learner:
             self.weights_key: get_trainable_state(self.model.unet),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "algorithm": _to_cpu(self.algorithm.state_dict()),
+            # fp16's dynamic loss scale and its growth tracker ({} when fp16 is off): a resumed run starts from the
+            # scale it had reached, not from 65536 (which would skip steps to overflow until it shrank again)
+            "grad_scaler": self.grad_scaler.state_dict(),
         }
 
     @property
@@ -307,6 +310,8 @@ class Learner:
         set_trainable_state(self.model.unet, state[self.weights_key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
+        if self.grad_scaler.is_enabled() and state.get("grad_scaler"):  # older checkpoints and fp32/bf16 runs: none
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.version = int(state["version"])
         self.dropped = int(state.get("dropped", 0))
         return self.version

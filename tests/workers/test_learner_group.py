@@ -136,3 +136,24 @@ def test_a_batch_without_pairs_trains_no_step(tiny_sd15_dir, tmp_path, one_torch
     assert result.version == 1 and result.metrics["optimizer_steps"] == 0
     after = get_trainable_state(learner.model.unet)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_fp16_loss_scale_is_checkpointed(tiny_sd15_dir, tmp_path, one_torch_thread):
+    """fp16 is CUDA-only, so the learner's dynamic GradScaler is swapped for an enabled CPU one here (same class,
+    same code path): its scale after training goes into state_dict and comes back in a fresh learner."""
+    config = make_config(tiny_sd15_dir, tmp_path, num_learners=1, finetune="lora", train_batch_size=4, epochs=1)
+    learner = Learner(config, str(tiny_sd15_dir))
+    learner.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    steps = 0
+    for iteration in (1, 2, 3):
+        batch = pair_batch(learner, 2)
+        batch.weights_version = learner.version  # sampled with the current weights: never dropped as stale
+        steps += learner.train(batch, iteration=iteration).metrics["optimizer_steps"]
+    scale = learner.grad_scaler.get_scale()
+    assert steps >= 2 and scale == 2.0 ** (10 + steps)  # doubled after every overflow-free step
+    state = learner.state_dict()
+    fresh = Learner(config, str(tiny_sd15_dir))
+    fresh.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    fresh.load_state_dict(state)
+    assert fresh.grad_scaler.get_scale() == scale
+    assert Learner(config, str(tiny_sd15_dir)).state_dict()["grad_scaler"] == {}  # fp32: nothing to keep
