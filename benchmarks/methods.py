@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from rlhf_diffusion.config import RunConfig, load_config  # noqa: E402
 from rlhf_diffusion.prompts import load_prompts  # noqa: E402
-from rlhf_diffusion.testbed.world import batch_accuracy  # noqa: E402
+from rlhf_diffusion.testbed.world import batch_accuracy, check  # noqa: E402
 from rlhf_diffusion.trainer import LocalTrainer  # noqa: E402
 
 METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo")
@@ -107,9 +107,28 @@ def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: li
         "reward_before": before.mean, "reward_after": after.mean,
         "checker_before": batch_accuracy(before.images, captions),
         "checker_after": batch_accuracy(after.images, captions),
+        "checker_flips": checker_flips(before.images, after.images, captions),
         "curve": {"images": cumulative, "reward": [row.get("reward_mean") for row in result.history]},
         "run_dir": str(result.run_dir), "mlflow_run_id": result.mlflow_run_id,
     }
+
+
+def checker_flips(before, after, captions) -> dict[str, int]:
+    """Held-out images whose checker verdict ("all" attributes right) changed: wrong -> right ("fixed") and
+    right -> wrong ("broken"). The eval images use the same prompts and seeds before and after, so these are paired."""
+    was = [check(image, c)["all"] for image, c in zip(before, captions)]
+    now = [check(image, c)["all"] for image, c in zip(after, captions)]
+    return {"fixed": sum(not a and b for a, b in zip(was, now)), "broken": sum(a and not b for a, b in zip(was, now))}
+
+
+def sign_test_p(fixed: int, broken: int) -> float:
+    """Two-sided exact sign test of fixed vs broken (ties, unchanged images, dropped): the chance of a split at
+    least this uneven if a change were equally likely to fix or break an image."""
+    n, k = fixed + broken, min(fixed, broken)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def run_settings(config: str, budget: int, overrides: list[str]) -> dict:
@@ -132,20 +151,23 @@ def _learner_examples(run: dict) -> float:
 def write_table(runs: list[dict], path: Path) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     first = runs[0]
+    overrides = {r["method"]: r.get("settings", {}).get("overrides", []) for r in runs}
+    shared = [o for o in overrides[first["method"]] if all(o in v for v in overrides.values())]
+    own = {m: [o for o in v if o not in shared] for m, v in overrides.items() if any(o not in shared for o in v)}
     lines = [
         f"Held-out: {len(first['checker_before'])} attributes checked on the eval images; budget "
         f"{first['reward_images']} reward-scored images per run (± one iteration); seeds "
         f"{sorted({r['seed'] for r in runs})}; overrides of {first.get('settings', {}).get('config', 'the config')}: "
-        f"{', '.join(first.get('settings', {}).get('overrides', [])) or 'none'}.",
+        f"{', '.join(shared) or 'none'}" + "".join(f"; {m} also {', '.join(o)}" for m, o in own.items()) + ".",
         "",
         f"Before training (every run starts from the same model and evaluates the same prompts and seeds): "
         f"CLIP reward {first['reward_before']:.3f}, checker "
         + ", ".join(f"{k} {v:.3f}" for k, v in first["checker_before"].items()) + ".",
         "",
         "| method | iterations | sampling UNet rows | learner examples | CLIP reward after | Δ CLIP | "
-        "checker all after | Δ all | "
+        "checker all after | Δ all | fixed / broken (sign test p) | "
         + " | ".join(a for a in ATTRIBUTES[:-1]) + " |",
-        "|" + "---|" * (8 + len(ATTRIBUTES) - 1),
+        "|" + "---|" * (9 + len(ATTRIBUTES) - 1),
     ]
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
@@ -155,6 +177,11 @@ def write_table(runs: list[dict], path: Path) -> str:
                _mean_std([r["reward_after"] - r["reward_before"] for r in rs]),
                _mean_std([r["checker_after"]["all"] for r in rs]),
                _mean_std([r["checker_after"]["all"] - r["checker_before"]["all"] for r in rs])]
+        if all("checker_flips" in r for r in rs):  # summed over seeds
+            fixed, broken = (sum(r["checker_flips"][k] for r in rs) for k in ("fixed", "broken"))
+            row.append(f"{fixed} / {broken} ({sign_test_p(fixed, broken):.2g})")
+        else:  # runs from before the flips were recorded
+            row.append("–")
         row += [_mean_std([r["checker_after"][a] for r in rs]) if a in rs[0]["checker_after"] else "–"
                 for a in ATTRIBUTES[:-1]]
         lines.append("| " + " | ".join(row) + " |")
@@ -212,28 +239,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/methods"))
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every run (key=value), e.g. sampling.num_steps=8")
+    parser.add_argument("--method-set", dest="method_overrides", action="append", default=[],
+                        metavar="METHOD:KEY=VALUE",
+                        help="override for one method's runs, after --set, e.g. dde:train.num_inner_epochs=10")
     args = parser.parse_args(argv)
+    per_method: dict[str, list[str]] = {m: [] for m in METHODS}
+    for item in args.method_overrides:
+        method, sep, override = item.partition(":")
+        if not sep or method not in METHODS or "=" not in override:
+            parser.error(f"--method-set {item!r}: expected METHOD:KEY=VALUE with METHOD one of {', '.join(METHODS)}")
+        per_method[method].append(override)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     runs: list[dict] = json.loads(results_path.read_text()) if results_path.exists() else []
-    settings = run_settings(args.config, args.budget, args.overrides)
-    # a finished run is reused only if it ran with these settings (config file, budget, overrides); another
+    # a finished run is reused only if it ran with the same settings (config file, budget, overrides); another
     # setting's runs stay in results.json but are left out of this table. Use one --out per setting.
-    done = {(r["method"], r["seed"]) for r in runs if r.get("settings") == settings}
+    settings = {m: run_settings(args.config, args.budget, args.overrides + per_method[m]) for m in METHODS}
+    done = {(r["method"], r["seed"]) for r in runs if r.get("settings") == settings[r["method"]]}
     for seed in args.seeds:
         for method in args.methods:
             if (method, seed) in done:
                 continue
-            run = run_one(args.config, method, seed, args.budget, args.out, args.overrides)
-            run["settings"] = settings
-            runs = [r for r in runs if (r["method"], r["seed"], r.get("settings")) != (method, seed, settings)]
+            run = run_one(args.config, method, seed, args.budget, args.out, args.overrides + per_method[method])
+            run["settings"] = settings[method]
+            runs = [r for r in runs if (r["method"], r["seed"], r.get("settings")) != (method, seed, settings[method])]
             runs.append(run)
             results_path.write_text(json.dumps(runs, indent=1))
             print(f"{method:14} seed {seed}: {run['iterations']} it, {run['reward_images']} images, "
                   f"{run['seconds']:.0f} s; CLIP {run['reward_before']:.3f} -> {run['reward_after']:.3f}; checker "
                   f"all {run['checker_before']['all']:.3f} -> {run['checker_after']['all']:.3f}", flush=True)
     runs = [r for r in runs
-            if r["method"] in args.methods and r["seed"] in args.seeds and r.get("settings") == settings]
+            if r["method"] in args.methods and r["seed"] in args.seeds and r.get("settings") == settings[r["method"]]]
     print(write_table(runs, args.out / "table.md"))
     write_plot(runs, args.out / "reward_vs_images.png")
     print(f"wrote {args.out / 'table.md'}, {args.out / 'reward_vs_images.png'}, {results_path}")

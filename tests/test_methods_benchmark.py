@@ -37,7 +37,7 @@ def _finished_run(method: str, seed: int, settings: dict, run_dir: Path) -> dict
     checker = {"background": 1.0, "all": 0.5}
     return {"method": method, "seed": seed, "iterations": 2, "reward_images": 400, "reward_images_per_iteration": 200,
             "unet_rows": 40, "seconds": 1.0, "reward_before": 70.0, "reward_after": 71.0,
-            "checker_before": checker, "checker_after": checker,
+            "checker_before": checker, "checker_after": checker, "checker_flips": {"fixed": 3, "broken": 1},
             "curve": {"images": [200, 400], "reward": [70.0, 71.0]}, "run_dir": str(run_dir), "settings": settings}
 
 
@@ -67,3 +67,47 @@ def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path, monkeypa
     assert sorted((r["method"], r["settings"] == same) for r in kept) == [("d3po", True), ("dde", False), ("dde", True)]
     table = (tmp_path / "table.md").read_text()
     assert "| d3po |" in table and "| dde |" in table and "overrides of tiny.yaml: none" in table
+    assert "| 3 / 1 (0.62) |" in table  # one seed's flips: p = 2 x (1 + 4) / 16
+
+
+def test_sign_test_against_hand_values():
+    import methods
+
+    assert methods.sign_test_p(0, 0) == 1.0
+    assert methods.sign_test_p(3, 3) == 1.0
+    assert methods.sign_test_p(5, 0) == pytest.approx(2 / 32)  # all 5 one way: 2 x (1/2)^5
+    assert methods.sign_test_p(1, 9) == pytest.approx(2 * 11 / 1024)  # 2 x (C(10,0) + C(10,1)) / 2^10
+    assert methods.sign_test_p(9, 1) == methods.sign_test_p(1, 9)
+
+
+def test_checker_flips_count_paired_changes():
+    import methods
+    from rlhf_diffusion.testbed.world import parse_caption, render
+
+    captions = ["a red circle on the left on a white background", "a blue triangle on the left on a black background"]
+    right = [render(parse_caption(c), rng=0) for c in captions]
+    wrong = [render(parse_caption(c), rng=0) for c in reversed(captions)]  # the other caption's image
+    assert methods.checker_flips(right, right, captions) == {"fixed": 0, "broken": 0}
+    assert methods.checker_flips(wrong, right, captions) == {"fixed": 2, "broken": 0}
+    assert methods.checker_flips(right, [right[0], wrong[1]], captions) == {"fixed": 0, "broken": 1}
+
+
+def test_per_method_overrides_are_part_of_the_settings(tmp_path, monkeypatch):
+    import json
+
+    import methods
+
+    config = str(ROOT / "configs" / "tiny.yaml")
+    (tmp_path / "results.json").write_text(json.dumps([
+        _finished_run("d3po", 0, methods.run_settings(config, 400, ["seed=1"]), tmp_path / "a"),
+        _finished_run("dde", 0, methods.run_settings(config, 400, ["seed=1", "train.num_inner_epochs=10"]),
+                      tmp_path / "b")]))
+    ran = []
+    monkeypatch.setattr(methods, "run_one", lambda *args: ran.append(args) or {})
+    argv = ["--config", config, "--methods", "d3po", "dde", "--seeds", "0", "--out", str(tmp_path), "--set", "seed=1"]
+    assert methods.main([*argv, "--method-set", "dde:train.num_inner_epochs=10"]) == 0
+    assert ran == []  # both reused: dde's own override is part of its settings
+    table = (tmp_path / "table.md").read_text()
+    assert "overrides of tiny.yaml: seed=1; dde also train.num_inner_epochs=10." in table
+    with pytest.raises(SystemExit):
+        methods.main([*argv, "--method-set", "ddpo:train.num_inner_epochs=10"])
