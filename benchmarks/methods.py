@@ -18,7 +18,7 @@ the table also reports UNet evaluations and seconds. The count per iteration is 
 every run; a mismatch stops the script.
 
 Measured before and after, on the held-out captions (same prompts and seeds for every run):
-- the CLIP-score reward the methods train on (testbed CLIP, scale 100);
+- the reward the methods train on (by default the testbed CLIP score, scale 100; `--set rewards=[...]` swaps it);
 - the world checker's accuracy per attribute (testbed/world.py; "all" = every stated attribute right): it is not
   trained on, so it shows whether a reward gain is real alignment or reward hacking.
 
@@ -110,7 +110,13 @@ def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: li
         "checker_flips": checker_flips(before.images, after.images, captions),
         "curve": {"images": cumulative, "reward": [row.get("reward_mean") for row in result.history]},
         "run_dir": str(result.run_dir), "mlflow_run_id": result.mlflow_run_id,
+        "reward": reward_label(config),
     }
+
+
+def reward_label(config: RunConfig) -> str:
+    """The training reward as the table names it: its label (or name), weighted sums joined by '+'."""
+    return " + ".join(spec.key for spec in config.rewards)
 
 
 def checker_flips(before, after, captions) -> dict[str, int]:
@@ -161,10 +167,10 @@ def write_table(runs: list[dict], path: Path) -> str:
         f"{', '.join(shared) or 'none'}" + "".join(f"; {m} also {', '.join(o)}" for m, o in own.items()) + ".",
         "",
         f"Before training (every run starts from the same model and evaluates the same prompts and seeds): "
-        f"CLIP reward {first['reward_before']:.3f}, checker "
+        f"training reward ({first.get('reward', 'clip_score')}) {first['reward_before']:.3f}, checker "
         + ", ".join(f"{k} {v:.3f}" for k, v in first["checker_before"].items()) + ".",
         "",
-        "| method | iterations | sampling UNet rows | learner examples | CLIP reward after | Δ CLIP | "
+        "| method | iterations | sampling UNet rows | learner examples | reward after | Δ reward | "
         "checker all after | Δ all | fixed / broken (sign test p) | "
         + " | ".join(a for a in ATTRIBUTES[:-1]) + " |",
         "|" + "---|" * (9 + len(ATTRIBUTES) - 1),
@@ -217,7 +223,7 @@ def write_plot(runs: list[dict], path: Path) -> None:
         ax_c.errorbar([0, x[-1]], [before, np.mean(after)], yerr=[0, np.std(after)], marker="o", capsize=3,
                       label=m, color=line.get_color())
     ax_r.set_xlabel("reward-scored images")
-    ax_r.set_ylabel("training reward (CLIP score, final images)")
+    ax_r.set_ylabel(f"training reward ({runs[0].get('reward', 'clip_score')}, final images)")
     ax_r.set_title("reward vs images sampled (mean ± std over seeds)")
     ax_c.set_xlabel("reward-scored images")
     ax_c.set_ylabel("held-out checker accuracy (all attributes)")
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             results_path.write_text(json.dumps(runs, indent=1))
             print(f"{method:14} seed {seed}: {run['iterations']} it, {run['reward_images']} images, "
-                  f"{run['seconds']:.0f} s; CLIP {run['reward_before']:.3f} -> {run['reward_after']:.3f}; checker "
+                  f"{run['seconds']:.0f} s; reward {run['reward_before']:.3f} -> {run['reward_after']:.3f}; checker "
                   f"all {run['checker_before']['all']:.3f} -> {run['checker_after']['all']:.3f}", flush=True)
     runs = [r for r in runs
             if r["method"] in args.methods and r["seed"] in args.seeds and r.get("settings") == settings[r["method"]]]

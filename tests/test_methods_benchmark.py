@@ -111,3 +111,13 @@ def test_per_method_overrides_are_part_of_the_settings(tmp_path, monkeypatch):
     assert "overrides of tiny.yaml: seed=1; dde also train.num_inner_epochs=10." in table
     with pytest.raises(SystemExit):
         methods.main([*argv, "--method-set", "ddpo:train.num_inner_epochs=10"])
+
+
+def test_reward_label_names_the_training_reward():
+    import methods
+
+    assert methods.reward_label(load_config(ROOT / "configs" / "tiny.yaml")) == "clip_score"
+    checker = load_config(ROOT / "configs" / "tiny.yaml", [
+        'rewards=[{name: custom, target: "rlhf_diffusion.testbed.reward:CheckerReward", label: checker}]',
+        'guards.heldout_rewards=[{name: clip_score, path: "testbed:clip"}]'])
+    assert methods.reward_label(checker) == "checker"
