@@ -108,6 +108,8 @@ def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: li
         "checker_before": batch_accuracy(before.images, captions),
         "checker_after": batch_accuracy(after.images, captions),
         "checker_flips": checker_flips(before.images, after.images, captions),
+        "reward_paired_se": paired_standard_error(before.rewards, after.rewards),
+        "heldout_before": before.heldout, "heldout_after": after.heldout,  # guards.heldout_rewards on the same images
         "curve": {"images": cumulative, "reward": [row.get("reward_mean") for row in result.history]},
         "run_dir": str(result.run_dir), "mlflow_run_id": result.mlflow_run_id,
         "reward": reward_label(config),
@@ -117,6 +119,13 @@ def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: li
 def reward_label(config: RunConfig) -> str:
     """The training reward as the table names it: its label (or name), weighted sums joined by '+'."""
     return " + ".join(spec.key for spec in config.rewards)
+
+
+def paired_standard_error(before, after) -> float:
+    """Standard error of the mean per-image reward change, the eval images paired by (prompt, seed): how much of
+    one run's Δ reward is the finite set of eval images (not the spread over training seeds, which needs seeds)."""
+    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
 
 
 def checker_flips(before, after, captions) -> dict[str, int]:
@@ -148,16 +157,20 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def _learner_examples(run: dict) -> float:
-    """Training examples the learner took over the run (pairs x steps or pairs x t), from its metrics.jsonl."""
+def _optimizer_steps(run: dict) -> float:
+    """Optimizer steps the learner took over the run (minibatches of `train.train_batch_size` examples: a (pair,
+    step) for D3PO/TailorPO(-G), a (pair, t) for DDE(-Single)/Diffusion-DPO), from its metrics.jsonl."""
     lines = (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-    return sum(json.loads(line).get("train/num_examples", 0.0) for line in lines if line.strip())
+    return sum(json.loads(line).get("train/optimizer_steps", 0.0) for line in lines if line.strip())
 
 
 def write_table(runs: list[dict], path: Path) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     first = runs[0]
     overrides = {r["method"]: r.get("settings", {}).get("overrides", []) for r in runs}
+    # held-out guard rewards other than the checker (which has its own columns), e.g. the CLIP when the checker trains
+    guard_keys = [k for k in first.get("heldout_after", {}) if k != "checker"
+                  and all(k in r.get("heldout_after", {}) for r in runs)]
     shared = [o for o in overrides[first["method"]] if all(o in v for v in overrides.values())]
     own = {m: [o for o in v if o not in shared] for m, v in overrides.items() if any(o not in shared for o in v)}
     lines = [
@@ -170,17 +183,20 @@ def write_table(runs: list[dict], path: Path) -> str:
         f"training reward ({first.get('reward', 'clip_score')}) {first['reward_before']:.3f}, checker "
         + ", ".join(f"{k} {v:.3f}" for k, v in first["checker_before"].items()) + ".",
         "",
-        "| method | iterations | sampling UNet rows | learner examples | reward after | Δ reward | "
+        "| method | iterations | sampling UNet rows | optimizer steps | reward after | Δ reward | "
         "checker all after | Δ all | fixed / broken (sign test p) | "
-        + " | ".join(a for a in ATTRIBUTES[:-1]) + " |",
-        "|" + "---|" * (9 + len(ATTRIBUTES) - 1),
+        + " | ".join(a for a in ATTRIBUTES[:-1]) + " |"
+        + "".join(f" Δ held-out {key} |" for key in guard_keys),
+        "|" + "---|" * (9 + len(ATTRIBUTES) - 1 + len(guard_keys)),
     ]
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
         row = [m, str(rs[0]["iterations"]), str(rs[0]["unet_rows"]),
-               f"{statistics.mean(_learner_examples(r) for r in rs):.0f}",
+               f"{statistics.mean(_optimizer_steps(r) for r in rs):.0f}",
                _mean_std([r["reward_after"] for r in rs]),
-               _mean_std([r["reward_after"] - r["reward_before"] for r in rs]),
+               _mean_std([r["reward_after"] - r["reward_before"] for r in rs])
+               + (f" (paired SE {statistics.mean(r['reward_paired_se'] for r in rs):.3f})"
+                  if all("reward_paired_se" in r for r in rs) else ""),
                _mean_std([r["checker_after"]["all"] for r in rs]),
                _mean_std([r["checker_after"]["all"] - r["checker_before"]["all"] for r in rs])]
         if all("checker_flips" in r for r in rs):  # summed over seeds
@@ -190,6 +206,7 @@ def write_table(runs: list[dict], path: Path) -> str:
             row.append("–")
         row += [_mean_std([r["checker_after"][a] for r in rs]) if a in rs[0]["checker_after"] else "–"
                 for a in ATTRIBUTES[:-1]]
+        row += [_mean_std([r["heldout_after"][k] - r["heldout_before"][k] for r in rs]) for k in guard_keys]
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)

@@ -33,12 +33,13 @@ def test_reward_images_per_iteration_is_what_the_samplers_measure(method, tiny_s
 
 def _finished_run(method: str, seed: int, settings: dict, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text('{"train/num_examples": 8.0}\n{"train/num_examples": 8.0}\n')
+    (run_dir / "metrics.jsonl").write_text('{"train/optimizer_steps": 1.0}\n{"train/optimizer_steps": 1.0}\n')
     checker = {"background": 1.0, "all": 0.5}
     return {"method": method, "seed": seed, "iterations": 2, "reward_images": 400, "reward_images_per_iteration": 200,
             "unet_rows": 40, "seconds": 1.0, "reward_before": 70.0, "reward_after": 71.0,
             "checker_before": checker, "checker_after": checker, "checker_flips": {"fixed": 3, "broken": 1},
-            "curve": {"images": [200, 400], "reward": [70.0, 71.0]}, "run_dir": str(run_dir), "settings": settings}
+            "curve": {"images": [200, 400], "reward": [70.0, 71.0]}, "run_dir": str(run_dir), "settings": settings,
+            "heldout_before": {"checker": 0.8, "clip": 60.0}, "heldout_after": {"checker": 0.9, "clip": 62.5}}
 
 
 def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path, monkeypatch):
@@ -68,6 +69,8 @@ def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path, monkeypa
     table = (tmp_path / "table.md").read_text()
     assert "| d3po |" in table and "| dde |" in table and "overrides of tiny.yaml: none" in table
     assert "| 3 / 1 (0.62) |" in table  # one seed's flips: p = 2 x (1 + 4) / 16
+    assert "| d3po | 2 | 40 | 2 | 71.000 |" in table  # iterations, UNet rows, optimizer steps (metrics.jsonl), reward
+    assert table.splitlines()[4].endswith("| Δ held-out clip |") and "| 2.500 |" in table  # a guard besides the checker
 
 
 def test_sign_test_against_hand_values():
@@ -121,3 +124,11 @@ def test_reward_label_names_the_training_reward():
         'rewards=[{name: custom, target: "rlhf_diffusion.testbed.reward:CheckerReward", label: checker}]',
         'guards.heldout_rewards=[{name: clip_score, path: "testbed:clip"}]'])
     assert methods.reward_label(checker) == "checker"
+
+
+def test_paired_standard_error_by_hand():
+    import methods
+
+    # differences 1, 2, 3: sample std 1, SE 1 / sqrt(3)
+    assert methods.paired_standard_error([0.0, 0.0, 0.0], [1.0, 2.0, 3.0]) == pytest.approx(1 / 3**0.5)
+    assert methods.paired_standard_error([5.0, 1.0], [6.0, 2.0]) == 0.0  # the same shift on every image
