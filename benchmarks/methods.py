@@ -20,7 +20,13 @@ every run; a mismatch stops the script.
 Measured before and after, on the held-out captions (same prompts and seeds for every run):
 - the reward the methods train on (by default the testbed CLIP score, scale 100; `--set rewards=[...]` swaps it);
 - the world checker's accuracy per attribute (testbed/world.py; "all" = every stated attribute right): it is not
-  trained on, so it shows whether a reward gain is real alignment or reward hacking.
+  trained on, so it shows whether a reward gain is real alignment or reward hacking;
+- the held-out guard rewards of the config (`guards.heldout_rewards`, e.g. the CLIP when the checker is trained on);
+- how much of one run's change is the finite eval set: the paired standard error of Δ reward over the images, and
+  the images the checker flipped (fixed / broken) with an exact two-sided sign test.
+
+`--set KEY=VALUE` overrides every run, `--method-set METHOD:KEY=VALUE` one method's runs (e.g. more inner epochs for
+the methods that train at one t per pair). A finished run is reused only with the same config, budget and overrides.
 
 Outputs under --out (default runs/methods): results.json (every run), table.md (means ± std over seeds),
 reward_vs_images.png (training reward vs reward-scored images, mean over seeds), and the MLflow runs (experiment
