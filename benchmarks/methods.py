@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from rlhf_diffusion.config import RunConfig, load_config  # noqa: E402
 from rlhf_diffusion.prompts import load_prompts  # noqa: E402
-from rlhf_diffusion.testbed.world import batch_accuracy, check  # noqa: E402
+from rlhf_diffusion.testbed.world import accuracy_of_checks, check  # noqa: E402
 from rlhf_diffusion.trainer import LocalTrainer  # noqa: E402
 
 METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo")
@@ -105,15 +105,18 @@ def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: li
     prompts = load_prompts(config.prompts.eval or config.prompts.train)
     captions = [p for p in prompts for _ in range(config.prompts.eval_seeds)]  # prompt-major, as EvalResult
     before, after = result.eval_before, result.eval_after
+    # one checker pass per eval image, before and after: the accuracies and the paired flips both come from it
+    checks_before = [check(image, c) for image, c in zip(before.images, captions)]
+    checks_after = [check(image, c) for image, c in zip(after.images, captions)]
     cumulative = np.cumsum(measured).tolist()
     return {
         "method": method, "seed": seed, "iterations": iterations, "reward_images": int(sum(measured)),
         "reward_images_per_iteration": per_iteration,
         "unet_rows": unet_rows_per_iteration(config) * iterations, "seconds": seconds,
         "reward_before": before.mean, "reward_after": after.mean,
-        "checker_before": batch_accuracy(before.images, captions),
-        "checker_after": batch_accuracy(after.images, captions),
-        "checker_flips": checker_flips(before.images, after.images, captions),
+        "checker_before": accuracy_of_checks(checks_before),
+        "checker_after": accuracy_of_checks(checks_after),
+        "checker_flips": checker_flips(checks_before, checks_after),
         "reward_paired_se": paired_standard_error(before.rewards, after.rewards),
         "heldout_before": before.heldout, "heldout_after": after.heldout,  # guards.heldout_rewards on the same images
         "curve": {"images": cumulative, "reward": [row.get("reward_mean") for row in result.history]},
@@ -134,11 +137,11 @@ def paired_standard_error(before, after) -> float:
     return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
 
 
-def checker_flips(before, after, captions) -> dict[str, int]:
-    """Held-out images whose checker verdict ("all" attributes right) changed: wrong -> right ("fixed") and
-    right -> wrong ("broken"). The eval images use the same prompts and seeds before and after, so these are paired."""
-    was = [check(image, c)["all"] for image, c in zip(before, captions)]
-    now = [check(image, c)["all"] for image, c in zip(after, captions)]
+def checker_flips(checks_before: list[dict[str, bool]], checks_after: list[dict[str, bool]]) -> dict[str, int]:
+    """Held-out images whose checker verdict (`check(...)["all"]`: every attribute right) changed: wrong -> right
+    ("fixed") and right -> wrong ("broken"). The eval images use the same prompts and seeds before and after, so the
+    verdicts are paired."""
+    was, now = [c["all"] for c in checks_before], [c["all"] for c in checks_after]
     return {"fixed": sum(not a and b for a, b in zip(was, now)), "broken": sum(a and not b for a, b in zip(was, now))}
 
 
@@ -291,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             run = run_one(args.config, method, seed, args.budget, args.out, args.overrides + per_method[method])
             run["settings"] = settings[method]
-            runs = [r for r in runs if (r["method"], r["seed"], r.get("settings")) != (method, seed, settings[method])]
             runs.append(run)
+            done.add((method, seed))
             results_path.write_text(json.dumps(runs, indent=1))
             print(f"{method:14} seed {seed}: {run['iterations']} it, {run['reward_images']} images, "
                   f"{run['seconds']:.0f} s; reward {run['reward_before']:.3f} -> {run['reward_after']:.3f}; checker "

@@ -15,6 +15,9 @@ from rlhf_diffusion.testbed.assets import resolve_testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The embedded default as it is, with 4 DDIM steps instead of 10 so a test run stays short.
+FAST = ("--set", "sampling.num_steps=4")
+
 
 def run_launch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rlhf_diffusion.launch", *args], cwd=ROOT, capture_output=True,
@@ -56,9 +59,6 @@ def test_bad_config_fails_fast_naming_the_field(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # `ray job submit` against a real local cluster
 # ---------------------------------------------------------------------------------------------------------------
-
-# The embedded default as it is, with 4 DDIM steps instead of 10 so a test run stays short.
-FAST = ("--set", "sampling.num_steps=4")
 
 TINY_D3PO = """
 run_name: tiny_d3po

@@ -85,14 +85,19 @@ def test_sign_test_against_hand_values():
 
 def test_checker_flips_count_paired_changes():
     import methods
-    from rlhf_diffusion.testbed.world import parse_caption, render
+    from rlhf_diffusion.testbed.world import check, parse_caption, render
 
     captions = ["a red circle on the left on a white background", "a blue triangle on the left on a black background"]
     right = [render(parse_caption(c), rng=0) for c in captions]
     wrong = [render(parse_caption(c), rng=0) for c in reversed(captions)]  # the other caption's image
-    assert methods.checker_flips(right, right, captions) == {"fixed": 0, "broken": 0}
-    assert methods.checker_flips(wrong, right, captions) == {"fixed": 2, "broken": 0}
-    assert methods.checker_flips(right, [right[0], wrong[1]], captions) == {"fixed": 0, "broken": 1}
+
+    def flips(before, after):
+        return methods.checker_flips([check(i, c) for i, c in zip(before, captions)],
+                                     [check(i, c) for i, c in zip(after, captions)])
+
+    assert flips(right, right) == {"fixed": 0, "broken": 0}
+    assert flips(wrong, right) == {"fixed": 2, "broken": 0}
+    assert flips(right, [right[0], wrong[1]]) == {"fixed": 0, "broken": 1}
 
 
 def test_per_method_overrides_are_part_of_the_settings(tmp_path, monkeypatch):

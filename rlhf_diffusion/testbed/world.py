@@ -140,6 +140,7 @@ __all__ = [
     "ImageLike",
     "Scene",
     "SceneObject",
+    "accuracy_of_checks",
     "as_float_tensor",
     "as_uint8",
     "batch_accuracy",
@@ -649,7 +650,12 @@ def batch_accuracy(images: Iterable[ImageLike], captions: Sequence[Scene | str])
         raise ValueError(f"got {len(images)} images but {len(captions)} captions; need one caption per image")
     if not images:
         raise ValueError("images must not be empty")
-    results = [check(image, scene) for image, scene in zip(images, captions)]
+    return accuracy_of_checks([check(image, scene) for image, scene in zip(images, captions)])
+
+
+def accuracy_of_checks(results: Sequence[dict[str, bool]]) -> dict[str, float]:
+    """`batch_accuracy` from verdicts already computed (one `check` result per image), for callers that also need
+    the per-image verdicts: {attribute: mean over the results that have it}, in the order of `batch_accuracy`."""
     order = ("background", "count", "colour", "shape", "position", "binding", "all")
     return {key: float(np.mean([r[key] for r in results if key in r]))
             for key in order if any(key in r for r in results)}
