@@ -737,6 +737,23 @@ class TrainConfig(_FrozenModel):
         "for training).",
     )
 
+    signal_every: int = Field(
+        1,
+        ge=0,
+        description="Measure the learning signal every this many iterations, at the start of the round (ours; "
+        "rlhf_diffusion/algorithms/signal.py): the split-half gradient coherence signal/coherence (cosine of the "
+        "loss gradients of two random halves of the examples: ≈ 0 = noise, clearly > 0 = a direction the examples "
+        "agree on), the per-example SNR² estimate signal/snr2, and each DDIM step's (D3PO / TailorPO(-G)) or "
+        "t bucket's (DDE / Diffusion-DPO) share of the squared gradient norm and own coherence "
+        "(signal/share_<group>, signal/coherence_<group>). Costs one extra forward and backward pass over "
+        "signal_examples examples; never changes the weights or the training draws. 0 = off.",
+    )
+    signal_examples: int = Field(
+        64,
+        ge=2,
+        description="Examples (a random subset of the round's) the learning-signal diagnostics use.",
+    )
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _read_yaml_no(cls, value: Any) -> Any:

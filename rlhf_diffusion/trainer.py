@@ -723,7 +723,7 @@ class Trainer:
                     **{f"rollout/{k}": v for k, v in batch.metrics.items()},
                     **{f"train/{k}": v for k, v in result.metrics.items()},
                 }
-                record.update(result.diagnostics)  # kl/... (guards.log_kl)
+                record.update(result.diagnostics)  # kl/... (guards.log_kl), signal/... (train.signal_every)
                 if self.use_ray and self.reward_servers and (it + 1) % config.tracking.log_every == 0:
                     record.update(self._reward_server_stats())
                 evaluated, eval_metrics = self._evaluate_in_loop(it + 1, iterations, published[result.version],
@@ -734,10 +734,14 @@ class Trainer:
                 if (it + 1) % config.tracking.log_every == 0:
                     tracker.log_metrics(record, step=it + 1)  # eval/ and heldout/ went at the evaluation
                 loss = result.metrics.get("loss", float("nan"))
-                line = (f"[iter {it + 1:4d}] reward {record.get('reward_mean', float('nan')):.4f} loss {loss:.4f} "
-                        f"staleness {int(result.metrics.get('staleness', 0))} {record['images_per_second']:.2f} img/s")
+                signal = record.get("signal/coherence")  # train.signal_every: ≈ 0 = the gradient is noise
+                signal_text = "" if signal is None else f" coherence {signal:+.3f}"
+                line = (f"[iter {it + 1:4d}] reward {record.get('reward_mean', float('nan')):.4f} loss {loss:.4f}"
+                        f"{signal_text} staleness {int(result.metrics.get('staleness', 0))} "
+                        f"{record['images_per_second']:.2f} img/s")
                 if bar is not None:
                     bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}", loss=f"{loss:.4f}",
+                                    **({} if signal is None else {"coh": f"{signal:+.3f}"}),
                                     img_s=f"{record['images_per_second']:.2f}")
                     bar.update(1)
                 else:

@@ -248,6 +248,13 @@ class Algorithm(abc.ABC):
             return None
         return tuple(torch.cat(parts) for parts in zip(*present))
 
+    def signal_groups(self, examples: Any, generator: torch.Generator) -> tuple[Tensor, dict[int, str]]:
+        """How the learning-signal diagnostics (`algorithms.signal`) group the examples: (M,) long group ids and
+        id → name. Default: the DDIM step index of a `StepPairBatch` (`step_<k>`). `generator` is seeded as the
+        loss's own draws are, for methods whose groups depend on them (DDE / Diffusion-DPO: the t bucket)."""
+        steps = examples.step_index.long()
+        return steps, {k: f"step_{k}" for k in steps.unique().tolist()}
+
     def apply_state_update(self, update: Any) -> None:
         """Applies the state statistics of one loss call after the optimizer step (no-op by default)."""
 

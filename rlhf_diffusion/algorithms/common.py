@@ -36,10 +36,12 @@ __all__ = [
     "sample_final_pairs",
     "sample_ranked_pairs",
     "sample_timesteps",
+    "step_clamp_diagnostics",
     "step_kl_diagnostics",
     "step_log_ratios",
     "step_log_ratios_and_kl",
     "timestep_kl_diagnostics",
+    "timestep_saturation_diagnostics",
 ]
 
 # Width of the timestep buckets (on the 1000-step training grid) of the final-image methods' KL diagnostics.
@@ -129,6 +131,19 @@ def step_kl_diagnostics(state_steps: Tensor, kl: Tensor, action_steps: Tensor,
     """
     return {"kl/step": (state_steps.detach().cpu(), kl.detach().float().cpu()),
             "kl/log_ratio_step": (action_steps.detach().cpu(), log_ratios.detach().float().cpu())}
+
+
+def step_clamp_diagnostics(steps: Tensor, delta_w: Tensor, delta_l: Tensor,
+                           clip_epsilon: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """`signal/clamp_step_<k>`: the fraction of the step-k log-ratios (winner's and loser's) outside the clamp
+    [log(1 − ε), log(1 + ε)], which therefore give no gradient (`LossOutput.grouped`).
+
+    Args:
+        steps: (M,) step index of each pair; delta_w, delta_l: (M,) Δ of the winner's and the loser's action.
+    """
+    lo, hi = math.log(1 - clip_epsilon), math.log(1 + clip_epsilon)
+    both = torch.cat([delta_w, delta_l]).detach()
+    return {"signal/clamp_step": (steps.repeat(2).detach().cpu(), ((both <= lo) | (both >= hi)).float().cpu())}
 
 
 def preference_labels(per_reward: dict[str, Tensor], weights: dict[str, float], rule: str) -> Tensor:
@@ -292,6 +307,15 @@ def timestep_kl_diagnostics(timesteps: Tensor, eps_sq_diff: Tensor,
     return {"kl/eps_sq_diff_t": (buckets, diff), "kl/ddpm_step_t": (buckets, kl_weights.to(diff)[t] * diff)}
 
 
+def timestep_saturation_diagnostics(timesteps: Tensor, logits: Tensor,
+                                    threshold: float = 5.0) -> dict[str, tuple[Tensor, Tensor]]:
+    """`signal/saturated_t_<lo>`: per timestep bucket, the fraction of pairs whose logit z exceeds `threshold`, where
+    −log σ(z) has gradient 1 − σ(z) < 0.007: pairs already won that no longer train (`LossOutput.grouped`)."""
+    t = timesteps.detach().cpu().long()
+    buckets = torch.div(t, KL_TIMESTEP_BUCKET, rounding_mode="floor") * KL_TIMESTEP_BUCKET
+    return {"signal/saturated_t": (buckets, (logits.detach().float().cpu() > threshold).float())}
+
+
 def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: torch.Generator) -> Tensor:
     """One t per pair, uniform on [lo, hi] of the 1000-step training grid (§3a, uniform assumed [U])."""
     lo, hi = timestep_range
@@ -321,6 +345,12 @@ class FinalPairAlgorithm(Algorithm):
                      generator: torch.Generator, rows: Tensor) -> LossOutput:
         timesteps, noise = self.draw(examples, generator)  # drawn for the whole minibatch, then sliced
         return self.pair_loss(predictor, cond.index(rows), examples.select(rows), timesteps[rows], noise[rows])
+
+    def signal_groups(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, dict[int, str]]:
+        """The timestep bucket (`t_<lo>`, KL_TIMESTEP_BUCKET wide) of each pair's t, as `loss` would draw it."""
+        timesteps, _ = self.draw(examples, generator)
+        buckets = torch.div(timesteps, KL_TIMESTEP_BUCKET, rounding_mode="floor") * KL_TIMESTEP_BUCKET
+        return buckets, {lo: f"t_{lo:03d}" for lo in buckets.unique().tolist()}
 
     def draw(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One t (uniform on `timestep_range`) and one ε per pair, shared by winner and loser."""

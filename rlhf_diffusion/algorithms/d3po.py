@@ -22,6 +22,7 @@ from rlhf_diffusion.algorithms.base import (
 from rlhf_diffusion.algorithms.common import (
     dpo_step_loss,
     sample_ranked_pairs,
+    step_clamp_diagnostics,
     step_kl_diagnostics,
     step_log_ratios_and_kl,
 )
@@ -84,4 +85,6 @@ class D3PO(Algorithm):
                                               states, actions)
         m = len(examples)
         loss, metrics = dpo_step_loss(delta[:m], delta[m:], self.config.beta, self.config.clip_epsilon)
-        return LossOutput(loss=loss, metrics=metrics, grouped=step_kl_diagnostics(steps, kl, steps, delta))
+        grouped = {**step_kl_diagnostics(steps, kl, steps, delta),
+                   **step_clamp_diagnostics(examples.step_index, delta[:m], delta[m:], self.config.clip_epsilon)}
+        return LossOutput(loss=loss, metrics=metrics, grouped=grouped)

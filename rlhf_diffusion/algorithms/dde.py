@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_diffusion.algorithms.base import FinalPairBatch, LossOutput, register_algorithm
-from rlhf_diffusion.algorithms.common import FinalPairAlgorithm, diffusion_dpo_mse_terms, timestep_kl_diagnostics
+from rlhf_diffusion.algorithms.common import (
+    FinalPairAlgorithm,
+    diffusion_dpo_mse_terms,
+    timestep_kl_diagnostics,
+    timestep_saturation_diagnostics,
+)
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
@@ -94,7 +99,8 @@ class DDE(FinalPairAlgorithm):
             "saturated_fraction": (logits.abs() > 10).float().mean().item(),
         }
         update = (timesteps, statistic) if self.config.correction == "ema" else None
-        grouped = timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights)
+        grouped = {**timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
+                   **timestep_saturation_diagnostics(timesteps, logits)}
         return LossOutput(loss=loss, metrics=metrics, state_update=update, grouped=grouped)
 
     def apply_state_update(self, update) -> None:

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_diffusion.algorithms.base import FinalPairBatch, LossOutput, register_algorithm
-from rlhf_diffusion.algorithms.common import FinalPairAlgorithm, diffusion_dpo_mse_terms, timestep_kl_diagnostics
+from rlhf_diffusion.algorithms.common import (
+    FinalPairAlgorithm,
+    diffusion_dpo_mse_terms,
+    timestep_kl_diagnostics,
+    timestep_saturation_diagnostics,
+)
 from rlhf_diffusion.diffusion.sampling import NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 
@@ -30,5 +35,6 @@ class DiffusionDPO(FinalPairAlgorithm):
         logits = -0.5 * self.config.beta * delta  # inside = −0.5 β_dpo [(e^w_θ − e^l_θ) − (e^w_ref − e^l_ref)]
         loss = -F.logsigmoid(logits).mean()
         metrics = {"implicit_accuracy": (delta < 0).float().mean().item(), "mean_delta": delta.mean().item()}
-        grouped = timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights)
+        grouped = {**timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
+                   **timestep_saturation_diagnostics(timesteps, logits)}
         return LossOutput(loss=loss, metrics=metrics, grouped=grouped)

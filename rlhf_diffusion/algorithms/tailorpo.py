@@ -27,7 +27,12 @@ from rlhf_diffusion.algorithms.base import (
     StepPairBatch,
     register_algorithm,
 )
-from rlhf_diffusion.algorithms.common import dpo_step_loss, step_kl_diagnostics, step_log_ratios_and_kl
+from rlhf_diffusion.algorithms.common import (
+    dpo_step_loss,
+    step_clamp_diagnostics,
+    step_kl_diagnostics,
+    step_log_ratios_and_kl,
+)
 from rlhf_diffusion.algorithms.d3po import select_steps
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import (
@@ -169,7 +174,8 @@ class TailorPO(Algorithm):
         kl, (delta_w, delta_l) = step_log_ratios_and_kl(predictor, self.grid, cond, steps, examples.state_w,
                                                         examples.action_w, examples.action_l)
         loss, metrics = dpo_step_loss(delta_w, delta_l, self.config.beta, self.config.clip_epsilon)
-        grouped = step_kl_diagnostics(steps, kl, steps.repeat(2), torch.cat([delta_w, delta_l]))
+        grouped = {**step_kl_diagnostics(steps, kl, steps.repeat(2), torch.cat([delta_w, delta_l])),
+                   **step_clamp_diagnostics(steps, delta_w, delta_l, self.config.clip_epsilon)}
         return LossOutput(loss=loss, metrics=metrics, grouped=grouped)
 
 

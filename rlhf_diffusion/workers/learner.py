@@ -49,7 +49,8 @@ from rlhf_diffusion.models.loading import (
     set_trainable_state,
     trainable_parameters,
 )
-from rlhf_diffusion.workers.messages import TRAIN_STREAM, PublishedWeights, TrainResult, derive_seed
+from rlhf_diffusion.algorithms.signal import measure_signal
+from rlhf_diffusion.workers.messages import SIGNAL_STREAM, TRAIN_STREAM, PublishedWeights, TrainResult, derive_seed
 from rlhf_diffusion.workers.policy import DTYPES, load_policy, resolve_device
 
 __all__ = ["AUTOCAST_DTYPES", "GroupRef", "GroupedMeans", "Learner", "LearnerGroup"]
@@ -220,9 +221,10 @@ class Learner:
         examples = batch.pairs
         self.model.unet.train()
         cond_all = self.encode(batch.prompts)
+        signal = self.measure_signal(batch, cond_all, iteration)
         sums: dict[str, float] = {}
-        grouped = GroupedMeans()  # guards.log_kl: the per-step KL diagnostics
-        log_grouped = self.config.guards.log_kl
+        grouped = GroupedMeans()  # per-step / per-t diagnostics: KL (guards.log_kl), clamp and saturation fractions
+        log_kl = self.config.guards.log_kl
         steps = 0
         for _ in range(train.num_inner_epochs):
             order = torch.randperm(len(examples), generator=generator)
@@ -245,7 +247,8 @@ class Learner:
                 self.grad_scaler.update()
                 values = {"loss": out.loss.item(), **out.metrics}
                 update = out.state_update
-                group_sums = GroupedMeans.sums_of(out.grouped) if log_grouped and weight > 0 else {}
+                kept = {k: v for k, v in out.grouped.items() if log_kl or not k.startswith("kl/")}
+                group_sums = GroupedMeans.sums_of(kept) if weight > 0 else {}
                 if self.world_size > 1:  # every rank applies the whole minibatch's update; metrics are size-weighted
                     shares = self._gather((weight, values, update if weight > 0 else None, group_sums))
                     update = self.algorithm.merge_state_updates([u for _, _, u, _ in shares])
@@ -264,7 +267,24 @@ class Learner:
         self.version += 1
         metrics.update(optimizer_steps=float(steps), num_examples=float(len(examples)), staleness=float(staleness),
                        dropped_batches=float(self.dropped), train_seconds=time.perf_counter() - start)
-        return TrainResult(version=self.version, metrics=metrics, diagnostics=grouped.means())
+        return TrainResult(version=self.version, metrics=metrics, diagnostics={**grouped.means(), **signal})
+
+    def measure_signal(self, batch: RolloutBatch, cond_all: TextConditioning, iteration: int) -> dict[str, float]:
+        """The learning-signal diagnostics of this round's examples at the current weights (`train.signal_every`,
+        `algorithms.signal`), before any step of the round. Rank 0 measures alone, on the bare UNet (no DDP
+        collectives); its own generator leaves the training draws as they are."""
+        every = self.config.train.signal_every
+        if not every or iteration % every or self.rank != 0 or len(batch.pairs) < 2:
+            return {}
+        wrapped, self.predictor.forward_module = self.predictor.forward_module, None
+        try:
+            with self.autocast():
+                return measure_signal(self.algorithm, self.predictor, cond_all, batch.pairs,
+                                      trainable_parameters(self.model.unet),
+                                      derive_seed(self.config.seed, SIGNAL_STREAM, iteration),
+                                      self.config.train.signal_examples)
+        finally:
+            self.predictor.forward_module = wrapped
 
     def weights(self) -> PublishedWeights:
         """The current trained weights (LoRA: peft format, CPU float32; full: the UNet in `model.dtype`) with

@@ -18,6 +18,7 @@ __all__ = ["PublishedWeights", "RolloutRequest", "TrainResult", "derive_seed", "
 ROLLOUT_STREAM = 1
 TRAIN_STREAM = 2
 PROMPT_STREAM = 3
+SIGNAL_STREAM = 4
 
 
 def derive_seed(seed: int, *keys: int) -> int:
