@@ -377,6 +377,21 @@ class D3POConfig(_FrozenModel):
         description="Fraction of the K denoising steps trained per pair (a random subset of steps). Default 1.0 = "
         "all steps, D3PO config/base.py [C].",
     )
+    skip_final_steps: int = Field(
+        0,
+        ge=0,
+        description="The last N denoising transitions are sampled but not trained on (ours). With η = 1 the last "
+        "transitions are nearly deterministic (σ small, |κ|/σ up to 8× that of the other steps, κ = ∂μ/∂ε̂), so "
+        "their log-ratios dominate the gradient and drift the model without changing anything a reward can see "
+        "(docs: 'Alignment you can see'). 0 = every step, the paper's setting.",
+    )
+    step_weight: Literal["uniform", "eps_scale"] = Field(
+        "uniform",
+        description="How each step's log-ratio enters the loss. 'uniform' = as the paper (log π_θ/π_ref per element, "
+        "which scales as |κ_τ|/σ_τ per unit change of ε̂). 'eps_scale' (ours) = the log-ratio times σ_τ/|κ_τ| "
+        "before the clamp: every step's gradient then has the scale of one unit of ε̂, so no step dominates by its "
+        "noise schedule alone (≈ 1 at every step but the last ones).",
+    )
     multi_reward: Literal["weighted_sum", "pareto"] = Field(
         "weighted_sum",
         description="How several rewards decide the winner: 'weighted_sum' of the rewards with their weights, or "
@@ -420,6 +435,21 @@ class TailorPOConfig(_FrozenModel):
         description="Fraction of the K denoising steps whose pairs are trained. Default 1.0 = all steps, "
         "UNCONFIRMED [U].",
     )
+    skip_final_steps: int = Field(
+        0,
+        ge=0,
+        description="The last N denoising transitions are sampled but not trained on (ours). With η = 1 the last "
+        "transitions are nearly deterministic (σ small, |κ|/σ up to 8× that of the other steps, κ = ∂μ/∂ε̂), so "
+        "their log-ratios dominate the gradient and drift the model without changing anything a reward can see "
+        "(docs: 'Alignment you can see'). 0 = every step, the paper's setting.",
+    )
+    step_weight: Literal["uniform", "eps_scale"] = Field(
+        "uniform",
+        description="How each step's log-ratio enters the loss. 'uniform' = as the paper (log π_θ/π_ref per element, "
+        "which scales as |κ_τ|/σ_τ per unit change of ε̂). 'eps_scale' (ours) = the log-ratio times σ_τ/|κ_τ| "
+        "before the clamp: every step's gradient then has the scale of one unit of ε̂, so no step dominates by its "
+        "noise schedule alone (≈ 1 at every step but the last ones).",
+    )
 
 
 class TailorPOGConfig(TailorPOConfig):
@@ -450,6 +480,13 @@ class TailorPOGConfig(TailorPOConfig):
         gt=0,
         description="η in g = η·∇_x r; used only when guidance_norm == 'raw' (units: latent per reward unit). "
         "The paper's value was not retrieved, UNCONFIRMED [U].",
+    )
+    guidance_decode: Literal["clamped", "straight_through"] = Field(
+        "straight_through",
+        description="How the reward gradient passes the decoder's clamp to [0, 1]: 'clamped' = through the clamp, "
+        "which zeroes the gradient of every out-of-range pixel (3-13% of them on the testbed); 'straight_through' "
+        "(ours) = the reward sees the clamped image, the gradient flows to the unclamped decoder output. The paper "
+        "does not say, UNCONFIRMED [U].",
     )
 
 
@@ -1042,6 +1079,16 @@ class RunConfig(_FrozenModel):
             raise _field_error(
                 "data", f"offline preference pairs train only {', '.join(OFFLINE_DATA_ALGORITHMS)} (final-image "
                 f"pairs); {self.algorithm.name} needs trajectories from its own rollouts", self.data.format,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_skipped_steps_leave_some(self) -> RunConfig:
+        skip = getattr(self.algorithm, "skip_final_steps", 0)
+        if skip >= self.sampling.num_steps:
+            raise _field_error(
+                "algorithm.skip_final_steps", f"must be below sampling.num_steps ({self.sampling.num_steps}): no "
+                "step would be left to train", skip,
             )
         return self
 

@@ -533,7 +533,8 @@ def test_cli_prints_resolved_yaml():
     printed = yaml.safe_load(result.stdout)
     assert printed["train"]["learning_rate"] == 2e-4
     assert printed["algorithm"] == {
-        "name": "d3po", "beta": 0.1, "clip_epsilon": 0.1, "timestep_fraction": 1.0, "multi_reward": "weighted_sum"
+        "name": "d3po", "beta": 0.1, "clip_epsilon": 0.1, "timestep_fraction": 1.0, "skip_final_steps": 0,
+        "step_weight": "uniform", "multi_reward": "weighted_sum"
     }
 
 

@@ -40,28 +40,55 @@ __all__ = [
     "step_kl_diagnostics",
     "step_log_ratios",
     "step_log_ratios_and_kl",
+    "step_weights",
     "timestep_kl_diagnostics",
     "timestep_saturation_diagnostics",
+    "trainable_step_count",
 ]
 
 # Width of the timestep buckets (on the 1000-step training grid) of the final-image methods' KL diagnostics.
 KL_TIMESTEP_BUCKET = 100
 
 
-def dpo_step_loss(delta_w: Tensor, delta_l: Tensor, beta: float, clip_epsilon: float) -> tuple[Tensor, dict[str, float]]:
+def step_weights(grid: DDIMGrid, mode: str) -> Tensor:
+    """The factor each DDIM step's log-ratio is multiplied by before the clamp (`algorithm.step_weight`): (K,).
+
+    'uniform' = 1 (the papers). 'eps_scale' (ours) = σ_τ/|κ_τ|: Δ changes by |κ_τ|/σ_τ per unit of ε̂ along the
+    sampled noise (μ_θ − μ_ref = κ_τ (ε̂_θ − ε̂_ref), Δ ∝ (x − μ)·(μ_θ − μ_ref)/σ²), so the weighted Δ measures
+    every step in units of ε̂.
+    """
+    if mode == "uniform":
+        return torch.ones(grid.num_steps)
+    if mode == "eps_scale":
+        kappa = ddim.ddim_kappa(grid.alpha_prod, grid.alpha_prod_prev, grid.std_dev)
+        return grid.std_dev.to(torch.float32) / kappa.abs().clamp(min=1e-12)
+    raise ValueError(f"unknown step_weight {mode!r}; expected 'uniform' or 'eps_scale'")
+
+
+def trainable_step_count(num_steps: int, skip_final_steps: int) -> int:
+    """The steps whose pairs are trained: the first K − `skip_final_steps` (`algorithm.skip_final_steps`)."""
+    return max(1, num_steps - skip_final_steps)
+
+
+def dpo_step_loss(delta_w: Tensor, delta_l: Tensor, beta: float, clip_epsilon: float,
+                  weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Clamped DPO loss on one denoising step (D3PO §1b; TailorPO Eq. 10 with D3PO's ratio constraint, §5.6).
 
-    log ρ = clamp(Δ, log(1 − ε), log(1 + ε));  L = −log σ(β (log ρ_w − log ρ_l)), averaged over the batch.
+    log ρ = clamp(w Δ, log(1 − ε), log(1 + ε));  L = −log σ(β (log ρ_w − log ρ_l)), averaged over the batch.
 
     Args:
         delta_w, delta_l: (M,) log π_θ/π_ref of the winner's and the loser's action.
         beta: DPO temperature β.
         clip_epsilon: ε of the ratio clamp [1 − ε, 1 + ε].
+        weight: (M,) per-example step weight w (`step_weights`), or None = 1 (the papers).
 
     Returns:
         (scalar loss, metrics): implicit accuracy (Δ_w > Δ_l), fraction of clamped ratios, mean |Δ|.
     """
     lo, hi = math.log(1 - clip_epsilon), math.log(1 + clip_epsilon)
+    if weight is not None:
+        weight = weight.to(delta_w)
+        delta_w, delta_l = weight * delta_w, weight * delta_l
     log_ratio_w = delta_w.clamp(lo, hi)
     log_ratio_l = delta_l.clamp(lo, hi)
     logits = beta * (log_ratio_w - log_ratio_l)

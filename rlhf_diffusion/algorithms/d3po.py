@@ -5,6 +5,8 @@ Samples: two stochastic DDIM trajectories per prompt from the same x_T with fres
 Example: one denoising step (state, action) of the winner and of the loser at the same step index.
 Loss:    L_k = −log σ(β [log clamp(ρ_w,k) − log clamp(ρ_l,k)]), ρ = π_θ/π_ref of the stored action, with the
          CFG-combined prediction for θ and ref (§1b) — `dpo_step_loss` on `step_log_ratios`.
+Ours (config fields, off by default): `skip_final_steps` (the last transitions are not trained) and `step_weight:
+         eps_scale` (each log-ratio times σ_τ/|κ_τ| before the clamp, `common.step_weights`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from rlhf_diffusion.algorithms.common import (
     step_clamp_diagnostics,
     step_kl_diagnostics,
     step_log_ratios_and_kl,
+    step_weights,
+    trainable_step_count,
 )
 from rlhf_diffusion.diffusion.sampling import NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 
 def select_steps(num_pairs: int, num_steps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """Step indices to train per pair: all K when fraction = 1 (D3PO default), else a random subset per pair.
+    """Step indices to train per pair among the first `num_steps` (K less `skip_final_steps`): all of them when
+    fraction = 1 (D3PO default), else a random subset per pair.
 
     Returns:
         (num_pairs, k) long, k = max(1, round(fraction · K)); the same subset is used for winner and loser.
@@ -48,6 +53,10 @@ class D3PO(Algorithm):
     name = "d3po"
     cfg_in_training = True  # train.cfg = True in the official code: same w for θ and ref (§1b)
 
+    def __init__(self, config, grid):
+        super().__init__(config, grid)
+        self.step_weight = step_weights(grid, config.step_weight)  # (K,), 1 = the paper (`step_weight`)
+
     @torch.no_grad()
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
         # Two trajectories per prompt from the same x_T, fresh noise at every step (§1a.2–3), ranked (§1a.4).
@@ -56,7 +65,8 @@ class D3PO(Algorithm):
         keep = (labels >= 0).nonzero().squeeze(1)  # ties give a constant loss: filter them (§1f)
         latents = traj.latents.view(2, p, *traj.latents.shape[1:])  # (2, P, K+1, C, h, w)
         winner = labels[keep]
-        steps = select_steps(len(keep), self.grid.num_steps, self.config.timestep_fraction, ctx.generator)
+        trainable = trainable_step_count(self.grid.num_steps, self.config.skip_final_steps)
+        steps = select_steps(len(keep), trainable, self.config.timestep_fraction, ctx.generator)
         k = steps.shape[1]
         pair_rows = keep.repeat_interleave(k)  # (M,) prompt index per example
         winner_rows = winner.repeat_interleave(k)
@@ -84,7 +94,9 @@ class D3PO(Algorithm):
         kl, (delta,) = step_log_ratios_and_kl(predictor, self.grid, TextConditioning.cat([cond, cond]), steps,
                                               states, actions)
         m = len(examples)
-        loss, metrics = dpo_step_loss(delta[:m], delta[m:], self.config.beta, self.config.clip_epsilon)
+        weight = self.step_weight[examples.step_index]
+        loss, metrics = dpo_step_loss(delta[:m], delta[m:], self.config.beta, self.config.clip_epsilon, weight)
+        weighted = delta.detach() * weight.repeat(2).to(delta)
         grouped = {**step_kl_diagnostics(steps, kl, steps, delta),
-                   **step_clamp_diagnostics(examples.step_index, delta[:m], delta[m:], self.config.clip_epsilon)}
+                   **step_clamp_diagnostics(examples.step_index, weighted[:m], weighted[m:], self.config.clip_epsilon)}
         return LossOutput(loss=loss, metrics=metrics, grouped=grouped)

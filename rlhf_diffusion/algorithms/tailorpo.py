@@ -12,6 +12,10 @@ Samples (§2a): at every DDIM step τ of a trajectory, n candidates x^(j) = μ_�
 Example: (c, τ, x_τ, x^w, x^l) — `StepPairBatch` with state_w == state_l.
 Loss (Eq. 10 with D3PO's ratio constraint, [R]): −log σ(β [log clamp(ρ_w) − log clamp(ρ_l)]), whose gradient
     is ∝ ∇_θ μ_θ(x_τ)ᵀ (x^w − x^l)/σ_τ² (Eq. 11).
+Ours (config fields; the paper's settings are the defaults except where noted): `skip_final_steps` leaves the last
+    transitions untrained, `step_weight: eps_scale` multiplies each log-ratio by σ_τ/|κ_τ| before the clamp
+    (`common.step_weights`), `guidance_decode: straight_through` (default; the paper does not say) lets the reward
+    gradient pass the decoder's clamp.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from rlhf_diffusion.algorithms.common import (
     step_clamp_diagnostics,
     step_kl_diagnostics,
     step_log_ratios_and_kl,
+    step_weights,
+    trainable_step_count,
 )
 from rlhf_diffusion.algorithms.d3po import select_steps
 from rlhf_diffusion.diffusion import ddim
@@ -47,7 +53,7 @@ from rlhf_diffusion.models.conditioning import TextConditioning
 
 def guide_winner(ctx: RolloutContext, x_w: Tensor, eps_w: Tensor | None, t_w: Tensor, alpha_prod_w: Tensor,
                  std_dev_t: Tensor, cond: TextConditioning, prompts: list[str], *, gradient: str, norm: str,
-                 gamma: float, raw_scale: float) -> tuple[Tensor, Tensor]:
+                 gamma: float, raw_scale: float, decode: str = "clamped") -> tuple[Tensor, Tensor]:
     """TailorPO-G: x^w ← x^w + g, g ∝ ∇_x r(c, Decode(x̂_0(x))) at x = x^w (ALGORITHMS §2b, §5.10).
 
     UNCONFIRMED reconstruction of the paper's Eq. 13 (not retrievable): p(r_high | x) ∝ exp(η r(c, x̂_0(x))).
@@ -63,6 +69,9 @@ def guide_winner(ctx: RolloutContext, x_w: Tensor, eps_w: Tensor | None, t_w: Te
             UNet call inside x̂_0 (one extra UNet backward).
         norm: "sigma_relative" — ||g|| = γ σ_τ sqrt(D) per sample; "raw" — g = raw_scale · ∇_x r.
         gamma, raw_scale: the two scales.
+        decode: "clamped" — the gradient passes the decoder's clamp to [0, 1] (zero for out-of-range pixels);
+            "straight_through" — the reward scores the clamped image and its gradient flows to the unclamped
+            decoder output (ours).
 
     Returns:
         (guided winners (B, C, h, w), the reward of Decode(x̂_0(x_w)) before guidance (B,)).
@@ -76,8 +85,8 @@ def guide_winner(ctx: RolloutContext, x_w: Tensor, eps_w: Tensor | None, t_w: Te
             x0 = ddim.pred_x0_from_eps(x, eps_w.detach(), alpha_prod_w.to(x.device))
         else:
             x0 = x
-        images = decode_latents(ctx.model, x0)
-        result, image_grad = ctx.reward_grad_fn(images.detach().cpu(), prompts)
+        images = decode_latents(ctx.model, x0, clamp=decode == "clamped")
+        result, image_grad = ctx.reward_grad_fn(images.detach().clamp(0, 1).cpu(), prompts)
         (grad,) = torch.autograd.grad(images, x, grad_outputs=image_grad.to(images))
     grad = grad.detach().to(torch.float32)
     if norm == "sigma_relative":
@@ -97,6 +106,10 @@ class TailorPO(Algorithm):
     cfg_in_training = True  # D3PO's training recipe (CFG in training) [R: they follow D3PO]
     guided = False
 
+    def __init__(self, config, grid):
+        super().__init__(config, grid)
+        self.step_weight = step_weights(grid, config.step_weight)  # (K,), 1 = the paper (`step_weight`)
+
     @torch.no_grad()
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
         cfg, grid, gen = self.config, self.grid, ctx.generator
@@ -106,7 +119,8 @@ class TailorPO(Algorithm):
         cond_n = cond.repeat_interleave(n)
         rows = torch.arange(p)
         trained_steps = torch.zeros((p, k), dtype=torch.bool)
-        trained_steps[rows.view(-1, 1), select_steps(p, k, cfg.timestep_fraction, gen)] = True
+        trainable = trainable_step_count(k, cfg.skip_final_steps)  # the last skip_final_steps are not trained
+        trained_steps[rows.view(-1, 1), select_steps(p, trainable, cfg.timestep_fraction, gen)] = True
 
         x = initial_noise(p, ctx.model, gen, ctx.predictor.height, ctx.predictor.width).to(device)
         eps = ctx.predictor(x, grid.timesteps[0].expand(p), cond)
@@ -139,6 +153,7 @@ class TailorPO(Algorithm):
                 x_w, _ = guide_winner(
                     ctx, x_w, eps_w, t_w, alpha_w, std, cond, list(prompts), gradient=cfg.guidance_gradient,
                     norm=cfg.guidance_norm, gamma=cfg.guidance_gamma, raw_scale=cfg.guidance_scale_raw,
+                    decode=cfg.guidance_decode,
                 )
             keep = valid & trained_steps[:, i]
             if keep.any():
@@ -173,9 +188,12 @@ class TailorPO(Algorithm):
         steps = examples.step_index
         kl, (delta_w, delta_l) = step_log_ratios_and_kl(predictor, self.grid, cond, steps, examples.state_w,
                                                         examples.action_w, examples.action_l)
-        loss, metrics = dpo_step_loss(delta_w, delta_l, self.config.beta, self.config.clip_epsilon)
+        weight = self.step_weight[steps]
+        loss, metrics = dpo_step_loss(delta_w, delta_l, self.config.beta, self.config.clip_epsilon, weight)
+        w = weight.to(delta_w)
         grouped = {**step_kl_diagnostics(steps, kl, steps.repeat(2), torch.cat([delta_w, delta_l])),
-                   **step_clamp_diagnostics(steps, delta_w, delta_l, self.config.clip_epsilon)}
+                   **step_clamp_diagnostics(steps, w * delta_w.detach(), w * delta_l.detach(),
+                                            self.config.clip_epsilon)}
         return LossOutput(loss=loss, metrics=metrics, grouped=grouped)
 
 
