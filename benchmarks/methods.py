@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from rlhf_diffusion.config import RunConfig, load_config  # noqa: E402
 from rlhf_diffusion.prompts import load_prompts  # noqa: E402
+from rlhf_diffusion.stats import paired_standard_error, sign_test_p  # noqa: E402
 from rlhf_diffusion.testbed.world import accuracy_of_checks, check  # noqa: E402
 from rlhf_diffusion.trainer import LocalTrainer  # noqa: E402
 
@@ -130,29 +131,12 @@ def reward_label(config: RunConfig) -> str:
     return " + ".join(spec.key for spec in config.rewards)
 
 
-def paired_standard_error(before, after) -> float:
-    """Standard error of the mean per-image reward change, the eval images paired by (prompt, seed): how much of
-    one run's Δ reward is the finite set of eval images (not the spread over training seeds, which needs seeds)."""
-    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-
-
 def checker_flips(checks_before: list[dict[str, bool]], checks_after: list[dict[str, bool]]) -> dict[str, int]:
     """Held-out images whose checker verdict (`check(...)["all"]`: every attribute right) changed: wrong -> right
     ("fixed") and right -> wrong ("broken"). The eval images use the same prompts and seeds before and after, so the
     verdicts are paired."""
     was, now = [c["all"] for c in checks_before], [c["all"] for c in checks_after]
     return {"fixed": sum(not a and b for a, b in zip(was, now)), "broken": sum(a and not b for a, b in zip(was, now))}
-
-
-def sign_test_p(fixed: int, broken: int) -> float:
-    """Two-sided exact sign test of fixed vs broken (ties, unchanged images, dropped): the chance of a split at
-    least this uneven if a change were equally likely to fix or break an image."""
-    n, k = fixed + broken, min(fixed, broken)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def run_settings(config: str, budget: int, overrides: list[str]) -> dict:

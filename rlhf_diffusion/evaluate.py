@@ -6,8 +6,9 @@
 
 One row per model: the base model, then each `--lora` (a directory written by `export_lora`, i.e. a run's
 `<run>/lora/`, the `.safetensors` file itself, or a run directory holding `lora/`). Every row samples the same
-images: image s of prompt j starts from the generators `workers.sampler.eval_generators(j, seeds)` (x_T from
-generator s, the per-step noise from generator 0), exactly as the trainer's held-out evaluation does, so with the
+images: image s of prompt j draws its x_T and its per-step noise from its own generator
+`workers.sampler.eval_generators(j, seeds)[s]`, in the batches of `workers.sampler.sample_held_out`, exactly as the
+trainer's held-out evaluation does, so with the
 run's sampling settings (`--steps`, `--eta`, `--guidance`, `--resolution`) and its eval prompts a LoRA row
 reproduces the run's final evaluation (`eval.json`) image for image.
 
@@ -473,17 +474,10 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
     """
     import torch
 
-    from rlhf_diffusion.diffusion.sampling import (
-        DDIMGrid,
-        NoisePredictor,
-        decode_latents,
-        initial_noise,
-        sample_trajectory,
-    )
-    from rlhf_diffusion.models.conditioning import encode_prompts
+    from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
     from rlhf_diffusion.models.loading import ModelLoadError, load_diffusion_model
     from rlhf_diffusion.workers.policy import DTYPES, resolve_device, resolve_model_source
-    from rlhf_diffusion.workers.sampler import eval_generators
+    from rlhf_diffusion.workers.sampler import sample_held_out
 
     try:
         torch_device = resolve_device(device)
@@ -514,21 +508,22 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
         per: dict[str, list] = {spec.key: [] for spec in rewards}
         totals, kept = [], []
         with torch.no_grad():
-            # The trainer's held-out evaluation (workers/sampler.py Sampler.evaluate), prompt by prompt.
-            for j, prompt in enumerate(prompts.prompts):
-                gens = eval_generators(j, seeds)
-                x_T = torch.cat([initial_noise(1, pipeline, g, res, res) for g in gens])  # (S, C, h, w)
-                cond = encode_prompts(pipeline, [prompt] * seeds, height=res, width=res)
-                trajectory = sample_trajectory(predictor, cond, x_T, grid, gens[0])
-                images = decode_latents(pipeline, trajectory.final).cpu()  # (S, 3, H, W) in [0, 1]
-                result = reward_fn.score(images, [prompt] * seeds)
-                totals.append(result.total)
-                for name, value in result.per_reward.items():
-                    per[name].append(value)
-                if j < grid_prompts:
-                    kept.append(images)
-                if image_dir is not None:
-                    _save_images(images, image_dir / _row_dirname(index, label), j)
+            # The trainer's held-out evaluation loop (workers/sampler.py sample_held_out), same batches.
+            j = 0
+            for batch_prompts, batch_images in sample_held_out(pipeline, predictor, grid, list(prompts.prompts),
+                                                               list(range(len(prompts.prompts))), seeds, res):
+                batch_result = reward_fn.score(batch_images, batch_prompts)
+                for start in range(0, len(batch_prompts), seeds):  # per prompt: (S,) scores, (S, 3, H, W)
+                    own = slice(start, start + seeds)
+                    images = batch_images[own]
+                    totals.append(batch_result.total[own])
+                    for name, value in batch_result.per_reward.items():
+                        per[name].append(value[own])
+                    if j < grid_prompts:
+                        kept.append(images)
+                    if image_dir is not None:
+                        _save_images(images, image_dir / _row_dirname(index, label), j)
+                    j += 1
         row = ModelRow(label=label, lora=None if lora is None else lora.path,
                        scores={name: torch.stack(v) for name, v in per.items()}, total=torch.stack(totals),
                        images=torch.cat(kept) if kept else torch.empty(0), seconds=time.perf_counter() - start)

@@ -58,6 +58,15 @@ def connect_ray(config) -> str:
     return "started a local Ray instance"
 
 
+def describe_paired(paired: dict[str, float] | None) -> str:
+    """', paired SE 0.012; 31 images fixed / 9 broken, sign test p = 0.0005' for a `stats.paired_comparison`."""
+    if not paired:
+        return ""
+    up, down = ("fixed", "broken") if "fixed" in paired else ("rose", "fell")
+    return (f" (Δ {paired['delta']:+.4f}, paired SE {paired['paired_se']:.4f}; {int(paired[up])} images {up} / "
+            f"{int(paired[down])} {down} of {int(paired['images'])}, sign test p = {paired['sign_test_p']:.2g})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -101,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     print(f"run directory: {result.run_dir}")
     if result.eval_before is not None:
-        print(f"held-out reward: {result.eval_before.mean:.4f} -> {result.eval_after.mean:.4f}")
+        print(f"held-out reward: {result.eval_before.mean:.4f} -> {result.eval_after.mean:.4f}"
+              + describe_paired(result.paired.get("reward")))
+        print(f"held-out images before / after: {result.run_dir / 'grid_before.png'}, "
+              f"{result.run_dir / 'grid_after.png'}")
     else:
         print(f"held-out reward after training: {result.eval_after.mean:.4f}")
     for key, value in result.eval_after.heldout.items():
         before = result.eval_before.heldout.get(key) if result.eval_before is not None else None
-        print(f"held-out {key} (not trained on): " + (f"{before:.4f} -> " if before is not None else "") + f"{value:.4f}")
+        print(f"held-out {key} (not trained on): " + (f"{before:.4f} -> " if before is not None else "") + f"{value:.4f}"
+              + describe_paired(result.paired.get(key)))
     if result.early_stop is not None:
         print(f"stopped early: {result.early_stop.reason}")
     print(f"LoRA (diffusers format): {result.lora_file}")

@@ -49,6 +49,7 @@ from rlhf_diffusion.config import EarlyStopConfig, RunConfig, flatten_config
 from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
+from rlhf_diffusion.stats import paired_comparison
 from rlhf_diffusion.tracking import NullTracker, build_tracker
 from rlhf_diffusion.models.loading import UNET_EXPORT_DIR
 from rlhf_diffusion.workers.learner import GroupRef, Learner, LearnerGroup
@@ -115,6 +116,7 @@ class EvalResult:
         images: (N, 3, H, W) the images, prompt-major.
         rewards: (N,) weighted totals.
         heldout: held-out reward key → mean raw score on the same images (`guards.heldout_rewards`).
+        heldout_scores: held-out reward key → (N,) per-image raw scores, prompt-major (paired before/after).
     """
 
     mean: float
@@ -122,9 +124,29 @@ class EvalResult:
     images: Tensor
     rewards: Tensor
     heldout: dict[str, float] = field(default_factory=dict)
+    heldout_scores: dict[str, Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"mean": self.mean, "per_reward": self.per_reward, "heldout": self.heldout}
+        """What a checkpoint keeps of the evaluation before training (means, and the per-image scores a resumed
+        run pairs with its final evaluation)."""
+        return {"mean": self.mean, "per_reward": self.per_reward, "heldout": self.heldout,
+                "rewards": self.rewards.tolist(),
+                "heldout_scores": {k: v.tolist() for k, v in self.heldout_scores.items()}}
+
+
+def paired_heldout(before: dict[str, Any] | None, after: EvalResult) -> dict[str, dict[str, float]]:
+    """Per reward, the paired before/after comparison of the held-out images (`stats.paired_comparison`): the
+    training reward ("reward") and every held-out reward, where the evaluation before training recorded per-image
+    scores of the same images."""
+    if not before:
+        return {}
+    out = {}
+    if len(before.get("rewards") or []) == len(after.rewards):
+        out["reward"] = paired_comparison(before["rewards"], after.rewards.tolist())
+    for key, scores in (before.get("heldout_scores") or {}).items():
+        if key in after.heldout_scores and len(scores) == len(after.heldout_scores[key]):
+            out[key] = paired_comparison(scores, after.heldout_scores[key].tolist())
+    return out
 
 
 def relative_drop(before: float, now: float, min_scale: float) -> float:
@@ -188,6 +210,7 @@ class RunResult:
     mlflow_run_id: str | None = None
     faults: dict[str, int] = field(default_factory=dict)
     early_stop: EarlyStop | None = None  # set when guards.early_stop ended the run before train.iterations
+    paired: dict[str, dict[str, float]] = field(default_factory=dict)  # eval.json "paired" (`paired_heldout`)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,10 +517,11 @@ class Trainer:
             for name, value in shards[s].heldout.items():
                 heldout.setdefault(name, []).append(value[rows])
         rewards = torch.cat(totals)
+        scores = {name: torch.cat(v) for name, v in heldout.items()}
         return EvalResult(mean=rewards.mean().item(),
                           per_reward={name: torch.cat(v).mean().item() for name, v in per.items()},
                           images=torch.cat(images), rewards=rewards,
-                          heldout={name: torch.cat(v).mean().item() for name, v in heldout.items()})
+                          heldout={name: v.mean().item() for name, v in scores.items()}, heldout_scores=scores)
 
     def _eval_metrics(self, ev: EvalResult) -> dict[str, float]:
         """What an evaluation pass logs: eval/reward_mean and eval/<key> (training rewards), heldout/<key>
@@ -627,7 +651,8 @@ class Trainer:
             raise
         return RunResult(run_dir=self.run_dir, eval_before=eval_before, eval_after=eval_after, history=history,
                          lora_file=lora_file, unet_dir=None if lora_file else export_dir,
-                         mlflow_run_id=tracker.run_id, faults=dict(self.faults), early_stop=self.stop)
+                         mlflow_run_id=tracker.run_id, faults=dict(self.faults), early_stop=self.stop,
+                         paired=summary["paired"])
 
     def _summary(self, eval_before: dict[str, Any] | None, eval_after: EvalResult, done: int, planned: int,
                  mlflow_run_id: str | None) -> dict[str, Any]:
@@ -641,6 +666,8 @@ class Trainer:
                 "heldout_after": eval_after.heldout if heldout else None,
                 "iterations": done, "iterations_planned": planned, "stopped_early": self.stop is not None,
                 "stop_reason": self.stop.reason if self.stop is not None else None,
+                # per reward: mean before/after, paired SE, images fixed/broken (0/1 scores) with a sign test
+                "paired": paired_heldout(eval_before, eval_after),
                 "algorithm": self.config.algorithm.name, "faults": self.faults, "mlflow_run_id": mlflow_run_id}
 
     def _restore_guard(self, meta: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ unless a caller asks for them (TailorPO-G's reward gradient).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -184,7 +185,7 @@ def initial_noise(batch: int, model: DiffusionModel, generator: torch.Generator,
 
 @torch.no_grad()
 def sample_trajectory(predictor: NoisePredictor, cond: TextConditioning, x_T: Tensor, grid: DDIMGrid,
-                      generator: torch.Generator) -> Trajectory:
+                      generator: torch.Generator | Sequence[torch.Generator]) -> Trajectory:
     """Samples a plain stochastic DDIM trajectory (η = grid.eta) and records every state and log-prob.
 
     Two calls with the same x_T give D3PO's paired trajectories (shared x_T, fresh noise at every step).
@@ -194,7 +195,8 @@ def sample_trajectory(predictor: NoisePredictor, cond: TextConditioning, x_T: Te
         cond: B conditionings.
         x_T: (B, C, h, w) initial noise.
         grid: the K-step grid.
-        generator: CPU RNG for the per-step noise.
+        generator: CPU RNG for the per-step noise, or one per row (row b's noise from generator b: a row's
+            trajectory then does not depend on which other rows share its batch).
     """
     device = predictor.model.device
     x = x_T.to(device)
@@ -203,7 +205,11 @@ def sample_trajectory(predictor: NoisePredictor, cond: TextConditioning, x_T: Te
         idx = torch.full((x.shape[0],), i, dtype=torch.long)
         t, a, a_prev, _ = grid.scalars(idx)
         eps = predictor(x, t, cond)
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+        else:
+            noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=torch.float32)
+                               for g in generator]).to(device)
         if grid.eta > 0:
             x, logp, _, _ = ddim.ddim_step_with_logprob(x, eps, a.to(device), a_prev.to(device), grid.eta, noise=noise)
         else:  # deterministic DDIM (evaluation): no policy log-prob exists

@@ -108,10 +108,37 @@ class _LocalRewardClient:
         return self.heldout.score(images, prompts)
 
 
+# Held-out images sampled per UNet batch (whole prompts: all the seeds of a prompt stay in one batch).
+EVAL_BATCH_IMAGES = 32
+
+
 def eval_generators(prompt_index: int, num_seeds: int) -> list[torch.Generator]:
-    """One generator per (held-out prompt, seed): x_T of seed s of prompt j comes from its own generator and the
-    per-step noise from seed 0's, so an evaluation depends only on the weights, never on the run's history."""
+    """One generator per (held-out prompt, seed): image s of prompt j draws its x_T and then its per-step noise from
+    its own generator, so an evaluation depends only on the weights, never on the run's history or on which
+    images share a batch."""
     return [torch.Generator().manual_seed(1_000_003 * (s + 1) + prompt_index) for s in range(num_seeds)]
+
+
+@torch.no_grad()
+def sample_held_out(model: DiffusionModel, predictor: NoisePredictor, grid: DDIMGrid, prompts: Sequence[str],
+                    prompt_indices: Sequence[int], num_seeds: int, resolution: int,
+                    batch_images: int = EVAL_BATCH_IMAGES):
+    """The fixed-seed held-out images of `prompts` (prompt j seeded by its global index, `eval_generators`), in
+    batches of whole prompts of about `batch_images` images. The one sampling loop of every evaluation (the
+    trainer's, through `Sampler.evaluate`, and the `evaluate` CLI).
+
+    Yields:
+        (the batch's prompts, each repeated `num_seeds` times; (B, 3, H, W) images in [0, 1] on CPU), prompt-major.
+    """
+    per_batch = max(1, batch_images // num_seeds)
+    for start in range(0, len(prompts), per_batch):
+        chunk = list(zip(prompt_indices[start:start + per_batch], prompts[start:start + per_batch]))
+        gens = [g for j, _ in chunk for g in eval_generators(j, num_seeds)]
+        x_T = torch.cat([initial_noise(1, model, g, resolution, resolution) for g in gens])
+        repeated = [prompt for _, prompt in chunk for _ in range(num_seeds)]
+        cond = encode_prompts(model, repeated, height=resolution, width=resolution)
+        trajectory = sample_trajectory(predictor, cond, x_T, grid, gens)
+        yield repeated, decode_latents(model, trajectory.final).cpu()
 
 
 @dataclass
@@ -247,19 +274,15 @@ class Sampler:
             self.load_weights(weights)
         self.model.unet.eval()
         images, totals, per, heldout = [], [], {}, {}
-        for j, prompt in zip(prompt_indices, prompts):
-            gens = eval_generators(j, num_seeds)
-            x_T = torch.cat([initial_noise(1, self.model, g, self.resolution, self.resolution) for g in gens])
-            cond = self.encode([prompt] * num_seeds)
-            trajectory = sample_trajectory(self.predictor, cond, x_T, self.grid, gens[0])
-            imgs = decode_latents(self.model, trajectory.final).cpu()
-            result = self.reward.score(imgs, [prompt] * num_seeds)
+        for batch_prompts, imgs in sample_held_out(self.model, self.predictor, self.grid, list(prompts),
+                                                   list(prompt_indices), num_seeds, self.resolution):
+            result = self.reward.score(imgs, batch_prompts)
             images.append(imgs)
             totals.append(result.total)
             for name, value in result.per_reward.items():
                 per.setdefault(name, []).append(value)
             if self.reward.heldout_names:
-                for name, value in self.reward.score_heldout(imgs, [prompt] * num_seeds).per_reward.items():
+                for name, value in self.reward.score_heldout(imgs, batch_prompts).per_reward.items():
                     heldout.setdefault(name, []).append(value)
         return EvalShard(prompt_indices=list(prompt_indices), images=torch.cat(images), totals=torch.cat(totals),
                          per_reward={name: torch.cat(v) for name, v in per.items()},
