@@ -471,7 +471,7 @@ def test_tiny_yaml_loads():
     assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (10, 4.0, 4)
     assert cfg.algorithm.name == "tailorpo"
     assert [(reward.name, reward.path) for reward in cfg.rewards] == [("clip_score", "testbed:clip")]
-    assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker"]
+    assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker", "checker_all"]
     assert cfg.train.iterations == 20 and cfg.train.learning_rate == 1e-4
     assert cfg.checkpoint.every == 10
     assert (cfg.prompts.train.builtin, cfg.prompts.eval.builtin) == ("testbed_train", "testbed_heldout")

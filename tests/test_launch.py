@@ -38,6 +38,10 @@ def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tm
     # the held-out checker (a custom reward on the reward server, never trained on) is reported beside the reward
     assert 0.0 <= summary["heldout_before"]["checker"] <= 1.0 and 0.0 <= summary["heldout_after"]["checker"] <= 1.0
     assert "held-out checker (not trained on)" in proc.stdout
+    # pass/fail checker: images fixed / broken with a sign test, in eval.json and in the printed summary
+    paired = summary["paired"]["checker_all"]
+    assert paired["fixed"] + paired["broken"] <= paired["images"] and 0 < paired["sign_test_p"] <= 1
+    assert "held-out checker_all (not trained on)" in proc.stdout and "sign test p = " in proc.stdout
     grid = Image.open(run_dir / "grid_after.png")  # 82 eval prompts x 1 seed, 8 a row, 64 px + 2 px padding
     assert grid.size == (8 * 66 + 2, 11 * 66 + 2)
     pipe = StableDiffusionPipeline.from_pretrained(resolve_testbed("testbed:pipeline"))
