@@ -35,27 +35,25 @@ sys.path.insert(0, str(REPO))
 
 from rlhf_diffusion.config import load_config  # noqa: E402
 from rlhf_diffusion.diffusion import ddim  # noqa: E402
-from rlhf_diffusion.diffusion.sampling import decode_latents, draw_candidates, initial_noise  # noqa: E402
+from rlhf_diffusion.diffusion.sampling import (  # noqa: E402
+    ddim_completion,
+    decode_latents,
+    draw_candidates,
+    initial_noise,
+)
 from rlhf_diffusion.prompts import load_prompts  # noqa: E402
 from rlhf_diffusion.trainer import LocalTrainer  # noqa: E402
 
 
 @torch.no_grad()
-def complete(predictor, grid, cond, x, start: int, jumps: int | None, eta: float, gen) -> torch.Tensor:
-    """Finishes latents x that sit at the candidates' timestep prev(τ_start) down to x_0: every remaining grid step
-    with the grid's η (jumps None), or `jumps` DDIM jumps (η = `eta`) over evenly spaced remaining grid points."""
-    k = grid.num_steps
-    points = list(range(start + 1, k))  # grid indices whose τ the latents pass through, then 0
-    if jumps is not None and jumps < len(points):
-        picked = torch.linspace(0, len(points) - 1, jumps).round().long().tolist()
-        points = [points[i] for i in sorted(set(picked))]
+def finish_stochastic(predictor, grid, cond, x, start: int, gen) -> torch.Tensor:
+    """Finishes latents x at the candidates' timestep τ_{start+1} with every remaining step of the rollout's own
+    η-DDIM sampler: one draw of the candidate's value."""
     b = x.shape[0]
-    for n, i in enumerate(points):
-        t = grid.timesteps[i].expand(b)
-        a_t = grid.alpha_prod[i].expand(b)
-        a_s = (grid.alpha_prod[points[n + 1]] if n + 1 < len(points) else grid.alpha_prod_prev[k - 1]).expand(b)
-        eps = predictor(x, t, cond)
-        x, _ = ddim.ddim_jump(x, eps, a_t, a_s, eta if jumps is not None else grid.eta, generator=gen)
+    for i in range(start + 1, grid.num_steps):
+        eps = predictor(x, grid.timesteps[i].expand(b), cond)
+        x, _ = ddim.ddim_jump(x, eps, grid.alpha_prod[i].expand(b), grid.alpha_prod_prev[i].expand(b), grid.eta,
+                              generator=gen)
     return x
 
 
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--continuations", type=int, default=6)
-    parser.add_argument("--jumps", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--jumps", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/step_labels"))
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         last = i == k - 1
         row = {"step": i, "timestep": int(grid.timesteps[i])}
         # the value: mean reward of m stochastic completions of each candidate
-        finals = cands if last else torch.cat([complete(predictor, grid, cond2, cands, i, None, 1.0, gen)
+        finals = cands if last else torch.cat([finish_stochastic(predictor, grid, cond2, cands, i, gen)
                                                for _ in range(m)])
         reps = 1 if last else m
         images = decode_latents(model, finals)
@@ -128,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             eps_c = predictor(cands, grid.timesteps[i + 1].expand(2 * p), cond2)
             x0 = ddim.pred_x0_from_eps(cands, eps_c, a_prev.repeat_interleave(2))
             rankings["x0_prediction"] = reward.score(decode_latents(model, x0), prompts2).total.view(p, 2)
-            for n in args.jumps:
-                done = complete(predictor, grid, cond2, cands, i, n, 0.0, gen)
+            for n in args.jumps:  # the library's completion, as `algorithm.step_ranking: completion` runs it
+                done = ddim_completion(predictor, grid, cond2, cands, i, eps_c, n)
                 rankings[f"completion_{n}"] = reward.score(decode_latents(model, done), prompts2).total.view(p, 2)
         for name, scores in rankings.items():
             row[name], row[f"{name}_pairs"] = agreement(scores, values, value_se)

@@ -13,7 +13,8 @@ Example: (c, τ, x_τ, x^w, x^l) — `StepPairBatch` with state_w == state_l.
 Loss (Eq. 10 with D3PO's ratio constraint, [R]): −log σ(β [log clamp(ρ_w) − log clamp(ρ_l)]), whose gradient
     is ∝ ∇_θ μ_θ(x_τ)ᵀ (x^w − x^l)/σ_τ² (Eq. 11).
 Ours (config fields; the paper's settings are the defaults except where noted): `skip_final_steps` leaves the last
-    transitions untrained, `step_weight: eps_scale` multiplies each log-ratio by σ_τ/|κ_τ| before the clamp
+    transitions untrained, `step_ranking: completion` scores each candidate by a deterministic DDIM completion in
+    `completion_jumps` UNet calls instead of its x̂_0, `step_weight: eps_scale` multiplies each log-ratio by σ_τ/|κ_τ| before the clamp
     (`common.step_weights`), `guidance_decode: straight_through` (default; the paper does not say) lets the reward
     gradient pass the decoder's clamp.
 """
@@ -43,6 +44,7 @@ from rlhf_diffusion.algorithms.d3po import select_steps
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import (
     NoisePredictor,
+    ddim_completion,
     decode_latents,
     decode_preview,
     draw_candidates,
@@ -137,7 +139,10 @@ class TailorPO(Algorithm):
                 eps_c, x0_hat = None, flat
             else:  # step 3: x̂_0 at the candidate's own timestep prev(τ), current θ
                 eps_c = ctx.predictor(flat, grid.timesteps[i + 1].expand(p * n), cond_n)
-                x0_hat = ddim.pred_x0_from_eps(flat, eps_c, a_prev.repeat_interleave(n))
+                if cfg.step_ranking == "completion":  # ours: a deterministic DDIM completion (first jump = eps_c)
+                    x0_hat = ddim_completion(ctx.predictor, grid, cond_n, flat, i, eps_c, cfg.completion_jumps)
+                else:
+                    x0_hat = ddim.pred_x0_from_eps(flat, eps_c, a_prev.repeat_interleave(n))
             # the final x_0 with the full VAE; intermediate x̂_0 with the preview decoder if one is configured
             images = (decode_latents if last else decode_preview)(ctx.model, x0_hat).cpu()
             result = ctx.reward_fn(images, prompts_n)

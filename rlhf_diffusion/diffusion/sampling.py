@@ -221,6 +221,38 @@ def sample_trajectory(predictor: NoisePredictor, cond: TextConditioning, x_T: Te
     return Trajectory(latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1))
 
 
+@torch.no_grad()
+def ddim_completion(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x: Tensor, step: int,
+                    eps_first: Tensor | None, jumps: int) -> Tensor:
+    """A deterministic DDIM (η = 0) completion to x_0 of latents x produced by grid step `step` (they sit at the
+    timestep prev(τ_step) = τ_{step+1}), in `jumps` jumps over evenly spaced remaining grid points.
+
+    Args:
+        x: (B, C, h, w) latents at τ_{step+1}.
+        eps_first: ε̂ at (x, τ_{step+1}) if already computed (it is the first jump's), else None.
+        jumps: UNet calls to spend (more than the K − step − 1 remaining steps = every one of them; 1 = one jump to
+            the end of the grid, which is x̂_0 up to ᾱ at the final timestep).
+
+    Returns:
+        (B, C, h, w) x_0.
+    """
+    k = grid.num_steps
+    points = list(range(step + 1, k))
+    if not points:
+        return x
+    if jumps < len(points):
+        picked = torch.linspace(0, len(points) - 1, max(1, jumps)).round().long().tolist()
+        points = [points[i] for i in sorted(set(picked))]
+    b = x.shape[0]
+    device = x.device
+    for n, i in enumerate(points):
+        a_t = grid.alpha_prod[i].expand(b).to(device)
+        a_s = (grid.alpha_prod[points[n + 1]] if n + 1 < len(points) else grid.alpha_prod_prev[k - 1]).expand(b)
+        eps = eps_first if (n == 0 and eps_first is not None) else predictor(x, grid.timesteps[i].expand(b), cond)
+        x, _ = ddim.ddim_step_mean(x, eps, a_t, a_s.to(device), torch.zeros(b, device=device))
+    return x
+
+
 def draw_candidates(mean: Tensor, std_dev: Tensor, num_candidates: int, generator: torch.Generator) -> Tensor:
     """n candidates x^(j) = μ_τ + σ_τ z^(j) from the same state (TailorPO / SPO branching).
 

@@ -112,3 +112,39 @@ def test_straight_through_guidance_keeps_the_gradient_of_out_of_range_pixels(tin
     (expected,) = torch.autograd.grad(images, xr, grad_outputs=image_grad)
     torch.testing.assert_close(moved["straight_through"] / scale, expected, rtol=1e-3, atol=1e-3 * expected.abs().max())
     assert (moved["clamped"] - moved["straight_through"]).norm() > 1e-3 * expected.norm()
+
+
+def test_ddim_completion_is_deterministic_ddim_over_the_remaining_steps(tiny_sd15_dir, tmp_path, one_torch_thread):
+    """With as many jumps as steps remain it is η = 0 DDIM over every remaining grid step (checked against
+    diffusers' DDIMScheduler.step at eta 0); fewer jumps skip grid points and spend fewer UNet calls."""
+    from diffusers import DDIMScheduler
+
+    from rlhf_diffusion.diffusion.sampling import ddim_completion
+
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "tailorpo"}, num_steps=5)
+    grid, predictor = trainer.grid, trainer.sample_predictor
+    cond = trainer.encode(PROMPTS[:2])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    step = 1  # x sits at τ_2
+    got = ddim_completion(predictor, grid, cond, x, step, None, jumps=10)
+    scheduler = DDIMScheduler.from_config(trainer.model.scheduler.config)
+    scheduler.set_timesteps(5)
+    expected = x
+    with torch.no_grad():
+        for i in range(step + 1, 5):
+            t = grid.timesteps[i]
+            eps = predictor(expected, t.expand(2), cond)
+            expected = scheduler.step(eps, int(t), expected, eta=0.0).prev_sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    calls = []
+    counting = lambda *a, **k: calls.append(1) or predictor(*a, **k)  # noqa: E731
+    ddim_completion(counting, grid, cond, x, step, None, jumps=2)
+    assert len(calls) == 2
+
+
+def test_tailorpo_completion_ranking_rolls_out(tiny_sd15_dir, tmp_path, one_torch_thread):
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "tailorpo", "step_ranking": "completion",
+                                                     "completion_jumps": 2})
+    batch = trainer.rollout(PROMPTS)
+    assert len(batch.pairs) > 0 and batch.rewards.shape == (3, 2)
+    torch.testing.assert_close(batch.pairs.state_w, batch.pairs.state_l)
