@@ -88,6 +88,7 @@ RewardName = Literal[
     "pickscore",
     "hpsv2",
     "clip_score",
+    "testbed_reward",
     "custom",
 ]
 # `name: custom` = a user's reward loaded from `target` ("package.module:Attribute", rewards/custom.py).

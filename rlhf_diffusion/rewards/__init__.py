@@ -23,6 +23,7 @@ from rlhf_diffusion.rewards.base import (
     validate_reward_inputs,
 )
 from rlhf_diffusion.rewards.custom import CustomReward, CustomRewardError, load_custom_reward
+from rlhf_diffusion.testbed import reward_model as _testbed_reward_model  # noqa: F401,E402  (testbed_reward)
 
 __all__ = [
     "REWARD_REGISTRY",

@@ -2,6 +2,7 @@
 
     model:   {pretrained: "testbed:pipeline"}                   # diffusers StableDiffusionPipeline directory
     rewards: [{name: clip_score, path: "testbed:clip"}]         # transformers CLIPModel directory
+    rewards: [{name: testbed_reward, path: "testbed:reward"}]   # learned checker model (testbed/reward_model.py)
 
 A `testbed:<name>` reference resolves to `rlhf_diffusion/assets/testbed/<name>` inside the installed package, so a
 config that names it works from any working directory and on every Ray node that has the package installed.
@@ -16,7 +17,8 @@ __all__ = ["TESTBED_DIR", "TESTBED_MODELS", "TESTBED_PREFIX", "is_testbed_ref", 
 TESTBED_PREFIX = "testbed:"
 TESTBED_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed"
 # name -> the file that must exist in its directory
-TESTBED_MODELS: dict[str, str] = {"pipeline": "model_index.json", "clip": "config.json"}
+TESTBED_MODELS: dict[str, str] = {"pipeline": "model_index.json", "clip": "config.json",
+                                  "reward": "model.safetensors"}
 
 
 def is_testbed_ref(value: str) -> bool:
