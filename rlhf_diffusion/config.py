@@ -505,7 +505,29 @@ class TailorPOGConfig(TailorPOConfig):
     )
 
 
-class DDEConfig(_FrozenModel):
+class _FinalPairConfig(_FrozenModel):
+    """Fields shared by the final-pair methods (DDE, DDE-Single, Diffusion-DPO): how online pairs are formed and how
+    many (t, ε) draws each pair's loss averages. Both are ours; the defaults are the papers' (two samples, one draw)."""
+
+    samples_per_prompt: int = Field(
+        2,
+        ge=2,
+        description="Images sampled per prompt for each online pair; the pair is the reward's best against its "
+        "worst (ties dropped). 2 = the papers' pairs (DDE and Diffusion-DPO train on two images per prompt) [C]; "
+        "more is ours: wider reward gaps and labels the held-out judge agrees with more often, at S/2 times the "
+        "sampling per pair (docs/learning_signal.md).",
+    )
+    draws_per_pair: int = Field(
+        1,
+        ge=1,
+        description="Independent (t, ε) draws per pair in each loss evaluation, the pair's loss their mean. 1 = "
+        "the papers' one draw per pair [C]; more is ours: the single draw's t and ε are most of the gradient's "
+        "noise, so k draws raise the per-pair signal-to-noise ratio at k times the training compute per pair "
+        "(docs/learning_signal.md).",
+    )
+
+
+class DDEConfig(_FinalPairConfig):
     """DDE (Shi et al., arXiv 2411.14871): Diffusion-DPO-style pairs at one t with the single-shot term and an
     optional EMA step-wise correction (ALGORITHMS.md §3). 'dde_single' is the DDE-Single ablation (no correction)."""
 
@@ -562,7 +584,7 @@ class DDEConfig(_FrozenModel):
         return self
 
 
-class DiffusionDPOConfig(_FrozenModel):
+class DiffusionDPOConfig(_FinalPairConfig):
     """Diffusion-DPO (Wallace et al.; DDE's 'Uniform' baseline): ε-MSE DPO loss at one random t per pair."""
 
     name: Literal["diffusion_dpo"] = Field(description="Algorithm selector.")

@@ -245,26 +245,54 @@ def sample_ranked_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondi
                        per_reward=per_reward)
 
 
+@torch.no_grad()
 def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextConditioning,
-                       rule: str = "weighted_sum") -> RolloutBatch:
-    """Two independent samples per prompt, ranked by the reward: online pairs for DDE / Diffusion-DPO.
+                       rule: str = "weighted_sum", samples: int = 2) -> RolloutBatch:
+    """Independent samples per prompt, ranked by the reward: online pairs for DDE / Diffusion-DPO.
 
     (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
     policy and labels them with the reward model, as an AI annotator does.) Ties are dropped.
+
+    Args:
+        rule: how two samples are ranked (`preference_labels`); with more than two samples only "weighted_sum".
+        samples: S images per prompt (one S·P batch); the pair is the best against the worst by the weighted
+            total reward (S = 2: the two samples, the papers' pairs).
     """
-    ranked = sample_ranked_pairs(ctx, prompts, cond, shared_initial_noise=False, rule=rule)
+    if samples == 2:
+        ranked = sample_ranked_pairs(ctx, prompts, cond, shared_initial_noise=False, rule=rule)
+        labels, finals, rewards = ranked.labels, ranked.trajectory.final, ranked.rewards
+        per_reward, images, metrics = ranked.per_reward, ranked.images, ranked.metrics()
+        winner, loser = labels.clamp(min=0), 1 - labels.clamp(min=0)
+        keep = labels >= 0
+    else:
+        if rule != "weighted_sum":
+            raise ValueError(f"{samples} samples per prompt are ranked by the weighted sum only, not {rule!r}")
+        p = len(prompts)
+        h, w = ctx.predictor.height, ctx.predictor.width
+        x_T = initial_noise(samples * p, ctx.model, ctx.generator, h, w)
+        traj = sample_trajectory(ctx.predictor, TextConditioning.cat([cond] * samples), x_T, ctx.grid,
+                                 ctx.generator)
+        finals = traj.final
+        decoded = decode_latents(ctx.model, finals).cpu()
+        result = ctx.reward_fn(decoded, list(prompts) * samples)
+        rewards = result.total.view(samples, p).T  # (P, S)
+        per_reward = {k: v.view(samples, p).T for k, v in result.per_reward.items()}
+        winner, loser = rewards.argmax(1), rewards.argmin(1)
+        rows = torch.arange(p)
+        gap = rewards[rows, winner] - rewards[rows, loser]
+        keep = gap > 0
+        images = decoded[:p]
+        metrics = {"tie_fraction": (~keep).float().mean().item(), "reward_gap": gap.mean().item()}
     p = len(prompts)
-    keep = ranked.labels >= 0
-    finals = ranked.trajectory.final.view(2, p, *ranked.trajectory.final.shape[1:])  # (2, P, C, h, w)
+    finals = finals.view(-1, p, *finals.shape[1:])  # (S, P, C, h, w)
     rows = torch.arange(p)
-    winner = ranked.labels.clamp(min=0)
     pairs = FinalPairBatch(
         prompt_index=rows[keep],
         x0_w=finals[winner, rows][keep],
-        x0_l=finals[1 - winner, rows][keep],
+        x0_l=finals[loser, rows][keep],
     )
-    return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=ranked.rewards, final_images=ranked.images,
-                        metrics=ranked.metrics(), per_reward=ranked.per_reward)
+    return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=rewards, final_images=images,
+                        metrics=metrics, per_reward=per_reward)
 
 
 def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x0_w: Tensor,
@@ -350,39 +378,48 @@ def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: tor
 
 
 class FinalPairAlgorithm(Algorithm):
-    """A method trained on final-image pairs with one (t, ε) per pair (DDE, Diffusion-DPO): online pairs from
-    `sample_final_pairs`, t uniform on `config.timestep_range` and ε shared by winner and loser [C], drawn for the
-    whole minibatch before a data-parallel rank takes its rows. Subclasses implement `pair_loss`."""
+    """A method trained on final-image pairs (DDE, Diffusion-DPO): online pairs from `sample_final_pairs`
+    (`config.samples_per_prompt` images per prompt), and `config.draws_per_pair` draws of (t, ε) per pair — t uniform
+    on `config.timestep_range`, ε shared by winner and loser [C] — made for the whole minibatch before a
+    data-parallel rank takes its rows; a pair's loss is the mean over its draws. Subclasses implement `pair_loss`."""
 
     cfg_in_training = False  # ε-MSE on the conditional model, as Diffusion-DPO
 
     def __init__(self, config, grid: DDIMGrid):
         super().__init__(config, grid)
         self.kl_weights = ddim.ddpm_kl_weights(grid.betas)  # λ_t (N,): DDE's statistic, the KL diagnostics
+        self.draws = getattr(config, "draws_per_pair", 1)
 
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
-        return sample_final_pairs(ctx, prompts, cond)
+        return sample_final_pairs(ctx, prompts, cond, samples=getattr(self.config, "samples_per_prompt", 2))
 
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
              generator: torch.Generator) -> LossOutput:
-        timesteps, noise = self.draw(examples, generator)
-        return self.pair_loss(predictor, cond, examples, timesteps, noise)
+        return self.loss_on_rows(predictor, cond, examples, generator, torch.arange(len(examples)))
 
     def loss_on_rows(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
                      generator: torch.Generator, rows: Tensor) -> LossOutput:
         timesteps, noise = self.draw(examples, generator)  # drawn for the whole minibatch, then sliced
-        return self.pair_loss(predictor, cond.index(rows), examples.select(rows), timesteps[rows], noise[rows])
+        m = len(examples)
+        drawn = (rows[None, :] + m * torch.arange(self.draws)[:, None]).flatten()  # draw-major: d·M + row
+        repeated = rows.repeat(self.draws)
+        return self.pair_loss(predictor, cond.index(repeated), examples.select(repeated), timesteps[drawn],
+                              noise[drawn])
 
     def signal_groups(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, dict[int, str]]:
-        """The timestep bucket (`t_<lo>`, KL_TIMESTEP_BUCKET wide) of each pair's t, as `loss` would draw it."""
+        """The timestep bucket (`t_<lo>`, KL_TIMESTEP_BUCKET wide) of each pair's t, as `loss` would draw it (with
+        several draws per pair, of its first draw)."""
         timesteps, _ = self.draw(examples, generator)
-        buckets = torch.div(timesteps, KL_TIMESTEP_BUCKET, rounding_mode="floor") * KL_TIMESTEP_BUCKET
+        buckets = torch.div(timesteps[: len(examples)], KL_TIMESTEP_BUCKET, rounding_mode="floor")
+        buckets = buckets * KL_TIMESTEP_BUCKET
         return buckets, {lo: f"t_{lo:03d}" for lo in buckets.unique().tolist()}
 
     def draw(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """One t (uniform on `timestep_range`) and one ε per pair, shared by winner and loser."""
-        timesteps = sample_timesteps(len(examples), self.config.timestep_range, generator)
-        return timesteps, torch.randn(examples.x0_w.shape, generator=generator)
+        """`draws_per_pair` × M values of t (uniform on `timestep_range`) and of ε (each shared by winner and
+        loser), draw-major: entry d·M + i is pair i's draw d (one draw: the papers' one t and ε per pair)."""
+        count = self.draws * len(examples)
+        timesteps = sample_timesteps(count, self.config.timestep_range, generator)
+        return timesteps, torch.randn((count, *examples.x0_w.shape[1:]), generator=generator)
 
     @abc.abstractmethod
     def pair_loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,

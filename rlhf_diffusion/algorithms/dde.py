@@ -70,6 +70,15 @@ def ema_update(table: Tensor, timesteps: Tensor, statistic: Tensor, momentum: fl
     return torch.where(seen, momentum * table + (1 - momentum) * batch_mean, table)
 
 
+def correction_share(logits: Tensor, correction: Tensor, beta_c: float) -> float:
+    """mean |β_c C_t| / (mean |β_c C_t| + mean |β_s S_t|): the stepwise correction's part of the DDE logit (0 for
+    DDE-Single; near 0 means the correction cannot change training)."""
+    corr = (beta_c * correction.detach().float()).abs()
+    single = (logits.detach().float() - beta_c * correction.detach().float()).abs()
+    total = corr.mean() + single.mean()
+    return float(corr.mean() / total) if total > 0 else 0.0
+
+
 @register_algorithm("dde", "dde_single")
 class DDE(FinalPairAlgorithm):
     """DDE with the EMA stepwise correction (`correction: ema`) or DDE-Single (`correction: none`)."""
@@ -96,6 +105,8 @@ class DDE(FinalPairAlgorithm):
             "implicit_accuracy": (delta < 0).float().mean().item(),
             "mean_delta": delta.mean().item(),
             "mean_correction": correction.mean().item(),
+            # how much of the logit the correction is: |β_c C_t| / (|β_c C_t| + |β_s S_t|), batch means
+            "correction_logit_share": correction_share(logits, correction, self.config.beta_c),
             "saturated_fraction": (logits.abs() > 10).float().mean().item(),
         }
         update = (timesteps, statistic) if self.config.correction == "ema" else None

@@ -130,3 +130,15 @@ def test_diffusion_dpo_inside_term_matches_official_form():
     official = -0.5 * beta * ((e["wt"] - e["lt"]) - (e["wr"] - e["lr"]))
     delta = (e["wt"] - e["wr"]) - (e["lt"] - e["lr"])
     assert -0.5 * beta * delta == pytest.approx(official)
+
+
+def test_dde_correction_share_is_the_corrections_part_of_the_logit():
+    from rlhf_diffusion.algorithms.dde import correction_share, dde_logits
+
+    delta = torch.tensor([1e-4, -2e-4])
+    alpha = torch.tensor([0.5, 0.25])  # (1 − ᾱ)/ᾱ = 1 and 3
+    correction = torch.tensor([1e-4, -1e-4])
+    logits = dde_logits(delta, alpha, correction, beta_s=1000.0, beta_c=500.0)
+    # |β_s S_t| = 0.1, 0.6 (mean 0.35); |β_c C_t| = 0.05, 0.05 (mean 0.05)
+    assert correction_share(logits, correction, 500.0) == pytest.approx(0.05 / 0.40, rel=1e-5)
+    assert correction_share(logits, torch.zeros(2), 500.0) == 0.0

@@ -1,0 +1,105 @@
+"""The final-pair methods' controls (ours): `samples_per_prompt` (the pair is the reward's best against its worst of
+S samples) and `draws_per_pair` (the pair's loss is the mean over k independent (t, ε) draws)."""
+
+import pytest
+import torch
+
+from rlhf_diffusion.algorithms.common import sample_timesteps
+from rlhf_diffusion.config import ConfigError, parse_config
+from rlhf_diffusion.models.loading import trainable_parameters
+from rlhf_diffusion.trainer import LocalTrainer
+
+PROMPTS = ["a cat", "a dog", "a fox", "a red cube"]
+
+
+def make_trainer(model_dir, tmp_path, algorithm: dict) -> LocalTrainer:
+    return LocalTrainer(parse_config({
+        "run_name": "t", "seed": 5, "output_dir": str(tmp_path), "device": "cpu",
+        "model": {"pretrained": str(model_dir)},
+        "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 4},
+        "algorithm": algorithm,
+        "rewards": [{"name": "brightness"}],
+        "train": {"learning_rate": 1e-3, "train_batch_size": 64, "signal_every": 0},
+        "prompts": {"train": {"inline": PROMPTS}},
+        "tracking": {"enabled": False},
+    }), log=lambda *_: None)
+
+
+def test_fields_default_to_the_papers_and_reject_nonsense():
+    base = {"run_name": "t", "model": {"pretrained": "tiny:sd15"}, "rewards": [{"name": "brightness"}]}
+    for name in ("diffusion_dpo", "dde", "dde_single"):
+        algorithm = parse_config({**base, "algorithm": {"name": name}}).algorithm
+        assert algorithm.samples_per_prompt == 2 and algorithm.draws_per_pair == 1
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        parse_config({**base, "algorithm": {"name": "diffusion_dpo", "samples_per_prompt": 1}})
+    with pytest.raises(ConfigError, match="draws_per_pair"):
+        parse_config({**base, "algorithm": {"name": "dde", "draws_per_pair": 0}})
+
+
+def test_best_against_worst_of_four_samples(tiny_sd15_dir, tmp_path, one_torch_thread):
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "diffusion_dpo", "samples_per_prompt": 4})
+    batch = trainer.rollout(PROMPTS)
+    assert batch.rewards.shape == (4, 4)
+    best, worst = batch.rewards.max(1).values, batch.rewards.min(1).values
+    assert batch.metrics["reward_gap"] == pytest.approx((best - worst).mean().item())
+    pairs = batch.pairs
+    assert len(pairs) == 4  # brightness never ties on random images
+    # the reward of each pair's winner and loser, recomputed from the latents, are the prompt's max and min
+    from rlhf_diffusion.diffusion.sampling import decode_latents
+
+    with torch.no_grad():
+        r_w = trainer.reward.score(decode_latents(trainer.model, pairs.x0_w), PROMPTS).total
+        r_l = trainer.reward.score(decode_latents(trainer.model, pairs.x0_l), PROMPTS).total
+    torch.testing.assert_close(r_w, best, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r_l, worst, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["diffusion_dpo", "dde_single"])
+def test_loss_is_the_mean_over_draws_and_one_draw_is_the_papers(tiny_sd15_dir, tmp_path, one_torch_thread, name):
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": name, "draws_per_pair": 3,
+                                                     "timestep_range": [100, 900]})
+    algorithm, learner = trainer.algorithm, trainer.learner_obj
+    batch = trainer.rollout(PROMPTS)
+    examples = batch.pairs
+    m = len(examples)
+    cond = learner.encode(batch.prompts).index(examples.prompt_index)
+    loss = algorithm.loss(learner.predictor, cond, examples, torch.Generator().manual_seed(7)).loss
+    # by hand: 3·M draws, draw-major, then one paper-style loss per draw
+    gen = torch.Generator().manual_seed(7)
+    t = sample_timesteps(3 * m, (100, 900), gen)
+    noise = torch.randn((3 * m, *examples.x0_w.shape[1:]), generator=gen)
+    per_draw = [algorithm.pair_loss(learner.predictor, cond, examples, t[d * m:(d + 1) * m],
+                                    noise[d * m:(d + 1) * m]).loss for d in range(3)]
+    torch.testing.assert_close(loss, torch.stack(per_draw).mean(), rtol=1e-5, atol=1e-7)
+    # rows: the loss gradients of two disjoint row sets, weighted by their sizes, add up to the whole gradient
+    params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
+    with torch.no_grad():
+        for p in params:  # move off the zero-initialised adapter so that the gradient is not degenerate
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    whole = algorithm.loss(learner.predictor, cond, examples, torch.Generator().manual_seed(9)).loss
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(whole, params)])
+    total = torch.zeros_like(expected)
+    for rows in (torch.arange(0, m, 2), torch.arange(1, m, 2)):
+        part = algorithm.loss_on_rows(learner.predictor, cond, examples, torch.Generator().manual_seed(9), rows)
+        total += torch.cat([g.flatten() for g in torch.autograd.grad(part.loss * len(rows) / m, params)])
+    assert expected.norm() > 0
+    # equal up to float rounding (DDE's logit scale amplifies it) ...
+    assert float((total - expected).norm() / expected.norm()) < 1e-2
+    # ... while other draws for the same rows are a different gradient altogether
+    other = algorithm.loss_on_rows(learner.predictor, cond, examples, torch.Generator().manual_seed(10),
+                                   torch.arange(m)).loss
+    moved = torch.cat([g.flatten() for g in torch.autograd.grad(other, params)])
+    assert float((moved - expected).norm() / expected.norm()) > 0.1
+
+
+def test_one_draw_draws_as_the_papers_method(tiny_sd15_dir, tmp_path, one_torch_thread):
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "diffusion_dpo"})
+    algorithm, learner = trainer.algorithm, trainer.learner_obj
+    batch = trainer.rollout(PROMPTS)
+    examples = batch.pairs
+    cond = learner.encode(batch.prompts).index(examples.prompt_index)
+    loss = algorithm.loss(learner.predictor, cond, examples, torch.Generator().manual_seed(3)).loss
+    gen = torch.Generator().manual_seed(3)
+    t = sample_timesteps(len(examples), (0, 999), gen)
+    noise = torch.randn(examples.x0_w.shape, generator=gen)
+    torch.testing.assert_close(loss, algorithm.pair_loss(learner.predictor, cond, examples, t, noise).loss)
