@@ -3,7 +3,7 @@
     python benchmarks/methods.py                          # the table in the README (see --help for the knobs)
     python benchmarks/methods.py --seeds 0 --budget 800   # a quicker look
 
-The base config is `configs/tiny.yaml` (the embedded default: the shipped testbed pipeline, the testbed CLIP as the
+The base config is `configs/testbed_methods.yaml` (the shipped testbed pipeline, the testbed CLIP as the
 training reward, training on the 332 `testbed_train` captions, evaluation on the 82 held-out `testbed_heldout`
 captions with fixed seeds). Each run swaps in one method with its config defaults (`algorithm={name: <method>}`),
 and the number of iterations is set so that every method spends the same number of reward-scored images:
@@ -61,7 +61,7 @@ ATTRIBUTES = ("background", "count", "colour", "shape", "position", "binding", "
 def reward_images_per_iteration(config: RunConfig) -> int:
     """Images handed to the reward per training iteration (all samplers), from the config alone.
 
-    D3PO, DDE(-Single), Diffusion-DPO (online): two final images per prompt. TailorPO: `num_candidates` candidates
+    D3PO: two final images per prompt; DDE(-Single), Diffusion-DPO (online): `samples_per_prompt` (2). TailorPO: `num_candidates` candidates
     per prompt at each of the K steps (their x̂_0 previews, the last step's are the final images). TailorPO-G: the
     same plus, at every step, the guided winner whose reward gradient is taken.
     """
@@ -69,7 +69,7 @@ def reward_images_per_iteration(config: RunConfig) -> int:
     algo, k = config.algorithm, config.sampling.num_steps
     if algo.name in ("tailorpo", "tailorpo_g"):
         return prompts * k * (algo.num_candidates + (1 if algo.name == "tailorpo_g" else 0))
-    return 2 * prompts
+    return getattr(algo, "samples_per_prompt", 2) * prompts
 
 
 def unet_rows_per_iteration(config: RunConfig) -> int:
@@ -78,7 +78,7 @@ def unet_rows_per_iteration(config: RunConfig) -> int:
     algo, k = config.algorithm, config.sampling.num_steps
     if algo.name in ("tailorpo", "tailorpo_g"):
         return prompts * (1 + (k - 1) * algo.num_candidates)
-    return 2 * prompts * k
+    return getattr(algo, "samples_per_prompt", 2) * prompts * k
 
 
 def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: list[str]) -> dict:
@@ -248,7 +248,7 @@ def write_plot(runs: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "testbed_methods.yaml"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=400, help="reward-scored images per run")

@@ -71,6 +71,19 @@ def pair_gradients(trainer, cond: TextConditioning, x0_a, x0_b, t_range, draws: 
     return torch.stack(out)
 
 
+def param_groups(trainer) -> dict[str, torch.Tensor]:
+    """Columns of the flat LoRA gradient per kind of layer: self-attention (attn1), cross-attention (attn2, where
+    the caption enters), and the rest."""
+    names = {id(p): n for n, p in trainer.model.unet.named_parameters()}
+    params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
+    kinds = []
+    for p in params:
+        name = names[id(p)]
+        kind = "attn2" if ".attn2." in name else "attn1" if ".attn1." in name else "other"
+        kinds += [kind] * p.numel()
+    return {k: torch.tensor([i for i, v in enumerate(kinds) if v == k]) for k in sorted(set(kinds))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
@@ -128,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             gold_rows = decided
             cross = 0.5 * (cos(by_reward[half].mean(0), (g * gold_label[:, None])[~half & gold_rows].mean(0))
                            + cos(by_reward[~half].mean(0), (g * gold_label[:, None])[half & gold_rows].mean(0)))
+            groups = {name: snr2(by_reward[:, cols]) for name, cols in param_groups(trainer).items()}
             row = {"pairing": pairing, "t_range": [lo, hi], "draws": int(draws), "pairs": p,
                    "snr2": snr2(by_reward), "snr2_checker_labels": snr2((g * gold_label[:, None])[gold_rows]),
                    "gold_cos": cross, "label_agreement": agree, "checker_decided": int(decided.sum()),
-                   "seconds": time.perf_counter() - t0}
+                   "snr2_by_layers": groups, "seconds": time.perf_counter() - t0}
             results.append(row)
             print(json.dumps(row), flush=True)
     lines = ["| pairs | t range | draws | per-pair SNR² (reward labels) | SNR² (checker labels) | cos(reward, checker) "

@@ -468,12 +468,14 @@ def test_resolved_yaml_round_trips():
 def test_tiny_yaml_loads():
     cfg = load_config(TINY_YAML)
     assert cfg.run_name == "tiny" and cfg.model.pretrained == "testbed:pipeline"
-    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (10, 4.0, 4)
-    assert cfg.algorithm.name == "tailorpo"
-    assert [(reward.name, reward.path) for reward in cfg.rewards] == [("clip_score", "testbed:clip")]
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (10, 4.0, 16)
+    assert cfg.algorithm.name == "diffusion_dpo" and cfg.algorithm.beta == 5000.0  # the paper's β
+    assert (cfg.algorithm.samples_per_prompt, cfg.algorithm.draws_per_pair, cfg.algorithm.timestep_range) == (
+        4, 4, (500, 999))  # ours, docs/learning_signal.md
+    assert [(reward.name, reward.path) for reward in cfg.rewards] == [("testbed_reward", None)]
     assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker", "checker_all"]
-    assert cfg.train.iterations == 20 and cfg.train.learning_rate == 1e-4
-    assert cfg.checkpoint.every == 10
+    assert cfg.train.iterations == 30 and cfg.train.learning_rate == 2e-3 and cfg.train.train_batch_size == 32
+    assert cfg.checkpoint.every == 15 and cfg.prompts.eval_seeds == 2
     assert (cfg.prompts.train.builtin, cfg.prompts.eval.builtin) == ("testbed_train", "testbed_heldout")
 
 

@@ -26,13 +26,13 @@ def run_launch(*args: str) -> subprocess.CompletedProcess:
 
 def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tmp_path):
     proc = run_launch("configs/tiny.yaml", "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2",
-                      *FAST)
+                      "--set", "prompts.eval_seeds=1", "--set", "sampling.batch_size=4", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "tiny"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["iteration"] == 2
     summary = json.loads((run_dir / "eval.json").read_text())
-    assert summary["algorithm"] == "tailorpo" and "eval_before" in summary and "eval_after" in summary
+    assert summary["algorithm"] == "diffusion_dpo" and "eval_before" in summary and "eval_after" in summary
     from PIL import Image
 
     # the held-out checker (a custom reward on the reward server, never trained on) is reported beside the reward
@@ -42,7 +42,7 @@ def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tm
     paired = summary["paired"]["checker_all"]
     assert paired["fixed"] + paired["broken"] <= paired["images"] and 0 < paired["sign_test_p"] <= 1
     assert "held-out checker_all (not trained on)" in proc.stdout and "sign test p = " in proc.stdout
-    grid = Image.open(run_dir / "grid_after.png")  # 82 eval prompts x 1 seed, 8 a row, 64 px + 2 px padding
+    grid = Image.open(run_dir / "grid_after.png")  # 82 eval prompts x FAST's 1 seed, 8 a row, 64 px + 2 px padding
     assert grid.size == (8 * 66 + 2, 11 * 66 + 2)
     pipe = StableDiffusionPipeline.from_pretrained(resolve_testbed("testbed:pipeline"))
     pipe.set_progress_bar_config(disable=True)
@@ -88,7 +88,8 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_pat
     proc = submit_job(ray_cluster, sys.executable, "-m", "rlhf_diffusion.launch", str(ROOT / "configs" / "tiny.yaml"),
                       "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2",
                       "--set", "resources.num_samplers=2", "--set", "resources.num_reward_servers=1",
-                      "--set", "train.max_staleness=1", "--no-progress", *FAST)
+                      "--set", "train.max_staleness=1", "--set", "prompts.eval_seeds=1", "--set",
+                      "sampling.batch_size=4", "--no-progress", *FAST)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "joined the Ray cluster" in out and "succeeded" in out.lower()
@@ -108,7 +109,7 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_pat
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["rlhf_diffusion"])
-    assert sorted(runs["params.algorithm.name"]) == ["d3po", "tailorpo"]
+    assert sorted(runs["params.algorithm.name"]) == ["d3po", "diffusion_dpo"]
     assert set(runs["status"]) == {"FINISHED"}
     assert runs["metrics.eval/reward_mean"].notna().all() and runs["metrics.reward_mean"].notna().all()
 

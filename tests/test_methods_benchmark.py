@@ -124,7 +124,7 @@ def test_per_method_overrides_are_part_of_the_settings(tmp_path, monkeypatch):
 def test_reward_label_names_the_training_reward():
     import methods
 
-    assert methods.reward_label(load_config(ROOT / "configs" / "tiny.yaml")) == "clip_score"
+    assert methods.reward_label(load_config(ROOT / "configs" / "tiny.yaml")) == "testbed_reward"
     checker = load_config(ROOT / "configs" / "tiny.yaml", [
         'rewards=[{name: custom, target: "rlhf_diffusion.testbed.reward:CheckerReward", label: checker}]',
         'guards.heldout_rewards=[{name: clip_score, path: "testbed:clip"}]'])
