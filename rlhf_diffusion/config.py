@@ -1086,6 +1086,13 @@ class RunConfig(_FrozenModel):
         """The run's directory: `output_dir / run_name`."""
         return Path(self.output_dir) / self.run_name
 
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_directory_name(cls, value: str) -> str:
+        if set(value) == {"."}:  # '.' and '..' pass the pattern but name output_dir itself or its parent
+            raise ValueError("must not be only dots: the run directory is output_dir/run_name")
+        return value
+
     @field_validator("rewards")
     @classmethod
     def _check_distinct_rewards(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:

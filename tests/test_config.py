@@ -200,6 +200,8 @@ BAD_CONFIGS = [
         "prompt 1 is empty",
     ),
     ("run_name_with_slash", lambda tmp: (minimal(), ["run_name=a/b"]), "run_name", "pattern"),
+    ("run_name_parent", lambda tmp: (minimal(), ["run_name=.."]), "run_name", "must not be only dots"),
+    ("run_name_dot", lambda tmp: (minimal(), ["run_name=."]), "run_name", "must not be only dots"),
     ("negative_staleness", lambda tmp: (minimal(), ["train.max_staleness=-1"]), "train.max_staleness",
      "greater than or equal to 0"),
     ("bad_mixed_precision", lambda tmp: (minimal(), ["train.mixed_precision=fp8"]), "train.mixed_precision",
