@@ -32,7 +32,7 @@ def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tm
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["iteration"] == 2
     summary = json.loads((run_dir / "eval.json").read_text())
-    assert summary["algorithm"] == "diffusion_dpo" and "eval_before" in summary and "eval_after" in summary
+    assert summary["algorithm"] == "dde_single" and "eval_before" in summary and "eval_after" in summary
     from PIL import Image
 
     # the held-out checker (a custom reward on the reward server, never trained on) is reported beside the reward
@@ -109,7 +109,7 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_pat
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["rlhf_diffusion"])
-    assert sorted(runs["params.algorithm.name"]) == ["d3po", "diffusion_dpo"]
+    assert sorted(runs["params.algorithm.name"]) == ["d3po", "dde_single"]
     assert set(runs["status"]) == {"FINISHED"}
     assert runs["metrics.eval/reward_mean"].notna().all() and runs["metrics.reward_mean"].notna().all()
 
