@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import itertools
 import json
 import math
 import re
+import reprlib
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -127,9 +129,28 @@ def _field_error(path: str, problem: str, value: Any) -> PydanticCustomError:
     )
 
 
+class _ShortRepr(reprlib.Repr):
+    """A `repr` that never renders more than a few levels and items of a value (a YAML alias bomb expands to
+    billions of shared items; rendering it whole took minutes and gigabytes), keeping mappings in their order."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 8, 8, 8, 8
+        self.maxstring = self.maxother = self.maxlong = _MAX_SHOWN_VALUE
+
+    def repr_dict(self, x: dict, level: int) -> str:
+        if not x:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        items = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+                 for k, v in itertools.islice(x.items(), self.maxdict)]
+        return "{" + ", ".join(items + (["..."] if len(x) > self.maxdict else [])) + "}"
+
+
 def _show(value: Any) -> str:
-    """`repr` of a value, shortened for one line of an error message."""
-    text = repr(value)
+    """`repr` of a value, shortened for one line of an error message (bounded work, whatever the value's size)."""
+    text = _ShortRepr().repr(value)
     return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
 
 

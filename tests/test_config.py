@@ -566,3 +566,23 @@ def test_every_shipped_config_validates():
         config = load_config(path)
         names[path.name] = config.algorithm.name
     assert names["sd15_tailorpo_g.yaml"] == "tailorpo_g" and names["sdxl_dde.yaml"] == "dde"
+
+
+def test_yaml_alias_bomb_fails_fast_with_a_short_message(tmp_path):
+    """A 9-level alias bomb (9^9 shared items, under 500 bytes of YAML) used to take minutes and gigabytes to render
+    in the error message; the message now renders a bounded part of it."""
+    import subprocess
+    import sys
+
+    lines, prev = ['a: &a ["x","x","x","x","x","x","x","x","x"]'], "a"
+    for name in "bcdefghi":
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+        prev = name
+    path = tmp_path / "bomb.yaml"
+    path.write_text("bombs:\n" + "\n".join("  " + line for line in lines) + f"\nrun_name: *{prev}\n"
+                    "model: {pretrained: tiny:sd15}\nalgorithm: {name: d3po}\nrewards: [{name: brightness}]\n")
+    proc = subprocess.run([sys.executable, "-m", "rlhf_diffusion.config", str(path)], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2
+    assert "run_name: Input should be a valid string" in proc.stderr and "bombs: unknown key" in proc.stderr
+    assert len(proc.stderr) < 2000 and "Traceback" not in proc.stderr
