@@ -247,26 +247,23 @@ def sample_ranked_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondi
 
 @torch.no_grad()
 def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextConditioning,
-                       rule: str = "weighted_sum", samples: int = 2) -> RolloutBatch:
+                       samples: int = 2) -> RolloutBatch:
     """Independent samples per prompt, ranked by the reward: online pairs for DDE / Diffusion-DPO.
 
     (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
     policy and labels them with the reward model, as an AI annotator does.) Ties are dropped.
 
     Args:
-        rule: how two samples are ranked (`preference_labels`); with more than two samples only "weighted_sum".
         samples: S images per prompt (one S·P batch); the pair is the best against the worst by the weighted
             total reward (S = 2: the two samples, the papers' pairs).
     """
     if samples == 2:
-        ranked = sample_ranked_pairs(ctx, prompts, cond, shared_initial_noise=False, rule=rule)
+        ranked = sample_ranked_pairs(ctx, prompts, cond, shared_initial_noise=False)
         labels, finals, rewards = ranked.labels, ranked.trajectory.final, ranked.rewards
         per_reward, images, metrics = ranked.per_reward, ranked.images, ranked.metrics()
         winner, loser = labels.clamp(min=0), 1 - labels.clamp(min=0)
         keep = labels >= 0
     else:
-        if rule != "weighted_sum":
-            raise ValueError(f"{samples} samples per prompt are ranked by the weighted sum only, not {rule!r}")
         p = len(prompts)
         h, w = ctx.predictor.height, ctx.predictor.width
         x_T = initial_noise(samples * p, ctx.model, ctx.generator, h, w)
@@ -388,10 +385,10 @@ class FinalPairAlgorithm(Algorithm):
     def __init__(self, config, grid: DDIMGrid):
         super().__init__(config, grid)
         self.kl_weights = ddim.ddpm_kl_weights(grid.betas)  # λ_t (N,): DDE's statistic, the KL diagnostics
-        self.draws = getattr(config, "draws_per_pair", 1)
+        self.draws = config.draws_per_pair
 
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
-        return sample_final_pairs(ctx, prompts, cond, samples=getattr(self.config, "samples_per_prompt", 2))
+        return sample_final_pairs(ctx, prompts, cond, samples=self.config.samples_per_prompt)
 
     def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
              generator: torch.Generator) -> LossOutput:
