@@ -12,6 +12,7 @@ the same MLflow run (its id is kept in the checkpoint). `NullTracker` does nothi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -65,16 +66,17 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = config.tracking.tracking_uri or default_tracking_uri(config)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        experiment = self.client.get_experiment_by_name(config.tracking.experiment)
-        if experiment is None:
-            artifact_location = None
-            if self.uri.startswith("sqlite:///"):
-                artifact_location = (Path(config.output_dir).resolve() / "mlartifacts").as_uri()
-            experiment_id = self.client.create_experiment(config.tracking.experiment,
-                                                          artifact_location=artifact_location)
-        else:
-            experiment_id = experiment.experiment_id
+        with _sqlite_store_lock(self.uri):  # runs started at once into one output_dir share its store
+            self.client = MlflowClient(tracking_uri=self.uri)
+            experiment = self.client.get_experiment_by_name(config.tracking.experiment)
+            if experiment is None:
+                artifact_location = None
+                if self.uri.startswith("sqlite:///"):
+                    artifact_location = (Path(config.output_dir).resolve() / "mlartifacts").as_uri()
+                experiment_id = self.client.create_experiment(config.tracking.experiment,
+                                                              artifact_location=artifact_location)
+            else:
+                experiment_id = experiment.experiment_id
         if run_id is None:
             run = self.client.create_run(experiment_id, run_name=config.run_name,
                                          tags={"algorithm": config.algorithm.name,
@@ -114,6 +116,26 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+@contextlib.contextmanager
+def _sqlite_store_lock(uri: str):
+    """An exclusive lock (flock on `<store>.lock`) while a sqlite store is first opened and the experiment found or
+    made: MLflow creates and migrates the schema on first use, and two runs doing that at once into one
+    `output_dir` fail with "duplicate column name" (or "experiment already exists"). Other stores: no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _clip(value: str) -> str:
