@@ -346,6 +346,10 @@ def test_base_image_is_pinned_and_carries_the_manifests_ray_and_pyprojects_pytho
     for path in (RAYJOB, RAYCLUSTER):
         assert _cluster_spec(_one_doc(path))["rayVersion"] == ray_version, path
     assert PYPROJECT["project"]["requires-python"] == f">={python},<{match.group(2)}.{int(match.group(3)) + 1}"
+    from packaging.requirements import Requirement
+
+    ray_pin = next(Requirement(r) for r in PYPROJECT["project"]["dependencies"] if Requirement(r).name == "ray")
+    assert ray_pin.specifier.contains(ray_version), f"pyproject pins {ray_pin}, the base image carries Ray {ray_version}"
 
 
 def test_dockerfile_installs_the_package_from_pyproject_as_a_non_root_user():
