@@ -20,6 +20,11 @@ so the seed and the iteration in state.json are the whole RNG state; no generato
 Atomicity: the directory is written under a temporary name, fsynced and renamed into place; `checkpoints/latest`
 names the newest complete checkpoint and is itself replaced atomically. A crash mid-write leaves the previous
 checkpoint as the latest. Only the `keep_last` newest checkpoints are kept.
+
+Resume (`load_resumable`) reads the newest checkpoint in full and checks every file (state.json and the other JSON
+files parse, every safetensors file parses and covers its file, optimizer.pt loads with weights_only=True); a
+checkpoint damaged afterwards (a truncated file, a state.json cut mid-string) is skipped with one line naming the
+file and why, and the newest complete older one is used. When none is complete the error names every bad file.
 """
 
 from __future__ import annotations
@@ -28,14 +33,17 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "CheckpointState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointState", "latest_checkpoint", "load_checkpoint", "load_resumable",
+           "save_checkpoint"]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # The learner-state key of the trained weights: a LoRA or (model.finetune: full) the whole UNet.
@@ -43,7 +51,7 @@ WEIGHTS_KEYS = ("lora", "unet")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not belong to this run's config."""
+    """A checkpoint is missing, incomplete, corrupt or does not belong to this run's config."""
 
 
 @dataclass
@@ -176,11 +184,69 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _why(error: BaseException) -> str:
+    """The first sentence of an error, at most 160 characters (torch's zip errors run to a paragraph)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.split(". ")[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _corrupt(file: Path, what: str, error: BaseException | str) -> CheckpointError:
+    why = error if isinstance(error, str) else _why(error)
+    return CheckpointError(f"corrupt checkpoint file {file}: {what} ({why})")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    file = path / "state.json"
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+        int(meta["iteration"]), int(meta["learner_version"])
+    except KeyError as error:
+        raise _corrupt(file, "not a complete state.json", f"no {error.args[0]!r}") from None
+    except (ValueError, TypeError) as error:
+        raise _corrupt(file, "not a complete state.json", error) from None
+    return meta
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise _corrupt(file, "truncated or not a safetensors file", error) from None
+
+
+def _read_optimizer(path: Path) -> dict[str, Any]:
+    file = path / "optimizer.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated zip (RuntimeError), an empty file (EOFError), an unpickling error
+        raise _corrupt(file, "does not load with torch.load(weights_only=True)", error) from None
+
+
+def _check_exports(path: Path, read: set[Path]) -> None:
+    """The files not read in full: each safetensors header parses and its tensors cover the file (checked without
+    reading the tensors), each JSON file parses."""
+    for file in sorted(path.rglob("*.safetensors")):
+        if file not in read:
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except Exception as error:
+                raise _corrupt(file, "truncated or not a safetensors file", error) from None
+    for file in sorted(path.rglob("*.json")):
+        if file != path / "state.json":
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except ValueError as error:
+                raise _corrupt(file, "not valid JSON", error) from None
+
+
 def load_checkpoint(path: str | Path) -> CheckpointState:
-    """Reads a checkpoint directory written by `save_checkpoint`.
+    """Reads a checkpoint directory written by `save_checkpoint`, checking every file.
 
     Raises:
-        CheckpointError: the directory is missing or incomplete (names the missing file).
+        CheckpointError: the directory is missing, incomplete (names the missing file) or corrupt (names the file
+            and why).
     """
     path = Path(path)
     weights_key = next((k for k in WEIGHTS_KEYS if (path / f"learner_{k}.safetensors").is_file()), "lora")
@@ -188,17 +254,59 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
                      "weights_history.safetensors"):
         if not (path / required).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {required} is missing")
-    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    meta = _read_meta(path)
+    tensor_files = [path / f"learner_{weights_key}.safetensors", path / "algorithm_state.safetensors",
+                    path / "weights_history.safetensors"]
+    weights, algorithm, flat_history = (_read_tensors(file) for file in tensor_files)
+    optimizer = _read_optimizer(path)
+    _check_exports(path, set(tensor_files))
     history: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(path / "weights_history.safetensors").items():
+    for key, value in flat_history.items():
         version, _, param = key.partition("/")
         history.setdefault(int(version[1:]), {})[param] = value
     learner = {
         "version": int(meta["learner_version"]),
         "dropped": int(meta.get("dropped", 0)),
-        weights_key: load_file(path / f"learner_{weights_key}.safetensors"),
+        weights_key: weights,
         "optimizer": optimizer,
-        "algorithm": load_file(path / "algorithm_state.safetensors"),
+        "algorithm": algorithm,
     }
     return CheckpointState(iteration=int(meta["iteration"]), learner=learner, weights_history=history, meta=meta)
+
+
+def _resume_candidates(root: Path) -> list[Path]:
+    """The checkpoints a resume may use, newest first: the one `latest` names (when it exists), then every older
+    iter_* directory; without a usable `latest`, every iter_* directory."""
+    dirs = sorted((p for p in root.glob("iter_*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if named in dirs:
+            return [named] + [p for p in dirs if p.name < named.name]
+    return dirs
+
+
+def load_resumable(root: str | Path,
+                   log: Callable[[str], None] = print) -> tuple[Path, CheckpointState] | None:
+    """The newest checkpoint under `root` that loads completely (`load_checkpoint`), and its path; a damaged newer
+    one is skipped with one `log` line naming the bad file and why.
+
+    Returns:
+        None when `root` holds no checkpoint directory at all.
+
+    Raises:
+        CheckpointError: there are checkpoints but none is complete; the message names each one's bad file.
+    """
+    root = Path(root)
+    candidates = _resume_candidates(root)
+    problems = []
+    for k, path in enumerate(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as error:
+            problems.append(str(error))
+            if k + 1 < len(candidates):
+                log(f"[resume] skipping {path.name}: {error}; trying {candidates[k + 1].name}")
+    if not problems:
+        return None
+    raise CheckpointError(f"no complete checkpoint under {root} to resume from: {'; '.join(problems)}")

@@ -1,15 +1,18 @@
-"""Checkpoints: exact round trip, atomic replacement, pruning, clear errors for incomplete ones."""
+"""Checkpoints: exact round trip, atomic replacement, pruning, clear errors for incomplete ones, and resume past a
+damaged newest checkpoint (issue 15: a truncated file or a cut state.json names the file and falls back)."""
 
 import json
 
 import pytest
 import torch
+from safetensors.torch import save
 
 from rlhf_diffusion.checkpoint import (
     CheckpointError,
     CheckpointState,
     latest_checkpoint,
     load_checkpoint,
+    load_resumable,
     save_checkpoint,
 )
 
@@ -27,7 +30,7 @@ def make_state(iteration: int) -> CheckpointState:
                  "algorithm": {"correction_table": torch.linspace(0, 1, 1000)}},
         weights_history={iteration - 1: {k: v - 1 for k, v in lora.items()}, iteration: lora},
         meta={"seed": 7, "mlflow_run_id": "abc", "eval_before": {"mean": 0.5, "per_reward": {"x": 0.5}}},
-        export={"lora/pytorch_lora_weights.safetensors": b"diffusers-lora-bytes"},
+        export={"lora/pytorch_lora_weights.safetensors": save(lora)},  # as Learner.export_files: safetensors bytes
     )
 
 
@@ -45,7 +48,8 @@ def test_round_trip_is_exact(tmp_path):
     assert sorted(loaded.weights_history) == [3, 4]
     assert torch.equal(loaded.weights_history[3]["a.lora_A.weight"], state.learner["lora"]["a.lora_A.weight"] - 1)
     assert loaded.meta["mlflow_run_id"] == "abc" and loaded.meta["eval_before"]["mean"] == 0.5
-    assert (path / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == b"diffusers-lora-bytes"
+    assert (path / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == \
+        state.export["lora/pytorch_lora_weights.safetensors"]
 
 
 def test_keep_last_prunes_and_latest_moves(tmp_path):
@@ -91,7 +95,8 @@ def test_a_full_unet_checkpoint_round_trips_under_its_own_key(tmp_path):
     state = make_state(3)
     state.learner["unet"] = {"conv_in.weight": torch.randn(4, 4, 3, 3), "conv_in.bias": torch.randn(4)}
     del state.learner["lora"]
-    state.export = {"unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"weights"}
+    state.export = {"unet/config.json": b"{}",
+                    "unet/diffusion_pytorch_model.safetensors": save(state.learner["unet"])}
     path = save_checkpoint(tmp_path, state)
     assert (path / "learner_unet.safetensors").is_file() and not (path / "learner_lora.safetensors").exists()
     assert (path / "unet" / "config.json").read_bytes() == b"{}"
@@ -107,3 +112,66 @@ def test_export_paths_may_not_leave_the_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="leaves the checkpoint"):
         save_checkpoint(tmp_path / "ckpt", state)
     assert not (tmp_path / "escaped.bin").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume past damaged checkpoints (load_resumable): real checkpoints, damaged by truncating or cutting their files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def cut_mid_string(path) -> None:
+    """state.json ends inside a string value, as after a crash mid-write."""
+    text = path.read_text()
+    path.write_text(text[: text.index('"mlflow_run_id": "abc"') + len('"mlflow_run_id": "a')])
+
+
+DAMAGES = {  # file → (how it is damaged, what the message says of it)
+    "learner_lora.safetensors": (truncate, "truncated or not a safetensors file"),
+    "optimizer.pt": (truncate, "does not load with torch.load(weights_only=True)"),
+    "state.json": (cut_mid_string, "not a complete state.json (Unterminated string"),
+    "weights_history.safetensors": (lambda p: truncate(p, 0.0), "truncated or not a safetensors file"),
+    "lora/pytorch_lora_weights.safetensors": (lambda p: truncate(p, 0.9), "truncated or not a safetensors file"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGES))
+def test_resume_skips_a_damaged_newest_checkpoint_naming_the_file(tmp_path, name):
+    save_checkpoint(tmp_path, make_state(2), keep_last=5)
+    newest = save_checkpoint(tmp_path, make_state(4), keep_last=5)
+    damage, why = DAMAGES[name]
+    damage(newest / name)
+    with pytest.raises(CheckpointError, match="corrupt checkpoint file"):
+        load_checkpoint(newest)
+    lines = []
+    path, state = load_resumable(tmp_path, log=lines.append)
+    assert path.name == "iter_000002" and state.iteration == 2 and state.learner["version"] == 2
+    assert len(lines) == 1 and str(newest / name) in lines[0] and why in lines[0], lines
+    assert "Traceback" not in lines[0] and "iter_000002" in lines[0]
+
+
+def test_resume_with_every_checkpoint_damaged_names_each_bad_file(tmp_path):
+    older = save_checkpoint(tmp_path, make_state(2), keep_last=5)
+    newest = save_checkpoint(tmp_path, make_state(4), keep_last=5)
+    truncate(older / "optimizer.pt")
+    cut_mid_string(newest / "state.json")
+    lines = []
+    with pytest.raises(CheckpointError) as info:
+        load_resumable(tmp_path, log=lines.append)
+    message = str(info.value)
+    assert message.startswith(f"no complete checkpoint under {tmp_path} to resume from")
+    assert str(newest / "state.json") in message and str(older / "optimizer.pt") in message
+    assert len(lines) == 1  # the skip of the newest; the last one's problem is in the error
+    assert load_resumable(tmp_path / "nothing") is None  # no checkpoint at all: the caller says so
+
+
+def test_resume_starts_from_the_checkpoint_latest_names(tmp_path):
+    save_checkpoint(tmp_path, make_state(2), keep_last=5)
+    save_checkpoint(tmp_path, make_state(4), keep_last=5)
+    (tmp_path / "latest").write_text("iter_000002\n")  # rolled back by hand: the newer one is not used
+    path, state = load_resumable(tmp_path, log=pytest.fail)
+    assert path.name == "iter_000002" and state.iteration == 2
