@@ -3,11 +3,12 @@
     python benchmarks/default_seeds.py                      # seeds 0 1 2 of configs/tiny.yaml under Ray
     python benchmarks/default_seeds.py --seeds 0 1 --no-ray --set train.iterations=10
 
-Each seed is one `python -m rlhf_diffusion.launch CONFIG --set seed=S --set run_name=<name>_seedS` (a fresh local
-Ray instance each time, exactly the README's first command), timed end to end. Its `eval.json` holds, per held-out
-reward, the paired before/after comparison of the fixed evaluation images (`paired`: mean change, paired SE, images
-fixed / broken). The evaluation images and seeds are the same in every run, so the pooled sign test adds the fixed
-and broken counts of all seeds (each seed's images are a separate trained model's; the before images are shared).
+Each seed is one `python -m rlhf_diffusion.launch CONFIG --set seed=S --set run_name=<name>_seedS --overwrite` (a
+fresh local Ray instance each time, exactly the README's first command; --overwrite: a rerun replaces that seed's
+earlier run under --out), timed end to end. Its `eval.json` holds, per held-out reward, the paired before/after
+comparison of the fixed evaluation images (`paired`: mean change, paired SE, images fixed / broken). The evaluation
+images and seeds are the same in every run, so the pooled sign test adds the fixed and broken counts of all seeds
+(each seed's images are a separate trained model's; the before images are shared).
 
 Prints one line per seed and the pooled result per held-out reward, and writes --out/default_seeds.json.
 """
@@ -32,7 +33,7 @@ from rlhf_diffusion.stats import sign_test_p  # noqa: E402
 def run_seed(config: str, seed: int, out: Path, overrides: list[str], use_ray: bool) -> dict:
     name = f"{Path(config).stem}_seed{seed}"
     command = [sys.executable, "-m", "rlhf_diffusion.launch", config, "--no-progress", "--set", f"seed={seed}",
-               "--set", f"run_name={name}", "--set", f"output_dir={out}"]
+               "--set", f"run_name={name}", "--set", f"output_dir={out}", "--overwrite"]
     for override in overrides:
         command += ["--set", override]
     if not use_ray:

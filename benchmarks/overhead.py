@@ -56,8 +56,8 @@ def loop_throughput(args) -> tuple[float, dict[int, float]]:
         default_threads = torch.get_num_threads()
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
-            ceilings[threads] = steady_images_per_second(
-                Trainer(local_cfg, use_ray=False, log=lambda *_: None).fit().history)
+            ceilings[threads] = steady_images_per_second(  # one run dir, run once per thread count: overwrite
+                Trainer(local_cfg, use_ray=False, overwrite=True, log=lambda *_: None).fit().history)
         torch.set_num_threads(default_threads)
         ray_cfg = load_config(args.config, [*base, f"output_dir={out}", "run_name=distributed",
                                             f"train.max_staleness={args.max_staleness}"])

@@ -8,11 +8,18 @@ diffusers-format LoRA under `<output_dir>/<run_name>/lora`, everything logged to
     ray job submit -- python -m rlhf_diffusion.launch configs/sdxl_dde.yaml
     python -m rlhf_diffusion.launch configs/tiny.yaml                 # local Ray, CPU, minutes
     python -m rlhf_diffusion.launch configs/tiny.yaml --resume        # continue from the last checkpoint
+    python -m rlhf_diffusion.launch configs/tiny.yaml --overwrite     # replace the run in runs/tiny
     python -m rlhf_diffusion.launch configs/tiny.yaml --no-ray        # the same loop in one process
 
+One run per run directory: the launcher locks `<output_dir>/<run_name>` (run.lock, `run_dir.lock_run_dir`) before
+Ray starts or a model loads, so a second launch into it while this one runs exits with 2; and a fresh launch (no
+--resume) into a directory that already holds a run exits with 2 unless --overwrite asks to replace that run.
+--resume starts from the newest complete checkpoint, skipping (with one line naming the bad file) any damaged one.
+
 Exit codes: 0 done; 2 a problem with the input (config field, missing file, resources the cluster lacks, nothing
-to resume), with one message naming it; 1 the run failed (e.g. the learner died: the message names the
-checkpoint to resume from).
+(complete) to resume, train.iterations below the iterations done, a run directory in use or holding another run),
+with one message naming it; 1 the run failed (e.g. the learner died: the message names the checkpoint to resume
+from).
 """
 
 from __future__ import annotations
@@ -32,8 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("config", help="run configuration (YAML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run from <output_dir>/<run_name>/checkpoints/latest")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue the run from its newest complete checkpoint under "
+                               "<output_dir>/<run_name>/checkpoints")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace the run <output_dir>/<run_name> holds (its metrics, checkpoints, evaluation "
+                               "and LoRA are removed first)")
     parser.add_argument("--no-ray", action="store_true", help="run every role in this process (no Ray)")
     parser.add_argument("--no-progress", action="store_true", help="print one line per iteration, no progress bar")
     return parser.parse_args(argv)
@@ -58,6 +70,20 @@ def connect_ray(config) -> str:
     return "started a local Ray instance"
 
 
+def claim_run_dir(config, args: argparse.Namespace):
+    """Locks the run directory (`RunDirBusy` if another process writes it) and checks that a fresh launch does not
+    land on an earlier run (`RunDirError`); returns the lock."""
+    from rlhf_diffusion.run_dir import check_run_dir, lock_run_dir
+
+    lock = lock_run_dir(config.run_dir)
+    try:
+        check_run_dir(config.run_dir, resume=args.resume, overwrite=args.overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def describe_paired(paired: dict[str, float] | None) -> str:
     """', paired SE 0.012; 31 images fixed / 9 broken, sign test p = 0.0005' for a `stats.paired_comparison`."""
     if not paired:
@@ -74,8 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return 2
+    from rlhf_diffusion.run_dir import RunDirError
+
+    try:
+        lock = claim_run_dir(config, args)
+    except RunDirError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return run(config, args)
+    finally:
+        lock.release()
+
+
+def run(config, args: argparse.Namespace) -> int:
+    """Starts Ray (unless --no-ray), builds the trainer, fits and prints the summary; returns the exit code."""
     from rlhf_diffusion.checkpoint import CheckpointError
     from rlhf_diffusion.models.loading import ModelLoadError
+    from rlhf_diffusion.run_dir import RunDirError
     from rlhf_diffusion.trainer import LearnerCrashed, ResumeError, Trainer
 
     use_ray = not args.no_ray
@@ -89,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         try:
-            trainer = Trainer(config, use_ray=use_ray, resume=args.resume, progress=not args.no_progress)
+            trainer = Trainer(config, use_ray=use_ray, resume=args.resume, overwrite=args.overwrite,
+                              progress=not args.no_progress)
         except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         try:
             result = trainer.fit()
-        except (ResumeError, CheckpointError) as error:
+        except (ResumeError, CheckpointError, RunDirError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         except LearnerCrashed as error:
@@ -108,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.shutdown()
+    print_summary(config, result)
+    return 0
+
+
+def print_summary(config, result) -> None:
+    """What a finished run prints: where its outputs are, the held-out rewards before and after."""
     print(f"run directory: {result.run_dir}")
     if result.eval_before is not None:
         print(f"held-out reward: {result.eval_before.mean:.4f} -> {result.eval_after.mean:.4f}"
@@ -128,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
 
         uri = config.tracking.tracking_uri or default_tracking_uri(config)
         print(f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri {uri}")
-    return 0
 
 
 if __name__ == "__main__":

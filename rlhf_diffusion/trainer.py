@@ -43,12 +43,14 @@ from rlhf_diffusion.checkpoint import (
     CheckpointState,
     latest_checkpoint,
     load_checkpoint,
+    load_resumable,
     save_checkpoint,
 )
 from rlhf_diffusion.config import EarlyStopConfig, RunConfig, flatten_config
 from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
+from rlhf_diffusion.run_dir import check_run_dir, clear_run_dir, lock_run_dir
 from rlhf_diffusion.stats import paired_comparison
 from rlhf_diffusion.tracking import NullTracker, build_tracker
 from rlhf_diffusion.models.loading import UNET_EXPORT_DIR
@@ -297,19 +299,25 @@ class Trainer:
         config: the validated run config.
         use_ray: actors on the Ray cluster this process is connected to (`ray.init` must have run), or objects in
             this process.
-        resume: continue from the run directory's latest checkpoint.
+        resume: continue from the run directory's newest complete checkpoint (chosen, checked against the config
+            and train.iterations here, before any model loads: `ResumeError`, `CheckpointError`).
+        overwrite: replace the run the run directory holds (its outputs are removed when `fit` starts). Without
+            `resume` or `overwrite`, `fit` refuses a run directory that already holds a run (`RunDirError`).
         log: where progress lines go.
         progress: show a tqdm progress bar (iteration, reward, loss, images/s).
         on_event: `(event, trainer, iteration)` callback at "rollouts_submitted" and "iteration_done" (tests use
             it to inject faults at a deterministic point).
     """
 
-    def __init__(self, config: RunConfig, *, use_ray: bool = True, resume: bool = False,
+    def __init__(self, config: RunConfig, *, use_ray: bool = True, resume: bool = False, overwrite: bool = False,
                  log: Callable[[str], None] = print, progress: bool = False,
                  on_event: Callable[[str, Trainer, int], None] | None = None):
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
         self.config = config
         self.use_ray = use_ray
         self.resume = resume
+        self.overwrite = overwrite
         self.log = log
         self.progress = progress
         self.on_event = on_event or (lambda *_: None)
@@ -323,6 +331,7 @@ class Trainer:
         self.heldout_before: dict[str, float] = {}  # held-out reward means before training (the early stop's base)
         self.guard: EarlyStopGuard | None = None
         self.stop: EarlyStop | None = None
+        self.resume_from: tuple[Path, CheckpointState] | None = self._resume_point() if resume else None
         if use_ray:
             self._start_actors()
         else:
@@ -560,6 +569,22 @@ class Trainer:
             os.replace(tmp, target / path.name)
         return target
 
+    def _resume_point(self) -> tuple[Path, CheckpointState]:
+        """The checkpoint a resume starts from (`load_resumable`: the newest complete one), checked against the
+        config and train.iterations."""
+        found = load_resumable(self.checkpoint_root, log=self.log)
+        if found is None:
+            raise ResumeError(f"--resume: no checkpoint under {self.checkpoint_root}")
+        path, state = found
+        self._check_resumable(state.meta)
+        self._check_iterations(self.config.train.iterations, state.iteration, path)
+        return path, state
+
+    def _check_iterations(self, iterations: int, done: int, path: Path) -> None:
+        if iterations < done:
+            raise ResumeError(f"cannot resume {self.run_dir}: train.iterations={iterations} is below the {done} "
+                              f"iterations already done (checkpoint {path}); set train.iterations to {done} or more")
+
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         ours = flatten_config(self.config)
         theirs = saved.get("config", {})
@@ -573,20 +598,33 @@ class Trainer:
 
     def fit(self, iterations: int | None = None) -> RunResult:
         """Runs (or resumes) the loop; writes metrics.jsonl, eval.json, grids, checkpoints and lora/ under the run
-        directory and logs the same to MLflow."""
+        directory and logs the same to MLflow.
+
+        Holds the run directory's lock throughout (`run_dir.lock_run_dir`: `RunDirBusy` when another process writes
+        it); refuses a fresh run into a directory that holds one (`RunDirError`) unless `resume` or `overwrite`."""
+        lock = lock_run_dir(self.run_dir)  # one writer per run directory (re-entrant: launch holds it already)
+        try:
+            check_run_dir(self.run_dir, resume=self.resume, overwrite=self.overwrite)
+            if self.overwrite:
+                removed = clear_run_dir(self.run_dir)
+                if removed:
+                    self.log(f"[overwrite] removed the earlier run's {', '.join(removed)} from {self.run_dir}")
+            return self._fit(iterations or self.config.train.iterations)
+        finally:
+            lock.release()
+
+    def _fit(self, iterations: int) -> RunResult:
         config = self.config
-        iterations = iterations or config.train.iterations
         staleness = config.train.max_staleness
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         start_iteration, mlflow_run_id, eval_before_summary = 0, None, None
         published: dict[int, PublishedWeights] = {}
         self.stop = None
         if self.resume:
-            path = latest_checkpoint(self.checkpoint_root)
-            if path is None:
-                raise ResumeError(f"--resume: no checkpoint under {self.checkpoint_root}")
-            state = load_checkpoint(path)
-            self._check_resumable(state.meta)
+            if self.resume_from is None:  # fit() again: the state was released after the first
+                self.resume_from = self._resume_point()
+            path, state = self.resume_from
+            self.resume_from = None  # the learner holds it from here on
+            self._check_iterations(iterations, state.iteration, path)
             eval_before_summary = state.meta.get("eval_before")
             self._restore_guard(state.meta)
             version = self._learner_call(state.iteration, "load_state_dict", state.learner)

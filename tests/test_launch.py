@@ -1,4 +1,5 @@
-"""The README's user command end to end (shortened), and a bad config failing fast with the field named."""
+"""The README's user command end to end (shortened), and a bad config failing fast with the field named (also under
+`ray job submit`, where a second fresh job into a finished run's directory is refused too)."""
 
 import json
 import os
@@ -85,11 +86,12 @@ def submit_job(cluster, *entrypoint: str, timeout: int = 600) -> subprocess.Comp
 
 @pytest.mark.ray
 def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_path):
-    proc = submit_job(ray_cluster, sys.executable, "-m", "rlhf_diffusion.launch", str(ROOT / "configs" / "tiny.yaml"),
-                      "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2",
-                      "--set", "resources.num_samplers=2", "--set", "resources.num_reward_servers=1",
-                      "--set", "train.max_staleness=1", "--set", "prompts.eval_seeds=1", "--set",
-                      "sampling.batch_size=4", "--no-progress", *FAST)
+    entrypoint = (sys.executable, "-m", "rlhf_diffusion.launch", str(ROOT / "configs" / "tiny.yaml"),
+                  "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2",
+                  "--set", "resources.num_samplers=2", "--set", "resources.num_reward_servers=1",
+                  "--set", "train.max_staleness=1", "--set", "prompts.eval_seeds=1", "--set",
+                  "sampling.batch_size=4", "--no-progress", *FAST)
+    proc = submit_job(ray_cluster, *entrypoint)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "joined the Ray cluster" in out and "succeeded" in out.lower()
@@ -99,6 +101,14 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_pat
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     # the custom held-out reward (the testbed checker) ran on the cluster's reward server
     assert "checker" in json.loads((run_dir / "eval.json").read_text())["heldout_after"]
+
+    # the same job again, fresh (no --resume): refused in the driver before it joins the cluster, the run kept
+    again = submit_job(ray_cluster, *entrypoint)
+    out = again.stdout + again.stderr
+    assert again.returncode != 0 and "failed" in out.lower() and "Traceback" not in out
+    assert f"run directory {run_dir} already holds a run" in out and "--resume" in out and "--overwrite" in out
+    assert "joined the Ray cluster" not in out
+    assert [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
     # a second run with another method, in one process, lands in the same MLflow store: side by side
     config = tmp_path / "tiny_d3po.yaml"

@@ -1,0 +1,250 @@
+"""One run per run directory, and resumes that fail cleanly (issue 15, defects 1-3).
+
+- A launch into a run directory another launch is writing exits with 2 naming the directory and the other's PID,
+  before Ray starts; the lock of a killed process does not block.
+- A fresh launch into a directory that holds a finished run exits with 2 (pass --resume or --overwrite) and leaves
+  it untouched; --overwrite replaces it (launch and the Trainer API alike).
+- --resume with train.iterations below the iterations done exits with 2 naming train.iterations.
+- --resume past a damaged newest checkpoint falls back to the older complete one with one line naming the bad file;
+  with no complete checkpoint it exits with 2 naming the bad files.
+
+The launches are real (`python -m rlhf_diffusion.launch` on the embedded default, shortened); one finished run is
+made once and restored before each test that changes it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_diffusion.config import parse_config
+from rlhf_diffusion.run_dir import LOCK_FILE, RunDirBusy, RunDirError, lock_run_dir
+from rlhf_diffusion.trainer import LocalTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# configs/tiny.yaml shortened: 2 iterations, a checkpoint after each, one process-sized sampler, no MLflow.
+SHORT = ["--no-progress", "--set", "train.iterations=2", "--set", "prompts.eval_seeds=1", "--set",
+         "sampling.batch_size=2", "--set", "sampling.num_steps=4", "--set", "tracking.enabled=false", "--set",
+         "checkpoint.every=1", "--set", "checkpoint.keep_last=3", "--set", "train.signal_every=0", "--set",
+         "resources.num_samplers=1", "--set", "train.max_staleness=0"]
+
+
+def launch_command(output_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rlhf_diffusion.launch", "configs/tiny.yaml", "--set", f"output_dir={output_dir}",
+            *SHORT, *extra]
+
+
+def launch(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(launch_command(output_dir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process that takes the run directory's lock and keeps it; returns once it holds it."""
+    code = ("import sys, time; from rlhf_diffusion.run_dir import lock_run_dir; lock_run_dir(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def lock_elsewhere(run_dir: Path) -> int:
+    """Tries the run directory's lock from another process, which then exits: 0 it got it, 2 it was refused."""
+    code = ("import sys\nfrom rlhf_diffusion.run_dir import RunDirBusy, lock_run_dir\n"
+            "try:\n    lock_run_dir(sys.argv[1])\nexcept RunDirBusy:\n    sys.exit(2)")
+    return subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, timeout=120).returncode
+
+
+def locked_by(run_dir: Path) -> str | None:
+    """The PID the run directory's lock file names, if any."""
+    lock_file = run_dir / LOCK_FILE
+    words = lock_file.read_text().split() if lock_file.is_file() else []
+    return words[0] if words else None
+
+
+def files_of(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+def iterations_logged(run_dir: Path) -> list[float]:
+    return [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lock itself
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_locked_run_dir_refuses_a_second_process_until_the_first_dies(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    try:
+        with pytest.raises(RunDirBusy) as info:
+            lock_run_dir(run_dir)
+        message = str(info.value)
+        assert f"run directory {run_dir} is in use by another run (PID {holder.pid} on " in message
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no clean exit: the kernel drops the flock with the process
+        holder.wait()
+    lock = lock_run_dir(run_dir)  # the dead owner does not block
+    assert (run_dir / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    again = lock_run_dir(run_dir)  # re-entrant in the process that holds it (launch, then Trainer.fit)
+    again.release()
+    assert lock_elsewhere(run_dir) == 2  # still held by `lock`: another process is refused ...
+    lock.release()
+    assert lock_elsewhere(run_dir) == 0  # ... and gets it once the last holder released it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launches (real processes) into one run directory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_second_launch_while_one_runs_exits_2_naming_the_directory_and_pid(tmp_path):
+    run_dir = tmp_path / "tiny"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(launch_command(tmp_path, "--no-ray"), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while locked_by(run_dir) != str(first.pid):
+            assert first.poll() is None and time.monotonic() < deadline, "the first launch never locked its run dir"
+            time.sleep(0.1)
+        second = launch(tmp_path)  # the same command, under Ray, while the first one runs
+        first_still_running = first.poll() is None
+    finally:
+        output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, output[-3000:]
+    assert first_still_running, "the first launch ended before the second was refused: the test proved nothing"
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert second.stderr.strip() == (f"error: run directory {run_dir} is in use by another run (PID {first.pid} on "
+                                     f"{socket.gethostname()}, lock file {run_dir / LOCK_FILE}); wait for it to end, "
+                                     "or choose another run_name or output_dir")
+    assert "Ray" not in second.stdout  # refused before Ray started
+    assert iterations_logged(run_dir) == [1, 2]  # the first run's metrics alone, nothing interleaved
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished run (2 iterations, checkpoints iter_000001 and iter_000002): (run directory, restore()), where
+    restore() puts it back as it was (resume refuses another output_dir, so it is restored in place)."""
+    out = tmp_path_factory.mktemp("runs")
+    run_dir = out / "tiny"
+    proc = launch(out, "--no-ray")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backup = tmp_path_factory.mktemp("backup") / "tiny"
+    shutil.copytree(run_dir, backup)
+
+    def restore():
+        shutil.rmtree(run_dir)
+        shutil.copytree(backup, run_dir)
+
+    return run_dir, restore
+
+
+def test_a_fresh_launch_into_a_finished_run_is_refused_and_changes_nothing(finished):
+    run_dir, restore = finished
+    restore()
+    before = files_of(run_dir)
+    proc = launch(run_dir.parent)  # under Ray: refused before it starts
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: run directory {run_dir} already holds a run (metrics.jsonl, eval.json, "
+                                   "checkpoints, lora); pass --resume to continue it or --overwrite to replace it "
+                                   "(or choose another run_name or output_dir)")
+    assert "Ray" not in proc.stdout
+    assert files_of(run_dir) == before
+
+
+def test_overwrite_replaces_the_finished_run(finished):
+    run_dir, restore = finished
+    restore()
+    proc = launch(run_dir.parent, "--no-ray", "--overwrite", "--set", "train.iterations=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[overwrite] removed the earlier run's metrics.jsonl, eval.json, checkpoints, lora, grid_before.png, " \
+           "grid_after.png" in proc.stdout
+    assert iterations_logged(run_dir) == [1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_000001"]
+    assert json.loads((run_dir / "eval.json").read_text())["iterations"] == 1
+    assert launch(run_dir.parent, "--resume", "--overwrite").returncode == 2  # the two flags exclude each other
+
+
+def test_resume_below_the_iterations_done_is_refused(finished):
+    run_dir, restore = finished
+    restore()
+    before = files_of(run_dir)
+    proc = launch(run_dir.parent, "--no-ray", "--resume", "--set", "train.iterations=1")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: cannot resume {run_dir}: train.iterations=1 is below the 2 iterations "
+                                   f"already done (checkpoint {run_dir / 'checkpoints' / 'iter_000002'}); set "
+                                   "train.iterations to 2 or more")
+    assert files_of(run_dir) == before
+
+
+def test_resume_falls_back_past_a_truncated_newest_checkpoint(finished):
+    run_dir, restore = finished
+    restore()
+    bad = run_dir / "checkpoints" / "iter_000002" / "learner_lora.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])
+    proc = launch(run_dir.parent, "--no-ray", "--resume", "--set", "train.iterations=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("[resume] skipping")]
+    assert skipped == [f"[resume] skipping iter_000002: corrupt checkpoint file {bad}: truncated or not a safetensors "
+                       "file (Error while deserializing header: invalid header length); trying iter_000001"]
+    assert f"[resume] from {run_dir / 'checkpoints' / 'iter_000001'}: iteration 1" in proc.stdout
+    assert iterations_logged(run_dir) == [1, 2, 3]  # iteration 2 redone, none doubled
+    assert json.loads((run_dir / "eval.json").read_text())["iterations"] == 3
+
+
+def test_resume_with_no_complete_checkpoint_exits_2_naming_the_bad_files(finished):
+    run_dir, restore = finished
+    restore()
+    state = run_dir / "checkpoints" / "iter_000002" / "state.json"
+    text = state.read_text()
+    state.write_text(text[: text.index('"seed": ') + 2])  # cut mid-string
+    optimizer = run_dir / "checkpoints" / "iter_000001" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-200])
+    proc = launch(run_dir.parent, "--no-ray", "--resume")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert message.startswith(f"error: no complete checkpoint under {run_dir / 'checkpoints'} to resume from: ")
+    assert f"corrupt checkpoint file {state}: not a complete state.json (Unterminated string" in message
+    assert f"corrupt checkpoint file {optimizer}: does not load with torch.load(weights_only=True)" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Trainer API refuses and replaces the same way
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_fit_refuses_a_fresh_run_into_a_finished_one_and_overwrite_replaces_it(tiny_sd15_dir, tmp_path,
+                                                                                      one_torch_thread):
+    config = parse_config({
+        "run_name": "api", "seed": 1, "output_dir": str(tmp_path), "device": "cpu",
+        "model": {"pretrained": str(tiny_sd15_dir)},
+        "sampling": {"num_steps": 2, "guidance_scale": 2.0, "batch_size": 2},
+        "algorithm": {"name": "d3po"}, "rewards": [{"name": "brightness"}],
+        "train": {"iterations": 1}, "prompts": {"train": {"inline": ["a cat"]}, "eval_seeds": 1},
+        "tracking": {"enabled": False}, "checkpoint": {"every": 1},
+    })
+    run_dir = LocalTrainer(config, log=lambda *_: None).fit().run_dir
+    before = files_of(run_dir)
+    with pytest.raises(RunDirError, match="already holds a run .*pass --resume to continue it or --overwrite"):
+        LocalTrainer(config, log=lambda *_: None).fit()
+    assert files_of(run_dir) == before
+    (run_dir / "checkpoints" / "iter_000000_stale").mkdir()  # something only the old run had
+    result = LocalTrainer(config, overwrite=True, log=lambda *_: None).fit()
+    assert iterations_logged(result.run_dir) == [1]
+    assert not (run_dir / "checkpoints" / "iter_000000_stale").exists()
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        LocalTrainer(config, resume=True, overwrite=True)
