@@ -25,6 +25,11 @@ wrapper validates the inputs, moves the images to the reward's device, and check
 shape (B,), floating, finite), so a broken reward fails with a message naming its target instead of corrupting a
 run. A non-differentiable reward refuses gradients (`NotDifferentiableError`), never returns zeros.
 
+A config is code: the target is imported and called with the entry's kwargs, so a config file from someone else
+deserves the trust you would give their Python module. Before anything is called, targets in the standard library
+(`os:system`, `subprocess:run`, `builtins:eval`, ...) and attributes that are neither a class nor a Python function
+(builtins, other callables) are refused; importing the module still runs its top-level code.
+
 Every loading problem raises one `CustomRewardError` (a `ValueError`) naming the target, and the config entry
 (`rewards.<i>.target`) when built from a run config: a malformed target, a module that cannot be imported (it must
 be importable on every Ray node: `ray job submit --working-dir .`, `runtime_env: {py_modules: [...]}`, or
@@ -37,6 +42,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -116,6 +122,10 @@ def build_custom_reward(target: str | None, *, path: str | None = None, device: 
 
 
 def _resolve(module_name: str, attribute: str, what: str) -> Callable[..., Any]:
+    root = module_name.split(".")[0]
+    if root in sys.stdlib_module_names or root in sys.builtin_module_names:
+        raise CustomRewardError(f"{what}: {module_name!r} is in Python's standard library, which holds no reward; "
+                                "the target must name your own module's reward class or factory function")
     importlib.invalidate_caches()  # a module written after this process started is found too
     try:
         module = importlib.import_module(module_name)
@@ -142,6 +152,10 @@ def _resolve(module_name: str, attribute: str, what: str) -> Callable[..., Any]:
                                 f"{type(value).__name__} {value!r:.40}); the target must be a RewardModel subclass, "
                                 "a class with "
                                 "score(images, prompts), or a function returning such a reward")
+    if not (inspect.isclass(value) or inspect.isfunction(value) or inspect.ismethod(value)):
+        raise CustomRewardError(f"{what}: {attribute!r} is a {type(value).__name__}, not a class or a Python "
+                                "function; it is not called (the target must be a RewardModel subclass, a class "
+                                "with score(images, prompts), or a function returning such a reward)")
     return value
 
 

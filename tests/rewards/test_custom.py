@@ -141,6 +141,7 @@ class ClaimsGradient:
 
 
 NOT_CALLABLE = 3
+BUILTIN_ALIAS = exec  # a builtin re-exported by a user module
 '''
 
 MODULES = {
@@ -247,6 +248,29 @@ def test_load_errors_are_one_clear_message_naming_the_target(target, kwargs, fra
         load_custom_reward(target, **kwargs)
     message = str(info.value)
     assert repr(target) in message and fragment in message, message
+
+
+@pytest.mark.parametrize("target, kwargs, fragment", [
+    ("os:system", {"command": "touch {marker}"}, "standard library"),
+    ("subprocess:run", {"args": ["touch", "{marker}"]}, "standard library"),
+    ("os.path:join", {"a": "{marker}"}, "standard library"),
+    ("builtins:exec", {"source": "open({marker!r}, 'w')"}, "standard library"),
+    ("my_rewards:BUILTIN_ALIAS", {"source": "open({marker!r}, 'w')"}, "not a class or a Python function"),
+])
+def test_targets_that_are_not_reward_code_are_refused_before_anything_is_called(target, kwargs, fragment, tmp_path):
+    """A config is code, but a target in the standard library, or an attribute that is a builtin rather than a class
+    or a Python function, is refused before it is called: the probe's `os:system` ran a shell command first."""
+    marker = str(tmp_path / "ran")
+
+    def fill(value):
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value.replace("{marker!r}", repr(marker)).replace("{marker}", marker)
+
+    with pytest.raises(CustomRewardError) as info:
+        load_custom_reward(target, **{k: fill(v) for k, v in kwargs.items()})
+    assert repr(target) in str(info.value) and fragment in str(info.value), str(info.value)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_missing_module_says_how_to_ship_it():
