@@ -425,7 +425,7 @@ def train_unet(s: TrainSettings, tokenizer, vae, images: np.ndarray, captions: l
     alphas_cumprod = _scheduler().alphas_cumprod
     start, losses = 0, []
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=True)
         for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
             module.load_state_dict(state[key])
         opt.load_state_dict(state["opt"])

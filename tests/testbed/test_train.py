@@ -96,3 +96,24 @@ def test_checker_reward_through_the_custom_reward_path():
     caps = ["a yellow square in the center on a black background"]
     assert reward.score(_images(caps), caps).tolist() == [1.0]
     assert not reward.differentiable
+
+
+
+def test_unet_training_resumes_from_its_checkpoint_loaded_weights_only(tmp_path, monkeypatch):
+    """The UNet stage's resume file holds only tensors, numbers and lists, so it is loaded with weights_only=True
+    (no pickle code runs): a run of 2 steps, then the same run extended to 3 steps, resumes at step 2."""
+    s = train.TrainSettings(n_images=16, unet_steps=2, unet_batch=4, unet_warmup=1, log_every=1)
+    tokenizer = train.build_world_tokenizer()
+    torch.manual_seed(0)
+    vae = train.build_vae(s).eval()
+    images, captions = train.render_dataset(16, s.size, seed=0)
+    checkpoint = tmp_path / "unet_train.pt"
+    train.train_unet(s, tokenizer, vae, images, captions, log=lambda *_: None, checkpoint=checkpoint)
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or load(*a, **kw))
+    lines = []
+    unet, _, card = train.train_unet(train.TrainSettings(**{**vars(s), "unet_steps": 3}), tokenizer, vae, images,
+                                     captions, log=lines.append, checkpoint=checkpoint)
+    assert loads == [True]
+    assert any("resumed at step 2" in line for line in lines)
+    assert all(torch.isfinite(v).all() for v in unet.state_dict().values())
