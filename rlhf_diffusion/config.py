@@ -1243,9 +1243,22 @@ def parse_config(data: dict, source: str = "<dict>", overrides: Sequence[str] = 
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        problems = [_describe_pydantic_error(item) for item in error.errors()]
-        noun = "problem" if len(problems) == 1 else "problems"
-        raise ConfigError(f"{source}: invalid config ({len(problems)} {noun}):\n" + "\n".join(problems)) from None
+        items = error.errors()
+        problems = [_cut(_describe_pydantic_error(item)) for item in items[:MAX_LISTED_PROBLEMS]]
+        if len(items) > MAX_LISTED_PROBLEMS:
+            problems.append(f"  ... and {len(items) - MAX_LISTED_PROBLEMS} more")
+        noun = "problem" if len(items) == 1 else "problems"
+        raise ConfigError(f"{source}: invalid config ({len(items)} {noun}):\n" + "\n".join(problems)) from None
+
+
+# A config with thousands of bad keys (or one enormous key) still gets a message a terminal can show: the first
+# problems, each line cut, and how many more there are.
+MAX_LISTED_PROBLEMS = 20
+MAX_PROBLEM_CHARS = 1000
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= MAX_PROBLEM_CHARS else line[:MAX_PROBLEM_CHARS] + f"... ({len(line)} characters)"
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

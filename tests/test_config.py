@@ -586,3 +586,21 @@ def test_yaml_alias_bomb_fails_fast_with_a_short_message(tmp_path):
     assert proc.returncode == 2
     assert "run_name: Input should be a valid string" in proc.stderr and "bombs: unknown key" in proc.stderr
     assert len(proc.stderr) < 2000 and "Traceback" not in proc.stderr
+
+
+def test_thousands_of_unknown_keys_or_one_huge_key_give_a_short_message(tmp_path):
+    """A YAML with 20,000 unknown keys (the probe's 10 MB file had 110k and produced a 28.6 MB message) lists the
+    first 20 problems and counts the rest; a 200 kB key is cut in its line."""
+    base = "model: {pretrained: tiny:sd15}\nalgorithm: {name: d3po}\nrewards: [{name: brightness}]\n"
+    many = tmp_path / "many.yaml"
+    many.write_text(base + "".join(f"junk_key_{i}: {i}\n" for i in range(20000)))
+    with pytest.raises(ConfigError) as info:
+        load_config(many)
+    message = str(info.value)
+    assert "invalid config (20000 problems)" in message and "... and 19980 more" in message
+    assert "junk_key_0: unknown key" in message and len(message.splitlines()) == 22 and len(message) < 30_000
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(base + "? " + "k" * 200_000 + "\n: 1\n")  # an explicit key: YAML allows it any length
+    with pytest.raises(ConfigError) as info:
+        load_config(huge)
+    assert len(str(info.value)) < 3000 and "characters)" in str(info.value)
