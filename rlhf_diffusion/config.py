@@ -1,10 +1,10 @@
 """The schema of a whole run: one frozen, strict pydantic model loaded from YAML plus `--set key=value` overrides.
 
 Every knob of `rlhf_diffusion` lives here and nowhere else. Each field's description gives its unit and, where the
-default comes from a paper or its official code, the source and an evidence tag (see shared/ALGORITHMS.md §0):
+default comes from a paper or its official code, the source and an evidence tag (see docs/algorithms.md §0):
 
     [C] confirmed in official code   [R] OpenReview discussion   [P] paper text   [I] GitHub issue
-    [U] UNCONFIRMED reconstruction (a design decision, not what a paper did)
+    [D] our own derivation           [U] UNCONFIRMED reconstruction (a design decision, not what a paper did)
 
 Loading:
 
@@ -376,7 +376,7 @@ TimestepRange = Annotated[tuple[_Timestep, _Timestep], AfterValidator(_check_ord
 
 class D3POConfig(_FrozenModel):
     """D3PO (Yang et al., CVPR 2024): two trajectories from a shared x_T; the final-image preference is assigned to
-    every step; clamped step-wise DPO loss (ALGORITHMS.md §1)."""
+    every step; clamped step-wise DPO loss (docs/algorithms.md §1)."""
 
     name: Literal["d3po"] = Field(description="Algorithm selector.")
     beta: float = Field(
@@ -405,7 +405,7 @@ class D3POConfig(_FrozenModel):
         description="The last N denoising transitions are sampled but not trained on (ours). With η = 1 the last "
         "transitions are nearly deterministic (σ small, |κ|/σ up to 8× that of the other steps, κ = ∂μ/∂ε̂), so "
         "their log-ratios dominate the gradient and drift the model without changing anything a reward can see "
-        "(docs: 'Alignment you can see'). 0 = every step, the paper's setting.",
+        "(docs/learning_signal.md). 0 = every step, the paper's setting.",
     )
     step_weight: Literal["uniform", "eps_scale"] = Field(
         "uniform",
@@ -424,7 +424,7 @@ class D3POConfig(_FrozenModel):
 
 class TailorPOConfig(_FrozenModel):
     """TailorPO (Ren et al., ICLR 2025 submission): at every step two candidates from the same x_τ are ranked by the
-    step reward r(c, x̂_0) and trained with the clamped DPO step loss (ALGORITHMS.md §2)."""
+    step reward r(c, x̂_0) and trained with the clamped DPO step loss (docs/algorithms.md §2)."""
 
     name: Literal["tailorpo"] = Field(description="Algorithm selector.")
     beta: float = Field(
@@ -477,7 +477,7 @@ class TailorPOConfig(_FrozenModel):
         description="The last N denoising transitions are sampled but not trained on (ours). With η = 1 the last "
         "transitions are nearly deterministic (σ small, |κ|/σ up to 8× that of the other steps, κ = ∂μ/∂ε̂), so "
         "their log-ratios dominate the gradient and drift the model without changing anything a reward can see "
-        "(docs: 'Alignment you can see'). 0 = every step, the paper's setting.",
+        "(docs/learning_signal.md). 0 = every step, the paper's setting.",
     )
     step_weight: Literal["uniform", "eps_scale"] = Field(
         "uniform",
@@ -489,7 +489,8 @@ class TailorPOConfig(_FrozenModel):
 
 
 class TailorPOGConfig(TailorPOConfig):
-    """TailorPO-G: TailorPO plus a reward-gradient step on the winner (needs differentiable rewards; §2(b) Eq. G)."""
+    """TailorPO-G: TailorPO plus a reward-gradient step on the winner (needs differentiable rewards;
+    docs/algorithms.md §2b)."""
 
     name: Literal["tailorpo_g"] = Field(description="Algorithm selector.")  # type: ignore[assignment]
     guidance_gamma: float = Field(
@@ -504,7 +505,7 @@ class TailorPOGConfig(TailorPOConfig):
         "tweedie_const_eps",
         description="How ∇_x r(c, decode(x̂_0(x))) is computed: 'tweedie_const_eps' treats ε̂ as constant "
         "(∂x̂_0/∂x = 1/sqrt(ᾱ_p), no UNet backward) or 'full_chain' backpropagates through the UNet call. "
-        "UNCONFIRMED [U] (ALGORITHMS.md §2(b)).",
+        "UNCONFIRMED [U] (docs/algorithms.md §2b).",
     )
     guidance_norm: Literal["sigma_relative", "raw"] = Field(
         "sigma_relative",
@@ -550,7 +551,8 @@ class _FinalPairConfig(_FrozenModel):
 
 class DDEConfig(_FinalPairConfig):
     """DDE (Shi et al., arXiv 2411.14871): Diffusion-DPO-style pairs at one t with the single-shot term and an
-    optional EMA step-wise correction (ALGORITHMS.md §3). 'dde_single' is the DDE-Single ablation (no correction)."""
+    optional EMA step-wise correction (docs/algorithms.md §3). 'dde_single' is the DDE-Single ablation (no
+    correction)."""
 
     name: Literal["dde", "dde_single"] = Field(
         description="Algorithm selector: 'dde' (single-shot + step-wise correction) or 'dde_single' (the "
@@ -651,8 +653,8 @@ class RewardConfig(_FrozenModel):
 
     name: RewardName = Field(
         description="Reward model. JPEG (in)compressibility are not differentiable (no TailorPO-G); see "
-        "shared/REWARDS.md for each model's source and preprocessing. 'custom' = a user's reward loaded from "
-        "`target` (README 'Custom rewards').",
+        "docs/rewards.md for each model's source and preprocessing. 'custom' = a user's reward loaded from "
+        "`target` (docs/rewards.md §6).",
     )
     weight: float = Field(
         1.0,
@@ -968,7 +970,7 @@ class EarlyStopConfig(_FrozenModel):
 
 
 class GuardsConfig(_FrozenModel):
-    """Reward-hacking guards (README "Guarding against reward hacking"): rewards the policy is not trained on, scored
+    """Reward-hacking guards (docs/rewards.md §7): rewards the policy is not trained on, scored
     on the fixed evaluation images beside the training reward; the per-step KL of the policy to the reference; an
     optional early stop when a held-out reward falls. Default: no held-out rewards and no early stop; the KL
     metrics are on (they reuse the learner's forward passes: no extra UNet calls)."""

@@ -4,7 +4,7 @@ Built-in sets are package data under `rlhf_diffusion/assets/prompts/` (read with
 licences in `assets/prompts/NOTICE`):
 
     simple_animals           the 45 DDPO animals ("cat" ... "kangaroo"), in DDPO's order (ddpo-pytorch, MIT;
-                             REWARDS.md §3c); DDPO's aesthetic-score run uses them as bare prompts.
+                             docs/rewards.md §3b); DDPO's aesthetic-score run uses them as bare prompts.
     partiprompts             all 1,632 PartiPrompts (P2, google-research/parti, Apache-2.0), in the file's order.
     partiprompts:<category>  the P2 prompts of one category, in the file's order. <category> is the category's
                              name in lower case with every run of other characters replaced by '_':

@@ -1,6 +1,6 @@
 """The Algorithm interface, the batch types that cross the sampler → learner boundary, and the registry.
 
-An algorithm owns three things (DESIGN.md, "each file holds its method whole"):
+An algorithm owns three things; its file holds it whole (docs/architecture.md, docs/extending.md):
   1. `rollout(ctx, prompts)`: what it samples (plain / paired / branched trajectories) and how it labels pairs;
   2. the training example it emits (`StepPairBatch` or `FinalPairBatch`);
   3. `loss(predictor, cond, examples)`: its loss on a minibatch of examples.

@@ -1,7 +1,8 @@
-"""Primitives shared by several methods (ALGORITHMS.md §5): the clamped DPO step loss (D3PO / TailorPO / SPO),
+"""Primitives shared by several methods (docs/algorithms.md §5): the clamped DPO step loss (D3PO / TailorPO / SPO),
 step log-ratios under the DDIM policy, the Diffusion-DPO ε-MSE difference (Uniform baseline, DDE), preference
 labels (weighted sum or Pareto), the final-image pair sampler used by the online DDE / Diffusion-DPO, and
-`FinalPairAlgorithm`, the part those two methods share (rollout, per-pair t and ε draws, data-parallel shares)."""
+`FinalPairAlgorithm`, the part those two methods share (rollout, per-pair t and ε draws, data-parallel shares).
+Section numbers (§) in this file refer to docs/algorithms.md."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """D3PO (Yang et al., CVPR 2024, arXiv 2311.13231; code yk7333/D3PO): DPO on every step of two trajectories that
-share x_T, each step inheriting the final preference (ALGORITHMS.md §1).
+share x_T, each step inheriting the final preference (docs/algorithms.md §1;
+§ numbers in this file refer to that page).
 
 Samples: two stochastic DDIM trajectories per prompt from the same x_T with fresh noise at every step (§1a.3).
 Example: one denoising step (state, action) of the winner and of the loser at the same step index.

@@ -1,7 +1,8 @@
 """DDE (Shi et al., arXiv 2411.14871, "Prioritize Denoising Steps on Diffusion Model Preference Alignment via
-Explicit Denoised Distribution Estimation") and its DDE-Single ablation (ALGORITHMS.md §3).
+Explicit Denoised Distribution Estimation") and its DDE-Single ablation (docs/algorithms.md §3;
+§ numbers in this file refer to that page).
 
-The paper's equations were lost in our copy: the loss below is the reconstruction of ALGORITHMS §3b, named
+The paper's equations were lost in our copy: the loss below is the reconstruction of §3b, named
 UNCONFIRMED wherever it is one, with DDE-Single (`correction: none`, which the paper reports as at least as
 good) as the safe variant.
 

@@ -1,5 +1,5 @@
 """Diffusion-DPO (Wallace et al. 2024; code SalesforceAIResearch/DiffusionDPO): the "Uniform" baseline of DDE
-(ALGORITHMS.md §3b, §5.7) — every t weighted alike.
+(docs/algorithms.md §3b, §5.7) — every t weighted alike.
 
 Samples: online final-image pairs ranked by the reward (as DDE here; the original trains offline on Pick-a-Pic).
 Example: `FinalPairBatch`; t ~ U[timestep_range] and ε shared within a pair [C].

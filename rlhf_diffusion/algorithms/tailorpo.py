@@ -1,5 +1,6 @@
 """TailorPO and TailorPO-G (Ren et al., ICLR 2025 submission; arXiv 2502.01667): step-level preference pairs
-ranked by the reward of the predicted clean image, both candidates drawn from the same state (ALGORITHMS.md §2).
+ranked by the reward of the predicted clean image, both candidates drawn from the same state (docs/algorithms.md
+§2; § numbers in this file refer to that page).
 
 Samples (§2a): at every DDIM step τ of a trajectory, n candidates x^(j) = μ_θ(x_τ) + σ_τ z^(j) from the shared
     state; each is scored by r(c, Decode(x̂_0(x^(j)))), x̂_0 taken with the current θ at the candidate's own
@@ -56,7 +57,7 @@ from rlhf_diffusion.models.conditioning import TextConditioning
 def guide_winner(ctx: RolloutContext, x_w: Tensor, eps_w: Tensor | None, t_w: Tensor, alpha_prod_w: Tensor,
                  std_dev_t: Tensor, cond: TextConditioning, prompts: list[str], *, gradient: str, norm: str,
                  gamma: float, raw_scale: float, decode: str = "clamped") -> tuple[Tensor, Tensor]:
-    """TailorPO-G: x^w ← x^w + g, g ∝ ∇_x r(c, Decode(x̂_0(x))) at x = x^w (ALGORITHMS §2b, §5.10).
+    """TailorPO-G: x^w ← x^w + g, g ∝ ∇_x r(c, Decode(x̂_0(x))) at x = x^w (§2b, §5.10).
 
     UNCONFIRMED reconstruction of the paper's Eq. 13 (not retrievable): p(r_high | x) ∝ exp(η r(c, x̂_0(x))).
     Only x receives a gradient (`torch.autograd.grad`), so no θ-gradient accumulates.

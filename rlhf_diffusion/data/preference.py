@@ -9,8 +9,8 @@ Two source formats:
                        preferred; relative paths are relative to the JSONL file's directory. `"label": "tie"` or
                        `"tie": true` marks a tie. Blank lines are skipped.
 
-Labels follow Diffusion-DPO (ALGORITHMS.md §3(f) Pitfalls, "Pick-a-Pic v2 contains ties (label_0 = 0.5);
-Diffusion-DPO drops them and flips each pair so the winner is first" [C DiffusionDPO train.py]): label_0 = 1 keeps
+Labels follow Diffusion-DPO (docs/algorithms.md §3(f): Pick-a-Pic v2 holds ties, label_0 = 0.5, which Diffusion-DPO
+drops, and it puts each pair's winner first [C DiffusionDPO train.py]): label_0 = 1 keeps
 (jpg_0, jpg_1), label_0 = 0 yields (jpg_1, jpg_0), label_0 = 0.5 is a tie and is dropped (counted in
 `DataStats.ties_dropped`). As in train.py only `label_0` is consulted (label_1 = 1 - label_0 in the dataset); any
 other value is a corrupt row ("bad_label"). Relabelling by an AI annotator (Diffusion-DPO's `--choice_model`) is not

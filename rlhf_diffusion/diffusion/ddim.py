@@ -13,7 +13,9 @@ Notation (code name -> paper symbol; DDIM = Song et al. 2021, arXiv 2010.02502):
     x0_pred            -> x̂_0         predicted clean sample, DDIM eq. 12 ("predicted x_0")
     std_dev_t          -> σ_τ(η)       DDIM eq. 16
     mean               -> μ_τ          mean of the DDIM transition p(x_prev | x_τ), DDIM eq. 12 without noise
-    kappa_t            -> κ_τ          coefficient of ε̂ in μ_τ once x_τ is fixed (ALGORITHMS.md §5.5)
+    kappa_t            -> κ_τ          coefficient of ε̂ in μ_τ once x_τ is fixed (docs/algorithms.md §5.5)
+
+Section numbers (§) in this file refer to docs/algorithms.md.
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ def ddim_step_mean(
 
 
 def ddim_kappa(alpha_prod_t: Tensor, alpha_prod_t_prev: Tensor, std_dev_t: Tensor) -> Tensor:
-    """κ_τ with μ_τ = sqrt(ᾱ_prev/ᾱ_τ) x_τ + κ_τ ε̂ (ALGORITHMS.md §5.5), so μ_θ − μ_ref = κ_τ (ε̂_θ − ε̂_ref).
+    """κ_τ with μ_τ = sqrt(ᾱ_prev/ᾱ_τ) x_τ + κ_τ ε̂ (§5.5), so μ_θ − μ_ref = κ_τ (ε̂_θ − ε̂_ref).
 
     κ_τ = sqrt(1 − ᾱ_prev − σ²) − sqrt(ᾱ_prev) · sqrt(1 − ᾱ_τ)/sqrt(ᾱ_τ). Returns (B,) float32.
     """
@@ -228,7 +230,7 @@ def ddim_step_with_logprob(
     generator: torch.Generator | None = None,
     reduction: str = "mean",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One stochastic DDIM step and the log-prob of its action: the policy of D3PO / TailorPO (ALGORITHMS §4.2).
+    """One stochastic DDIM step and the log-prob of its action: the policy of D3PO / TailorPO (§4.2).
 
     The same function samples (prev_sample=None) and re-scores a stored action (prev_sample given), so sampling
     and training cannot disagree. Gradients flow into the mean (through eps_pred), never into the action.
@@ -265,7 +267,7 @@ def ddim_step_with_logprob(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Closed-form log-ratios for Gaussians that share σ (ALGORITHMS §5.5)
+# Closed-form log-ratios for Gaussians that share σ (§5.5)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -292,7 +294,7 @@ def log_ratio_same_std(
 
 def kl_same_std(mean_theta: Tensor, mean_ref: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
     """KL(N(μ_θ, σ²I) ‖ N(μ_ref, σ²I)) = reduce[(μ_θ − μ_ref)²] / (2σ²): the per-step KL of the policy to the
-    reference (ALGORITHMS §5.5; the trace and log-det terms cancel because both policies share σ_τ).
+    reference (§5.5; the trace and log-det terms cancel because both policies share σ_τ).
 
     With `reduction="mean"` it is in nats per latent element, the unit of `log_ratio_same_std`'s "mean" Δ, whose
     expectation under x ~ π_θ it is; "sum" is the KL of the whole D-dimensional latent (= D × mean).
@@ -315,7 +317,7 @@ def pair_log_ratio_same_state(
 ) -> Tensor:
     """Δ_w − Δ_l for two actions drawn from the same state x_τ (TailorPO / SPO), in closed form.
 
-    (Δ_w − Δ_l) = (κ_τ/σ_τ²) · reduce[(x^w − x^l)(ε̂_θ − ε̂_ref)]  (ALGORITHMS §2b, §5.5). Its θ-gradient is
+    (Δ_w − Δ_l) = (κ_τ/σ_τ²) · reduce[(x^w − x^l)(ε̂_θ − ε̂_ref)]  (§2b, §5.5). Its θ-gradient is
     ∝ ∇_θ μ_θ(x_τ)ᵀ (x^w − x^l)/σ_τ²: the mean is pulled toward the winner and away from the loser (TailorPO Eq. 11).
 
     Args:
@@ -340,7 +342,7 @@ def ddim_jump(
     x_t: Tensor, eps_pred: Tensor, alpha_prod_t: Tensor, alpha_prod_s: Tensor, eta: float,
     noise: Tensor | None = None, generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """DDIM from x_t to any earlier s in one call (ALGORITHMS §5.8):
+    """DDIM from x_t to any earlier s in one call (§5.8):
 
     x_s = sqrt(ᾱ_s) x̂_0 + sqrt(1 − ᾱ_s − σ²_{t→s}) ε̂ + σ_{t→s} z,  σ_{t→s} = η sqrt((1−ᾱ_s)/(1−ᾱ_t)(1 − ᾱ_t/ᾱ_s)).
 
@@ -360,7 +362,7 @@ def ddim_jump(
 
 
 def ddpm_kl_weights(betas: Tensor) -> Tensor:
-    """Per-step ELBO weight λ_t = β_t / (2 α_t (1 − ᾱ_{t−1})) on the training grid (ALGORITHMS §5.2).
+    """Per-step ELBO weight λ_t = β_t / (2 α_t (1 − ᾱ_{t−1})) on the training grid (§5.2).
 
     With the DDPM posterior variance β̃_t, KL(q(x_{t−1}|x_t,x_0) || p_θ(x_{t−1}|x_t)) = λ_t ||ε − ε_θ||².
     λ_0 is set to 0: the step into x_0 is not a Gaussian-to-Gaussian KL (ᾱ_{−1} = 1 makes the formula divide by 0).
@@ -382,7 +384,7 @@ def ddpm_kl_weights(betas: Tensor) -> Tensor:
 
 def ddpm_step_kl(eps_theta: Tensor, eps_ref: Tensor, kl_weight: Tensor, reduction: str = "mean") -> Tensor:
     """KL(p_θ(x_{t−1} | x_t) ‖ p_ref(x_{t−1} | x_t)) of the DDPM reverse step at t with the posterior variance
-    β̃_t (ALGORITHMS §5.2): the means differ by β_t/(sqrt(α_t) sqrt(1 − ᾱ_t)) (ε_ref − ε_θ), so the KL is
+    β̃_t (§5.2): the means differ by β_t/(sqrt(α_t) sqrt(1 − ᾱ_t)) (ε_ref − ε_θ), so the KL is
     λ_t · reduce[(ε_θ − ε_ref)²] with λ_t = `ddpm_kl_weights(betas)[t]` = β_t / (2 α_t (1 − ᾱ_{t−1})).
 
     Args:

@@ -100,8 +100,8 @@ class DDIMGrid:
 
 
 class NoisePredictor:
-    """The policy's CFG noise prediction ε̂_θ(x, τ, c) and its reference twin (LoRA disabled, §5.12, or the frozen
-    `reference_unet` of full fine-tuning).
+    """The policy's CFG noise prediction ε̂_θ(x, τ, c) and its reference twin (LoRA disabled, or the frozen
+    `reference_unet` of full fine-tuning; docs/algorithms.md §5.12).
 
     Args:
         model: loaded pipeline components (LoRA attached or not).
@@ -274,7 +274,7 @@ def decode_latents(model: DiffusionModel, latents: Tensor, clamp: bool = True) -
 
     Latents are divided by the VAE scaling factor (and shifted where the VAE defines a shift); the decoder's
     [−1, 1] output maps to [0, 1]. With `clamp=False` out-of-range values are kept, which keeps the reward
-    gradient alive for guidance on predicted x̂_0 (REWARDS.md §1, pitfall 4).
+    gradient alive for guidance on predicted x̂_0 (docs/rewards.md §1, point 4).
     """
     return _decode(model.vae, latents, clamp)
 

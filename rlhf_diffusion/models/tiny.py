@@ -65,7 +65,7 @@ def build_clip_tokenizer(*, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """Builds the OpenAI CLIP BPE tokenizer offline from the vocabulary bundled with `open_clip_torch`.
 
     Gives the same ids as open_clip's `SimpleTokenizer` (and hence as the tokenizers of SD1.5 / SDXL) for ordinary
-    prompts; see REWARDS.md §3a for the recipe and its one known difference (HTML entities).
+    prompts; see docs/rewards.md §3a for the recipe and its one known difference (HTML entities).
 
     Args:
         pad_token: padding token. `"<|endoftext|>"` mirrors SD1.5's tokenizer and SDXL's `tokenizer`; `"!"` mirrors

@@ -1,5 +1,5 @@
 """LAION aesthetic predictor v2 ("improved-aesthetic-predictor"), the reward of DDPO's aesthetic runs
-(REWARDS.md §2.1).
+(docs/rewards.md §2.1).
 
 Real weights, two parts:
 - the MLP head `sac+logos+ava1-l14-linearMSE.pth` (3,714,759 bytes, sha256 21dd590f…f1e0; Apache-2.0) from

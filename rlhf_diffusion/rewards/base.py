@@ -1,13 +1,13 @@
 """The reward interface, the reward registry, and the weighted sum of several rewards.
 
-Contract of every reward (STYLE.md practice 7): images (N, 3, H, W) float in [0, 1] plus N prompts → (N,) scores.
+Contract of every reward (docs/rewards.md §1): images (N, 3, H, W) float in [0, 1] plus N prompts → (N,) scores.
 
     scores = reward.score(images, prompts)                   # (N,) float32, CPU, no graph
     scores, grad = reward.score_and_grad(images, prompts)    # + (N, 3, H, W) d score_i / d images_i
     scores = reward.forward_differentiable(images, prompts)  # (N,) with an autograd graph to `images`
 
 A reward that cannot be differentiated (JPEG size) says so with `differentiable = False`; asking it for a
-gradient raises `NotDifferentiableError`, it never returns zeros (REWARDS.md §2.5, §5).
+gradient raises `NotDifferentiableError`, it never returns zeros (docs/rewards.md §2.5, §5).
 
 A subclass implements one method, `_score`, and registers itself by name:
 

@@ -1,4 +1,4 @@
-"""CLIP score: prompt–image agreement under a CLIP model (REWARDS.md §2.6), plus the Hugging Face CLIP loading
+"""CLIP score: prompt–image agreement under a CLIP model (docs/rewards.md §2.6), plus the Hugging Face CLIP loading
 shared with the aesthetic reward.
 
 Real weights: any Hugging Face `CLIPModel` directory or hub id; the default is `openai/clip-vit-large-patch14`
@@ -15,12 +15,12 @@ Score (differentiable):
                                                                    Hessel et al. CLIP-S with scale 2.5)
 
 where x is the image resized (shortest side, bicubic, antialiased) to the model's input size, centre-cropped and
-normalised with the OpenAI CLIP mean/std (REWARDS.md §1), and the prompt is CLIP-BPE tokenised (at most 77
+normalised with the OpenAI CLIP mean/std (docs/rewards.md §1), and the prompt is CLIP-BPE tokenised (at most 77
 tokens, longer prompts are truncated). The max(·, 0) of the published metrics zeroes the gradient of poorly
 matching images, so RL and guidance use the raw scaled cosine by default.
 
 Value range: scale · [−1, 1]. With ViT-L/14 and scale 100, SD1.5 images of their own prompts score ≈ 25–32
-(unverified estimate, REWARDS.md §2.6); a mismatched prompt scores ≈ 10–20.
+(unverified estimate, docs/rewards.md §2.6); a mismatched prompt scores ≈ 10–20.
 """
 
 from __future__ import annotations

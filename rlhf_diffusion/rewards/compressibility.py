@@ -1,4 +1,4 @@
-"""JPEG (in)compressibility rewards, exactly as DDPO (Black et al. 2023; REWARDS.md §2.5).
+"""JPEG (in)compressibility rewards, exactly as DDPO (Black et al. 2023; docs/rewards.md §2.5).
 
 Each image is quantised to uint8 the way DDPO does it, `(x * 255).round().clamp(0, 255)`, saved with PIL as
 JPEG at `quality` (95 in DDPO), and its size in kB (bytes / 1000) is the reward's magnitude:

@@ -1,4 +1,4 @@
-"""Human Preference Score v2 / v2.1 (Wu et al. 2023, github.com/tgxs002/HPSv2; REWARDS.md §2.4), run on mainline
+"""Human Preference Score v2 / v2.1 (Wu et al. 2023, github.com/tgxs002/HPSv2; docs/rewards.md §2.4), run on mainline
 `open_clip` (no dependency on the `hpsv2` package, whose pins clash with ours).
 
 Real weights: hub repo `xswu/HPSv2` (Apache-2.0), files `HPS_v2_compressed.pt` (version "v2.0") and

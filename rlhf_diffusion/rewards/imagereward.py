@@ -1,4 +1,4 @@
-"""ImageReward v1.0 (THUDM/ImageReward, Xu et al. 2023): a BLIP-based human-preference reward (REWARDS.md §2.2),
+"""ImageReward v1.0 (THUDM/ImageReward, Xu et al. 2023): a BLIP-based human-preference reward (docs/rewards.md §2.2),
 re-hosted on transformers' BLIP classes because the `image-reward` package does not import with transformers 5.
 
 Real weights: hub repo `THUDM/ImageReward`, file `ImageReward.pt` (1.79 GB fp32 `torch.save`d state dict,

@@ -1,5 +1,5 @@
 """PickScore v1 (Kirstain et al. 2023, yuvalkirstain/PickScore): a CLIP-H preference reward fine-tuned on Pick-a-Pic
-(REWARDS.md §2.3).
+(docs/rewards.md §2.3).
 
 Real weights: Hugging Face `CLIPModel` `yuvalkirstain/PickScore_v1` (LAION CLIP ViT-H/14 @ 224 fine-tuned,
 986.1M parameters; licence of the weights unclear, code MIT). Its processor, as in the upstream README, is the one of
@@ -13,7 +13,7 @@ Score (differentiable with respect to the pixels):
     pickscore = exp(logit_scale) · ê·t̂
 
 where x is the image resized (shortest side, bicubic, antialiased) to 224, centre-cropped and normalised with the
-OpenAI CLIP mean/std (REWARDS.md §1, equal to the processor on float input), and the prompt is CLIP-BPE tokenised
+OpenAI CLIP mean/std (docs/rewards.md §1, equal to the processor on float input), and the prompt is CLIP-BPE tokenised
 (padding, truncation to 77). The softmax of these scores over candidate images of one prompt is the model's
 preference probability (the training loss is CLIP's contrastive CE with the same `logit_scale`).
 

@@ -1,4 +1,4 @@
-"""Differentiable image preprocessing shared by the CLIP-family rewards (REWARDS.md §1).
+"""Differentiable image preprocessing shared by the CLIP-family rewards (docs/rewards.md §1).
 
 Every function takes images (N, 3, H, W) float in [0, 1] and keeps the autograd graph to them, so a reward's
 gradient with respect to the pixels flows through resize, crop and normalisation. Values match the official image

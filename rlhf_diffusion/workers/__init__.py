@@ -1,4 +1,4 @@
-"""The three kinds of actors of the runtime (DESIGN.md): samplers, reward servers, one learner.
+"""The three kinds of actors of the runtime (docs/architecture.md): samplers, reward servers, the learner(s).
 
 Each is a plain Python class (usable in one process, as `trainer.LocalTrainer` does) that `trainer.Trainer` turns
 into a Ray actor with `ray.remote(...)`. What crosses an actor boundary is defined in `messages.py`.

@@ -1,4 +1,5 @@
-"""What crosses an actor boundary: CPU tensors in dataclasses with named fields (DESIGN.md, rules of the design).
+"""What crosses an actor boundary: CPU tensors in dataclasses with named fields (docs/architecture.md,
+"What crosses each boundary").
 
 Every random draw of a run is derived from `(config.seed, iteration, shard)` with `derive_seed`, so a rollout or a
 training step redone after a crash or a resume draws exactly the same numbers as the first attempt.
