@@ -91,9 +91,13 @@ def lock_run_dir(run_dir: str | Path) -> RunDirLock:
     if run_dir in _HELD:
         _HELD[run_dir][1] += 1
         return RunDirLock(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock_file = run_dir / LOCK_FILE
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:  # output_dir is a file, under a file, read-only, on a missing mount, ...
+        raise RunDirError(f"cannot write the run directory {run_dir} ({error.strerror}: {error.filename}); check "
+                          "output_dir and run_name") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

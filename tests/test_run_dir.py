@@ -248,3 +248,14 @@ def test_trainer_fit_refuses_a_fresh_run_into_a_finished_one_and_overwrite_repla
     assert not (run_dir / "checkpoints" / "iter_000000_stale").exists()
     with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
         LocalTrainer(config, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below", "missing_mount"])
+def test_an_output_dir_that_cannot_be_written_fails_before_any_work_naming_it(tmp_path, where):
+    """The probe's `output_dir` that is a file, or under a file, ended in a NotADirectoryError traceback (exit 1)."""
+    (tmp_path / "a_file").write_text("not a directory")
+    output_dir = Path("/proc/no_such_dir") if where == "missing_mount" else tmp_path / where
+    proc = launch(output_dir)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot write the run directory" in proc.stderr and str(output_dir) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
