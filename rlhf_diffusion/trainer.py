@@ -1,4 +1,5 @@
-"""The driver loop: schedule rollouts, train, publish weights, log, checkpoint (DESIGN.md, "single controller").
+"""The driver loop: schedule rollouts, train, publish weights, log, checkpoint (docs/architecture.md, "The shape":
+one driver controls every actor).
 
     Trainer(config).fit()                    samplers, reward servers and the learner as Ray actors
     Trainer(config, use_ray=False).fit()     the same loop with the same classes in this process

@@ -18,7 +18,7 @@ from rlhf_diffusion.prompts import (
     load_prompts,
 )
 
-# Category sizes of PartiPrompts (REWARDS.md §3c; google-research/parti PartiPrompts.tsv).
+# Category sizes of PartiPrompts (docs/rewards.md §3b; google-research/parti PartiPrompts.tsv).
 PARTI_CATEGORY_SIZES = {
     "abstract": 51, "animals": 314, "artifacts": 287, "arts": 66, "food_beverage": 74, "illustrations": 124,
     "indoor_scenes": 40, "outdoor_scenes": 131, "people": 177, "produce_plants": 50, "vehicles": 104,

@@ -34,7 +34,7 @@ def test_timesteps_match_diffusers(scheduler):
 
 
 def test_alpha_bar_endpoints(scheduler):
-    # ALGORITHMS §0: ᾱ_0 = 0.99915, ᾱ_999 = 0.00466 for SD's scaled_linear schedule.
+    # docs/algorithms.md §0: ᾱ_0 = 0.99915, ᾱ_999 = 0.00466 for SD's scaled_linear schedule.
     assert scheduler.alphas_cumprod[0].item() == pytest.approx(0.99915, abs=1e-5)
     assert scheduler.alphas_cumprod[999].item() == pytest.approx(0.00466, abs=1e-5)
     prev = ddim.previous_timesteps(torch.tensor([1]), 1000, 20)
@@ -46,7 +46,7 @@ def test_alpha_bar_endpoints(scheduler):
 
 @pytest.mark.parametrize(
     "t, sigma, kappa, r",
-    [  # ALGORITHMS §0 reference table (SD1.5, K=20, η=1), 3 significant digits
+    [  # docs/algorithms.md §0 reference table (SD1.5, K=20, η=1), 3 significant digits
         (951, 0.644, -0.550, 11.03), (801, 0.581, -0.433, 5.13), (601, 0.483, -0.313, 2.29),
         (401, 0.373, -0.233, 1.17), (201, 0.251, -0.189, 0.57), (101, 0.167, -0.191, 0.35),
         (51, 0.041, -0.221, 0.23), (1, 0.021, -0.021, 0.04),
@@ -197,7 +197,7 @@ def test_cfg_combine_hand_values():
 
 
 def test_ddpm_kl_weights_reference_values(scheduler):
-    # ALGORITHMS §0: λ_t ≈ 0.0033–0.0066 for t ≥ 100, ≈ 0.01 at t = 50, ≈ 0.05 at t = 10, ≈ 0.5 at t = 1.
+    # docs/algorithms.md §0: λ_t ≈ 0.0033–0.0066 for t ≥ 100, ≈ 0.01 at t = 50, ≈ 0.05 at t = 10, ≈ 0.5 at t = 1.
     lam = ddim.ddpm_kl_weights(scheduler.betas)
     assert lam[0].item() == 0.0
     assert lam[1].item() == pytest.approx(0.5, rel=0.05)

@@ -14,7 +14,7 @@ from rlhf_diffusion.rewards import build_reward
 from rlhf_diffusion.rewards.aesthetic import MLP_FILENAMES, Aesthetic, build_tiny_aesthetic
 from rlhf_diffusion.rewards.clip_score import build_tiny_clip_score
 
-# Layer names and weight shapes of the real `sac+logos+ava1-l14-linearMSE.pth` (REWARDS.md §2.1).
+# Layer names and weight shapes of the real `sac+logos+ava1-l14-linearMSE.pth` (docs/rewards.md §2.1).
 REAL_MLP_SHAPES = {
     "layers.0.weight": (1024, 768), "layers.0.bias": (1024,),
     "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
@@ -71,7 +71,7 @@ def test_tiny_head_has_the_real_file_layout(tiny_dir):
 
 def test_score_matches_manual_reference(tiny_dir, reward):
     images = _images(3, 64, 96)
-    # Reference pixels from the official processor on float input (exact there, REWARDS.md §1).
+    # Reference pixels from the official processor on float input (exact there, docs/rewards.md §1).
     processor = CLIPImageProcessor.from_pretrained(tiny_dir)
     pixel_values = processor(images=list(images), do_rescale=False, return_tensors="pt").pixel_values
     expected = _manual_score(tiny_dir, pixel_values)

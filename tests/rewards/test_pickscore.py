@@ -76,7 +76,7 @@ def test_non_square_images_use_shortest_side_resize_and_centre_crop(reward, refe
 
 def test_preprocessing_parity_with_processor_on_uint8(reward, reference):
     """The README feeds PIL/uint8 images. The processor then resizes the uint8-valued image and our path resizes
-    the same pixels / 255 in float; they differ only by rounding (REWARDS.md §1: mean ≈ 0.004 in normalised
+    the same pixels / 255 in float; they differ only by rounding (docs/rewards.md §1: mean ≈ 0.004 in normalised
     units, measured 0.0046 here), so pixel values agree to ~1e-2 and scores, exp(logit_scale) ≈ 14.3 times a cosine
     that moves by < 1e-3, to 0.02 (measured ≤ 0.007)."""
     smooth = torch.nn.functional.interpolate(_images(2, 8, 8, seed=4), size=(64, 64), mode="bilinear")
