@@ -32,8 +32,20 @@ from rlhf_diffusion.stats import sign_test_p  # noqa: E402
 
 def run_seed(config: str, seed: int, out: Path, overrides: list[str], use_ray: bool) -> dict:
     name = f"{Path(config).stem}_seed{seed}"
-    command = [sys.executable, "-m", "rlhf_diffusion.launch", config, "--no-progress", "--set", f"seed={seed}",
-               "--set", f"run_name={name}", "--set", f"output_dir={out}", "--overwrite"]
+    command = [
+        sys.executable,
+        "-m",
+        "rlhf_diffusion.launch",
+        config,
+        "--no-progress",
+        "--set",
+        f"seed={seed}",
+        "--set",
+        f"run_name={name}",
+        "--set",
+        f"output_dir={out}",
+        "--overwrite",
+    ]
     for override in overrides:
         command += ["--set", override]
     if not use_ray:
@@ -41,8 +53,13 @@ def run_seed(config: str, seed: int, out: Path, overrides: list[str], use_ray: b
     start = time.perf_counter()
     log = out / f"{name}.log"
     with open(log, "w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        code = subprocess.call(
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        )
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"seed {seed}: launch exited with {code}; see {log}")
@@ -59,11 +76,17 @@ def pooled(runs: list[dict]) -> dict[str, dict]:
         up, down = ("fixed", "broken") if "fixed" in rows[0] else ("rose", "fell")
         deltas = [row["delta"] for row in rows]
         total_up, total_down = int(sum(row[up] for row in rows)), int(sum(row[down] for row in rows))
-        out[key] = {"before": rows[0]["before"], "after_mean": statistics.mean(row["after"] for row in rows),
-                    "delta_mean": statistics.mean(deltas),
-                    "delta_std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
-                    "delta_min": min(deltas), up: total_up, down: total_down,
-                    "sign_test_p": sign_test_p(total_up, total_down), "seeds": len(rows)}
+        out[key] = {
+            "before": rows[0]["before"],
+            "after_mean": statistics.mean(row["after"] for row in rows),
+            "delta_mean": statistics.mean(deltas),
+            "delta_std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
+            "delta_min": min(deltas),
+            up: total_up,
+            down: total_down,
+            "sign_test_p": sign_test_p(total_up, total_down),
+            "seeds": len(rows),
+        }
     return out
 
 
@@ -81,21 +104,33 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         run = run_seed(args.config, seed, args.out, args.overrides, not args.no_ray)
         runs.append(run)
-        parts = [f"{key} {p['before']:.3f} -> {p['after']:.3f}"
-                 + (f" ({int(p['fixed'])} fixed / {int(p['broken'])} broken, p = {p['sign_test_p']:.2g})"
-                    if "fixed" in p else f" (paired SE {p['paired_se']:.3f})")
-                 for key, p in run.get("paired", {}).items()]
+        parts = [
+            f"{key} {p['before']:.3f} -> {p['after']:.3f}"
+            + (
+                f" ({int(p['fixed'])} fixed / {int(p['broken'])} broken, p = {p['sign_test_p']:.2g})"
+                if "fixed" in p
+                else f" (paired SE {p['paired_se']:.3f})"
+            )
+            for key, p in run.get("paired", {}).items()
+        ]
         print(f"seed {seed}: {run['seconds']:.0f} s, {run['iterations']} iterations; " + "; ".join(parts), flush=True)
-    result = {"config": args.config, "overrides": args.overrides, "ray": not args.no_ray, "runs": runs,
-              "pooled": pooled(runs)}
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "ray": not args.no_ray,
+        "runs": runs,
+        "pooled": pooled(runs),
+    }
     (args.out / "default_seeds.json").write_text(json.dumps(result, indent=1))
-    print(f"pooled over seeds {args.seeds} (seconds per seed: "
-          + ", ".join(f"{r['seconds']:.0f}" for r in runs) + "):")
+    print(f"pooled over seeds {args.seeds} (seconds per seed: " + ", ".join(f"{r['seconds']:.0f}" for r in runs) + "):")
     for key, p in result["pooled"].items():
-        counts = (f"{p['fixed']} fixed / {p['broken']} broken" if "fixed" in p
-                  else f"{p['rose']} rose / {p['fell']} fell")
-        print(f"  {key}: {p['before']:.4f} -> {p['after_mean']:.4f} (Δ {p['delta_mean']:+.4f} ± {p['delta_std']:.4f} "
-              f"over seeds, smallest {p['delta_min']:+.4f}); {counts}, sign test p = {p['sign_test_p']:.2g}")
+        counts = (
+            f"{p['fixed']} fixed / {p['broken']} broken" if "fixed" in p else f"{p['rose']} rose / {p['fell']} fell"
+        )
+        print(
+            f"  {key}: {p['before']:.4f} -> {p['after_mean']:.4f} (Δ {p['delta_mean']:+.4f} ± {p['delta_std']:.4f} "
+            f"over seeds, smallest {p['delta_min']:+.4f}); {counts}, sign test p = {p['sign_test_p']:.2g}"
+        )
     print(f"wrote {args.out / 'default_seeds.json'}")
     return 0
 

@@ -34,7 +34,7 @@ def tiles(path: Path, count: int) -> list[np.ndarray]:
     for i in range(count):
         r, c = divmod(i, PER_ROW)
         y, x = PAD + r * (TILE + PAD), PAD + c * (TILE + PAD)
-        out.append(grid[y:y + TILE, x:x + TILE])
+        out.append(grid[y : y + TILE, x : x + TILE])
     return out
 
 
@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             canvas.paste(Image.fromarray(img).resize((TILE * s, TILE * s), Image.NEAREST), (x, y))
             if j == 1:
                 draw.rectangle([x - 2, y - 2, x + TILE * s + 1, y + TILE * s + 1], outline=colour, width=2)
-        draw.text((2 * TILE * s + 24, y + TILE * s // 2 - 6), ("fixed: " if fixed else "broken: ") + caption,
-                  fill=colour)
+        draw.text(
+            (2 * TILE * s + 24, y + TILE * s // 2 - 6), ("fixed: " if fixed else "broken: ") + caption, fill=colour
+        )
     out = args.out or args.run_dir / "flips.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)

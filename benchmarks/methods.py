@@ -61,9 +61,9 @@ ATTRIBUTES = ("background", "count", "colour", "shape", "position", "binding", "
 def reward_images_per_iteration(config: RunConfig) -> int:
     """Images handed to the reward per training iteration (all samplers), from the config alone.
 
-    D3PO: two final images per prompt; DDE(-Single), Diffusion-DPO (online): `samples_per_prompt` (2). TailorPO: `num_candidates` candidates
-    per prompt at each of the K steps (their x̂_0 previews, the last step's are the final images). TailorPO-G: the
-    same plus, at every step, the guided winner whose reward gradient is taken.
+    D3PO: two final images per prompt; DDE(-Single), Diffusion-DPO (online): `samples_per_prompt` (2). TailorPO:
+    `num_candidates` candidates per prompt at each of the K steps (their x̂_0 previews, the last step's are the final
+    images). TailorPO-G: the same plus, at every step, the guided winner whose reward gradient is taken.
     """
     prompts = config.sampling.batch_size * config.resources.num_samplers
     algo, k = config.algorithm, config.sampling.num_steps
@@ -112,17 +112,24 @@ def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: li
     checks_after = [check(image, c) for image, c in zip(after.images, captions)]
     cumulative = np.cumsum(measured).tolist()
     return {
-        "method": method, "seed": seed, "iterations": iterations, "reward_images": int(sum(measured)),
+        "method": method,
+        "seed": seed,
+        "iterations": iterations,
+        "reward_images": int(sum(measured)),
         "reward_images_per_iteration": per_iteration,
-        "unet_rows": unet_rows_per_iteration(config) * iterations, "seconds": seconds,
-        "reward_before": before.mean, "reward_after": after.mean,
+        "unet_rows": unet_rows_per_iteration(config) * iterations,
+        "seconds": seconds,
+        "reward_before": before.mean,
+        "reward_after": after.mean,
         "checker_before": accuracy_of_checks(checks_before),
         "checker_after": accuracy_of_checks(checks_after),
         "checker_flips": checker_flips(checks_before, checks_after),
         "reward_paired_se": paired_standard_error(before.rewards, after.rewards),
-        "heldout_before": before.heldout, "heldout_after": after.heldout,  # guards.heldout_rewards on the same images
+        "heldout_before": before.heldout,
+        "heldout_after": after.heldout,  # guards.heldout_rewards on the same images
         "curve": {"images": cumulative, "reward": [row.get("reward_mean") for row in result.history]},
-        "run_dir": str(result.run_dir), "mlflow_run_id": result.mlflow_run_id,
+        "run_dir": str(result.run_dir),
+        "mlflow_run_id": result.mlflow_run_id,
         "reward": reward_label(config),
     }
 
@@ -163,8 +170,11 @@ def write_table(runs: list[dict], path: Path) -> str:
     first = runs[0]
     overrides = {r["method"]: r.get("settings", {}).get("overrides", []) for r in runs}
     # held-out guard rewards other than the checker (which has its own columns), e.g. the CLIP when the checker trains
-    guard_keys = [k for k in first.get("heldout_after", {}) if k != "checker"
-                  and all(k in r.get("heldout_after", {}) for r in runs)]
+    guard_keys = [
+        k
+        for k in first.get("heldout_after", {})
+        if k != "checker" and all(k in r.get("heldout_after", {}) for r in runs)
+    ]
     shared = [o for o in overrides[first["method"]] if all(o in v for v in overrides.values())]
     own = {m: [o for o in v if o not in shared] for m, v in overrides.items() if any(o not in shared for o in v)}
     lines = [
@@ -175,31 +185,42 @@ def write_table(runs: list[dict], path: Path) -> str:
         "",
         f"Before training (every run starts from the same model and evaluates the same prompts and seeds): "
         f"training reward ({first.get('reward', 'clip_score')}) {first['reward_before']:.3f}, checker "
-        + ", ".join(f"{k} {v:.3f}" for k, v in first["checker_before"].items()) + ".",
+        + ", ".join(f"{k} {v:.3f}" for k, v in first["checker_before"].items())
+        + ".",
         "",
         "| method | iterations | sampling UNet rows | optimizer steps | reward after | Δ reward | "
         "checker all after | Δ all | fixed / broken (sign test p) | "
-        + " | ".join(a for a in ATTRIBUTES[:-1]) + " |"
+        + " | ".join(a for a in ATTRIBUTES[:-1])
+        + " |"
         + "".join(f" Δ held-out {key} |" for key in guard_keys),
         "|" + "---|" * (9 + len(ATTRIBUTES) - 1 + len(guard_keys)),
     ]
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
-        row = [m, str(rs[0]["iterations"]), str(rs[0]["unet_rows"]),
-               f"{statistics.mean(_optimizer_steps(r) for r in rs):.0f}",
-               _mean_std([r["reward_after"] for r in rs]),
-               _mean_std([r["reward_after"] - r["reward_before"] for r in rs])
-               + (f" (paired SE {statistics.mean(r['reward_paired_se'] for r in rs):.3f})"
-                  if all("reward_paired_se" in r for r in rs) else ""),
-               _mean_std([r["checker_after"]["all"] for r in rs]),
-               _mean_std([r["checker_after"]["all"] - r["checker_before"]["all"] for r in rs])]
+        row = [
+            m,
+            str(rs[0]["iterations"]),
+            str(rs[0]["unet_rows"]),
+            f"{statistics.mean(_optimizer_steps(r) for r in rs):.0f}",
+            _mean_std([r["reward_after"] for r in rs]),
+            _mean_std([r["reward_after"] - r["reward_before"] for r in rs])
+            + (
+                f" (paired SE {statistics.mean(r['reward_paired_se'] for r in rs):.3f})"
+                if all("reward_paired_se" in r for r in rs)
+                else ""
+            ),
+            _mean_std([r["checker_after"]["all"] for r in rs]),
+            _mean_std([r["checker_after"]["all"] - r["checker_before"]["all"] for r in rs]),
+        ]
         if all("checker_flips" in r for r in rs):  # summed over seeds
             fixed, broken = (sum(r["checker_flips"][k] for r in rs) for k in ("fixed", "broken"))
             row.append(f"{fixed} / {broken} ({sign_test_p(fixed, broken):.2g})")
         else:  # runs from before the flips were recorded
             row.append("–")
-        row += [_mean_std([r["checker_after"][a] for r in rs]) if a in rs[0]["checker_after"] else "–"
-                for a in ATTRIBUTES[:-1]]
+        row += [
+            _mean_std([r["checker_after"][a] for r in rs]) if a in rs[0]["checker_after"] else "–"
+            for a in ATTRIBUTES[:-1]
+        ]
         row += [_mean_std([r["heldout_after"][k] - r["heldout_before"][k] for r in rs]) for k in guard_keys]
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
@@ -224,15 +245,23 @@ def write_plot(runs: list[dict], path: Path) -> None:
         width = max(1, min(5, len(x) // 4))
         kernel = np.ones(width) / width
         smooth = np.array([np.convolve(row, kernel, mode="valid") for row in y])
-        xs = x[width - 1:]
-        line, = ax_r.plot(xs, smooth.mean(0), label=m)
+        xs = x[width - 1 :]
+        (line,) = ax_r.plot(xs, smooth.mean(0), label=m)
         if len(rs) > 1:
-            ax_r.fill_between(xs, smooth.mean(0) - smooth.std(0), smooth.mean(0) + smooth.std(0),
-                              color=line.get_color(), alpha=0.15)
+            ax_r.fill_between(
+                xs, smooth.mean(0) - smooth.std(0), smooth.mean(0) + smooth.std(0), color=line.get_color(), alpha=0.15
+            )
         before = np.mean([r["checker_before"]["all"] for r in rs])
         after = [r["checker_after"]["all"] for r in rs]
-        ax_c.errorbar([0, x[-1]], [before, np.mean(after)], yerr=[0, np.std(after)], marker="o", capsize=3,
-                      label=m, color=line.get_color())
+        ax_c.errorbar(
+            [0, x[-1]],
+            [before, np.mean(after)],
+            yerr=[0, np.std(after)],
+            marker="o",
+            capsize=3,
+            label=m,
+            color=line.get_color(),
+        )
     ax_r.set_xlabel("reward-scored images")
     ax_r.set_ylabel(f"training reward ({runs[0].get('reward', 'clip_score')}, final images)")
     ax_r.set_title("reward vs images sampled (mean ± std over seeds)")
@@ -260,15 +289,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=400, help="reward-scored images per run")
     parser.add_argument("--out", type=Path, default=Path("runs/methods"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="extra config override for every run (key=value), e.g. sampling.num_steps=8")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at once, each in its own process at one torch thread (2 on a 2-core machine: "
-                        "about twice the runs per hour of one run at two threads; the figures of a run do not "
-                        "depend on its thread count beyond float rounding)")
-    parser.add_argument("--method-set", dest="method_overrides", action="append", default=[],
-                        metavar="METHOD:KEY=VALUE",
-                        help="override for one method's runs, after --set, e.g. dde:train.num_inner_epochs=10")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="extra config override for every run (key=value), e.g. sampling.num_steps=8",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process at one torch thread (2 on a 2-core machine: "
+        "about twice the runs per hour of one run at two threads; the figures of a run do not "
+        "depend on its thread count beyond float rounding)",
+    )
+    parser.add_argument(
+        "--method-set",
+        dest="method_overrides",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="override for one method's runs, after --set, e.g. dde:train.num_inner_epochs=10",
+    )
     args = parser.parse_args(argv)
     per_method: dict[str, list[str]] = {m: [] for m in METHODS}
     for item in args.method_overrides:
@@ -289,26 +332,40 @@ def main(argv: list[str] | None = None) -> int:
         run["settings"] = settings[method]
         runs.append(run)
         results_path.write_text(json.dumps(runs, indent=1))
-        print(f"{method:14} seed {seed}: {run['iterations']} it, {run['reward_images']} images, "
-              f"{run['seconds']:.0f} s; reward {run['reward_before']:.3f} -> {run['reward_after']:.3f}; checker "
-              f"all {run['checker_before']['all']:.3f} -> {run['checker_after']['all']:.3f}", flush=True)
+        print(
+            f"{method:14} seed {seed}: {run['iterations']} it, {run['reward_images']} images, "
+            f"{run['seconds']:.0f} s; reward {run['reward_before']:.3f} -> {run['reward_after']:.3f}; checker "
+            f"all {run['checker_before']['all']:.3f} -> {run['checker_after']['all']:.3f}",
+            flush=True,
+        )
 
     if args.jobs <= 1:
         for method, seed in pending:
-            finished(method, seed, run_one(args.config, method, seed, args.budget, args.out,
-                                           args.overrides + per_method[method]))
+            finished(
+                method,
+                seed,
+                run_one(args.config, method, seed, args.budget, args.out, args.overrides + per_method[method]),
+            )
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_one_thread) as pool:
-            futures = {pool.submit(run_one, args.config, method, seed, args.budget, args.out,
-                                   args.overrides + per_method[method]): (method, seed) for method, seed in pending}
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
+        ) as pool:
+            futures = {
+                pool.submit(
+                    run_one, args.config, method, seed, args.budget, args.out, args.overrides + per_method[method]
+                ): (method, seed)
+                for method, seed in pending
+            }
             for future in as_completed(futures):
                 finished(*futures[future], future.result())
-    runs = [r for r in runs
-            if r["method"] in args.methods and r["seed"] in args.seeds and r.get("settings") == settings[r["method"]]]
+    runs = [
+        r
+        for r in runs
+        if r["method"] in args.methods and r["seed"] in args.seeds and r.get("settings") == settings[r["method"]]
+    ]
     print(write_table(runs, args.out / "table.md"))
     write_plot(runs, args.out / "reward_vs_images.png")
     print(f"wrote {args.out / 'table.md'}, {args.out / 'reward_vs_images.png'}, {results_path}")

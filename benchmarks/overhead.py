@@ -29,8 +29,13 @@ from rlhf_diffusion.config import load_config
 from rlhf_diffusion.models.loading import attach_lora, get_lora_state_dict, set_lora_state_dict
 from rlhf_diffusion.workers.messages import PublishedWeights
 
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+SD15_UNET = dict(
+    sample_size=64,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+)
 
 
 def steady_images_per_second(history: list[dict]) -> float:
@@ -47,22 +52,31 @@ def loop_throughput(args) -> tuple[float, dict[int, float]]:
 
     from rlhf_diffusion.trainer import Trainer
 
-    base = [*args.set, f"train.iterations={args.iterations}", "tracking.enabled=false", "checkpoint.every=0",
-            "tracking.image_grid_every=0", f"resources.num_samplers={args.num_samplers}"]
+    base = [
+        *args.set,
+        f"train.iterations={args.iterations}",
+        "tracking.enabled=false",
+        "checkpoint.every=0",
+        "tracking.image_grid_every=0",
+        f"resources.num_samplers={args.num_samplers}",
+    ]
     with tempfile.TemporaryDirectory() as out:
-        local_cfg = load_config(args.config, [*base, f"output_dir={out}", "run_name=ceiling",
-                                              "train.max_staleness=0"])
+        local_cfg = load_config(args.config, [*base, f"output_dir={out}", "run_name=ceiling", "train.max_staleness=0"])
         ceilings = {}
         default_threads = torch.get_num_threads()
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
             ceilings[threads] = steady_images_per_second(  # one run dir, run once per thread count: overwrite
-                Trainer(local_cfg, use_ray=False, overwrite=True, log=lambda *_: None).fit().history)
+                Trainer(local_cfg, use_ray=False, overwrite=True, log=lambda *_: None).fit().history
+            )
         torch.set_num_threads(default_threads)
-        ray_cfg = load_config(args.config, [*base, f"output_dir={out}", "run_name=distributed",
-                                            f"train.max_staleness={args.max_staleness}"])
-        ray.init(address="local", num_cpus=max(8, args.num_samplers + 2), include_dashboard=False,
-                 logging_level="ERROR")
+        ray_cfg = load_config(
+            args.config,
+            [*base, f"output_dir={out}", "run_name=distributed", f"train.max_staleness={args.max_staleness}"],
+        )
+        ray.init(
+            address="local", num_cpus=max(8, args.num_samplers + 2), include_dashboard=False, logging_level="ERROR"
+        )
         trainer = Trainer(ray_cfg, use_ray=True, log=lambda *_: None)
         try:
             distributed = trainer.fit()
@@ -73,7 +87,6 @@ def loop_throughput(args) -> tuple[float, dict[int, float]]:
 
 def publish_latency(repeats: int) -> dict[str, float]:
     import ray
-
     from diffusers import UNet2DConditionModel
 
     @ray.remote(num_cpus=1)
@@ -111,8 +124,13 @@ def publish_latency(repeats: int) -> dict[str, float]:
         load.append(load_ms)
     ray.kill(learner)
     ray.kill(sampler)
-    return {"total_ms": statistics.median(total), "publish_ms": statistics.median(publish),
-            "load_ms": statistics.median(load), "megabytes": nbytes / 2**20, "tensors": tensors}
+    return {
+        "total_ms": statistics.median(total),
+        "publish_ms": statistics.median(publish),
+        "load_ms": statistics.median(load),
+        "megabytes": nbytes / 2**20,
+        "tensors": tensors,
+    }
 
 
 def main() -> None:
@@ -131,14 +149,18 @@ def main() -> None:
         distributed, ceilings = loop_throughput(args)
         threads, ceiling = max(ceilings.items(), key=lambda item: item[1])
         tried = ", ".join(f"{t} thread(s) {v:.3f}" for t, v in ceilings.items())
-        print(f"loop: distributed {distributed:.3f} img/s (max_staleness={args.max_staleness}, "
-              f"{args.num_samplers} sampler(s)) vs one-process ceiling {ceiling:.3f} img/s (best of: {tried}) "
-              f"-> ratio {distributed / ceiling:.3f}")
+        print(
+            f"loop: distributed {distributed:.3f} img/s (max_staleness={args.max_staleness}, "
+            f"{args.num_samplers} sampler(s)) vs one-process ceiling {ceiling:.3f} img/s (best of: {tried}) "
+            f"-> ratio {distributed / ceiling:.3f}"
+        )
         if not args.skip_publish:
             lat = publish_latency(args.repeats)
-            print(f"publish: SD1.5-sized rank-4 LoRA ({lat['tensors']} tensors, {lat['megabytes']:.2f} MB): "
-                  f"learner get+put {lat['publish_ms']:.1f} ms, sampler get+load {lat['load_ms']:.1f} ms, "
-                  f"end to end {lat['total_ms']:.1f} ms (median of {args.repeats})")
+            print(
+                f"publish: SD1.5-sized rank-4 LoRA ({lat['tensors']} tensors, {lat['megabytes']:.2f} MB): "
+                f"learner get+put {lat['publish_ms']:.1f} ms, sampler get+load {lat['load_ms']:.1f} ms, "
+                f"end to end {lat['total_ms']:.1f} ms (median of {args.repeats})"
+            )
     finally:
         ray.shutdown()
 

@@ -64,8 +64,15 @@ def pair_gradients(trainer, cond: TextConditioning, x0_a, x0_b, t_range, draws: 
         t = torch.randint(t_range[0], t_range[1] + 1, (draws,), generator=gen)
         noise = torch.randn((draws, *x0_a.shape[1:]), generator=gen)
         c = cond.index(torch.full((draws,), i, dtype=torch.long))
-        delta = diffusion_dpo_mse_delta(trainer.train_predictor, trainer.grid, c, x0_a[i:i + 1].expand(draws, -1, -1, -1),
-                                        x0_b[i:i + 1].expand(draws, -1, -1, -1), t, noise)
+        delta = diffusion_dpo_mse_delta(
+            trainer.train_predictor,
+            trainer.grid,
+            c,
+            x0_a[i : i + 1].expand(draws, -1, -1, -1),
+            x0_b[i : i + 1].expand(draws, -1, -1, -1),
+            t,
+            noise,
+        )
         grads = torch.autograd.grad(delta.mean(), params, allow_unused=True)
         out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
     return torch.stack(out)
@@ -90,17 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--prompts", type=int, default=96)
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--settings", nargs="+", default=["0-999:1", "0-999:4", "200-700:1", "200-700:4",
-                                                          "0-400:4", "400-999:4"],
-                        help="t_lo-t_hi:draws")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["0-999:1", "0-999:4", "200-700:1", "200-700:4", "0-400:4", "400-999:4"],
+        help="t_lo-t_hi:draws",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/pair_signal"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = load_config(args.config, ["tracking.enabled=false", "train.signal_every=0",
-                                       "algorithm={name: diffusion_dpo}", "rewards=[{name: testbed_reward}]",
-                                       *args.overrides])
+    config = load_config(
+        args.config,
+        [
+            "tracking.enabled=false",
+            "train.signal_every=0",
+            "algorithm={name: diffusion_dpo}",
+            "rewards=[{name: testbed_reward}]",
+            *args.overrides,
+        ],
+    )
     trainer = LocalTrainer(config, log=lambda *_: None)
     model, grid = trainer.model, trainer.grid
     checker = CheckerReward()
@@ -139,27 +156,44 @@ def main(argv: list[str] | None = None) -> int:
             by_reward = g * reward_label[:, None]
             half = torch.arange(p) % 2 == 0
             gold_rows = decided
-            cross = 0.5 * (cos(by_reward[half].mean(0), (g * gold_label[:, None])[~half & gold_rows].mean(0))
-                           + cos(by_reward[~half].mean(0), (g * gold_label[:, None])[half & gold_rows].mean(0)))
+            cross = 0.5 * (
+                cos(by_reward[half].mean(0), (g * gold_label[:, None])[~half & gold_rows].mean(0))
+                + cos(by_reward[~half].mean(0), (g * gold_label[:, None])[half & gold_rows].mean(0))
+            )
             groups = {name: snr2(by_reward[:, cols]) for name, cols in param_groups(trainer).items()}
-            row = {"pairing": pairing, "t_range": [lo, hi], "draws": int(draws), "pairs": p,
-                   "snr2": snr2(by_reward), "snr2_checker_labels": snr2((g * gold_label[:, None])[gold_rows]),
-                   "gold_cos": cross, "label_agreement": agree, "checker_decided": int(decided.sum()),
-                   "snr2_by_layers": groups, "seconds": time.perf_counter() - t0}
+            row = {
+                "pairing": pairing,
+                "t_range": [lo, hi],
+                "draws": int(draws),
+                "pairs": p,
+                "snr2": snr2(by_reward),
+                "snr2_checker_labels": snr2((g * gold_label[:, None])[gold_rows]),
+                "gold_cos": cross,
+                "label_agreement": agree,
+                "checker_decided": int(decided.sum()),
+                "snr2_by_layers": groups,
+                "seconds": time.perf_counter() - t0,
+            }
             results.append(row)
             print(json.dumps(row), flush=True)
-    lines = ["| pairs | t range | draws | per-pair SNR² (reward labels) | SNR² (checker labels) | cos(reward, checker) "
-             "| label agreement (decided) | s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| pairs | t range | draws | per-pair SNR² (reward labels) | SNR² (checker labels) | cos(reward, checker) "
+        "| label agreement (decided) | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['pairing']} | {r['t_range'][0]}–{r['t_range'][1]} | {r['draws']} | {r['snr2']:.4f} | "
-                     f"{r['snr2_checker_labels']:.4f} | {r['gold_cos']:+.2f} | {r['label_agreement']:.2f} "
-                     f"({r['checker_decided']}) | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['pairing']} | {r['t_range'][0]}–{r['t_range'][1]} | {r['draws']} | {r['snr2']:.4f} | "
+            f"{r['snr2_checker_labels']:.4f} | {r['gold_cos']:+.2f} | {r['label_agreement']:.2f} "
+            f"({r['checker_decided']}) | {r['seconds']:.0f} |"
+        )
     text = "\n".join(lines)
     print(text)
     print(f"sampling {sampled:.0f} s for {p * s} images; mean reward {rewards.mean():.3f}, checker {gold.mean():.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pair_signal.json").write_text(json.dumps({"rows": results, "settings": vars(args) | {
-        "out": str(args.out)}}, indent=1))
+    (args.out / "pair_signal.json").write_text(
+        json.dumps({"rows": results, "settings": vars(args) | {"out": str(args.out)}}, indent=1)
+    )
     (args.out / "pair_signal.md").write_text(text + "\n")
     return 0
 

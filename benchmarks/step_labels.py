@@ -52,8 +52,9 @@ def finish_stochastic(predictor, grid, cond, x, start: int, gen) -> torch.Tensor
     b = x.shape[0]
     for i in range(start + 1, grid.num_steps):
         eps = predictor(x, grid.timesteps[i].expand(b), cond)
-        x, _ = ddim.ddim_jump(x, eps, grid.alpha_prod[i].expand(b), grid.alpha_prod_prev[i].expand(b), grid.eta,
-                              generator=gen)
+        x, _ = ddim.ddim_jump(
+            x, eps, grid.alpha_prod[i].expand(b), grid.alpha_prod_prev[i].expand(b), grid.eta, generator=gen
+        )
     return x
 
 
@@ -107,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         last = i == k - 1
         row = {"step": i, "timestep": int(grid.timesteps[i])}
         # the value: mean reward of m stochastic completions of each candidate
-        finals = cands if last else torch.cat([finish_stochastic(predictor, grid, cond2, cands, i, gen)
-                                               for _ in range(m)])
+        finals = (
+            cands if last else torch.cat([finish_stochastic(predictor, grid, cond2, cands, i, gen) for _ in range(m)])
+        )
         reps = 1 if last else m
         images = decode_latents(model, finals)
         prompts_m = prompts2 * reps
@@ -141,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     names = [n for n in table[0] if n not in ("step", "timestep") and not n.endswith("_pairs")]
-    names = sorted({n for r in table for n in r if n not in ("step", "timestep") and not n.endswith("pairs")},
-                   key=lambda n: (n.endswith("_vs_checker"), n))
+    names = sorted(
+        {n for r in table for n in r if n not in ("step", "timestep") and not n.endswith("pairs")},
+        key=lambda n: (n.endswith("_vs_checker"), n),
+    )
     lines = ["| step | t | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
     for r in table:
         cells = []
@@ -153,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['step']} | {r['timestep']} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
-    print(f"{seconds:.0f} s; agreement with the candidates' value (mean reward of {m} completions), decisive "
-          "pairs in brackets")
-    (args.out / "step_labels.json").write_text(json.dumps({"rows": table, "seconds": seconds,
-                                                           "settings": vars(args) | {"out": str(args.out)}},
-                                                          indent=1))
+    print(
+        f"{seconds:.0f} s; agreement with the candidates' value (mean reward of {m} completions), decisive "
+        "pairs in brackets"
+    )
+    (args.out / "step_labels.json").write_text(
+        json.dumps({"rows": table, "seconds": seconds, "settings": vars(args) | {"out": str(args.out)}}, indent=1)
+    )
     (args.out / "step_labels.md").write_text(text + "\n")
     return 0
 

@@ -35,8 +35,9 @@ def learning_overrides(kind: str, method: str, reward: str, iterations: int, out
     ]
 
 
-def run_case(config_path: str, kind: str, method: str, reward: str, iterations: int, output_dir: str,
-             threads: int = 0) -> dict:
+def run_case(
+    config_path: str, kind: str, method: str, reward: str, iterations: int, output_dir: str, threads: int = 0
+) -> dict:
     """One (pipeline, method, reward) learning run in this process; a plain dict, so that a process pool can return
     it (tests/test_learning.py runs its cases two at a time at one thread each). `threads` > 0 sets torch's
     intra-op threads first."""
@@ -53,8 +54,9 @@ def run_case(config_path: str, kind: str, method: str, reward: str, iterations: 
     return {
         "iterations": len(result.history),
         "every_iteration_stepped": all(r["train/optimizer_steps"] >= 1 for r in result.history),
-        "lora_b_moved": any(v.abs().max().item() > 0 for k, v in get_lora_state_dict(trainer.model.unet).items()
-                            if "lora_B" in k),
+        "lora_b_moved": any(
+            v.abs().max().item() > 0 for k, v in get_lora_state_dict(trainer.model.unet).items() if "lora_B" in k
+        ),
         "before": result.eval_before.mean,
         "after": result.eval_after.mean,
         "lora_exported": (result.run_dir / "lora" / "pytorch_lora_weights.safetensors").exists(),
@@ -84,8 +86,11 @@ def main() -> None:
                 # overwrite: running the script again replaces the earlier runs under --output-dir
                 result = LocalTrainer(config, overwrite=True, log=lambda *_: None).fit()
                 b, a = result.eval_before.mean, result.eval_after.mean
-                print(f"{kind:8} {reward:22} {method:14} {b:10.4f} {a:10.4f} {a - b:+10.4f} "
-                      f"{time.perf_counter() - start:6.1f}", flush=True)
+                print(
+                    f"{kind:8} {reward:22} {method:14} {b:10.4f} {a:10.4f} {a - b:+10.4f} "
+                    f"{time.perf_counter() - start:6.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

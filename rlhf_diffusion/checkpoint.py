@@ -42,8 +42,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "CheckpointState", "latest_checkpoint", "load_checkpoint", "load_resumable",
-           "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointState",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_resumable",
+    "save_checkpoint",
+]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # The learner-state key of the trained weights: a LoRA or (model.finetune: full) the whole UNet.
@@ -126,14 +132,22 @@ def save_checkpoint(root: str | Path, state: CheckpointState, keep_last: int = 2
             torch.save(state.learner["optimizer"], f)
             f.flush()
             os.fsync(f.fileno())
-        save_file({k: v.contiguous() for k, v in state.learner["algorithm"].items()},
-                  staging / "algorithm_state.safetensors")
-        history = {f"v{version}/{key}": value.contiguous()
-                   for version, weights in state.weights_history.items() for key, value in weights.items()}
+        save_file(
+            {k: v.contiguous() for k, v in state.learner["algorithm"].items()}, staging / "algorithm_state.safetensors"
+        )
+        history = {
+            f"v{version}/{key}": value.contiguous()
+            for version, weights in state.weights_history.items()
+            for key, value in weights.items()
+        }
         save_file(history, staging / "weights_history.safetensors")
-        meta = {**state.meta, "iteration": state.iteration, "learner_version": int(state.learner["version"]),
-                "dropped": int(state.learner.get("dropped", 0)),
-                "history_versions": sorted(int(v) for v in state.weights_history)}
+        meta = {
+            **state.meta,
+            "iteration": state.iteration,
+            "learner_version": int(state.learner["version"]),
+            "dropped": int(state.learner.get("dropped", 0)),
+            "history_versions": sorted(int(v) for v in state.weights_history),
+        }
         _write_bytes(staging / "state.json", json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
         for path in staging.rglob("*"):
             if path.is_file():
@@ -160,8 +174,9 @@ def _weights_key(learner: dict[str, Any]) -> str:
 
 
 def _complete(path: Path) -> bool:
-    return (path / "state.json").is_file() and any((path / f"learner_{key}.safetensors").is_file()
-                                                   for key in WEIGHTS_KEYS)
+    return (path / "state.json").is_file() and any(
+        (path / f"learner_{key}.safetensors").is_file() for key in WEIGHTS_KEYS
+    )
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -250,13 +265,21 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
     """
     path = Path(path)
     weights_key = next((k for k in WEIGHTS_KEYS if (path / f"learner_{k}.safetensors").is_file()), "lora")
-    for required in ("state.json", f"learner_{weights_key}.safetensors", "optimizer.pt", "algorithm_state.safetensors",
-                     "weights_history.safetensors"):
+    for required in (
+        "state.json",
+        f"learner_{weights_key}.safetensors",
+        "optimizer.pt",
+        "algorithm_state.safetensors",
+        "weights_history.safetensors",
+    ):
         if not (path / required).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {required} is missing")
     meta = _read_meta(path)
-    tensor_files = [path / f"learner_{weights_key}.safetensors", path / "algorithm_state.safetensors",
-                    path / "weights_history.safetensors"]
+    tensor_files = [
+        path / f"learner_{weights_key}.safetensors",
+        path / "algorithm_state.safetensors",
+        path / "weights_history.safetensors",
+    ]
     weights, algorithm, flat_history = (_read_tensors(file) for file in tensor_files)
     optimizer = _read_optimizer(path)
     _check_exports(path, set(tensor_files))
@@ -286,8 +309,7 @@ def _resume_candidates(root: Path) -> list[Path]:
     return dirs
 
 
-def load_resumable(root: str | Path,
-                   log: Callable[[str], None] = print) -> tuple[Path, CheckpointState] | None:
+def load_resumable(root: str | Path, log: Callable[[str], None] = print) -> tuple[Path, CheckpointState] | None:
     """The newest checkpoint under `root` that loads completely (`load_checkpoint`), and its path; a damaged newer
     one is skipped with one `log` line naming the bad file and why.
 

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -143,8 +143,10 @@ class _ShortRepr(reprlib.Repr):
             return "{}"
         if level <= 0:
             return "{...}"
-        items = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
-                 for k, v in itertools.islice(x.items(), self.maxdict)]
+        items = [
+            f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+            for k, v in itertools.islice(x.items(), self.maxdict)
+        ]
         return "{" + ", ".join(items + (["..."] if len(x) > self.maxdict else [])) + "}"
 
 
@@ -292,8 +294,11 @@ class ModelConfig(_FrozenModel):
     def _check_consistency(self) -> ModelConfig:
         if self.pretrained in TINY_MODELS and self.kind not in ("auto", self.pretrained.removeprefix("tiny:")):
             raise _field_error("kind", f"contradicts pretrained {self.pretrained!r}", self.kind)
-        is_local = (self.pretrained in TINY_MODELS or self.pretrained.startswith("testbed:")
-                    or Path(self.pretrained).expanduser().is_dir())
+        is_local = (
+            self.pretrained in TINY_MODELS
+            or self.pretrained.startswith("testbed:")
+            or Path(self.pretrained).expanduser().is_dir()
+        )
         if self.revision is not None and is_local:
             raise _field_error("revision", "only valid when `pretrained` is a hub id", self.revision)
         return self
@@ -601,7 +606,8 @@ class DDEConfig(_FinalPairConfig):
     def _check_correction(self) -> DDEConfig:
         if self.name == "dde_single" and self.correction != "none":
             raise _field_error(
-                "correction", "must be 'none' for dde_single (DDE-Single has no correction; use name 'dde')",
+                "correction",
+                "must be 'none' for dde_single (DDE-Single has no correction; use name 'dde')",
                 self.correction,
             )
         return self
@@ -625,7 +631,7 @@ class DiffusionDPOConfig(_FinalPairConfig):
 
 
 AlgorithmConfig = Annotated[
-    Union[D3POConfig, TailorPOConfig, TailorPOGConfig, DDEConfig, DiffusionDPOConfig],
+    D3POConfig | TailorPOConfig | TailorPOGConfig | DDEConfig | DiffusionDPOConfig,
     Field(discriminator="name"),
 ]
 _ALGORITHM_CLASSES: tuple[type[_FrozenModel], ...] = (
@@ -732,12 +738,16 @@ def _check_distinct_reward_keys(rewards: list[RewardConfig], where: str) -> list
             first = rewards[first_index[key]]
             if reward.label is None and first.label is None and reward.name == first.name != CUSTOM_REWARD:
                 raise _field_error(
-                    f"{index}.name", f"duplicate reward (already {where}.{first_index[key]}.name); give each a "
-                    "distinct `label` to use a reward twice", reward.name
+                    f"{index}.name",
+                    f"duplicate reward (already {where}.{first_index[key]}.name); give each a "
+                    "distinct `label` to use a reward twice",
+                    reward.name,
                 )
             raise _field_error(
-                f"{index}.label", f"duplicate reward key {key!r} (already the key of {where}.{first_index[key]}); "
-                "give each reward a distinct `label`", key
+                f"{index}.label",
+                f"duplicate reward key {key!r} (already the key of {where}.{first_index[key]}); "
+                "give each reward a distinct `label`",
+                key,
             )
         first_index[key] = index
     return rewards
@@ -756,27 +766,36 @@ class ResourcesConfig(_FrozenModel):
     )
     learner_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each learner rank; 0 = CPU only.")
     num_learners: int = Field(
-        1, ge=1, description="Learner ranks (data-parallel, torch DistributedDataParallel: NCCL on GPUs, gloo on "
+        1,
+        ge=1,
+        description="Learner ranks (data-parallel, torch DistributedDataParallel: NCCL on GPUs, gloo on "
         "CPU). Each rank reserves learner_gpus and cpus_per_actor, computes its contiguous share of every "
         "minibatch (random draws are made for the whole minibatch, so any rank count computes the same "
         "gradient) and all ranks step identically; rank 0 publishes and checkpoints. >1 needs Ray (not --no-ray).",
     )
     cpus_per_actor: float = Field(
-        1.0, gt=0, description="CPU cores reserved by each actor (Ray num_cpus); also its torch thread count "
-        "(at least 1)."
+        1.0,
+        gt=0,
+        description="CPU cores reserved by each actor (Ray num_cpus); also its torch thread count (at least 1).",
     )
     max_actor_restarts: int = Field(
-        3, ge=0, description="How often Ray restarts a dead sampler or reward server (its work is redone); the "
-        "learner is never restarted (the run ends with a resumable checkpoint)."
+        3,
+        ge=0,
+        description="How often Ray restarts a dead sampler or reward server (its work is redone); the "
+        "learner is never restarted (the run ends with a resumable checkpoint).",
     )
     reward_batch_window_ms: float = Field(
-        2.0, ge=0, description="How long a reward server's idle queue waits for more requests before a batch; "
-        "requests arriving while a batch runs always join the next one."
+        2.0,
+        ge=0,
+        description="How long a reward server's idle queue waits for more requests before a batch; "
+        "requests arriving while a batch runs always join the next one.",
     )
     reward_max_batch_images: int = Field(256, ge=1, description="Most images in one batched reward-model call.")
     actor_start_timeout_s: float = Field(
-        600.0, gt=0, description="How long the driver waits for every actor to load its models before failing "
-        "(a cluster without the reserved CPUs/GPUs never starts them)."
+        600.0,
+        gt=0,
+        description="How long the driver waits for every actor to load its models before failing "
+        "(a cluster without the reserved CPUs/GPUs never starts them).",
     )
 
 
@@ -792,8 +811,7 @@ class TrainConfig(_FrozenModel):
     learning_rate: float = Field(
         3e-5,
         gt=0,
-        description="AdamW learning rate (constant). Default 3e-5 from the D3PO paper appendix per D3PO issue #4 "
-        "[I].",
+        description="AdamW learning rate (constant). Default 3e-5 from the D3PO paper appendix per D3PO issue #4 [I].",
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1. Default 0.9 from D3PO config/base.py [C].")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW β2. Default 0.999 from D3PO config/base.py [C].")
@@ -860,17 +878,34 @@ class TrainConfig(_FrozenModel):
 class PromptSource(_FrozenModel):
     """Where prompts come from: exactly one of a builtin list, a text file, or an inline list."""
 
-    builtin: Literal[
-        "simple_animals", "partiprompts", "partiprompts:abstract", "partiprompts:animals", "partiprompts:artifacts",
-        "partiprompts:arts", "partiprompts:food_beverage", "partiprompts:illustrations", "partiprompts:indoor_scenes",
-        "partiprompts:outdoor_scenes", "partiprompts:people", "partiprompts:produce_plants", "partiprompts:vehicles",
-        "partiprompts:world_knowledge", "testbed_train", "testbed_heldout",
-    ] | None = Field(
-        None, description="A builtin prompt list: 'simple_animals' = DDPO's 45 animal names [C], used by D3PO [C] "
+    builtin: (
+        Literal[
+            "simple_animals",
+            "partiprompts",
+            "partiprompts:abstract",
+            "partiprompts:animals",
+            "partiprompts:artifacts",
+            "partiprompts:arts",
+            "partiprompts:food_beverage",
+            "partiprompts:illustrations",
+            "partiprompts:indoor_scenes",
+            "partiprompts:outdoor_scenes",
+            "partiprompts:people",
+            "partiprompts:produce_plants",
+            "partiprompts:vehicles",
+            "partiprompts:world_knowledge",
+            "testbed_train",
+            "testbed_heldout",
+        ]
+        | None
+    ) = Field(
+        None,
+        description="A builtin prompt list: 'simple_animals' = DDPO's 45 animal names [C], used by D3PO [C] "
         "and TailorPO [R]; 'testbed_train' / 'testbed_heldout' = the 332 / 82 captions of the testbed world's "
-        "fixed split (rlhf_diffusion/testbed, for `model.pretrained: testbed:pipeline`); 'partiprompts' = all 1,632 PartiPrompts (google-research/parti, Apache-2.0); "
+        "fixed split (rlhf_diffusion/testbed, for `model.pretrained: testbed:pipeline`); 'partiprompts' = all 1,632 "
+        "PartiPrompts (google-research/parti, Apache-2.0); "
         "'partiprompts:<category>' = the PartiPrompts of one category (lower-case, '_' for other characters: "
-        "animals, food_beverage, world_knowledge, ...; see rlhf_diffusion/prompts.py)."
+        "animals, food_beverage, world_knowledge, ...; see rlhf_diffusion/prompts.py).",
     )
     file: str | None = Field(
         None, description="A UTF-8 text file with one prompt per line (relative to the working directory)."
@@ -920,8 +955,9 @@ class TrackingConfig(_FrozenModel):
 
     enabled: bool = Field(True, description="Log params, metrics, image grids and the LoRA to MLflow.")
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI (a server such as http://host:5000, or a store URI); None = "
-        "sqlite:///<output_dir>/mlflow.db, shared by every run under output_dir so they can be compared."
+        None,
+        description="MLflow tracking URI (a server such as http://host:5000, or a store URI); None = "
+        "sqlite:///<output_dir>/mlflow.db, shared by every run under output_dir so they can be compared.",
     )
     experiment: str = Field("rlhf_diffusion", min_length=1, description="MLflow experiment name.")
     log_every: int = Field(1, ge=1, description="Log metrics every this many iterations.")
@@ -1015,8 +1051,9 @@ class GuardsConfig(_FrozenModel):
         for index, reward in enumerate(rewards):
             if reward.weight != 1.0:
                 raise _field_error(
-                    f"{index}.weight", "has no effect on a held-out reward (each is logged on its own, never "
-                    "summed); remove it", reward.weight
+                    f"{index}.weight",
+                    "has no effect on a held-out reward (each is logged on its own, never summed); remove it",
+                    reward.weight,
                 )
         return _check_distinct_reward_keys(rewards, "guards.heldout_rewards")
 
@@ -1027,7 +1064,8 @@ class GuardsConfig(_FrozenModel):
             if self.early_stop.reward not in keys:
                 valid = ", ".join(map(repr, keys)) if keys else "none: guards.heldout_rewards is empty"
                 raise _field_error(
-                    "early_stop.reward", f"is not the key of a held-out reward (valid: {valid})",
+                    "early_stop.reward",
+                    f"is not the key of a held-out reward (valid: {valid})",
                     self.early_stop.reward,
                 )
         return self
@@ -1048,7 +1086,7 @@ class DataConfig(_FrozenModel):
     format: Literal["pickapic_parquet", "jsonl"] = Field(
         description="'pickapic_parquet' = Pick-a-Pic v2 Parquet (columns caption, jpg_0, jpg_1, label_0; ties "
         "label_0 = 0.5 are dropped and winners put first, as Diffusion-DPO [C]); 'jsonl' = one {\"prompt\", "
-        "\"image_w\", \"image_l\"} object per line (paths relative to the file; \"tie\": true drops the pair).",
+        '"image_w", "image_l"} object per line (paths relative to the file; "tie": true drops the pair).',
     )
     path: str = Field(
         min_length=1,
@@ -1056,16 +1094,21 @@ class DataConfig(_FrozenModel):
         "on every sampler node.",
     )
     pairs_per_iteration: int = Field(
-        8, ge=1, description="Offline pairs each sampler contributes per iteration (iteration i, counted from 0, "
+        8,
+        ge=1,
+        description="Offline pairs each sampler contributes per iteration (iteration i, counted from 0, "
         "takes pairs i·n … (i+1)·n−1 of the sampler's shard, so a redone shard or a resumed run reads the same pairs).",
     )
     online: bool = Field(
-        False, description="Also sample online pairs for the iteration's prompts (two images per prompt from the "
+        False,
+        description="Also sample online pairs for the iteration's prompts (two images per prompt from the "
         "current policy, ranked by the rewards) and train on both. False = offline only (no images are sampled "
         "for training; the rewards still score evaluations).",
     )
     shuffle_buffer: int = Field(
-        1000, ge=0, description="Streaming shuffle buffer (records); 0 = file order. Order depends on (seed, pass).",
+        1000,
+        ge=0,
+        description="Streaming shuffle buffer (records); 0 = file order. Order depends on (seed, pass).",
     )
     read_batch_size: int = Field(64, ge=1, description="Parquet rows decoded per read (memory per reader).")
 
@@ -1129,14 +1172,18 @@ class RunConfig(_FrozenModel):
             for train_index, reward in enumerate(self.rewards):
                 if _same_reward_model(heldout, reward):
                     raise _field_error(
-                        where, f"is the same reward model as rewards.{train_index} (same name, path, kwargs and "
-                        "target): a reward the policy is trained on is not held out", heldout.key,
+                        where,
+                        f"is the same reward model as rewards.{train_index} (same name, path, kwargs and "
+                        "target): a reward the policy is trained on is not held out",
+                        heldout.key,
                     )
             if heldout.key in trained:
                 field = "label" if heldout.label is not None else "target" if heldout.name == CUSTOM_REWARD else "name"
                 raise _field_error(
-                    f"{where}.{field}", f"key {heldout.key!r} is also the key of rewards.{trained[heldout.key]}; a "
-                    "held-out reward needs its own key (give it a distinct `label`)", heldout.key,
+                    f"{where}.{field}",
+                    f"key {heldout.key!r} is also the key of rewards.{trained[heldout.key]}; a "
+                    "held-out reward needs its own key (give it a distinct `label`)",
+                    heldout.key,
                 )
         return self
 
@@ -1144,8 +1191,10 @@ class RunConfig(_FrozenModel):
     def _check_data_fits_algorithm(self) -> RunConfig:
         if self.data is not None and self.algorithm.name not in OFFLINE_DATA_ALGORITHMS:
             raise _field_error(
-                "data", f"offline preference pairs train only {', '.join(OFFLINE_DATA_ALGORITHMS)} (final-image "
-                f"pairs); {self.algorithm.name} needs trajectories from its own rollouts", self.data.format,
+                "data",
+                f"offline preference pairs train only {', '.join(OFFLINE_DATA_ALGORITHMS)} (final-image "
+                f"pairs); {self.algorithm.name} needs trajectories from its own rollouts",
+                self.data.format,
             )
         return self
 
@@ -1154,8 +1203,9 @@ class RunConfig(_FrozenModel):
         skip = getattr(self.algorithm, "skip_final_steps", 0)
         if skip >= self.sampling.num_steps:
             raise _field_error(
-                "algorithm.skip_final_steps", f"must be below sampling.num_steps ({self.sampling.num_steps}): no "
-                "step would be left to train", skip,
+                "algorithm.skip_final_steps",
+                f"must be below sampling.num_steps ({self.sampling.num_steps}): no step would be left to train",
+                skip,
             )
         return self
 
@@ -1516,7 +1566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("config", help="the run config YAML file")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one field, e.g. --set train.learning_rate=1e-4 (repeatable)",
     )
     args = parser.parse_args(argv)

@@ -76,8 +76,18 @@ DEFAULT_EXPERIMENT = "rlhf_diffusion"  # the trainer's default experiment, so ev
 # The diffusers LoRA metadata key (`save_lora_weights(..., unet_lora_adapter_metadata=...)`).
 LORA_METADATA_KEY = "lora_adapter_metadata"
 # peft LoraConfig fields that shape the forward pass; the rest of the saved config (init, task, paths) is dropped.
-_LORA_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
-                       "use_rslora", "fan_in_fan_out", "layers_to_transform", "layers_pattern")
+_LORA_CONFIG_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "exclude_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "fan_in_fan_out",
+    "layers_to_transform",
+    "layers_pattern",
+)
 _LORA_KEY_RE = re.compile(r"^unet\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -139,8 +149,9 @@ def resolve_prompts(spec: str | None, inline: Sequence[str] = (), limit: int | N
         except (OSError, UnicodeDecodeError, ValueError) as error:
             raise EvaluateError(f"--prompts {spec}: {error}") from None
     else:
-        raise EvaluateError(f"--prompts {spec!r}: no such prompt file, and not a built-in set "
-                            f"({', '.join(BUILTIN_PROMPT_SETS)})")
+        raise EvaluateError(
+            f"--prompts {spec!r}: no such prompt file, and not a built-in set ({', '.join(BUILTIN_PROMPT_SETS)})"
+        )
     if limit is not None:
         prompts = prompts[:limit]
         extra = {k: v[:limit] for k, v in extra.items()}
@@ -189,8 +200,10 @@ def _read_rewards_yaml(path: str) -> list[dict[str, Any]]:
     if isinstance(data, dict) and "rewards" in data:
         data = data["rewards"]
     if not isinstance(data, list) or not data or not all(isinstance(entry, dict) for entry in data):
-        raise EvaluateError(f"--rewards-yaml {path}: expected a non-empty list of reward entries "
-                            "({name, weight, path, kwargs}) or a mapping with such a `rewards` list")
+        raise EvaluateError(
+            f"--rewards-yaml {path}: expected a non-empty list of reward entries "
+            "({name, weight, path, kwargs}) or a mapping with such a `rewards` list"
+        )
     return data
 
 
@@ -219,8 +232,10 @@ def check_rewards(entries: Sequence[dict[str, Any]], origins: Sequence[str]) -> 
     for entry, origin in zip(entries, origins):
         name = entry.get("name")
         if name not in REWARD_NAMES and name != "custom":
-            raise EvaluateError(f"{origin}: unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}, "
-                                "custom (with target: 'package.module:Attribute')")
+            raise EvaluateError(
+                f"{origin}: unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}, "
+                "custom (with target: 'package.module:Attribute')"
+            )
         try:
             spec = RewardConfig.model_validate(entry)
         except ValidationError as error:
@@ -242,14 +257,17 @@ def check_rewards(entries: Sequence[dict[str, Any]], origins: Sequence[str]) -> 
                 raise EvaluateError(f"{origin}: reward {spec.name!r}: {error}") from None
         elif spec.name in model_rewards:
             if spec.path is None:
-                raise EvaluateError(f"{origin}: reward {spec.name!r} loads a model and needs its weights' location: "
-                                    f"--reward {spec.name}@PATH (a local directory/file or a hub id)")
+                raise EvaluateError(
+                    f"{origin}: reward {spec.name!r} loads a model and needs its weights' location: "
+                    f"--reward {spec.name}@PATH (a local directory/file or a hub id)"
+                )
             local = Path(spec.path).expanduser()
             if not local.exists() and (spec.path.startswith(("/", ".", "~")) or not _HUB_ID_RE.match(spec.path)):
                 raise EvaluateError(f"{origin}: reward {spec.name!r}: no such file or directory: {spec.path}")
         elif spec.path is not None:
-            raise EvaluateError(f"{origin}: reward {spec.name!r} loads no weights and takes no path "
-                                f"(got {spec.path!r})")
+            raise EvaluateError(
+                f"{origin}: reward {spec.name!r} loads no weights and takes no path (got {spec.path!r})"
+            )
         specs.append(spec)
     return specs
 
@@ -319,7 +337,8 @@ def read_lora_file(path: str | Path) -> LoraFile:
         raise LoraFileError(
             f"{path}: not a UNet LoRA in diffusers/peft format: {len(bad)} of {len(tensors)} keys are not "
             f"'unet.<module>.lora_A.weight' / 'unet.<module>.lora_B.weight' (e.g. {', '.join(bad[:3])}); "
-            "expected a file written by export_lora or diffusers' save_lora_weights")
+            "expected a file written by export_lora or diffusers' save_lora_weights"
+        )
     parts: dict[str, set[str]] = {}
     for key in tensors:
         match = _LORA_KEY_RE.match(key)
@@ -363,12 +382,20 @@ def _infer_config(state: dict[str, Any]) -> dict[str, Any]:
     """diffusers' rule for a file without metadata: r from the lora_A shapes, α = r, targets = the modules."""
     from collections import Counter
 
-    ranks = {key.removesuffix(".lora_A.weight"): int(value.shape[0])
-             for key, value in state.items() if key.endswith(".lora_A.weight")}
+    ranks = {
+        key.removesuffix(".lora_A.weight"): int(value.shape[0])
+        for key, value in state.items()
+        if key.endswith(".lora_A.weight")
+    }
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {module: r for module, r in ranks.items() if r != rank}
-    return {"r": rank, "lora_alpha": rank, "target_modules": sorted(ranks), "rank_pattern": pattern,
-            "alpha_pattern": dict(pattern)}
+    return {
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": sorted(ranks),
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+    }
 
 
 def apply_lora(unet: Any, lora: LoraFile, adapter_name: str = EVAL_ADAPTER) -> None:
@@ -448,11 +475,26 @@ class EvaluationResult:
         return names
 
 
-def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequence[tuple[str, Path]] = (), *,
-             seeds: int = 2, steps: int = 20, eta: float = 1.0, guidance_scale: float = 5.0,
-             resolution: int | None = None, device: str = "auto", dtype: str = "float32", kind: str = "auto",
-             revision: str | None = None, cache_dir: str | Path = ".", grid_prompts: int = 8,
-             image_dir: Path | None = None, log: Callable[[str], None] = print) -> EvaluationResult:
+def evaluate(
+    model: str,
+    prompts: PromptSet,
+    rewards: Sequence[Any],
+    loras: Sequence[tuple[str, Path]] = (),
+    *,
+    seeds: int = 2,
+    steps: int = 20,
+    eta: float = 1.0,
+    guidance_scale: float = 5.0,
+    resolution: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    kind: str = "auto",
+    revision: str | None = None,
+    cache_dir: str | Path = ".",
+    grid_prompts: int = 8,
+    image_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> EvaluationResult:
     """Samples every prompt × seed with the base model and with each LoRA, and scores the images.
 
     Args:
@@ -486,8 +528,7 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
     lora_files = [(label, read_lora_file(path)) for label, path in loras]  # unreadable files fail before loading
     try:
         source = resolve_model_source(model, Path(cache_dir))
-        pipeline = load_diffusion_model(source, kind=kind, dtype=DTYPES[dtype], device=torch_device,
-                                        revision=revision)
+        pipeline = load_diffusion_model(source, kind=kind, dtype=DTYPES[dtype], device=torch_device, revision=revision)
     except ModelLoadError as error:
         raise EvaluateError(f"--model {model}: {error}") from None
     reward_fn = _build_rewards(rewards, torch_device)
@@ -496,8 +537,17 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
         raise EvaluateError(f"--resolution {res}: must be a multiple of {pipeline.vae_scale_factor} for this model")
     grid = DDIMGrid.from_scheduler(pipeline.scheduler, steps, eta)
     predictor = NoisePredictor(pipeline, guidance_scale, res, res)
-    settings = {"seeds": seeds, "steps": steps, "eta": eta, "guidance_scale": guidance_scale, "resolution": res,
-                "device": str(torch_device), "dtype": dtype, "kind": pipeline.kind, "source": source}
+    settings = {
+        "seeds": seeds,
+        "steps": steps,
+        "eta": eta,
+        "guidance_scale": guidance_scale,
+        "resolution": res,
+        "device": str(torch_device),
+        "dtype": dtype,
+        "kind": pipeline.kind,
+        "source": source,
+    }
 
     rows = []
     for index, (label, lora) in enumerate([("base", None), *lora_files]):
@@ -510,8 +560,9 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
         with torch.no_grad():
             # The trainer's held-out evaluation loop (workers/sampler.py sample_held_out), same batches.
             j = 0
-            for batch_prompts, batch_images in sample_held_out(pipeline, predictor, grid, list(prompts.prompts),
-                                                               list(range(len(prompts.prompts))), seeds, res):
+            for batch_prompts, batch_images in sample_held_out(
+                pipeline, predictor, grid, list(prompts.prompts), list(range(len(prompts.prompts))), seeds, res
+            ):
                 batch_result = reward_fn.score(batch_images, batch_prompts)
                 for start in range(0, len(batch_prompts), seeds):  # per prompt: (S,) scores, (S, 3, H, W)
                     own = slice(start, start + seeds)
@@ -524,9 +575,14 @@ def evaluate(model: str, prompts: PromptSet, rewards: Sequence[Any], loras: Sequ
                     if image_dir is not None:
                         _save_images(images, image_dir / _row_dirname(index, label), j)
                     j += 1
-        row = ModelRow(label=label, lora=None if lora is None else lora.path,
-                       scores={name: torch.stack(v) for name, v in per.items()}, total=torch.stack(totals),
-                       images=torch.cat(kept) if kept else torch.empty(0), seconds=time.perf_counter() - start)
+        row = ModelRow(
+            label=label,
+            lora=None if lora is None else lora.path,
+            scores={name: torch.stack(v) for name, v in per.items()},
+            total=torch.stack(totals),
+            images=torch.cat(kept) if kept else torch.empty(0),
+            seconds=time.perf_counter() - start,
+        )
         rows.append(row)
         summary = ", ".join(f"{name} {row.stats(name)[0]:.4f} ± {row.stats(name)[1]:.4f}" for name in per)
         log(f"[evaluate] {label}: {summary} ({len(prompts.prompts) * seeds} images, {row.seconds:.1f} s)")
@@ -569,16 +625,21 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = result.columns
-    paths = {"table": out / "results.md", "csv": out / "results.csv", "per_prompt": out / "per_prompt.csv",
-             "grid": out / "grid.png"}
+    paths = {
+        "table": out / "results.md",
+        "csv": out / "results.csv",
+        "per_prompt": out / "per_prompt.csv",
+        "grid": out / "grid.png",
+    }
     num_prompts, seeds = len(result.prompts.prompts), result.settings["seeds"]
 
     with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "lora", "images", *(f"{c}_{s}" for c in columns for s in ("mean", "std"))])
         for row in result.rows:
-            writer.writerow([row.label, row.lora or "", num_prompts * seeds,
-                             *(repr(v) for c in columns for v in row.stats(c))])
+            writer.writerow(
+                [row.label, row.lora or "", num_prompts * seeds, *(repr(v) for c in columns for v in row.stats(c))]
+            )
 
     with open(paths["per_prompt"], "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -587,8 +648,16 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
         for row in result.rows:
             for j, prompt in enumerate(result.prompts.prompts):
                 values = [(row.total if c == "total" else row.scores[c])[j].mean().item() for c in columns]
-                writer.writerow([row.label, j, prompt, *(result.prompts.extra[k][j] for k in extra), seeds,
-                                 *(repr(v) for v in values)])
+                writer.writerow(
+                    [
+                        row.label,
+                        j,
+                        prompt,
+                        *(result.prompts.extra[k][j] for k in extra),
+                        seeds,
+                        *(repr(v) for v in values),
+                    ]
+                )
 
     shown = result.rows[0].images.shape[0] // seeds if result.rows[0].images.numel() else 0
     if shown:
@@ -606,7 +675,8 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
         f"{num_prompts * seeds} images per row); DDIM {result.settings['steps']} steps, η "
         f"{result.settings['eta']:g}, guidance {result.settings['guidance_scale']:g}, "
         f"{result.settings['resolution']} px.",
-        "Rewards: " + ", ".join(f"`{_reward_label(spec)}`" for spec in result.rewards)
+        "Rewards: "
+        + ", ".join(f"`{_reward_label(spec)}`" for spec in result.rewards)
         + ". Cells: mean ± sample std over all images.",
         "",
         header,
@@ -616,11 +686,15 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
         cells = [f"{m:.4f} ± {s:.4f}" for m, s in (row.stats(c) for c in columns)]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("LoRAs: " + (", ".join(f"{row.label} = `{row.lora}`" for row in result.rows if row.lora) or "none")
-                 + ".")
+    lines.append(
+        "LoRAs: " + (", ".join(f"{row.label} = `{row.lora}`" for row in result.rows if row.lora) or "none") + "."
+    )
     if "grid" in paths:
-        lines.append(f"`grid.png`: the first {shown} prompts, one per row; columns: "
-                     + ", then ".join(f"{row.label} seeds 0–{seeds - 1}" for row in result.rows) + ".")
+        lines.append(
+            f"`grid.png`: the first {shown} prompts, one per row; columns: "
+            + ", then ".join(f"{row.label} seeds 0–{seeds - 1}" for row in result.rows)
+            + "."
+        )
     paths["table"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
 
@@ -640,8 +714,13 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def log_to_mlflow(result: EvaluationResult, paths: dict[str, Path], uri: str, experiment: str = DEFAULT_EXPERIMENT,
-                  run_name: str = "evaluate") -> str:
+def log_to_mlflow(
+    result: EvaluationResult,
+    paths: dict[str, Path],
+    uri: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str = "evaluate",
+) -> str:
     """Logs one parent run (params, the report files as artifacts) and one child run per row (metrics).
 
     Returns:
@@ -656,18 +735,24 @@ def log_to_mlflow(result: EvaluationResult, paths: dict[str, Path], uri: str, ex
     parent = client.create_run(experiment_id, run_name=run_name, tags={**tags, "mlflow.runName": run_name})
     parent_id = parent.info.run_id
     try:
-        params = {"model": result.model, "prompts": result.prompts.source,
-                  "num_prompts": str(len(result.prompts.prompts)),
-                  "rewards": json.dumps([_reward_label(spec) for spec in result.rewards]),
-                  "loras": json.dumps([str(row.lora) for row in result.rows if row.lora]),
-                  **{key: str(value) for key, value in result.settings.items()}}
+        params = {
+            "model": result.model,
+            "prompts": result.prompts.source,
+            "num_prompts": str(len(result.prompts.prompts)),
+            "rewards": json.dumps([_reward_label(spec) for spec in result.rewards]),
+            "loras": json.dumps([str(row.lora) for row in result.rows if row.lora]),
+            **{key: str(value) for key, value in result.settings.items()},
+        }
         client.log_batch(parent_id, params=[mlflow.entities.Param(k, v[:500]) for k, v in params.items()])
         for path in paths.values():
             client.log_artifact(parent_id, str(path))
         now = mlflow.utils.time.get_current_time_millis()
         for row in result.rows:
-            child = client.create_run(experiment_id, run_name=row.label,
-                                      tags={**tags, "mlflow.parentRunId": parent_id, "mlflow.runName": row.label})
+            child = client.create_run(
+                experiment_id,
+                run_name=row.label,
+                tags={**tags, "mlflow.parentRunId": parent_id, "mlflow.runName": row.label},
+            )
             metrics = {}
             for spec in result.rewards:
                 metrics[f"eval/{spec.key}"], metrics[f"eval/{spec.key}_std"] = row.stats(spec.key)
@@ -675,8 +760,11 @@ def log_to_mlflow(result: EvaluationResult, paths: dict[str, Path], uri: str, ex
             client.log_batch(
                 child.info.run_id,
                 metrics=[mlflow.entities.Metric(k, v, now, 0) for k, v in metrics.items() if math.isfinite(v)],
-                params=[mlflow.entities.Param("label", row.label), mlflow.entities.Param("lora", str(row.lora or "")),
-                        mlflow.entities.Param("model", result.model[:500])],
+                params=[
+                    mlflow.entities.Param("label", row.label),
+                    mlflow.entities.Param("lora", str(row.lora or "")),
+                    mlflow.entities.Param("model", result.model[:500]),
+                ],
             )
             client.set_terminated(child.info.run_id, status="FINISHED")
     except BaseException:
@@ -700,45 +788,82 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rlhf_diffusion.evaluate", description=__doc__,
+        prog="python -m rlhf_diffusion.evaluate",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True,
-                        help="base pipeline: a diffusers directory, a hub id, testbed:pipeline, or tiny:sd15 / tiny:sdxl")
-    parser.add_argument("--lora", action="append", default=[], metavar="[LABEL=]PATH",
-                        help="a LoRA to compare (repeatable; one row each after the base row): an export_lora "
-                        "directory such as <run>/lora, its .safetensors file, or a run directory")
-    parser.add_argument("--prompts", metavar="SET_OR_FILE",
-                        help="a built-in prompt set (simple_animals, partiprompts, partiprompts:<category>) or a "
-                        "text file with one prompt per line")
-    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                        help="an inline prompt (repeatable; instead of --prompts)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="base pipeline: a diffusers directory, a hub id, testbed:pipeline, or tiny:sd15 / tiny:sdxl",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="[LABEL=]PATH",
+        help="a LoRA to compare (repeatable; one row each after the base row): an export_lora "
+        "directory such as <run>/lora, its .safetensors file, or a run directory",
+    )
+    parser.add_argument(
+        "--prompts",
+        metavar="SET_OR_FILE",
+        help="a built-in prompt set (simple_animals, partiprompts, partiprompts:<category>) or a "
+        "text file with one prompt per line",
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="an inline prompt (repeatable; instead of --prompts)",
+    )
     parser.add_argument("--limit", type=_positive_int, help="evaluate only the first N prompts")
     parser.add_argument("--seeds", type=_positive_int, default=2, help="images (fixed seeds) per prompt; default 2")
-    parser.add_argument("--reward", action="append", default=[], metavar="NAME[:WEIGHT][@PATH]",
-                        help="a reward (repeatable); model rewards need @PATH")
-    parser.add_argument("--rewards-yaml", metavar="FILE",
-                        help="YAML list of reward entries {name, weight, path, kwargs}, or a run config")
+    parser.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        metavar="NAME[:WEIGHT][@PATH]",
+        help="a reward (repeatable); model rewards need @PATH",
+    )
+    parser.add_argument(
+        "--rewards-yaml",
+        metavar="FILE",
+        help="YAML list of reward entries {name, weight, path, kwargs}, or a run config",
+    )
     parser.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps; default 20")
-    parser.add_argument("--eta", type=float, default=1.0,
-                        help="DDIM η in [0, 1] (0 = deterministic DDIM); default 1.0")
-    parser.add_argument("--guidance", type=float, default=5.0,
-                        help="classifier-free guidance scale (>= 1); default 5.0")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM η in [0, 1] (0 = deterministic DDIM); default 1.0")
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (>= 1); default 5.0"
+    )
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto = cuda when a GPU is visible")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="dtype of the UNet and text encoders (the VAE stays float32); default float32")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when a GPU is visible"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the UNet and text encoders (the VAE stays float32); default float32",
+    )
     parser.add_argument("--kind", choices=("auto", "sd15", "sdxl"), default="auto", help="model family")
     parser.add_argument("--revision", help="hub revision of a hub-id --model")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output directory (tiny:* models are built under DIR/_tiny_models)")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory (tiny:* models are built under DIR/_tiny_models)"
+    )
     parser.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grid.png; default 8")
     parser.add_argument("--save-images", action="store_true", help="also write every image under DIR/images/")
-    parser.add_argument("--mlflow-uri", "--tracking-uri", dest="mlflow_uri", metavar="URI",
-                        help="log to this MLflow tracking URI (e.g. sqlite:///runs/mlflow.db)")
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
-                        help=f"MLflow experiment; default {DEFAULT_EXPERIMENT}")
+    parser.add_argument(
+        "--mlflow-uri",
+        "--tracking-uri",
+        dest="mlflow_uri",
+        metavar="URI",
+        help="log to this MLflow tracking URI (e.g. sqlite:///runs/mlflow.db)",
+    )
+    parser.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment; default {DEFAULT_EXPERIMENT}"
+    )
     parser.add_argument("--run-name", default="evaluate", help="MLflow name of the parent run; default evaluate")
     return parser
 
@@ -799,9 +924,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         loras = _parse_loras(args.lora)
         out = Path(args.out)
         result = evaluate(
-            args.model, prompts, rewards, loras, seeds=args.seeds, steps=args.steps, eta=args.eta,
-            guidance_scale=args.guidance, resolution=args.resolution, device=args.device, dtype=args.dtype,
-            kind=args.kind, revision=args.revision, cache_dir=out, grid_prompts=args.grid_prompts,
+            args.model,
+            prompts,
+            rewards,
+            loras,
+            seeds=args.seeds,
+            steps=args.steps,
+            eta=args.eta,
+            guidance_scale=args.guidance,
+            resolution=args.resolution,
+            device=args.device,
+            dtype=args.dtype,
+            kind=args.kind,
+            revision=args.revision,
+            cache_dir=out,
+            grid_prompts=args.grid_prompts,
             image_dir=out / "images" if args.save_images else None,
             log=lambda line: print(line, file=sys.stderr),
         )
@@ -814,8 +951,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             run_id = log_to_mlflow(result, paths, args.mlflow_uri, args.experiment, args.run_name)
         except Exception as error:  # noqa: BLE001 - a store or server problem; the results are already written
-            print(f"error: logging to MLflow at {args.mlflow_uri} failed ({type(error).__name__}: {error}); the "
-                  f"results are in {out}", file=sys.stderr)
+            print(
+                f"error: logging to MLflow at {args.mlflow_uri} failed ({type(error).__name__}: {error}); the "
+                f"results are in {out}",
+                file=sys.stderr,
+            )
             return 1
         print(f"[evaluate] logged to MLflow {args.mlflow_uri}, run {run_id}", file=sys.stderr)
     return 0

@@ -37,15 +37,26 @@ ADDRESS_ENV = "RAY_ADDRESS"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m rlhf_diffusion.launch", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="run configuration (YAML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)",
+    )
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true",
-                          help="continue the run from its newest complete checkpoint under "
-                               "<output_dir>/<run_name>/checkpoints")
-    existing.add_argument("--overwrite", action="store_true",
-                          help="replace the run <output_dir>/<run_name> holds (its metrics, checkpoints, evaluation "
-                               "and LoRA are removed first)")
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run from its newest complete checkpoint under <output_dir>/<run_name>/checkpoints",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run <output_dir>/<run_name> holds (its metrics, checkpoints, evaluation "
+        "and LoRA are removed first)",
+    )
     parser.add_argument("--no-ray", action="store_true", help="run every role in this process (no Ray)")
     parser.add_argument("--no-progress", action="store_true", help="print one line per iteration, no progress bar")
     return parser.parse_args(argv)
@@ -65,8 +76,7 @@ def connect_ray(config) -> str:
     need = math.ceil(required_resources(config)["CPU"])
     # address="local": a new instance even when a `ray start` cluster runs on this machine (join that one by
     # setting RAY_ADDRESS).
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-             logging_level="WARNING")
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="WARNING")
     return "started a local Ray instance"
 
 
@@ -89,8 +99,10 @@ def describe_paired(paired: dict[str, float] | None) -> str:
     if not paired:
         return ""
     up, down = ("fixed", "broken") if "fixed" in paired else ("rose", "fell")
-    return (f" (Δ {paired['delta']:+.4f}, paired SE {paired['paired_se']:.4f}; {int(paired[up])} images {up} / "
-            f"{int(paired[down])} {down} of {int(paired['images'])}, sign test p = {paired['sign_test_p']:.2g})")
+    return (
+        f" (Δ {paired['delta']:+.4f}, paired SE {paired['paired_se']:.4f}; {int(paired[up])} images {up} / "
+        f"{int(paired[down])} {down} of {int(paired['images'])}, sign test p = {paired['sign_test_p']:.2g})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,14 +137,17 @@ def run(config, args: argparse.Namespace) -> int:
         try:
             print(f"[launch] {connect_ray(config)}", flush=True)
         except (ConnectionError, RuntimeError, ValueError) as error:
-            print(f"error: cannot reach the Ray cluster ({ADDRESS_ENV}={os.environ.get(ADDRESS_ENV)}): {error}",
-                  file=sys.stderr)
+            print(
+                f"error: cannot reach the Ray cluster ({ADDRESS_ENV}={os.environ.get(ADDRESS_ENV)}): {error}",
+                file=sys.stderr,
+            )
             return 2
     trainer = None
     try:
         try:
-            trainer = Trainer(config, use_ray=use_ray, resume=args.resume, overwrite=args.overwrite,
-                              progress=not args.no_progress)
+            trainer = Trainer(
+                config, use_ray=use_ray, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+            )
         except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -159,16 +174,23 @@ def print_summary(config, result) -> None:
     """What a finished run prints: where its outputs are, the held-out rewards before and after."""
     print(f"run directory: {result.run_dir}")
     if result.eval_before is not None:
-        print(f"held-out reward: {result.eval_before.mean:.4f} -> {result.eval_after.mean:.4f}"
-              + describe_paired(result.paired.get("reward")))
-        print(f"held-out images before / after: {result.run_dir / 'grid_before.png'}, "
-              f"{result.run_dir / 'grid_after.png'}")
+        print(
+            f"held-out reward: {result.eval_before.mean:.4f} -> {result.eval_after.mean:.4f}"
+            + describe_paired(result.paired.get("reward"))
+        )
+        print(
+            f"held-out images before / after: {result.run_dir / 'grid_before.png'}, {result.run_dir / 'grid_after.png'}"
+        )
     else:
         print(f"held-out reward after training: {result.eval_after.mean:.4f}")
     for key, value in result.eval_after.heldout.items():
         before = result.eval_before.heldout.get(key) if result.eval_before is not None else None
-        print(f"held-out {key} (not trained on): " + (f"{before:.4f} -> " if before is not None else "") + f"{value:.4f}"
-              + describe_paired(result.paired.get(key)))
+        print(
+            f"held-out {key} (not trained on): "
+            + (f"{before:.4f} -> " if before is not None else "")
+            + f"{value:.4f}"
+            + describe_paired(result.paired.get(key))
+        )
     if result.early_stop is not None:
         print(f"stopped early: {result.early_stop.reason}")
     print(f"LoRA (diffusers format): {result.lora_file}")

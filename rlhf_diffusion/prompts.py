@@ -41,12 +41,31 @@ __all__ = [
 
 # The 12 P2 categories and 11 challenge aspects, as spelled in PartiPrompts.tsv (alphabetical).
 PARTI_CATEGORIES: tuple[str, ...] = (
-    "Abstract", "Animals", "Artifacts", "Arts", "Food & Beverage", "Illustrations", "Indoor Scenes",
-    "Outdoor Scenes", "People", "Produce & Plants", "Vehicles", "World Knowledge",
+    "Abstract",
+    "Animals",
+    "Artifacts",
+    "Arts",
+    "Food & Beverage",
+    "Illustrations",
+    "Indoor Scenes",
+    "Outdoor Scenes",
+    "People",
+    "Produce & Plants",
+    "Vehicles",
+    "World Knowledge",
 )
 PARTI_CHALLENGES: tuple[str, ...] = (
-    "Basic", "Complex", "Fine-grained Detail", "Imagination", "Linguistic Structures", "Perspective",
-    "Properties & Positioning", "Quantity", "Simple Detail", "Style & Format", "Writing & Symbols",
+    "Basic",
+    "Complex",
+    "Fine-grained Detail",
+    "Imagination",
+    "Linguistic Structures",
+    "Perspective",
+    "Properties & Positioning",
+    "Quantity",
+    "Simple Detail",
+    "Style & Format",
+    "Writing & Symbols",
 )
 _PARTI_FILE = "partiprompts.tsv"
 _PARTI_HEADER = ["Prompt", "Category", "Challenge", "Note"]
@@ -182,7 +201,7 @@ def load_prompts(source: Any) -> list[str]:
     if len(chosen) != 1:
         got = ", ".join(chosen) if chosen else "none"
         raise ValueError(f"a prompt source sets exactly one of builtin / file / inline; got {got}")
-    (kind, value), = chosen.items()
+    ((kind, value),) = chosen.items()
     if kind == "builtin":
         return load_builtin(value)
     if kind == "file":

@@ -22,8 +22,16 @@ import shutil
 import socket
 from pathlib import Path
 
-__all__ = ["LOCK_FILE", "RunDirBusy", "RunDirError", "RunDirLock", "check_run_dir", "clear_run_dir",
-           "existing_run", "lock_run_dir"]
+__all__ = [
+    "LOCK_FILE",
+    "RunDirBusy",
+    "RunDirError",
+    "RunDirLock",
+    "check_run_dir",
+    "clear_run_dir",
+    "existing_run",
+    "lock_run_dir",
+]
 
 LOCK_FILE = "run.lock"
 # What a run writes that marks the directory as holding one (a LoRA run exports lora/, a full fine-tune unet/) ...
@@ -96,16 +104,20 @@ def lock_run_dir(run_dir: str | Path) -> RunDirLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:  # output_dir is a file, under a file, read-only, on a missing mount, ...
-        raise RunDirError(f"cannot write the run directory {run_dir} ({error.strerror}: {error.filename}); check "
-                          "output_dir and run_name") from None
+        raise RunDirError(
+            f"cannot write the run directory {run_dir} ({error.strerror}: {error.filename}); check "
+            "output_dir and run_name"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         os.close(fd)
         if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
-        raise RunDirBusy(f"run directory {run_dir} is in use by another run ({_owner(lock_file)}, lock file "
-                         f"{lock_file}); wait for it to end, or choose another run_name or output_dir") from None
+        raise RunDirBusy(
+            f"run directory {run_dir} is in use by another run ({_owner(lock_file)}, lock file "
+            f"{lock_file}); wait for it to end, or choose another run_name or output_dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
     os.fsync(fd)
@@ -133,9 +145,11 @@ def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None
         raise RunDirError("--resume and --overwrite exclude each other: continue the run or replace it")
     found = [] if resume or overwrite else existing_run(run_dir)
     if found:
-        raise RunDirError(f"run directory {Path(run_dir).resolve()} already holds a run ({', '.join(found)}); "
-                          "pass --resume to continue it or --overwrite to replace it (or choose another run_name "
-                          "or output_dir)")
+        raise RunDirError(
+            f"run directory {Path(run_dir).resolve()} already holds a run ({', '.join(found)}); "
+            "pass --resume to continue it or --overwrite to replace it (or choose another run_name "
+            "or output_dir)"
+        )
 
 
 def clear_run_dir(run_dir: str | Path) -> list[str]:

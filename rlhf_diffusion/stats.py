@@ -43,8 +43,13 @@ def paired_comparison(before: Sequence[float], after: Sequence[float]) -> dict[s
         raise ValueError(f"paired scores need two equally long non-empty lists, got {len(before)} and {len(after)}")
     b, a = [float(v) for v in before], [float(v) for v in after]
     n = len(b)
-    out = {"before": sum(b) / n, "after": sum(a) / n, "delta": (sum(a) - sum(b)) / n,
-           "paired_se": paired_standard_error(b, a), "images": float(n)}
+    out = {
+        "before": sum(b) / n,
+        "after": sum(a) / n,
+        "delta": (sum(a) - sum(b)) / n,
+        "paired_se": paired_standard_error(b, a),
+        "images": float(n),
+    }
     binary = all(v in (0.0, 1.0) for v in b + a)
     up = sum(y > x for x, y in zip(b, a))
     down = sum(y < x for x, y in zip(b, a))

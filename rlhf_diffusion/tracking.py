@@ -73,18 +73,21 @@ class Tracker:
                 artifact_location = None
                 if self.uri.startswith("sqlite:///"):
                     artifact_location = (Path(config.output_dir).resolve() / "mlartifacts").as_uri()
-                experiment_id = self.client.create_experiment(config.tracking.experiment,
-                                                              artifact_location=artifact_location)
+                experiment_id = self.client.create_experiment(
+                    config.tracking.experiment, artifact_location=artifact_location
+                )
             else:
                 experiment_id = experiment.experiment_id
         if run_id is None:
-            run = self.client.create_run(experiment_id, run_name=config.run_name,
-                                         tags={"algorithm": config.algorithm.name,
-                                               "mlflow.runName": config.run_name})
+            run = self.client.create_run(
+                experiment_id,
+                run_name=config.run_name,
+                tags={"algorithm": config.algorithm.name, "mlflow.runName": config.run_name},
+            )
             self.run_id = run.info.run_id
             params = [mlflow.entities.Param(key, _clip(value)) for key, value in flatten_config(config).items()]
             for start in range(0, len(params), 100):  # MLflow's batch limit is 100 params
-                self.client.log_batch(self.run_id, params=params[start:start + 100])
+                self.client.log_batch(self.run_id, params=params[start : start + 100])
         else:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -94,10 +97,13 @@ class Tracker:
         import mlflow
 
         timestamp = mlflow.utils.time.get_current_time_millis()
-        items = [mlflow.entities.Metric(_metric_key(k), float(v), timestamp, step)
-                 for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
+        items = [
+            mlflow.entities.Metric(_metric_key(k), float(v), timestamp, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        ]
         for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -128,7 +134,7 @@ def _sqlite_store_lock(uri: str):
         return
     import fcntl
 
-    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock = Path(uri[len("sqlite:///") :] + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -49,12 +49,12 @@ from rlhf_diffusion.checkpoint import (
 )
 from rlhf_diffusion.config import EarlyStopConfig, RunConfig, flatten_config
 from rlhf_diffusion.models.conditioning import TextConditioning
+from rlhf_diffusion.models.loading import UNET_EXPORT_DIR
 from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
 from rlhf_diffusion.run_dir import check_run_dir, clear_run_dir, lock_run_dir
 from rlhf_diffusion.stats import paired_comparison
 from rlhf_diffusion.tracking import NullTracker, build_tracker
-from rlhf_diffusion.models.loading import UNET_EXPORT_DIR
 from rlhf_diffusion.workers.learner import GroupRef, Learner, LearnerGroup
 from rlhf_diffusion.workers.messages import (
     ROLLOUT_STREAM,
@@ -132,9 +132,13 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         """What a checkpoint keeps of the evaluation before training (means, and the per-image scores a resumed
         run pairs with its final evaluation)."""
-        return {"mean": self.mean, "per_reward": self.per_reward, "heldout": self.heldout,
-                "rewards": self.rewards.tolist(),
-                "heldout_scores": {k: v.tolist() for k, v in self.heldout_scores.items()}}
+        return {
+            "mean": self.mean,
+            "per_reward": self.per_reward,
+            "heldout": self.heldout,
+            "rewards": self.rewards.tolist(),
+            "heldout_scores": {k: v.tolist() for k, v in self.heldout_scores.items()},
+        }
 
 
 def paired_heldout(before: dict[str, Any] | None, after: EvalResult) -> dict[str, dict[str, float]]:
@@ -184,10 +188,13 @@ class EarlyStopGuard:
         self.strikes = self.strikes + 1 if drop > self.config.drop_fraction else 0
         if self.strikes < self.config.patience:
             return None
-        return (f"held-out reward {self.config.reward!r} fell from {self.before:.6g} before training to "
-                f"{heldout[self.config.reward]:.6g} (relative drop {drop:.4g} > guards.early_stop.drop_fraction "
-                f"{self.config.drop_fraction:g}" + (f" at {self.strikes} consecutive evaluations"
-                                                     if self.config.patience > 1 else "") + ")")
+        return (
+            f"held-out reward {self.config.reward!r} fell from {self.before:.6g} before training to "
+            f"{heldout[self.config.reward]:.6g} (relative drop {drop:.4g} > guards.early_stop.drop_fraction "
+            f"{self.config.drop_fraction:g}"
+            + (f" at {self.strikes} consecutive evaluations" if self.config.patience > 1 else "")
+            + ")"
+        )
 
 
 @dataclass
@@ -283,9 +290,12 @@ def required_resources(config: RunConfig) -> dict[str, float]:
     """Logical CPUs and GPUs the configured actors reserve."""
     r = config.resources
     actors = r.num_samplers + r.num_reward_servers + r.num_learners
-    return {"CPU": actors * r.cpus_per_actor,
-            "GPU": r.num_samplers * r.sampler_gpus + r.num_reward_servers * r.reward_server_gpus
-            + r.num_learners * r.learner_gpus}
+    return {
+        "CPU": actors * r.cpus_per_actor,
+        "GPU": r.num_samplers * r.sampler_gpus
+        + r.num_reward_servers * r.reward_server_gpus
+        + r.num_learners * r.learner_gpus,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,9 +320,17 @@ class Trainer:
             it to inject faults at a deterministic point).
     """
 
-    def __init__(self, config: RunConfig, *, use_ray: bool = True, resume: bool = False, overwrite: bool = False,
-                 log: Callable[[str], None] = print, progress: bool = False,
-                 on_event: Callable[[str, Trainer, int], None] | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        use_ray: bool = True,
+        resume: bool = False,
+        overwrite: bool = False,
+        log: Callable[[str], None] = print,
+        progress: bool = False,
+        on_event: Callable[[str, Trainer, int], None] | None = None,
+    ):
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
         self.config = config
@@ -343,8 +361,10 @@ class Trainer:
     def _start_local(self) -> None:
         config = self.config
         if config.resources.num_learners > 1:
-            raise ValueError(f"resources.num_learners={config.resources.num_learners} needs Ray (data-parallel "
-                             "learner actors); set it to 1 to run in one process")
+            raise ValueError(
+                f"resources.num_learners={config.resources.num_learners} needs Ray (data-parallel "
+                "learner actors); set it to 1 to run in one process"
+            )
         device = resolve_device(config.device)
         model = load_policy(config, self.source, device, for_training=True)
         self.reward = WeightedReward.from_specs(config.rewards, device=device)
@@ -354,8 +374,14 @@ class Trainer:
         # so each sampler then holds its own copy.
         share = config.train.max_staleness == 0
         self.sampler_objs = [
-            Sampler(config, self.source, rank=i, model=model if share else load_policy(config, self.source, device),
-                    reward=self.reward, heldout_reward=self.heldout_reward)
+            Sampler(
+                config,
+                self.source,
+                rank=i,
+                model=model if share else load_policy(config, self.source, device),
+                reward=self.reward,
+                heldout_reward=self.heldout_reward,
+            )
             for i in range(config.resources.num_samplers)
         ]
         self.learner = LocalHandle(self.learner_obj)
@@ -376,41 +402,66 @@ class Trainer:
         threads = max(1, int(res.cpus_per_actor))
         restarts = res.max_actor_restarts
         self.reward_servers = [
-            ray.remote(RewardServer).options(
-                num_cpus=res.cpus_per_actor, num_gpus=res.reward_server_gpus, max_restarts=restarts,
-                max_task_retries=restarts, name=None,
-            ).remote(list(config.rewards), config.device, res.reward_batch_window_ms, res.reward_max_batch_images,
-                     threads, heldout_specs=list(config.guards.heldout_rewards))
+            ray.remote(RewardServer)
+            .options(
+                num_cpus=res.cpus_per_actor,
+                num_gpus=res.reward_server_gpus,
+                max_restarts=restarts,
+                max_task_retries=restarts,
+                name=None,
+            )
+            .remote(
+                list(config.rewards),
+                config.device,
+                res.reward_batch_window_ms,
+                res.reward_max_batch_images,
+                threads,
+                heldout_specs=list(config.guards.heldout_rewards),
+            )
             for _ in range(res.num_reward_servers)
         ]
         sampler_cls = ray.remote(Sampler)
         self.samplers = [
-            sampler_cls.options(num_cpus=res.cpus_per_actor, num_gpus=res.sampler_gpus, max_restarts=restarts,
-                                max_task_retries=0).remote(config, self.source, rank=i,
-                                                           reward_servers=self.reward_servers, num_threads=threads)
+            sampler_cls.options(
+                num_cpus=res.cpus_per_actor, num_gpus=res.sampler_gpus, max_restarts=restarts, max_task_retries=0
+            ).remote(config, self.source, rank=i, reward_servers=self.reward_servers, num_threads=threads)
             for i in range(res.num_samplers)
         ]
-        learner_cls = ray.remote(Learner).options(num_cpus=res.cpus_per_actor, num_gpus=res.learner_gpus,
-                                                  max_restarts=0)
+        learner_cls = ray.remote(Learner).options(
+            num_cpus=res.cpus_per_actor, num_gpus=res.learner_gpus, max_restarts=0
+        )
         if res.num_learners == 1:
             self.learner = learner_cls.remote(config, self.source, num_threads=threads)
             learner_ready = [self.learner.ready.remote()]
         else:
             try:
-                self.learner = LearnerGroup(learner_cls, config, self.source, world_size=res.num_learners,
-                                            num_threads=threads, timeout_s=res.actor_start_timeout_s)
+                self.learner = LearnerGroup(
+                    learner_cls,
+                    config,
+                    self.source,
+                    world_size=res.num_learners,
+                    num_threads=threads,
+                    timeout_s=res.actor_start_timeout_s,
+                )
             except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"the {res.num_learners} learner ranks did not start and connect within "
-                                   f"resources.actor_start_timeout_s={res.actor_start_timeout_s:g} s") from None
+                raise RuntimeError(
+                    f"the {res.num_learners} learner ranks did not start and connect within "
+                    f"resources.actor_start_timeout_s={res.actor_start_timeout_s:g} s"
+                ) from None
             learner_ready = []
-        pending = {"reward server": [s.ready.remote() for s in self.reward_servers],
-                   "sampler": [s.ready.remote() for s in self.samplers], "learner": learner_ready}
+        pending = {
+            "reward server": [s.ready.remote() for s in self.reward_servers],
+            "sampler": [s.ready.remote() for s in self.samplers],
+            "learner": learner_ready,
+        }
         for role, refs in pending.items():
             try:
                 ray.get(refs, timeout=res.actor_start_timeout_s)
             except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"the {role} actors did not start within resources.actor_start_timeout_s="
-                                   f"{res.actor_start_timeout_s:g} s (is the cluster out of CPUs/GPUs?)") from None
+                raise RuntimeError(
+                    f"the {role} actors did not start within resources.actor_start_timeout_s="
+                    f"{res.actor_start_timeout_s:g} s (is the cluster out of CPUs/GPUs?)"
+                ) from None
             except ray.exceptions.RayActorError as error:
                 raise RuntimeError(f"the {role} actor failed to start: {error}") from None
 
@@ -439,19 +490,32 @@ class Trainer:
             if not _actor_died(error):
                 raise
             latest = latest_checkpoint(self.checkpoint_root)
-            where = (f"the last checkpoint is {latest} (iteration {load_checkpoint(latest).iteration}); continue "
-                     f"with: python -m rlhf_diffusion.launch <config> --resume") if latest else \
-                "no checkpoint was written yet (checkpoint.every); the run must start over"
-            raise LearnerCrashed(f"the learner actor died during iteration {iteration} ({type(error).__name__}); "
-                                 f"{where}") from None
+            where = (
+                (
+                    f"the last checkpoint is {latest} (iteration {load_checkpoint(latest).iteration}); continue "
+                    f"with: python -m rlhf_diffusion.launch <config> --resume"
+                )
+                if latest
+                else "no checkpoint was written yet (checkpoint.every); the run must start over"
+            )
+            raise LearnerCrashed(
+                f"the learner actor died during iteration {iteration} ({type(error).__name__}); {where}"
+            ) from None
 
     def shard_requests(self, iteration: int, weights: PublishedWeights) -> list[RolloutRequest]:
         """The rollout requests of `iteration`, one per sampler."""
         b = self.config.sampling.batch_size
         prompts = prompts_for_iteration(self.train_prompts, self.config.seed, iteration, b * len(self.samplers))
-        return [RolloutRequest(iteration=iteration, shard=k, prompts=prompts[k * b:(k + 1) * b],
-                               seed=derive_seed(self.config.seed, ROLLOUT_STREAM, iteration, k), weights=weights)
-                for k in range(len(self.samplers))]
+        return [
+            RolloutRequest(
+                iteration=iteration,
+                shard=k,
+                prompts=prompts[k * b : (k + 1) * b],
+                seed=derive_seed(self.config.seed, ROLLOUT_STREAM, iteration, k),
+                weights=weights,
+            )
+            for k in range(len(self.samplers))
+        ]
 
     def _submit(self, iteration: int, weights: PublishedWeights) -> list[tuple[RolloutRequest, Any]]:
         return [(req, self.samplers[req.shard].rollout.remote(req)) for req in self.shard_requests(iteration, weights)]
@@ -461,10 +525,15 @@ class Trainer:
         same seed) on the restarted actor."""
         shards = []
         for request, ref in entries:
-            shards.append(self._sampler_result(
-                request.shard, ref, lambda r=request: self.samplers[r.shard].rollout.remote(r),
-                f"iteration {iteration}; the shard is redone with the same seed and weights version "
-                f"{request.weights.version}"))
+            shards.append(
+                self._sampler_result(
+                    request.shard,
+                    ref,
+                    lambda r=request: self.samplers[r.shard].rollout.remote(r),
+                    f"iteration {iteration}; the shard is redone with the same seed and weights version "
+                    f"{request.weights.version}",
+                )
+            )
         return RolloutBatch.concat(shards)
 
     def _sampler_result(self, rank: int, ref: Any, resubmit: Callable[[], Any], what: str) -> Any:
@@ -478,8 +547,10 @@ class Trainer:
                 if not _actor_died(error):
                     raise
                 if attempt == retries:
-                    raise RuntimeError(f"sampler {rank} kept dying ({retries} restarts, "
-                                       f"resources.max_actor_restarts) during {what}: {error}") from None
+                    raise RuntimeError(
+                        f"sampler {rank} kept dying ({retries} restarts, "
+                        f"resources.max_actor_restarts) during {what}: {error}"
+                    ) from None
                 self.faults["shards_redone"] += 1
                 self.log(f"[fault] sampler {rank} died during {what}")
                 self._wait_until_restarted(self.samplers[rank], f"sampler {rank}")
@@ -511,6 +582,7 @@ class Trainer:
         for k in range(n):
             idx = list(range(k, len(self.eval_prompts), n))
             if idx:
+
                 def call(k=k, idx=idx):
                     return self.samplers[k].evaluate.remote([self.eval_prompts[j] for j in idx], idx, seeds, weights)
 
@@ -528,16 +600,23 @@ class Trainer:
                 heldout.setdefault(name, []).append(value[rows])
         rewards = torch.cat(totals)
         scores = {name: torch.cat(v) for name, v in heldout.items()}
-        return EvalResult(mean=rewards.mean().item(),
-                          per_reward={name: torch.cat(v).mean().item() for name, v in per.items()},
-                          images=torch.cat(images), rewards=rewards,
-                          heldout={name: v.mean().item() for name, v in scores.items()}, heldout_scores=scores)
+        return EvalResult(
+            mean=rewards.mean().item(),
+            per_reward={name: torch.cat(v).mean().item() for name, v in per.items()},
+            images=torch.cat(images),
+            rewards=rewards,
+            heldout={name: v.mean().item() for name, v in scores.items()},
+            heldout_scores=scores,
+        )
 
     def _eval_metrics(self, ev: EvalResult) -> dict[str, float]:
         """What an evaluation pass logs: eval/reward_mean and eval/<key> (training rewards), heldout/<key>
         (held-out rewards, same images) and, with an early stop, heldout/<key>_drop of the watched reward."""
-        metrics = {"eval/reward_mean": ev.mean, **{f"eval/{k}": v for k, v in ev.per_reward.items()},
-                   **{f"heldout/{k}": v for k, v in ev.heldout.items()}}
+        metrics = {
+            "eval/reward_mean": ev.mean,
+            **{f"eval/{k}": v for k, v in ev.per_reward.items()},
+            **{f"heldout/{k}": v for k, v in ev.heldout.items()},
+        }
         if self.guard is not None:
             metrics[f"heldout/{self.guard.config.reward}_drop"] = self.guard.drop(ev.heldout)
         return metrics
@@ -554,8 +633,9 @@ class Trainer:
         learner_state = self._learner_call(iteration, "state_dict")
         export = self._learner_call(iteration, "export_files")
         history = {v: w.resolve() for v, w in published.items() if v < learner_state["version"]}
-        state = CheckpointState(iteration=iteration, learner=learner_state, weights_history=history, meta=meta,
-                                export=export)
+        state = CheckpointState(
+            iteration=iteration, learner=learner_state, weights_history=history, meta=meta, export=export
+        )
         return save_checkpoint(self.checkpoint_root, state, keep_last=self.config.checkpoint.keep_last)
 
     def _copy_export(self, checkpoint: Path) -> Path:
@@ -583,17 +663,24 @@ class Trainer:
 
     def _check_iterations(self, iterations: int, done: int, path: Path) -> None:
         if iterations < done:
-            raise ResumeError(f"cannot resume {self.run_dir}: train.iterations={iterations} is below the {done} "
-                              f"iterations already done (checkpoint {path}); set train.iterations to {done} or more")
+            raise ResumeError(
+                f"cannot resume {self.run_dir}: train.iterations={iterations} is below the {done} "
+                f"iterations already done (checkpoint {path}); set train.iterations to {done} or more"
+            )
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         ours = flatten_config(self.config)
         theirs = saved.get("config", {})
-        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)
-                         and not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES))
+        changed = sorted(
+            k
+            for k in set(ours) | set(theirs)
+            if ours.get(k) != theirs.get(k) and not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)
+        )
         if changed:
-            raise ResumeError(f"cannot resume {self.run_dir}: the config differs from the checkpoint's in "
-                              f"{', '.join(changed)} (only {', '.join(RESUMABLE_CHANGES)} may change)")
+            raise ResumeError(
+                f"cannot resume {self.run_dir}: the config differs from the checkpoint's in "
+                f"{', '.join(changed)} (only {', '.join(RESUMABLE_CHANGES)} may change)"
+            )
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -648,24 +735,35 @@ class Trainer:
                 eval_before_summary = eval_before.summary()
                 self.heldout_before = dict(eval_before.heldout)
                 self._start_guard()
-                save_grid(eval_before.images, self.run_dir / "grid_before.png", nrow=eval_grid_row(config.prompts.eval_seeds))
+                save_grid(
+                    eval_before.images, self.run_dir / "grid_before.png", nrow=eval_grid_row(config.prompts.eval_seeds)
+                )
                 tracker.log_artifact(self.run_dir / "grid_before.png", "grids")
                 tracker.log_metrics(self._eval_metrics(eval_before), step=0)
-                self.log(f"[eval] before training: reward {eval_before.mean:.4f}"
-                         + "".join(f", held-out {k} {v:.4f}" for k, v in eval_before.heldout.items()))
-            meta = {"seed": config.seed, "config": flatten_config(config), "mlflow_run_id": tracker.run_id,
-                    "eval_before": eval_before_summary}
+                self.log(
+                    f"[eval] before training: reward {eval_before.mean:.4f}"
+                    + "".join(f", held-out {k} {v:.4f}" for k, v in eval_before.heldout.items())
+                )
+            meta = {
+                "seed": config.seed,
+                "config": flatten_config(config),
+                "mlflow_run_id": tracker.run_id,
+                "eval_before": eval_before_summary,
+            }
             history = self._loop(start_iteration, iterations, staleness, published, tracker, meta)
             done = self.stop.iteration if self.stop is not None else iterations
             final = published[max(published)]  # = weights version `done`
             eval_after = self.stop.evaluation if self.stop is not None else self.evaluate(final)
-            self.log(f"[eval] after {done} iterations: reward {eval_after.mean:.4f}"
-                     + (f" (before {eval_before_summary['mean']:.4f})" if eval_before_summary else "")
-                     + "".join(f", held-out {k} {v:.4f}" for k, v in eval_after.heldout.items()))
+            self.log(
+                f"[eval] after {done} iterations: reward {eval_after.mean:.4f}"
+                + (f" (before {eval_before_summary['mean']:.4f})" if eval_before_summary else "")
+                + "".join(f", held-out {k} {v:.4f}" for k, v in eval_after.heldout.items())
+            )
             save_grid(eval_after.images, self.run_dir / "grid_after.png", nrow=eval_grid_row(config.prompts.eval_seeds))
             if done % max(config.checkpoint.every, 1) != 0 or config.checkpoint.every == 0:
-                self._checkpoint(done, {v: w for v, w in published.items() if v >= done - staleness},
-                                 self._checkpoint_meta(meta))
+                self._checkpoint(
+                    done, {v: w for v, w in published.items() if v >= done - staleness}, self._checkpoint_meta(meta)
+                )
             # The newest checkpoint now holds the final weights (written in the loop or just above): its
             # diffusers-format export (lora/ or unet/) becomes the run's, without a second export by the learner.
             export_dir = self._copy_export(latest_checkpoint(self.checkpoint_root))
@@ -688,41 +786,67 @@ class Trainer:
         except BaseException:
             tracker.end("FAILED")
             raise
-        return RunResult(run_dir=self.run_dir, eval_before=eval_before, eval_after=eval_after, history=history,
-                         lora_file=lora_file, unet_dir=None if lora_file else export_dir,
-                         mlflow_run_id=tracker.run_id, faults=dict(self.faults), early_stop=self.stop,
-                         paired=summary["paired"])
+        return RunResult(
+            run_dir=self.run_dir,
+            eval_before=eval_before,
+            eval_after=eval_after,
+            history=history,
+            lora_file=lora_file,
+            unet_dir=None if lora_file else export_dir,
+            mlflow_run_id=tracker.run_id,
+            faults=dict(self.faults),
+            early_stop=self.stop,
+            paired=summary["paired"],
+        )
 
-    def _summary(self, eval_before: dict[str, Any] | None, eval_after: EvalResult, done: int, planned: int,
-                 mlflow_run_id: str | None) -> dict[str, Any]:
+    def _summary(
+        self,
+        eval_before: dict[str, Any] | None,
+        eval_after: EvalResult,
+        done: int,
+        planned: int,
+        mlflow_run_id: str | None,
+    ) -> dict[str, Any]:
         """eval.json: the evaluation before (a summary, kept across resumes) and after, per reward and held-out
         reward; iterations done and planned; whether and why guards.early_stop ended the run."""
         heldout = bool(self.config.guards.heldout_rewards)
-        return {"eval_before": eval_before["mean"] if eval_before else None, "eval_after": eval_after.mean,
-                "per_reward_before": eval_before["per_reward"] if eval_before else None,
-                "per_reward_after": eval_after.per_reward,
-                "heldout_before": self.heldout_before if heldout else None,
-                "heldout_after": eval_after.heldout if heldout else None,
-                "iterations": done, "iterations_planned": planned, "stopped_early": self.stop is not None,
-                "stop_reason": self.stop.reason if self.stop is not None else None,
-                # per reward: mean before/after, paired SE, images fixed/broken (0/1 scores) with a sign test
-                "paired": paired_heldout(eval_before, eval_after),
-                "algorithm": self.config.algorithm.name, "faults": self.faults, "mlflow_run_id": mlflow_run_id}
+        return {
+            "eval_before": eval_before["mean"] if eval_before else None,
+            "eval_after": eval_after.mean,
+            "per_reward_before": eval_before["per_reward"] if eval_before else None,
+            "per_reward_after": eval_after.per_reward,
+            "heldout_before": self.heldout_before if heldout else None,
+            "heldout_after": eval_after.heldout if heldout else None,
+            "iterations": done,
+            "iterations_planned": planned,
+            "stopped_early": self.stop is not None,
+            "stop_reason": self.stop.reason if self.stop is not None else None,
+            # per reward: mean before/after, paired SE, images fixed/broken (0/1 scores) with a sign test
+            "paired": paired_heldout(eval_before, eval_after),
+            "algorithm": self.config.algorithm.name,
+            "faults": self.faults,
+            "mlflow_run_id": mlflow_run_id,
+        }
 
     def _restore_guard(self, meta: dict[str, Any]) -> None:
         """On resume: the held-out values before training and the early stop's count, from the checkpoint."""
         self.heldout_before = dict((meta.get("eval_before") or {}).get("heldout") or {})
         early_stop = self.config.guards.early_stop
         if early_stop is not None and early_stop.reward not in self.heldout_before:
-            raise ResumeError(f"cannot resume {self.run_dir} with guards.early_stop.reward {early_stop.reward!r}: "
-                              "the checkpoint holds no value of it before training (it was not a held-out reward "
-                              "when the run started)")
+            raise ResumeError(
+                f"cannot resume {self.run_dir} with guards.early_stop.reward {early_stop.reward!r}: "
+                "the checkpoint holds no value of it before training (it was not a held-out reward "
+                "when the run started)"
+            )
         self._start_guard(int(meta.get("early_stop_strikes", 0)))
 
     def _checkpoint_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
         """`meta` plus what changes during the run: fault counters and the early stop's consecutive count."""
-        return {**meta, "faults": dict(self.faults),
-                "early_stop_strikes": self.guard.strikes if self.guard is not None else 0}
+        return {
+            **meta,
+            "faults": dict(self.faults),
+            "early_stop_strikes": self.guard.strikes if self.guard is not None else 0,
+        }
 
     def _evaluation_due(self, step: int, iterations: int) -> tuple[bool, bool]:
         """(an evaluation pass runs after iteration `step`, it writes an image grid). The pass after the last
@@ -735,12 +859,22 @@ class Trainer:
     def _truncate_metrics(self, iteration: int) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= iteration]
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= iteration
+            ]
             path.write_text("".join(line + "\n" for line in keep))
 
-    def _loop(self, start: int, iterations: int, staleness: int, published: dict[int, PublishedWeights],
-              tracker, meta: dict[str, Any]) -> list[dict[str, float]]:
+    def _loop(
+        self,
+        start: int,
+        iterations: int,
+        staleness: int,
+        published: dict[int, PublishedWeights],
+        tracker,
+        meta: dict[str, Any],
+    ) -> list[dict[str, float]]:
         config = self.config
         history: list[dict[str, float]] = []
         in_flight: dict[int, list] = {}
@@ -773,12 +907,20 @@ class Trainer:
                 record = {
                     "iteration": float(it + 1),
                     "weights_version": float(result.version),
-                    **({"reward_mean": batch.rewards.mean().item(),  # absent for offline-only batches
-                        "reward_std": batch.rewards.std().item() if batch.rewards.numel() > 1 else 0.0}
-                       if batch.rewards.numel() else {}),
+                    **(
+                        {
+                            "reward_mean": batch.rewards.mean().item(),  # absent for offline-only batches
+                            "reward_std": batch.rewards.std().item() if batch.rewards.numel() > 1 else 0.0,
+                        }
+                        if batch.rewards.numel()
+                        else {}
+                    ),
                     **{f"reward/{name}_mean": v.mean().item() for name, v in batch.per_reward.items() if v.numel()},
-                    **{f"reward/{name}_std": (v.std().item() if v.numel() > 1 else 0.0)
-                       for name, v in batch.per_reward.items() if v.numel()},
+                    **{
+                        f"reward/{name}_std": (v.std().item() if v.numel() > 1 else 0.0)
+                        for name, v in batch.per_reward.items()
+                        if v.numel()
+                    },
                     "images_per_second": images / max(elapsed, 1e-9),
                     "wait_for_rollouts_seconds": t_sampled - t0,
                     "seconds": elapsed,
@@ -792,8 +934,7 @@ class Trainer:
                 record.update(result.diagnostics)  # kl/... (guards.log_kl), signal/... (train.signal_every)
                 if self.use_ray and self.reward_servers and (it + 1) % config.tracking.log_every == 0:
                     record.update(self._reward_server_stats())
-                evaluated, eval_metrics = self._evaluate_in_loop(it + 1, iterations, published[result.version],
-                                                                 tracker)
+                evaluated, eval_metrics = self._evaluate_in_loop(it + 1, iterations, published[result.version], tracker)
                 history.append({**record, **eval_metrics})
                 metrics_file.write(json.dumps({**record, **eval_metrics}) + "\n")
                 metrics_file.flush()
@@ -802,13 +943,18 @@ class Trainer:
                 loss = result.metrics.get("loss", float("nan"))
                 signal = record.get("signal/coherence")  # train.signal_every: ≈ 0 = the gradient is noise
                 signal_text = "" if signal is None else f" coherence {signal:+.3f}"
-                line = (f"[iter {it + 1:4d}] reward {record.get('reward_mean', float('nan')):.4f} loss {loss:.4f}"
-                        f"{signal_text} staleness {int(result.metrics.get('staleness', 0))} "
-                        f"{record['images_per_second']:.2f} img/s")
+                line = (
+                    f"[iter {it + 1:4d}] reward {record.get('reward_mean', float('nan')):.4f} loss {loss:.4f}"
+                    f"{signal_text} staleness {int(result.metrics.get('staleness', 0))} "
+                    f"{record['images_per_second']:.2f} img/s"
+                )
                 if bar is not None:
-                    bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}", loss=f"{loss:.4f}",
-                                    **({} if signal is None else {"coh": f"{signal:+.3f}"}),
-                                    img_s=f"{record['images_per_second']:.2f}")
+                    bar.set_postfix(
+                        reward=f"{record.get('reward_mean', float('nan')):.4f}",
+                        loss=f"{loss:.4f}",
+                        **({} if signal is None else {"coh": f"{signal:+.3f}"}),
+                        img_s=f"{record['images_per_second']:.2f}",
+                    )
                     bar.update(1)
                 else:
                     self.log(line)
@@ -827,8 +973,9 @@ class Trainer:
             bar.close()
         return history
 
-    def _evaluate_in_loop(self, step: int, iterations: int, weights: PublishedWeights,
-                          tracker) -> tuple[EvalResult | None, dict[str, float]]:
+    def _evaluate_in_loop(
+        self, step: int, iterations: int, weights: PublishedWeights, tracker
+    ) -> tuple[EvalResult | None, dict[str, float]]:
         """The evaluation pass after iteration `step`, if one is due: writes its image grid (every
         tracking.image_grid_every) and logs its metrics; returns (the evaluation or None, its metrics)."""
         due, grid_due = self._evaluation_due(step, iterations)
@@ -852,8 +999,7 @@ class Trainer:
             values = [s[key] for s in stats if s.get(key)]
             if values:
                 out[f"reward_server/{key.replace('/', '_')}"] = sum(values) / len(values)
-        busy = sum(s["score/busy_seconds"] + s["grad/busy_seconds"] + s.get("heldout/busy_seconds", 0.0)
-                   for s in stats)
+        busy = sum(s["score/busy_seconds"] + s["grad/busy_seconds"] + s.get("heldout/busy_seconds", 0.0) for s in stats)
         up = sum(s["uptime_seconds"] for s in stats)
         out["reward_server/busy_fraction"] = busy / up if up else 0.0
         return out

@@ -75,10 +75,13 @@ BAD_CONFIGS = [
         "algorithm.name",
         "valid names: d3po",
     ),
-    ("missing_algorithm", lambda tmp: ({k: v for k, v in minimal().items() if k != "algorithm"}, []),
-     "algorithm", "required"),
-    ("unknown_top_level_key", lambda tmp: ({**minimal(), "learning_rate": 1e-4}, []), "learning_rate",
-     "unknown key"),
+    (
+        "missing_algorithm",
+        lambda tmp: ({k: v for k, v in minimal().items() if k != "algorithm"}, []),
+        "algorithm",
+        "required",
+    ),
+    ("unknown_top_level_key", lambda tmp: ({**minimal(), "learning_rate": 1e-4}, []), "learning_rate", "unknown key"),
     (
         "unknown_nested_key",
         lambda tmp: (with_section("train", {"learning_rte": 1e-4}), []),
@@ -112,13 +115,21 @@ BAD_CONFIGS = [
         "model.pretrained",
         "is a file",
     ),
-    ("bad_tiny_model", lambda tmp: (minimal(), ["model.pretrained=tiny:sd3"]), "model.pretrained",
-     "valid tiny models: tiny:sd15, tiny:sdxl"),
+    (
+        "bad_tiny_model",
+        lambda tmp: (minimal(), ["model.pretrained=tiny:sd3"]),
+        "model.pretrained",
+        "valid tiny models: tiny:sd15, tiny:sdxl",
+    ),
     ("not_a_hub_id", lambda tmp: (minimal(), ["model.pretrained=just-a-name"]), "model.pretrained", "hub id"),
     ("kind_contradicts_tiny", lambda tmp: (minimal(), ["model.kind=sdxl"]), "model.kind", "contradicts"),
     ("revision_on_tiny", lambda tmp: (minimal(), ["model.revision=main"]), "model.revision", "hub id"),
-    ("resolution_not_multiple_of_8", lambda tmp: (minimal(), ["model.resolution=500"]), "model.resolution",
-     "multiple of 8"),
+    (
+        "resolution_not_multiple_of_8",
+        lambda tmp: (minimal(), ["model.resolution=500"]),
+        "model.resolution",
+        "multiple of 8",
+    ),
     ("lora_rank_zero", lambda tmp: (minimal(), ["model.lora.rank=0"]), "model.lora.rank", "greater than or equal"),
     ("empty_rewards", lambda tmp: (with_section("rewards", []), []), "rewards", "at least 1 item"),
     (
@@ -161,8 +172,12 @@ BAD_CONFIGS = [
         "algorithm.timestep_range.1",
         "less than or equal to 999",
     ),
-    ("clip_epsilon_one", lambda tmp: (minimal(), ["algorithm.clip_epsilon=1"]), "algorithm.clip_epsilon",
-     "less than 1"),
+    (
+        "clip_epsilon_one",
+        lambda tmp: (minimal(), ["algorithm.clip_epsilon=1"]),
+        "algorithm.clip_epsilon",
+        "less than 1",
+    ),
     (
         "one_candidate",
         lambda tmp: (with_section("algorithm", {"name": "tailorpo", "num_candidates": 1}), []),
@@ -202,18 +217,33 @@ BAD_CONFIGS = [
     ("run_name_with_slash", lambda tmp: (minimal(), ["run_name=a/b"]), "run_name", "pattern"),
     ("run_name_parent", lambda tmp: (minimal(), ["run_name=.."]), "run_name", "must not be only dots"),
     ("run_name_dot", lambda tmp: (minimal(), ["run_name=."]), "run_name", "must not be only dots"),
-    ("negative_staleness", lambda tmp: (minimal(), ["train.max_staleness=-1"]), "train.max_staleness",
-     "greater than or equal to 0"),
-    ("bad_mixed_precision", lambda tmp: (minimal(), ["train.mixed_precision=fp8"]), "train.mixed_precision",
-     "'bf16'"),
-    ("fp16_on_cpu", lambda tmp: (minimal(), ["device=cpu", "train.mixed_precision=fp16"]), "train.mixed_precision",
-     "'fp16' needs CUDA"),
-    ("preview_decoder_missing", lambda tmp: (minimal(), [f"sampling.preview_decoder={tmp}"]),
-     "sampling.preview_decoder", "not a diffusers AutoencoderTiny directory"),
+    (
+        "negative_staleness",
+        lambda tmp: (minimal(), ["train.max_staleness=-1"]),
+        "train.max_staleness",
+        "greater than or equal to 0",
+    ),
+    ("bad_mixed_precision", lambda tmp: (minimal(), ["train.mixed_precision=fp8"]), "train.mixed_precision", "'bf16'"),
+    (
+        "fp16_on_cpu",
+        lambda tmp: (minimal(), ["device=cpu", "train.mixed_precision=fp16"]),
+        "train.mixed_precision",
+        "'fp16' needs CUDA",
+    ),
+    (
+        "preview_decoder_missing",
+        lambda tmp: (minimal(), [f"sampling.preview_decoder={tmp}"]),
+        "sampling.preview_decoder",
+        "not a diffusers AutoencoderTiny directory",
+    ),
     ("bad_attention", lambda tmp: (minimal(), ["model.attention=flash"]), "model.attention", "'sdpa'"),
     ("bad_channels_last", lambda tmp: (minimal(), ["model.channels_last=maybe"]), "model.channels_last", "bool"),
-    ("bad_gradient_checkpointing", lambda tmp: (minimal(), ["train.gradient_checkpointing=3"]),
-     "train.gradient_checkpointing", "bool"),
+    (
+        "bad_gradient_checkpointing",
+        lambda tmp: (minimal(), ["train.gradient_checkpointing=3"]),
+        "train.gradient_checkpointing",
+        "bool",
+    ),
 ]
 
 
@@ -222,8 +252,9 @@ def _touch(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("build", "path", "fragment"), [case[1:] for case in BAD_CONFIGS],
-                         ids=[case[0] for case in BAD_CONFIGS])
+@pytest.mark.parametrize(
+    ("build", "path", "fragment"), [case[1:] for case in BAD_CONFIGS], ids=[case[0] for case in BAD_CONFIGS]
+)
 def test_bad_config_names_field_and_problem(tmp_path, build, path, fragment):
     data, overrides = build(tmp_path)
     fragment = fragment.replace("PROMPTS_TXT", str(tmp_path / "prompts.txt"))
@@ -259,7 +290,10 @@ def test_every_problem_is_listed_once_with_its_value():
     lines = str(excinfo.value).splitlines()
     assert lines[0] == "multi.yaml: invalid config (4 problems):"
     assert sorted(line.split(":")[0].strip() for line in lines[1:]) == [
-        "algorithm.beta", "model.resolution", "sampling.eta", "sampling.num_steps"
+        "algorithm.beta",
+        "model.resolution",
+        "sampling.eta",
+        "sampling.num_steps",
     ]
     assert "(got -1)" in str(excinfo.value)
     assert "(got 100)" in str(excinfo.value)
@@ -333,8 +367,14 @@ def test_defaults_are_the_papers():
     assert cfg.model.lora.rank == 4 and cfg.model.lora.alpha == 4.0 and cfg.model.lora.init == "gaussian"
     assert cfg.model.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     train = cfg.train
-    assert (train.learning_rate, train.adam_beta1, train.adam_beta2, train.weight_decay, train.adam_eps,
-            train.grad_clip) == (3e-5, 0.9, 0.999, 1e-4, 1e-8, 1.0)
+    assert (
+        train.learning_rate,
+        train.adam_beta1,
+        train.adam_beta2,
+        train.weight_decay,
+        train.adam_eps,
+        train.grad_clip,
+    ) == (3e-5, 0.9, 0.999, 1e-4, 1e-8, 1.0)
     assert cfg.prompts.train.builtin == "simple_animals" and cfg.prompts.eval is None
     assert cfg.rewards[0].weight == 1.0 and cfg.rewards[0].kwargs == {}
     assert cfg.tracking.enabled and cfg.checkpoint.every == 10
@@ -473,7 +513,10 @@ def test_tiny_yaml_loads():
     assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (10, 4.0, 16)
     assert cfg.algorithm.name == "dde_single" and cfg.algorithm.correction == "none" and cfg.algorithm.beta_s == 1000
     assert (cfg.algorithm.samples_per_prompt, cfg.algorithm.draws_per_pair, cfg.algorithm.timestep_range) == (
-        4, 4, (500, 999))  # ours, docs/learning_signal.md
+        4,
+        4,
+        (500, 999),
+    )  # ours, docs/learning_signal.md
     assert [(reward.name, reward.path) for reward in cfg.rewards] == [("testbed_reward", None)]
     assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker", "checker_all"]
     assert cfg.train.iterations == 30 and cfg.train.learning_rate == 2e-3 and cfg.train.train_batch_size == 32
@@ -527,7 +570,10 @@ def test_name_constants_match_the_schema():
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "rlhf_diffusion.config", *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
     )
 
 
@@ -537,8 +583,13 @@ def test_cli_prints_resolved_yaml():
     printed = yaml.safe_load(result.stdout)
     assert printed["train"]["learning_rate"] == 2e-4
     assert printed["algorithm"] == {
-        "name": "d3po", "beta": 0.1, "clip_epsilon": 0.1, "timestep_fraction": 1.0, "skip_final_steps": 0,
-        "step_weight": "uniform", "multi_reward": "weighted_sum"
+        "name": "d3po",
+        "beta": 0.1,
+        "clip_epsilon": 0.1,
+        "timestep_fraction": 1.0,
+        "skip_final_steps": 0,
+        "step_weight": "uniform",
+        "multi_reward": "weighted_sum",
     }
 
 
@@ -559,8 +610,13 @@ def test_every_shipped_config_validates():
     from rlhf_diffusion.config import load_config
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert {p.name for p in configs} >= {"tiny.yaml", "sd15_tailorpo.yaml", "sd15_tailorpo_g.yaml", "sd15_d3po.yaml",
-                                         "sdxl_dde.yaml"}
+    assert {p.name for p in configs} >= {
+        "tiny.yaml",
+        "sd15_tailorpo.yaml",
+        "sd15_tailorpo_g.yaml",
+        "sd15_d3po.yaml",
+        "sdxl_dde.yaml",
+    }
     names = {}
     for path in configs:
         config = load_config(path)
@@ -579,10 +635,13 @@ def test_yaml_alias_bomb_fails_fast_with_a_short_message(tmp_path):
         lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
         prev = name
     path = tmp_path / "bomb.yaml"
-    path.write_text("bombs:\n" + "\n".join("  " + line for line in lines) + f"\nrun_name: *{prev}\n"
-                    "model: {pretrained: tiny:sd15}\nalgorithm: {name: d3po}\nrewards: [{name: brightness}]\n")
-    proc = subprocess.run([sys.executable, "-m", "rlhf_diffusion.config", str(path)], capture_output=True, text=True,
-                          timeout=30)
+    path.write_text(
+        "bombs:\n" + "\n".join("  " + line for line in lines) + f"\nrun_name: *{prev}\n"
+        "model: {pretrained: tiny:sd15}\nalgorithm: {name: d3po}\nrewards: [{name: brightness}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_diffusion.config", str(path)], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert "run_name: Input should be a valid string" in proc.stderr and "bombs: unknown key" in proc.stderr
     assert len(proc.stderr) < 2000 and "Traceback" not in proc.stderr

@@ -26,10 +26,30 @@ def test_embedded_default_raises_the_held_out_checker_over_two_seeds(tmp_path):
     env.pop("RAY_ADDRESS", None)
     procs = {
         seed: subprocess.Popen(
-            [sys.executable, "-m", "rlhf_diffusion.launch", "configs/tiny.yaml", "--no-ray", "--no-progress",
-             "--set", f"seed={seed}", "--set", f"run_name=tiny_seed{seed}", "--set", f"output_dir={tmp_path}",
-             "--set", "tracking.enabled=false", "--set", "checkpoint.every=0"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "rlhf_diffusion.launch",
+                "configs/tiny.yaml",
+                "--no-ray",
+                "--no-progress",
+                "--set",
+                f"seed={seed}",
+                "--set",
+                f"run_name=tiny_seed{seed}",
+                "--set",
+                f"output_dir={tmp_path}",
+                "--set",
+                "tracking.enabled=false",
+                "--set",
+                "checkpoint.every=0",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for seed in (0, 1)
     }
     fixed = broken = 0

@@ -127,9 +127,11 @@ def _aws_nodes(config: dict) -> list[tuple[float, float]]:
 def _actors(config) -> list[tuple[float, float]]:
     """(num_cpus, num_gpus) of every actor the trainer starts (trainer.Trainer._start_actors)."""
     r = config.resources
-    return ([(r.cpus_per_actor, r.sampler_gpus)] * r.num_samplers
-            + [(r.cpus_per_actor, r.reward_server_gpus)] * r.num_reward_servers
-            + [(r.cpus_per_actor, r.learner_gpus)])
+    return (
+        [(r.cpus_per_actor, r.sampler_gpus)] * r.num_samplers
+        + [(r.cpus_per_actor, r.reward_server_gpus)] * r.num_reward_servers
+        + [(r.cpus_per_actor, r.learner_gpus)]
+    )
 
 
 def _packs(actors: list[tuple[float, float]], nodes: list[tuple[float, float]]) -> bool:
@@ -238,7 +240,8 @@ def test_kuberay_manifests_have_the_kuberay_v1_shape(path, kind):
 def test_rayjob_runs_the_launch_module_on_a_shipped_config_and_cleans_up():
     manifest = _one_doc(RAYJOB)
     assert not any(token in manifest["spec"]["entrypoint"] for token in ("&&", ";", "|", "`", "$(")), (
-        "KubeRay pastes the entrypoint into the submitter's shell command line: keep it one plain command")
+        "KubeRay pastes the entrypoint into the submitter's shell command line: keep it one plain command"
+    )
     argv = _entrypoint_argv(manifest)
     assert argv[:3] == ["python", "-m", "rlhf_diffusion.launch"]
     assert importlib.util.find_spec("rlhf_diffusion.launch") is not None
@@ -349,7 +352,9 @@ def test_base_image_is_pinned_and_carries_the_manifests_ray_and_pyprojects_pytho
     from packaging.requirements import Requirement
 
     ray_pin = next(Requirement(r) for r in PYPROJECT["project"]["dependencies"] if Requirement(r).name == "ray")
-    assert ray_pin.specifier.contains(ray_version), f"pyproject pins {ray_pin}, the base image carries Ray {ray_version}"
+    assert ray_pin.specifier.contains(ray_version), (
+        f"pyproject pins {ray_pin}, the base image carries Ray {ray_version}"
+    )
 
 
 def test_dockerfile_installs_the_package_from_pyproject_as_a_non_root_user():
@@ -387,8 +392,15 @@ def test_dockerignore_keeps_the_venv_runs_and_caches_out_but_lets_every_copy_sou
             assert not _dockerignore_excludes(source), f"COPY {source} but .dockerignore excludes it"
     for inside in ("rlhf_diffusion/launch.py", "configs/tiny.yaml"):
         assert not _dockerignore_excludes(inside)
-    for outside in (".venv/bin/python", "runs/tiny/metrics.jsonl", "mlruns/0/meta.yaml", ".pytest_cache/v/x",
-                    "rlhf_diffusion/__pycache__/launch.cpython-311.pyc", "tests/test_deploy.py", ".git/HEAD"):
+    for outside in (
+        ".venv/bin/python",
+        "runs/tiny/metrics.jsonl",
+        "mlruns/0/meta.yaml",
+        ".pytest_cache/v/x",
+        "rlhf_diffusion/__pycache__/launch.cpython-311.pyc",
+        "tests/test_deploy.py",
+        ".git/HEAD",
+    ):
         assert _dockerignore_excludes(outside), outside
 
 

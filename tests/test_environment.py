@@ -30,7 +30,8 @@ def test_every_direct_dependency_is_pinned_and_its_pin_admits_the_locked_version
         name = canonicalize_name(requirement.name)
         assert name in lock, f"{requirement.name} is a dependency in pyproject.toml but not locked in constraints.txt"
         assert requirement.specifier.contains(lock[name], prereleases=True), (
-            f"pyproject.toml requires {requirement}, constraints.txt locks {requirement.name}=={lock[name]}")
+            f"pyproject.toml requires {requirement}, constraints.txt locks {requirement.name}=={lock[name]}"
+        )
 
 
 def test_every_lock_line_is_an_exact_pin():
@@ -38,7 +39,9 @@ def test_every_lock_line_is_an_exact_pin():
         line = line.split("#")[0].strip()
         if line:
             requirement = Requirement(line)
-            assert [s.operator for s in requirement.specifier] == ["=="], f"constraints.txt: {line!r} is not name==version"
+            assert [s.operator for s in requirement.specifier] == ["=="], (
+                f"constraints.txt: {line!r} is not name==version"
+            )
 
 
 def test_the_installed_direct_dependencies_are_the_locked_versions():
@@ -47,4 +50,5 @@ def test_the_installed_direct_dependencies_are_the_locked_versions():
         name = canonicalize_name(requirement.name)
         assert metadata.version(requirement.name) == lock[name], (
             f"{requirement.name} {metadata.version(requirement.name)} is installed, constraints.txt locks {lock[name]}"
-            " (reinstall with: pip install -c constraints.txt -e '.[dev]')")
+            " (reinstall with: pip install -c constraints.txt -e '.[dev]')"
+        )

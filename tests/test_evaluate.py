@@ -62,7 +62,9 @@ def trained(tiny_sd15_dir, tmp_path_factory):
     """One LocalTrainer iteration (D3PO, brightness) on PROMPTS; its eval uses the same prompts and seeds."""
     root = tmp_path_factory.mktemp("trained")
     data = {
-        "run_name": "run", "output_dir": str(root), "device": "cpu",
+        "run_name": "run",
+        "output_dir": str(root),
+        "device": "cpu",
         "model": {"pretrained": str(tiny_sd15_dir)},
         "sampling": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 2},
         "algorithm": {"name": "d3po"},
@@ -86,14 +88,37 @@ def cli_run(tiny_sd15_dir, trained, tmp_path_factory):
     prompt_file = root / "prompts.txt"
     prompt_file.write_text("# eval prompts\n" + "\n".join(PROMPTS) + "\n", encoding="utf-8")
     rewards_yaml = root / "rewards.yaml"
-    rewards_yaml.write_text(yaml.safe_dump(
-        [{"name": "aesthetic", "weight": 0.5, "path": str(build_tiny_aesthetic(root / "aesthetic"))}]))
+    rewards_yaml.write_text(
+        yaml.safe_dump([{"name": "aesthetic", "weight": 0.5, "path": str(build_tiny_aesthetic(root / "aesthetic"))}])
+    )
     out = root / "out"
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    code = main(["--model", str(tiny_sd15_dir), "--prompts", str(prompt_file), *SAMPLING,
-                 "--rewards-yaml", str(rewards_yaml), "--reward", "brightness",
-                 "--lora", str(other.parent), "--lora", f"nometa={nometa}", "--lora", str(trained.run_dir),
-                 "--save-images", "--out", str(out), "--mlflow-uri", uri, "--experiment", "eval-test"])
+    code = main(
+        [
+            "--model",
+            str(tiny_sd15_dir),
+            "--prompts",
+            str(prompt_file),
+            *SAMPLING,
+            "--rewards-yaml",
+            str(rewards_yaml),
+            "--reward",
+            "brightness",
+            "--lora",
+            str(other.parent),
+            "--lora",
+            f"nometa={nometa}",
+            "--lora",
+            str(trained.run_dir),
+            "--save-images",
+            "--out",
+            str(out),
+            "--mlflow-uri",
+            uri,
+            "--experiment",
+            "eval-test",
+        ]
+    )
     assert code == 0
     return {"out": out, "uri": uri, "other": other, "nometa": nometa, "trained": trained}
 
@@ -103,13 +128,23 @@ def test_cli_writes_table_csvs_and_grid(cli_run, capsys):
     labels = ["base", str(cli_run["other"].parent), "nometa", str(cli_run["trained"].run_dir)]
     rows = _read_csv(out / "results.csv")
     assert [r["model"] for r in rows] == labels
-    assert list(rows[0]) == ["model", "lora", "images", "aesthetic_mean", "aesthetic_std", "brightness_mean",
-                             "brightness_std", "total_mean", "total_std"]
+    assert list(rows[0]) == [
+        "model",
+        "lora",
+        "images",
+        "aesthetic_mean",
+        "aesthetic_std",
+        "brightness_mean",
+        "brightness_std",
+        "total_mean",
+        "total_std",
+    ]
     assert rows[0]["lora"] == "" and rows[3]["lora"].endswith("run/lora/pytorch_lora_weights.safetensors")
     assert all(r["images"] == str(len(PROMPTS) * SEEDS) for r in rows)
     for r in rows:  # total = 0.5 · aesthetic + brightness, per image, so also in the mean
-        assert float(r["total_mean"]) == pytest.approx(0.5 * float(r["aesthetic_mean"]) + float(r["brightness_mean"]),
-                                                       rel=1e-5)
+        assert float(r["total_mean"]) == pytest.approx(
+            0.5 * float(r["aesthetic_mean"]) + float(r["brightness_mean"]), rel=1e-5
+        )
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "| model | aesthetic | brightness | weighted total |" in table
     assert "2 prompts × 2 seeds = 4 images per row" in table and "DDIM 2 steps" in table
@@ -163,12 +198,13 @@ def test_lora_row_reproduces_the_trained_runs_evaluation_exactly(cli_run):
     column0 = 3 * SEEDS  # 4th row of the table
     for j in range(len(PROMPTS)):
         for s in range(SEEDS):
-            cell = grid[2 + j * CELL: j * CELL + CELL, 2 + (column0 + s) * CELL: (column0 + s) * CELL + CELL]
+            cell = grid[2 + j * CELL : j * CELL + CELL, 2 + (column0 + s) * CELL : (column0 + s) * CELL + CELL]
             r, c = divmod(j * SEEDS + s, eval_grid_row(SEEDS))  # the run's grid wraps whole prompts, >= 8 a row
-            expected = theirs[2 + r * CELL: r * CELL + CELL, 2 + c * CELL: c * CELL + CELL]
+            expected = theirs[2 + r * CELL : r * CELL + CELL, 2 + c * CELL : c * CELL + CELL]
             np.testing.assert_array_equal(cell, expected)
-            image = np.asarray(Image.open(out / "images" / f"03_{label.strip('/').replace('/', '_')}"
-                                          / f"p{j:05d}_s{s}.png"))
+            image = np.asarray(
+                Image.open(out / "images" / f"03_{label.strip('/').replace('/', '_')}" / f"p{j:05d}_s{s}.png")
+            )
             np.testing.assert_array_equal(image, expected)
 
 
@@ -184,9 +220,14 @@ def test_mlflow_has_a_parent_run_with_artifacts_and_one_child_per_row(cli_run):
     assert parent.data.params["num_prompts"] == "2" and parent.data.params["steps"] == "2"
     assert json.loads(parent.data.params["rewards"])[0].startswith("aesthetic:0.5@")
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
-        "results.md", "results.csv", "per_prompt.csv", "grid.png"}
-    children = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")
-                == parent.info.run_id}
+        "results.md",
+        "results.csv",
+        "per_prompt.csv",
+        "grid.png",
+    }
+    children = {
+        r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     table = {r["model"]: r for r in _read_csv(cli_run["out"] / "results.csv")}
     assert children.keys() == table.keys()
     for label, child in children.items():
@@ -259,8 +300,10 @@ def test_bad_input_exits_2_with_one_message(args, expected, tiny_sd15_dir, tmp_p
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("wrong_keys.safetensors", "its LoRA does not fit this UNet: LoRA state dict does not match adapter "
-                                   "'eval_lora'"),
+        (
+            "wrong_keys.safetensors",
+            "its LoRA does not fit this UNet: LoRA state dict does not match adapter 'eval_lora'",
+        ),
         ("kohya.safetensors", "not a UNet LoRA in diffusers/peft format: 1 of 1 keys are not"),
         ("garbage.safetensors", "not a readable safetensors file"),
     ],
@@ -276,6 +319,18 @@ def test_bad_lora_file_exits_2_naming_the_file(name, expected, bad_files, tiny_s
 
 def test_argparse_rejects_zero_seeds(tiny_sd15_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(tiny_sd15_dir), "--prompt", "a", "--reward", "brightness", "--seeds", "0",
-              "--out", str(tmp_path)])
+        main(
+            [
+                "--model",
+                str(tiny_sd15_dir),
+                "--prompt",
+                "a",
+                "--reward",
+                "brightness",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert exit_info.value.code == 2 and "--seeds: must be >= 1" in capsys.readouterr().err

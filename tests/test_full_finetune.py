@@ -17,19 +17,27 @@ from rlhf_diffusion.trainer import Trainer
 
 
 def full_config(model_dir: Path, output_dir: Path, run_name: str, **resources):
-    return parse_config({
-        "run_name": run_name, "seed": 4, "output_dir": str(output_dir), "device": "cpu",
-        "model": {"pretrained": str(model_dir), "finetune": "full"},
-        "sampling": {"num_steps": 3, "batch_size": 2},
-        "algorithm": {"name": "dde", "correction": "ema"},
-        "rewards": [{"name": "jpeg_compressibility"}],
-        "resources": {"cpus_per_actor": 0.5, **resources},
-        "train": {"iterations": 2, "learning_rate": 1e-4, "train_batch_size": 2},
-        "prompts": {"train": {"inline": ["a cat", "a dog", "a fox"]}, "eval": {"inline": ["a cow"]},
-                    "eval_seeds": 1},
-        "tracking": {"enabled": False},
-        "checkpoint": {"every": 1, "keep_last": 2},
-    })
+    return parse_config(
+        {
+            "run_name": run_name,
+            "seed": 4,
+            "output_dir": str(output_dir),
+            "device": "cpu",
+            "model": {"pretrained": str(model_dir), "finetune": "full"},
+            "sampling": {"num_steps": 3, "batch_size": 2},
+            "algorithm": {"name": "dde", "correction": "ema"},
+            "rewards": [{"name": "jpeg_compressibility"}],
+            "resources": {"cpus_per_actor": 0.5, **resources},
+            "train": {"iterations": 2, "learning_rate": 1e-4, "train_batch_size": 2},
+            "prompts": {
+                "train": {"inline": ["a cat", "a dog", "a fox"]},
+                "eval": {"inline": ["a cow"]},
+                "eval_seeds": 1,
+            },
+            "tracking": {"enabled": False},
+            "checkpoint": {"every": 1, "keep_last": 2},
+        }
+    )
 
 
 def unet_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -53,16 +61,14 @@ def test_full_finetune_trains_every_weight_and_exports_a_stock_unet(tiny_sd15_di
     exported = UNet2DConditionModel.from_pretrained(result.unet_dir)
     assert all(torch.equal(trained[k], v) for k, v in unet_weights(exported).items())
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir, unet=exported, safety_checker=None)
-    image = pipe("a cat", num_inference_steps=2, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape[-1] == 3 and image.std() > 0
     assert (latest_checkpoint(tmp_path / "full" / "checkpoints") / "learner_unet.safetensors").is_file()
 
     # Resume from the iteration-1 checkpoint (as after a crash) and end at the same UNet.
     checkpoints = tmp_path / "full" / "checkpoints"
     (checkpoints / "latest").write_text("iter_000001\n")
-    resumed = Trainer(full_config(tiny_sd15_dir, tmp_path, "full"), use_ray=False, resume=True,
-                      log=lambda *_: None)
+    resumed = Trainer(full_config(tiny_sd15_dir, tmp_path, "full"), use_ray=False, resume=True, log=lambda *_: None)
     resumed.fit()
     again = unet_weights(resumed.learner_obj.model.unet)
     assert max((again[k] - trained[k]).abs().max().item() for k in trained) < 1e-6

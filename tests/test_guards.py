@@ -42,8 +42,12 @@ class Drift:
 
 
 def minimal(**guards) -> dict:
-    return {"model": {"pretrained": "tiny:sd15"}, "algorithm": {"name": "tailorpo"},
-            "rewards": [{"name": "jpeg_compressibility"}], "guards": guards}
+    return {
+        "model": {"pretrained": "tiny:sd15"},
+        "algorithm": {"name": "tailorpo"},
+        "rewards": [{"name": "jpeg_compressibility"}],
+        "guards": guards,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,10 +64,17 @@ def test_default_guards_are_off_but_kl_logging():
 
 
 def test_a_full_guards_section_parses_and_flattens():
-    config = parse_config(minimal(
-        heldout_rewards=[{"name": "jpeg_incompressibility"}, {"name": "custom", "target": "pkg.mod:Drift"},
-                         {"name": "saturation", "label": "sat"}],
-        every=5, early_stop={"reward": "Drift", "drop_fraction": 0.2, "patience": 2, "min_scale": 1.0}))
+    config = parse_config(
+        minimal(
+            heldout_rewards=[
+                {"name": "jpeg_incompressibility"},
+                {"name": "custom", "target": "pkg.mod:Drift"},
+                {"name": "saturation", "label": "sat"},
+            ],
+            every=5,
+            early_stop={"reward": "Drift", "drop_fraction": 0.2, "patience": 2, "min_scale": 1.0},
+        )
+    )
     assert [r.key for r in config.guards.heldout_rewards] == ["jpeg_incompressibility", "Drift", "sat"]
     assert config.guards.early_stop == EarlyStopConfig(reward="Drift", drop_fraction=0.2, patience=2, min_scale=1.0)
     flat = flatten_config(config)
@@ -71,37 +82,77 @@ def test_a_full_guards_section_parses_and_flattens():
 
 
 BAD_GUARDS = [
-    ("trained_reward_held_out", {"heldout_rewards": [{"name": "jpeg_compressibility"}]},
-     "guards.heldout_rewards.0: is the same reward model as rewards.0"),
-    ("trained_reward_relabelled", {"heldout_rewards": [{"name": "jpeg_compressibility", "label": "other"}]},
-     "guards.heldout_rewards.0: is the same reward model as rewards.0"),
-    ("key_collides_with_training", {"heldout_rewards": [{"name": "saturation", "label": "jpeg_compressibility"}]},
-     "guards.heldout_rewards.0.label: key 'jpeg_compressibility' is also the key of rewards.0"),
-    ("custom_key_collides", {"heldout_rewards": [{"name": "custom", "target": "pkg:jpeg_compressibility"}]},
-     "guards.heldout_rewards.0.target: key 'jpeg_compressibility' is also the key of rewards.0"),
-    ("duplicate_heldout", {"heldout_rewards": [{"name": "saturation"}, {"name": "saturation"}]},
-     "guards.heldout_rewards.1.name: duplicate reward (already guards.heldout_rewards.0.name)"),
-    ("duplicate_heldout_label", {"heldout_rewards": [{"name": "saturation", "label": "x"},
-                                                     {"name": "brightness", "label": "x"}]},
-     "guards.heldout_rewards.1.label: duplicate reward key 'x' (already the key of guards.heldout_rewards.0)"),
-    ("weight", {"heldout_rewards": [{"name": "saturation", "weight": -1.0}]},
-     "guards.heldout_rewards.0.weight: has no effect on a held-out reward"),
-    ("early_stop_unknown_reward", {"heldout_rewards": [{"name": "saturation"}],
-                                   "early_stop": {"reward": "brightness", "drop_fraction": 0.1}},
-     "guards.early_stop.reward: is not the key of a held-out reward (valid: 'saturation')"),
-    ("early_stop_without_heldout", {"early_stop": {"reward": "saturation", "drop_fraction": 0.1}},
-     "guards.early_stop.reward: is not the key of a held-out reward (valid: none: guards.heldout_rewards is empty)"),
-    ("early_stop_training_reward", {"heldout_rewards": [{"name": "saturation"}],
-                                    "early_stop": {"reward": "jpeg_compressibility", "drop_fraction": 0.1}},
-     "guards.early_stop.reward: is not the key of a held-out reward"),
-    ("negative_drop", {"heldout_rewards": [{"name": "saturation"}],
-                       "early_stop": {"reward": "saturation", "drop_fraction": -0.1}},
-     "guards.early_stop.drop_fraction: Input should be greater than or equal to 0"),
-    ("drop_required", {"heldout_rewards": [{"name": "saturation"}], "early_stop": {"reward": "saturation"}},
-     "guards.early_stop.drop_fraction: required field is missing"),
-    ("zero_patience", {"heldout_rewards": [{"name": "saturation"}],
-                       "early_stop": {"reward": "saturation", "drop_fraction": 0.1, "patience": 0}},
-     "guards.early_stop.patience: Input should be greater than or equal to 1"),
+    (
+        "trained_reward_held_out",
+        {"heldout_rewards": [{"name": "jpeg_compressibility"}]},
+        "guards.heldout_rewards.0: is the same reward model as rewards.0",
+    ),
+    (
+        "trained_reward_relabelled",
+        {"heldout_rewards": [{"name": "jpeg_compressibility", "label": "other"}]},
+        "guards.heldout_rewards.0: is the same reward model as rewards.0",
+    ),
+    (
+        "key_collides_with_training",
+        {"heldout_rewards": [{"name": "saturation", "label": "jpeg_compressibility"}]},
+        "guards.heldout_rewards.0.label: key 'jpeg_compressibility' is also the key of rewards.0",
+    ),
+    (
+        "custom_key_collides",
+        {"heldout_rewards": [{"name": "custom", "target": "pkg:jpeg_compressibility"}]},
+        "guards.heldout_rewards.0.target: key 'jpeg_compressibility' is also the key of rewards.0",
+    ),
+    (
+        "duplicate_heldout",
+        {"heldout_rewards": [{"name": "saturation"}, {"name": "saturation"}]},
+        "guards.heldout_rewards.1.name: duplicate reward (already guards.heldout_rewards.0.name)",
+    ),
+    (
+        "duplicate_heldout_label",
+        {"heldout_rewards": [{"name": "saturation", "label": "x"}, {"name": "brightness", "label": "x"}]},
+        "guards.heldout_rewards.1.label: duplicate reward key 'x' (already the key of guards.heldout_rewards.0)",
+    ),
+    (
+        "weight",
+        {"heldout_rewards": [{"name": "saturation", "weight": -1.0}]},
+        "guards.heldout_rewards.0.weight: has no effect on a held-out reward",
+    ),
+    (
+        "early_stop_unknown_reward",
+        {"heldout_rewards": [{"name": "saturation"}], "early_stop": {"reward": "brightness", "drop_fraction": 0.1}},
+        "guards.early_stop.reward: is not the key of a held-out reward (valid: 'saturation')",
+    ),
+    (
+        "early_stop_without_heldout",
+        {"early_stop": {"reward": "saturation", "drop_fraction": 0.1}},
+        "guards.early_stop.reward: is not the key of a held-out reward (valid: none: guards.heldout_rewards is empty)",
+    ),
+    (
+        "early_stop_training_reward",
+        {
+            "heldout_rewards": [{"name": "saturation"}],
+            "early_stop": {"reward": "jpeg_compressibility", "drop_fraction": 0.1},
+        },
+        "guards.early_stop.reward: is not the key of a held-out reward",
+    ),
+    (
+        "negative_drop",
+        {"heldout_rewards": [{"name": "saturation"}], "early_stop": {"reward": "saturation", "drop_fraction": -0.1}},
+        "guards.early_stop.drop_fraction: Input should be greater than or equal to 0",
+    ),
+    (
+        "drop_required",
+        {"heldout_rewards": [{"name": "saturation"}], "early_stop": {"reward": "saturation"}},
+        "guards.early_stop.drop_fraction: required field is missing",
+    ),
+    (
+        "zero_patience",
+        {
+            "heldout_rewards": [{"name": "saturation"}],
+            "early_stop": {"reward": "saturation", "drop_fraction": 0.1, "patience": 0},
+        },
+        "guards.early_stop.patience: Input should be greater than or equal to 1",
+    ),
     ("negative_every", {"every": -1}, "guards.every: Input should be greater than or equal to 0"),
     ("unknown_key", {"log_kls": False}, "guards.log_kls: unknown key (did you mean 'log_kl'?)"),
 ]
@@ -120,9 +171,12 @@ def test_bad_guards_name_the_field(guards, message):
 
 
 def test_reward_host_keeps_heldout_rewards_out_of_the_training_reward():
-    config = parse_config({**minimal(heldout_rewards=[{"name": "saturation"},
-                                                      {"name": "jpeg_incompressibility", "label": "b"}]),
-                           "rewards": [{"name": "jpeg_compressibility"}, {"name": "brightness", "weight": 0.5}]})
+    config = parse_config(
+        {
+            **minimal(heldout_rewards=[{"name": "saturation"}, {"name": "jpeg_incompressibility", "label": "b"}]),
+            "rewards": [{"name": "jpeg_compressibility"}, {"name": "brightness", "weight": 0.5}],
+        }
+    )
     host = RewardHost(config.rewards, "cpu", config.guards.heldout_rewards)
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     prompts = ["a", "b", "c"]
@@ -131,16 +185,18 @@ def test_reward_host_keeps_heldout_rewards_out_of_the_training_reward():
     assert set(trained.per_reward) == {"jpeg_compressibility", "brightness"}
     assert host.heldout_names() == ["saturation", "b"] == list(heldout.per_reward)
     torch.testing.assert_close(heldout.per_reward["b"], -trained.per_reward["jpeg_compressibility"])
-    torch.testing.assert_close(trained.total, trained.per_reward["jpeg_compressibility"]
-                               + 0.5 * trained.per_reward["brightness"])  # nothing held out in the total
+    torch.testing.assert_close(
+        trained.total, trained.per_reward["jpeg_compressibility"] + 0.5 * trained.per_reward["brightness"]
+    )  # nothing held out in the total
     assert RewardHost(config.rewards, "cpu").heldout_names() == []
     with pytest.raises(ValueError, match="guards.heldout_rewards is empty"):
         RewardHost(config.rewards, "cpu").score_heldout_many([(images, prompts)])
 
 
 def test_a_broken_custom_heldout_reward_names_its_guards_field():
-    config = parse_config(minimal(heldout_rewards=[{"name": "saturation"},
-                                                   {"name": "custom", "target": "no_such_module_xyz:Reward"}]))
+    config = parse_config(
+        minimal(heldout_rewards=[{"name": "saturation"}, {"name": "custom", "target": "no_such_module_xyz:Reward"}])
+    )
     with pytest.raises(CustomRewardError, match=r"^guards\.heldout_rewards\.1\.target: "):
         build_heldout_reward(config.guards.heldout_rewards)
 
@@ -199,24 +255,43 @@ def drift_module(tmp_path, monkeypatch):
     return "guard_rewards:Drift"
 
 
-def run_config(model_dir: Path, output_dir: Path, run_name: str, iterations: int, early_stop: dict | None,
-               more_heldout: tuple[dict, ...] = ()):
-    return parse_config({
-        "run_name": run_name, "seed": 2, "output_dir": str(output_dir), "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
-        "algorithm": {"name": "tailorpo"},
-        "rewards": [{"name": "jpeg_compressibility"}],
-        "train": {"iterations": iterations, "learning_rate": 1e-2, "train_batch_size": 2},
-        "prompts": {"train": {"inline": ["a cat", "a dog", "a fox"]}, "eval": {"inline": ["a cow"]},
-                    "eval_seeds": 2},
-        "tracking": {"enabled": True, "image_grid_every": 2},
-        "checkpoint": {"every": 0},
-        "guards": {"heldout_rewards": [{"name": "jpeg_incompressibility"},
-                                       {"name": "custom", "target": "guard_rewards:Drift", "label": "drift"},
-                                       *more_heldout],
-                   "every": 1, "early_stop": early_stop},
-    })
+def run_config(
+    model_dir: Path,
+    output_dir: Path,
+    run_name: str,
+    iterations: int,
+    early_stop: dict | None,
+    more_heldout: tuple[dict, ...] = (),
+):
+    return parse_config(
+        {
+            "run_name": run_name,
+            "seed": 2,
+            "output_dir": str(output_dir),
+            "device": "cpu",
+            "model": {"pretrained": str(model_dir)},
+            "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
+            "algorithm": {"name": "tailorpo"},
+            "rewards": [{"name": "jpeg_compressibility"}],
+            "train": {"iterations": iterations, "learning_rate": 1e-2, "train_batch_size": 2},
+            "prompts": {
+                "train": {"inline": ["a cat", "a dog", "a fox"]},
+                "eval": {"inline": ["a cow"]},
+                "eval_seeds": 2,
+            },
+            "tracking": {"enabled": True, "image_grid_every": 2},
+            "checkpoint": {"every": 0},
+            "guards": {
+                "heldout_rewards": [
+                    {"name": "jpeg_incompressibility"},
+                    {"name": "custom", "target": "guard_rewards:Drift", "label": "drift"},
+                    *more_heldout,
+                ],
+                "every": 1,
+                "early_stop": early_stop,
+            },
+        }
+    )
 
 
 def mlflow_history(run_dir: Path, run_id: str, key: str) -> dict[int, float]:
@@ -226,11 +301,13 @@ def mlflow_history(run_dir: Path, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-def test_heldout_rewards_and_per_step_kl_are_logged_beside_the_training_reward(tiny_sd15_dir, tmp_path,
-                                                                              drift_module, one_torch_thread):
+def test_heldout_rewards_and_per_step_kl_are_logged_beside_the_training_reward(
+    tiny_sd15_dir, tmp_path, drift_module, one_torch_thread
+):
     # drift ∈ [-1, 0] and min_scale 1: its relative drop is at most 1, so drop_fraction 1 never stops the run
-    config = run_config(tiny_sd15_dir, tmp_path, "watched", 3,
-                        {"reward": "drift", "drop_fraction": 1.0, "min_scale": 1.0})
+    config = run_config(
+        tiny_sd15_dir, tmp_path, "watched", 3, {"reward": "drift", "drop_fraction": 1.0, "min_scale": 1.0}
+    )
     result = LocalTrainer(config, log=lambda *_: None).fit()
     run_dir = result.run_dir
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -250,8 +327,7 @@ def test_heldout_rewards_and_per_step_kl_are_logged_beside_the_training_reward(t
     # per-step KL for each of the 3 DDIM steps: > 0 once the first optimizer step moved θ off the reference, and
     # growing as training (lr 1e-2) drifts away from it
     steps = [f"kl/step_{k}" for k in range(3)]
-    assert all(set(steps + [f"kl/log_ratio_step_{k}" for k in range(3)] + ["kl/step_mean"]) <= set(r)
-               for r in lines)
+    assert all(set(steps + [f"kl/log_ratio_step_{k}" for k in range(3)] + ["kl/step_mean"]) <= set(r) for r in lines)
     assert all(r[key] > 0.0 for r in lines for key in steps)
     assert all(min(r[key] for key in steps) <= r["kl/step_mean"] <= max(r[key] for key in steps) for r in lines)
     assert lines[0]["kl/step_mean"] < lines[1]["kl/step_mean"] < lines[2]["kl/step_mean"]
@@ -273,10 +349,16 @@ def test_heldout_rewards_and_per_step_kl_are_logged_beside_the_training_reward(t
     assert (run_dir / "grids" / "iter_000002.png").is_file() and not (run_dir / "grids" / "iter_000001.png").exists()
 
 
-def test_early_stop_ends_the_run_cleanly_when_a_heldout_reward_falls(tiny_sd15_dir, tmp_path, drift_module,
-                                                                    one_torch_thread):
-    config = run_config(tiny_sd15_dir, tmp_path, "stopped", 5,
-                        {"reward": "drift", "drop_fraction": 0.0, "patience": 2, "min_scale": 1.0})
+def test_early_stop_ends_the_run_cleanly_when_a_heldout_reward_falls(
+    tiny_sd15_dir, tmp_path, drift_module, one_torch_thread
+):
+    config = run_config(
+        tiny_sd15_dir,
+        tmp_path,
+        "stopped",
+        5,
+        {"reward": "drift", "drop_fraction": 0.0, "patience": 2, "min_scale": 1.0},
+    )
     result = LocalTrainer(config, log=lambda *_: None).fit()
     run_dir = result.run_dir
     # drift < 0 after iterations 1 and 2: two consecutive drops, the run stops after iteration 2 of 5
@@ -302,24 +384,35 @@ def test_early_stop_ends_the_run_cleanly_when_a_heldout_reward_falls(tiny_sd15_d
     assert run.data.tags["early_stop"] == summary["stop_reason"] and run.data.tags["early_stop_iteration"] == "2"
     from mlflow.tracking import MlflowClient as Client
 
-    history = Client(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(result.mlflow_run_id,
-                                                                                          "eval/reward_mean")
+    history = Client(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        result.mlflow_run_id, "eval/reward_mean"
+    )
     assert sorted(m.step for m in history) == [0, 1, 2]  # the stopping pass is the final one: logged once
 
     # --resume continues an early-stopped run, and the guards may change on resume (here: a looser early stop) ...
-    looser = run_config(tiny_sd15_dir, tmp_path, "stopped", 3, {"reward": "drift", "drop_fraction": 1.0,
-                                                                "min_scale": 1.0})
+    looser = run_config(
+        tiny_sd15_dir, tmp_path, "stopped", 3, {"reward": "drift", "drop_fraction": 1.0, "min_scale": 1.0}
+    )
     resumed = LocalTrainer(looser, resume=True, log=lambda *_: None).fit()
     assert resumed.early_stop is None
-    assert [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
-        [1.0, 2.0, 3.0]
+    assert [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
+        1.0,
+        2.0,
+        3.0,
+    ]
     again = json.loads((run_dir / "eval.json").read_text())
     assert again["stopped_early"] is False and again["iterations"] == 3
     assert again["heldout_before"] == summary["heldout_before"]  # the base of the early stop survives the resume
     tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(resumed.mlflow_run_id).data.tags
     assert resumed.mlflow_run_id == result.mlflow_run_id and "early_stop" not in tags  # the same run went on
     # ... but an early stop on a reward that had no value before training is refused
-    unknown = run_config(tiny_sd15_dir, tmp_path, "stopped", 4, {"reward": "brightness", "drop_fraction": 0.1},
-                         more_heldout=({"name": "brightness"},))
+    unknown = run_config(
+        tiny_sd15_dir,
+        tmp_path,
+        "stopped",
+        4,
+        {"reward": "brightness", "drop_fraction": 0.1},
+        more_heldout=({"name": "brightness"},),
+    )
     with pytest.raises(ResumeError, match="guards.early_stop.reward 'brightness': the checkpoint holds no value"):
         LocalTrainer(unknown, resume=True, log=lambda *_: None).fit()

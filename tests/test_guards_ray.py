@@ -19,29 +19,43 @@ HELDOUT = ["saturation", "brightness", "jpeg_incompressibility"]  # continuous f
 
 
 def guards_config(model_dir: Path, output_dir: Path, run_name: str, *, num_learners: int, early_stop: dict | None):
-    return parse_config({
-        "run_name": run_name, "seed": 5, "output_dir": str(output_dir), "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
-        "algorithm": {"name": "tailorpo"},
-        "rewards": [{"name": "jpeg_compressibility"}],
-        "resources": {"num_samplers": 1, "num_reward_servers": 1, "num_learners": num_learners,
-                      "cpus_per_actor": 0.5, "max_actor_restarts": 0},
-        "train": {"iterations": 2, "learning_rate": 1e-2, "train_batch_size": 3, "max_staleness": 1},
-        "prompts": {"train": {"inline": ["a cat", "a dog", "a fox"]}, "eval": {"inline": ["a cow"]},
-                    "eval_seeds": 2},
-        "tracking": {"enabled": False, "image_grid_every": 0},
-        "checkpoint": {"every": 0},
-        "guards": {"heldout_rewards": [{"name": name} for name in HELDOUT], "every": 1, "early_stop": early_stop},
-    })
+    return parse_config(
+        {
+            "run_name": run_name,
+            "seed": 5,
+            "output_dir": str(output_dir),
+            "device": "cpu",
+            "model": {"pretrained": str(model_dir)},
+            "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
+            "algorithm": {"name": "tailorpo"},
+            "rewards": [{"name": "jpeg_compressibility"}],
+            "resources": {
+                "num_samplers": 1,
+                "num_reward_servers": 1,
+                "num_learners": num_learners,
+                "cpus_per_actor": 0.5,
+                "max_actor_restarts": 0,
+            },
+            "train": {"iterations": 2, "learning_rate": 1e-2, "train_batch_size": 3, "max_staleness": 1},
+            "prompts": {
+                "train": {"inline": ["a cat", "a dog", "a fox"]},
+                "eval": {"inline": ["a cow"]},
+                "eval_seeds": 2,
+            },
+            "tracking": {"enabled": False, "image_grid_every": 0},
+            "checkpoint": {"every": 0},
+            "guards": {"heldout_rewards": [{"name": name} for name in HELDOUT], "every": 1, "early_stop": early_stop},
+        }
+    )
 
 
 def test_distributed_guards_match_the_local_loop_and_stop_early(ray_connected, tiny_sd15_dir, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each actor (cpus_per_actor 0.5 → 1 thread): the same float reductions
     try:
-        local = LocalTrainer(guards_config(tiny_sd15_dir, tmp_path, "local", num_learners=1, early_stop=None),
-                             log=lambda *_: None).fit()
+        local = LocalTrainer(
+            guards_config(tiny_sd15_dir, tmp_path, "local", num_learners=1, early_stop=None), log=lambda *_: None
+        ).fit()
     finally:
         torch.set_num_threads(threads)
     local_lines = [json.loads(line) for line in (local.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -52,8 +66,9 @@ def test_distributed_guards_match_the_local_loop_and_stop_early(ray_connected, t
     # Watch a reward that fell after iteration 1: the distributed run must stop there, with iteration 2's rollouts
     # in flight (the guards do not change training, so its numbers are the local run's; a pixel statistic moves
     # continuously with the weights, JPEG size in whole bytes, hence the order of HELDOUT).
-    config = guards_config(tiny_sd15_dir, tmp_path, "ray", num_learners=2,
-                           early_stop={"reward": fell[0], "drop_fraction": 0.0})
+    config = guards_config(
+        tiny_sd15_dir, tmp_path, "ray", num_learners=2, early_stop={"reward": fell[0], "drop_fraction": 0.0}
+    )
     trainer = Trainer(config, log=lambda *_: None)
     try:
         result = trainer.fit()

@@ -21,13 +21,24 @@ FAST = ("--set", "sampling.num_steps=4")
 
 
 def run_launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf_diffusion.launch", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_diffusion.launch", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tmp_path):
-    proc = run_launch("configs/tiny.yaml", "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2",
-                      "--set", "prompts.eval_seeds=1", "--set", "sampling.batch_size=4", *FAST)
+    proc = run_launch(
+        "configs/tiny.yaml",
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        "train.iterations=2",
+        "--set",
+        "prompts.eval_seeds=1",
+        "--set",
+        "sampling.batch_size=4",
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "tiny"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -48,8 +59,12 @@ def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tm
     pipe = StableDiffusionPipeline.from_pretrained(resolve_testbed("testbed:pipeline"))
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(run_dir / "lora")
-    image = pipe("a red circle on the left on a white background", num_inference_steps=2, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red circle on the left on a white background",
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 64, 64, 3)
 
 
@@ -80,17 +95,40 @@ prompts: {train: {inline: [a cat, a dog]}, eval_seeds: 1}
 
 def submit_job(cluster, *entrypoint: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([cluster.ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [cluster.ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.mark.ray
 def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_path):
-    entrypoint = (sys.executable, "-m", "rlhf_diffusion.launch", str(ROOT / "configs" / "tiny.yaml"),
-                  "--set", f"output_dir={tmp_path}", "--set", "train.iterations=2",
-                  "--set", "resources.num_samplers=2", "--set", "resources.num_reward_servers=1",
-                  "--set", "train.max_staleness=1", "--set", "prompts.eval_seeds=1", "--set",
-                  "sampling.batch_size=4", "--no-progress", *FAST)
+    entrypoint = (
+        sys.executable,
+        "-m",
+        "rlhf_diffusion.launch",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        "train.iterations=2",
+        "--set",
+        "resources.num_samplers=2",
+        "--set",
+        "resources.num_reward_servers=1",
+        "--set",
+        "train.max_staleness=1",
+        "--set",
+        "prompts.eval_seeds=1",
+        "--set",
+        "sampling.batch_size=4",
+        "--no-progress",
+        *FAST,
+    )
     proc = submit_job(ray_cluster, *entrypoint)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -127,8 +165,17 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_pat
 @pytest.mark.ray
 def test_ray_job_with_a_bad_config_fails_fast_naming_the_field(ray_cluster, tmp_path):
     start = time.monotonic()
-    proc = submit_job(ray_cluster, sys.executable, "-m", "rlhf_diffusion.launch", str(ROOT / "configs" / "tiny.yaml"),
-                      "--set", "algorithm.beta=-1", "--set", f"output_dir={tmp_path}")
+    proc = submit_job(
+        ray_cluster,
+        sys.executable,
+        "-m",
+        "rlhf_diffusion.launch",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--set",
+        "algorithm.beta=-1",
+        "--set",
+        f"output_dir={tmp_path}",
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "algorithm.beta" in out and "failed" in out.lower() and "Traceback" not in out

@@ -27,8 +27,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_learning.yaml"
 # saturation by less than the seed-to-seed noise (DDE, seeds 0/1/2: -0.0010 / +0.0004 / +0.0011), so a 30-iteration
 # "it rises" assertion there would test the seed, not the method. Their optimisation is checked on a fixed batch in
 # tests/algorithms/test_methods.py (one descent step lowers Δ_t); issue 6's pretrained testbed compares methods.
-CASES = [(kind, method) for kind in ("sd15", "sdxl") for method in METHODS
-         if not (kind == "sd15" and method in ("dde", "dde_single", "diffusion_dpo"))]
+CASES = [
+    (kind, method)
+    for kind in ("sd15", "sdxl")
+    for method in METHODS
+    if not (kind == "sd15" and method in ("dde", "dde_single", "diffusion_dpo"))
+]
 
 # About how long a case runs on one thread (CI machine), so the pool starts the longest first.
 SECONDS = {"d3po": 110, "tailorpo_g": 85, "tailorpo": 75}
@@ -40,8 +44,10 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("learning")
     slowest_first = sorted(CASES, key=lambda case: SECONDS.get(case[1], 30), reverse=True)
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {case: pool.submit(run_case, str(CONFIG), *case, "saturation", 30, str(out / "_".join(case)), 1)
-                   for case in slowest_first}
+        futures = {
+            case: pool.submit(run_case, str(CONFIG), *case, "saturation", 30, str(out / "_".join(case)), 1)
+            for case in slowest_first
+        }
         return {case: future.exception() or future.result() for case, future in futures.items()}
 
 

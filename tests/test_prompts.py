@@ -20,8 +20,17 @@ from rlhf_diffusion.prompts import (
 
 # Category sizes of PartiPrompts (docs/rewards.md §3b; google-research/parti PartiPrompts.tsv).
 PARTI_CATEGORY_SIZES = {
-    "abstract": 51, "animals": 314, "artifacts": 287, "arts": 66, "food_beverage": 74, "illustrations": 124,
-    "indoor_scenes": 40, "outdoor_scenes": 131, "people": 177, "produce_plants": 50, "vehicles": 104,
+    "abstract": 51,
+    "animals": 314,
+    "artifacts": 287,
+    "arts": 66,
+    "food_beverage": 74,
+    "illustrations": 124,
+    "indoor_scenes": 40,
+    "outdoor_scenes": 131,
+    "people": 177,
+    "produce_plants": 50,
+    "vehicles": 104,
     "world_knowledge": 214,
 }
 
@@ -35,16 +44,20 @@ def test_simple_animals_is_ddpos_list():
 
 
 def test_unknown_builtin_lists_names():
-    with pytest.raises(ValueError, match="unknown built-in prompt set 'animals'; built-in sets: simple_animals, "
-                                         "partiprompts, partiprompts:abstract"):
+    with pytest.raises(
+        ValueError,
+        match="unknown built-in prompt set 'animals'; built-in sets: simple_animals, "
+        "partiprompts, partiprompts:abstract",
+    ):
         load_builtin("animals")
     assert BUILTIN_PROMPT_SETS[:2] == ("simple_animals", "partiprompts")
 
 
 def test_prompt_file_skips_comments_and_blank_lines(tmp_path):
     path = tmp_path / "prompts.txt"
-    path.write_text("# my prompts\n\n  a red fox  \n\t\n# a comment\na photo of a cat # not a comment\n",
-                    encoding="utf-8")
+    path.write_text(
+        "# my prompts\n\n  a red fox  \n\t\n# a comment\na photo of a cat # not a comment\n", encoding="utf-8"
+    )
     assert load_prompt_file(path) == ["a red fox", "a photo of a cat # not a comment"]
     assert load_prompt_file(str(path)) == load_prompt_file(path)
 
@@ -109,15 +122,19 @@ def test_partiprompts_categories_and_challenges():
     assert [r.index for r in rows] == list(range(1632))
     assert {r.category for r in rows} == set(PARTI_CATEGORIES)
     assert {r.challenge for r in rows} == set(PARTI_CHALLENGES)
-    sizes = {name.removeprefix("partiprompts:"): len(load_builtin(name))
-             for name in BUILTIN_PROMPT_SETS if name.startswith("partiprompts:")}
+    sizes = {
+        name.removeprefix("partiprompts:"): len(load_builtin(name))
+        for name in BUILTIN_PROMPT_SETS
+        if name.startswith("partiprompts:")
+    }
     assert sizes == PARTI_CATEGORY_SIZES and sum(sizes.values()) == 1632
     animals = load_builtin("partiprompts:animals")
     assert animals == [r.prompt for r in rows if r.category == "Animals"]
     assert all(p.strip() for p in animals)
     # a category by its tsv name or its slug, and a challenge aspect
     assert [r.prompt for r in load_partiprompts(category="Food & Beverage")] == load_builtin(
-        "partiprompts:food_beverage")
+        "partiprompts:food_beverage"
+    )
     writing = load_partiprompts(challenge="writing_symbols")
     assert len(writing) == 91 and {r.challenge for r in writing} == {"Writing & Symbols"}
     both = load_partiprompts(category="animals", challenge="Basic")
@@ -136,16 +153,24 @@ def test_unknown_parti_category_is_an_error():
 def test_config_builtin_names_match_the_package():
     literal = get_args(PromptSource.model_fields["builtin"].annotation)[0]
     assert get_args(literal) == BUILTIN_PROMPT_SETS
-    cfg = parse_config({"model": {"pretrained": "tiny:sd15"}, "algorithm": {"name": "d3po"},
-                        "rewards": [{"name": "brightness"}],
-                        "prompts": {"train": {"builtin": "partiprompts:vehicles"},
-                                    "eval": {"builtin": "partiprompts"}}})
+    cfg = parse_config(
+        {
+            "model": {"pretrained": "tiny:sd15"},
+            "algorithm": {"name": "d3po"},
+            "rewards": [{"name": "brightness"}],
+            "prompts": {"train": {"builtin": "partiprompts:vehicles"}, "eval": {"builtin": "partiprompts"}},
+        }
+    )
     assert len(load_prompts(cfg.prompts.train)) == 104 and len(load_prompts(cfg.prompts.eval)) == 1632
 
 
 def test_config_rejects_an_unknown_parti_category_naming_the_field():
-    data = {"model": {"pretrained": "tiny:sd15"}, "algorithm": {"name": "d3po"}, "rewards": [{"name": "brightness"}],
-            "prompts": {"train": {"builtin": "partiprompts:cats"}}}
+    data = {
+        "model": {"pretrained": "tiny:sd15"},
+        "algorithm": {"name": "d3po"},
+        "rewards": [{"name": "brightness"}],
+        "prompts": {"train": {"builtin": "partiprompts:cats"}},
+    }
     with pytest.raises(ConfigError) as error:
         parse_config(data)
     message = str(error.value)

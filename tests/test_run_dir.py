@@ -31,27 +31,57 @@ from rlhf_diffusion.trainer import LocalTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 # configs/tiny.yaml shortened: 2 iterations, a checkpoint after each, one process-sized sampler, no MLflow.
-SHORT = ["--no-progress", "--set", "train.iterations=2", "--set", "prompts.eval_seeds=1", "--set",
-         "sampling.batch_size=2", "--set", "sampling.num_steps=4", "--set", "tracking.enabled=false", "--set",
-         "checkpoint.every=1", "--set", "checkpoint.keep_last=3", "--set", "train.signal_every=0", "--set",
-         "resources.num_samplers=1", "--set", "train.max_staleness=0"]
+SHORT = [
+    "--no-progress",
+    "--set",
+    "train.iterations=2",
+    "--set",
+    "prompts.eval_seeds=1",
+    "--set",
+    "sampling.batch_size=2",
+    "--set",
+    "sampling.num_steps=4",
+    "--set",
+    "tracking.enabled=false",
+    "--set",
+    "checkpoint.every=1",
+    "--set",
+    "checkpoint.keep_last=3",
+    "--set",
+    "train.signal_every=0",
+    "--set",
+    "resources.num_samplers=1",
+    "--set",
+    "train.max_staleness=0",
+]
 
 
 def launch_command(output_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf_diffusion.launch", "configs/tiny.yaml", "--set", f"output_dir={output_dir}",
-            *SHORT, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "rlhf_diffusion.launch",
+        "configs/tiny.yaml",
+        "--set",
+        f"output_dir={output_dir}",
+        *SHORT,
+        *extra,
+    ]
 
 
 def launch(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(launch_command(output_dir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=env)
+    return subprocess.run(
+        launch_command(output_dir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that takes the run directory's lock and keeps it; returns once it holds it."""
-    code = ("import sys, time; from rlhf_diffusion.run_dir import lock_run_dir; lock_run_dir(sys.argv[1]); "
-            "print('locked', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from rlhf_diffusion.run_dir import lock_run_dir; lock_run_dir(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -59,8 +89,10 @@ def hold_lock(run_dir: Path) -> subprocess.Popen:
 
 def lock_elsewhere(run_dir: Path) -> int:
     """Tries the run directory's lock from another process, which then exits: 0 it got it, 2 it was refused."""
-    code = ("import sys\nfrom rlhf_diffusion.run_dir import RunDirBusy, lock_run_dir\n"
-            "try:\n    lock_run_dir(sys.argv[1])\nexcept RunDirBusy:\n    sys.exit(2)")
+    code = (
+        "import sys\nfrom rlhf_diffusion.run_dir import RunDirBusy, lock_run_dir\n"
+        "try:\n    lock_run_dir(sys.argv[1])\nexcept RunDirBusy:\n    sys.exit(2)"
+    )
     return subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, timeout=120).returncode
 
 
@@ -72,8 +104,11 @@ def locked_by(run_dir: Path) -> str | None:
 
 
 def files_of(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != LOCK_FILE}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 def iterations_logged(run_dir: Path) -> list[float]:
@@ -113,8 +148,14 @@ def test_a_locked_run_dir_refuses_a_second_process_until_the_first_dies(tmp_path
 def test_a_second_launch_while_one_runs_exits_2_naming_the_directory_and_pid(tmp_path):
     run_dir = tmp_path / "tiny"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    first = subprocess.Popen(launch_command(tmp_path, "--no-ray"), cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env)
+    first = subprocess.Popen(
+        launch_command(tmp_path, "--no-ray"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 300
         while locked_by(run_dir) != str(first.pid):
@@ -127,9 +168,11 @@ def test_a_second_launch_while_one_runs_exits_2_naming_the_directory_and_pid(tmp
     assert first.returncode == 0, output[-3000:]
     assert first_still_running, "the first launch ended before the second was refused: the test proved nothing"
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-    assert second.stderr.strip() == (f"error: run directory {run_dir} is in use by another run (PID {first.pid} on "
-                                     f"{socket.gethostname()}, lock file {run_dir / LOCK_FILE}); wait for it to end, "
-                                     "or choose another run_name or output_dir")
+    assert second.stderr.strip() == (
+        f"error: run directory {run_dir} is in use by another run (PID {first.pid} on "
+        f"{socket.gethostname()}, lock file {run_dir / LOCK_FILE}); wait for it to end, "
+        "or choose another run_name or output_dir"
+    )
     assert "Ray" not in second.stdout  # refused before Ray started
     assert iterations_logged(run_dir) == [1, 2]  # the first run's metrics alone, nothing interleaved
 
@@ -158,9 +201,11 @@ def test_a_fresh_launch_into_a_finished_run_is_refused_and_changes_nothing(finis
     before = files_of(run_dir)
     proc = launch(run_dir.parent)  # under Ray: refused before it starts
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip() == (f"error: run directory {run_dir} already holds a run (metrics.jsonl, eval.json, "
-                                   "checkpoints, lora); pass --resume to continue it or --overwrite to replace it "
-                                   "(or choose another run_name or output_dir)")
+    assert proc.stderr.strip() == (
+        f"error: run directory {run_dir} already holds a run (metrics.jsonl, eval.json, "
+        "checkpoints, lora); pass --resume to continue it or --overwrite to replace it "
+        "(or choose another run_name or output_dir)"
+    )
     assert "Ray" not in proc.stdout
     assert files_of(run_dir) == before
 
@@ -170,8 +215,10 @@ def test_overwrite_replaces_the_finished_run(finished):
     restore()
     proc = launch(run_dir.parent, "--no-ray", "--overwrite", "--set", "train.iterations=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[overwrite] removed the earlier run's metrics.jsonl, eval.json, checkpoints, lora, grid_before.png, " \
-           "grid_after.png" in proc.stdout
+    assert (
+        "[overwrite] removed the earlier run's metrics.jsonl, eval.json, checkpoints, lora, grid_before.png, "
+        "grid_after.png" in proc.stdout
+    )
     assert iterations_logged(run_dir) == [1]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_000001"]
     assert json.loads((run_dir / "eval.json").read_text())["iterations"] == 1
@@ -184,9 +231,11 @@ def test_resume_below_the_iterations_done_is_refused(finished):
     before = files_of(run_dir)
     proc = launch(run_dir.parent, "--no-ray", "--resume", "--set", "train.iterations=1")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip() == (f"error: cannot resume {run_dir}: train.iterations=1 is below the 2 iterations "
-                                   f"already done (checkpoint {run_dir / 'checkpoints' / 'iter_000002'}); set "
-                                   "train.iterations to 2 or more")
+    assert proc.stderr.strip() == (
+        f"error: cannot resume {run_dir}: train.iterations=1 is below the 2 iterations "
+        f"already done (checkpoint {run_dir / 'checkpoints' / 'iter_000002'}); set "
+        "train.iterations to 2 or more"
+    )
     assert files_of(run_dir) == before
 
 
@@ -198,8 +247,10 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint(finished):
     proc = launch(run_dir.parent, "--no-ray", "--resume", "--set", "train.iterations=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     skipped = [line for line in proc.stdout.splitlines() if line.startswith("[resume] skipping")]
-    assert skipped == [f"[resume] skipping iter_000002: corrupt checkpoint file {bad}: truncated or not a safetensors "
-                       "file (Error while deserializing header: invalid header length); trying iter_000001"]
+    assert skipped == [
+        f"[resume] skipping iter_000002: corrupt checkpoint file {bad}: truncated or not a safetensors "
+        "file (Error while deserializing header: invalid header length); trying iter_000001"
+    ]
     assert f"[resume] from {run_dir / 'checkpoints' / 'iter_000001'}: iteration 1" in proc.stdout
     assert iterations_logged(run_dir) == [1, 2, 3]  # iteration 2 redone, none doubled
     assert json.loads((run_dir / "eval.json").read_text())["iterations"] == 3
@@ -227,16 +278,25 @@ def test_resume_with_no_complete_checkpoint_exits_2_naming_the_bad_files(finishe
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_trainer_fit_refuses_a_fresh_run_into_a_finished_one_and_overwrite_replaces_it(tiny_sd15_dir, tmp_path,
-                                                                                      one_torch_thread):
-    config = parse_config({
-        "run_name": "api", "seed": 1, "output_dir": str(tmp_path), "device": "cpu",
-        "model": {"pretrained": str(tiny_sd15_dir)},
-        "sampling": {"num_steps": 2, "guidance_scale": 2.0, "batch_size": 2},
-        "algorithm": {"name": "d3po"}, "rewards": [{"name": "brightness"}],
-        "train": {"iterations": 1}, "prompts": {"train": {"inline": ["a cat"]}, "eval_seeds": 1},
-        "tracking": {"enabled": False}, "checkpoint": {"every": 1},
-    })
+def test_trainer_fit_refuses_a_fresh_run_into_a_finished_one_and_overwrite_replaces_it(
+    tiny_sd15_dir, tmp_path, one_torch_thread
+):
+    config = parse_config(
+        {
+            "run_name": "api",
+            "seed": 1,
+            "output_dir": str(tmp_path),
+            "device": "cpu",
+            "model": {"pretrained": str(tiny_sd15_dir)},
+            "sampling": {"num_steps": 2, "guidance_scale": 2.0, "batch_size": 2},
+            "algorithm": {"name": "d3po"},
+            "rewards": [{"name": "brightness"}],
+            "train": {"iterations": 1},
+            "prompts": {"train": {"inline": ["a cat"]}, "eval_seeds": 1},
+            "tracking": {"enabled": False},
+            "checkpoint": {"every": 1},
+        }
+    )
     run_dir = LocalTrainer(config, log=lambda *_: None).fit().run_dir
     before = files_of(run_dir)
     with pytest.raises(RunDirError, match="already holds a run .*pass --resume to continue it or --overwrite"):

@@ -25,8 +25,16 @@ def test_runs_started_at_once_into_one_output_dir_share_a_fresh_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
     start = time.time() + 8.0  # after the four interpreters have imported mlflow
-    procs = [subprocess.Popen([sys.executable, "-c", START_TRACKER, str(tmp_path), str(i), str(start)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", START_TRACKER, str(tmp_path), str(i), str(start)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(4)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}")

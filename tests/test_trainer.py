@@ -36,8 +36,11 @@ def runtime_config_dict(model_dir: Path, output_dir: Path, run_name: str, **sect
         "rewards": [{"name": "jpeg_compressibility"}],
         "resources": {"num_samplers": 2, "num_reward_servers": 1, "cpus_per_actor": 1, "max_actor_restarts": 2},
         "train": {"iterations": ITERATIONS, "learning_rate": 1e-2, "train_batch_size": 4, "max_staleness": 1},
-        "prompts": {"train": {"inline": ["a cat", "a dog", "a fox", "a cow", "a bird"]},
-                    "eval": {"inline": ["a horse", "a fish"]}, "eval_seeds": 1},
+        "prompts": {
+            "train": {"inline": ["a cat", "a dog", "a fox", "a cow", "a bird"]},
+            "eval": {"inline": ["a horse", "a fish"]},
+            "eval_seeds": 1,
+        },
         "tracking": {"enabled": True, "image_grid_every": 3},
         "checkpoint": {"every": 2, "keep_last": 2},
     }
@@ -99,8 +102,7 @@ def test_distributed_run_writes_everything_and_tracks_in_mlflow(reference):
     assert {m.step for m in client.get_metric_history(run.info.run_id, "eval/reward_mean")} == {0, 3, ITERATIONS}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"grids", "lora", "eval.json"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "lora")} == \
-        {"lora/pytorch_lora_weights.safetensors"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "lora")} == {"lora/pytorch_lora_weights.safetensors"}
 
 
 def test_in_process_loop_gives_the_same_lora(reference, tiny_sd15_dir, tmp_path):
@@ -127,10 +129,8 @@ def _kill_at(role: str, iteration: int, killed: list):
 
 
 @pytest.mark.parametrize("role", ["sampler", "reward_server"])
-def test_killed_actor_is_restarted_and_no_iteration_is_lost_or_trained_twice(role, reference, tiny_sd15_dir,
-                                                                             tmp_path):
-    config = parse_config(runtime_config_dict(tiny_sd15_dir, tmp_path, f"kill_{role}",
-                                              tracking={"enabled": False}))
+def test_killed_actor_is_restarted_and_no_iteration_is_lost_or_trained_twice(role, reference, tiny_sd15_dir, tmp_path):
+    config = parse_config(runtime_config_dict(tiny_sd15_dir, tmp_path, f"kill_{role}", tracking={"enabled": False}))
     killed: list = []
     trainer = Trainer(config, log=lambda *_: None, on_event=_kill_at(role, 2, killed))
     try:
@@ -174,5 +174,6 @@ def test_learner_crash_ends_with_a_resumable_checkpoint_and_resume_matches(refer
     assert [r["iteration"] for r in lines] == list(range(1, ITERATIONS + 1))
     summary = json.loads((result.run_dir / "eval.json").read_text())
     assert summary["eval_before"] == pytest.approx(reference.eval_before.mean)  # kept across the resume
-    assert result.mlflow_run_id == load_checkpoint(latest_checkpoint(result.run_dir / "checkpoints")).meta[
-        "mlflow_run_id"]  # the same MLflow run continues
+    assert (
+        result.mlflow_run_id == load_checkpoint(latest_checkpoint(result.run_dir / "checkpoints")).meta["mlflow_run_id"]
+    )  # the same MLflow run continues

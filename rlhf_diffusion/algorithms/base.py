@@ -49,7 +49,7 @@ class TensorBatch:
         return type(self)(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
     @classmethod
-    def concat(cls, batches: Sequence["TensorBatch"]):
+    def concat(cls, batches: Sequence[TensorBatch]):
         """Concatenates batches along the example dimension (prompt indices must already be global)."""
         return cls(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(cls)})
 
@@ -123,7 +123,7 @@ class RolloutBatch:
     per_reward: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def concat(cls, batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
+    def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
         """Joins the shards of one iteration in order: prompts are appended and each shard's `prompt_index` is
         offset by the prompts before it. Metrics are averaged weighted by prompt count, except `*_seconds` (busy
         time) and `*_count` (counters), which are summed. All shards must carry the same `weights_version`."""
@@ -154,8 +154,12 @@ class RolloutBatch:
             final_images=torch.cat(images) if all(i is not None for i in images) else None,
             metrics=metrics,
             weights_version=versions.pop(),
-            per_reward={name: torch.cat([b.per_reward[name] for b in batches if b.rewards.numel()])
-                        for name in set.intersection(*names)} if names else {},
+            per_reward={
+                name: torch.cat([b.per_reward[name] for b in batches if b.rewards.numel()])
+                for name in set.intersection(*names)
+            }
+            if names
+            else {},
         )
 
 
@@ -222,12 +226,14 @@ class Algorithm(abc.ABC):
         """Samples trajectories for `prompts` (with their encoded `cond`) and returns labelled examples."""
 
     @abc.abstractmethod
-    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: Any,
-             generator: torch.Generator) -> LossOutput:
+    def loss(
+        self, predictor: NoisePredictor, cond: TextConditioning, examples: Any, generator: torch.Generator
+    ) -> LossOutput:
         """The loss on a minibatch of examples; `cond` holds one conditioning per example."""
 
-    def loss_on_rows(self, predictor: NoisePredictor, cond: TextConditioning, examples: Any,
-                     generator: torch.Generator, rows: Tensor) -> LossOutput:
+    def loss_on_rows(
+        self, predictor: NoisePredictor, cond: TextConditioning, examples: Any, generator: torch.Generator, rows: Tensor
+    ) -> LossOutput:
         """The loss of the minibatch examples at `rows` (a data-parallel rank's share), with every random draw made
         for the whole minibatch first, so that R ranks together compute exactly the single-process loss: the
         size-weighted mean of the R shard losses equals `loss(...)` on all rows, whatever R is.
@@ -255,7 +261,7 @@ class Algorithm(abc.ABC):
         steps = examples.step_index.long()
         return steps, {k: f"step_{k}" for k in steps.unique().tolist()}
 
-    def apply_state_update(self, update: Any) -> None:
+    def apply_state_update(self, update: Any) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Applies the state statistics of one loss call after the optimizer step (no-op by default)."""
 
     def state_dict(self) -> dict[str, Tensor]:

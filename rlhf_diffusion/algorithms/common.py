@@ -71,8 +71,9 @@ def trainable_step_count(num_steps: int, skip_final_steps: int) -> int:
     return max(1, num_steps - skip_final_steps)
 
 
-def dpo_step_loss(delta_w: Tensor, delta_l: Tensor, beta: float, clip_epsilon: float,
-                  weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+def dpo_step_loss(
+    delta_w: Tensor, delta_l: Tensor, beta: float, clip_epsilon: float, weight: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
     """Clamped DPO loss on one denoising step (D3PO §1b; TailorPO Eq. 10 with D3PO's ratio constraint, §5.6).
 
     log ρ = clamp(w Δ, log(1 − ε), log(1 + ε));  L = −log σ(β (log ρ_w − log ρ_l)), averaged over the batch.
@@ -104,8 +105,14 @@ def dpo_step_loss(delta_w: Tensor, delta_l: Tensor, beta: float, clip_epsilon: f
     return loss, metrics
 
 
-def step_log_ratios(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, step_index: Tensor,
-                    states: Tensor, *actions: Tensor) -> tuple[Tensor, ...]:
+def step_log_ratios(
+    predictor: NoisePredictor,
+    grid: DDIMGrid,
+    cond: TextConditioning,
+    step_index: Tensor,
+    states: Tensor,
+    *actions: Tensor,
+) -> tuple[Tensor, ...]:
     """Δ = log π_θ(action | state) − log π_ref(action | state) under the DDIM policy, per example.
 
     Both policies share σ_τ, so Δ is the closed form of §5.5 (per-element mean, as the official codes). One
@@ -125,8 +132,14 @@ def step_log_ratios(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditi
     return step_log_ratios_and_kl(predictor, grid, cond, step_index, states, *actions)[1]
 
 
-def step_log_ratios_and_kl(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, step_index: Tensor,
-                           states: Tensor, *actions: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+def step_log_ratios_and_kl(
+    predictor: NoisePredictor,
+    grid: DDIMGrid,
+    cond: TextConditioning,
+    step_index: Tensor,
+    states: Tensor,
+    *actions: Tensor,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """`step_log_ratios` plus the exact per-step KL(π_θ(·|x_τ) ‖ π_ref(·|x_τ)) at each state, from the same two
     UNet evaluations (`ddim.kl_same_std`, per-element mean: the unit of Δ).
 
@@ -144,8 +157,9 @@ def step_log_ratios_and_kl(predictor: NoisePredictor, grid: DDIMGrid, cond: Text
     return kl, tuple(ddim.log_ratio_same_std(x.to(device), mean_theta, mean_ref, std) for x in actions)
 
 
-def step_kl_diagnostics(state_steps: Tensor, kl: Tensor, action_steps: Tensor,
-                        log_ratios: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def step_kl_diagnostics(
+    state_steps: Tensor, kl: Tensor, action_steps: Tensor, log_ratios: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
     """The step-wise methods' `LossOutput.grouped` KL diagnostics, grouped by DDIM step index k:
 
     - `kl/step_<k>`: the closed-form KL(π_θ ‖ π_ref) of step k at the trained states (per latent element);
@@ -157,12 +171,15 @@ def step_kl_diagnostics(state_steps: Tensor, kl: Tensor, action_steps: Tensor,
         state_steps, kl: (S,) step index and KL of each state.
         action_steps, log_ratios: (A,) step index and Δ of each action.
     """
-    return {"kl/step": (state_steps.detach().cpu(), kl.detach().float().cpu()),
-            "kl/log_ratio_step": (action_steps.detach().cpu(), log_ratios.detach().float().cpu())}
+    return {
+        "kl/step": (state_steps.detach().cpu(), kl.detach().float().cpu()),
+        "kl/log_ratio_step": (action_steps.detach().cpu(), log_ratios.detach().float().cpu()),
+    }
 
 
-def step_clamp_diagnostics(steps: Tensor, delta_w: Tensor, delta_l: Tensor,
-                           clip_epsilon: float) -> dict[str, tuple[Tensor, Tensor]]:
+def step_clamp_diagnostics(
+    steps: Tensor, delta_w: Tensor, delta_l: Tensor, clip_epsilon: float
+) -> dict[str, tuple[Tensor, Tensor]]:
     """`signal/clamp_step_<k>`: the fraction of the step-k log-ratios (winner's and loser's) outside the clamp
     [log(1 − ε), log(1 + ε)], which therefore give no gradient (`LossOutput.grouped`).
 
@@ -218,13 +235,21 @@ class RankedPairs:
     per_reward: dict[str, Tensor] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        return {"tie_fraction": (self.labels < 0).float().mean().item(),
-                "reward_gap": (self.rewards[:, 0] - self.rewards[:, 1]).abs().mean().item()}
+        return {
+            "tie_fraction": (self.labels < 0).float().mean().item(),
+            "reward_gap": (self.rewards[:, 0] - self.rewards[:, 1]).abs().mean().item(),
+        }
 
 
 @torch.no_grad()
-def sample_ranked_pairs(ctx: RolloutContext, prompts: list[str], cond: TextConditioning, *,
-                        shared_initial_noise: bool, rule: str = "weighted_sum") -> RankedPairs:
+def sample_ranked_pairs(
+    ctx: RolloutContext,
+    prompts: list[str],
+    cond: TextConditioning,
+    *,
+    shared_initial_noise: bool,
+    rule: str = "weighted_sum",
+) -> RankedPairs:
     """Samples two trajectories per prompt in one 2P batch, decodes and scores the finals, and labels the pairs.
 
     Args:
@@ -242,13 +267,15 @@ def sample_ranked_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondi
     result = ctx.reward_fn(images, prompts + prompts)
     per_reward = {k: v.view(2, p).T for k, v in result.per_reward.items()}  # (P, 2)
     labels = preference_labels(per_reward, ctx.reward_weights, rule)
-    return RankedPairs(trajectory=traj, labels=labels, rewards=result.total.view(2, p).T, images=images[:p],
-                       per_reward=per_reward)
+    return RankedPairs(
+        trajectory=traj, labels=labels, rewards=result.total.view(2, p).T, images=images[:p], per_reward=per_reward
+    )
 
 
 @torch.no_grad()
-def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextConditioning,
-                       samples: int = 2) -> RolloutBatch:
+def sample_final_pairs(
+    ctx: RolloutContext, prompts: list[str], cond: TextConditioning, samples: int = 2
+) -> RolloutBatch:
     """Independent samples per prompt, ranked by the reward: online pairs for DDE / Diffusion-DPO.
 
     (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
@@ -268,8 +295,7 @@ def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondit
         p = len(prompts)
         h, w = ctx.predictor.height, ctx.predictor.width
         x_T = initial_noise(samples * p, ctx.model, ctx.generator, h, w)
-        traj = sample_trajectory(ctx.predictor, TextConditioning.cat([cond] * samples), x_T, ctx.grid,
-                                 ctx.generator)
+        traj = sample_trajectory(ctx.predictor, TextConditioning.cat([cond] * samples), x_T, ctx.grid, ctx.generator)
         finals = traj.final
         decoded = decode_latents(ctx.model, finals).cpu()
         result = ctx.reward_fn(decoded, list(prompts) * samples)
@@ -289,12 +315,20 @@ def sample_final_pairs(ctx: RolloutContext, prompts: list[str], cond: TextCondit
         x0_w=finals[winner, rows][keep],
         x0_l=finals[loser, rows][keep],
     )
-    return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=rewards, final_images=images,
-                        metrics=metrics, per_reward=per_reward)
+    return RolloutBatch(
+        prompts=list(prompts), pairs=pairs, rewards=rewards, final_images=images, metrics=metrics, per_reward=per_reward
+    )
 
 
-def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x0_w: Tensor,
-                            x0_l: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+def diffusion_dpo_mse_delta(
+    predictor: NoisePredictor,
+    grid: DDIMGrid,
+    cond: TextConditioning,
+    x0_w: Tensor,
+    x0_l: Tensor,
+    timesteps: Tensor,
+    noise: Tensor,
+) -> Tensor:
     """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(ε − ε_m(x^i_t, t, c))² (§5.7).
     (`diffusion_dpo_mse_terms` without the diagnostics.)
 
@@ -315,8 +349,15 @@ def diffusion_dpo_mse_delta(predictor: NoisePredictor, grid: DDIMGrid, cond: Tex
     return diffusion_dpo_mse_terms(predictor, grid, cond, x0_w, x0_l, timesteps, noise)[0]
 
 
-def diffusion_dpo_mse_terms(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x0_w: Tensor,
-                            x0_l: Tensor, timesteps: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+def diffusion_dpo_mse_terms(
+    predictor: NoisePredictor,
+    grid: DDIMGrid,
+    cond: TextConditioning,
+    x0_w: Tensor,
+    x0_l: Tensor,
+    timesteps: Tensor,
+    noise: Tensor,
+) -> tuple[Tensor, Tensor]:
     """`diffusion_dpo_mse_delta` plus mean_{C,H,W}(ε_θ − ε_ref)² at each noised latent, from the same UNet calls.
 
     Returns:
@@ -325,8 +366,9 @@ def diffusion_dpo_mse_terms(predictor: NoisePredictor, grid: DDIMGrid, cond: Tex
     device = predictor.model.device
     alpha_prod = ddim.gather_alpha(grid.alphas_cumprod, timesteps).to(device)
     noise = noise.to(device)
-    x_t = torch.cat([ddim.add_noise(x0_w.to(device), noise, alpha_prod),
-                     ddim.add_noise(x0_l.to(device), noise, alpha_prod)])  # (2M, C, h, w)
+    x_t = torch.cat(
+        [ddim.add_noise(x0_w.to(device), noise, alpha_prod), ddim.add_noise(x0_l.to(device), noise, alpha_prod)]
+    )  # (2M, C, h, w)
     t2 = timesteps.to(device).repeat(2)
     cond2 = TextConditioning.cat([cond, cond])
     target = noise.repeat(2, 1, 1, 1)
@@ -339,8 +381,9 @@ def diffusion_dpo_mse_terms(predictor: NoisePredictor, grid: DDIMGrid, cond: Tex
     return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:]), eps_sq_diff
 
 
-def timestep_kl_diagnostics(timesteps: Tensor, eps_sq_diff: Tensor,
-                            kl_weights: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def timestep_kl_diagnostics(
+    timesteps: Tensor, eps_sq_diff: Tensor, kl_weights: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
     """The final-image methods' `LossOutput.grouped` KL diagnostics, grouped by timestep bucket
     lo = KL_TIMESTEP_BUCKET · floor(t / KL_TIMESTEP_BUCKET) (t ∈ [lo, lo + 100)):
 
@@ -360,8 +403,9 @@ def timestep_kl_diagnostics(timesteps: Tensor, eps_sq_diff: Tensor,
     return {"kl/eps_sq_diff_t": (buckets, diff), "kl/ddpm_step_t": (buckets, kl_weights.to(diff)[t] * diff)}
 
 
-def timestep_saturation_diagnostics(timesteps: Tensor, logits: Tensor,
-                                    threshold: float = 5.0) -> dict[str, tuple[Tensor, Tensor]]:
+def timestep_saturation_diagnostics(
+    timesteps: Tensor, logits: Tensor, threshold: float = 5.0
+) -> dict[str, tuple[Tensor, Tensor]]:
     """`signal/saturated_t_<lo>`: per timestep bucket, the fraction of pairs whose logit z exceeds `threshold`, where
     −log σ(z) has gradient 1 − σ(z) < 0.007: pairs already won that no longer train (`LossOutput.grouped`)."""
     t = timesteps.detach().cpu().long()
@@ -391,18 +435,26 @@ class FinalPairAlgorithm(Algorithm):
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
         return sample_final_pairs(ctx, prompts, cond, samples=self.config.samples_per_prompt)
 
-    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
-             generator: torch.Generator) -> LossOutput:
+    def loss(
+        self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch, generator: torch.Generator
+    ) -> LossOutput:
         return self.loss_on_rows(predictor, cond, examples, generator, torch.arange(len(examples)))
 
-    def loss_on_rows(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
-                     generator: torch.Generator, rows: Tensor) -> LossOutput:
+    def loss_on_rows(
+        self,
+        predictor: NoisePredictor,
+        cond: TextConditioning,
+        examples: FinalPairBatch,
+        generator: torch.Generator,
+        rows: Tensor,
+    ) -> LossOutput:
         timesteps, noise = self.draw(examples, generator)  # drawn for the whole minibatch, then sliced
         m = len(examples)
         drawn = (rows[None, :] + m * torch.arange(self.draws)[:, None]).flatten()  # draw-major: d·M + row
         repeated = rows.repeat(self.draws)
-        return self.pair_loss(predictor, cond.index(repeated), examples.select(repeated), timesteps[drawn],
-                              noise[drawn])
+        return self.pair_loss(
+            predictor, cond.index(repeated), examples.select(repeated), timesteps[drawn], noise[drawn]
+        )
 
     def signal_groups(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, dict[int, str]]:
         """The timestep bucket (`t_<lo>`, KL_TIMESTEP_BUCKET wide) of each pair's t, as `loss` would draw it (with
@@ -420,6 +472,12 @@ class FinalPairAlgorithm(Algorithm):
         return timesteps, torch.randn((count, *examples.x0_w.shape[1:]), generator=generator)
 
     @abc.abstractmethod
-    def pair_loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
-                  timesteps: Tensor, noise: Tensor) -> LossOutput:
+    def pair_loss(
+        self,
+        predictor: NoisePredictor,
+        cond: TextConditioning,
+        examples: FinalPairBatch,
+        timesteps: Tensor,
+        noise: Tensor,
+    ) -> LossOutput:
         """The loss of `examples` at the given per-pair `timesteps` (M,) and `noise` (M, C, h, w)."""

@@ -83,21 +83,31 @@ class D3PO(Algorithm):
             state_l=lat_l[m, step_index],
             action_l=lat_l[m, step_index + 1],
         )
-        return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=ranked.rewards, final_images=ranked.images,
-                            metrics=ranked.metrics(), per_reward=ranked.per_reward)
+        return RolloutBatch(
+            prompts=list(prompts),
+            pairs=pairs,
+            rewards=ranked.rewards,
+            final_images=ranked.images,
+            metrics=ranked.metrics(),
+            per_reward=ranked.per_reward,
+        )
 
-    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
-             generator: torch.Generator) -> LossOutput:
+    def loss(
+        self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch, generator: torch.Generator
+    ) -> LossOutput:
         # Winner and loser sit in different states: one batched (2M) evaluation of θ and of ref.
         states = torch.cat([examples.state_w, examples.state_l])
         actions = torch.cat([examples.action_w, examples.action_l])
         steps = examples.step_index.repeat(2)
-        kl, (delta,) = step_log_ratios_and_kl(predictor, self.grid, TextConditioning.cat([cond, cond]), steps,
-                                              states, actions)
+        kl, (delta,) = step_log_ratios_and_kl(
+            predictor, self.grid, TextConditioning.cat([cond, cond]), steps, states, actions
+        )
         m = len(examples)
         weight = self.step_weight[examples.step_index]
         loss, metrics = dpo_step_loss(delta[:m], delta[m:], self.config.beta, self.config.clip_epsilon, weight)
         weighted = delta.detach() * weight.repeat(2).to(delta)
-        grouped = {**step_kl_diagnostics(steps, kl, steps, delta),
-                   **step_clamp_diagnostics(examples.step_index, weighted[:m], weighted[m:], self.config.clip_epsilon)}
+        grouped = {
+            **step_kl_diagnostics(steps, kl, steps, delta),
+            **step_clamp_diagnostics(examples.step_index, weighted[:m], weighted[m:], self.config.clip_epsilon),
+        }
         return LossOutput(loss=loss, metrics=metrics, grouped=grouped)

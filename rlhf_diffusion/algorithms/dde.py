@@ -90,10 +90,17 @@ class DDE(FinalPairAlgorithm):
         t_count = grid.alphas_cumprod.shape[0]
         self.correction_table = torch.zeros(t_count, dtype=torch.float32)  # A[0..T−1], fp32, checkpointed
 
-    def pair_loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
-                  timesteps: Tensor, noise: Tensor) -> LossOutput:
-        delta, eps_sq_diff = diffusion_dpo_mse_terms(predictor, self.grid, cond, examples.x0_w, examples.x0_l,
-                                                     timesteps, noise)
+    def pair_loss(
+        self,
+        predictor: NoisePredictor,
+        cond: TextConditioning,
+        examples: FinalPairBatch,
+        timesteps: Tensor,
+        noise: Tensor,
+    ) -> LossOutput:
+        delta, eps_sq_diff = diffusion_dpo_mse_terms(
+            predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise
+        )
         alpha_prod = ddim.gather_alpha(self.grid.alphas_cumprod, timesteps).to(delta.device)
         if self.config.correction == "ema":
             correction = suffix_sums(self.correction_table)[timesteps].to(delta.device)  # C_t, stop-gradient
@@ -101,7 +108,7 @@ class DDE(FinalPairAlgorithm):
             correction = torch.zeros_like(delta)
         logits = dde_logits(delta, alpha_prod, correction, self.config.beta_s, self.config.beta_c)
         loss = -F.logsigmoid(logits).mean()
-        statistic = (-self.kl_weights[timesteps] * delta.detach().cpu().to(torch.float32))  # −λ_t Δ_t
+        statistic = -self.kl_weights[timesteps] * delta.detach().cpu().to(torch.float32)  # −λ_t Δ_t
         metrics = {
             "implicit_accuracy": (delta < 0).float().mean().item(),
             "mean_delta": delta.mean().item(),
@@ -111,8 +118,10 @@ class DDE(FinalPairAlgorithm):
             "saturated_fraction": (logits.abs() > 10).float().mean().item(),
         }
         update = (timesteps, statistic) if self.config.correction == "ema" else None
-        grouped = {**timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
-                   **timestep_saturation_diagnostics(timesteps, logits)}
+        grouped = {
+            **timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
+            **timestep_saturation_diagnostics(timesteps, logits),
+        }
         return LossOutput(loss=loss, metrics=metrics, state_update=update, grouped=grouped)
 
     def apply_state_update(self, update) -> None:
@@ -126,6 +135,7 @@ class DDE(FinalPairAlgorithm):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         table = state["correction_table"]
         if table.shape != self.correction_table.shape:
-            raise ValueError(f"DDE correction table has shape {tuple(table.shape)}, "
-                             f"expected {tuple(self.correction_table.shape)}")
+            raise ValueError(
+                f"DDE correction table has shape {tuple(table.shape)}, expected {tuple(self.correction_table.shape)}"
+            )
         self.correction_table = table.to(torch.float32).clone()

@@ -28,13 +28,22 @@ class DiffusionDPO(FinalPairAlgorithm):
 
     name = "diffusion_dpo"
 
-    def pair_loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch,
-                  timesteps: Tensor, noise: Tensor) -> LossOutput:
-        delta, eps_sq_diff = diffusion_dpo_mse_terms(predictor, self.grid, cond, examples.x0_w, examples.x0_l,
-                                                     timesteps, noise)
+    def pair_loss(
+        self,
+        predictor: NoisePredictor,
+        cond: TextConditioning,
+        examples: FinalPairBatch,
+        timesteps: Tensor,
+        noise: Tensor,
+    ) -> LossOutput:
+        delta, eps_sq_diff = diffusion_dpo_mse_terms(
+            predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise
+        )
         logits = -0.5 * self.config.beta * delta  # inside = −0.5 β_dpo [(e^w_θ − e^l_θ) − (e^w_ref − e^l_ref)]
         loss = -F.logsigmoid(logits).mean()
         metrics = {"implicit_accuracy": (delta < 0).float().mean().item(), "mean_delta": delta.mean().item()}
-        grouped = {**timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
-                   **timestep_saturation_diagnostics(timesteps, logits)}
+        grouped = {
+            **timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
+            **timestep_saturation_diagnostics(timesteps, logits),
+        }
         return LossOutput(loss=loss, metrics=metrics, grouped=grouped)

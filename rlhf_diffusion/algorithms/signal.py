@@ -76,8 +76,10 @@ def signal_metrics(grads: dict[str, tuple[Tensor, Tensor]], num_examples: int) -
     total_b = torch.stack([b for _, b in grads.values()]).sum(0)
     coherence = cosine(total_a, total_b)
     half = num_examples / 2
-    out = {"signal/coherence": coherence,
-           "signal/snr2": coherence / (half * (1 - coherence)) if coherence < 1 else math.inf}
+    out = {
+        "signal/coherence": coherence,
+        "signal/snr2": coherence / (half * (1 - coherence)) if coherence < 1 else math.inf,
+    }
     squares = {name: float((a + b).pow(2).sum()) for name, (a, b) in grads.items()}
     total = sum(squares.values())
     for name, (a, b) in grads.items():
@@ -87,19 +89,32 @@ def signal_metrics(grads: dict[str, tuple[Tensor, Tensor]], num_examples: int) -
     return out
 
 
-def measure_signal(algorithm, predictor, cond_all: TextConditioning, examples, parameters: Sequence[Tensor],
-                   generator_seed: int, max_examples: int) -> dict[str, float]:
+def measure_signal(
+    algorithm,
+    predictor,
+    cond_all: TextConditioning,
+    examples,
+    parameters: Sequence[Tensor],
+    generator_seed: int,
+    max_examples: int,
+) -> dict[str, float]:
     """Split-half gradient diagnostics (`signal_metrics`) of `algorithm`'s loss on (up to `max_examples` of)
     `examples`, plus `signal/examples`; {} for fewer than two examples. Arguments as `split_half_gradients`."""
-    grads, n = split_half_gradients(algorithm, predictor, cond_all, examples, parameters, generator_seed,
-                                    max_examples)
+    grads, n = split_half_gradients(algorithm, predictor, cond_all, examples, parameters, generator_seed, max_examples)
     if not grads:
         return {}
     return {**signal_metrics(grads, n), "signal/examples": float(n)}
 
 
-def split_half_gradients(algorithm, predictor, cond_all: TextConditioning, examples, parameters: Sequence[Tensor],
-                         generator_seed: int, max_examples: int) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
+def split_half_gradients(
+    algorithm,
+    predictor,
+    cond_all: TextConditioning,
+    examples,
+    parameters: Sequence[Tensor],
+    generator_seed: int,
+    max_examples: int,
+) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
     """The flat loss gradients of each (group, half) of (up to `max_examples` of) `examples`.
 
     The subset is treated as one minibatch: every random draw of the loss (DDE's t and ε) is made for the whole
@@ -142,8 +157,14 @@ def split_half_gradients(algorithm, predictor, cond_all: TextConditioning, examp
             out = algorithm.loss_on_rows(predictor, cond, subset, torch.Generator().manual_seed(generator_seed), rows)
             loss = out.loss * (len(rows) / n)  # the chunk's part of the subset's mean loss
             chunk = torch.autograd.grad(loss, params, allow_unused=True)
-            pair.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten().float()
-                                   for g, p in zip(chunk, params)]))
+            pair.append(
+                torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(p)).detach().flatten().float()
+                        for g, p in zip(chunk, params)
+                    ]
+                )
+            )
         like = next(v for v in pair if v is not None)
         grads[names[group]] = tuple(v if v is not None else torch.zeros_like(like) for v in pair)
     return grads, n

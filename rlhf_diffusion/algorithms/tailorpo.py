@@ -15,9 +15,9 @@ Loss (Eq. 10 with D3PO's ratio constraint, [R]): −log σ(β [log clamp(ρ_w) �
     is ∝ ∇_θ μ_θ(x_τ)ᵀ (x^w − x^l)/σ_τ² (Eq. 11).
 Ours (config fields; the paper's settings are the defaults except where noted): `skip_final_steps` leaves the last
     transitions untrained, `step_ranking: completion` scores each candidate by a deterministic DDIM completion in
-    `completion_jumps` UNet calls instead of its x̂_0, `step_weight: eps_scale` multiplies each log-ratio by σ_τ/|κ_τ| before the clamp
-    (`common.step_weights`), `guidance_decode: straight_through` (default; the paper does not say) lets the reward
-    gradient pass the decoder's clamp.
+    `completion_jumps` UNet calls instead of its x̂_0, `step_weight: eps_scale` multiplies each log-ratio by σ_τ/|κ_τ|
+    before the clamp (`common.step_weights`), `guidance_decode: straight_through` (default; the paper does not say)
+    lets the reward gradient pass the decoder's clamp.
 """
 
 from __future__ import annotations
@@ -54,9 +54,22 @@ from rlhf_diffusion.diffusion.sampling import (
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 
-def guide_winner(ctx: RolloutContext, x_w: Tensor, eps_w: Tensor | None, t_w: Tensor, alpha_prod_w: Tensor,
-                 std_dev_t: Tensor, cond: TextConditioning, prompts: list[str], *, gradient: str, norm: str,
-                 gamma: float, raw_scale: float, decode: str = "clamped") -> tuple[Tensor, Tensor]:
+def guide_winner(
+    ctx: RolloutContext,
+    x_w: Tensor,
+    eps_w: Tensor | None,
+    t_w: Tensor,
+    alpha_prod_w: Tensor,
+    std_dev_t: Tensor,
+    cond: TextConditioning,
+    prompts: list[str],
+    *,
+    gradient: str,
+    norm: str,
+    gamma: float,
+    raw_scale: float,
+    decode: str = "clamped",
+) -> tuple[Tensor, Tensor]:
     """TailorPO-G: x^w ← x^w + g, g ∝ ∇_x r(c, Decode(x̂_0(x))) at x = x^w (§2b, §5.10).
 
     UNCONFIRMED reconstruction of the paper's Eq. 13 (not retrievable): p(r_high | x) ∝ exp(η r(c, x̂_0(x))).
@@ -157,16 +170,32 @@ class TailorPO(Algorithm):
                 alpha_w = torch.ones(p, device=device) if last else a_prev
                 t_w = grid.prev_timesteps[i].clamp(min=0).expand(p)
                 x_w, _ = guide_winner(
-                    ctx, x_w, eps_w, t_w, alpha_w, std, cond, list(prompts), gradient=cfg.guidance_gradient,
-                    norm=cfg.guidance_norm, gamma=cfg.guidance_gamma, raw_scale=cfg.guidance_scale_raw,
+                    ctx,
+                    x_w,
+                    eps_w,
+                    t_w,
+                    alpha_w,
+                    std,
+                    cond,
+                    list(prompts),
+                    gradient=cfg.guidance_gradient,
+                    norm=cfg.guidance_norm,
+                    gamma=cfg.guidance_gamma,
+                    raw_scale=cfg.guidance_scale_raw,
                     decode=cfg.guidance_decode,
                 )
             keep = valid & trained_steps[:, i]
             if keep.any():
-                examples.append(StepPairBatch(
-                    prompt_index=rows[keep], step_index=idx[keep], state_w=x[keep].cpu(),
-                    action_w=x_w[keep].cpu(), state_l=x[keep].cpu(), action_l=x_l[keep].cpu(),
-                ))
+                examples.append(
+                    StepPairBatch(
+                        prompt_index=rows[keep],
+                        step_index=idx[keep],
+                        state_w=x[keep].cpu(),
+                        action_w=x_w[keep].cpu(),
+                        state_l=x[keep].cpu(),
+                        action_l=x_l[keep].cpu(),
+                    )
+                )
             gaps.append(gap.mean().item())
             ties.append(1 - valid.float().mean().item())
             if last:
@@ -183,23 +212,36 @@ class TailorPO(Algorithm):
             else:  # reuse the winner's UNet call as the next step's ε̂ [D]
                 x, eps = x_w, eps_w
         pairs = StepPairBatch.concat(examples) if examples else _empty_step_pairs(x)
-        metrics = {"tie_fraction": sum(ties) / k, "reward_gap_first_step": gaps[0], "reward_gap_last_step": gaps[-1],
-                   "reward_gap": sum(gaps) / k}
-        return RolloutBatch(prompts=list(prompts), pairs=pairs, rewards=final_rewards,
-                            final_images=final_images, metrics=metrics, per_reward=final_per_reward)
+        metrics = {
+            "tie_fraction": sum(ties) / k,
+            "reward_gap_first_step": gaps[0],
+            "reward_gap_last_step": gaps[-1],
+            "reward_gap": sum(gaps) / k,
+        }
+        return RolloutBatch(
+            prompts=list(prompts),
+            pairs=pairs,
+            rewards=final_rewards,
+            final_images=final_images,
+            metrics=metrics,
+            per_reward=final_per_reward,
+        )
 
-    def loss(self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch,
-             generator: torch.Generator) -> LossOutput:
+    def loss(
+        self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch, generator: torch.Generator
+    ) -> LossOutput:
         # shared x_τ: one evaluation of θ and of ref serves both actions
         steps = examples.step_index
-        kl, (delta_w, delta_l) = step_log_ratios_and_kl(predictor, self.grid, cond, steps, examples.state_w,
-                                                        examples.action_w, examples.action_l)
+        kl, (delta_w, delta_l) = step_log_ratios_and_kl(
+            predictor, self.grid, cond, steps, examples.state_w, examples.action_w, examples.action_l
+        )
         weight = self.step_weight[steps]
         loss, metrics = dpo_step_loss(delta_w, delta_l, self.config.beta, self.config.clip_epsilon, weight)
         w = weight.to(delta_w)
-        grouped = {**step_kl_diagnostics(steps, kl, steps.repeat(2), torch.cat([delta_w, delta_l])),
-                   **step_clamp_diagnostics(steps, w * delta_w.detach(), w * delta_l.detach(),
-                                            self.config.clip_epsilon)}
+        grouped = {
+            **step_kl_diagnostics(steps, kl, steps.repeat(2), torch.cat([delta_w, delta_l])),
+            **step_clamp_diagnostics(steps, w * delta_w.detach(), w * delta_l.detach(), self.config.clip_epsilon),
+        }
         return LossOutput(loss=loss, metrics=metrics, grouped=grouped)
 
 
@@ -213,13 +255,16 @@ class TailorPOG(TailorPO):
     @torch.no_grad()
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
         if ctx.reward_grad_fn is None:
-            raise ValueError("algorithm tailorpo_g needs differentiable rewards (a reward gradient); "
-                             "the configured rewards are not differentiable")
+            raise ValueError(
+                "algorithm tailorpo_g needs differentiable rewards (a reward gradient); "
+                "the configured rewards are not differentiable"
+            )
         return super().rollout(ctx, prompts, cond)
 
 
 def _empty_step_pairs(like: Tensor) -> StepPairBatch:
     empty = torch.empty((0, *like.shape[1:]))
     index = torch.empty(0, dtype=torch.long)
-    return StepPairBatch(prompt_index=index, step_index=index, state_w=empty, action_w=empty,
-                         state_l=empty, action_l=empty)
+    return StepPairBatch(
+        prompt_index=index, step_index=index, state_w=empty, action_w=empty, state_l=empty, action_l=empty
+    )

@@ -42,9 +42,16 @@ class OfflinePairStream:
         self._reported = DataStats()
 
     def _open(self) -> PreferenceSource:
-        return PreferenceSource(self.data.format, self.data.path, epochs=None, shuffle_buffer=self.data.shuffle_buffer,
-                                seed=self.seed, batch_size=self.data.read_batch_size, shard_index=self.shard_index,
-                                num_shards=self.num_shards)
+        return PreferenceSource(
+            self.data.format,
+            self.data.path,
+            epochs=None,
+            shuffle_buffer=self.data.shuffle_buffer,
+            seed=self.seed,
+            batch_size=self.data.read_batch_size,
+            shard_index=self.shard_index,
+            num_shards=self.num_shards,
+        )
 
     def take(self, iteration: int) -> tuple[list[PreferencePair], dict[str, float]]:
         """The pairs of `iteration` (0-based) and this iteration's data counters (pairs, ties dropped, corrupt rows
@@ -74,8 +81,13 @@ class OfflinePairStream:
 
 
 @torch.no_grad()
-def encode_pairs(model: DiffusionModel, pairs: list[PreferencePair], resolution: int,
-                 generator: torch.Generator, weights_version: int) -> RolloutBatch:
+def encode_pairs(
+    model: DiffusionModel,
+    pairs: list[PreferencePair],
+    resolution: int,
+    generator: torch.Generator,
+    weights_version: int,
+) -> RolloutBatch:
     """VAE-encodes offline pairs (resize + centre crop to `resolution`, as Diffusion-DPO) into a `RolloutBatch`
     of `FinalPairBatch` examples, one prompt per pair. Latents are drawn from the VAE posterior with `generator`
     (`latent_dist.sample()`, as Diffusion-DPO's train.py [C]) and scaled by the VAE scaling factor. The batch has
@@ -84,5 +96,6 @@ def encode_pairs(model: DiffusionModel, pairs: list[PreferencePair], resolution:
     latents = encode_images(model, torch.cat([images_w, images_l]), generator)
     m = len(pairs)
     examples = FinalPairBatch(prompt_index=torch.arange(m), x0_w=latents[:m].cpu(), x0_l=latents[m:].cpu())
-    return RolloutBatch(prompts=list(prompts), pairs=examples, rewards=torch.zeros(0, 2),
-                        weights_version=weights_version)
+    return RolloutBatch(
+        prompts=list(prompts), pairs=examples, rewards=torch.zeros(0, 2), weights_version=weights_version
+    )

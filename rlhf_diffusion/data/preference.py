@@ -86,37 +86,39 @@ SOURCE_FORMATS: tuple[str, ...] = ("pickapic_parquet", "jsonl")
 
 # Why a row is skipped (keys of `DataStats.corrupt`, suffixes of the "data/corrupt/<reason>" metrics).
 CORRUPT_REASONS: tuple[str, ...] = (
-    "bad_json",          # JSONL: the line is not valid JSON (or not UTF-8), or not a JSON object
-    "missing_prompt",    # no caption / prompt, or only whitespace
-    "missing_label",     # Parquet: label_0 is null or NaN
-    "bad_label",         # Parquet: label_0 not in {0, 0.5, 1}; JSONL: "label" other than "tie", non-boolean "tie"
-    "missing_image",     # Parquet: jpg_0 / jpg_1 is null; JSONL: "image_w" / "image_l" absent or not a string
-    "missing_file",      # JSONL: the image file does not exist
+    "bad_json",  # JSONL: the line is not valid JSON (or not UTF-8), or not a JSON object
+    "missing_prompt",  # no caption / prompt, or only whitespace
+    "missing_label",  # Parquet: label_0 is null or NaN
+    "bad_label",  # Parquet: label_0 not in {0, 0.5, 1}; JSONL: "label" other than "tie", non-boolean "tie"
+    "missing_image",  # Parquet: jpg_0 / jpg_1 is null; JSONL: "image_w" / "image_l" absent or not a string
+    "missing_file",  # JSONL: the image file does not exist
     "unreadable_image",  # the bytes / file do not decode as an image
 )
 
 # The full column set of yuvalkirstain/pickapic_v2 in the dataset card's order (its `dataset_info.features`).
-PICKAPIC_V2_SCHEMA = pa.schema([
-    ("are_different", pa.bool_()),
-    ("best_image_uid", pa.string()),
-    ("caption", pa.string()),
-    ("created_at", pa.timestamp("ns")),
-    ("has_label", pa.bool_()),
-    ("image_0_uid", pa.string()),
-    ("image_0_url", pa.string()),
-    ("image_1_uid", pa.string()),
-    ("image_1_url", pa.string()),
-    ("jpg_0", pa.binary()),
-    ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()),
-    ("label_1", pa.float64()),
-    ("model_0", pa.string()),
-    ("model_1", pa.string()),
-    ("ranking_id", pa.int64()),
-    ("user_id", pa.int64()),
-    ("num_example_per_prompt", pa.int64()),
-    ("__index_level_0__", pa.int64()),
-])
+PICKAPIC_V2_SCHEMA = pa.schema(
+    [
+        ("are_different", pa.bool_()),
+        ("best_image_uid", pa.string()),
+        ("caption", pa.string()),
+        ("created_at", pa.timestamp("ns")),
+        ("has_label", pa.bool_()),
+        ("image_0_uid", pa.string()),
+        ("image_0_url", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("image_1_url", pa.string()),
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+        ("ranking_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("num_example_per_prompt", pa.int64()),
+        ("__index_level_0__", pa.int64()),
+    ]
+)
 
 # The columns read, with the type families accepted (integer labels too: some Pick-a-Pic derivatives store 0/1
 # as int64).
@@ -256,8 +258,10 @@ def _check_pickapic_schema(path: Path) -> None:
         raise PreferenceDataError(f"{path}: not a readable Parquet file ({e})") from e
     missing = [name for name in _REQUIRED_COLUMNS if name not in schema.names]
     if missing:
-        raise PreferenceDataError(f"{path}: missing required Pick-a-Pic column(s) {', '.join(missing)} "
-                                  f"(columns present: {', '.join(schema.names)})")
+        raise PreferenceDataError(
+            f"{path}: missing required Pick-a-Pic column(s) {', '.join(missing)} "
+            f"(columns present: {', '.join(schema.names)})"
+        )
     for name, (expected, accepts) in _REQUIRED_COLUMNS.items():
         actual = schema.field(name).type
         if not accepts(actual):
@@ -293,8 +297,9 @@ def _parse_jsonl(line: bytes, base: Path, source: str) -> _Record | _Rejected:
         return _Rejected("missing_prompt", source, f"prompt is {prompt!r}")
     label, tie = obj.get("label"), obj.get("tie", False)
     if label not in (None, "tie") or not isinstance(tie, bool):
-        return _Rejected("bad_label", source, f'label is {label!r}, tie is {tie!r}; expected label "tie" or a '
-                                              "boolean tie")
+        return _Rejected(
+            "bad_label", source, f'label is {label!r}, tie is {tie!r}; expected label "tie" or a boolean tie'
+        )
     if label == "tie" or tie:
         return _Rejected(_TIE, source, "marked as a tie")
     paths = []
@@ -351,9 +356,18 @@ class PreferenceSource:
         PreferenceDataError: a Parquet file is unreadable or lacks a required column (named in the message).
     """
 
-    def __init__(self, format: str, path: str | os.PathLike[str], *, epochs: int | None = 1,
-                 shuffle_buffer: int = 0, seed: int = 0, batch_size: int = 64, shard_index: int = 0,
-                 num_shards: int = 1) -> None:
+    def __init__(
+        self,
+        format: str,
+        path: str | os.PathLike[str],
+        *,
+        epochs: int | None = 1,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        batch_size: int = 64,
+        shard_index: int = 0,
+        num_shards: int = 1,
+    ) -> None:
         if format not in SOURCE_FORMATS:
             raise ValueError(f"unknown preference data format {format!r}; valid: {', '.join(SOURCE_FORMATS)}")
         if epochs is not None and epochs < 1:
@@ -363,8 +377,9 @@ class PreferenceSource:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_shards < 1 or not 0 <= shard_index < num_shards:
-            raise ValueError(f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, "
-                             f"num_shards={num_shards}")
+            raise ValueError(
+                f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, num_shards={num_shards}"
+            )
         self.format = format
         self.path = os.fspath(path)
         self.epochs = epochs
@@ -385,8 +400,10 @@ class PreferenceSource:
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
-        return (f"PreferenceSource({self.format} {self.path}, shard {self.shard_index}/{self.num_shards}, "
-                f"epochs={self.epochs}, shuffle_buffer={self.shuffle_buffer}, seed={self.seed})")
+        return (
+            f"PreferenceSource({self.format} {self.path}, shard {self.shard_index}/{self.num_shards}, "
+            f"epochs={self.epochs}, shuffle_buffer={self.shuffle_buffer}, seed={self.seed})"
+        )
 
     def __iter__(self) -> Iterator[PreferencePair]:
         passes = itertools.count() if self.epochs is None else range(self.epochs)
@@ -413,8 +430,10 @@ class PreferenceSource:
         ties = self.stats.ties_dropped - before.ties_dropped
         corrupt = self.stats.corrupt - before.corrupt
         by_reason = f" ({', '.join(f'{reason} {n}' for reason, n in sorted(corrupt.items()))})" if corrupt else ""
-        summary = (f"{self!r} pass {pass_index}: {rows} rows read, {pairs} pairs, {ties} ties dropped, "
-                   f"{corrupt.total()} corrupt{by_reason}")
+        summary = (
+            f"{self!r} pass {pass_index}: {rows} rows read, {pairs} pairs, {ties} ties dropped, "
+            f"{corrupt.total()} corrupt{by_reason}"
+        )
         if pairs == 0:
             raise PreferenceDataError(f"no preference pair in a full pass: {summary}")
         if corrupt:
@@ -438,9 +457,14 @@ class PreferenceSource:
         self.stats.corrupt[row.reason] += 1
         if row.reason not in self._warned:
             self._warned.add(row.reason)
-            logger.warning("skipping corrupt row (%s) at %s: %s; further rows of this kind are skipped without a "
-                           "warning and counted in the metric data/corrupt/%s", row.reason, row.source, row.detail,
-                           row.reason)
+            logger.warning(
+                "skipping corrupt row (%s) at %s: %s; further rows of this kind are skipped without a "
+                "warning and counted in the metric data/corrupt/%s",
+                row.reason,
+                row.source,
+                row.detail,
+                row.reason,
+            )
 
     def _mine(self, index: int) -> bool:
         return index % self.num_shards == self.shard_index
@@ -511,8 +535,13 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).to(torch.float32).div_(255)
 
 
-def pairs_to_tensors(pairs: Sequence[PreferencePair], resolution: int, *, random_flip: bool = False,
-                     generator: torch.Generator | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def pairs_to_tensors(
+    pairs: Sequence[PreferencePair],
+    resolution: int,
+    *,
+    random_flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Prompts and image batches of `pairs`, the images prepared as in Diffusion-DPO's train transform.
 
     Each image: shorter side resized to `resolution` (bilinear), centre square crop (Resize + CenterCrop in
@@ -571,8 +600,9 @@ def _jpeg(image: Image.Image | bytes | None) -> bytes | None:
     return buffer.getvalue()
 
 
-def write_pickapic_parquet(path: str | os.PathLike[str], rows: Iterable[PickapicRow], *,
-                           row_group_size: int | None = None) -> Path:
+def write_pickapic_parquet(
+    path: str | os.PathLike[str], rows: Iterable[PickapicRow], *, row_group_size: int | None = None
+) -> Path:
     """Writes `rows` as a Parquet file with exactly the Pick-a-Pic v2 columns and types (`PICKAPIC_V2_SCHEMA`).
 
     The columns not given by `rows` get deterministic, plausible values: uids are UUID strings (derived from the

@@ -271,9 +271,7 @@ def ddim_step_with_logprob(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def log_ratio_same_std(
-    x: Tensor, mean_theta: Tensor, mean_ref: Tensor, std: Tensor, reduction: str = "mean"
-) -> Tensor:
+def log_ratio_same_std(x: Tensor, mean_theta: Tensor, mean_ref: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
     """log π_θ(x) − log π_ref(x) for N(μ_θ, σ²I) vs N(μ_ref, σ²I): reduce[(x − μ_ref)² − (x − μ_θ)²] / (2σ²).
 
     The −log σ and 2π terms cancel exactly because both policies share σ_τ (D3PO §1b).
@@ -312,7 +310,12 @@ def kl_same_std(mean_theta: Tensor, mean_ref: Tensor, std: Tensor, reduction: st
 
 
 def pair_log_ratio_same_state(
-    x_winner: Tensor, x_loser: Tensor, eps_theta: Tensor, eps_ref: Tensor, kappa_t: Tensor, std: Tensor,
+    x_winner: Tensor,
+    x_loser: Tensor,
+    eps_theta: Tensor,
+    eps_ref: Tensor,
+    kappa_t: Tensor,
+    std: Tensor,
     reduction: str = "mean",
 ) -> Tensor:
     """Δ_w − Δ_l for two actions drawn from the same state x_τ (TailorPO / SPO), in closed form.
@@ -339,8 +342,13 @@ def pair_log_ratio_same_state(
 
 
 def ddim_jump(
-    x_t: Tensor, eps_pred: Tensor, alpha_prod_t: Tensor, alpha_prod_s: Tensor, eta: float,
-    noise: Tensor | None = None, generator: torch.Generator | None = None,
+    x_t: Tensor,
+    eps_pred: Tensor,
+    alpha_prod_t: Tensor,
+    alpha_prod_s: Tensor,
+    eta: float,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DDIM from x_t to any earlier s in one call (§5.8):
 

@@ -59,7 +59,7 @@ class DDIMGrid:
     betas: Tensor
 
     @classmethod
-    def from_scheduler(cls, scheduler, num_steps: int, eta: float) -> "DDIMGrid":
+    def from_scheduler(cls, scheduler, num_steps: int, eta: float) -> DDIMGrid:
         """Builds the grid from a diffusers `DDIMScheduler` (its config: N, offset, betas, ᾱ table)."""
         n_train = scheduler.config.num_train_timesteps
         if scheduler.config.timestep_spacing != "leading":
@@ -109,8 +109,9 @@ class NoisePredictor:
         height, width: image size in pixels (SDXL micro-conditioning); default the model's native size.
     """
 
-    def __init__(self, model: DiffusionModel, guidance_scale: float, height: int | None = None,
-                 width: int | None = None):
+    def __init__(
+        self, model: DiffusionModel, guidance_scale: float, height: int | None = None, width: int | None = None
+    ):
         self.model = model
         self.guidance_scale = guidance_scale
         self.height = height or model.resolution
@@ -152,8 +153,7 @@ class NoisePredictor:
             with torch.no_grad(), lora_disabled(self.model.unet):
                 eps = predict_noise_cfg(self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
         else:
-            eps = predict_noise_cfg(self.forward_module or self.model.unet, x_in, t, cond, uncond,
-                                    self.guidance_scale)
+            eps = predict_noise_cfg(self.forward_module or self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
         return eps.to(torch.float32)
 
 
@@ -175,8 +175,9 @@ class Trajectory:
         return self.latents[:, -1]
 
 
-def initial_noise(batch: int, model: DiffusionModel, generator: torch.Generator, height: int | None = None,
-                  width: int | None = None) -> Tensor:
+def initial_noise(
+    batch: int, model: DiffusionModel, generator: torch.Generator, height: int | None = None, width: int | None = None
+) -> Tensor:
     """x_T ~ N(0, I) of shape (B, C, h, w), h = height / vae_scale_factor, drawn on CPU for reproducibility."""
     f = model.vae_scale_factor
     h, w = (height or model.resolution) // f, (width or model.resolution) // f
@@ -184,8 +185,13 @@ def initial_noise(batch: int, model: DiffusionModel, generator: torch.Generator,
 
 
 @torch.no_grad()
-def sample_trajectory(predictor: NoisePredictor, cond: TextConditioning, x_T: Tensor, grid: DDIMGrid,
-                      generator: torch.Generator | Sequence[torch.Generator]) -> Trajectory:
+def sample_trajectory(
+    predictor: NoisePredictor,
+    cond: TextConditioning,
+    x_T: Tensor,
+    grid: DDIMGrid,
+    generator: torch.Generator | Sequence[torch.Generator],
+) -> Trajectory:
     """Samples a plain stochastic DDIM trajectory (η = grid.eta) and records every state and log-prob.
 
     Two calls with the same x_T give D3PO's paired trajectories (shared x_T, fresh noise at every step).
@@ -208,8 +214,9 @@ def sample_trajectory(predictor: NoisePredictor, cond: TextConditioning, x_T: Te
         if isinstance(generator, torch.Generator):
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
         else:
-            noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=torch.float32)
-                               for g in generator]).to(device)
+            noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=torch.float32) for g in generator]).to(
+                device
+            )
         if grid.eta > 0:
             x, logp, _, _ = ddim.ddim_step_with_logprob(x, eps, a.to(device), a_prev.to(device), grid.eta, noise=noise)
         else:  # deterministic DDIM (evaluation): no policy log-prob exists
@@ -222,8 +229,15 @@ def sample_trajectory(predictor: NoisePredictor, cond: TextConditioning, x_T: Te
 
 
 @torch.no_grad()
-def ddim_completion(predictor: NoisePredictor, grid: DDIMGrid, cond: TextConditioning, x: Tensor, step: int,
-                    eps_first: Tensor | None, jumps: int) -> Tensor:
+def ddim_completion(
+    predictor: NoisePredictor,
+    grid: DDIMGrid,
+    cond: TextConditioning,
+    x: Tensor,
+    step: int,
+    eps_first: Tensor | None,
+    jumps: int,
+) -> Tensor:
     """A deterministic DDIM (η = 0) completion to x_0 of latents x produced by grid step `step` (they sit at the
     timestep prev(τ_step) = τ_{step+1}), in `jumps` jumps over evenly spaced remaining grid points.
 
@@ -264,8 +278,9 @@ def draw_candidates(mean: Tensor, std_dev: Tensor, num_candidates: int, generato
     Returns:
         (B, n, C, h, w).
     """
-    z = torch.randn((mean.shape[0], num_candidates) + tuple(mean.shape[1:]), generator=generator,
-                    dtype=torch.float32).to(mean.device)
+    z = torch.randn(
+        (mean.shape[0], num_candidates) + tuple(mean.shape[1:]), generator=generator, dtype=torch.float32
+    ).to(mean.device)
     return mean.unsqueeze(1) + std_dev.to(mean.device).view(-1, 1, 1, 1, 1) * z
 
 
@@ -283,7 +298,7 @@ def encode_images(model: DiffusionModel, images: Tensor, generator: torch.Genera
     """VAE encode: (B, 3, H, W) images in [0, 1] → (B, C, h, w) latents as the UNet sees them (× scaling factor,
     minus the shift where the VAE defines one), drawn from the posterior with `generator` (its mean when None)."""
     vae = model.vae
-    pixels = (images.to(device=vae.device, dtype=vae.dtype) * 2 - 1)
+    pixels = images.to(device=vae.device, dtype=vae.dtype) * 2 - 1
     posterior = vae.encode(pixels).latent_dist
     z = posterior.mode() if generator is None else posterior.sample(generator)
     shift = getattr(vae.config, "shift_factor", None)

@@ -62,12 +62,12 @@ class TextConditioning:
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
-    def _map(self, fn) -> "TextConditioning":
+    def _map(self, fn) -> TextConditioning:
         return TextConditioning(
             **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name))) for f in fields(self)}
         )
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TextConditioning":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TextConditioning:
         """Moves every tensor to `device` and casts every floating tensor to `dtype` (if given)."""
 
         def move(x: Tensor) -> Tensor:
@@ -75,7 +75,7 @@ class TextConditioning:
 
         return self._map(move)
 
-    def index(self, idx: Tensor | list[int] | slice) -> "TextConditioning":
+    def index(self, idx: Tensor | list[int] | slice) -> TextConditioning:
         """Rows `idx` (integer indices, a (B,) bool mask, or a slice) of every tensor."""
         if isinstance(idx, slice):
             return self._map(lambda x: x[idx])
@@ -84,14 +84,14 @@ class TextConditioning:
             idx = idx.long()
         return self._map(lambda x: x[idx.to(x.device)])
 
-    def repeat_interleave(self, n: int) -> "TextConditioning":
+    def repeat_interleave(self, n: int) -> TextConditioning:
         """Each row repeated n times in place: rows (a, b) -> (a, a, b, b) for n = 2; B' = n·B."""
         if n < 1:
             raise ValueError(f"repeat_interleave needs n >= 1, got {n}")
         return self._map(lambda x: x.repeat_interleave(n, dim=0))
 
     @staticmethod
-    def cat(items: list["TextConditioning"]) -> "TextConditioning":
+    def cat(items: list[TextConditioning]) -> TextConditioning:
         """Concatenates conditionings along the batch: B' = Σ B_k.
 
         Raises:
@@ -103,9 +103,7 @@ class TextConditioning:
             raise ValueError("TextConditioning.cat cannot mix SDXL (pooled embeds, add_time_ids) and SD1.5 items")
         return TextConditioning(
             **{
-                f.name: (
-                    None if getattr(items[0], f.name) is None else torch.cat([getattr(i, f.name) for i in items])
-                )
+                f.name: (None if getattr(items[0], f.name) is None else torch.cat([getattr(i, f.name) for i in items]))
                 for f in fields(TextConditioning)
             }
         )

@@ -22,10 +22,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from diffusers import (
@@ -165,8 +166,7 @@ def _read_pipeline_index(source: str, revision: str | None) -> dict:
         index_file = path / "model_index.json"
         if not index_file.is_file():
             raise ModelLoadError(
-                f"{source!r} is not a diffusers pipeline directory: model_index.json is missing "
-                f"(expected {index_file})"
+                f"{source!r} is not a diffusers pipeline directory: model_index.json is missing (expected {index_file})"
             )
         try:
             return json.loads(index_file.read_text())
@@ -431,13 +431,13 @@ def get_lora_state_dict(unet: nn.Module, *, adapter_name: str = "default") -> di
     the format `set_lora_state_dict` reads back.
     """
     _require_lora(unet, adapter_name)
-    return {key: param.detach().to(device="cpu", dtype=torch.float32).clone()
-            for key, param in _lora_parameter_map(unet, adapter_name).items()}
+    return {
+        key: param.detach().to(device="cpu", dtype=torch.float32).clone()
+        for key, param in _lora_parameter_map(unet, adapter_name).items()
+    }
 
 
-def set_lora_state_dict(
-    unet: nn.Module, state: dict[str, torch.Tensor], *, adapter_name: str = "default"
-) -> None:
+def set_lora_state_dict(unet: nn.Module, state: dict[str, torch.Tensor], *, adapter_name: str = "default") -> None:
     """Copies adapter weights (peft key format, as from `get_lora_state_dict`) into the UNet's LoRA in place.
 
     The parameter objects are kept (values are copied, cast to the parameter's dtype and device), so an optimizer
@@ -600,8 +600,10 @@ def get_trainable_state(unet: nn.Module, dtype: torch.dtype = torch.float32) -> 
     the whole UNet state dict in `dtype` (samplers take it in their `model.dtype`, which halves a bf16 publish)."""
     if _lora_layers(unet):
         return get_lora_state_dict(unet)
-    return {key: value.detach().to(device="cpu", dtype=dtype if value.is_floating_point() else value.dtype).clone()
-            for key, value in unet.state_dict().items()}
+    return {
+        key: value.detach().to(device="cpu", dtype=dtype if value.is_floating_point() else value.dtype).clone()
+        for key, value in unet.state_dict().items()
+    }
 
 
 def set_trainable_state(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -628,5 +630,8 @@ def export_trainable(model: DiffusionModel, out_dir: str | Path) -> dict[str, by
         path = export_lora(model, out_dir / "lora")
         return {f"lora/{path.name}": path.read_bytes()}
     model.unet.save_pretrained(out_dir / UNET_EXPORT_DIR, safe_serialization=True)
-    return {f"{UNET_EXPORT_DIR}/{p.name}": p.read_bytes()
-            for p in sorted((out_dir / UNET_EXPORT_DIR).iterdir()) if p.is_file()}
+    return {
+        f"{UNET_EXPORT_DIR}/{p.name}": p.read_bytes()
+        for p in sorted((out_dir / UNET_EXPORT_DIR).iterdir())
+        if p.is_file()
+    }

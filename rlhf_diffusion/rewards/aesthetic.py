@@ -95,8 +95,10 @@ def load_aesthetic_mlp(file: str | Path) -> AestheticMLP:
         mlp.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
         expected = sorted(mlp.state_dict())
-        raise ValueError(f"aesthetic MLP file {str(file)!r} does not match the improved-aesthetic-predictor head "
-                         f"(expected keys {', '.join(expected)}): {err}") from err
+        raise ValueError(
+            f"aesthetic MLP file {str(file)!r} does not match the improved-aesthetic-predictor head "
+            f"(expected keys {', '.join(expected)}): {err}"
+        ) from err
     return mlp.eval().requires_grad_(False)
 
 
@@ -109,11 +111,14 @@ def _resolve_mlp_file(path: str) -> Path:
         for name in MLP_FILENAMES:
             if (local / name).is_file():
                 return local / name
-        raise FileNotFoundError(f"aesthetic MLP file not found in directory {str(local)!r}: expected one of "
-                                f"{', '.join(MLP_FILENAMES)}")
+        raise FileNotFoundError(
+            f"aesthetic MLP file not found in directory {str(local)!r}: expected one of {', '.join(MLP_FILENAMES)}"
+        )
     if not is_hub_id(path):
-        raise FileNotFoundError(f"aesthetic predictor path {path!r} does not exist (expected the MLP .pth file, a "
-                                "directory holding it, or a hub id 'owner/name')")
+        raise FileNotFoundError(
+            f"aesthetic predictor path {path!r} does not exist (expected the MLP .pth file, a "
+            "directory holding it, or a hub id 'owner/name')"
+        )
     from huggingface_hub import hf_hub_download
 
     errors = []
@@ -156,8 +161,10 @@ class Aesthetic(RewardModel):
         # Keep only the image tower; the text tower of the loaded CLIPModel is dropped with it.
         self.image_encoder = ClipImageEncoder(load_clip_model(clip_path, dtype=torch_dtype))
         if self.image_encoder.projection_dim != EMBED_DIM:
-            raise ValueError(f"CLIP model {clip_path!r} has projection width {self.image_encoder.projection_dim}, "
-                             f"but the aesthetic MLP takes {EMBED_DIM}-d embeddings (CLIP ViT-L/14)")
+            raise ValueError(
+                f"CLIP model {clip_path!r} has projection width {self.image_encoder.projection_dim}, "
+                f"but the aesthetic MLP takes {EMBED_DIM}-d embeddings (CLIP ViT-L/14)"
+            )
 
     @property
     def device(self) -> torch.device:

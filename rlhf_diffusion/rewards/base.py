@@ -84,8 +84,10 @@ def validate_reward_inputs(images: Tensor, prompts: Sequence[str]) -> None:
             raise ValueError("images contain NaN or inf values")
         lo, hi = float(images.min()), float(images.max())
     if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
-        raise ValueError(f"images must have values in [0, 1], got range [{lo:.6g}, {hi:.6g}]; "
-                         "rewards take decoded images mapped from [-1, 1] to [0, 1]")
+        raise ValueError(
+            f"images must have values in [0, 1], got range [{lo:.6g}, {hi:.6g}]; "
+            "rewards take decoded images mapped from [-1, 1] to [0, 1]"
+        )
 
 
 class RewardModel(abc.ABC):
@@ -152,8 +154,9 @@ class RewardModel(abc.ABC):
             ValueError: the input breaks the contract.
         """
         if not self.differentiable:
-            raise NotDifferentiableError(f"reward '{self.name}' ({type(self).__name__}) is not differentiable; "
-                                         "it has scores but no gradient")
+            raise NotDifferentiableError(
+                f"reward '{self.name}' ({type(self).__name__}) is not differentiable; it has scores but no gradient"
+            )
         validate_reward_inputs(images, prompts)
         scores = self._score(images, prompts)
         return self._checked(scores, images.shape[0]).to(device=images.device, dtype=images.dtype)
@@ -234,8 +237,9 @@ def _registered() -> str:
     return ", ".join(sorted(REWARD_REGISTRY)) or "(none)"
 
 
-def build_reward(name: str, *, path: str | None = None, device: str | torch.device = "cpu",
-                 target: str | None = None, **kwargs: Any) -> RewardModel:
+def build_reward(
+    name: str, *, path: str | None = None, device: str | torch.device = "cpu", target: str | None = None, **kwargs: Any
+) -> RewardModel:
     """Constructs the registered reward `name` (or the custom reward `target`) and moves it to `device`.
 
     Args:
@@ -255,8 +259,9 @@ def build_reward(name: str, *, path: str | None = None, device: str | torch.devi
 
         return build_custom_reward(target, path=path, device=device, kwargs=kwargs)
     if target is not None:
-        raise ValueError(f"reward '{name}' is built in; `target` is only for name '{CUSTOM_REWARD}' (got "
-                         f"target={target!r})")
+        raise ValueError(
+            f"reward '{name}' is built in; `target` is only for name '{CUSTOM_REWARD}' (got target={target!r})"
+        )
     if name not in REWARD_REGISTRY:
         raise ValueError(f"unknown reward '{name}'; registered: {_registered()}")
     cls = REWARD_REGISTRY[name]
@@ -269,12 +274,17 @@ def build_reward(name: str, *, path: str | None = None, device: str | torch.devi
         raise ValueError(f"reward '{name}': pass the weights location as `path`, not inside kwargs")
     unknown = [k for k in kwargs if k not in accepted and not takes_any]
     if unknown:
-        raise ValueError(f"reward '{name}' got unknown argument(s) {', '.join(map(repr, unknown))}; "
-                         f"it accepts: {', '.join(a for a in accepted if a != 'path') or '(none)'}")
+        raise ValueError(
+            f"reward '{name}' got unknown argument(s) {', '.join(map(repr, unknown))}; "
+            f"it accepts: {', '.join(a for a in accepted if a != 'path') or '(none)'}"
+        )
     if path is not None:
         kwargs = {**kwargs, "path": path}
-    missing = [p for p, v in params.items()
-               if v.default is v.empty and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY) and p not in kwargs]
+    missing = [
+        p
+        for p, v in params.items()
+        if v.default is v.empty and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY) and p not in kwargs
+    ]
     if missing:
         raise ValueError(f"reward '{name}' needs argument(s) {', '.join(map(repr, missing))}")
     return cls(**kwargs).to(device)
@@ -327,8 +337,11 @@ class WeightedReward:
         for error messages; empty when the sum is differentiable."""
         from rlhf_diffusion.rewards.custom import CustomReward
 
-        return [repr(reward.name) + (f" ({reward.describe()})" if isinstance(reward, CustomReward) else "")
-                for reward, _ in self.terms if not reward.differentiable]
+        return [
+            repr(reward.name) + (f" ({reward.describe()})" if isinstance(reward, CustomReward) else "")
+            for reward, _ in self.terms
+            if not reward.differentiable
+        ]
 
     @property
     def names(self) -> list[str]:
@@ -408,11 +421,17 @@ class WeightedReward:
             if spec.name == CUSTOM_REWARD:
                 from rlhf_diffusion.rewards.custom import build_custom_reward
 
-                reward = build_custom_reward(getattr(spec, "target", None), path=spec.path, device=device,
-                                             kwargs=kwargs, where=f"rewards.{index}.target")
+                reward = build_custom_reward(
+                    getattr(spec, "target", None),
+                    path=spec.path,
+                    device=device,
+                    kwargs=kwargs,
+                    where=f"rewards.{index}.target",
+                )
             else:
-                reward = build_reward(spec.name, path=spec.path, device=device,
-                                      target=getattr(spec, "target", None), **kwargs)
+                reward = build_reward(
+                    spec.name, path=spec.path, device=device, target=getattr(spec, "target", None), **kwargs
+                )
             if label is not None:
                 reward.name = label  # instance attribute: the key in per_reward, metrics and Pareto ranking
             terms.append((reward, spec.weight))
@@ -422,7 +441,8 @@ class WeightedReward:
         offending = self.not_differentiable
         if offending:
             raise NotDifferentiableError(
-                f"the weighted reward has no gradient: reward(s) {', '.join(offending)} are not differentiable")
+                f"the weighted reward has no gradient: reward(s) {', '.join(offending)} are not differentiable"
+            )
 
     def _weighted_sum(self, per_reward: dict[str, Tensor]) -> Tensor:
         # (N,) Σ_i w_i · r_i, accumulated in the dtype/device of the first term's scores.

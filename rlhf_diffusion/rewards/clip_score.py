@@ -116,8 +116,10 @@ def load_clip_model(source: str, *, dtype: torch.dtype = torch.float32) -> CLIPM
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
         shown = ", ".join(map(str, (missing + mismatched)[:5]))
-        raise ValueError(f"checkpoint in {source!r} does not match CLIPModel: {len(missing)} missing and "
-                         f"{len(mismatched)} mismatched weight(s), e.g. {shown}")
+        raise ValueError(
+            f"checkpoint in {source!r} does not match CLIPModel: {len(missing)} missing and "
+            f"{len(mismatched)} mismatched weight(s), e.g. {shown}"
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -148,19 +150,20 @@ class ClipImageEncoder(nn.Module):
         return self.visual_projection(pooled)  # (N, projection_dim)
 
 
-def clip_text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, prompts: Sequence[str],
-                         max_length: int) -> Tensor:
+def clip_text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, prompts: Sequence[str], max_length: int) -> Tensor:
     """(N,) prompts → (N, projection_dim) L2-normalised text embeddings of a transformers `CLIPModel`, float32,
     no graph; each distinct prompt is encoded once (several images per prompt are the rule)."""
     unique = list(dict.fromkeys(prompts))
-    tokens = tokenizer(unique, padding=True, truncation=True, max_length=max_length,
-                       return_tensors="pt").to(model.logit_scale.device)
+    tokens = tokenizer(unique, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(
+        model.logit_scale.device
+    )
     with torch.no_grad():
         out = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
     # transformers >= 5 returns an output object whose `pooler_output` is the projected embedding (§1).
     features = F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)  # (U, P)
     index = torch.tensor([unique.index(p) for p in prompts], device=features.device)
     return features[index]  # (N, P)
+
 
 class ClipCosineReward(RewardModel):
     """A reward made of the cosine between a Hugging Face CLIP model's image and text embeddings (CLIP score,
@@ -213,8 +216,9 @@ class ClipScore(ClipCosineReward):
 
     differentiable = True
 
-    def __init__(self, path: str | None = None, *, scale: float = 100.0, nonnegative: bool = False,
-                 dtype: str = "float32"):
+    def __init__(
+        self, path: str | None = None, *, scale: float = 100.0, nonnegative: bool = False, dtype: str = "float32"
+    ):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
             raise ValueError(f"reward 'clip_score': scale must be a finite positive number, got {scale!r}")
         self.source = path if path is not None else DEFAULT_CLIP_MODEL
@@ -223,8 +227,9 @@ class ClipScore(ClipCosineReward):
         self.model = load_clip_model(self.source, dtype=resolve_dtype(dtype))
         self.image_encoder = ClipImageEncoder(self.model)
         self.tokenizer = _load_tokenizer(self.source)
-        self.max_length = min(int(self.tokenizer.model_max_length),
-                              int(self.model.config.text_config.max_position_embeddings))
+        self.max_length = min(
+            int(self.tokenizer.model_max_length), int(self.model.config.text_config.max_position_embeddings)
+        )
 
     def _score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         scores = self.scale * self.cosine(images, prompts)
@@ -252,11 +257,27 @@ def tiny_clip_config(*, projection_dim: int = 16) -> CLIPConfig:
     width-16 text tower with the real 49,408-token vocabulary and 77 positions) with the special-token ids of the
     real OpenAI CLIP tokenizer."""
     return CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=49408, max_position_embeddings=77, projection_dim=projection_dim,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=14, image_size=224, projection_dim=projection_dim),
+        text_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=projection_dim,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            patch_size=14,
+            image_size=224,
+            projection_dim=projection_dim,
+        ),
         projection_dim=projection_dim,
     )
 
@@ -272,8 +293,14 @@ def save_tiny_clip(out_dir: str | Path, *, projection_dim: int, seed: int = 0) -
     torch.manual_seed(seed)
     CLIPModel(tiny_clip_config(projection_dim=projection_dim)).save_pretrained(out_dir)
     build_clip_tokenizer().save_pretrained(out_dir)
-    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
-                                   do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        resample=3,
+        do_center_crop=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
     processor.save_pretrained(out_dir)
     return out_dir
 

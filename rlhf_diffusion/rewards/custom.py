@@ -55,9 +55,11 @@ __all__ = ["CustomReward", "CustomRewardError", "default_label", "load_custom_re
 
 # Same grammar as config.py's `_REWARD_TARGET_RE`.
 _TARGET_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_IMPORTABLE_HINT = ("it must be importable on every Ray node (the driver, reward servers and samplers): submit "
-                    "with `ray job submit --working-dir .`, ship it with `runtime_env: {py_modules: [...]}`, or put "
-                    "its directory on PYTHONPATH")
+_IMPORTABLE_HINT = (
+    "it must be importable on every Ray node (the driver, reward servers and samplers): submit "
+    "with `ray job submit --working-dir .`, ship it with `runtime_env: {py_modules: [...]}`, or put "
+    "its directory on PYTHONPATH"
+)
 
 
 class CustomRewardError(ValueError):
@@ -65,14 +67,15 @@ class CustomRewardError(ValueError):
 
 
 def parse_target(target: str) -> tuple[str, str]:
-    """"package.module:Attribute" → ("package.module", "Attribute").
+    """ "package.module:Attribute" → ("package.module", "Attribute").
 
     Raises:
         CustomRewardError: `target` does not have that form.
     """
     if not isinstance(target, str) or not _TARGET_RE.match(target):
-        raise CustomRewardError(f"custom reward target {target!r}: expected 'package.module:Attribute' "
-                                "(e.g. 'my_pkg.rewards:MyReward')")
+        raise CustomRewardError(
+            f"custom reward target {target!r}: expected 'package.module:Attribute' (e.g. 'my_pkg.rewards:MyReward')"
+        )
     module, _, attribute = target.partition(":")
     return module, attribute
 
@@ -82,8 +85,9 @@ def default_label(target: str) -> str:
     return parse_target(target)[1].rpartition(".")[2]
 
 
-def load_custom_reward(target: str, *, path: str | None = None, device: str | torch.device = "cpu",
-                       **kwargs: Any) -> CustomReward:
+def load_custom_reward(
+    target: str, *, path: str | None = None, device: str | torch.device = "cpu", **kwargs: Any
+) -> CustomReward:
     """Imports `target`, builds the reward with `kwargs` (and `path` when not None) and moves it to `device`.
 
     Args:
@@ -102,13 +106,20 @@ def load_custom_reward(target: str, *, path: str | None = None, device: str | to
     return build_custom_reward(target, path=path, device=device, kwargs=kwargs)
 
 
-def build_custom_reward(target: str | None, *, path: str | None = None, device: str | torch.device = "cpu",
-                        kwargs: dict[str, Any] | None = None, where: str | None = None) -> CustomReward:
+def build_custom_reward(
+    target: str | None,
+    *,
+    path: str | None = None,
+    device: str | torch.device = "cpu",
+    kwargs: dict[str, Any] | None = None,
+    where: str | None = None,
+) -> CustomReward:
     """`load_custom_reward` for a config entry: `where` ("rewards.0.target") prefixes every message."""
     prefix = f"{where}: " if where else ""
     if target is None:
-        raise CustomRewardError(f"{prefix}required for name 'custom': the reward's import path "
-                                "'package.module:Attribute'")
+        raise CustomRewardError(
+            f"{prefix}required for name 'custom': the reward's import path 'package.module:Attribute'"
+        )
     try:
         module_name, attribute = parse_target(target)
     except CustomRewardError as error:
@@ -124,53 +135,68 @@ def build_custom_reward(target: str | None, *, path: str | None = None, device: 
 def _resolve(module_name: str, attribute: str, what: str) -> Callable[..., Any]:
     root = module_name.split(".")[0]
     if root in sys.stdlib_module_names or root in sys.builtin_module_names:
-        raise CustomRewardError(f"{what}: {module_name!r} is in Python's standard library, which holds no reward; "
-                                "the target must name your own module's reward class or factory function")
+        raise CustomRewardError(
+            f"{what}: {module_name!r} is in Python's standard library, which holds no reward; "
+            "the target must name your own module's reward class or factory function"
+        )
     importlib.invalidate_caches()  # a module written after this process started is found too
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         missing = error.name or ""
         if missing and (module_name == missing or module_name.startswith(missing + ".")):
-            raise CustomRewardError(f"{what}: cannot import module {module_name!r} (no module named {missing!r}); "
-                                    f"{_IMPORTABLE_HINT}") from None
-        raise CustomRewardError(f"{what}: importing module {module_name!r} failed: {error} (a dependency of the "
-                                "module is not installed)") from error
+            raise CustomRewardError(
+                f"{what}: cannot import module {module_name!r} (no module named {missing!r}); {_IMPORTABLE_HINT}"
+            ) from None
+        raise CustomRewardError(
+            f"{what}: importing module {module_name!r} failed: {error} (a dependency of the module is not installed)"
+        ) from error
     except Exception as error:  # noqa: BLE001 - user code: any exception becomes one message naming the target
-        raise CustomRewardError(f"{what}: importing module {module_name!r} raised {type(error).__name__}: "
-                                f"{error}") from error
+        raise CustomRewardError(
+            f"{what}: importing module {module_name!r} raised {type(error).__name__}: {error}"
+        ) from error
     value: Any = module
     for i, part in enumerate(attribute.split(".")):
         if not hasattr(value, part):
             owner = module_name if i == 0 else f"{module_name}:{'.'.join(attribute.split('.')[:i])}"
             where = getattr(module, "__file__", None)
-            raise CustomRewardError(f"{what}: {owner!r}{f' ({where})' if where and i == 0 else ''} has no "
-                                    f"attribute {part!r}{_candidates(value) if i == 0 else ''}")
+            raise CustomRewardError(
+                f"{what}: {owner!r}{f' ({where})' if where and i == 0 else ''} has no "
+                f"attribute {part!r}{_candidates(value) if i == 0 else ''}"
+            )
         value = getattr(value, part)
     if not callable(value):
-        raise CustomRewardError(f"{what}: {attribute!r} is not a class or a factory function (got "
-                                f"{type(value).__name__} {value!r:.40}); the target must be a RewardModel subclass, "
-                                "a class with "
-                                "score(images, prompts), or a function returning such a reward")
+        raise CustomRewardError(
+            f"{what}: {attribute!r} is not a class or a factory function (got "
+            f"{type(value).__name__} {value!r:.40}); the target must be a RewardModel subclass, "
+            "a class with "
+            "score(images, prompts), or a function returning such a reward"
+        )
     if not (inspect.isclass(value) or inspect.isfunction(value) or inspect.ismethod(value)):
-        raise CustomRewardError(f"{what}: {attribute!r} is a {type(value).__name__}, not a class or a Python "
-                                "function; it is not called (the target must be a RewardModel subclass, a class "
-                                "with score(images, prompts), or a function returning such a reward)")
+        raise CustomRewardError(
+            f"{what}: {attribute!r} is a {type(value).__name__}, not a class or a Python "
+            "function; it is not called (the target must be a RewardModel subclass, a class "
+            "with score(images, prompts), or a function returning such a reward)"
+        )
     return value
 
 
 def _candidates(module: Any) -> str:
-    names = sorted(name for name, value in vars(module).items()
-                   if not name.startswith("_") and callable(value)
-                   and getattr(value, "__module__", None) == module.__name__)
+    names = sorted(
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and callable(value) and getattr(value, "__module__", None) == module.__name__
+    )
     return f"; it defines: {', '.join(names[:20])}" if names else ""
 
 
 def _construct(factory: Callable[..., Any], kwargs: dict[str, Any], path: str | None, what: str) -> Any:
     if isinstance(factory, type) and issubclass(factory, RewardModel) and inspect.isabstract(factory):
         missing = ", ".join(sorted(factory.__abstractmethods__))
-        raise CustomRewardError(f"{what}: {factory.__name__} is a RewardModel subclass that does not implement "
-                                f"{missing}; implement _score(images, prompts) -> (B,) scores")
+        raise CustomRewardError(
+            f"{what}: {factory.__name__} is a RewardModel subclass that does not implement "
+            f"{missing}; implement _score(images, prompts) -> (B,) scores"
+        )
     if "path" in kwargs:
         raise CustomRewardError(f"{what}: pass the weights location as the entry's `path`, not inside kwargs")
     call_kwargs = {**kwargs, **({"path": path} if path is not None else {})}
@@ -183,17 +209,21 @@ def _construct(factory: Callable[..., Any], kwargs: dict[str, Any], path: str | 
         try:
             signature.bind(**call_kwargs)
         except TypeError as error:
-            raise CustomRewardError(f"{what}: cannot be called with {shown}: {error}; its signature is "
-                                    f"{getattr(factory, '__name__', 'target')}{signature} (set the entry's "
-                                    "`kwargs`, and `path`, to match)") from None
+            raise CustomRewardError(
+                f"{what}: cannot be called with {shown}: {error}; its signature is "
+                f"{getattr(factory, '__name__', 'target')}{signature} (set the entry's "
+                "`kwargs`, and `path`, to match)"
+            ) from None
     try:
         return factory(**call_kwargs)
     except TypeError as error:
-        raise CustomRewardError(f"{what}: calling it with {shown} raised TypeError: {error} (check the entry's "
-                                "`kwargs` and `path`)") from error
+        raise CustomRewardError(
+            f"{what}: calling it with {shown} raised TypeError: {error} (check the entry's `kwargs` and `path`)"
+        ) from error
     except Exception as error:  # noqa: BLE001 - user code
-        raise CustomRewardError(f"{what}: constructing it with {shown} raised {type(error).__name__}: "
-                                f"{error}") from error
+        raise CustomRewardError(
+            f"{what}: constructing it with {shown} raised {type(error).__name__}: {error}"
+        ) from error
 
 
 class CustomReward(RewardModel):
@@ -218,8 +248,9 @@ class CustomReward(RewardModel):
         what = self._what()
         if isinstance(inner, RewardModel):
             if not isinstance(getattr(inner, "differentiable", None), bool):
-                raise CustomRewardError(f"{what}: {type(inner).__name__} must set the class attribute "
-                                        "`differentiable` to True or False")
+                raise CustomRewardError(
+                    f"{what}: {type(inner).__name__} must set the class attribute `differentiable` to True or False"
+                )
             self.differentiable = inner.differentiable
             self._score_fn = self._grad_fn = inner._score
             return
@@ -228,14 +259,17 @@ class CustomReward(RewardModel):
             raise CustomRewardError(
                 f"{what}: built a {type(inner).__name__}, which is not a reward: it needs a method "
                 "score(images, prompts) -> (B,) scores (images (B, 3, H, W) in [0, 1]), or subclass "
-                "rlhf_diffusion.rewards.RewardModel")
+                "rlhf_diffusion.rewards.RewardModel"
+            )
         grad = getattr(inner, "forward_differentiable", None)
         declared = getattr(inner, "differentiable", None)
         if declared is not None and not isinstance(declared, bool):
             raise CustomRewardError(f"{what}: `differentiable` must be True or False, got {declared!r}")
         if declared and not callable(grad):
-            raise CustomRewardError(f"{what}: {type(inner).__name__} declares differentiable = True but has no "
-                                    "method forward_differentiable(images, prompts) keeping the graph to images")
+            raise CustomRewardError(
+                f"{what}: {type(inner).__name__} declares differentiable = True but has no "
+                "method forward_differentiable(images, prompts) keeping the graph to images"
+            )
         self.differentiable = callable(grad) if declared is None else declared
         self._score_fn = score
         self._grad_fn = grad if self.differentiable else None
@@ -245,7 +279,7 @@ class CustomReward(RewardModel):
         return f"{self.where}: custom reward {self.target!r}" if self.where else f"custom reward {self.target!r}"
 
     def describe(self) -> str:
-        """"custom reward 'pkg.mod:Attr' (rewards.0.target)", for messages about this reward."""
+        """ "custom reward 'pkg.mod:Attr' (rewards.0.target)", for messages about this reward."""
         return f"custom reward {self.target!r}" + (f" ({self.where})" if self.where else "")
 
     def _call(self, fn: Callable[[Tensor, list[str]], Any], images: Tensor, prompts: Sequence[str]) -> Any:
@@ -263,13 +297,16 @@ class CustomReward(RewardModel):
         if not self.differentiable:
             raise NotDifferentiableError(
                 f"reward '{self.name}' ({self.describe()}) is not differentiable: it has scores but no gradient "
-                "(subclass RewardModel with differentiable = True, or implement forward_differentiable)")
+                "(subclass RewardModel with differentiable = True, or implement forward_differentiable)"
+            )
         validate_reward_inputs(images, prompts)
         scores = self._call(self._grad_fn, images, prompts)
         scores = self._checked(scores, images.shape[0])
         if images.requires_grad and torch.is_grad_enabled() and not scores.requires_grad:
-            raise CustomRewardError(f"{self._what()}: forward_differentiable returned scores without an autograd "
-                                    "graph to the images (was the result detached, or computed under no_grad?)")
+            raise CustomRewardError(
+                f"{self._what()}: forward_differentiable returned scores without an autograd "
+                "graph to the images (was the result detached, or computed under no_grad?)"
+            )
         return scores.to(device=images.device, dtype=images.dtype)
 
     def to(self, device: str | torch.device) -> CustomReward:
@@ -282,11 +319,14 @@ class CustomReward(RewardModel):
     def _checked(self, scores: Any, n: int) -> Tensor:
         what = self._what()
         if not isinstance(scores, Tensor):
-            raise CustomRewardError(f"{what} returned a {type(scores).__name__}, expected a torch.Tensor of "
-                                    f"shape ({n},): one score per image")
+            raise CustomRewardError(
+                f"{what} returned a {type(scores).__name__}, expected a torch.Tensor of "
+                f"shape ({n},): one score per image"
+            )
         if scores.shape != (n,):
-            raise CustomRewardError(f"{what} returned scores of shape {tuple(scores.shape)}, expected ({n},): one "
-                                    "score per image")
+            raise CustomRewardError(
+                f"{what} returned scores of shape {tuple(scores.shape)}, expected ({n},): one score per image"
+            )
         if not scores.is_floating_point():
             raise CustomRewardError(f"{what} returned scores of dtype {scores.dtype}, expected a floating dtype")
         with torch.no_grad():
@@ -298,4 +338,3 @@ class CustomReward(RewardModel):
 
     def __repr__(self) -> str:
         return f"CustomReward({self.target!r}, {self.inner!r})"
-

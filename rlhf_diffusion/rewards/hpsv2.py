@@ -43,8 +43,11 @@ HPS_FILENAMES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt
 HPS_ARCHITECTURE = "ViT-H-14"
 # Weight files of an open_clip model directory (`local-dir:` format), in order of preference; an HPS checkpoint
 # placed in the directory under its published name is accepted too.
-OPEN_CLIP_WEIGHT_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                              "open_clip_pytorch_model.bin")
+OPEN_CLIP_WEIGHT_FILENAMES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
@@ -78,13 +81,16 @@ def load_open_clip_model(architecture: str, checkpoint: str | Path) -> nn.Module
     try:  # shape mismatches raise here; key mismatches are reported below, summarised
         incompatible = open_clip.load_checkpoint(model, str(checkpoint), strict=False, weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling / shape-mismatch errors come in many types
-        raise ValueError(f"cannot load open_clip {architecture!r} weights from {str(checkpoint)!r}: "
-                         f"{type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"cannot load open_clip {architecture!r} weights from {str(checkpoint)!r}: {type(err).__name__}: {err}"
+        ) from err
     missing, unexpected = list(incompatible.missing_keys), list(incompatible.unexpected_keys)
     if missing or unexpected:
-        raise ValueError(f"weights in {str(checkpoint)!r} do not match open_clip {architecture!r}: "
-                         f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:3]) or '-'}), "
-                         f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:3]) or '-'})")
+        raise ValueError(
+            f"weights in {str(checkpoint)!r} do not match open_clip {architecture!r}: "
+            f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:3]) or '-'}), "
+            f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:3]) or '-'})"
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -95,24 +101,30 @@ def _resolve(path: str, version: str) -> tuple[str, Path]:
         return HPS_ARCHITECTURE, local
     if local.is_dir():
         if not (local / OPEN_CLIP_CONFIG).is_file():
-            raise FileNotFoundError(f"HPS model directory {str(local)!r} has no {OPEN_CLIP_CONFIG} (expected an "
-                                    "open_clip model directory, or pass the HPS checkpoint file itself)")
+            raise FileNotFoundError(
+                f"HPS model directory {str(local)!r} has no {OPEN_CLIP_CONFIG} (expected an "
+                "open_clip model directory, or pass the HPS checkpoint file itself)"
+            )
         candidates = (*OPEN_CLIP_WEIGHT_FILENAMES, HPS_FILENAMES[version])
         for name in candidates:
             if (local / name).is_file():
                 return f"local-dir:{local}", local / name
-        raise FileNotFoundError(f"no weights in HPS model directory {str(local)!r}: expected one of "
-                                f"{', '.join(candidates)}")
+        raise FileNotFoundError(
+            f"no weights in HPS model directory {str(local)!r}: expected one of {', '.join(candidates)}"
+        )
     if not is_hub_id(path):
-        raise FileNotFoundError(f"HPS checkpoint {path!r} does not exist (expected an HPS .pt file, an open_clip "
-                                "model directory, or a hub id 'owner/name')")
+        raise FileNotFoundError(
+            f"HPS checkpoint {path!r} does not exist (expected an HPS .pt file, an open_clip "
+            "model directory, or a hub id 'owner/name')"
+        )
     from huggingface_hub import hf_hub_download
 
     try:
         return HPS_ARCHITECTURE, Path(hf_hub_download(path, HPS_FILENAMES[version]))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; one clear message for all
-        raise FileNotFoundError(f"could not get {HPS_FILENAMES[version]} from hub repo {path!r}: "
-                                f"{type(err).__name__}: {err}") from err
+        raise FileNotFoundError(
+            f"could not get {HPS_FILENAMES[version]} from hub repo {path!r}: {type(err).__name__}: {err}"
+        ) from err
 
 
 @register_reward("hpsv2")
@@ -134,11 +146,11 @@ class HPSv2(RewardModel):
 
     differentiable = True
 
-    def __init__(self, path: str | None = None, *, version: Literal["v2.0", "v2.1"] = "v2.1",
-                 dtype: str = "float32"):
+    def __init__(self, path: str | None = None, *, version: Literal["v2.0", "v2.1"] = "v2.1", dtype: str = "float32"):
         if version not in HPS_FILENAMES:
-            raise ValueError(f"reward 'hpsv2': version must be one of {', '.join(map(repr, HPS_FILENAMES))}, "
-                             f"got {version!r}")
+            raise ValueError(
+                f"reward 'hpsv2': version must be one of {', '.join(map(repr, HPS_FILENAMES))}, got {version!r}"
+            )
         torch_dtype = resolve_dtype(dtype)
         self.source = path if path is not None else HPS_HUB_REPO
         self.version = version
@@ -189,8 +201,14 @@ def tiny_open_clip_config() -> dict:
             "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
         },
-        "preprocess_cfg": {"size": 224, "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic",
-                           "resize_mode": "longest", "fill_color": 0},
+        "preprocess_cfg": {
+            "size": 224,
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "longest",
+            "fill_color": 0,
+        },
     }
 
 

@@ -127,22 +127,39 @@ class ImageRewardConfig:
     def vision_config(self) -> BlipVisionConfig:
         """The transformers config of the image tower (GELU, qkv bias, as BLIP's ViT)."""
         return BlipVisionConfig(
-            hidden_size=self.vision_hidden_size, intermediate_size=self.vision_intermediate_size,
-            num_hidden_layers=self.vision_num_layers, num_attention_heads=self.vision_num_heads,
-            image_size=self.image_size, patch_size=self.patch_size, layer_norm_eps=self.vision_layer_norm_eps,
-            hidden_act="gelu", attention_dropout=0.0)
+            hidden_size=self.vision_hidden_size,
+            intermediate_size=self.vision_intermediate_size,
+            num_hidden_layers=self.vision_num_layers,
+            num_attention_heads=self.vision_num_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            layer_norm_eps=self.vision_layer_norm_eps,
+            hidden_act="gelu",
+            attention_dropout=0.0,
+        )
 
     def text_config(self) -> BlipTextConfig:
         """The transformers config of the text tower. `is_decoder=True` only makes every layer own a
         cross-attention block; the reward calls the model with `is_decoder=False` (bidirectional self-attention),
         which is BLIP's `mode='multimodal'` text encoder."""
         return BlipTextConfig(
-            vocab_size=self.vocab_size, hidden_size=self.text_hidden_size,
-            encoder_hidden_size=self.vision_hidden_size, intermediate_size=self.text_intermediate_size,
-            num_hidden_layers=self.text_num_layers, num_attention_heads=self.text_num_heads,
-            max_position_embeddings=self.max_position_embeddings, layer_norm_eps=self.text_layer_norm_eps,
-            hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True,
-            pad_token_id=self.pad_token_id, bos_token_id=None, eos_token_id=None, sep_token_id=None)
+            vocab_size=self.vocab_size,
+            hidden_size=self.text_hidden_size,
+            encoder_hidden_size=self.vision_hidden_size,
+            intermediate_size=self.text_intermediate_size,
+            num_hidden_layers=self.text_num_layers,
+            num_attention_heads=self.text_num_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            layer_norm_eps=self.text_layer_norm_eps,
+            hidden_act="gelu",
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            is_decoder=True,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=None,
+            sep_token_id=None,
+        )
 
     @classmethod
     def from_json_file(cls, file: str | Path) -> ImageRewardConfig:
@@ -158,8 +175,10 @@ class ImageRewardConfig:
         known = {f.name for f in fields(cls)}
         if not isinstance(values, dict) or set(values) - known:
             unknown = sorted(set(values) - known) if isinstance(values, dict) else type(values).__name__
-            raise ValueError(f"ImageReward config {str(file)!r} has unknown field(s) {unknown}; "
-                             f"known fields: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"ImageReward config {str(file)!r} has unknown field(s) {unknown}; "
+                f"known fields: {', '.join(sorted(known))}"
+            )
         return cls(**values)
 
     def to_json_file(self, file: str | Path) -> None:
@@ -194,8 +213,9 @@ class ImageRewardModel(nn.Module):
         """
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (N, 1 + P, Dv)
         # No encoder attention mask: every image token is attended to (upstream passes all ones).
-        text_states = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
-                                      encoder_hidden_states=image_embeds, is_decoder=False).last_hidden_state
+        text_states = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds, is_decoder=False
+        ).last_hidden_state
         raw = self.mlp(text_states[:, 0, :].float()).squeeze(-1)  # (N,) from the [CLS] state (N, Dt)
         return (raw - REWARD_MEAN) / REWARD_STD
 
@@ -212,9 +232,11 @@ _BERT_NAMES = (
     "embeddings.word_embeddings.weight",
     "embeddings.position_embeddings.weight",
     "embeddings.LayerNorm.{w}",
-    *(f"encoder.layer.{{i}}.{block}.{name}.{{w}}"
-      for block in ("attention", "crossattention")
-      for name in ("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm")),
+    *(
+        f"encoder.layer.{{i}}.{block}.{name}.{{w}}"
+        for block in ("attention", "crossattention")
+        for name in ("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm")
+    ),
     "encoder.layer.{i}.intermediate.dense.{w}",
     "encoder.layer.{i}.output.dense.{w}",
     "encoder.layer.{i}.output.LayerNorm.{w}",
@@ -236,7 +258,7 @@ IMAGEREWARD_KEY_MAP: tuple[tuple[str, str], ...] = (
 # Official keys that are deliberately not loaded: key template → reason.
 DROPPED_OFFICIAL_KEYS: dict[str, str] = {
     "blip.text_encoder.embeddings.position_ids": "a persistent arange buffer in upstream's BERT; transformers "
-                                                 "rebuilds it (non-persistent)",
+    "rebuilds it (non-persistent)",
     "blip.vision_proj.{w}": "BLIP's image-text-contrastive image projection; not used by the ImageReward score",
     "blip.text_proj.{w}": "BLIP's image-text-contrastive text projection; not used by the ImageReward score",
 }
@@ -292,7 +314,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, T
         ValueError: some keys are not part of the official format (the message lists them).
     """
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     converted, unknown = {}, []
     for key, value in state_dict.items():
         try:
@@ -303,8 +325,10 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, T
         if hf_key is not None:
             converted[hf_key] = value
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) are not part of the official ImageReward checkpoint format "
-                         f"(`blip.visual_encoder.*`, `blip.text_encoder.*`, `mlp.layers.*`): {_listed(unknown)}")
+        raise ValueError(
+            f"{len(unknown)} key(s) are not part of the official ImageReward checkpoint format "
+            f"(`blip.visual_encoder.*`, `blip.text_encoder.*`, `mlp.layers.*`): {_listed(unknown)}"
+        )
     return converted
 
 
@@ -329,15 +353,18 @@ def _resolve_checkpoint(path: str) -> Path:
             return local / CHECKPOINT_FILENAME
         raise FileNotFoundError(f"ImageReward checkpoint {str(local / CHECKPOINT_FILENAME)!r} does not exist")
     if not is_hub_id(path):
-        raise FileNotFoundError(f"ImageReward checkpoint {path!r} does not exist (expected the {CHECKPOINT_FILENAME} "
-                                "file, a directory holding it, or a hub id 'owner/name')")
+        raise FileNotFoundError(
+            f"ImageReward checkpoint {path!r} does not exist (expected the {CHECKPOINT_FILENAME} "
+            "file, a directory holding it, or a hub id 'owner/name')"
+        )
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(path, CHECKPOINT_FILENAME))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; one clear message for all
-        raise FileNotFoundError(f"could not get {CHECKPOINT_FILENAME} from hub repo {path!r}: "
-                                f"{type(err).__name__}: {err}") from err
+        raise FileNotFoundError(
+            f"could not get {CHECKPOINT_FILENAME} from hub repo {path!r}: {type(err).__name__}: {err}"
+        ) from err
 
 
 def load_imagereward_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> ImageRewardModel:
@@ -382,16 +409,26 @@ def _check_fits(converted: Mapping[str, Tensor], config: ImageRewardConfig, file
         expected = {k: v.shape for k, v in ImageRewardModel(config).state_dict().items()}
     missing = [hf_to_official_key(k) for k in expected if k not in converted]
     unexpected = [hf_to_official_key(k) for k in converted if k not in expected]
-    mismatched = [f"{hf_to_official_key(k)} {tuple(v.shape)} vs {tuple(expected[k])}"
-                  for k, v in converted.items() if k in expected and v.shape != expected[k]]
+    mismatched = [
+        f"{hf_to_official_key(k)} {tuple(v.shape)} vs {tuple(expected[k])}"
+        for k, v in converted.items()
+        if k in expected and v.shape != expected[k]
+    ]
     if not (missing or unexpected or mismatched):
         return
     where = repr(str(sidecar)) if sidecar else f"the real model (defaults; no {CONFIG_FILENAME} beside it)"
-    problems = [f"{len(items)} {what}: {_listed(items, 5)}" for what, items in (
-        ("shape mismatch(es) (checkpoint vs model)", mismatched), ("weight(s) missing from the checkpoint", missing),
-        ("weight(s) the architecture lacks", unexpected)) if items]
-    raise ValueError(f"ImageReward checkpoint {str(file)!r} does not fit the architecture of {where}; "
-                     + "; ".join(problems))
+    problems = [
+        f"{len(items)} {what}: {_listed(items, 5)}"
+        for what, items in (
+            ("shape mismatch(es) (checkpoint vs model)", mismatched),
+            ("weight(s) missing from the checkpoint", missing),
+            ("weight(s) the architecture lacks", unexpected),
+        )
+        if items
+    ]
+    raise ValueError(
+        f"ImageReward checkpoint {str(file)!r} does not fit the architecture of {where}; " + "; ".join(problems)
+    )
 
 
 def _looks_local(source: str) -> bool:
@@ -419,9 +456,11 @@ def load_imagereward_tokenizer(source: str, *, vocab_size: int | None = None) ->
     vocab = tokenizer.get_vocab()
     tokenizer.add_tokens([t for t in EXTRA_SPECIAL_TOKENS if t not in vocab], special_tokens=True)
     if vocab_size is not None and len(tokenizer) > vocab_size:
-        raise ValueError(f"tokenizer {source!r} has {len(tokenizer)} tokens (with {', '.join(EXTRA_SPECIAL_TOKENS)}) "
-                         f"but the ImageReward text encoder has {vocab_size}; use the checkpoint's tokenizer "
-                         "(bert-base-uncased for the real model)")
+        raise ValueError(
+            f"tokenizer {source!r} has {len(tokenizer)} tokens (with {', '.join(EXTRA_SPECIAL_TOKENS)}) "
+            f"but the ImageReward text encoder has {vocab_size}; use the checkpoint's tokenizer "
+            "(bert-base-uncased for the real model)"
+        )
     return tokenizer
 
 
@@ -476,8 +515,9 @@ class ImageReward(RewardModel):
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """N prompts → input_ids, attention_mask, each (N, 35) on the reward's device."""
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS, return_tensors="pt"
+        )
         return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
 
     def _score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -496,8 +536,28 @@ class ImageReward(RewardModel):
 
 # A tiny lower-case WordPiece vocabulary: BERT's special tokens first ([PAD] = 0 as in bert-base-uncased), then
 # single characters and their '##' continuations (so any ASCII prompt tokenises), then a few whole words.
-_TINY_WORDS = ("a", "an", "the", "of", "on", "in", "with", "and", "photo", "painting", "cat", "dog", "red", "blue",
-               "car", "tree", "house", "oil", "portrait", "sunset")
+_TINY_WORDS = (
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "photo",
+    "painting",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "car",
+    "tree",
+    "house",
+    "oil",
+    "portrait",
+    "sunset",
+)
 _TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 
 
@@ -511,9 +571,17 @@ def tiny_imagereward_config(vocab_size: int) -> ImageRewardConfig:
     """A tiny ImageReward: real input size 224 and patch 16 (196 image tokens), vision width 32 × 2 blocks,
     text width 24 × 2 layers, 40 positions (≥ 35 prompt tokens)."""
     return ImageRewardConfig(
-        vision_hidden_size=32, vision_num_layers=2, vision_num_heads=2, vision_intermediate_size=64,
-        vocab_size=vocab_size, text_hidden_size=24, text_num_layers=2, text_num_heads=2, text_intermediate_size=48,
-        max_position_embeddings=40)
+        vision_hidden_size=32,
+        vision_num_layers=2,
+        vision_num_heads=2,
+        vision_intermediate_size=64,
+        vocab_size=vocab_size,
+        text_hidden_size=24,
+        text_num_layers=2,
+        text_num_heads=2,
+        text_intermediate_size=48,
+        max_position_embeddings=40,
+    )
 
 
 def build_tiny_imagereward(out_dir: str | Path, seed: int = 0) -> Path:
@@ -536,7 +604,8 @@ def build_tiny_imagereward(out_dir: str | Path, seed: int = 0) -> Path:
     vocab = _tiny_vocab()
     (tokenizer_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (tokenizer_dir / "tokenizer_config.json").write_text(
-        json.dumps({"do_lower_case": True, "model_max_length": 512}) + "\n")
+        json.dumps({"do_lower_case": True, "model_max_length": 512}) + "\n"
+    )
 
     config = tiny_imagereward_config(vocab_size=len(vocab) + len(EXTRA_SPECIAL_TOKENS))
     config.to_json_file(out_dir / CONFIG_FILENAME)

@@ -159,8 +159,13 @@ def build_tiny_pickscore(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     CLIPModel(tiny_clip_config(projection_dim=16)).save_pretrained(out_dir)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                         resample=3, do_center_crop=True, image_mean=list(CLIP_MEAN),
-                                         image_std=list(CLIP_STD))
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        resample=3,
+        do_center_crop=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
     CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(out_dir)
     return out_dir

@@ -18,8 +18,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalize(images: Tensor, mean: tuple[float, float, float] = CLIP_MEAN,
-              std: tuple[float, float, float] = CLIP_STD) -> Tensor:
+def normalize(
+    images: Tensor, mean: tuple[float, float, float] = CLIP_MEAN, std: tuple[float, float, float] = CLIP_STD
+) -> Tensor:
     """(x - mean) / std per channel; images (N, 3, H, W)."""
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
@@ -35,7 +36,7 @@ def resize_shortest_and_center_crop(images: Tensor, size: int) -> Tensor:
     if (new_h, new_w) != (h, w):
         images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return images[..., top:top + size, left:left + size]
+    return images[..., top : top + size, left : left + size]
 
 
 def resize_longest_and_pad(images: Tensor, size: int, fill: float = 0.0) -> Tensor:

@@ -17,8 +17,7 @@ __all__ = ["TESTBED_DIR", "TESTBED_MODELS", "TESTBED_PREFIX", "is_testbed_ref", 
 TESTBED_PREFIX = "testbed:"
 TESTBED_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed"
 # name -> the file that must exist in its directory
-TESTBED_MODELS: dict[str, str] = {"pipeline": "model_index.json", "clip": "config.json",
-                                  "reward": "model.safetensors"}
+TESTBED_MODELS: dict[str, str] = {"pipeline": "model_index.json", "clip": "config.json", "reward": "model.safetensors"}
 
 
 def is_testbed_ref(value: str) -> bool:
@@ -33,12 +32,15 @@ def resolve_testbed(ref: str) -> str:
         FileNotFoundError: the model directory is missing (a source checkout without the weights); the message says
             how to build it.
     """
-    name = ref[len(TESTBED_PREFIX):] if is_testbed_ref(ref) else ref
+    name = ref[len(TESTBED_PREFIX) :] if is_testbed_ref(ref) else ref
     if name not in TESTBED_MODELS:
-        raise ValueError(f"unknown testbed model {ref!r}; valid: "
-                         + ", ".join(TESTBED_PREFIX + n for n in TESTBED_MODELS))
+        raise ValueError(
+            f"unknown testbed model {ref!r}; valid: " + ", ".join(TESTBED_PREFIX + n for n in TESTBED_MODELS)
+        )
     path = TESTBED_DIR / name
     if not (path / TESTBED_MODELS[name]).exists():
-        raise FileNotFoundError(f"testbed model {ref!r}: {path} has no {TESTBED_MODELS[name]}; build it with "
-                                f"`python -m rlhf_diffusion.testbed.train --out {TESTBED_DIR}`")
+        raise FileNotFoundError(
+            f"testbed model {ref!r}: {path} has no {TESTBED_MODELS[name]}; build it with "
+            f"`python -m rlhf_diffusion.testbed.train --out {TESTBED_DIR}`"
+        )
     return str(path)

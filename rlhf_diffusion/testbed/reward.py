@@ -45,8 +45,9 @@ class CheckerReward(RewardModel):
             try:
                 scene = parse_caption(prompt)
             except ValueError as err:
-                raise ValueError(f"CheckerReward: prompt {prompt!r} is not a caption of the testbed world: {err}") \
-                    from None
+                raise ValueError(
+                    f"CheckerReward: prompt {prompt!r} is not a caption of the testbed world: {err}"
+                ) from None
             result = check(image, scene)
             if self.mode == "all":
                 scores.append(float(result["all"]))

@@ -128,8 +128,14 @@ CARD_FILE = "card.json"
 # Auxiliary reading targets (training only): background (white, black, gray, none), number of objects (0..3, 4+),
 # colours present (4 bits), shapes present (3 bits), position of the largest object (5 + none), (colour, shape)
 # pairs present (12 bits).
-READING_SLICES = {"background": (0, 4), "count": (4, 9), "colours": (9, 13), "shapes": (13, 16),
-                  "position": (16, 22), "pairs": (22, 34)}
+READING_SLICES = {
+    "background": (0, 4),
+    "count": (4, 9),
+    "colours": (9, 13),
+    "shapes": (13, 16),
+    "position": (16, 22),
+    "pairs": (22, 34),
+}
 READING_LOGITS = 34
 
 
@@ -174,11 +180,13 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.token = nn.Embedding(c.vocab_size, c.text_dim)
         self.position = nn.Parameter(torch.randn(c.max_length, c.text_dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(c.text_dim, c.text_heads, 2 * c.text_dim, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            c.text_dim, c.text_heads, 2 * c.text_dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, c.text_layers, enable_nested_tensor=False)
-        self.out = nn.Sequential(nn.LayerNorm(c.text_dim), nn.Linear(c.text_dim, c.cond_dim), nn.SiLU(),
-                                 nn.Linear(c.cond_dim, c.cond_dim))
+        self.out = nn.Sequential(
+            nn.LayerNorm(c.text_dim), nn.Linear(c.text_dim, c.cond_dim), nn.SiLU(), nn.Linear(c.cond_dim, c.cond_dim)
+        )
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         h = self.token(ids) + self.position[: ids.shape[1]]
@@ -213,24 +221,33 @@ class RewardNet(nn.Module):
         self.text = TextEncoder(c)
         c0, c1, c2 = c.channels
         d = c.cond_dim
-        self.blocks = nn.ModuleList([
-            FiLMConv(5, c0, d, c.groups, kernel=4, stride=2),  # 64 -> 32
-            FiLMConv(c0, c0, d, c.groups),
-            FiLMConv(c0, c1, d, c.groups, stride=2),  # 32 -> 16
-            FiLMConv(c1, c1, d, c.groups),
-            FiLMConv(c1, c2, d, c.groups, stride=2),  # 16 -> 8
-            FiLMConv(c2, c2, d, c.groups),
-            FiLMConv(c2, c2, d, c.groups),
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                FiLMConv(5, c0, d, c.groups, kernel=4, stride=2),  # 64 -> 32
+                FiLMConv(c0, c0, d, c.groups),
+                FiLMConv(c0, c1, d, c.groups, stride=2),  # 32 -> 16
+                FiLMConv(c1, c1, d, c.groups),
+                FiLMConv(c1, c2, d, c.groups, stride=2),  # 16 -> 8
+                FiLMConv(c2, c2, d, c.groups),
+                FiLMConv(c2, c2, d, c.groups),
+            ]
+        )
         self.reduce = nn.Conv2d(c2, c.head_channels, 1)
         side = c.image_size // 8
         self.attribute_head = nn.Sequential(
-            nn.Linear(c.head_channels * side * side + c2 + d, c.head_hidden), nn.SiLU(),
-            nn.Linear(c.head_hidden, c.head_hidden), nn.SiLU(), nn.Linear(c.head_hidden, len(c.attributes)))
+            nn.Linear(c.head_channels * side * side + c2 + d, c.head_hidden),
+            nn.SiLU(),
+            nn.Linear(c.head_hidden, c.head_hidden),
+            nn.SiLU(),
+            nn.Linear(c.head_hidden, len(c.attributes)),
+        )
         self.stated_head = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, len(c.attributes)))
         ramp = torch.linspace(-1, 1, c.image_size)
-        self.register_buffer("coords", torch.stack([ramp.view(1, -1).expand(c.image_size, -1),
-                                                    ramp.view(-1, 1).expand(-1, c.image_size)]), persistent=False)
+        self.register_buffer(
+            "coords",
+            torch.stack([ramp.view(1, -1).expand(c.image_size, -1), ramp.view(-1, 1).expand(-1, c.image_size)]),
+            persistent=False,
+        )
 
     @property
     def visual_dim(self) -> int:
@@ -238,8 +255,9 @@ class RewardNet(nn.Module):
         c = self.config
         return c.head_channels * (c.image_size // 8) ** 2 + c.channels[-1]
 
-    def forward(self, images: Tensor, ids: Tensor, mask: Tensor, *, features: bool = False
-                ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, ids: Tensor, mask: Tensor, *, features: bool = False
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         """(attribute logits (N, 6), stated logits (N, 6)), plus the visual features (N, `visual_dim`) when
         `features` (training: the auxiliary reading head sees them)."""
         size = self.config.image_size
@@ -272,11 +290,11 @@ def _load_tokenizer(path: Path):
         raise ValueError(f"cannot load the world tokenizer from {str(path)!r}: {type(err).__name__}: {err}") from err
 
 
-def tokenize(tokenizer, prompts: Sequence[str], max_length: int, device: torch.device | str = "cpu"
-             ) -> tuple[Tensor, Tensor]:
+def tokenize(
+    tokenizer, prompts: Sequence[str], max_length: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
     """(ids, mask): (N, max_length) long and bool, padded / truncated to max_length."""
-    out = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="pt")
+    out = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     return out.input_ids.to(device), out.attention_mask.to(device).bool()
 
 
@@ -310,8 +328,10 @@ def resolve_reward_path(path: str | Path | None) -> Path:
     directory = Path(source).expanduser()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"testbed reward model {str(path)!r}: {directory} has no {name}; train one with "
-                                    f"`python -m rlhf_diffusion.testbed.reward_model --out DIR`")
+            raise FileNotFoundError(
+                f"testbed reward model {str(path)!r}: {directory} has no {name}; train one with "
+                f"`python -m rlhf_diffusion.testbed.reward_model --out DIR`"
+            )
     return directory
 
 
@@ -328,8 +348,10 @@ def load_reward_net(path: str | Path | None = DEFAULT_PATH) -> tuple[RewardNet, 
     state = load_file(str(directory / WEIGHTS_FILE))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_FILE} does not match RewardNet({CONFIG_FILE}): missing "
-                         f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} does not match RewardNet({CONFIG_FILE}): missing "
+            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
     return net.eval().requires_grad_(False), _load_tokenizer(directory)
 
 
@@ -432,14 +454,17 @@ def scene_code(scene) -> np.ndarray:
 def verdicts(det: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(labels, stated): (..., 6) float arrays for detection codes (..., 6) and caption codes (..., 7), exactly
     `world.check`'s per-attribute verdicts (labels; 0 where not stated) and which attributes the caption states."""
-    labels = np.stack([
-        det[..., _BG] == cap[..., _BG],
-        det[..., _N] == cap[..., _N],
-        det[..., _COLOURS] == cap[..., _COLOURS],
-        det[..., _SHAPES] == cap[..., _SHAPES],
-        (det[..., _N] > 0) & (det[..., _POS] == cap[..., _POS]),
-        det[..., _PAIRS] == cap[..., _PAIRS],
-    ], axis=-1)
+    labels = np.stack(
+        [
+            det[..., _BG] == cap[..., _BG],
+            det[..., _N] == cap[..., _N],
+            det[..., _COLOURS] == cap[..., _COLOURS],
+            det[..., _SHAPES] == cap[..., _SHAPES],
+            (det[..., _N] > 0) & (det[..., _POS] == cap[..., _POS]),
+            det[..., _PAIRS] == cap[..., _PAIRS],
+        ],
+        axis=-1,
+    )
     kind = cap[..., _KIND]
     stated = np.stack([np.ones_like(kind, dtype=bool)] * 4 + [kind == 0, kind == 2], axis=-1)
     return (labels & stated).astype(np.float32), stated.astype(np.float32)
@@ -452,7 +477,7 @@ def fractions(labels: np.ndarray, stated: np.ndarray) -> np.ndarray:
 
 def mirror_caption(text: str) -> str:
     """The caption of the left-right mirror image: "on the left" <-> "on the right" (others unchanged)."""
-    return (text.replace("on the left", "\0").replace("on the right", "on the left").replace("\0", "on the right"))
+    return text.replace("on the left", "\0").replace("on the right", "on the left").replace("\0", "on the right")
 
 
 def mutations(scene) -> list:
@@ -475,13 +500,19 @@ def mutations(scene) -> list:
         for colour in world.PALETTE:
             if colour != o.colour:
                 new = world.SceneObject(colour, o.shape)
-                add(scene.background, tuple(new if (scene.kind != "pair" or j == k) else p
-                                            for j, p in enumerate(objects)), scene.position)
+                add(
+                    scene.background,
+                    tuple(new if (scene.kind != "pair" or j == k) else p for j, p in enumerate(objects)),
+                    scene.position,
+                )
         for shape in world.SHAPES:
             if shape != o.shape:
                 new = world.SceneObject(o.colour, shape)
-                add(scene.background, tuple(new if (scene.kind != "pair" or j == k) else p
-                                            for j, p in enumerate(objects)), scene.position)
+                add(
+                    scene.background,
+                    tuple(new if (scene.kind != "pair" or j == k) else p for j, p in enumerate(objects)),
+                    scene.position,
+                )
     if scene.kind == "single":
         for position in world.POSITIONS:
             if position != scene.position:
@@ -491,7 +522,7 @@ def mutations(scene) -> list:
     elif scene.kind == "count":
         for n in (1, 2, 3):
             if n != len(objects):
-                for position in (world.POSITIONS if n == 1 else (None,)):
+                for position in world.POSITIONS if n == 1 else (None,):
                     add(scene.background, objects[:1] * n, position)
     else:
         a, b = objects
@@ -530,9 +561,17 @@ def _read(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return det, mirror
 
 
-def sample_pipeline(captions: Sequence[str], guidance: Sequence[float], *, seed: int, steps: int, eta: float,
-                    batch_size: int, log: Callable[[str], None] = print, what: str = "samples"
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def sample_pipeline(
+    captions: Sequence[str],
+    guidance: Sequence[float],
+    *,
+    seed: int,
+    steps: int,
+    eta: float,
+    batch_size: int,
+    log: Callable[[str], None] = print,
+    what: str = "samples",
+) -> tuple[np.ndarray, np.ndarray]:
     """Samples `testbed:pipeline` once per entry of `captions` with the production sampler; the guidance scale of
     image i is `guidance[i]` (a batch holds one scale: entries are grouped by it). Returns uint8 (N, 64, 64, 3)
     images in the order of `captions` and the guidance per image."""
@@ -556,7 +595,7 @@ def sample_pipeline(captions: Sequence[str], guidance: Sequence[float], *, seed:
         predictor = NoisePredictor(model, float(scale))
         where = np.flatnonzero(guidance == scale)
         for start in range(0, len(where), batch_size):
-            idx = where[start:start + batch_size]
+            idx = where[start : start + batch_size]
             prompts = [captions[i] for i in idx]
             generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
             batch_index += 1
@@ -594,8 +633,11 @@ def render_set(captions: Sequence[str], n: int, seed: int) -> tuple[np.ndarray, 
     world = _world()
     rng = np.random.default_rng(seed)
     which = rng.integers(len(captions), size=n)
-    clean = np.stack([world.render(world.parse_caption(captions[j]), 64, rng) for j in which]) if n else \
-        np.zeros((0, 64, 64, 3), np.uint8)
+    clean = (
+        np.stack([world.render(world.parse_caption(captions[j]), 64, rng) for j in which])
+        if n
+        else np.zeros((0, 64, 64, 3), np.uint8)
+    )
     return _degrade(clean, rng), which
 
 
@@ -656,8 +698,9 @@ class CaptionTable:
         self.kinds = [scene.kind for scene in scenes]
         self.codes = np.stack([scene_code(s) for s in scenes])
         self.mirror = np.array([self.index.get(mirror_caption(c), -1) for c in self.captions])
-        self.neighbours = [[self.index[m] for m in (world.caption(s) for s in mutations(scene)) if m in self.index]
-                           for scene in scenes]
+        self.neighbours = [
+            [self.index[m] for m in (world.caption(s) for s in mutations(scene)) if m in self.index] for scene in scenes
+        ]
 
 
 def _lr(step: int, total: int, warmup: int) -> float:
@@ -687,8 +730,10 @@ class Batcher:
         self.groups = {kind: [np.array(v) for (r, _), v in by_caption.items() if r == kind] for kind in (False, True)}
         # a group is drawn with probability proportional to its images (captions with more samples, the pairs,
         # come up more often)
-        self.weights = {kind: np.array([len(g) for g in groups], dtype=np.float64) / max(1, sum(map(len, groups)))
-                        for kind, groups in self.groups.items()}
+        self.weights = {
+            kind: np.array([len(g) for g in groups], dtype=np.float64) / max(1, sum(map(len, groups)))
+            for kind, groups in self.groups.items()
+        }
 
     def __call__(self) -> tuple[Tensor, np.ndarray, Tensor, Tensor, Tensor, np.ndarray]:
         s, rng, table = self.s, self.rng, self.table
@@ -710,8 +755,10 @@ class Batcher:
             if image_group:
                 others = list(rng.choice(neighbours, size=min(len(neighbours), s.group_size - 1), replace=False))
                 others += [int(rng.integers(len(table.captions))) for _ in range(s.group_size - 1 - len(others))]
-                others = [int(rng.integers(len(table.captions))) if rng.random() < s.random_caption else int(c)
-                          for c in others]
+                others = [
+                    int(rng.integers(len(table.captions))) if rng.random() < s.random_caption else int(c)
+                    for c in others
+                ]
                 caps += [base, *others]
             else:
                 u = rng.random()
@@ -730,16 +777,27 @@ class Batcher:
         det = np.where(mirror[:, None], self.data.det_mirror[idx], self.data.det[idx])
         labels, stated = verdicts(det, table.codes[caps])
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
-        return pixels, caps, torch.from_numpy(labels), torch.from_numpy(stated), torch.from_numpy(
-            fractions(labels, stated)), det
+        return (
+            pixels,
+            caps,
+            torch.from_numpy(labels),
+            torch.from_numpy(stated),
+            torch.from_numpy(fractions(labels, stated)),
+            det,
+        )
 
 
 def reading_targets(det: np.ndarray) -> dict[str, np.ndarray]:
     """Targets of the reading head from detection codes (N, 6): class indices or bit matrices."""
     bits = lambda v, n: ((v[:, None] >> np.arange(n)) & 1).astype(np.float32)  # noqa: E731
-    return {"background": np.where(det[:, _BG] < 0, 3, det[:, _BG]), "count": np.minimum(det[:, _N], 4),
-            "colours": bits(det[:, _COLOURS], 4), "shapes": bits(det[:, _SHAPES], 3),
-            "position": np.where(det[:, _POS] < 0, 5, det[:, _POS]), "pairs": bits(det[:, _PAIRS], 12)}
+    return {
+        "background": np.where(det[:, _BG] < 0, 3, det[:, _BG]),
+        "count": np.minimum(det[:, _N], 4),
+        "colours": bits(det[:, _COLOURS], 4),
+        "shapes": bits(det[:, _SHAPES], 3),
+        "position": np.where(det[:, _POS] < 0, 5, det[:, _POS]),
+        "pairs": bits(det[:, _PAIRS], 12),
+    }
 
 
 def _reading_loss(logits: Tensor, det: np.ndarray) -> Tensor:
@@ -766,22 +824,26 @@ def _rank_loss(scores: Tensor, target: Tensor, group_size: int, temperature: flo
     return (F.softplus(-diff) * better).sum() / better.sum()
 
 
-def train_net(data: ImageSet, table: CaptionTable, tokenizer, s: TrainSettings, log: Callable[[str], None] = print
-              ) -> tuple[RewardNet, dict[str, Any]]:
+def train_net(
+    data: ImageSet, table: CaptionTable, tokenizer, s: TrainSettings, log: Callable[[str], None] = print
+) -> tuple[RewardNet, dict[str, Any]]:
     torch.manual_seed(s.seed)
-    config = RewardNetConfig(vocab_size=len(tokenizer), channels=tuple(s.channels), head_hidden=s.head_hidden,
-                             head_channels=s.head_channels)
+    config = RewardNetConfig(
+        vocab_size=len(tokenizer), channels=tuple(s.channels), head_hidden=s.head_hidden, head_channels=s.head_channels
+    )
     net = RewardNet(config)
     # What the checker reads from the image alone (`world.detect`): an auxiliary target of the visual features
     # during training (dense supervision of the CNN); not part of the saved model.
-    reading_head = nn.Sequential(nn.Linear(net.visual_dim, s.head_hidden), nn.SiLU(),
-                                 nn.Linear(s.head_hidden, READING_LOGITS))
+    reading_head = nn.Sequential(
+        nn.Linear(net.visual_dim, s.head_hidden), nn.SiLU(), nn.Linear(s.head_hidden, READING_LOGITS)
+    )
     ids_all, mask_all = tokenize(tokenizer, table.captions, config.max_length)
     named = [*net.named_parameters(), *(("reading." + n, p) for n, p in reading_head.named_parameters())]
     decay = [p for n, p in named if p.ndim >= 2 and "position" not in n]
     rest = [p for n, p in named if not (p.ndim >= 2 and "position" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0}],
-                            lr=s.learning_rate)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0}], lr=s.learning_rate
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _lr(k, s.train_steps, s.warmup))
     batcher = Batcher(data, table, s, np.random.default_rng(s.seed + 17))
     t0, history, window = time.time(), [], []
@@ -790,7 +852,9 @@ def train_net(data: ImageSet, table: CaptionTable, tokenizer, s: TrainSettings, 
         pixels, caps, labels, stated, target, det = batcher()
         attribute_logits, stated_logits, visual = net(pixels, ids_all[caps], mask_all[caps], features=True)
         reading_logits = reading_head(visual)
-        bce = F.binary_cross_entropy_with_logits(attribute_logits, labels, weight=stated, reduction="sum") / stated.sum()
+        bce = (
+            F.binary_cross_entropy_with_logits(attribute_logits, labels, weight=stated, reduction="sum") / stated.sum()
+        )
         stated_bce = F.binary_cross_entropy_with_logits(stated_logits, stated)
         scores = RewardNet.compose(attribute_logits, stated_logits)
         rank = _rank_loss(scores, target, s.group_size, s.rank_temperature)
@@ -805,14 +869,28 @@ def train_net(data: ImageSet, table: CaptionTable, tokenizer, s: TrainSettings, 
         if (step + 1) % s.log_every == 0 or step + 1 == s.train_steps:
             mean = np.mean(window, axis=0)
             window = []
-            history.append({"step": step + 1, "loss": float(mean[0]), "attribute_bce": float(mean[1]),
-                            "stated_bce": float(mean[2]), "rank": float(mean[3]), "reading": float(mean[4])})
-            log(f"[train] step {step + 1}/{s.train_steps} loss {mean[0]:.4f} (attribute {mean[1]:.4f}, stated "
-                f"{mean[2]:.4f}, rank {mean[3]:.4f}, reading {mean[4]:.4f}) {time.time() - t0:.0f} s")
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": float(mean[0]),
+                    "attribute_bce": float(mean[1]),
+                    "stated_bce": float(mean[2]),
+                    "rank": float(mean[3]),
+                    "reading": float(mean[4]),
+                }
+            )
+            log(
+                f"[train] step {step + 1}/{s.train_steps} loss {mean[0]:.4f} (attribute {mean[1]:.4f}, stated "
+                f"{mean[2]:.4f}, rank {mean[3]:.4f}, reading {mean[4]:.4f}) {time.time() - t0:.0f} s"
+            )
     net.eval().requires_grad_(False)
     reading_head.eval().requires_grad_(False)
-    return net, {"seconds": time.time() - t0, "parameters": sum(p.numel() for p in net.parameters()),
-                 "history": history, "reading_head": reading_head}
+    return net, {
+        "seconds": time.time() - t0,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "history": history,
+        "reading_head": reading_head,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -836,17 +914,17 @@ def decisive_pair_agreement(scores: np.ndarray, gold: np.ndarray, groups: np.nda
     return (agree / decisive if decisive else float("nan")), decisive, total
 
 
-def _score_in_batches(fn: Callable[[Tensor, list[str]], Tensor], images: np.ndarray, prompts: Sequence[str],
-                      batch: int = 256) -> np.ndarray:
+def _score_in_batches(
+    fn: Callable[[Tensor, list[str]], Tensor], images: np.ndarray, prompts: Sequence[str], batch: int = 256
+) -> np.ndarray:
     out = []
     for i in range(0, len(images), batch):
-        pixels = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float().div(255)
-        out.append(fn(pixels, list(prompts[i:i + batch])).detach().float().cpu().numpy())
+        pixels = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float().div(255)
+        out.append(fn(pixels, list(prompts[i : i + batch])).detach().float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def evaluate_split(net: RewardNet, tokenizer, images: np.ndarray, prompts: Sequence[str], clip=None
-                   ) -> dict[str, Any]:
+def evaluate_split(net: RewardNet, tokenizer, images: np.ndarray, prompts: Sequence[str], clip=None) -> dict[str, Any]:
     """The checker, the model and (optionally) the CLIP reward on one split: agreement on decisive pairs, the mean
     absolute error of the predicted fraction, the attribute heads' accuracy, and the checker's accuracy."""
     world = _world()
@@ -862,8 +940,10 @@ def evaluate_split(net: RewardNet, tokenizer, images: np.ndarray, prompts: Seque
     def model_score(pixels, ps):
         return RewardNet.compose(*model_fn(pixels, ps))
 
-    logits = [model_fn(torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float().div(255),
-                       list(prompts[i:i + 256])) for i in range(0, len(images), 256)]
+    logits = [
+        model_fn(torch.from_numpy(images[i : i + 256]).permute(0, 3, 1, 2).float().div(255), list(prompts[i : i + 256]))
+        for i in range(0, len(images), 256)
+    ]
     attribute_logits = torch.cat([a for a, _ in logits])
     stated_logits = torch.cat([b for _, b in logits])
     scores = RewardNet.compose(attribute_logits, stated_logits).numpy()
@@ -883,8 +963,14 @@ def evaluate_split(net: RewardNet, tokenizer, images: np.ndarray, prompts: Seque
             heads[name] = float(np.mean(predicted == np.array([checks[i][name] for i in rows])))
     stated_true = np.array([[name in r for name in ATTRIBUTES] for r in checks])
     result = {
-        "images": len(images), "captions": len(set(prompts)), "pairs": pairs, "decisive_pairs": decisive,
-        "agreement": agreement, "agreement_by_kind": by_kind, "score_mean": float(scores.mean()), "checker_fraction_mean": float(gold.mean()),
+        "images": len(images),
+        "captions": len(set(prompts)),
+        "pairs": pairs,
+        "decisive_pairs": decisive,
+        "agreement": agreement,
+        "agreement_by_kind": by_kind,
+        "score_mean": float(scores.mean()),
+        "checker_fraction_mean": float(gold.mean()),
         "fraction_mae": float(np.abs(scores - gold).mean()),
         "pearson": float(np.corrcoef(scores, gold)[0, 1]) if gold.std() > 0 else float("nan"),
         "attribute_head_accuracy": heads,
@@ -898,8 +984,9 @@ def evaluate_split(net: RewardNet, tokenizer, images: np.ndarray, prompts: Seque
     for p in prompts:
         options = mutations(world.parse_caption(p))
         mutated.append(world.caption(options[rng.integers(len(options))]))
-    gold_mutated = np.array([np.mean([v for k, v in world.check(im, m).items() if k != "all"])
-                             for im, m in zip(images, mutated)])
+    gold_mutated = np.array(
+        [np.mean([v for k, v in world.check(im, m).items() if k != "all"]) for im, m in zip(images, mutated)]
+    )
     both_gold = np.concatenate([gold, gold_mutated])
     pair_groups = np.concatenate([np.arange(len(prompts))] * 2)
     mutated_scores = _score_in_batches(model_score, images, mutated)
@@ -913,7 +1000,8 @@ def evaluate_split(net: RewardNet, tokenizer, images: np.ndarray, prompts: Seque
             entry["clip_agreement"] = decisive_pair_agreement(clip_scores[rows], gold[rows], groups[rows])[0]
         clip_mutated = _score_in_batches(clip.score, images, mutated)
         result["clip_caption_pair_agreement"] = decisive_pair_agreement(
-            np.concatenate([clip_scores, clip_mutated]), both_gold, pair_groups)[0]
+            np.concatenate([clip_scores, clip_mutated]), both_gold, pair_groups
+        )[0]
     return result
 
 
@@ -927,7 +1015,7 @@ def _splits(s: TrainSettings) -> tuple[list[str], list[str]]:
 
     train, heldout = load_builtin("testbed_train"), load_builtin("testbed_heldout")
     if s.max_captions:  # evenly spaced, so that every scene kind is represented
-        train, heldout = (c[:: max(1, len(c) // s.max_captions)][:s.max_captions] for c in (train, heldout))
+        train, heldout = (c[:: max(1, len(c) // s.max_captions)][: s.max_captions] for c in (train, heldout))
     return train, heldout
 
 
@@ -945,13 +1033,17 @@ def _verify_codes(data: ImageSet, table: CaptionTable, n: int, seed: int) -> int
         expected = world.check(image, table.captions[j])
         got = {a: bool(labels[k]) for k, a in enumerate(ATTRIBUTES) if stated[k]}
         if got != {k: v for k, v in expected.items() if k != "all"}:
-            raise AssertionError(f"label codes disagree with world.check on {table.captions[j]!r}: {got} vs "
-                                 f"{expected}")
+            raise AssertionError(f"label codes disagree with world.check on {table.captions[j]!r}: {got} vs {expected}")
     return n
 
 
-def _cached(cache: Path | None, name: str, key: dict[str, Any], log: Callable[[str], None],
-            make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _cached(
+    cache: Path | None,
+    name: str,
+    key: dict[str, Any],
+    log: Callable[[str], None],
+    make: Callable[[], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
     """`make()` (sampled images, guidance per image), stored in / reused from `cache` under a digest of `key`."""
     if cache is None:
         return make()
@@ -969,8 +1061,13 @@ def _cached(cache: Path | None, name: str, key: dict[str, Any], log: Callable[[s
     return images, guidance
 
 
-def train_reward_model(out: Path, s: TrainSettings, log: Callable[[str], None] = print,
-                       cache: Path | None = None, command: str | None = None) -> dict[str, Any]:
+def train_reward_model(
+    out: Path,
+    s: TrainSettings,
+    log: Callable[[str], None] = print,
+    cache: Path | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
     """Samples, labels, trains, evaluates and saves (module docstring); returns the card. With `cache`, sampled
     images are stored there and reused by a later run with the same sampling settings (the card then counts the
     sampling seconds of this run only)."""
@@ -988,11 +1085,28 @@ def train_reward_model(out: Path, s: TrainSettings, log: Callable[[str], None] =
     plan = np.repeat(np.arange(len(train_captions)), [per_kind[k] for k in kinds])
     plan = plan[rng.permutation(len(plan))]
     guidance = np.array([s.guidance[k % len(s.guidance)] for k in range(len(plan))])
-    sampled, guidance = _cached(cache, "train", dict(captions=train_captions, plan=plan.tolist(), guidance=guidance.tolist(),
-                                                     seed=s.seed, steps=s.steps, eta=s.eta), log,
-                                lambda: sample_pipeline([train_captions[j] for j in plan], guidance,
-                                                        seed=s.seed * 2 + 1, steps=s.steps, eta=s.eta,
-                                                        batch_size=s.sample_batch, log=log))
+    sampled, guidance = _cached(
+        cache,
+        "train",
+        dict(
+            captions=train_captions,
+            plan=plan.tolist(),
+            guidance=guidance.tolist(),
+            seed=s.seed,
+            steps=s.steps,
+            eta=s.eta,
+        ),
+        log,
+        lambda: sample_pipeline(
+            [train_captions[j] for j in plan],
+            guidance,
+            seed=s.seed * 2 + 1,
+            steps=s.steps,
+            eta=s.eta,
+            batch_size=s.sample_batch,
+            log=log,
+        ),
+    )
     times["sampling"] = time.time() - t0
     t0 = time.time()
     rendered, render_index = render_set(train_captions, s.renders, s.seed + 5)
@@ -1000,15 +1114,22 @@ def train_reward_model(out: Path, s: TrainSettings, log: Callable[[str], None] =
     t0 = time.time()
     images = np.concatenate([sampled, rendered])
     det, det_mirror = _read(images)
-    data = ImageSet(images, np.concatenate([plan, render_index]),
-                    np.concatenate([guidance, np.zeros(len(rendered))]), det, det_mirror)
+    data = ImageSet(
+        images,
+        np.concatenate([plan, render_index]),
+        np.concatenate([guidance, np.zeros(len(rendered))]),
+        det,
+        det_mirror,
+    )
     verified = _verify_codes(data, table, min(500, 4 * len(data)), s.seed + 7)
     times["labelling"] = time.time() - t0
     own = verdicts(data.det, table.codes[data.caption_index])
     own_fraction = fractions(*own)
-    log(f"[data] {len(sampled)} samples ({times['sampling']:.0f} s), {len(rendered)} renders; checker fraction of "
-        f"the samples {own_fraction[:len(sampled)].mean():.3f}, of the renders "
-        f"{own_fraction[len(sampled):].mean() if len(rendered) else float('nan'):.3f} ({times['labelling']:.0f} s)")
+    log(
+        f"[data] {len(sampled)} samples ({times['sampling']:.0f} s), {len(rendered)} renders; checker fraction of "
+        f"the samples {own_fraction[: len(sampled)].mean():.3f}, of the renders "
+        f"{own_fraction[len(sampled) :].mean() if len(rendered) else float('nan'):.3f} ({times['labelling']:.0f} s)"
+    )
 
     net, train_info = train_net(data, table, tokenizer, s, log)
     times["training"] = train_info.pop("seconds")
@@ -1016,8 +1137,10 @@ def train_reward_model(out: Path, s: TrainSettings, log: Callable[[str], None] =
 
     t0 = time.time()
     splits = {}
-    eval_sets = (("train_captions", train_captions, s.eval_train_seeds),
-                 ("heldout_captions", heldout_captions, s.eval_heldout_seeds))
+    eval_sets = (
+        ("train_captions", train_captions, s.eval_train_seeds),
+        ("heldout_captions", heldout_captions, s.eval_heldout_seeds),
+    )
     clip = None
     if s.clip_baseline:
         from rlhf_diffusion.rewards import build_reward
@@ -1025,17 +1148,30 @@ def train_reward_model(out: Path, s: TrainSettings, log: Callable[[str], None] =
         clip = build_reward("clip_score", path="testbed:clip", scale=100.0)
     for k, (name, captions, seeds) in enumerate(eval_sets):
         prompts = [c for c in captions for _ in range(seeds)]
-        images_eval, _ = _cached(cache, name, dict(prompts=prompts, guidance=s.eval_guidance, seed=s.seed,
-                                                   steps=s.steps, eta=s.eta), log,
-                                 lambda: sample_pipeline(prompts, [s.eval_guidance] * len(prompts),
-                                                         seed=10_000 + 97 * s.seed + k, steps=s.steps, eta=s.eta,
-                                                         batch_size=s.sample_batch, log=log, what=f"eval {name}"))
+        images_eval, _ = _cached(
+            cache,
+            name,
+            dict(prompts=prompts, guidance=s.eval_guidance, seed=s.seed, steps=s.steps, eta=s.eta),
+            log,
+            lambda prompts=prompts, k=k, name=name: sample_pipeline(
+                prompts,
+                [s.eval_guidance] * len(prompts),
+                seed=10_000 + 97 * s.seed + k,
+                steps=s.steps,
+                eta=s.eta,
+                batch_size=s.sample_batch,
+                log=log,
+                what=f"eval {name}",
+            ),
+        )
         splits[name] = evaluate_split(net, tokenizer, images_eval, prompts, clip)
         r = splits[name]
-        log(f"[eval] {name}: agreement on {r['decisive_pairs']} decisive pairs (of {r['pairs']}): model "
+        log(
+            f"[eval] {name}: agreement on {r['decisive_pairs']} decisive pairs (of {r['pairs']}): model "
             f"{r['agreement']:.3f}, CLIP {r.get('clip_agreement', float('nan')):.3f}; own vs mutated caption "
             f"({r['caption_pairs_decisive']} decisive): model {r['caption_pair_agreement']:.3f}, CLIP "
-            f"{r.get('clip_caption_pair_agreement', float('nan')):.3f}; fraction MAE {r['fraction_mae']:.3f}")
+            f"{r.get('clip_caption_pair_agreement', float('nan')):.3f}; fraction MAE {r['fraction_mae']:.3f}"
+        )
     times["evaluation"] = time.time() - t0
 
     save_reward_net(out, net, tokenizer)
@@ -1043,32 +1179,44 @@ def train_reward_model(out: Path, s: TrainSettings, log: Callable[[str], None] =
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
     card = {
         "what": "testbed:reward, a learned model of the testbed checker's verdicts (rlhf_diffusion/testbed/"
-                "reward_model.py); score = predicted fraction of the caption's attributes the image gets right",
+        "reward_model.py); score = predicted fraction of the caption's attributes the image gets right",
         "command": command or "python -m rlhf_diffusion.testbed.reward_model --out " + str(out),
         "settings": settings,
         "network": {**net.config.to_json(), "parameters": train_info["parameters"]},
         "data": {
-            "train_captions": len(train_captions), "heldout_captions": len(heldout_captions),
-            "pipeline_samples": int(len(sampled)), "renders": int(len(rendered)),
-            "samples_per_kind": {k: int(sum(n for n, kk in zip(np.bincount(plan, minlength=len(kinds)), kinds)
-                                            if kk == i)) for i, k in enumerate(("single", "count", "pair"))},
+            "train_captions": len(train_captions),
+            "heldout_captions": len(heldout_captions),
+            "pipeline_samples": int(len(sampled)),
+            "renders": int(len(rendered)),
+            "samples_per_kind": {
+                k: int(sum(n for n, kk in zip(np.bincount(plan, minlength=len(kinds)), kinds) if kk == i))
+                for i, k in enumerate(("single", "count", "pair"))
+            },
             "samples_per_guidance": {str(g): int((guidance == g).sum()) for g in sorted(set(guidance.tolist()))},
-            "checker_fraction_of_samples": float(own_fraction[:len(sampled)].mean()) if len(sampled) else None,
-            "checker_accuracy_of_samples": _accuracy(data.det[:len(sampled)], table.codes[plan]),
+            "checker_fraction_of_samples": float(own_fraction[: len(sampled)].mean()) if len(sampled) else None,
+            "checker_accuracy_of_samples": _accuracy(data.det[: len(sampled)], table.codes[plan]),
             "label_codes_verified_against_world_check": verified,
-            "sampler": {"steps": s.steps, "eta": s.eta, "guidance": list(s.guidance), "batch": s.sample_batch,
-                        "code": "rlhf_diffusion.diffusion.sampling (DDIMGrid, NoisePredictor, sample_trajectory)"},
+            "sampler": {
+                "steps": s.steps,
+                "eta": s.eta,
+                "guidance": list(s.guidance),
+                "batch": s.sample_batch,
+                "code": "rlhf_diffusion.diffusion.sampling (DDIMGrid, NoisePredictor, sample_trajectory)",
+            },
         },
-        "evaluation": {"guidance": s.eval_guidance, "steps": s.steps, "eta": s.eta,
-                       "seeds_per_caption": {"train_captions": s.eval_train_seeds,
-                                             "heldout_captions": s.eval_heldout_seeds},
-                       "metric": "agreement with the checker's fraction on decisive pairs (two fresh samples of one "
-                                 "caption whose checker fractions differ; a tie counts 1/2)",
-                       "caption_pair_metric": "the same for each image scored with its own caption and with one "
-                                              "random one-attribute mutation of it (decisive where the checker's "
-                                              "fractions differ)",
-                       "clip_baseline": "clip_score on testbed:clip, scale 100" if s.clip_baseline else None,
-                       **splits},
+        "evaluation": {
+            "guidance": s.eval_guidance,
+            "steps": s.steps,
+            "eta": s.eta,
+            "seeds_per_caption": {"train_captions": s.eval_train_seeds, "heldout_captions": s.eval_heldout_seeds},
+            "metric": "agreement with the checker's fraction on decisive pairs (two fresh samples of one "
+            "caption whose checker fractions differ; a tie counts 1/2)",
+            "caption_pair_metric": "the same for each image scored with its own caption and with one "
+            "random one-attribute mutation of it (decisive where the checker's "
+            "fractions differ)",
+            "clip_baseline": "clip_score on testbed:clip, scale 100" if s.clip_baseline else None,
+            **splits,
+        },
         "training": train_info,
         "seconds": times,
         "threads": s.threads,
@@ -1096,26 +1244,28 @@ def _pipeline_dir() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory (weights, config, card.json)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="keep the sampled images here and reuse them when the sampling settings match")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="keep the sampled images here and reuse them when the sampling settings match",
+    )
     for f in fields(TrainSettings):
         value = f.default
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(value, bool):
-            parser.add_argument(flag, type=lambda t: t.lower() in ("1", "true", "yes"), default=value,
-                                metavar="BOOL")
+            parser.add_argument(flag, type=lambda t: t.lower() in ("1", "true", "yes"), default=value, metavar="BOOL")
         elif isinstance(value, tuple):
             kind = type(value[0])
-            parser.add_argument(flag, type=lambda t, kind=kind: tuple(kind(x) for x in t.split(",")),
-                                default=value, metavar="A,B,...")
+            parser.add_argument(
+                flag, type=lambda t, kind=kind: tuple(kind(x) for x in t.split(",")), default=value, metavar="A,B,..."
+            )
         else:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
     if settings.batch_size % settings.group_size:
         parser.error("--batch-size must be a multiple of --group-size")
-    command = "python -m rlhf_diffusion.testbed.reward_model " + " ".join(
-        sys.argv[1:] if argv is None else list(argv))
+    command = "python -m rlhf_diffusion.testbed.reward_model " + " ".join(sys.argv[1:] if argv is None else list(argv))
     train_reward_model(args.out, settings, cache=args.cache, command=command)
     return 0
-

@@ -47,9 +47,9 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -151,8 +151,9 @@ def build_world_tokenizer():
     vocab: dict[str, int] = {}
     for token in tokens:
         vocab.setdefault(token, len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>",
-                              model_max_length=TOKENIZER_MAX_LENGTH)
+    tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=merges, pad_token="<|endoftext|>", model_max_length=TOKENIZER_MAX_LENGTH
+    )
     longest = max(len(tokenizer(c).input_ids) for c in world.enumerate_captions())
     if longest > TOKENIZER_MAX_LENGTH:
         raise AssertionError(f"a caption has {longest} tokens > {TOKENIZER_MAX_LENGTH}")
@@ -162,17 +163,26 @@ def build_world_tokenizer():
 def _text_config(tokenizer, **overrides):
     from transformers import CLIPTextConfig
 
-    params = dict(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH,
-                  projection_dim=TEXT_HIDDEN, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    params = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     params.update(overrides)
     return CLIPTextConfig(**params)
 
 
 def _tokens(tokenizer, captions: Sequence[str]) -> Tensor:
-    return tokenizer(list(captions), padding="max_length", max_length=TOKENIZER_MAX_LENGTH, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        list(captions), padding="max_length", max_length=TOKENIZER_MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -208,7 +218,7 @@ def _degrade(x: Tensor, gen: torch.Generator) -> Tensor:
         if sigma[i] < 0.2:
             out[i] = x[i]
             continue
-        k = torch.exp(-grid**2 / (2 * sigma[i] ** 2))
+        k = torch.exp(-(grid**2) / (2 * sigma[i] ** 2))
         k = k / k.sum()
         img = x[i : i + 1]
         img = F.conv2d(F.pad(img, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
@@ -237,11 +247,18 @@ def build_vae(s: TrainSettings):
     from diffusers import AutoencoderKL
 
     n = len(s.vae_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=s.vae_channels,
-                         layers_per_block=1, latent_channels=s.latent_channels, norm_num_groups=16,
-                         sample_size=s.size,
-                         mid_block_add_attention=False)  # fully convolutional: trains on crops, runs on wholes
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=s.vae_channels,
+        layers_per_block=1,
+        latent_channels=s.latent_channels,
+        norm_num_groups=16,
+        sample_size=s.size,
+        mid_block_add_attention=False,
+    )  # fully convolutional: trains on crops, runs on wholes
 
 
 def _object_weight(x: Tensor, object_weight: float) -> Tensor:
@@ -286,23 +303,34 @@ def train_vae(s: TrainSettings, images: np.ndarray, log) -> tuple[object, dict]:
         sched.step()
         losses.append(loss.item())
         if (step + 1) % s.log_every == 0:
-            _log(log, "vae", step + 1, s.vae_steps, float(np.mean(losses[-s.log_every:])), t0)
+            _log(log, "vae", step + 1, s.vae_steps, float(np.mean(losses[-s.log_every :])), t0)
         if (step + 1) % 500 == 0:
             vae.eval()
-            log(f"[vae] checker accuracy of reconstructions at step {step + 1}: {_reconstruction_accuracy(vae, s, 128)}")
+            log(
+                f"[vae] checker accuracy of reconstructions at step {step + 1}: {_reconstruction_accuracy(vae, s, 128)}"
+            )
             vae.train()
     vae.eval()
     # Latent scale (Rombach et al.): 1 / std of the posterior samples, so the diffusion model sees unit variance.
     with torch.no_grad():
-        z = torch.cat([vae.encode(_to_pixels(images[i : i + 256])).latent_dist.sample()
-                       for i in range(0, min(len(images), 2048), 256)])
+        z = torch.cat(
+            [
+                vae.encode(_to_pixels(images[i : i + 256])).latent_dist.sample()
+                for i in range(0, min(len(images), 2048), 256)
+            ]
+        )
     scale = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scale)
     acc = _reconstruction_accuracy(vae, s, 256)
     log(f"[vae] scaling_factor {scale:.4f}; checker accuracy of reconstructions: {acc}")
-    return vae, {"loss_first": losses[0], "loss_last": float(np.mean(losses[-50:])), "seconds": time.time() - t0,
-                 "scaling_factor": scale, "reconstruction_checker_accuracy": acc,
-                 "parameters": sum(p.numel() for p in vae.parameters())}
+    return vae, {
+        "loss_first": losses[0],
+        "loss_last": float(np.mean(losses[-50:])),
+        "seconds": time.time() - t0,
+        "scaling_factor": scale,
+        "reconstruction_checker_accuracy": acc,
+        "parameters": sum(p.numel() for p in vae.parameters()),
+    }
 
 
 def _from_pixels(x: Tensor) -> np.ndarray:
@@ -314,8 +342,15 @@ def build_clip(s: TrainSettings, tokenizer):
     from transformers import CLIPConfig, CLIPModel
 
     text = _text_config(tokenizer).to_dict()
-    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=8,
-                  image_size=s.size, projection_dim=TEXT_HIDDEN)
+    vision = dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        patch_size=8,
+        image_size=s.size,
+        projection_dim=TEXT_HIDDEN,
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=TEXT_HIDDEN))
 
 
@@ -354,12 +389,17 @@ def train_clip(s: TrainSettings, tokenizer, images: np.ndarray, captions: list[s
             clip.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         if (step + 1) % s.log_every == 0:
-            _log(log, "clip", step + 1, s.clip_steps, float(np.mean(losses[-s.log_every:])), t0)
+            _log(log, "clip", step + 1, s.clip_steps, float(np.mean(losses[-s.log_every :])), t0)
     clip.eval()
     retrieval = clip_retrieval_accuracy(clip, tokenizer, s.size, s.seed + 2000)
     log(f"[clip] caption retrieval over all 414 captions on fresh renders: {retrieval}")
-    return clip, {"loss_first": losses[0], "loss_last": float(np.mean(losses[-50:])), "seconds": time.time() - t0,
-                  "retrieval": retrieval, "parameters": sum(p.numel() for p in clip.parameters())}
+    return clip, {
+        "loss_first": losses[0],
+        "loss_last": float(np.mean(losses[-50:])),
+        "seconds": time.time() - t0,
+        "retrieval": retrieval,
+        "parameters": sum(p.numel() for p in clip.parameters()),
+    }
 
 
 def _features(out) -> Tensor:
@@ -387,9 +427,15 @@ def build_unet(s: TrainSettings):
 
     n = len(s.unet_channels)
     return UNet2DConditionModel(
-        sample_size=s.size // 8, in_channels=s.latent_channels, out_channels=s.latent_channels, block_out_channels=s.unet_channels,
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n, attention_head_dim=16, norm_num_groups=16,
+        sample_size=s.size // 8,
+        in_channels=s.latent_channels,
+        out_channels=s.latent_channels,
+        block_out_channels=s.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        attention_head_dim=16,
+        norm_num_groups=16,
         cross_attention_dim=TEXT_HIDDEN,
     )
 
@@ -402,8 +448,9 @@ def _scheduler():
     return DDIMScheduler(**SD_SCHEDULER_CONFIG)
 
 
-def train_unet(s: TrainSettings, tokenizer, vae, images: np.ndarray, captions: list[str], log,
-               checkpoint: Path | None = None) -> tuple[object, object, dict]:
+def train_unet(
+    s: TrainSettings, tokenizer, vae, images: np.ndarray, captions: list[str], log, checkpoint: Path | None = None
+) -> tuple[object, object, dict]:
     from transformers import CLIPTextModel
 
     torch.manual_seed(s.seed + 3)
@@ -463,27 +510,51 @@ def train_unet(s: TrainSettings, tokenizer, vae, images: np.ndarray, captions: l
                     pe.lerp_(pl, 1 - decay)
         losses.append(loss.item())
         if (step + 1) % s.log_every == 0:
-            _log(log, "unet", step + 1, s.unet_steps, float(np.mean(losses[-s.log_every:])), t0)
+            _log(log, "unet", step + 1, s.unet_steps, float(np.mean(losses[-s.log_every :])), t0)
         if checkpoint is not None and ((step + 1) % 500 == 0 or step + 1 == s.unet_steps):
             tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"unet": unet.state_dict(), "text": text_encoder.state_dict(),
-                        "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1, "losses": losses,
-                        "torch_rng": torch.get_rng_state()}, tmp)
+            torch.save(
+                {
+                    "unet": unet.state_dict(),
+                    "text": text_encoder.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "ema_text": ema_text.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step + 1,
+                    "losses": losses,
+                    "torch_rng": torch.get_rng_state(),
+                },
+                tmp,
+            )
             tmp.replace(checkpoint)
-    return ema_unet.eval(), ema_text.eval(), {
-        "loss_first": losses[0], "loss_last": float(np.mean(losses[-200:])), "seconds_this_session": time.time() - t0,
-        "unet_parameters": sum(p.numel() for p in unet.parameters()),
-        "text_parameters": sum(p.numel() for p in text_encoder.parameters()),
-        "loss_curve": [float(np.mean(losses[i : i + s.log_every])) for i in range(0, len(losses), s.log_every)]}
+    return (
+        ema_unet.eval(),
+        ema_text.eval(),
+        {
+            "loss_first": losses[0],
+            "loss_last": float(np.mean(losses[-200:])),
+            "seconds_this_session": time.time() - t0,
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "text_parameters": sum(p.numel() for p in text_encoder.parameters()),
+            "loss_curve": [float(np.mean(losses[i : i + s.log_every])) for i in range(0, len(losses), s.log_every)],
+        },
+    )
 
 
 def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer) -> Path:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=copy.deepcopy(unet).half(), scheduler=_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out)
     return out
 
@@ -495,8 +566,14 @@ def save_clip(out: Path, clip, tokenizer, size: int) -> Path:
 
     clip.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
-                       do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        resample=3,
+        do_center_crop=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(out)
     return out
 
 
@@ -515,14 +592,22 @@ def evaluate_pipeline(pipeline_dir: Path, s: TrainSettings, log, grid_path: Path
     t0 = time.time()
     for i in range(0, len(captions), 32):
         chunk = [c for c in captions[i : i + 32] for _ in range(k)]
-        out = pipe(chunk, num_inference_steps=s.eval_steps, guidance_scale=s.eval_guidance, eta=1.0,
-                   generator=gen, output_type="np").images
+        out = pipe(
+            chunk,
+            num_inference_steps=s.eval_steps,
+            guidance_scale=s.eval_guidance,
+            eta=1.0,
+            generator=gen,
+            output_type="np",
+        ).images
         images.append((out * 255).round().astype(np.uint8))
         prompts += chunk
     images_np = np.concatenate(images)
     acc = world.batch_accuracy(list(images_np), prompts)
-    log(f"[eval] checker accuracy of the pipeline before alignment ({len(prompts)} images, "
-        f"{time.time() - t0:.0f} s): {acc}")
+    log(
+        f"[eval] checker accuracy of the pipeline before alignment ({len(prompts)} images, "
+        f"{time.time() - t0:.0f} s): {acc}"
+    )
     if grid_path is not None:
         from PIL import Image
 
@@ -531,8 +616,13 @@ def evaluate_pipeline(pipeline_dir: Path, s: TrainSettings, log, grid_path: Path
         rows = [np.concatenate([images_np[j * k + m] for m in range(k)], axis=1) for j in pick]
         Image.fromarray(np.concatenate(rows, axis=0)).resize((k * 128, 16 * 128), Image.NEAREST).save(grid_path)
         (grid_path.with_suffix(".txt")).write_text("\n".join(captions[j] for j in pick) + "\n")
-    return {"checker_accuracy": acc, "images": len(prompts), "steps": s.eval_steps, "guidance": s.eval_guidance,
-            "eta": 1.0}
+    return {
+        "checker_accuracy": acc,
+        "images": len(prompts),
+        "steps": s.eval_steps,
+        "guidance": s.eval_guidance,
+        "eta": 1.0,
+    }
 
 
 PROMPT_SPLIT = dict(seed=0, held_out_fraction=0.2)
@@ -544,10 +634,12 @@ def prompt_set_texts() -> dict[str, str]:
     train, held_out = world.split_captions(**PROMPT_SPLIT)
     texts = {}
     for name, index, captions in (("testbed_train", 0, train), ("testbed_heldout", 1, held_out)):
-        header = (f"# {len(captions)} captions of the testbed world (rlhf_diffusion/testbed/world.py): "
-                  f"testbed.world.split_captions(seed={PROMPT_SPLIT['seed']}, "
-                  f"held_out_fraction={PROMPT_SPLIT['held_out_fraction']})[{index}].\n"
-                  "# Regenerate: python -m rlhf_diffusion.testbed.train --write-prompt-sets\n")
+        header = (
+            f"# {len(captions)} captions of the testbed world (rlhf_diffusion/testbed/world.py): "
+            f"testbed.world.split_captions(seed={PROMPT_SPLIT['seed']}, "
+            f"held_out_fraction={PROMPT_SPLIT['held_out_fraction']})[{index}].\n"
+            "# Regenerate: python -m rlhf_diffusion.testbed.train --write-prompt-sets\n"
+        )
         texts[name] = header + "\n".join(captions) + "\n"
     return texts
 
@@ -589,8 +681,9 @@ def train_testbed(out: Path, s: TrainSettings, log: Callable[[str], None] = prin
 
     pipeline_dir = out / "pipeline"
     if "unet" in s.stages or not pipeline_dir.exists():
-        unet, text_encoder, card["unet"] = train_unet(s, tokenizer, vae, images, captions, log,
-                                                      checkpoint=cache / "unet_train.pt")
+        unet, text_encoder, card["unet"] = train_unet(
+            s, tokenizer, vae, images, captions, log, checkpoint=cache / "unet_train.pt"
+        )
         save_pipeline(pipeline_dir, unet, vae, text_encoder, tokenizer)
         card_path.write_text(json.dumps(card, indent=2))
     else:
@@ -607,10 +700,16 @@ def train_testbed(out: Path, s: TrainSettings, log: Callable[[str], None] = prin
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="output directory (pipeline/, clip/, card.json)")
-    parser.add_argument("--write-prompt-sets", action="store_true",
-                        help="(re)write the built-in prompt sets testbed_train / testbed_heldout and exit")
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated subset of {','.join(STAGES)}; the others reuse saved results")
+    parser.add_argument(
+        "--write-prompt-sets",
+        action="store_true",
+        help="(re)write the built-in prompt sets testbed_train / testbed_heldout and exit",
+    )
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated subset of {','.join(STAGES)}; the others reuse saved results",
+    )
     for name, value in asdict(TrainSettings()).items():
         if name == "stages" or isinstance(value, tuple):
             continue

@@ -249,14 +249,15 @@ class Scene:
             objects = tuple(sorted(objects, key=lambda o: list(PALETTE).index(o.colour)))
         object.__setattr__(self, "objects", objects)
         if len(objects) == 1 and self.position not in POSITIONS:
-            raise ValueError(f"Scene.position must be one of {', '.join(POSITIONS)} for a single object; "
-                             f"got {self.position!r}")
+            raise ValueError(
+                f"Scene.position must be one of {', '.join(POSITIONS)} for a single object; got {self.position!r}"
+            )
         if len(objects) > 1 and self.position is not None:
             raise ValueError(f"Scene.position must be None for {len(objects)} objects; got {self.position!r}")
 
     @property
     def kind(self) -> str:
-        """"single", "count" or "pair"."""
+        """ "single", "count" or "pair"."""
         if len(self.objects) == 1:
             return "single"
         return "count" if len(set(self.objects)) == 1 else "pair"
@@ -317,8 +318,10 @@ def parse_caption(text: str) -> Scene:
             return Scene(background, (SceneObject(c1, s1), SceneObject(c2, s2)))
     except ValueError as error:
         raise ValueError(f"cannot parse caption {text!r}: {error}") from None
-    raise ValueError(f"cannot parse caption {text!r}: {body!r} is not 'a C S <position>', '<two|three> C Ss' "
-                     f"or 'a C1 S1 and a C2 S2'")
+    raise ValueError(
+        f"cannot parse caption {text!r}: {body!r} is not 'a C S <position>', '<two|three> C Ss' "
+        f"or 'a C1 S1 and a C2 S2'"
+    )
 
 
 def enumerate_scenes() -> tuple[Scene, ...]:
@@ -326,8 +329,12 @@ def enumerate_scenes() -> tuple[Scene, ...]:
     objects = [SceneObject(c, s) for c in PALETTE for s in SHAPES]
     singles = [Scene(b, (o,), p) for b in BACKGROUNDS for o in objects for p in POSITIONS]
     counts = [Scene(b, (o,) * n) for b in BACKGROUNDS for o in objects for n in COUNT_WORDS]
-    pairs = [Scene(b, (o1, o2)) for b in BACKGROUNDS for o1, o2 in itertools.combinations(objects, 2)
-             if o1.colour != o2.colour]
+    pairs = [
+        Scene(b, (o1, o2))
+        for b in BACKGROUNDS
+        for o1, o2 in itertools.combinations(objects, 2)
+        if o1.colour != o2.colour
+    ]
     return (*singles, *counts, *pairs)
 
 
@@ -358,8 +365,10 @@ def split_captions(seed: int, held_out_fraction: float) -> tuple[list[str], list
         n_held = round(held_out_fraction * len(indices))
         held_out.update(indices[j] for j in rng.permutation(len(indices))[:n_held])
     captions = [caption(scene) for scene in scenes]
-    return ([c for i, c in enumerate(captions) if i not in held_out],
-            [c for i, c in enumerate(captions) if i in held_out])
+    return (
+        [c for i, c in enumerate(captions) if i not in held_out],
+        [c for i, c in enumerate(captions) if i in held_out],
+    )
 
 
 def sample_scene(rng: np.random.Generator, captions: Sequence[str] | None = None) -> Scene:
@@ -460,8 +469,9 @@ def as_uint8(image: ImageLike) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     if isinstance(image, Tensor):
         if not image.is_floating_point() or image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"image tensor must be floating (3, H, W) in [0, 1]; got {image.dtype} "
-                             f"{tuple(image.shape)}")
+            raise ValueError(
+                f"image tensor must be floating (3, H, W) in [0, 1]; got {image.dtype} {tuple(image.shape)}"
+            )
         image = image.detach().float().cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a PIL image, numpy array or torch tensor; got {type(image).__name__}")
@@ -564,12 +574,15 @@ def detect(image: ImageLike) -> Detection:
     pixels = as_uint8(image).astype(np.float64)
     h, w, _ = pixels.shape
     border = np.ones((h, w), dtype=bool)
-    border[_BORDER:h - _BORDER, _BORDER:w - _BORDER] = False
+    border[_BORDER : h - _BORDER, _BORDER : w - _BORDER] = False
     background_rgb = np.median(pixels[border], axis=0)
     background_distance = np.linalg.norm(_BACKGROUND_RGB - background_rgb, axis=1)
     nearest_background = int(background_distance.argmin())
-    background = (list(BACKGROUNDS)[nearest_background]
-                  if background_distance[nearest_background] <= BACKGROUND_THRESHOLD else None)
+    background = (
+        list(BACKGROUNDS)[nearest_background]
+        if background_distance[nearest_background] <= BACKGROUND_THRESHOLD
+        else None
+    )
 
     usable = np.linalg.norm(_PALETTE_RGB - background_rgb, axis=1) > BLEND_RESIDUAL
     colours = [name for name, ok in zip(PALETTE, usable) if ok]
@@ -657,5 +670,6 @@ def accuracy_of_checks(results: Sequence[dict[str, bool]]) -> dict[str, float]:
     """`batch_accuracy` from verdicts already computed (one `check` result per image), for callers that also need
     the per-image verdicts: {attribute: mean over the results that have it}, in the order of `batch_accuracy`."""
     order = ("background", "count", "colour", "shape", "position", "binding", "all")
-    return {key: float(np.mean([r[key] for r in results if key in r]))
-            for key in order if any(key in r for r in results)}
+    return {
+        key: float(np.mean([r[key] for r in results if key in r])) for key in order if any(key in r for r in results)
+    }

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_diffusion.algorithms import RolloutBatch, build_algorithm
+from rlhf_diffusion.algorithms.signal import measure_signal
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
@@ -49,7 +50,6 @@ from rlhf_diffusion.models.loading import (
     set_trainable_state,
     trainable_parameters,
 )
-from rlhf_diffusion.algorithms.signal import measure_signal
 from rlhf_diffusion.workers.messages import SIGNAL_STREAM, TRAIN_STREAM, PublishedWeights, TrainResult, derive_seed
 from rlhf_diffusion.workers.policy import DTYPES, load_policy, resolve_device
 
@@ -120,8 +120,16 @@ class Learner:
             on every rank before training.
     """
 
-    def __init__(self, config: RunConfig, source: str, *, model: DiffusionModel | None = None,
-                 num_threads: int | None = None, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        config: RunConfig,
+        source: str,
+        *,
+        model: DiffusionModel | None = None,
+        num_threads: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
         if not 0 <= rank < world_size:
@@ -145,13 +153,18 @@ class Learner:
         self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
         self.algorithm = build_algorithm(config.algorithm, self.grid)
         self.predictor = NoisePredictor(
-            self.model, config.sampling.guidance_scale if self.algorithm.cfg_in_training else 1.0,
-            self.resolution, self.resolution,
+            self.model,
+            config.sampling.guidance_scale if self.algorithm.cfg_in_training else 1.0,
+            self.resolution,
+            self.resolution,
         )
         train = config.train
         self.optimizer = torch.optim.AdamW(
-            trainable_parameters(self.model.unet), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-            weight_decay=train.weight_decay, eps=train.adam_eps,
+            trainable_parameters(self.model.unet),
+            lr=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2),
+            weight_decay=train.weight_decay,
+            eps=train.adam_eps,
         )
         self.version = 0
         self.dropped = 0
@@ -179,8 +192,13 @@ class Learner:
         """Joins the R-rank process group (every rank calls this at once) and wraps the UNet in DDP; rank 0's
         weights are broadcast to all ranks. Returns the rank."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
-                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{host}:{port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
         device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model.unet, device_ids=device_ids)
         self.predictor.forward_module = self.ddp
@@ -214,8 +232,11 @@ class Learner:
         staleness = self.version - batch.weights_version
         if staleness > self.config.train.max_staleness:
             self.dropped += 1
-            return TrainResult(version=self.version, dropped=True,
-                               metrics={"staleness": float(staleness), "dropped_batches": float(self.dropped)})
+            return TrainResult(
+                version=self.version,
+                dropped=True,
+                metrics={"staleness": float(staleness), "dropped_batches": float(self.dropped)},
+            )
         train = self.config.train
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, TRAIN_STREAM, iteration))
         examples = batch.pairs
@@ -265,8 +286,13 @@ class Learner:
         self.model.unet.eval()
         metrics = {key: value / steps for key, value in sums.items()} if steps else {}
         self.version += 1
-        metrics.update(optimizer_steps=float(steps), num_examples=float(len(examples)), staleness=float(staleness),
-                       dropped_batches=float(self.dropped), train_seconds=time.perf_counter() - start)
+        metrics.update(
+            optimizer_steps=float(steps),
+            num_examples=float(len(examples)),
+            staleness=float(staleness),
+            dropped_batches=float(self.dropped),
+            train_seconds=time.perf_counter() - start,
+        )
         return TrainResult(version=self.version, metrics=metrics, diagnostics={**grouped.means(), **signal})
 
     def measure_signal(self, batch: RolloutBatch, cond_all: TextConditioning, iteration: int) -> dict[str, float]:
@@ -279,25 +305,30 @@ class Learner:
         wrapped, self.predictor.forward_module = self.predictor.forward_module, None
         try:
             with self.autocast():
-                return measure_signal(self.algorithm, self.predictor, cond_all, batch.pairs,
-                                      trainable_parameters(self.model.unet),
-                                      derive_seed(self.config.seed, SIGNAL_STREAM, iteration),
-                                      self.config.train.signal_examples)
+                return measure_signal(
+                    self.algorithm,
+                    self.predictor,
+                    cond_all,
+                    batch.pairs,
+                    trainable_parameters(self.model.unet),
+                    derive_seed(self.config.seed, SIGNAL_STREAM, iteration),
+                    self.config.train.signal_examples,
+                )
         finally:
             self.predictor.forward_module = wrapped
 
     def weights(self) -> PublishedWeights:
         """The current trained weights (LoRA: peft format, CPU float32; full: the UNet in `model.dtype`) with
         their version, in this process."""
-        return PublishedWeights(version=self.version,
-                                state=get_trainable_state(self.model.unet, self.publish_dtype))
+        return PublishedWeights(version=self.version, state=get_trainable_state(self.model.unet, self.publish_dtype))
 
     def publish(self) -> PublishedWeights:
         """The current weights put into the Ray object store once; samplers fetch them by reference."""
         import ray
 
-        return PublishedWeights(version=self.version,
-                                ref=[ray.put(get_trainable_state(self.model.unet, self.publish_dtype))])
+        return PublishedWeights(
+            version=self.version, ref=[ray.put(get_trainable_state(self.model.unet, self.publish_dtype))]
+        )
 
     def export_files(self) -> dict[str, bytes]:
         """The run's deliverable as {relative path: bytes} (`lora/pytorch_lora_weights.safetensors` or the `unet/`
@@ -325,8 +356,10 @@ class Learner:
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
         if self.weights_key not in state:
-            raise ValueError(f"the checkpoint holds no {self.weights_key!r} weights (model.finetune is "
-                             f"{self.config.model.finetune!r})")
+            raise ValueError(
+                f"the checkpoint holds no {self.weights_key!r} weights (model.finetune is "
+                f"{self.config.model.finetune!r})"
+            )
         set_trainable_state(self.model.unet, state[self.weights_key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
@@ -378,16 +411,25 @@ class LearnerGroup:
 
     ALL_RANKS = frozenset({"train", "load_state_dict", "ready"})
 
-    def __init__(self, actor_cls: Any, config: RunConfig, source: str, *, world_size: int,
-                 num_threads: int | None = None, timeout_s: float = 600.0):
+    def __init__(
+        self,
+        actor_cls: Any,
+        config: RunConfig,
+        source: str,
+        *,
+        world_size: int,
+        num_threads: int | None = None,
+        timeout_s: float = 600.0,
+    ):
         import ray
 
-        self.actors = [actor_cls.remote(config, source, num_threads=num_threads, rank=rank, world_size=world_size)
-                       for rank in range(world_size)]
+        self.actors = [
+            actor_cls.remote(config, source, num_threads=num_threads, rank=rank, world_size=world_size)
+            for rank in range(world_size)
+        ]
         ray.get([actor.ready.remote() for actor in self.actors], timeout=timeout_s)
         host, port = ray.get(self.actors[0].rendezvous_address.remote())
-        ray.get([actor.init_process_group.remote(host, port, timeout_s) for actor in self.actors],
-                timeout=timeout_s)
+        ray.get([actor.init_process_group.remote(host, port, timeout_s) for actor in self.actors], timeout=timeout_s)
 
     def __getattr__(self, name: str) -> _GroupMethod:
         if name.startswith("_"):

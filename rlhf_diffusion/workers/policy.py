@@ -36,7 +36,7 @@ LORA_INIT_STREAM = 4
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" → CUDA when this process sees a GPU (a Ray actor sees one only if it reserved one), else CPU;
+    """ "auto" → CUDA when this process sees a GPU (a Ray actor sees one only if it reserved one), else CPU;
     "cuda" without a visible GPU is an error naming `device`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,15 +46,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model_source(pretrained: str, cache_dir: str | Path) -> str:
-    """The directory or hub id to load: "testbed:pipeline" is the shipped testbed model's directory; "tiny:sd15" / "tiny:sdxl" build (once) a tiny random-weight pipeline
-    under `cache_dir/_tiny_models/<kind>` and return that directory, so it loads through the production loader.
-    The build goes to a temporary directory that is renamed into place, so concurrent callers never see half a
-    pipeline."""
+    """The directory or hub id to load: "testbed:pipeline" is the shipped testbed model's directory; "tiny:sd15" /
+    "tiny:sdxl" build (once) a tiny random-weight pipeline under `cache_dir/_tiny_models/<kind>` and return that
+    directory, so it loads through the production loader. The build goes to a temporary directory that is renamed
+    into place, so concurrent callers never see half a pipeline."""
     if pretrained.startswith(TESTBED_PREFIX):
         return resolve_testbed(pretrained)
     if not pretrained.startswith(TINY_PREFIX):
         return pretrained
-    kind = pretrained[len(TINY_PREFIX):]
+    kind = pretrained[len(TINY_PREFIX) :]
     target = Path(cache_dir) / "_tiny_models" / kind
     if not (target / "model_index.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,8 +80,9 @@ def load_policy(config: RunConfig, source: str, device: torch.device, *, for_tra
 
     With `model.finetune: full` no LoRA is attached; `for_training` (the learner) then makes the UNet trainable
     float32 weights and keeps a frozen reference copy in `model.dtype` (samplers need neither)."""
-    model = load_diffusion_model(source, kind=config.model.kind, dtype=DTYPES[config.model.dtype], device=device,
-                                 revision=config.model.revision)
+    model = load_diffusion_model(
+        source, kind=config.model.kind, dtype=DTYPES[config.model.dtype], device=device, revision=config.model.revision
+    )
     set_attention(model.unet, config.model.attention)
     if config.model.finetune == "full":
         if for_training:
@@ -91,8 +92,9 @@ def load_policy(config: RunConfig, source: str, device: torch.device, *, for_tra
         rng_state = torch.random.get_rng_state()
         torch.manual_seed(derive_seed(config.seed, LORA_INIT_STREAM))
         try:
-            attach_lora(model.unet, rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules),
-                        init=lora.init)
+            attach_lora(
+                model.unet, rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules), init=lora.init
+            )
         finally:
             torch.random.set_rng_state(rng_state)
     if config.sampling.preview_decoder is not None:

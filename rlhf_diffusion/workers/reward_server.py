@@ -50,8 +50,13 @@ def build_heldout_reward(specs: Sequence[Any], device: str | torch.device = "cpu
         if spec.name == CUSTOM_REWARD:
             from rlhf_diffusion.rewards.custom import build_custom_reward
 
-            reward = build_custom_reward(spec.target, path=spec.path, device=device, kwargs=kwargs,
-                                         where=f"guards.heldout_rewards.{index}.target")
+            reward = build_custom_reward(
+                spec.target,
+                path=spec.path,
+                device=device,
+                kwargs=kwargs,
+                where=f"guards.heldout_rewards.{index}.target",
+            )
         else:
             reward = build_reward(spec.name, path=spec.path, device=device, **kwargs)
         if spec.label is not None:
@@ -81,13 +86,20 @@ class RewardHost:
     def describe(self) -> dict[str, Any]:
         """What a client needs to know before scoring: `names` (reward keys, in order), `weights` (key → weight),
         `differentiable`, and `not_differentiable` (the terms without a gradient, described for messages)."""
-        return {"names": self.reward.names, "weights": self.reward.weights,
-                "differentiable": self.reward.differentiable, "not_differentiable": self.reward.not_differentiable}
+        return {
+            "names": self.reward.names,
+            "weights": self.reward.weights,
+            "differentiable": self.reward.differentiable,
+            "not_differentiable": self.reward.not_differentiable,
+        }
 
     def score_many(self, requests: list[tuple[Tensor, list[str]]]) -> list[RewardResult]:
         """Scores several requests in one batch per image size; returns one result per request, in order."""
-        return self._batched(requests, lambda images, prompts: self.reward.score(images, prompts),
-                             lambda out, sizes: split_result(out, sizes))
+        return self._batched(
+            requests,
+            lambda images, prompts: self.reward.score(images, prompts),
+            lambda out, sizes: split_result(out, sizes),
+        )
 
     def score_heldout_many(self, requests: list[tuple[Tensor, list[str]]]) -> list[RewardResult]:
         """Like `score_many` with the held-out rewards (their raw scores in `per_reward`); raises when none are
@@ -95,8 +107,11 @@ class RewardHost:
         if self.heldout is None:
             raise ValueError("no held-out rewards are configured (guards.heldout_rewards is empty)")
         heldout = self.heldout
-        return self._batched(requests, lambda images, prompts: heldout.score(images, prompts),
-                             lambda out, sizes: split_result(out, sizes))
+        return self._batched(
+            requests,
+            lambda images, prompts: heldout.score(images, prompts),
+            lambda out, sizes: split_result(out, sizes),
+        )
 
     def score_and_grad_many(self, requests: list[tuple[Tensor, list[str]]]) -> list[tuple[RewardResult, Tensor]]:
         """Like `score_many` with d total / d image; raises `NotDifferentiableError` for rewards without one."""
@@ -141,9 +156,14 @@ class BatchStats:
     started: float = field(default_factory=time.perf_counter)
 
     def as_dict(self) -> dict[str, float]:
-        return {"requests": self.requests, "batches": self.batches, "images": self.images,
-                "busy_seconds": self.busy_seconds, "errors": self.errors,
-                "requests_per_batch": self.requests / self.batches if self.batches else 0.0}
+        return {
+            "requests": self.requests,
+            "batches": self.batches,
+            "images": self.images,
+            "busy_seconds": self.busy_seconds,
+            "errors": self.errors,
+            "requests_per_batch": self.requests / self.batches if self.batches else 0.0,
+        }
 
 
 class MicroBatcher:
@@ -157,8 +177,13 @@ class MicroBatcher:
         executor: the thread that runs the models (one thread, so models are never used concurrently).
     """
 
-    def __init__(self, run: Callable[[list[tuple[Tensor, list[str]]]], list], executor: ThreadPoolExecutor,
-                 window_s: float = 0.002, max_images: int = 256):
+    def __init__(
+        self,
+        run: Callable[[list[tuple[Tensor, list[str]]]], list],
+        executor: ThreadPoolExecutor,
+        window_s: float = 0.002,
+        max_images: int = 256,
+    ):
         self.run = run
         self.executor = executor
         self.window_s = window_s
@@ -219,8 +244,15 @@ class RewardServer:
         heldout_specs: the config's `guards.heldout_rewards` (served by `score_heldout` only).
     """
 
-    def __init__(self, specs: Sequence[Any], device: str = "auto", batch_window_ms: float = 2.0,
-                 max_batch_images: int = 256, num_threads: int = 1, heldout_specs: Sequence[Any] = ()):
+    def __init__(
+        self,
+        specs: Sequence[Any],
+        device: str = "auto",
+        batch_window_ms: float = 2.0,
+        max_batch_images: int = 256,
+        num_threads: int = 1,
+        heldout_specs: Sequence[Any] = (),
+    ):
         torch.set_num_threads(max(1, num_threads))
         self.host = RewardHost(specs, device, heldout_specs)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")

@@ -120,9 +120,16 @@ def eval_generators(prompt_index: int, num_seeds: int) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def sample_held_out(model: DiffusionModel, predictor: NoisePredictor, grid: DDIMGrid, prompts: Sequence[str],
-                    prompt_indices: Sequence[int], num_seeds: int, resolution: int,
-                    batch_images: int = EVAL_BATCH_IMAGES):
+def sample_held_out(
+    model: DiffusionModel,
+    predictor: NoisePredictor,
+    grid: DDIMGrid,
+    prompts: Sequence[str],
+    prompt_indices: Sequence[int],
+    num_seeds: int,
+    resolution: int,
+    batch_images: int = EVAL_BATCH_IMAGES,
+):
     """The fixed-seed held-out images of `prompts` (prompt j seeded by its global index, `eval_generators`), in
     batches of whole prompts of about `batch_images` images. The one sampling loop of every evaluation (the
     trainer's, through `Sampler.evaluate`, and the `evaluate` CLI).
@@ -132,7 +139,7 @@ def sample_held_out(model: DiffusionModel, predictor: NoisePredictor, grid: DDIM
     """
     per_batch = max(1, batch_images // num_seeds)
     for start in range(0, len(prompts), per_batch):
-        chunk = list(zip(prompt_indices[start:start + per_batch], prompts[start:start + per_batch]))
+        chunk = list(zip(prompt_indices[start : start + per_batch], prompts[start : start + per_batch]))
         gens = [g for j, _ in chunk for g in eval_generators(j, num_seeds)]
         x_T = torch.cat([initial_noise(1, model, g, resolution, resolution) for g in gens])
         repeated = [prompt for _, prompt in chunk for _ in range(num_seeds)]
@@ -175,9 +182,18 @@ class Sampler:
         num_threads: torch intra-op threads (under Ray: the CPUs the actor reserved).
     """
 
-    def __init__(self, config: RunConfig, source: str, *, rank: int = 0, reward_servers: Sequence | None = None,
-                 model: DiffusionModel | None = None, reward: WeightedReward | None = None,
-                 heldout_reward: WeightedReward | None = None, num_threads: int | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        source: str,
+        *,
+        rank: int = 0,
+        reward_servers: Sequence | None = None,
+        model: DiffusionModel | None = None,
+        reward: WeightedReward | None = None,
+        heldout_reward: WeightedReward | None = None,
+        num_threads: int | None = None,
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.config = config
@@ -194,25 +210,31 @@ class Sampler:
             not_differentiable = info["not_differentiable"]
         else:
             local = reward or WeightedReward.from_specs(config.rewards, device=self.device)
-            heldout = heldout_reward if heldout_reward is not None else \
-                build_heldout_reward(config.guards.heldout_rewards, device=self.device)
+            heldout = (
+                heldout_reward
+                if heldout_reward is not None
+                else build_heldout_reward(config.guards.heldout_rewards, device=self.device)
+            )
             self.reward = _LocalRewardClient(local, heldout)
             not_differentiable = local.not_differentiable
         self.reward_weights = {spec.key: spec.weight for spec in config.rewards}  # keyed as the scores are
         self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
         self.algorithm = build_algorithm(config.algorithm, self.grid)
         if getattr(self.algorithm, "guided", False) and not_differentiable:
-            raise ValueError(f"algorithm {config.algorithm.name} needs a reward gradient, but reward(s) "
-                             f"{', '.join(not_differentiable)} are not differentiable; use tailorpo, or a "
-                             "differentiable reward")
+            raise ValueError(
+                f"algorithm {config.algorithm.name} needs a reward gradient, but reward(s) "
+                f"{', '.join(not_differentiable)} are not differentiable; use tailorpo, or a "
+                "differentiable reward"
+            )
         self.predictor = NoisePredictor(self.model, config.sampling.guidance_scale, self.resolution, self.resolution)
         # Version of the LoRA in `self.model`; -1 = not set by a learner yet (a fresh or restarted actor).
         self.weights_version = -1
         # Offline preference pairs (DDE / Diffusion-DPO): this sampler reads shard `rank` of the source.
         self.offline = None
         if config.data is not None:
-            self.offline = OfflinePairStream(config.data, config.seed, shard_index=rank,
-                                             num_shards=config.resources.num_samplers)
+            self.offline = OfflinePairStream(
+                config.data, config.seed, shard_index=rank, num_shards=config.resources.num_samplers
+            )
 
     def ready(self) -> int:
         """Returns the rank once the actor is constructed (the driver waits on it to surface load errors)."""
@@ -250,8 +272,11 @@ class Sampler:
         generator = torch.Generator().manual_seed(request.seed)
         parts = []
         if self.offline is None or self.config.data.online:
-            parts.append(self.algorithm.rollout(self.rollout_context(generator), list(request.prompts),
-                                                self.encode(request.prompts)))
+            parts.append(
+                self.algorithm.rollout(
+                    self.rollout_context(generator), list(request.prompts), self.encode(request.prompts)
+                )
+            )
             parts[-1].weights_version = self.weights_version
         if self.offline is not None:
             pairs, data_metrics = self.offline.take(request.iteration)
@@ -266,16 +291,22 @@ class Sampler:
         return batch
 
     @torch.no_grad()
-    def evaluate(self, prompts: Sequence[str], prompt_indices: Sequence[int], num_seeds: int,
-                 weights: PublishedWeights | None = None) -> EvalShard:
+    def evaluate(
+        self,
+        prompts: Sequence[str],
+        prompt_indices: Sequence[int],
+        num_seeds: int,
+        weights: PublishedWeights | None = None,
+    ) -> EvalShard:
         """Held-out samples: `num_seeds` images of each prompt, seeded by (global prompt index, seed) only, scored
         by the training rewards and, when configured, the held-out rewards."""
         if weights is not None:
             self.load_weights(weights)
         self.model.unet.eval()
         images, totals, per, heldout = [], [], {}, {}
-        for batch_prompts, imgs in sample_held_out(self.model, self.predictor, self.grid, list(prompts),
-                                                   list(prompt_indices), num_seeds, self.resolution):
+        for batch_prompts, imgs in sample_held_out(
+            self.model, self.predictor, self.grid, list(prompts), list(prompt_indices), num_seeds, self.resolution
+        ):
             result = self.reward.score(imgs, batch_prompts)
             images.append(imgs)
             totals.append(result.total)
@@ -284,6 +315,10 @@ class Sampler:
             if self.reward.heldout_names:
                 for name, value in self.reward.score_heldout(imgs, batch_prompts).per_reward.items():
                     heldout.setdefault(name, []).append(value)
-        return EvalShard(prompt_indices=list(prompt_indices), images=torch.cat(images), totals=torch.cat(totals),
-                         per_reward={name: torch.cat(v) for name, v in per.items()},
-                         heldout={name: torch.cat(v) for name, v in heldout.items()})
+        return EvalShard(
+            prompt_indices=list(prompt_indices),
+            images=torch.cat(images),
+            totals=torch.cat(totals),
+            per_reward={name: torch.cat(v) for name, v in per.items()},
+            heldout={name: torch.cat(v) for name, v in heldout.items()},
+        )

@@ -13,16 +13,24 @@ PROMPTS = ["a cat", "a dog", "a fox", "a red cube"]
 
 
 def make_trainer(model_dir, tmp_path, algorithm: dict) -> LocalTrainer:
-    return LocalTrainer(parse_config({
-        "run_name": "t", "seed": 5, "output_dir": str(tmp_path), "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 4},
-        "algorithm": algorithm,
-        "rewards": [{"name": "brightness"}],
-        "train": {"learning_rate": 1e-3, "train_batch_size": 64, "signal_every": 0},
-        "prompts": {"train": {"inline": PROMPTS}},
-        "tracking": {"enabled": False},
-    }), log=lambda *_: None)
+    return LocalTrainer(
+        parse_config(
+            {
+                "run_name": "t",
+                "seed": 5,
+                "output_dir": str(tmp_path),
+                "device": "cpu",
+                "model": {"pretrained": str(model_dir)},
+                "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 4},
+                "algorithm": algorithm,
+                "rewards": [{"name": "brightness"}],
+                "train": {"learning_rate": 1e-3, "train_batch_size": 64, "signal_every": 0},
+                "prompts": {"train": {"inline": PROMPTS}},
+                "tracking": {"enabled": False},
+            }
+        ),
+        log=lambda *_: None,
+    )
 
 
 def test_fields_default_to_the_papers_and_reject_nonsense():
@@ -56,8 +64,7 @@ def test_best_against_worst_of_four_samples(tiny_sd15_dir, tmp_path, one_torch_t
 
 @pytest.mark.parametrize("name", ["diffusion_dpo", "dde_single"])
 def test_loss_is_the_mean_over_draws_and_one_draw_is_the_papers(tiny_sd15_dir, tmp_path, one_torch_thread, name):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": name, "draws_per_pair": 3,
-                                                     "timestep_range": [100, 900]})
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": name, "draws_per_pair": 3, "timestep_range": [100, 900]})
     algorithm, learner = trainer.algorithm, trainer.learner_obj
     batch = trainer.rollout(PROMPTS)
     examples = batch.pairs
@@ -68,8 +75,10 @@ def test_loss_is_the_mean_over_draws_and_one_draw_is_the_papers(tiny_sd15_dir, t
     gen = torch.Generator().manual_seed(7)
     t = sample_timesteps(3 * m, (100, 900), gen)
     noise = torch.randn((3 * m, *examples.x0_w.shape[1:]), generator=gen)
-    per_draw = [algorithm.pair_loss(learner.predictor, cond, examples, t[d * m:(d + 1) * m],
-                                    noise[d * m:(d + 1) * m]).loss for d in range(3)]
+    per_draw = [
+        algorithm.pair_loss(learner.predictor, cond, examples, t[d * m : (d + 1) * m], noise[d * m : (d + 1) * m]).loss
+        for d in range(3)
+    ]
     torch.testing.assert_close(loss, torch.stack(per_draw).mean(), rtol=1e-5, atol=1e-7)
     # rows: the loss gradients of two disjoint row sets, weighted by their sizes, add up to the whole gradient
     params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
@@ -86,8 +95,9 @@ def test_loss_is_the_mean_over_draws_and_one_draw_is_the_papers(tiny_sd15_dir, t
     # equal up to float rounding (DDE's logit scale amplifies it) ...
     assert float((total - expected).norm() / expected.norm()) < 1e-2
     # ... while other draws for the same rows are a different gradient altogether
-    other = algorithm.loss_on_rows(learner.predictor, cond, examples, torch.Generator().manual_seed(10),
-                                   torch.arange(m)).loss
+    other = algorithm.loss_on_rows(
+        learner.predictor, cond, examples, torch.Generator().manual_seed(10), torch.arange(m)
+    ).loss
     moved = torch.cat([g.flatten() for g in torch.autograd.grad(other, params)])
     assert float((moved - expected).norm() / expected.norm()) > 0.1
 

@@ -54,8 +54,12 @@ def _config(model_dir, output_dir, reward: dict) -> dict:
         "device": "cpu",
         "model": {"pretrained": str(model_dir)},
         "sampling": {"num_steps": 2, "guidance_scale": 2.0, "batch_size": len(PROMPTS)},
-        "algorithm": {"name": "tailorpo_g", "guidance_gamma": GAMMA, "guidance_gradient": "tweedie_const_eps",
-                      "guidance_norm": "sigma_relative"},
+        "algorithm": {
+            "name": "tailorpo_g",
+            "guidance_gamma": GAMMA,
+            "guidance_gradient": "tweedie_const_eps",
+            "guidance_norm": "sigma_relative",
+        },
         "rewards": [reward],
         "prompts": {"train": {"inline": PROMPTS}, "eval_seeds": 1},
         "tracking": {"enabled": False},
@@ -64,8 +68,9 @@ def _config(model_dir, output_dir, reward: dict) -> dict:
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_tailorpo_g_guidance_with_model_reward(name, tiny_sd15_dir, tiny_reward_dirs, tmp_path):
-    trainer = LocalTrainer(parse_config(_config(tiny_sd15_dir, tmp_path,
-                                                {"name": name, "path": str(tiny_reward_dirs[name])})))
+    trainer = LocalTrainer(
+        parse_config(_config(tiny_sd15_dir, tmp_path, {"name": name, "path": str(tiny_reward_dirs[name])}))
+    )
     assert trainer.reward.differentiable and trainer.reward.names == [name]
     ctx = trainer.rollout_context()
     assert ctx.reward_grad_fn is not None
@@ -87,8 +92,20 @@ def test_tailorpo_g_guidance_with_model_reward(name, tiny_sd15_dir, tiny_reward_
         assert torch.isfinite(g).all() and g.flatten(1).norm(dim=1).min() > 0
     assert torch.isfinite(result.total).all() and result.per_reward.keys() == {name}
 
-    guided, before = guide_winner(ctx, x, eps_w, t_w, alpha_w, std, cond, PROMPTS, gradient="tweedie_const_eps",
-                                  norm="sigma_relative", gamma=GAMMA, raw_scale=1.0)
+    guided, before = guide_winner(
+        ctx,
+        x,
+        eps_w,
+        t_w,
+        alpha_w,
+        std,
+        cond,
+        PROMPTS,
+        gradient="tweedie_const_eps",
+        norm="sigma_relative",
+        gamma=GAMMA,
+        raw_scale=1.0,
+    )
     torch.testing.assert_close(before, result.total)
     move = guided - x
     torch.testing.assert_close(move.flatten(1).norm(dim=1), GAMMA * std * LATENT_DIM**0.5, rtol=1e-4, atol=1e-5)

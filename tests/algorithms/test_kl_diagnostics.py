@@ -18,21 +18,28 @@ PROMPTS = ["a cat", "a dog"]
 
 
 def make_trainer(model_dir, tmp_path, algorithm: str, log_kl: bool = True) -> LocalTrainer:
-    trainer = LocalTrainer(parse_config({
-        "run_name": algorithm, "seed": 7, "output_dir": str(tmp_path), "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
-        "algorithm": {"name": algorithm},
-        "rewards": [{"name": "brightness"}],
-        "train": {"learning_rate": 1e-3, "train_batch_size": 64},  # one minibatch per round
-        "prompts": {"train": {"inline": PROMPTS}},
-        "tracking": {"enabled": False},
-        "guards": {"log_kl": log_kl},
-    }), log=lambda *_: None)
+    trainer = LocalTrainer(
+        parse_config(
+            {
+                "run_name": algorithm,
+                "seed": 7,
+                "output_dir": str(tmp_path),
+                "device": "cpu",
+                "model": {"pretrained": str(model_dir)},
+                "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
+                "algorithm": {"name": algorithm},
+                "rewards": [{"name": "brightness"}],
+                "train": {"learning_rate": 1e-3, "train_batch_size": 64},  # one minibatch per round
+                "prompts": {"train": {"inline": PROMPTS}},
+                "tracking": {"enabled": False},
+                "guards": {"log_kl": log_kl},
+            }
+        ),
+        log=lambda *_: None,
+    )
     g = torch.Generator().manual_seed(0)  # move θ off the reference (at the start every KL is 0)
     state = get_lora_state_dict(trainer.model.unet)
-    set_lora_state_dict(trainer.model.unet,
-                        {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()})
+    set_lora_state_dict(trainer.model.unet, {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()})
     return trainer
 
 
@@ -56,8 +63,10 @@ def by_hand_step_kl(trainer: LocalTrainer, cond, step_index, states, actions) ->
     var = std.view(-1, 1, 1, 1) ** 2
     kl = ((mean_theta - mean_ref) ** 2 / (2 * var)).mean(dim=(1, 2, 3))
     log_ratio = [(((x - mean_ref) ** 2 - (x - mean_theta) ** 2) / (2 * var)).mean(dim=(1, 2, 3)) for x in actions]
-    return {**grouped_means(step_index, kl, "kl/step"),
-            **grouped_means(step_index.repeat(len(actions)), torch.cat(log_ratio), "kl/log_ratio_step")}
+    return {
+        **grouped_means(step_index, kl, "kl/step"),
+        **grouped_means(step_index.repeat(len(actions)), torch.cat(log_ratio), "kl/log_ratio_step"),
+    }
 
 
 @torch.no_grad()
@@ -73,8 +82,11 @@ def by_hand_timestep_kl(trainer: LocalTrainer, cond, pairs, iteration: int) -> d
     diffs = []
     for x0 in (pairs.x0_w, pairs.x0_l):
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        diffs.append(((predictor(x_t, timesteps, cond) - predictor(x_t, timesteps, cond, reference=True)) ** 2)
-                     .mean(dim=(1, 2, 3)))
+        diffs.append(
+            ((predictor(x_t, timesteps, cond) - predictor(x_t, timesteps, cond, reference=True)) ** 2).mean(
+                dim=(1, 2, 3)
+            )
+        )
     t = timesteps.repeat(2)
     diff = torch.cat(diffs)
     buckets = t // KL_TIMESTEP_BUCKET * KL_TIMESTEP_BUCKET
@@ -90,9 +102,13 @@ def test_learner_logs_the_kl_to_the_reference_per_step(algorithm, tiny_sd15_dir,
     assert len(pairs) > 0
     cond = trainer.learner_obj.encode(batch.prompts).index(pairs.prompt_index)
     if algorithm == "d3po":  # winner and loser: different states
-        expected = by_hand_step_kl(trainer, trainer.encode(PROMPTS).index(pairs.prompt_index.repeat(2)),
-                                   pairs.step_index.repeat(2), torch.cat([pairs.state_w, pairs.state_l]),
-                                   [torch.cat([pairs.action_w, pairs.action_l])])
+        expected = by_hand_step_kl(
+            trainer,
+            trainer.encode(PROMPTS).index(pairs.prompt_index.repeat(2)),
+            pairs.step_index.repeat(2),
+            torch.cat([pairs.state_w, pairs.state_l]),
+            [torch.cat([pairs.action_w, pairs.action_l])],
+        )
     elif algorithm == "tailorpo":  # one shared state, two actions
         expected = by_hand_step_kl(trainer, cond, pairs.step_index, pairs.state_w, [pairs.action_w, pairs.action_l])
     else:

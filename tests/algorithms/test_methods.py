@@ -38,7 +38,9 @@ def sd15_dir(tmp_path_factory):
 def _perturb_lora(trainer, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     state = get_lora_state_dict(trainer.model.unet)
-    set_lora_state_dict(trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()})
+    set_lora_state_dict(
+        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    )
 
 
 def test_d3po_rollout_pairs_share_x_T_and_cover_every_step(sd15_dir, tmp_path):
@@ -88,24 +90,50 @@ def test_tailorpo_g_guidance_moves_winner_by_the_configured_norm_and_raises_rewa
     std = trainer.grid.std_dev[i].expand(2)
     with torch.no_grad():
         eps_w = trainer.sample_predictor(x, t_w, cond)
-    guided, before = guide_winner(ctx, x, eps_w, t_w, alpha_w, std, cond, prompts, gradient="tweedie_const_eps",
-                                  norm="sigma_relative", gamma=0.3, raw_scale=1.0)
+    guided, before = guide_winner(
+        ctx,
+        x,
+        eps_w,
+        t_w,
+        alpha_w,
+        std,
+        cond,
+        prompts,
+        gradient="tweedie_const_eps",
+        norm="sigma_relative",
+        gamma=0.3,
+        raw_scale=1.0,
+    )
     move = (guided - x).flatten(1).norm(dim=1)
     expected = 0.3 * std * (4 * 16 * 16) ** 0.5
     torch.testing.assert_close(move, expected, rtol=1e-4, atol=1e-5)
     from rlhf_diffusion.diffusion.sampling import decode_latents
 
     with torch.no_grad():
-        after = trainer.reward.score(decode_latents(trainer.model, ddim.pred_x0_from_eps(guided, eps_w, alpha_w)),
-                                     prompts).total
+        after = trainer.reward.score(
+            decode_latents(trainer.model, ddim.pred_x0_from_eps(guided, eps_w, alpha_w)), prompts
+        ).total
     assert (after > before).all()
     # the full chain (through the UNet call) also yields an ascent direction
-    guided_full, _ = guide_winner(ctx, x, eps_w, t_w, alpha_w, std, cond, prompts, gradient="full_chain",
-                                  norm="sigma_relative", gamma=0.05, raw_scale=1.0)
+    guided_full, _ = guide_winner(
+        ctx,
+        x,
+        eps_w,
+        t_w,
+        alpha_w,
+        std,
+        cond,
+        prompts,
+        gradient="full_chain",
+        norm="sigma_relative",
+        gamma=0.05,
+        raw_scale=1.0,
+    )
     with torch.no_grad():
         eps_full = trainer.sample_predictor(guided_full, t_w, cond)
         after_full = trainer.reward.score(
-            decode_latents(trainer.model, ddim.pred_x0_from_eps(guided_full, eps_full, alpha_w)), prompts).total
+            decode_latents(trainer.model, ddim.pred_x0_from_eps(guided_full, eps_full, alpha_w)), prompts
+        ).total
     assert (after_full > before).all()
     assert not any(p.grad is not None for p in lora_parameters(trainer.model.unet))  # no θ-gradient leaks
 
@@ -121,10 +149,8 @@ def test_one_step_raises_winner_over_loser_log_likelihood(sd15_dir, tmp_path, na
 
     def margin():
         with torch.no_grad():
-            (dw,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_w,
-                                    ex.action_w)
-            (dl,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_l,
-                                    ex.action_l)
+            (dw,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_w, ex.action_w)
+            (dl,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_l, ex.action_l)
         return (dw - dl).mean().item(), dw.mean().item()
 
     before_margin, before_w = margin()
@@ -152,8 +178,11 @@ def test_final_pair_methods_one_step_lowers_delta(sd15_dir, tmp_path, name):
 
     def delta():
         with torch.no_grad():
-            return diffusion_dpo_mse_delta(trainer.train_predictor, trainer.grid, cond, ex.x0_w, ex.x0_l, t,
-                                           noise).mean().item()
+            return (
+                diffusion_dpo_mse_delta(trainer.train_predictor, trainer.grid, cond, ex.x0_w, ex.x0_l, t, noise)
+                .mean()
+                .item()
+            )
 
     assert delta() == pytest.approx(0.0, abs=1e-7)  # θ = ref at init (LoRA B = 0)
     params = lora_parameters(trainer.model.unet)

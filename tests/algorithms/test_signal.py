@@ -57,11 +57,11 @@ def test_snr_estimate_recovers_a_known_signal_to_noise_ratio():
     estimates = []
     for _ in range(20):
         per_example = mu + torch.randn(n, dim, generator=g)
-        out = signal_metrics({"all": (per_example[: n // 2].sum(0), per_example[n // 2:].sum(0))}, n)
+        out = signal_metrics({"all": (per_example[: n // 2].sum(0), per_example[n // 2 :].sum(0))}, n)
         estimates.append(out["signal/snr2"])
     assert sum(estimates) / len(estimates) == pytest.approx(rho, rel=0.2)
     noise = torch.randn(n, dim, generator=g)  # no shared direction: coherence ≈ 0
-    out = signal_metrics({"all": (noise[: n // 2].sum(0), noise[n // 2:].sum(0))}, n)
+    out = signal_metrics({"all": (noise[: n // 2].sum(0), noise[n // 2 :].sum(0))}, n)
     assert abs(out["signal/coherence"]) < 0.05
 
 
@@ -91,17 +91,29 @@ def test_clamp_and_saturation_fractions_per_group():
 
 
 def make_trainer(model_dir, tmp_path, algorithm: str, signal_every: int = 1) -> LocalTrainer:
-    return LocalTrainer(parse_config({
-        "run_name": algorithm, "seed": 3, "output_dir": str(tmp_path), "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 3},
-        "algorithm": {"name": algorithm},
-        "rewards": [{"name": "brightness"}],
-        "train": {"learning_rate": 1e-3, "train_batch_size": 4, "signal_every": signal_every,
-                  "signal_examples": 64},
-        "prompts": {"train": {"inline": PROMPTS}},
-        "tracking": {"enabled": False},
-    }), log=lambda *_: None)
+    return LocalTrainer(
+        parse_config(
+            {
+                "run_name": algorithm,
+                "seed": 3,
+                "output_dir": str(tmp_path),
+                "device": "cpu",
+                "model": {"pretrained": str(model_dir)},
+                "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 3},
+                "algorithm": {"name": algorithm},
+                "rewards": [{"name": "brightness"}],
+                "train": {
+                    "learning_rate": 1e-3,
+                    "train_batch_size": 4,
+                    "signal_every": signal_every,
+                    "signal_examples": 64,
+                },
+                "prompts": {"train": {"inline": PROMPTS}},
+                "tracking": {"enabled": False},
+            }
+        ),
+        log=lambda *_: None,
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["tailorpo", "d3po", "dde", "diffusion_dpo"])
@@ -117,8 +129,13 @@ def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_p
     assert n == len(examples)
     summed = sum(a + b for a, b in grads.values())
     # the whole subset's mean-loss gradient, with the same draws (same generator seed, all rows)
-    whole = trainer.algorithm.loss_on_rows(learner.predictor, cond_all.index(examples.prompt_index), examples,
-                                           torch.Generator().manual_seed(11), torch.arange(n))
+    whole = trainer.algorithm.loss_on_rows(
+        learner.predictor,
+        cond_all.index(examples.prompt_index),
+        examples,
+        torch.Generator().manual_seed(11),
+        torch.arange(n),
+    )
     expected = torch.cat([g.flatten() for g in torch.autograd.grad(whole.loss, params)])
     assert summed.norm() > 0
     # equal up to float rounding (UNet batches of other sizes; DDE's logit scale of up to 1e5 amplifies it)

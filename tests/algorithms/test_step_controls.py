@@ -15,23 +15,36 @@ PROMPTS = ["a cat", "a dog", "a fox"]
 
 
 def make_trainer(model_dir, tmp_path, algorithm: dict, num_steps: int = 4) -> LocalTrainer:
-    return LocalTrainer(parse_config({
-        "run_name": "t", "output_dir": str(tmp_path), "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": num_steps, "guidance_scale": 2.0, "batch_size": 3},
-        "algorithm": algorithm,
-        "rewards": [{"name": "brightness"}],
-        "train": {"learning_rate": 1e-3, "train_batch_size": 64, "signal_every": 0},
-        "prompts": {"train": {"inline": PROMPTS}},
-        "tracking": {"enabled": False},
-    }), log=lambda *_: None)
+    return LocalTrainer(
+        parse_config(
+            {
+                "run_name": "t",
+                "output_dir": str(tmp_path),
+                "device": "cpu",
+                "model": {"pretrained": str(model_dir)},
+                "sampling": {"num_steps": num_steps, "guidance_scale": 2.0, "batch_size": 3},
+                "algorithm": algorithm,
+                "rewards": [{"name": "brightness"}],
+                "train": {"learning_rate": 1e-3, "train_batch_size": 64, "signal_every": 0},
+                "prompts": {"train": {"inline": PROMPTS}},
+                "tracking": {"enabled": False},
+            }
+        ),
+        log=lambda *_: None,
+    )
 
 
 def sd_grid(num_steps: int = 10) -> DDIMGrid:
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     return DDIMGrid.from_scheduler(scheduler, num_steps, 1.0)
 
 
@@ -85,13 +98,17 @@ def test_skip_final_steps_trains_no_pair_of_the_last_steps(tiny_sd15_dir, tmp_pa
 
 def test_skip_final_steps_must_leave_a_step():
     with pytest.raises(ConfigError, match="algorithm.skip_final_steps"):
-        parse_config({"model": {"pretrained": "testbed:pipeline"}, "sampling": {"num_steps": 4},
-                      "algorithm": {"name": "tailorpo", "skip_final_steps": 4},
-                      "rewards": [{"name": "brightness"}]})
+        parse_config(
+            {
+                "model": {"pretrained": "testbed:pipeline"},
+                "sampling": {"num_steps": 4},
+                "algorithm": {"name": "tailorpo", "skip_final_steps": 4},
+                "rewards": [{"name": "brightness"}],
+            }
+        )
 
 
-def test_straight_through_guidance_keeps_the_gradient_of_out_of_range_pixels(tiny_sd15_dir, tmp_path,
-                                                                              one_torch_thread):
+def test_straight_through_guidance_keeps_the_gradient_of_out_of_range_pixels(tiny_sd15_dir, tmp_path, one_torch_thread):
     """At the last step (x̂_0 = x) with brightness (∂r/∂pixel = const > 0): through the clamp, every pixel
     outside [0, 1] contributes nothing; straight-through, the move is the gradient of the unclamped decode."""
     trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "tailorpo_g"})
@@ -104,8 +121,13 @@ def test_straight_through_guidance_keeps_the_gradient_of_out_of_range_pixels(tin
     ones = torch.ones(2)
     scale = 1e5  # the raw gradient is ~1e-6 per latent: scaled up, x + g − x keeps its digits in float32
     kwargs = dict(norm="raw", gamma=0.3, raw_scale=scale, gradient="tweedie_const_eps")
-    moved = {mode: guide_winner(ctx, x, None, torch.zeros(2, dtype=torch.long), ones, ones, cond, PROMPTS[:2],
-                                decode=mode, **kwargs)[0] - x for mode in ("clamped", "straight_through")}
+    moved = {
+        mode: guide_winner(
+            ctx, x, None, torch.zeros(2, dtype=torch.long), ones, ones, cond, PROMPTS[:2], decode=mode, **kwargs
+        )[0]
+        - x
+        for mode in ("clamped", "straight_through")
+    }
     xr = x.clone().requires_grad_(True)
     images = decode_latents(trainer.model, xr, clamp=False)
     _, image_grad = ctx.reward_grad_fn(images.detach().clamp(0, 1), PROMPTS[:2])
@@ -143,8 +165,9 @@ def test_ddim_completion_is_deterministic_ddim_over_the_remaining_steps(tiny_sd1
 
 
 def test_tailorpo_completion_ranking_rolls_out(tiny_sd15_dir, tmp_path, one_torch_thread):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "tailorpo", "step_ranking": "completion",
-                                                     "completion_jumps": 2})
+    trainer = make_trainer(
+        tiny_sd15_dir, tmp_path, {"name": "tailorpo", "step_ranking": "completion", "completion_jumps": 2}
+    )
     batch = trainer.rollout(PROMPTS)
     assert len(batch.pairs) > 0 and batch.rewards.shape == (3, 2)
     torch.testing.assert_close(batch.pairs.state_w, batch.pairs.state_l)

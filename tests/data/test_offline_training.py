@@ -32,13 +32,15 @@ def parquet(tmp_path_factory) -> Path:
     rows.insert(4, PickapicRow("a tie", image(100), image(101), 0.5))
     rows.insert(9, PickapicRow("another tie", image(102), image(103), 0.5))
     rows.insert(12, PickapicRow("broken", b"not a jpeg", image(104), 1.0))
-    return write_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "train-00000.parquet", rows,
-                                  row_group_size=6)
+    return write_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "train-00000.parquet", rows, row_group_size=6)
 
 
 def config_dict(model_dir: Path, output_dir: Path, run_name: str, data: dict | None, algorithm: str = "dde") -> dict:
     return {
-        "run_name": run_name, "seed": 1, "output_dir": str(output_dir), "device": "cpu",
+        "run_name": run_name,
+        "seed": 1,
+        "output_dir": str(output_dir),
+        "device": "cpu",
         "model": {"pretrained": str(model_dir), "lora": {"rank": 4}},
         "sampling": {"num_steps": 3, "batch_size": 2},
         "algorithm": {"name": algorithm},
@@ -82,8 +84,14 @@ def test_online_and_offline_pairs_mix(parquet, tiny_sd15_dir, tmp_path, one_torc
 
 
 def test_each_iteration_reads_a_fixed_slice_whatever_the_order(parquet):
-    data = parse_config(config_dict(Path("."), Path("."), "x", {
-        "format": "pickapic_parquet", "path": str(parquet), "pairs_per_iteration": 2, "shuffle_buffer": 5})).data
+    data = parse_config(
+        config_dict(
+            Path("."),
+            Path("."),
+            "x",
+            {"format": "pickapic_parquet", "path": str(parquet), "pairs_per_iteration": 2, "shuffle_buffer": 5},
+        )
+    ).data
     in_order = OfflinePairStream(data, seed=3, shard_index=1, num_shards=2)
     slices = [[p.source for p in in_order.take(i)[0]] for i in range(4)]
     assert len({s for part in slices for s in part}) == 8  # distinct pairs (the shard has 7 good ones: wraps)
@@ -103,5 +111,4 @@ def test_offline_data_is_refused_for_trajectory_methods(parquet, tiny_sd15_dir, 
 def test_a_missing_data_file_fails_at_start_naming_it(tiny_sd15_dir, tmp_path):
     data = {"format": "pickapic_parquet", "path": str(tmp_path / "nope.parquet")}
     with pytest.raises(Exception, match="nope.parquet"):
-        Trainer(parse_config(config_dict(tiny_sd15_dir, tmp_path, "missing", data)), use_ray=False,
-                log=lambda *_: None)
+        Trainer(parse_config(config_dict(tiny_sd15_dir, tmp_path, "missing", data)), use_ray=False, log=lambda *_: None)

@@ -30,11 +30,24 @@ from rlhf_diffusion.data import (
 
 # The columns and types of yuvalkirstain/pickapic_v2, as its dataset card lists them (dataset_info.features).
 PICKAPIC_V2_CARD = [
-    ("are_different", "bool"), ("best_image_uid", "string"), ("caption", "string"),
-    ("created_at", "timestamp[ns]"), ("has_label", "bool"), ("image_0_uid", "string"), ("image_0_url", "string"),
-    ("image_1_uid", "string"), ("image_1_url", "string"), ("jpg_0", "binary"), ("jpg_1", "binary"),
-    ("label_0", "double"), ("label_1", "double"), ("model_0", "string"), ("model_1", "string"),
-    ("ranking_id", "int64"), ("user_id", "int64"), ("num_example_per_prompt", "int64"),
+    ("are_different", "bool"),
+    ("best_image_uid", "string"),
+    ("caption", "string"),
+    ("created_at", "timestamp[ns]"),
+    ("has_label", "bool"),
+    ("image_0_uid", "string"),
+    ("image_0_url", "string"),
+    ("image_1_uid", "string"),
+    ("image_1_url", "string"),
+    ("jpg_0", "binary"),
+    ("jpg_1", "binary"),
+    ("label_0", "double"),
+    ("label_1", "double"),
+    ("model_0", "string"),
+    ("model_1", "string"),
+    ("ranking_id", "int64"),
+    ("user_id", "int64"),
+    ("num_example_per_prompt", "int64"),
     ("__index_level_0__", "int64"),
 ]
 
@@ -56,8 +69,12 @@ def is_red(image: Image.Image) -> bool:
 
 def good_rows(n: int, prefix: str = "p") -> list[PickapicRow]:
     """n labelled rows whose winner is always red: alternately image_0 (label_0 = 1) and image_1 (label_0 = 0)."""
-    return [PickapicRow(f"{prefix}{i}", solid(RED), solid(BLUE), 1.0) if i % 2 == 0
-            else PickapicRow(f"{prefix}{i}", solid(BLUE), solid(RED), 0.0) for i in range(n)]
+    return [
+        PickapicRow(f"{prefix}{i}", solid(RED), solid(BLUE), 1.0)
+        if i % 2 == 0
+        else PickapicRow(f"{prefix}{i}", solid(BLUE), solid(RED), 0.0)
+        for i in range(n)
+    ]
 
 
 def prompts(source) -> list[str]:
@@ -65,34 +82,42 @@ def prompts(source) -> list[str]:
 
 
 def test_writer_uses_the_exact_pickapic_v2_schema_and_round_trips(tmp_path):
-    path = write_pickapic_parquet(tmp_path / "train-00000-of-00001.parquet", [
-        PickapicRow("a red fox", solid(RED), solid(BLUE), 1.0),
-        PickapicRow("a red fox", solid(BLUE), solid(RED), 0.0),
-        PickapicRow("a blue cube", solid(RED), solid(BLUE), 0.5),
-    ])
+    path = write_pickapic_parquet(
+        tmp_path / "train-00000-of-00001.parquet",
+        [
+            PickapicRow("a red fox", solid(RED), solid(BLUE), 1.0),
+            PickapicRow("a red fox", solid(BLUE), solid(RED), 0.0),
+            PickapicRow("a blue cube", solid(RED), solid(BLUE), 0.5),
+        ],
+    )
     schema = pq.read_schema(path)
     assert [(f.name, str(f.type)) for f in schema] == PICKAPIC_V2_CARD
     table = pq.read_table(path)
     assert table.column("jpg_0")[0].as_py()[:2] == b"\xff\xd8"  # JPEG bytes
     assert table.column("label_1").to_pylist() == [0.0, 1.0, 0.5]
     assert table.column("num_example_per_prompt").to_pylist() == [2, 2, 1]
-    assert table.column("best_image_uid").to_pylist() == [table.column("image_0_uid")[0].as_py(),
-                                                           table.column("image_1_uid")[1].as_py(), ""]
+    assert table.column("best_image_uid").to_pylist() == [
+        table.column("image_0_uid")[0].as_py(),
+        table.column("image_1_uid")[1].as_py(),
+        "",
+    ]
     assert table.column("has_label").to_pylist() == [True, True, True]
     assert isinstance(table.column("created_at")[0].as_py().year, int)
 
     pairs = list(open_preference_source(PreferenceDataSpec("pickapic_parquet", path)))
     assert [p.prompt for p in pairs] == ["a red fox", "a red fox"]
-    assert all(isinstance(p, PreferencePair) and p.image_w.mode == "RGB" and p.image_w.size == (24, 16)
-               for p in pairs)
+    assert all(isinstance(p, PreferencePair) and p.image_w.mode == "RGB" and p.image_w.size == (24, 16) for p in pairs)
     assert [p.source for p in pairs] == [f"{path}:row 0", f"{path}:row 1"]
 
 
 def test_label_orientation_winner_first(tmp_path):
-    path = write_pickapic_parquet(tmp_path / "a.parquet", [
-        PickapicRow("zero wins", solid(RED), solid(BLUE), 1.0),
-        PickapicRow("one wins", solid(BLUE), solid(RED), 0.0),  # label_0 = 0: image_1 is the winner, flipped
-    ])
+    path = write_pickapic_parquet(
+        tmp_path / "a.parquet",
+        [
+            PickapicRow("zero wins", solid(RED), solid(BLUE), 1.0),
+            PickapicRow("one wins", solid(BLUE), solid(RED), 0.0),  # label_0 = 0: image_1 is the winner, flipped
+        ],
+    )
     pairs = list(PreferenceSource("pickapic_parquet", path))
     assert [p.prompt for p in pairs] == ["zero wins", "one wins"]
     for pair in pairs:
@@ -118,14 +143,14 @@ def test_corrupt_parquet_rows_are_counted_warned_once_and_skipped(tmp_path, capl
     truncated = pq.read_table(jpeg).column("jpg_0")[0].as_py()[:200]
     rows = [
         PickapicRow("good 0", solid(RED), solid(BLUE), 1.0),
-        PickapicRow("garbage bytes", b"not an image", solid(BLUE), 1.0),      # row 1: unreadable_image
-        PickapicRow("truncated jpeg", solid(RED), truncated, 0.0),             # row 2: unreadable_image (2nd)
-        PickapicRow("null label", solid(RED), solid(BLUE), None),             # row 3: missing_label
-        PickapicRow("nan label", solid(RED), solid(BLUE), math.nan),          # row 4: missing_label
-        PickapicRow("odd label", solid(RED), solid(BLUE), 0.3),               # row 5: bad_label
-        PickapicRow("", solid(RED), solid(BLUE), 1.0),                        # row 6: missing_prompt
-        PickapicRow(None, solid(RED), solid(BLUE), 1.0),                      # row 7: missing_prompt
-        PickapicRow("null image", solid(RED), None, 1.0),                     # row 8: missing_image
+        PickapicRow("garbage bytes", b"not an image", solid(BLUE), 1.0),  # row 1: unreadable_image
+        PickapicRow("truncated jpeg", solid(RED), truncated, 0.0),  # row 2: unreadable_image (2nd)
+        PickapicRow("null label", solid(RED), solid(BLUE), None),  # row 3: missing_label
+        PickapicRow("nan label", solid(RED), solid(BLUE), math.nan),  # row 4: missing_label
+        PickapicRow("odd label", solid(RED), solid(BLUE), 0.3),  # row 5: bad_label
+        PickapicRow("", solid(RED), solid(BLUE), 1.0),  # row 6: missing_prompt
+        PickapicRow(None, solid(RED), solid(BLUE), 1.0),  # row 7: missing_prompt
+        PickapicRow("null image", solid(RED), None, 1.0),  # row 8: missing_image
         PickapicRow("good 9", solid(BLUE), solid(RED), 0.0),
     ]
     path = write_pickapic_parquet(tmp_path / "bad.parquet", rows)
@@ -134,16 +159,28 @@ def test_corrupt_parquet_rows_are_counted_warned_once_and_skipped(tmp_path, capl
         pairs = list(source)
     assert [p.prompt for p in pairs] == ["good 0", "good 9"]
     assert all(is_red(p.image_w) for p in pairs)
-    assert dict(source.stats.corrupt) == {"unreadable_image": 2, "missing_label": 2, "bad_label": 1,
-                                          "missing_prompt": 2, "missing_image": 1}
+    assert dict(source.stats.corrupt) == {
+        "unreadable_image": 2,
+        "missing_label": 2,
+        "bad_label": 1,
+        "missing_prompt": 2,
+        "missing_image": 1,
+    }
     assert source.stats.rows_read == 10 and source.stats.corrupt_total == 8
     assert source.stats.as_metrics()["data/corrupt/missing_label"] == 2.0
 
     per_row = [r.getMessage() for r in caplog.records if "skipping corrupt row" in r.getMessage()]
     assert len(per_row) == 5  # once per reason
-    first = {reason: f"{path}:row {row}" for reason, row in
-             (("unreadable_image", 1), ("missing_label", 3), ("bad_label", 5), ("missing_prompt", 6),
-              ("missing_image", 8))}
+    first = {
+        reason: f"{path}:row {row}"
+        for reason, row in (
+            ("unreadable_image", 1),
+            ("missing_label", 3),
+            ("bad_label", 5),
+            ("missing_prompt", 6),
+            ("missing_image", 8),
+        )
+    }
     for reason, location in first.items():
         [message] = [m for m in per_row if f"({reason})" in m]
         assert location in message and f"data/corrupt/{reason}" in message
@@ -192,8 +229,10 @@ def test_shards_are_disjoint_and_cover_the_rows(tmp_path, num_shards):
     write_pickapic_parquet(tmp_path / "s-0.parquet", rows_a, row_group_size=4)
     write_pickapic_parquet(tmp_path / "s-1.parquet", rows_b)
     everything = [r.caption for r in rows_a + rows_b]
-    shards = [PreferenceSource("pickapic_parquet", tmp_path, shard_index=k, num_shards=num_shards, batch_size=3)
-              for k in range(num_shards)]
+    shards = [
+        PreferenceSource("pickapic_parquet", tmp_path, shard_index=k, num_shards=num_shards, batch_size=3)
+        for k in range(num_shards)
+    ]
     got = [prompts(s) for s in shards]
     for k, shard_prompts in enumerate(got):  # shard k holds the global rows k, k + n, ...
         assert shard_prompts == [c for c in everything[k::num_shards] if c != "tie"]
@@ -201,8 +240,9 @@ def test_shards_are_disjoint_and_cover_the_rows(tmp_path, num_shards):
     assert sorted(itertools.chain(*got)) == sorted(c for c in everything if c != "tie")
     assert sum(s.stats.ties_dropped for s in shards) == 1
     # A source is shipped to its reader (e.g. a Ray actor) by pickling, before iteration.
-    shipped = pickle.loads(pickle.dumps(PreferenceSource("pickapic_parquet", tmp_path, shard_index=num_shards - 1,
-                                                         num_shards=num_shards)))
+    shipped = pickle.loads(
+        pickle.dumps(PreferenceSource("pickapic_parquet", tmp_path, shard_index=num_shards - 1, num_shards=num_shards))
+    )
     assert prompts(shipped) == got[-1]
 
 
@@ -237,11 +277,15 @@ def test_epochs_and_forever(tmp_path):
 def test_source_errors_name_the_path_and_column(tmp_path):
     table = pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_1": [0.0]})
     pq.write_table(table, tmp_path / "no_label.parquet")
-    with pytest.raises(PreferenceDataError, match=r"no_label\.parquet: missing required Pick-a-Pic column\(s\) "
-                                                  r"label_0"):
+    with pytest.raises(
+        PreferenceDataError,
+        match=r"no_label\.parquet: missing required Pick-a-Pic column\(s\) "
+        r"label_0",
+    ):
         PreferenceSource("pickapic_parquet", tmp_path / "no_label.parquet")
-    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": ["1"]}),
-                   tmp_path / "str_label.parquet")
+    pq.write_table(
+        pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": ["1"]}), tmp_path / "str_label.parquet"
+    )
     with pytest.raises(PreferenceDataError, match="column label_0 has type string, expected float or integer"):
         PreferenceSource("pickapic_parquet", tmp_path / "str_label.parquet")
     (tmp_path / "broken.parquet").write_bytes(b"this is not parquet")
@@ -261,8 +305,12 @@ def test_source_errors_name_the_path_and_column(tmp_path):
 
 def test_parameter_and_spec_validation(tmp_path):
     path = write_pickapic_parquet(tmp_path / "v.parquet", good_rows(4))
-    for kwargs, message in (({"epochs": 0}, "epochs"), ({"shuffle_buffer": -1}, "shuffle_buffer"),
-                            ({"batch_size": 0}, "batch_size"), ({"shard_index": 2, "num_shards": 2}, "shard_index")):
+    for kwargs, message in (
+        ({"epochs": 0}, "epochs"),
+        ({"shuffle_buffer": -1}, "shuffle_buffer"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"shard_index": 2, "num_shards": 2}, "shard_index"),
+    ):
         with pytest.raises(ValueError, match=message):
             PreferenceSource("pickapic_parquet", path, **kwargs)
     with pytest.raises(ValueError, match="unknown preference data format 'csv'"):
@@ -277,11 +325,16 @@ def test_parameter_and_spec_validation(tmp_path):
 
 
 def test_a_pass_without_pairs_raises_instead_of_looping(tmp_path):
-    rows = [PickapicRow("tie", solid(RED), solid(BLUE), 0.5), PickapicRow("bad", b"junk", solid(BLUE), 1.0),
-            PickapicRow("", solid(RED), solid(BLUE), 1.0)]
+    rows = [
+        PickapicRow("tie", solid(RED), solid(BLUE), 0.5),
+        PickapicRow("bad", b"junk", solid(BLUE), 1.0),
+        PickapicRow("", solid(RED), solid(BLUE), 1.0),
+    ]
     source = PreferenceSource("pickapic_parquet", write_pickapic_parquet(tmp_path / "z.parquet", rows), epochs=None)
-    with pytest.raises(PreferenceDataError, match="no preference pair in a full pass: .*pass 0: 3 rows read, "
-                                                  "0 pairs, 1 ties dropped, 2 corrupt"):
+    with pytest.raises(
+        PreferenceDataError,
+        match="no preference pair in a full pass: .*pass 0: 3 rows read, 0 pairs, 1 ties dropped, 2 corrupt",
+    ):
         next(iter(source))
     # A shard that owns no rows at all is the same error.
     one = write_pickapic_parquet(tmp_path / "one.parquet", good_rows(1))
@@ -290,17 +343,26 @@ def test_a_pass_without_pairs_raises_instead_of_looping(tmp_path):
 
 
 def test_jsonl_relative_and_absolute_paths_and_ties(tmp_path, monkeypatch):
-    path = write_preference_jsonl(tmp_path / "pairs.jsonl", [
-        PreferenceJsonlRow("rel 0", solid(RED), solid(BLUE)),
-        PreferenceJsonlRow("a tie", solid(RED), solid(BLUE), tie=True),
-        PreferenceJsonlRow("rel 2", solid(RED), solid(BLUE, size=(8, 8))),
-    ])
+    path = write_preference_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            PreferenceJsonlRow("rel 0", solid(RED), solid(BLUE)),
+            PreferenceJsonlRow("a tie", solid(RED), solid(BLUE), tie=True),
+            PreferenceJsonlRow("rel 2", solid(RED), solid(BLUE, size=(8, 8))),
+        ],
+    )
     lines = path.read_text().splitlines()
-    assert json.loads(lines[0]) == {"prompt": "rel 0", "image_w": "pairs_images/000000_w.png",
-                                    "image_l": "pairs_images/000000_l.png"}
+    assert json.loads(lines[0]) == {
+        "prompt": "rel 0",
+        "image_w": "pairs_images/000000_w.png",
+        "image_l": "pairs_images/000000_l.png",
+    }
     assert json.loads(lines[1])["label"] == "tie"
-    absolute = {"prompt": "abs", "image_w": str(tmp_path / "pairs_images/000000_w.png"),
-                "image_l": str(tmp_path / "pairs_images/000000_l.png")}
+    absolute = {
+        "prompt": "abs",
+        "image_w": str(tmp_path / "pairs_images/000000_w.png"),
+        "image_l": str(tmp_path / "pairs_images/000000_l.png"),
+    }
     tie_flag = {**absolute, "prompt": "tie flag", "tie": True}
     with open(path, "a") as f:
         f.write("\n" + json.dumps(absolute) + "\n" + json.dumps(tie_flag) + "\n")
@@ -322,23 +384,32 @@ def test_jsonl_corrupt_lines(tmp_path, caplog):
     good = {"prompt": "good", "image_w": "ok_images/000000_w.png", "image_l": "ok_images/000000_l.png"}
     (tmp_path / "junk.png").write_bytes(b"not a png")
     lines = [
-        json.dumps(good),                                                    # line 1: ok
-        '{"prompt": "cut off", "image_w": ',                                 # line 2: bad_json
-        json.dumps(["a", "list"]),                                           # line 3: bad_json
-        json.dumps({**good, "image_l": "ok_images/missing.png"}),            # line 4: missing_file
-        json.dumps({**good, "prompt": "  "}),                                # line 5: missing_prompt
-        json.dumps({**good, "image_w": None}),                               # line 6: missing_image
-        json.dumps({**good, "label": "left"}),                               # line 7: bad_label
-        json.dumps({**good, "image_w": "junk.png"}),                         # line 8: unreadable_image
+        json.dumps(good),  # line 1: ok
+        '{"prompt": "cut off", "image_w": ',  # line 2: bad_json
+        json.dumps(["a", "list"]),  # line 3: bad_json
+        json.dumps({**good, "image_l": "ok_images/missing.png"}),  # line 4: missing_file
+        json.dumps({**good, "prompt": "  "}),  # line 5: missing_prompt
+        json.dumps({**good, "image_w": None}),  # line 6: missing_image
+        json.dumps({**good, "label": "left"}),  # line 7: bad_label
+        json.dumps({**good, "image_w": "junk.png"}),  # line 8: unreadable_image
     ]
     path = tmp_path / "mixed.jsonl"
-    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prompt": "\xff\xfe"}\n'  # line 9: not UTF-8
-                     + (json.dumps({**good, "prompt": "good 10"}) + "\n").encode())
+    path.write_bytes(
+        ("\n".join(lines) + "\n").encode()
+        + b'{"prompt": "\xff\xfe"}\n'  # line 9: not UTF-8
+        + (json.dumps({**good, "prompt": "good 10"}) + "\n").encode()
+    )
     source = PreferenceSource("jsonl", path)
     with caplog.at_level(logging.WARNING, logger="rlhf_diffusion.data.preference"):
         assert prompts(source) == ["good", "good 10"]
-    assert dict(source.stats.corrupt) == {"bad_json": 3, "missing_file": 1, "missing_prompt": 1,
-                                          "missing_image": 1, "bad_label": 1, "unreadable_image": 1}
+    assert dict(source.stats.corrupt) == {
+        "bad_json": 3,
+        "missing_file": 1,
+        "missing_prompt": 1,
+        "missing_image": 1,
+        "bad_label": 1,
+        "unreadable_image": 1,
+    }
     messages = [r.getMessage() for r in caplog.records if "skipping corrupt row" in r.getMessage()]
     assert len(messages) == 6
     assert any("(bad_json)" in m and f"{path}:line 2" in m for m in messages)
@@ -356,13 +427,19 @@ def test_pairs_to_tensors_matches_diffusion_dpo_transform():
     assert prompts_out == ["wide", "tall"]
     assert images_w.shape == images_l.shape == (2, 3, 32, 32) and images_w.dtype == torch.float32
     assert 0.0 <= images_w.min() and images_w.max() <= 1.0
-    reference = transforms.Compose([transforms.Resize(32, interpolation=transforms.InterpolationMode.BILINEAR),
-                                    transforms.CenterCrop(32), transforms.ToTensor()])
+    reference = transforms.Compose(
+        [
+            transforms.Resize(32, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+        ]
+    )
     assert torch.equal(images_w[0], reference(wide)) and torch.equal(images_w[1], reference(tall))
     assert torch.equal(images_l[0], reference(tall))
 
-    flipped = [pairs_to_tensors(pairs, 32, random_flip=True, generator=torch.Generator().manual_seed(0))
-               for _ in range(2)]
+    flipped = [
+        pairs_to_tensors(pairs, 32, random_flip=True, generator=torch.Generator().manual_seed(0)) for _ in range(2)
+    ]
     assert torch.equal(flipped[0][1], flipped[1][1]) and torch.equal(flipped[0][2], flipped[1][2])
     mirrored = []
     for got, plain in zip(torch.cat([flipped[0][1], flipped[0][2]]), torch.cat([images_w, images_l])):

@@ -9,8 +9,14 @@ from diffusers import DDIMScheduler
 from rlhf_diffusion.diffusion import ddim
 
 SD_SCHEDULER_KW = dict(
-    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
 )
 
 
@@ -47,9 +53,14 @@ def test_alpha_bar_endpoints(scheduler):
 @pytest.mark.parametrize(
     "t, sigma, kappa, r",
     [  # docs/algorithms.md §0 reference table (SD1.5, K=20, η=1), 3 significant digits
-        (951, 0.644, -0.550, 11.03), (801, 0.581, -0.433, 5.13), (601, 0.483, -0.313, 2.29),
-        (401, 0.373, -0.233, 1.17), (201, 0.251, -0.189, 0.57), (101, 0.167, -0.191, 0.35),
-        (51, 0.041, -0.221, 0.23), (1, 0.021, -0.021, 0.04),
+        (951, 0.644, -0.550, 11.03),
+        (801, 0.581, -0.433, 5.13),
+        (601, 0.483, -0.313, 2.29),
+        (401, 0.373, -0.233, 1.17),
+        (201, 0.251, -0.189, 0.57),
+        (101, 0.167, -0.191, 0.35),
+        (51, 0.041, -0.221, 0.23),
+        (1, 0.021, -0.021, 0.04),
     ],
 )
 def test_sigma_kappa_reference_table(scheduler, t, sigma, kappa, r):

@@ -15,8 +15,10 @@ def test_kl_same_std_hand_value():
     mean_ref = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     kl = ddim.kl_same_std(mean_ref + 0.3, mean_ref, torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(kl, torch.tensor([0.18, 0.18]))
-    torch.testing.assert_close(ddim.kl_same_std(mean_ref + 0.3, mean_ref, torch.tensor([0.5, 0.5]), "sum"),
-                               torch.tensor([0.18 * 48, 0.18 * 48]))
+    torch.testing.assert_close(
+        ddim.kl_same_std(mean_ref + 0.3, mean_ref, torch.tensor([0.5, 0.5]), "sum"),
+        torch.tensor([0.18 * 48, 0.18 * 48]),
+    )
     assert ddim.kl_same_std(mean_ref, mean_ref, torch.tensor([0.5, 1.0])).abs().max() == 0
 
 
@@ -38,20 +40,23 @@ def test_the_mean_log_ratio_of_on_policy_actions_estimates_the_kl():
     std = torch.tensor([0.5])
     n = 4000
     x = mean_theta + std * torch.randn(n, 4, 8, 8, generator=g)
-    log_ratios = ddim.log_ratio_same_std(x, mean_theta.expand(n, -1, -1, -1), mean_ref.expand(n, -1, -1, -1),
-                                         std.expand(n))
+    log_ratios = ddim.log_ratio_same_std(
+        x, mean_theta.expand(n, -1, -1, -1), mean_ref.expand(n, -1, -1, -1), std.expand(n)
+    )
     kl = ddim.kl_same_std(mean_theta, mean_ref, std).item()
     assert log_ratios.mean().item() == pytest.approx(kl, rel=0.05)
     # actions from the reference instead give −KL(π_ref ‖ π_θ) (= −KL here: shared σ makes the KL symmetric)
     x_ref = mean_ref + std * torch.randn(n, 4, 8, 8, generator=g)
-    from_ref = ddim.log_ratio_same_std(x_ref, mean_theta.expand(n, -1, -1, -1), mean_ref.expand(n, -1, -1, -1),
-                                       std.expand(n))
+    from_ref = ddim.log_ratio_same_std(
+        x_ref, mean_theta.expand(n, -1, -1, -1), mean_ref.expand(n, -1, -1, -1), std.expand(n)
+    )
     assert from_ref.mean().item() == pytest.approx(-kl, rel=0.05)
 
 
 def test_ddpm_step_kl_equals_the_kl_of_the_two_reverse_gaussians():
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     betas, alphas_cumprod = scheduler.betas.double(), scheduler.alphas_cumprod.double()
     t = torch.tensor([1, 250, 999])
     g = torch.Generator().manual_seed(3)
@@ -74,8 +79,9 @@ def test_ddpm_step_kl_equals_the_kl_of_the_two_reverse_gaussians():
 
 
 def test_step_diagnostics_group_by_step_index():
-    grouped = step_kl_diagnostics(torch.tensor([0, 2]), torch.tensor([0.1, 0.2]), torch.tensor([0, 2, 0, 2]),
-                                  torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    grouped = step_kl_diagnostics(
+        torch.tensor([0, 2]), torch.tensor([0.1, 0.2]), torch.tensor([0, 2, 0, 2]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    )
     assert set(grouped) == {"kl/step", "kl/log_ratio_step"}
     assert grouped["kl/step"][0].tolist() == [0, 2] and grouped["kl/log_ratio_step"][0].tolist() == [0, 2, 0, 2]
 

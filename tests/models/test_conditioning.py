@@ -51,11 +51,19 @@ def _first_unet_call(pipe, prompts, guidance_scale, **call_kwargs):
     def post_hook(module, args, kwargs, output):
         captured.setdefault("output", output[0].clone())
 
-    handles = [pipe.unet.register_forward_pre_hook(pre_hook, with_kwargs=True),
-               pipe.unet.register_forward_hook(post_hook, with_kwargs=True)]
+    handles = [
+        pipe.unet.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        pipe.unet.register_forward_hook(post_hook, with_kwargs=True),
+    ]
     try:
-        pipe(prompts, num_inference_steps=1, guidance_scale=guidance_scale, output_type="latent",
-             generator=torch.Generator().manual_seed(0), **call_kwargs)
+        pipe(
+            prompts,
+            num_inference_steps=1,
+            guidance_scale=guidance_scale,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **call_kwargs,
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -95,7 +103,10 @@ def test_sdxl_add_time_ids_match_stock_pipeline(sdxl, sdxl_pipe, size):
     sizes = {"height": height, "width": width} if size else {}  # None: the model's native 64 x 64
     cond = encode_prompts(sdxl, ["a cat", "a dog"], **sizes)
     expected = sdxl_pipe._get_add_time_ids(
-        (height, width), (0, 0), (height, width), dtype=cond.prompt_embeds.dtype,
+        (height, width),
+        (0, 0),
+        (height, width),
+        dtype=cond.prompt_embeds.dtype,
         text_encoder_projection_dim=sdxl_pipe.text_encoder_2.config.projection_dim,
     )
     assert torch.equal(cond.add_time_ids, expected.repeat(2, 1))
@@ -214,7 +225,8 @@ def test_text_conditioning_rejects_inconsistent_fields():
     with pytest.raises(ValueError, match="together"):
         TextConditioning(prompt_embeds=torch.zeros(1, 3, 4), pooled_prompt_embeds=torch.zeros(1, 2))
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
-        TextConditioning(prompt_embeds=torch.zeros(2, 3, 4), pooled_prompt_embeds=torch.zeros(1, 2),
-                         add_time_ids=torch.zeros(2, 6))
+        TextConditioning(
+            prompt_embeds=torch.zeros(2, 3, 4), pooled_prompt_embeds=torch.zeros(1, 2), add_time_ids=torch.zeros(2, 6)
+        )
     with pytest.raises(ValueError, match=r"\(B, L, D\)"):
         TextConditioning(prompt_embeds=torch.zeros(2, 4))

@@ -80,8 +80,14 @@ def test_scheduler_is_ddim_whatever_the_pipeline_ships(tmp_path, tiny_sd15_dir):
     pndm_dir = tmp_path / "pndm"
     shutil.copytree(tiny_sd15_dir, pndm_dir)
     shutil.rmtree(pndm_dir / "scheduler")
-    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                  set_alpha_to_one=False, steps_offset=1).save_pretrained(pndm_dir / "scheduler")
+    PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(pndm_dir / "scheduler")
     index = json.loads((pndm_dir / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "PNDMScheduler"]
     (pndm_dir / "model_index.json").write_text(json.dumps(index))

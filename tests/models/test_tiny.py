@@ -65,7 +65,10 @@ def test_loads_through_load_diffusion_model(kind_and_dir):
     sched = model.scheduler
     assert isinstance(sched, DDIMScheduler)
     assert (sched.config.beta_schedule, sched.config.timestep_spacing, sched.config.prediction_type) == (
-        "scaled_linear", "leading", "epsilon")
+        "scaled_linear",
+        "leading",
+        "epsilon",
+    )
     assert not sched.config.clip_sample and not sched.config.set_alpha_to_one and sched.config.steps_offset == 1
     if kind == "sdxl":
         assert model.unet.config.addition_embed_type == "text_time"
@@ -95,8 +98,9 @@ def test_unet_output_depends_on_noise_and_prompt(kind_and_dir):
     assert eps.std() > 0.05
 
 
-@pytest.mark.parametrize("pipeline_cls,fixture", [
-    (StableDiffusionPipeline, "tiny_sd15_dir"), (StableDiffusionXLPipeline, "tiny_sdxl_dir")])
+@pytest.mark.parametrize(
+    "pipeline_cls,fixture", [(StableDiffusionPipeline, "tiny_sd15_dir"), (StableDiffusionXLPipeline, "tiny_sdxl_dir")]
+)
 def test_loads_into_stock_pipeline_and_generates(pipeline_cls, fixture, request):
     pipe = pipeline_cls.from_pretrained(request.getfixturevalue(fixture))
     pipe.set_progress_bar_config(disable=True)

@@ -16,11 +16,16 @@ from rlhf_diffusion.rewards.clip_score import build_tiny_clip_score
 
 # Layer names and weight shapes of the real `sac+logos+ava1-l14-linearMSE.pth` (docs/rewards.md §2.1).
 REAL_MLP_SHAPES = {
-    "layers.0.weight": (1024, 768), "layers.0.bias": (1024,),
-    "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
-    "layers.4.weight": (64, 128), "layers.4.bias": (64,),
-    "layers.6.weight": (16, 64), "layers.6.bias": (16,),
-    "layers.7.weight": (1, 16), "layers.7.bias": (1,),
+    "layers.0.weight": (1024, 768),
+    "layers.0.bias": (1024,),
+    "layers.2.weight": (128, 1024),
+    "layers.2.bias": (128,),
+    "layers.4.weight": (64, 128),
+    "layers.4.bias": (64,),
+    "layers.6.weight": (16, 64),
+    "layers.6.bias": (16,),
+    "layers.7.weight": (1, 16),
+    "layers.7.bias": (1,),
 }
 
 # The official processor works on uint8 pixels (PIL input): its resize output is rounded to whole grey levels, ours
@@ -98,9 +103,9 @@ def test_gradients_are_finite_nonzero_and_per_image(reward):
     torch.testing.assert_close(scores, reward.score(images, ["x", "y"]), rtol=0, atol=1e-6)
     # batch of 2 == two batches of 1, for scores and gradients
     for i in range(2):
-        s_i, g_i = reward.score_and_grad(images[i:i + 1], ["x"])
-        torch.testing.assert_close(s_i, scores[i:i + 1], rtol=0, atol=1e-5)
-        torch.testing.assert_close(g_i, grad[i:i + 1], rtol=1e-4, atol=1e-7)
+        s_i, g_i = reward.score_and_grad(images[i : i + 1], ["x"])
+        torch.testing.assert_close(s_i, scores[i : i + 1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(g_i, grad[i : i + 1], rtol=1e-4, atol=1e-7)
 
 
 def test_prompts_are_ignored_and_images_matter(reward):

@@ -37,6 +37,7 @@ def temp_reward():
 
 # --- registry ---------------------------------------------------------------------------------------------------
 
+
 def test_builtin_rewards_are_registered():
     for name in ("jpeg_compressibility", "jpeg_incompressibility", "brightness", "saturation"):
         assert REWARD_REGISTRY[name].name == name
@@ -114,6 +115,7 @@ def test_wrong_output_shape_is_reported(temp_reward):
 
 # --- input validation -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["brightness", "jpeg_compressibility"])
 @pytest.mark.parametrize(
     "images, prompts, match",
@@ -162,14 +164,16 @@ def test_score_and_grad_leaves_caller_graph_alone():
 
 # --- WeightedReward ---------------------------------------------------------------------------------------------
 
+
 def test_weighted_total_is_weighted_sum():
     images, prompts = _images(3), ["a", "b", "c"]
     brightness, saturation, jpeg = (build_reward(n) for n in ("brightness", "saturation", "jpeg_incompressibility"))
     weighted = WeightedReward([(brightness, 2.0), (saturation, -0.5), (jpeg, 0.25)])
     result = weighted.score(images, prompts)
     assert list(result.per_reward) == ["brightness", "saturation", "jpeg_incompressibility"] == weighted.names
-    expected = (2.0 * brightness.score(images, prompts) - 0.5 * saturation.score(images, prompts)
-                + 0.25 * jpeg_size_kb(images))
+    expected = (
+        2.0 * brightness.score(images, prompts) - 0.5 * saturation.score(images, prompts) + 0.25 * jpeg_size_kb(images)
+    )
     torch.testing.assert_close(result.total, expected)
     torch.testing.assert_close(result.per_reward["jpeg_incompressibility"], jpeg_size_kb(images))
     assert result.total.shape == (3,) and result.total.dtype == torch.float32

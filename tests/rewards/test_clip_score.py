@@ -72,9 +72,9 @@ def test_gradients_are_finite_nonzero_and_per_image(reward):
     assert grad.shape == images.shape and torch.isfinite(grad).all()
     assert (grad.abs().sum(dim=(1, 2, 3)) > 0).all()
     for i in range(2):  # batch of 2 == two batches of 1
-        s_i, g_i = reward.score_and_grad(images[i:i + 1], prompts[i:i + 1])
-        torch.testing.assert_close(s_i, scores[i:i + 1], rtol=0, atol=1e-4)
-        torch.testing.assert_close(g_i, grad[i:i + 1], rtol=1e-4, atol=1e-6)
+        s_i, g_i = reward.score_and_grad(images[i : i + 1], prompts[i : i + 1])
+        torch.testing.assert_close(s_i, scores[i : i + 1], rtol=0, atol=1e-4)
+        torch.testing.assert_close(g_i, grad[i : i + 1], rtol=1e-4, atol=1e-6)
 
 
 def test_long_prompts_are_truncated_to_77_tokens(reward):
@@ -102,7 +102,10 @@ def test_checkpoint_with_wrong_keys_raises_value_error(tiny_dir, tmp_path):
     bad_dir = tmp_path / "bad"
     shutil.copytree(tiny_dir, bad_dir)
     weights = load_file(bad_dir / "model.safetensors")
-    save_file({k.replace("vision_model.", "image_tower."): v for k, v in weights.items()},
-              bad_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k.replace("vision_model.", "image_tower."): v for k, v in weights.items()},
+        bad_dir / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ValueError, match=r"does not match CLIPModel: \d+ missing"):
         ClipScore(path=str(bad_dir))

@@ -176,6 +176,7 @@ PROMPTS = ["a cat", "a dog"]
 
 # --- loading each form: score and gradient values ---------------------------------------------------------------
 
+
 def test_reward_model_subclass_scores_and_gradient():
     reward = load_custom_reward("my_rewards:Redness", scale=3.0)
     assert isinstance(reward, RewardModel) and isinstance(reward, CustomReward)
@@ -212,8 +213,9 @@ def test_non_differentiable_rewards_refuse_gradients():
         assert not reward.differentiable
         with pytest.raises(NotDifferentiableError, match=target):
             reward.score_and_grad(_images(), PROMPTS)
-    torch.testing.assert_close(load_custom_reward("my_rewards:PromptLength").score(_images(), PROMPTS),
-                               torch.tensor([5.0, 5.0]))
+    torch.testing.assert_close(
+        load_custom_reward("my_rewards:PromptLength").score(_images(), PROMPTS), torch.tensor([5.0, 5.0])
+    )
 
 
 def test_path_and_kwargs_are_passed_through_build_reward():
@@ -250,13 +252,16 @@ def test_load_errors_are_one_clear_message_naming_the_target(target, kwargs, fra
     assert repr(target) in message and fragment in message, message
 
 
-@pytest.mark.parametrize("target, kwargs, fragment", [
-    ("os:system", {"command": "touch {marker}"}, "standard library"),
-    ("subprocess:run", {"args": ["touch", "{marker}"]}, "standard library"),
-    ("os.path:join", {"a": "{marker}"}, "standard library"),
-    ("builtins:exec", {"source": "open({marker!r}, 'w')"}, "standard library"),
-    ("my_rewards:BUILTIN_ALIAS", {"source": "open({marker!r}, 'w')"}, "not a class or a Python function"),
-])
+@pytest.mark.parametrize(
+    "target, kwargs, fragment",
+    [
+        ("os:system", {"command": "touch {marker}"}, "standard library"),
+        ("subprocess:run", {"args": ["touch", "{marker}"]}, "standard library"),
+        ("os.path:join", {"a": "{marker}"}, "standard library"),
+        ("builtins:exec", {"source": "open({marker!r}, 'w')"}, "standard library"),
+        ("my_rewards:BUILTIN_ALIAS", {"source": "open({marker!r}, 'w')"}, "not a class or a Python function"),
+    ],
+)
 def test_targets_that_are_not_reward_code_are_refused_before_anything_is_called(target, kwargs, fragment, tmp_path):
     """A config is code, but a target in the standard library, or an attribute that is a builtin rather than a class
     or a Python function, is refused before it is called: the probe's `os:system` ran a shell command first."""
@@ -281,10 +286,13 @@ def test_missing_module_says_how_to_ship_it():
     assert "PYTHONPATH" in message
 
 
-@pytest.mark.parametrize("target, fragment", [
-    ("my_rewards:WrongShape", "returned scores of shape (2, 3), expected (2,)"),
-    ("my_rewards:NaNScore", "returned non-finite scores"),
-])
+@pytest.mark.parametrize(
+    "target, fragment",
+    [
+        ("my_rewards:WrongShape", "returned scores of shape (2, 3), expected (2,)"),
+        ("my_rewards:NaNScore", "returned non-finite scores"),
+    ],
+)
 def test_bad_scores_are_caught_at_scoring_time(target, fragment):
     reward = WeightedReward.from_specs([_spec(target)])
     with pytest.raises(CustomRewardError) as info:
@@ -310,19 +318,29 @@ def test_errors_from_specs_name_the_config_entry():
 
 # --- config validation ------------------------------------------------------------------------------------------
 
+
 def _config(rewards, algorithm="d3po"):
     return {"model": {"pretrained": "tiny:sd15"}, "algorithm": {"name": algorithm}, "rewards": rewards}
 
 
-@pytest.mark.parametrize("rewards, path, fragment", [
-    ([{"name": "custom"}], "rewards.0.target", "required for name 'custom'"),
-    ([{"name": "custom", "target": "my_rewards"}], "rewards.0.target", "expected 'package.module:Attribute'"),
-    ([{"name": "aesthetic", "target": "my_rewards:Redness"}], "rewards.0.target", "only for name 'custom'"),
-    ([{"name": "custom", "target": "a:Redness"}, {"name": "custom", "target": "b.c:Redness"}], "rewards.1.label",
-     "duplicate reward key 'Redness' (already the key of rewards.0)"),
-    ([{"name": "brightness"}, {"name": "custom", "target": "m:R", "label": "brightness"}], "rewards.1.label",
-     "duplicate reward key 'brightness'"),
-])
+@pytest.mark.parametrize(
+    "rewards, path, fragment",
+    [
+        ([{"name": "custom"}], "rewards.0.target", "required for name 'custom'"),
+        ([{"name": "custom", "target": "my_rewards"}], "rewards.0.target", "expected 'package.module:Attribute'"),
+        ([{"name": "aesthetic", "target": "my_rewards:Redness"}], "rewards.0.target", "only for name 'custom'"),
+        (
+            [{"name": "custom", "target": "a:Redness"}, {"name": "custom", "target": "b.c:Redness"}],
+            "rewards.1.label",
+            "duplicate reward key 'Redness' (already the key of rewards.0)",
+        ),
+        (
+            [{"name": "brightness"}, {"name": "custom", "target": "m:R", "label": "brightness"}],
+            "rewards.1.label",
+            "duplicate reward key 'brightness'",
+        ),
+    ],
+)
 def test_config_refuses_bad_custom_entries(rewards, path, fragment):
     with pytest.raises(ConfigError) as info:
         parse_config(_config(rewards))
@@ -330,17 +348,22 @@ def test_config_refuses_bad_custom_entries(rewards, path, fragment):
 
 
 def test_config_keys_labels_and_defaults():
-    config = parse_config(_config([
-        {"name": "custom", "target": "my_rewards:Redness", "kwargs": {"scale": 2}, "weight": 0.5},
-        {"name": "custom", "target": "other.mod:Redness", "label": "redness_2"},
-        {"name": "brightness"},
-        {"name": "brightness", "label": "brightness_2"},
-    ]))
+    config = parse_config(
+        _config(
+            [
+                {"name": "custom", "target": "my_rewards:Redness", "kwargs": {"scale": 2}, "weight": 0.5},
+                {"name": "custom", "target": "other.mod:Redness", "label": "redness_2"},
+                {"name": "brightness"},
+                {"name": "brightness", "label": "brightness_2"},
+            ]
+        )
+    )
     assert [r.key for r in config.rewards] == ["Redness", "redness_2", "brightness", "brightness_2"]
     assert config.rewards[0].target == "my_rewards:Redness" and config.rewards[0].kwargs == {"scale": 2}
 
 
 # --- combining with built-ins -----------------------------------------------------------------------------------
+
 
 def _spec(target, name="custom", weight=1.0, label=None, path=None, kwargs=None):
     from types import SimpleNamespace
@@ -349,10 +372,20 @@ def _spec(target, name="custom", weight=1.0, label=None, path=None, kwargs=None)
 
 
 def test_weighted_sum_of_builtin_and_custom_reward_from_the_config():
-    config = parse_config(_config([
-        {"name": "brightness", "weight": 2.0},
-        {"name": "custom", "target": "my_rewards:Redness", "kwargs": {"scale": 3.0}, "weight": -0.5, "label": "red"},
-    ]))
+    config = parse_config(
+        _config(
+            [
+                {"name": "brightness", "weight": 2.0},
+                {
+                    "name": "custom",
+                    "target": "my_rewards:Redness",
+                    "kwargs": {"scale": 3.0},
+                    "weight": -0.5,
+                    "label": "red",
+                },
+            ]
+        )
+    )
     reward = WeightedReward.from_specs(config.rewards)
     assert reward.names == ["brightness", "red"] and reward.weights == {"brightness": 2.0, "red": -0.5}
     images = _images()
@@ -368,7 +401,9 @@ def test_weighted_sum_of_builtin_and_custom_reward_from_the_config():
 def test_reward_host_serves_custom_rewards_and_describes_them():
     host = RewardHost([_spec("my_rewards:Redness", label="red"), _spec("my_rewards:Blueness", weight=-1.0)], "cpu")
     assert host.describe() == {
-        "names": ["red", "Blueness"], "weights": {"red": 1.0, "Blueness": -1.0}, "differentiable": False,
+        "names": ["red", "Blueness"],
+        "weights": {"red": 1.0, "Blueness": -1.0},
+        "differentiable": False,
         "not_differentiable": ["'Blueness' (custom reward 'my_rewards:Blueness' (rewards.1.target))"],
     }
     a, b = _images(seed=1), _images(n=1, seed=2)
@@ -379,13 +414,22 @@ def test_reward_host_serves_custom_rewards_and_describes_them():
 
 
 def test_pareto_labels_over_a_builtin_and_a_custom_reward():
-    reward = WeightedReward.from_specs([_spec(None, name="brightness"),
-                                        _spec("my_rewards:Redness", weight=-1.0, label="red")])
+    reward = WeightedReward.from_specs(
+        [_spec(None, name="brightness"), _spec("my_rewards:Redness", weight=-1.0, label="red")]
+    )
     # pair 0: sample 0 brighter and less red (red is minimised) → 0 wins; pair 1: brighter but redder → tie
-    images = torch.stack([
-        torch.tensor([0.2, 0.9, 0.9]), torch.tensor([0.5, 0.1, 0.1]),  # pair 0, sample 0 / pair 1, sample 0
-        torch.tensor([0.4, 0.2, 0.2]), torch.tensor([0.2, 0.1, 0.1]),  # pair 0, sample 1 / pair 1, sample 1
-    ]).view(4, 3, 1, 1).expand(4, 3, 2, 2)
+    images = (
+        torch.stack(
+            [
+                torch.tensor([0.2, 0.9, 0.9]),
+                torch.tensor([0.5, 0.1, 0.1]),  # pair 0, sample 0 / pair 1, sample 0
+                torch.tensor([0.4, 0.2, 0.2]),
+                torch.tensor([0.2, 0.1, 0.1]),  # pair 0, sample 1 / pair 1, sample 1
+            ]
+        )
+        .view(4, 3, 1, 1)
+        .expand(4, 3, 2, 2)
+    )
     result = reward.score(images, ["p"] * 4)
     per_reward = {k: v.view(2, 2).T for k, v in result.per_reward.items()}  # (P, 2), as sample_ranked_pairs
     assert list(per_reward) == ["brightness", "red"]
@@ -395,17 +439,20 @@ def test_pareto_labels_over_a_builtin_and_a_custom_reward():
 
 # --- end to end: a custom reward from a user module trains TailorPO-G -------------------------------------------
 
+
 def _run_config(model_dir, output_dir, run_name, rewards):
     return {
-        "run_name": run_name, "seed": 0, "output_dir": str(output_dir), "device": "cpu",
+        "run_name": run_name,
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "device": "cpu",
         "model": {"pretrained": str(model_dir), "lora": {"rank": 4}},
         "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
         "algorithm": {"name": "tailorpo_g", "num_candidates": 2},
         "rewards": rewards,
         "resources": {"num_samplers": 1},
         "train": {"iterations": 2, "learning_rate": 1e-2, "train_batch_size": 4, "max_staleness": 0},
-        "prompts": {"train": {"inline": ["a cat", "a dog", "a fox"]}, "eval": {"inline": ["a horse"]},
-                    "eval_seeds": 1},
+        "prompts": {"train": {"inline": ["a cat", "a dog", "a fox"]}, "eval": {"inline": ["a horse"]}, "eval_seeds": 1},
         "tracking": {"enabled": False},
         "checkpoint": {"every": 0, "keep_last": 1},
     }
@@ -415,8 +462,15 @@ def test_custom_reward_from_a_user_module_trains_tailorpo_g(tiny_sd15_dir, tmp_p
     from rlhf_diffusion.trainer import Trainer
 
     counter = tmp_path / "gradient_calls.txt"
-    rewards = [{"name": "custom", "target": "my_rewards:Redness", "label": "redness", "weight": 2.0,
-                "kwargs": {"scale": 1.0, "counter_file": str(counter)}}]
+    rewards = [
+        {
+            "name": "custom",
+            "target": "my_rewards:Redness",
+            "label": "redness",
+            "weight": 2.0,
+            "kwargs": {"scale": 1.0, "counter_file": str(counter)},
+        }
+    ]
     config = parse_config(_run_config(tiny_sd15_dir, tmp_path, "custom_g", rewards))
     result = Trainer(config, use_ray=False, log=lambda *_: None).fit()
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -428,8 +482,9 @@ def test_custom_reward_from_a_user_module_trains_tailorpo_g(tiny_sd15_dir, tmp_p
     assert counter.read_text().splitlines() == ["2 3 64 64"] * 6
 
 
-def test_tailorpo_g_with_a_non_differentiable_custom_reward_fails_at_build_time(tiny_sd15_dir, tmp_path,
-                                                                                one_torch_thread):
+def test_tailorpo_g_with_a_non_differentiable_custom_reward_fails_at_build_time(
+    tiny_sd15_dir, tmp_path, one_torch_thread
+):
     from rlhf_diffusion.trainer import Trainer
 
     rewards = [{"name": "custom", "target": "my_rewards:Blueness", "label": "blue"}]
@@ -442,8 +497,12 @@ def test_tailorpo_g_with_a_non_differentiable_custom_reward_fails_at_build_time(
 def test_custom_reward_ranks_d3po_pairs(tiny_sd15_dir, tmp_path, one_torch_thread):
     from rlhf_diffusion.trainer import Trainer
 
-    data = _run_config(tiny_sd15_dir, tmp_path, "custom_d3po",
-                       [{"name": "brightness"}, {"name": "custom", "target": "my_rewards:Redness", "label": "red"}])
+    data = _run_config(
+        tiny_sd15_dir,
+        tmp_path,
+        "custom_d3po",
+        [{"name": "brightness"}, {"name": "custom", "target": "my_rewards:Redness", "label": "red"}],
+    )
     data["algorithm"] = {"name": "d3po"}
     data["train"]["iterations"] = 1
     result = Trainer(parse_config(data), use_ray=False, log=lambda *_: None).fit()

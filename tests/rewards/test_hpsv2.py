@@ -92,9 +92,9 @@ def test_gradients_are_finite_nonzero_and_per_image(reward):
     assert grad.shape == images.shape and torch.isfinite(grad).all()
     assert (grad.abs().sum(dim=(1, 2, 3)) > 0).all()
     for i in range(2):  # batch of 2 == two batches of 1
-        s_i, g_i = reward.score_and_grad(images[i:i + 1], prompts[i:i + 1])
-        torch.testing.assert_close(s_i, scores[i:i + 1], rtol=0, atol=1e-6)
-        torch.testing.assert_close(g_i, grad[i:i + 1], rtol=1e-4, atol=1e-7)
+        s_i, g_i = reward.score_and_grad(images[i : i + 1], prompts[i : i + 1])
+        torch.testing.assert_close(s_i, scores[i : i + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(g_i, grad[i : i + 1], rtol=1e-4, atol=1e-7)
 
 
 def test_frozen_and_in_eval_mode(reward):

@@ -43,16 +43,32 @@ def official_keys(vision_blocks: int, text_layers: int) -> set[str]:
     wb = ("weight", "bias")
     keys = {"blip.visual_encoder.cls_token", "blip.visual_encoder.pos_embed"}
     keys |= {f"blip.visual_encoder.patch_embed.proj.{p}" for p in wb}
-    keys |= {f"blip.visual_encoder.blocks.{i}.{m}.{p}" for i in range(vision_blocks)
-             for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in wb}
+    keys |= {
+        f"blip.visual_encoder.blocks.{i}.{m}.{p}"
+        for i in range(vision_blocks)
+        for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        for p in wb
+    }
     keys |= {f"blip.visual_encoder.norm.{p}" for p in wb}
     t = "blip.text_encoder."
-    keys |= {t + "embeddings.position_ids", t + "embeddings.word_embeddings.weight",
-             t + "embeddings.position_embeddings.weight"} | {t + f"embeddings.LayerNorm.{p}" for p in wb}
-    keys |= {t + f"encoder.layer.{i}.{a}.{m}.{p}" for i in range(text_layers) for a in ("attention", "crossattention")
-             for m in ("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm") for p in wb}
-    keys |= {t + f"encoder.layer.{i}.{m}.{p}" for i in range(text_layers)
-             for m in ("intermediate.dense", "output.dense", "output.LayerNorm") for p in wb}
+    keys |= {
+        t + "embeddings.position_ids",
+        t + "embeddings.word_embeddings.weight",
+        t + "embeddings.position_embeddings.weight",
+    } | {t + f"embeddings.LayerNorm.{p}" for p in wb}
+    keys |= {
+        t + f"encoder.layer.{i}.{a}.{m}.{p}"
+        for i in range(text_layers)
+        for a in ("attention", "crossattention")
+        for m in ("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm")
+        for p in wb
+    }
+    keys |= {
+        t + f"encoder.layer.{i}.{m}.{p}"
+        for i in range(text_layers)
+        for m in ("intermediate.dense", "output.dense", "output.LayerNorm")
+        for p in wb
+    }
     keys |= {f"blip.{proj}.{p}" for proj in ("vision_proj", "text_proj") for p in wb}
     keys |= {f"mlp.layers.{j}.{p}" for j in (0, 2, 4, 6, 7) for p in wb}
     return keys
@@ -81,6 +97,7 @@ def _official_forward(sd, config, pixel_values, input_ids, attention_mask):
     """Upstream's `ImageReward.score` written out with torch.nn.functional on the official state dict: BLIP ViT
     (pre-norm blocks, LayerNorm eps 1e-6, final norm on all tokens) → med BERT (post-norm, eps 1e-12, additive
     −10000 padding mask, cross-attention to every image token) → MLP on [CLS] → (raw − mean) / std."""
+
     def w(key):
         return sd[key].float()
 
@@ -95,8 +112,13 @@ def _official_forward(sd, config, pixel_values, input_ids, attention_mask):
 
     # Vision transformer
     v = "blip.visual_encoder."
-    x = F.conv2d(pixel_values, w(v + "patch_embed.proj.weight"), w(v + "patch_embed.proj.bias"),
-                 stride=config.patch_size).flatten(2).transpose(1, 2)  # (N, P, Dv)
+    x = (
+        F.conv2d(
+            pixel_values, w(v + "patch_embed.proj.weight"), w(v + "patch_embed.proj.bias"), stride=config.patch_size
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )  # (N, P, Dv)
     x = torch.cat([w(v + "cls_token").expand(x.shape[0], -1, -1), x], dim=1) + w(v + "pos_embed")
     hv = config.vision_num_heads
     for i in range(config.vision_num_layers):
@@ -110,14 +132,18 @@ def _official_forward(sd, config, pixel_values, input_ids, attention_mask):
     # BERT with cross-attention
     t = "blip.text_encoder."
     ht = config.text_num_heads
-    h = w(t + "embeddings.word_embeddings.weight")[input_ids] + w(t + "embeddings.position_embeddings.weight")[
-        : input_ids.shape[1]]
+    h = (
+        w(t + "embeddings.word_embeddings.weight")[input_ids]
+        + w(t + "embeddings.position_embeddings.weight")[: input_ids.shape[1]]
+    )
     h = ln(h, t + "embeddings.LayerNorm", 1e-12)
     pad_mask = (1.0 - attention_mask[:, None, None, :].float()) * -10000.0
 
     def attention(hidden, context, prefix, mask):
-        q, k, val = (heads(lin(s, f"{prefix}.self.{n}"), ht) for s, n in
-                     ((hidden, "query"), (context, "key"), (context, "value")))
+        q, k, val = (
+            heads(lin(s, f"{prefix}.self.{n}"), ht)
+            for s, n in ((hidden, "query"), (context, "key"), (context, "value"))
+        )
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
         ctx = (scores.softmax(-1) @ val).transpose(1, 2).flatten(2)
         return ln(lin(ctx, f"{prefix}.output.dense") + hidden, f"{prefix}.output.LayerNorm", 1e-12)
@@ -137,8 +163,13 @@ def _official_forward(sd, config, pixel_values, input_ids, attention_mask):
 def _official_inputs(tiny_dir, images, prompts):
     """Upstream's preprocessing on tensors (torchvision Resize(224, BICUBIC) + CenterCrop + Normalize) and its
     tokenizer (bert vocab + [DEC] + [ENC], max_length 35)."""
-    transform = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=True), CenterCrop(224),
-                         Normalize(CLIP_MEAN, CLIP_STD)])
+    transform = Compose(
+        [
+            Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            CenterCrop(224),
+            Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
     tokenizer = BertTokenizer.from_pretrained(tiny_dir / "tokenizer")
     tokenizer.add_tokens(["[DEC]", "[ENC]"], special_tokens=True)
     tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -155,9 +186,18 @@ def test_builder_writes_the_official_key_names(tiny_dir, tiny_config):
 
 
 def test_key_map_covers_every_official_key_and_every_model_weight():
-    config = ImageRewardConfig(vision_hidden_size=8, vision_num_layers=2, vision_num_heads=2,
-                               vision_intermediate_size=8, vocab_size=16, text_hidden_size=8, text_num_layers=3,
-                               text_num_heads=2, text_intermediate_size=8, max_position_embeddings=40)
+    config = ImageRewardConfig(
+        vision_hidden_size=8,
+        vision_num_layers=2,
+        vision_num_heads=2,
+        vision_intermediate_size=8,
+        vocab_size=16,
+        text_hidden_size=8,
+        text_num_layers=3,
+        text_num_heads=2,
+        text_intermediate_size=8,
+        max_position_embeddings=40,
+    )
     model_keys = set(ImageRewardModel(config).state_dict())
     mapped, dropped = {}, set()
     for key in official_keys(vision_blocks=2, text_layers=3):
@@ -169,12 +209,19 @@ def test_key_map_covers_every_official_key_and_every_model_weight():
             assert hf_to_official_key(hf_key) == key  # the inverse map round-trips
     assert set(mapped.values()) == model_keys  # nothing left over, nothing missing
     assert len(set(mapped.values())) == len(mapped)  # injective
-    assert dropped == {"blip.text_encoder.embeddings.position_ids", "blip.vision_proj.weight",
-                       "blip.vision_proj.bias", "blip.text_proj.weight", "blip.text_proj.bias"}
+    assert dropped == {
+        "blip.text_encoder.embeddings.position_ids",
+        "blip.vision_proj.weight",
+        "blip.vision_proj.bias",
+        "blip.text_proj.weight",
+        "blip.text_proj.bias",
+    }
     assert len(DROPPED_OFFICIAL_KEYS) == 3
     # Spot checks of the renames that differ between timm/BLIP and transformers.
-    assert official_to_hf_key("blip.visual_encoder.blocks.1.attn.proj.bias") == \
-        "vision_model.encoder.layers.1.self_attn.projection.bias"
+    assert (
+        official_to_hf_key("blip.visual_encoder.blocks.1.attn.proj.bias")
+        == "vision_model.encoder.layers.1.self_attn.projection.bias"
+    )
     assert official_to_hf_key("blip.visual_encoder.norm.weight") == "vision_model.post_layernorm.weight"
     assert official_to_hf_key("blip.visual_encoder.pos_embed") == "vision_model.embeddings.position_embedding"
     with pytest.raises(KeyError):
@@ -183,18 +230,31 @@ def test_key_map_covers_every_official_key_and_every_model_weight():
 
 def test_unknown_keys_are_listed():
     with pytest.raises(ValueError, match=r"2 key\(s\) are not part of .*blip\.itm_head\.weight, visual\.proj"):
-        convert_official_state_dict({"visual.proj": torch.zeros(1), "blip.itm_head.weight": torch.zeros(1),
-                                     "mlp.layers.0.bias": torch.zeros(1)})
+        convert_official_state_dict(
+            {"visual.proj": torch.zeros(1), "blip.itm_head.weight": torch.zeros(1), "mlp.layers.0.bias": torch.zeros(1)}
+        )
 
 
 def test_default_config_is_the_real_architecture():
     with torch.device("meta"):
         model = ImageRewardModel()
     vision, text = model.vision_model.config, model.text_model.config
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size,
-            vision.image_size, vision.layer_norm_eps) == (1024, 24, 16, 16, 224, 1e-6)
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.encoder_hidden_size,
-            text.vocab_size, text.layer_norm_eps) == (768, 12, 12, 1024, 30524, 1e-12)
+    assert (
+        vision.hidden_size,
+        vision.num_hidden_layers,
+        vision.num_attention_heads,
+        vision.patch_size,
+        vision.image_size,
+        vision.layer_norm_eps,
+    ) == (1024, 24, 16, 16, 224, 1e-6)
+    assert (
+        text.hidden_size,
+        text.num_hidden_layers,
+        text.num_attention_heads,
+        text.encoder_hidden_size,
+        text.vocab_size,
+        text.layer_norm_eps,
+    ) == (768, 12, 12, 1024, 30524, 1e-12)
     # ViT-L/16 303,301,632 + BERT-base with cross-attention 141,977,088 + MLP 927,969 (counted from upstream's
     # layer shapes). With the dropped ITC projections (459,264) that is 447.67M fp32 params = the 1.79 GB file.
     assert sum(p.numel() for p in model.parameters()) == 446_206_689
@@ -221,8 +281,9 @@ def test_normalisation_constants(tiny_dir, reward):
     m = reward.model
     with torch.no_grad():
         image_embeds = m.vision_model(pixel_values=pixel_values).last_hidden_state
-        cls = m.text_model(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                           is_decoder=False).last_hidden_state[:, 0]
+        cls = m.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds, is_decoder=False
+        ).last_hidden_state[:, 0]
         raw = m.mlp(cls).squeeze(-1)
     torch.testing.assert_close(reward.score(images, PROMPTS), (raw - UPSTREAM_MEAN) / UPSTREAM_STD)
 
@@ -231,12 +292,19 @@ def test_preprocessing_matches_upstream_pil_transform(reward):
     """Upstream feeds a PIL image through Resize(224, BICUBIC) + CenterCrop + ToTensor + Normalize. PIL resizes in
     uint8, so its output is rounded to 1/255 (≤ 0.5/255/0.26 ≈ 0.0075 after normalisation, ≈ 0.004 on average)
     and clipped where bicubic overshoots; a smooth image (no overshoot) stays within two rounding steps."""
-    smooth = F.interpolate(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3)), size=(80, 48),
-                           mode="bilinear")
+    smooth = F.interpolate(
+        torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3)), size=(80, 48), mode="bilinear"
+    )
     pixels = (smooth * 255).round().to(torch.uint8)  # the same pixels for both paths
     pil = Image.fromarray(pixels[0].permute(1, 2, 0).numpy())
-    upstream = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224), ToTensor(),
-                        Normalize(CLIP_MEAN, CLIP_STD)])(pil)[None]
+    upstream = Compose(
+        [
+            Resize(224, interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(224),
+            ToTensor(),
+            Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )(pil)[None]
     ours = reward.preprocess(pixels.float() / 255)
     assert ours.shape == upstream.shape == (1, 3, 224, 224)
     diff = (ours - upstream).abs()
@@ -254,7 +322,7 @@ def test_gradients_are_finite_and_nonzero(reward):
 def test_batch_independence(reward):
     images = _images(2, seed=4)
     together = reward.score(images, PROMPTS)
-    alone = torch.cat([reward.score(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(2)])
+    alone = torch.cat([reward.score(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
 
 
@@ -288,7 +356,8 @@ def test_missing_path_is_a_clear_error(tmp_path):
 def test_wrong_keys_are_listed(tiny_dir, tmp_path):
     state_dict = torch.load(tiny_dir / CHECKPOINT_FILENAME, weights_only=True)
     state_dict["blip.visual_encoder.blocks.0.attn.qkv_renamed.weight"] = state_dict.pop(
-        "blip.visual_encoder.blocks.0.attn.qkv.weight")
+        "blip.visual_encoder.blocks.0.attn.qkv.weight"
+    )
     torch.save(state_dict, tmp_path / CHECKPOINT_FILENAME)
     shutil.copy(tiny_dir / CONFIG_FILENAME, tmp_path / CONFIG_FILENAME)
     with pytest.raises(ValueError, match=r"not part of the official .*blocks\.0\.attn\.qkv_renamed\.weight"):

@@ -101,7 +101,7 @@ def test_gradients_are_finite_and_nonzero(reward):
 def test_batch_independence(reward):
     images = _images(2, seed=5)
     together = reward.score(images, PROMPTS)
-    alone = torch.cat([reward.score(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(2)])
+    alone = torch.cat([reward.score(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
 
 
@@ -112,8 +112,7 @@ def test_prompt_changes_the_score(reward):
 
 
 def test_defaults_and_weights_frozen(reward):
-    assert (DEFAULT_MODEL, DEFAULT_PROCESSOR) == ("yuvalkirstain/PickScore_v1",
-                                                  "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    assert (DEFAULT_MODEL, DEFAULT_PROCESSOR) == ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     assert reward.name == "pickscore" and reward.differentiable
     assert not any(p.requires_grad for p in reward.model.parameters()) and not reward.model.training
 

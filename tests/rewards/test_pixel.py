@@ -46,8 +46,7 @@ def test_brightness_gradient_matches_finite_differences():
     images = torch.rand(2, 3, 3, 4, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
     reward = build_reward("brightness")
     _, grad = reward.score_and_grad(images, ["a", "b"])
-    torch.testing.assert_close(grad.double(), _finite_difference_grad(reward, images, ["a", "b"]),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), _finite_difference_grad(reward, images, ["a", "b"]), rtol=1e-5, atol=1e-7)
 
 
 def test_saturation_closed_form():
@@ -69,8 +68,7 @@ def test_saturation_gradient_closed_form_and_finite_differences():
     expected.scatter_(1, images.argmax(dim=1, keepdim=True), 1 / (h * w))
     expected.scatter_(1, images.argmin(dim=1, keepdim=True), -1 / (h * w))
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-9)
-    torch.testing.assert_close(grad.double(), _finite_difference_grad(reward, images, ["a", "b"]),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), _finite_difference_grad(reward, images, ["a", "b"]), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["brightness", "saturation"])

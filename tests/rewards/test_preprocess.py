@@ -9,8 +9,13 @@ from rlhf_diffusion.rewards.preprocess import normalize, resize_longest_and_pad,
 
 @pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 96, 64), (1, 3, 300, 451), (1, 3, 224, 224)])
 def test_matches_clip_image_processor(shape):
-    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
-                                   do_rescale=False, do_convert_rgb=False)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        resample=3,
+        do_rescale=False,
+        do_convert_rgb=False,
+    )
     images = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     reference = processor(images=list(images), return_tensors="pt").pixel_values
     ours = normalize(resize_shortest_and_center_crop(images, 224))

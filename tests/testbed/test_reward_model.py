@@ -62,7 +62,7 @@ def test_scores_shape_range_and_batch_independence(reward):
     scores = reward.score(images, captions)
     assert scores.shape == (6,) and scores.dtype == torch.float32
     assert torch.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()
-    alone = torch.cat([reward.score(images[i:i + 1], captions[i:i + 1]) for i in range(6)])
+    alone = torch.cat([reward.score(images[i : i + 1], captions[i : i + 1]) for i in range(6)])
     torch.testing.assert_close(alone, scores, atol=1e-5, rtol=0)
     # another image size is resized to the model's 64 px; any text is tokenised (and scored) without error
     big = torch.nn.functional.interpolate(images[:2], size=(128, 128), mode="nearest")
@@ -133,15 +133,18 @@ def test_label_codes_are_the_checkers_verdicts():
             got = {a: bool(labels[i]) for i, a in enumerate(reward_model.ATTRIBUTES) if stated[i]}
             expected = world.check(image, other)
             assert got == {a: v for a, v in expected.items() if a != "all"}, world.caption(other)
-    assert reward_model.mirror_caption("a red circle on the left on a white background") == \
-        "a red circle on the right on a white background"
+    assert (
+        reward_model.mirror_caption("a red circle on the left on a white background")
+        == "a red circle on the right on a white background"
+    )
 
 
 def test_decisive_pair_agreement_by_hand():
     # group 0: gold (1, 0.5, 0.5) -> decisive pairs (0,1), (0,2); scores order (0,1) right, (0,2) tied -> 1.5 / 2
     # group 1: gold (0.2, 0.8) -> one decisive pair, ordered wrong -> 0
     agreement, decisive, pairs = reward_model.decisive_pair_agreement(
-        np.array([0.9, 0.1, 0.9, 0.7, 0.3]), np.array([1.0, 0.5, 0.5, 0.2, 0.8]), np.array([0, 0, 0, 1, 1]))
+        np.array([0.9, 0.1, 0.9, 0.7, 0.3]), np.array([1.0, 0.5, 0.5, 0.2, 0.8]), np.array([0, 0, 0, 1, 1])
+    )
     assert (decisive, pairs) == (3, 4) and agreement == pytest.approx(1.5 / 3)
 
 
@@ -156,10 +159,34 @@ def test_shipped_card_reports_the_held_out_agreement():
 
 def test_miniature_training_run_writes_a_loadable_model(tmp_path):
     out = tmp_path / "reward"
-    code = reward_model.main(["--out", str(out), "--max-captions", "4", "--samples-per-caption", "2",
-                              "--renders", "8", "--steps", "2", "--train-steps", "3", "--batch-size", "8",
-                              "--eval-train-seeds", "2", "--eval-heldout-seeds", "2", "--clip-baseline", "false",
-                              "--threads", "1", "--log-every", "1"])
+    code = reward_model.main(
+        [
+            "--out",
+            str(out),
+            "--max-captions",
+            "4",
+            "--samples-per-caption",
+            "2",
+            "--renders",
+            "8",
+            "--steps",
+            "2",
+            "--train-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--eval-train-seeds",
+            "2",
+            "--eval-heldout-seeds",
+            "2",
+            "--clip-baseline",
+            "false",
+            "--threads",
+            "1",
+            "--log-every",
+            "1",
+        ]
+    )
     assert code == 0
     card = json.loads((out / "card.json").read_text())
     assert card["data"]["pipeline_samples"] == 8 and card["data"]["renders"] == 8

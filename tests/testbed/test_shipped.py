@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rlhf_diffusion.config import ConfigError, load_config
+from rlhf_diffusion.prompts import load_builtin
 from rlhf_diffusion.testbed.assets import TESTBED_DIR, resolve_testbed
 from rlhf_diffusion.testbed.world import as_float_tensor, batch_accuracy, parse_caption, render
-from rlhf_diffusion.prompts import load_builtin
 
 MB = 1024 * 1024
 
@@ -32,12 +32,22 @@ def test_testbed_references_resolve_and_bad_ones_are_named():
 
 
 def _one_attribute_changed(caption: str) -> str:
-    swaps = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green", "circle": "square",
-             "square": "triangle", "triangle": "circle", "white": "black", "black": "gray", "gray": "white"}
+    swaps = {
+        "red": "blue",
+        "blue": "red",
+        "green": "yellow",
+        "yellow": "green",
+        "circle": "square",
+        "square": "triangle",
+        "triangle": "circle",
+        "white": "black",
+        "black": "gray",
+        "gray": "white",
+    }
     words = caption.split()
     for i, w in enumerate(words):
         if w in swaps:
-            changed = words[:i] + [swaps[w]] + words[i + 1:]
+            changed = words[:i] + [swaps[w]] + words[i + 1 :]
             return " ".join(changed)
     raise AssertionError(caption)
 
@@ -62,12 +72,24 @@ def test_pipeline_draws_recognisable_scenes_with_mistakes_through_the_production
     config = load_config("configs/tiny.yaml")
     prompts = resolve_prompts(None, inline=load_builtin("testbed_heldout")[:24])
     # the evaluate CLI's reward validation, with a testbed path and a custom reward (the world's checker)
-    rewards = check_rewards([{"name": "clip_score", "path": "testbed:clip"},
-                             {"name": "custom", "target": "rlhf_diffusion.testbed.reward:CheckerReward",
-                              "label": "checker"}], ["--reward clip_score", "--reward checker"])
-    result = evaluate("testbed:pipeline", prompts, rewards, seeds=1, steps=config.sampling.num_steps,
-                      eta=config.sampling.eta, guidance_scale=config.sampling.guidance_scale, grid_prompts=24,
-                      log=lambda *_: None)
+    rewards = check_rewards(
+        [
+            {"name": "clip_score", "path": "testbed:clip"},
+            {"name": "custom", "target": "rlhf_diffusion.testbed.reward:CheckerReward", "label": "checker"},
+        ],
+        ["--reward clip_score", "--reward checker"],
+    )
+    result = evaluate(
+        "testbed:pipeline",
+        prompts,
+        rewards,
+        seeds=1,
+        steps=config.sampling.num_steps,
+        eta=config.sampling.eta,
+        guidance_scale=config.sampling.guidance_scale,
+        grid_prompts=24,
+        log=lambda *_: None,
+    )
     (row,) = result.rows
     assert result.columns == ["clip_score", "checker", "total"]
     acc = batch_accuracy(row.images, prompts.prompts)

@@ -48,8 +48,19 @@ def test_miniature_training_run_loads_through_stock_and_production_code(tmp_path
     from rlhf_diffusion.models.loading import load_diffusion_model
     from rlhf_diffusion.rewards.clip_score import ClipScore
 
-    s = train.TrainSettings(n_images=128, vae_steps=2, vae_batch=4, clip_steps=2, clip_batch=8, unet_steps=3,
-                            unet_batch=4, unet_warmup=1, eval_images_per_caption=1, eval_steps=1, log_every=1)
+    s = train.TrainSettings(
+        n_images=128,
+        vae_steps=2,
+        vae_batch=4,
+        clip_steps=2,
+        clip_batch=8,
+        unet_steps=3,
+        unet_batch=4,
+        unet_warmup=1,
+        eval_images_per_caption=1,
+        eval_steps=1,
+        log_every=1,
+    )
     lines = []
     card = train.train_testbed(tmp_path, s, log=lines.append)
     assert {"data", "vae", "clip", "unet", "eval"} <= set(card)
@@ -65,8 +76,7 @@ def test_miniature_training_run_loads_through_stock_and_production_code(tmp_path
     scores = reward.score(torch.rand(2, 3, 64, 64), ["a red circle on the left on a white background"] * 2)
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     # resuming: only the eval stage reruns, the trained parts are reused
-    again = train.train_testbed(tmp_path, train.TrainSettings(**{**s.__dict__, "stages": ("eval",)}),
-                                log=lines.append)
+    again = train.train_testbed(tmp_path, train.TrainSettings(**{**s.__dict__, "stages": ("eval",)}), log=lines.append)
     assert again["unet"] == card["unet"]
 
 
@@ -76,13 +86,18 @@ def _images(captions, seed=0):
 
 
 def test_checker_reward_scores_matching_and_mismatching_captions():
-    caps = ["a red circle on the left on a white background", "two blue squares on a black background",
-            "a green triangle and a yellow circle on a gray background"]
+    caps = [
+        "a red circle on the left on a white background",
+        "two blue squares on a black background",
+        "a green triangle and a yellow circle on a gray background",
+    ]
     images = _images(caps)
     assert CheckerReward().score(images, caps).tolist() == [1.0, 1.0, 1.0]
-    wrong = ["a red circle on the right on a white background",  # position wrong: 4 of 5 attributes
-             "three blue squares on a black background",  # count wrong: 3 of 4
-             "a green triangle and a yellow circle on a white background"]  # background wrong: 4 of 5
+    wrong = [
+        "a red circle on the right on a white background",  # position wrong: 4 of 5 attributes
+        "three blue squares on a black background",  # count wrong: 3 of 4
+        "a green triangle and a yellow circle on a white background",
+    ]  # background wrong: 4 of 5
     assert CheckerReward().score(images, wrong).tolist() == pytest.approx([4 / 5, 3 / 4, 4 / 5])
     assert CheckerReward(mode="all").score(images, wrong).tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="'a cat' is not a caption of the testbed world"):
@@ -98,7 +113,6 @@ def test_checker_reward_through_the_custom_reward_path():
     assert not reward.differentiable
 
 
-
 def test_unet_training_resumes_from_its_checkpoint_loaded_weights_only(tmp_path, monkeypatch):
     """The UNet stage's resume file holds only tensors, numbers and lists, so it is loaded with weights_only=True
     (no pickle code runs): a run of 2 steps, then the same run extended to 3 steps, resumes at step 2."""
@@ -112,8 +126,15 @@ def test_unet_training_resumes_from_its_checkpoint_loaded_weights_only(tmp_path,
     loads, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or load(*a, **kw))
     lines = []
-    unet, _, card = train.train_unet(train.TrainSettings(**{**vars(s), "unet_steps": 3}), tokenizer, vae, images,
-                                     captions, log=lines.append, checkpoint=checkpoint)
+    unet, _, card = train.train_unet(
+        train.TrainSettings(**{**vars(s), "unet_steps": 3}),
+        tokenizer,
+        vae,
+        images,
+        captions,
+        log=lines.append,
+        checkpoint=checkpoint,
+    )
     assert loads == [True]
     assert any("resumed at step 2" in line for line in lines)
     assert all(torch.isfinite(v).all() for v in unet.state_dict().values())

@@ -66,49 +66,61 @@ def test_caption_round_trip_for_every_scene():
 
 def test_parse_caption_normalises_case_whitespace_and_pair_order():
     assert parse_caption("  A Red  Circle on the LEFT on a white background ") == Scene(
-        "white", (SceneObject("red", "circle"),), "left")
+        "white", (SceneObject("red", "circle"),), "left"
+    )
     swapped = parse_caption("a green triangle and a red circle on a gray background")
     assert caption(swapped) == "a red circle and a green triangle on a gray background"
     assert swapped.objects == (SceneObject("red", "circle"), SceneObject("green", "triangle"))
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "a red circle on the left",
-    "a purple circle on the left on a white background",
-    "a red hexagon in the center on a white background",
-    "a red circle in the middle on a white background",
-    "four red circles on a white background",
-    "two red circle on a white background",
-    "a red circle on the left on a pink background",
-    "a red circle and a red square on a white background",
-    "a red circle and a blue square on the left on a white background",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "a red circle on the left",
+        "a purple circle on the left on a white background",
+        "a red hexagon in the center on a white background",
+        "a red circle in the middle on a white background",
+        "four red circles on a white background",
+        "two red circle on a white background",
+        "a red circle on the left on a pink background",
+        "a red circle and a red square on a white background",
+        "a red circle and a blue square on the left on a white background",
+    ],
+)
 def test_parse_caption_rejects_text_outside_the_grammar(text):
     with pytest.raises(ValueError, match=re.escape(f"cannot parse caption {text!r}")):
         parse_caption(text)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(background="pink", objects=(SceneObject("red", "circle"),), position="left"), "Scene.background"),
-    (dict(background="white", objects=(), position=None), "1 to 3 objects"),
-    (dict(background="white", objects=(SceneObject("red", "circle"),) * 4), "1 to 3 objects"),
-    (dict(background="white", objects=(SceneObject("red", "circle"),)), "Scene.position"),
-    (dict(background="white", objects=(SceneObject("red", "circle"),), position="middle"), "Scene.position"),
-    (dict(background="white", objects=(SceneObject("red", "circle"),) * 2, position="left"), "Scene.position"),
-    (dict(background="white", objects=(SceneObject("red", "circle"), SceneObject("red", "square"))),
-     "differ in colour"),
-    (dict(background="white", objects=(SceneObject("red", "circle"),) * 2 + (SceneObject("blue", "circle"),)),
-     "three objects must be identical"),
-    (dict(background="white", objects=(("red", "circle"),), position="left"), "SceneObject instances"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(background="pink", objects=(SceneObject("red", "circle"),), position="left"), "Scene.background"),
+        (dict(background="white", objects=(), position=None), "1 to 3 objects"),
+        (dict(background="white", objects=(SceneObject("red", "circle"),) * 4), "1 to 3 objects"),
+        (dict(background="white", objects=(SceneObject("red", "circle"),)), "Scene.position"),
+        (dict(background="white", objects=(SceneObject("red", "circle"),), position="middle"), "Scene.position"),
+        (dict(background="white", objects=(SceneObject("red", "circle"),) * 2, position="left"), "Scene.position"),
+        (
+            dict(background="white", objects=(SceneObject("red", "circle"), SceneObject("red", "square"))),
+            "differ in colour",
+        ),
+        (
+            dict(background="white", objects=(SceneObject("red", "circle"),) * 2 + (SceneObject("blue", "circle"),)),
+            "three objects must be identical",
+        ),
+        (dict(background="white", objects=(("red", "circle"),), position="left"), "SceneObject instances"),
+    ],
+)
 def test_scene_rejects_combinations_outside_the_grammar(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Scene(**kwargs)
 
 
-@pytest.mark.parametrize("colour, shape, message", [("purple", "circle", "SceneObject.colour"),
-                                                    ("red", "hexagon", "SceneObject.shape")])
+@pytest.mark.parametrize(
+    "colour, shape, message", [("purple", "circle", "SceneObject.colour"), ("red", "hexagon", "SceneObject.shape")]
+)
 def test_scene_object_rejects_unknown_values(colour, shape, message):
     with pytest.raises(ValueError, match=message):
         SceneObject(colour, shape)
@@ -320,14 +332,17 @@ def test_image_formats_agree():
         assert check(form, caption(scene)) == expected
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((32, 32, 3), dtype=np.int64), "dtype int64"),
-    (np.zeros((3, 32, 32), dtype=np.uint8), r"uint8 image must have shape \(H, W, 3\)"),
-    (np.zeros((32, 32, 3), dtype=np.float32), r"float image must have shape \(3, H, W\)"),
-    (torch.zeros(1, 3, 32, 32), r"image tensor must be floating \(3, H, W\)"),
-    (torch.zeros(3, 32, 32, dtype=torch.uint8), r"image tensor must be floating \(3, H, W\)"),
-    ([[0, 0, 0]], "got list"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((32, 32, 3), dtype=np.int64), "dtype int64"),
+        (np.zeros((3, 32, 32), dtype=np.uint8), r"uint8 image must have shape \(H, W, 3\)"),
+        (np.zeros((32, 32, 3), dtype=np.float32), r"float image must have shape \(3, H, W\)"),
+        (torch.zeros(1, 3, 32, 32), r"image tensor must be floating \(3, H, W\)"),
+        (torch.zeros(3, 32, 32, dtype=torch.uint8), r"image tensor must be floating \(3, H, W\)"),
+        ([[0, 0, 0]], "got list"),
+    ],
+)
 def test_as_uint8_rejects_other_inputs(bad, message):
     with pytest.raises(ValueError, match=message):
         as_uint8(bad)
@@ -341,8 +356,15 @@ def test_batch_accuracy_averages_each_attribute_over_the_captions_that_state_it(
     drawn = [*singles[:3], wrong_colour, swapped]
     images = torch.stack([as_float_tensor(render(s, 32, i)) for i, s in enumerate(drawn)])  # (5, 3, 32, 32)
     accuracy = batch_accuracy(images, [*singles, caption(pair)])
-    assert accuracy == {"background": 1.0, "count": 1.0, "colour": 0.8, "shape": 1.0, "position": 1.0,
-                        "binding": 0.0, "all": 0.6}
+    assert accuracy == {
+        "background": 1.0,
+        "count": 1.0,
+        "colour": 0.8,
+        "shape": 1.0,
+        "position": 1.0,
+        "binding": 0.0,
+        "all": 0.6,
+    }
     as_arrays = np.stack([render(s, 32, i) for i, s in enumerate(drawn)])  # (5, 32, 32, 3) uint8
     assert batch_accuracy(as_arrays, [*singles, pair]) == accuracy
     with pytest.raises(ValueError, match="got 5 images but 4 captions"):

@@ -28,20 +28,30 @@ from rlhf_diffusion.workers.policy import load_policy
 PROMPTS = ["a cat", "a dog", "a fox"]
 
 
-def make_config(model_dir, tmp_path, *, model: dict | None = None, train: dict | None = None, device="cpu",
-                sampling: dict | None = None, algorithm: str = "d3po"):
-    return parse_config({
-        "run_name": "t",
-        "output_dir": str(tmp_path),
-        "device": device,
-        "model": {"pretrained": str(model_dir), **(model or {})},
-        "sampling": {"num_steps": 4, "guidance_scale": 2.0, "batch_size": 3, **(sampling or {})},
-        "algorithm": {"name": algorithm},
-        "rewards": [{"name": "brightness"}],
-        "train": {"learning_rate": 1e-3, "train_batch_size": 64, **(train or {})},
-        "prompts": {"train": {"inline": PROMPTS}, "eval_seeds": 1},
-        "tracking": {"enabled": False},
-    })
+def make_config(
+    model_dir,
+    tmp_path,
+    *,
+    model: dict | None = None,
+    train: dict | None = None,
+    device="cpu",
+    sampling: dict | None = None,
+    algorithm: str = "d3po",
+):
+    return parse_config(
+        {
+            "run_name": "t",
+            "output_dir": str(tmp_path),
+            "device": device,
+            "model": {"pretrained": str(model_dir), **(model or {})},
+            "sampling": {"num_steps": 4, "guidance_scale": 2.0, "batch_size": 3, **(sampling or {})},
+            "algorithm": {"name": algorithm},
+            "rewards": [{"name": "brightness"}],
+            "train": {"learning_rate": 1e-3, "train_batch_size": 64, **(train or {})},
+            "prompts": {"train": {"inline": PROMPTS}, "eval_seeds": 1},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def _perturbed_lora(unet, seed=0, scale=0.05) -> dict[str, torch.Tensor]:
@@ -117,8 +127,9 @@ def test_bf16_autocast_step_is_finite_float32_and_close_to_fp32_step(tiny_sd15_d
 def test_autocast_runs_the_unet_in_bf16_only_when_enabled(tiny_sd15_dir, tmp_path):
     seen = []
     for mixed_precision in ("no", "bf16"):
-        learner = Learner(make_config(tiny_sd15_dir, tmp_path, train={"mixed_precision": mixed_precision}),
-                          str(tiny_sd15_dir))
+        learner = Learner(
+            make_config(tiny_sd15_dir, tmp_path, train={"mixed_precision": mixed_precision}), str(tiny_sd15_dir)
+        )
         hook = learner.model.unet.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         x_t, t, cond = _unet_inputs(learner.model)
         with learner.autocast():
@@ -170,8 +181,7 @@ def test_load_policy_applies_the_configured_attention(tiny_sd15_dir, tmp_path):
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_lora_gradients(tiny_sd15_dir, tmp_path, monkeypatch):
-    learner = Learner(make_config(tiny_sd15_dir, tmp_path, train={"gradient_checkpointing": True}),
-                      str(tiny_sd15_dir))
+    learner = Learner(make_config(tiny_sd15_dir, tmp_path, train={"gradient_checkpointing": True}), str(tiny_sd15_dir))
     model = learner.model
     assert model.unet.is_gradient_checkpointing
     set_lora_state_dict(model.unet, _perturbed_lora(model.unet))
@@ -206,8 +216,7 @@ def test_gradient_checkpointing_is_off_by_default(tiny_sd15_dir, tmp_path):
 def test_channels_last_gives_the_same_unet_and_vae_output(tiny_sd15_dir, tmp_path):
     device = torch.device("cpu")
     plain = load_policy(make_config(tiny_sd15_dir, tmp_path), str(tiny_sd15_dir), device)
-    fast = load_policy(make_config(tiny_sd15_dir, tmp_path, model={"channels_last": True}), str(tiny_sd15_dir),
-                       device)
+    fast = load_policy(make_config(tiny_sd15_dir, tmp_path, model={"channels_last": True}), str(tiny_sd15_dir), device)
     assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not plain.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -234,17 +243,20 @@ def _save_tiny_taesd(path, blocks=3):
     """A random-weight AutoencoderTiny in the TAESD format: 4 latent channels, upsampling x2^(blocks-1)."""
     torch.manual_seed(0)
     AutoencoderTiny(
-        encoder_block_out_channels=(8,) * blocks, decoder_block_out_channels=(8,) * blocks, latent_channels=4,
-        num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks,
+        encoder_block_out_channels=(8,) * blocks,
+        decoder_block_out_channels=(8,) * blocks,
+        latent_channels=4,
+        num_encoder_blocks=(1,) * blocks,
+        num_decoder_blocks=(1,) * blocks,
     ).save_pretrained(path)
     return path
 
 
 def test_preview_decoder_decodes_intermediate_previews_and_the_full_vae_the_final_images(
-        tiny_sd15_dir, tmp_path, monkeypatch):
+    tiny_sd15_dir, tmp_path, monkeypatch
+):
     preview_dir = _save_tiny_taesd(tmp_path / "taesd")  # x4, the tiny pipeline's VAE scale factor
-    config = make_config(tiny_sd15_dir, tmp_path, sampling={"preview_decoder": str(preview_dir)},
-                         algorithm="tailorpo")
+    config = make_config(tiny_sd15_dir, tmp_path, sampling={"preview_decoder": str(preview_dir)}, algorithm="tailorpo")
     trainer = LocalTrainer(config, log=lambda *a: None)
     model = trainer.model
     assert isinstance(model.preview_vae, AutoencoderTiny) and model.preview_vae.dtype == torch.float32
@@ -259,8 +271,11 @@ def test_preview_decoder_decodes_intermediate_previews_and_the_full_vae_the_fina
     decoded = []
     for name, vae in (("preview", model.preview_vae), ("full", model.vae)):
         decode = vae.decode
-        monkeypatch.setattr(vae, "decode", lambda z, *a, name=name, decode=decode, **k: (
-            decoded.append((name, z.shape[0])), decode(z, *a, **k))[1])
+        monkeypatch.setattr(
+            vae,
+            "decode",
+            lambda z, *a, name=name, decode=decode, **k: (decoded.append((name, z.shape[0])), decode(z, *a, **k))[1],
+        )
     batch = trainer.rollout(PROMPTS)
     num_candidates = config.algorithm.num_candidates
     # K - 1 = 3 intermediate steps on the preview decoder, the last step's x_0 on the full VAE

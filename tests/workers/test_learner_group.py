@@ -20,18 +20,24 @@ pytestmark = pytest.mark.ray
 PROMPTS = ["a cat", "a dog", "a red fox"]
 
 
-def make_config(model_dir: Path, tmp_path: Path, *, num_learners: int, finetune: str, train_batch_size: int,
-                epochs: int):
-    return parse_config({
-        "run_name": "ddp", "seed": 5, "output_dir": str(tmp_path), "device": "cpu",
-        "model": {"pretrained": str(model_dir), "finetune": finetune, "lora": {"rank": 4, "init": "default"}},
-        "sampling": {"num_steps": 3, "batch_size": 2},
-        "algorithm": {"name": "dde", "correction": "ema"},
-        "rewards": [{"name": "jpeg_compressibility"}],
-        "resources": {"num_learners": num_learners, "cpus_per_actor": 0.5},
-        "train": {"learning_rate": 1e-3, "train_batch_size": train_batch_size, "num_inner_epochs": epochs},
-        "prompts": {"train": {"inline": PROMPTS}},
-    })
+def make_config(
+    model_dir: Path, tmp_path: Path, *, num_learners: int, finetune: str, train_batch_size: int, epochs: int
+):
+    return parse_config(
+        {
+            "run_name": "ddp",
+            "seed": 5,
+            "output_dir": str(tmp_path),
+            "device": "cpu",
+            "model": {"pretrained": str(model_dir), "finetune": finetune, "lora": {"rank": 4, "init": "default"}},
+            "sampling": {"num_steps": 3, "batch_size": 2},
+            "algorithm": {"name": "dde", "correction": "ema"},
+            "rewards": [{"name": "jpeg_compressibility"}],
+            "resources": {"num_learners": num_learners, "cpus_per_actor": 0.5},
+            "train": {"learning_rate": 1e-3, "train_batch_size": train_batch_size, "num_inner_epochs": epochs},
+            "prompts": {"train": {"inline": PROMPTS}},
+        }
+    )
 
 
 def probe_learner_class():
@@ -40,8 +46,9 @@ def probe_learner_class():
 
     class ProbeLearner(Learner):
         def grads(self) -> dict[str, torch.Tensor]:
-            return {name: p.grad.detach().clone() for name, p in self.model.unet.named_parameters()
-                    if p.grad is not None}
+            return {
+                name: p.grad.detach().clone() for name, p in self.model.unet.named_parameters() if p.grad is not None
+            }
 
         def params(self) -> dict[str, torch.Tensor]:
             return get_trainable_state(self.model.unet)
@@ -64,8 +71,11 @@ def pair_batch(learner: Learner, num_pairs: int) -> RolloutBatch:
     side = learner.resolution // model.vae_scale_factor
     g = torch.Generator().manual_seed(11)
     shape = (num_pairs, model.latent_channels, side, side)
-    pairs = FinalPairBatch(prompt_index=torch.arange(num_pairs) % len(PROMPTS),
-                           x0_w=torch.randn(shape, generator=g), x0_l=torch.randn(shape, generator=g))
+    pairs = FinalPairBatch(
+        prompt_index=torch.arange(num_pairs) % len(PROMPTS),
+        x0_w=torch.randn(shape, generator=g),
+        x0_l=torch.randn(shape, generator=g),
+    )
     return RolloutBatch(prompts=list(PROMPTS), pairs=pairs, rewards=torch.zeros(len(PROMPTS), 2))
 
 
@@ -75,13 +85,17 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: s
     assert worst <= atol, f"{what} differ by up to {worst}"
 
 
-@pytest.mark.parametrize("finetune, train_batch_size, num_pairs, epochs", [
-    ("lora", 5, 5, 1),  # one minibatch of 5 → shares of 3 and 2
-    ("full", 1, 1, 1),  # one minibatch of 1 → rank 1's share is empty (row 0 at weight 0)
-    ("lora", 3, 5, 2),  # 4 steps over minibatches of 3 and 2 → shares (2, 1) and (1, 1)
-])
-def test_two_gloo_ranks_match_each_other_and_one_learner(finetune, train_batch_size, num_pairs, epochs,
-                                                        ray_connected, tiny_sd15_dir, tmp_path, one_torch_thread):
+@pytest.mark.parametrize(
+    "finetune, train_batch_size, num_pairs, epochs",
+    [
+        ("lora", 5, 5, 1),  # one minibatch of 5 → shares of 3 and 2
+        ("full", 1, 1, 1),  # one minibatch of 1 → rank 1's share is empty (row 0 at weight 0)
+        ("lora", 3, 5, 2),  # 4 steps over minibatches of 3 and 2 → shares (2, 1) and (1, 1)
+    ],
+)
+def test_two_gloo_ranks_match_each_other_and_one_learner(
+    finetune, train_batch_size, num_pairs, epochs, ray_connected, tiny_sd15_dir, tmp_path, one_torch_thread
+):
     import ray
 
     probe = probe_learner_class()
@@ -94,8 +108,9 @@ def test_two_gloo_ranks_match_each_other_and_one_learner(finetune, train_batch_s
     expected = single.train(batch, iteration=1)
 
     config = make_config(tiny_sd15_dir, tmp_path, num_learners=2, **settings)
-    group = LearnerGroup(ray.remote(probe).options(num_cpus=0.5), config, str(tiny_sd15_dir), world_size=2,
-                         num_threads=1, timeout_s=120)
+    group = LearnerGroup(
+        ray.remote(probe).options(num_cpus=0.5), config, str(tiny_sd15_dir), world_size=2, num_threads=1, timeout_s=120
+    )
     try:
         ray.get([actor.perturb.remote(9) for actor in group.actors])
         result = group.train.remote(batch, 1).get()
@@ -129,8 +144,10 @@ def test_two_gloo_ranks_match_each_other_and_one_learner(finetune, train_batch_s
 
 def test_a_batch_without_pairs_trains_no_step(tiny_sd15_dir, tmp_path, one_torch_thread):
     """Every pair a tie (e.g. Pareto ranking with no dominance): no optimizer step, no crash, a new version."""
-    learner = Learner(make_config(tiny_sd15_dir, tmp_path, num_learners=1, finetune="lora", train_batch_size=4,
-                                  epochs=1), str(tiny_sd15_dir))
+    learner = Learner(
+        make_config(tiny_sd15_dir, tmp_path, num_learners=1, finetune="lora", train_batch_size=4, epochs=1),
+        str(tiny_sd15_dir),
+    )
     before = get_trainable_state(learner.model.unet)
     result = learner.train(pair_batch(learner, 0), iteration=1)
     assert result.version == 1 and result.metrics["optimizer_steps"] == 0

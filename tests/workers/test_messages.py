@@ -10,8 +10,13 @@ from rlhf_diffusion.workers.messages import derive_seed, prompts_for_iteration
 
 def test_derive_seed_is_deterministic_and_separates_keys():
     assert derive_seed(0, 1, 2, 3) == derive_seed(0, 1, 2, 3)
-    seeds = {derive_seed(s, stream, it, shard) for s in range(3) for stream in (1, 2) for it in range(20)
-             for shard in range(4)}
+    seeds = {
+        derive_seed(s, stream, it, shard)
+        for s in range(3)
+        for stream in (1, 2)
+        for it in range(20)
+        for shard in range(4)
+    }
     assert len(seeds) == 3 * 2 * 20 * 4
     assert all(0 <= s < 2**63 for s in seeds)
 
@@ -20,18 +25,24 @@ def test_prompt_schedule_is_an_epoch_permutation_and_pure():
     prompts = [f"p{i}" for i in range(7)]
     stream = [p for it in range(7) for p in prompts_for_iteration(prompts, 5, it, 3)]  # 21 = 3 epochs
     for epoch in range(3):
-        assert Counter(stream[epoch * 7:(epoch + 1) * 7]) == Counter(prompts)  # each epoch sees every prompt once
+        assert Counter(stream[epoch * 7 : (epoch + 1) * 7]) == Counter(prompts)  # each epoch sees every prompt once
     assert prompts_for_iteration(prompts, 5, 4, 3) == stream[12:15]  # iteration 4 alone = its slice of the stream
     assert prompts_for_iteration(prompts, 6, 0, 7) != prompts_for_iteration(prompts, 5, 0, 7)
 
 
 def test_rollout_batch_concat_offsets_prompt_indices_and_merges_metrics():
     def shard(prompts, rows, seconds, gap):
-        pairs = FinalPairBatch(prompt_index=torch.tensor(rows), x0_w=torch.zeros(len(rows), 1),
-                               x0_l=torch.ones(len(rows), 1))
-        return RolloutBatch(prompts=prompts, pairs=pairs, rewards=torch.ones(len(prompts), 2),
-                            metrics={"rollout_seconds": seconds, "reward_gap": gap}, weights_version=3,
-                            per_reward={"r": torch.zeros(len(prompts), 2)})
+        pairs = FinalPairBatch(
+            prompt_index=torch.tensor(rows), x0_w=torch.zeros(len(rows), 1), x0_l=torch.ones(len(rows), 1)
+        )
+        return RolloutBatch(
+            prompts=prompts,
+            pairs=pairs,
+            rewards=torch.ones(len(prompts), 2),
+            metrics={"rollout_seconds": seconds, "reward_gap": gap},
+            weights_version=3,
+            per_reward={"r": torch.zeros(len(prompts), 2)},
+        )
 
     joined = RolloutBatch.concat([shard(["a", "b"], [0, 1, 1], 1.0, 0.2), shard(["c"], [0], 2.0, 0.5)])
     assert joined.prompts == ["a", "b", "c"]

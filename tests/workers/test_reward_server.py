@@ -48,8 +48,9 @@ def test_micro_batcher_passes_errors_to_every_waiting_caller_and_keeps_serving()
 
     async def main():
         batcher = MicroBatcher(run, ThreadPoolExecutor(1), window_s=0.01)
-        first = await asyncio.gather(batcher.submit(images(1), ["bad"]), batcher.submit(images(1), ["ok"]),
-                                     return_exceptions=True)
+        first = await asyncio.gather(
+            batcher.submit(images(1), ["bad"]), batcher.submit(images(1), ["ok"]), return_exceptions=True
+        )
         second = await batcher.submit(images(1), ["ok"])
         return first, second
 
@@ -71,8 +72,10 @@ def test_host_batches_by_image_size_and_equals_per_request_scores():
 @pytest.fixture(scope="module")
 def model_rewards(tmp_path_factory):
     root = tmp_path_factory.mktemp("rewards")
-    return [RewardConfig(name="aesthetic", path=str(build_tiny_aesthetic(root / "aesthetic"))),
-            RewardConfig(name="clip_score", path=str(build_tiny_clip_score(root / "clip")), weight=0.5)]
+    return [
+        RewardConfig(name="aesthetic", path=str(build_tiny_aesthetic(root / "aesthetic"))),
+        RewardConfig(name="clip_score", path=str(build_tiny_clip_score(root / "clip")), weight=0.5),
+    ]
 
 
 @pytest.mark.ray
