@@ -50,12 +50,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlhf_diffusion.models.lora import LoraFile
 
 __all__ = [
     "EvaluateError",
     "EvaluationResult",
-    "LoraFile",
     "LoraFileError",
     "ModelRow",
     "PromptSet",
@@ -73,22 +75,6 @@ __all__ = [
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # = models.loading.LORA_WEIGHT_NAME (not imported: lazy torch)
 EVAL_ADAPTER = "eval_lora"  # the peft adapter name a loaded LoRA gets on the evaluation UNet
 DEFAULT_EXPERIMENT = "rlhf_diffusion"  # the trainer's default experiment, so evaluations sit beside the runs
-# The diffusers LoRA metadata key (`save_lora_weights(..., unet_lora_adapter_metadata=...)`).
-LORA_METADATA_KEY = "lora_adapter_metadata"
-# peft LoraConfig fields that shape the forward pass; the rest of the saved config (init, task, paths) is dropped.
-_LORA_CONFIG_FIELDS = (
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "exclude_modules",
-    "rank_pattern",
-    "alpha_pattern",
-    "use_rslora",
-    "fan_in_fan_out",
-    "layers_to_transform",
-    "layers_pattern",
-)
-_LORA_KEY_RE = re.compile(r"^unet\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -290,28 +276,9 @@ def resolve_lora_path(path: str | Path) -> Path:
     raise LoraFileError(f"{path}: no such LoRA file or directory")
 
 
-@dataclass(frozen=True)
-class LoraFile:
-    """A UNet LoRA read from a diffusers-format safetensors file (what `export_lora` writes).
-
-    Attributes:
-        path: the file.
-        state: peft-format weights without the `unet.` prefix (`<module>.lora_A.weight`, `<module>.lora_B.weight`),
-            the format `models.loading.set_lora_state_dict` reads.
-        config: the `peft.LoraConfig` keyword arguments that shape the forward pass: from the file's
-            `lora_adapter_metadata` when present, else inferred as diffusers does (r from the lora_A shapes,
-            α = r, target modules = the adapted modules' full names).
-        from_metadata: whether `config` came from the file's metadata.
-    """
-
-    path: Path
-    state: dict[str, Any]
-    config: dict[str, Any]
-    from_metadata: bool
-
-
 def read_lora_file(path: str | Path) -> LoraFile:
-    """Reads a UNet LoRA file written by `export_lora` (or diffusers' `save_lora_weights` for a UNet).
+    """Reads a UNet LoRA file written by `export_lora` (or diffusers' `save_lora_weights` for a UNet): the reader
+    of the LoRA file format, `models.lora.read_lora_file`.
 
     Args:
         path: the `.safetensors` file (see `resolve_lora_path` for directories).
@@ -321,81 +288,13 @@ def read_lora_file(path: str | Path) -> LoraFile:
             only one of A / B, unreadable metadata, or LoRA features evaluation does not support (DoRA, biases).
             The message starts with the file's path.
     """
-    from safetensors import SafetensorError, safe_open
+    from rlhf_diffusion.models.lora import LoraFormatError
+    from rlhf_diffusion.models.lora import read_lora_file as read
 
-    path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise LoraFileError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
-    if not tensors:
-        raise LoraFileError(f"{path}: holds no tensors")
-    bad = sorted(key for key in tensors if not _LORA_KEY_RE.match(key))
-    if bad:
-        raise LoraFileError(
-            f"{path}: not a UNet LoRA in diffusers/peft format: {len(bad)} of {len(tensors)} keys are not "
-            f"'unet.<module>.lora_A.weight' / 'unet.<module>.lora_B.weight' (e.g. {', '.join(bad[:3])}); "
-            "expected a file written by export_lora or diffusers' save_lora_weights"
-        )
-    parts: dict[str, set[str]] = {}
-    for key in tensors:
-        match = _LORA_KEY_RE.match(key)
-        parts.setdefault(match["module"], set()).add(match["part"])
-    half = sorted(module for module, found in parts.items() if found != {"lora_A", "lora_B"})
-    if half:
-        raise LoraFileError(f"{path}: {len(half)} modules have only one of lora_A / lora_B (e.g. {half[0]})")
-    state = {key.removeprefix("unet."): value for key, value in tensors.items()}
-    if LORA_METADATA_KEY in metadata:
-        config = _config_from_metadata(path, metadata[LORA_METADATA_KEY])
-        from_metadata = True
-    else:
-        config = _infer_config(state)
-        from_metadata = False
-    return LoraFile(path=path, state=state, config=config, from_metadata=from_metadata)
-
-
-def _config_from_metadata(path: Path, text: str) -> dict[str, Any]:
-    try:
-        saved = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise LoraFileError(f"{path}: its {LORA_METADATA_KEY} metadata is not JSON: {error}") from None
-    if not isinstance(saved, dict):
-        raise LoraFileError(f"{path}: its {LORA_METADATA_KEY} metadata is not a JSON object")
-    saved = {key.removeprefix("unet."): value for key, value in saved.items()}
-    if "r" not in saved or "lora_alpha" not in saved or not saved.get("target_modules"):
-        raise LoraFileError(f"{path}: its {LORA_METADATA_KEY} metadata lacks r / lora_alpha / target_modules")
-    unsupported = [name for name in ("use_dora", "lora_bias") if saved.get(name)]
-    if saved.get("bias", "none") != "none":
-        unsupported.append(f"bias={saved['bias']!r}")
-    if unsupported:
-        raise LoraFileError(f"{path}: LoRA features that evaluation does not load: {', '.join(unsupported)}")
-    config = {name: saved[name] for name in _LORA_CONFIG_FIELDS if saved.get(name) is not None}
-    if isinstance(config["target_modules"], str):  # peft allows a regex string
-        return config
-    config["target_modules"] = sorted(config["target_modules"])
-    return config
-
-
-def _infer_config(state: dict[str, Any]) -> dict[str, Any]:
-    """diffusers' rule for a file without metadata: r from the lora_A shapes, α = r, targets = the modules."""
-    from collections import Counter
-
-    ranks = {
-        key.removesuffix(".lora_A.weight"): int(value.shape[0])
-        for key, value in state.items()
-        if key.endswith(".lora_A.weight")
-    }
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {module: r for module, r in ranks.items() if r != rank}
-    return {
-        "r": rank,
-        "lora_alpha": rank,
-        "target_modules": sorted(ranks),
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-    }
+        return read(path)
+    except LoraFormatError as error:
+        raise LoraFileError(str(error)) from None
 
 
 def apply_lora(unet: Any, lora: LoraFile, adapter_name: str = EVAL_ADAPTER) -> None:

@@ -8,22 +8,23 @@ from rlhf_diffusion.models.conditioning import (
     predict_noise_cfg,
 )
 from rlhf_diffusion.models.loading import (
-    LORA_WEIGHT_NAME,
     DiffusionModel,
     ModelLoadError,
     attach_lora,
-    export_lora,
     get_lora_state_dict,
     load_diffusion_model,
     lora_disabled,
     lora_parameters,
     set_lora_state_dict,
 )
+from rlhf_diffusion.models.lora import LORA_WEIGHT_NAME, LoraFile, LoraFormatError, export_lora, read_lora_file
 from rlhf_diffusion.models.tiny import build_clip_tokenizer, build_tiny_pipeline
 
 __all__ = [
     "LORA_WEIGHT_NAME",
     "DiffusionModel",
+    "LoraFile",
+    "LoraFormatError",
     "ModelLoadError",
     "TextConditioning",
     "attach_lora",
@@ -38,5 +39,6 @@ __all__ = [
     "lora_parameters",
     "predict_noise",
     "predict_noise_cfg",
+    "read_lora_file",
     "set_lora_state_dict",
 ]

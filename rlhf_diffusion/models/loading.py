@@ -11,17 +11,14 @@ setting) trains every UNet weight instead; the learner then keeps a frozen copy 
 (`add_reference_copy`), and `trainable_parameters` / `get_trainable_state` / `set_trainable_state` /
 `export_trainable` treat both cases alike.
 
-`export_lora` writes the adapter in the diffusers LoRA format, the file a stock pipeline reads with
-`pipe.load_lora_weights(dir)`.
+`export_lora` (in `models.lora`, with the reader of that file; re-exported here) writes the adapter in the diffusers
+LoRA format, the file a stock pipeline reads with `pipe.load_lora_weights(dir)`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,15 +31,15 @@ from diffusers import (
     AutoencoderTiny,
     DDIMScheduler,
     DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from rlhf_diffusion.models.lora import LORA_WEIGHT_NAME, _require_lora, export_lora
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -64,9 +61,6 @@ __all__ = [
     "to_channels_last",
     "trainable_parameters",
 ]
-
-# File name diffusers' `save_lora_weights` writes and `load_lora_weights` looks for.
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 # Pipeline subfolders each kind needs, with the class that loads each.
 _COMPONENTS = {
@@ -348,12 +342,6 @@ def _lora_layers(unet: nn.Module) -> list[LoraLayer]:
     return [module for module in unet.modules() if isinstance(module, LoraLayer)]
 
 
-def _require_lora(unet: nn.Module, adapter_name: str) -> None:
-    if adapter_name not in (getattr(unet, "peft_config", None) or {}):
-        attached = list((getattr(unet, "peft_config", None) or {}).keys())
-        raise ValueError(f"the UNet has no LoRA adapter {adapter_name!r} (attached: {attached}); call attach_lora")
-
-
 def attach_lora(
     unet: UNet2DConditionModel,
     *,
@@ -494,78 +482,6 @@ def lora_disabled(unet: nn.Module) -> Iterator[nn.Module]:
         for name, param in unet.named_parameters():
             if name in requires_grad:
                 param.requires_grad_(requires_grad[name])
-
-
-def _exportable_lora_state_dict(unet: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """peft-format adapter weights with each layer's α / r scaling folded into lora_B (so the export's α = r)."""
-    scaling = {
-        name: module.scaling[adapter_name]
-        for name, module in unet.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.scaling
-    }
-    state = {}
-    for key, value in get_peft_model_state_dict(unet, adapter_name=adapter_name).items():
-        value = value.detach().to("cpu")
-        if ".lora_B." in key:  # ΔW = (α/r)·B·A  ->  B' = (α/r)·B, α' = r
-            value = value * scaling[key.split(".lora_B.")[0]]
-        state[key] = value.contiguous()
-    return state
-
-
-def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str = "default") -> Path:
-    """Writes the UNet's LoRA as a diffusers LoRA file, loadable with a stock `pipe.load_lora_weights(out_dir)`.
-
-    The file is what `StableDiffusionPipeline.save_lora_weights` (SD1.5) / `StableDiffusionXLPipeline.
-    save_lora_weights` (SDXL) write: `unet.`-prefixed peft-style keys (`….to_q.lora_A.weight`, `….lora_B.weight`)
-    plus the adapter's `LoraConfig` as safetensors metadata. Two choices make it load the same everywhere:
-
-    - keys stay in peft naming for every target module: diffusers' loader converts the legacy `lora.down` /
-      `lora.up` names only when the *first* key has them, so a mix (which `convert_state_dict_to_diffusers`
-      produces when targets go beyond to_q/to_k/to_v/to_out.0) would silently drop layers;
-    - each layer's scale α / r is folded into lora_B and the metadata records α = r, so loaders that ignore the
-      metadata (they assume α = r) rebuild the same ΔW = (α/r)·B·A.
-
-    The file is written in a temporary directory beside `out_dir` and moved into place with `os.replace`, so
-    readers never see a partial file.
-
-    Args:
-        model: the model whose UNet carries the adapter.
-        out_dir: directory to write (created if missing; other files in it are left alone).
-        adapter_name: which adapter to export.
-
-    Returns:
-        Path of the written `out_dir/pytorch_lora_weights.safetensors`.
-
-    Raises:
-        ValueError: the UNet has no such adapter, or `out_dir` is an existing file.
-    """
-    unet = model.unet
-    _require_lora(unet, adapter_name)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"LoRA export path {out_dir} exists and is not a directory")
-    unet_lora_layers = _exportable_lora_state_dict(unet, adapter_name)
-    metadata = unet.peft_config[adapter_name].to_dict()
-    metadata["lora_alpha"] = metadata["r"]  # the scale is folded into lora_B
-    metadata["alpha_pattern"] = dict(metadata.get("rank_pattern") or {})
-    pipeline_cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        pipeline_cls.save_lora_weights(
-            tmp_dir,
-            unet_lora_layers=unet_lora_layers,
-            unet_lora_adapter_metadata=metadata,
-            weight_name=LORA_WEIGHT_NAME,
-            safe_serialization=True,
-        )
-        out_dir.mkdir(exist_ok=True)
-        target = out_dir / LORA_WEIGHT_NAME
-        os.replace(tmp_dir / LORA_WEIGHT_NAME, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------------------------------------------------
