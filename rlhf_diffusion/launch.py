@@ -120,9 +120,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
+        problem = check_inputs(config)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         return run(config, args)
     finally:
         lock.release()
+
+
+def check_inputs(config) -> str | None:
+    """What can be checked of the run's inputs before Ray starts or a model loads: the offline data source yields
+    a pair (`data.path`). Returns the problem, naming the field and file, or None."""
+    if config.data is not None:
+        from rlhf_diffusion.data.preference import PreferenceDataError, check_preference_source
+
+        try:
+            check_preference_source(config.data)
+        except (PreferenceDataError, FileNotFoundError, ValueError) as error:
+            return f"data.path: {error}"
+    return None
 
 
 def run(config, args: argparse.Namespace) -> int:

@@ -68,6 +68,7 @@ __all__ = [
     "DataStats",
     "PickapicRow",
     "PreferenceDataError",
+    "check_preference_source",
     "PreferenceDataSpec",
     "PreferenceJsonlRow",
     "PreferencePair",
@@ -475,7 +476,7 @@ class PreferenceSource:
         for path in self.files:
             with pq.ParquetFile(path) as parquet:
                 row = 0  # row number within the file
-                for batch in parquet.iter_batches(batch_size=self.batch_size, columns=columns):
+                for batch in _batches(parquet, path, self.batch_size, columns):
                     mine = [j for j in range(batch.num_rows) if self._mine(index + j)]
                     if mine:
                         taken = batch.take(pa.array(mine)) if len(mine) < batch.num_rows else batch
@@ -495,6 +496,35 @@ class PreferenceSource:
                 if self._mine(index):
                     yield _parse_jsonl(line, path.parent, f"{path}:line {number}")
                 index += 1
+
+
+def _batches(parquet: pq.ParquetFile, path: Path, batch_size: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """`parquet.iter_batches`, with a damaged page (bad compression, scrambled bytes) raised as one
+    `PreferenceDataError` naming the file, instead of pyarrow's error that names none."""
+    batches = parquet.iter_batches(batch_size=batch_size, columns=columns)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as e:
+            raise PreferenceDataError(f"{path}: damaged Parquet data ({type(e).__name__}: {e})") from e
+        yield batch
+
+
+def check_preference_source(spec: Any) -> None:
+    """Checks, before a run starts any work, that the source a spec describes yields at least one pair: opens it
+    (paths, Parquet footers and columns) and reads rows until the first pair whose two images decode. A source
+    that is empty, whose rows are all ties or corrupt, or whose pages are damaged fails here with one
+    `PreferenceDataError` naming the file (not minutes later, in a sampler).
+
+    Raises:
+        as `PreferenceSource`, and PreferenceDataError when a whole pass yields no pair.
+    """
+    source = open_preference_source(spec)
+    source.epochs, source.shuffle_buffer = 1, 0
+    for _ in source:
+        return
 
 
 def open_preference_source(spec: Any, *, shard_index: int = 0, num_shards: int = 1) -> PreferenceSource:

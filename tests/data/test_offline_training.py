@@ -112,3 +112,44 @@ def test_a_missing_data_file_fails_at_start_naming_it(tiny_sd15_dir, tmp_path):
     data = {"format": "pickapic_parquet", "path": str(tmp_path / "nope.parquet")}
     with pytest.raises(Exception, match="nope.parquet"):
         Trainer(parse_config(config_dict(tiny_sd15_dir, tmp_path, "missing", data)), use_ray=False, log=lambda *_: None)
+
+
+def _bad_source(kind: str, directory: Path) -> Path:
+    if kind == "empty":
+        return write_pickapic_parquet(directory / "empty.parquet", [], row_group_size=6)
+    if kind == "undecodable":
+        rows = [PickapicRow(PROMPTS[i % 6], b"not a jpeg", b"nor this", float(i % 2)) for i in range(12)]
+        return write_pickapic_parquet(directory / "undecodable.parquet", rows, row_group_size=6)
+    rows = [PickapicRow(PROMPTS[i % 6], image(2 * i), image(2 * i + 1), float(i % 2)) for i in range(12)]
+    path = write_pickapic_parquet(directory / "scrambled.parquet", rows, row_group_size=6)
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8  # the footer (schema) stays readable; the pages do not
+    rng = np.random.default_rng(0)
+    for start in range(4, len(data) - footer - 64, 997):
+        data[start : start + 48] = rng.integers(0, 256, 48, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "undecodable", "scrambled"])
+def test_a_source_that_yields_no_pair_fails_before_any_work_naming_the_file(kind, tmp_path):
+    """The probe's empty source and all-undecodable source failed only after 123 s (in a sampler, after the models
+    loaded); a scrambled Parquet page raised pyarrow's error naming no file. `launch` now checks the source first."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    path = _bad_source(kind, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_diffusion.launch", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}",
+         "--set", f"data={{format: pickapic_parquet, path: {path}}}"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]  # after at most one warning per kind of corrupt row
+    assert error.startswith("error: data.path: ") and str(path) in error, proc.stderr
+    assert "Traceback" not in proc.stderr and "[launch]" not in proc.stdout  # Ray never started
+    assert time.monotonic() - start < 60
