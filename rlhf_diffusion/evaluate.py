@@ -7,7 +7,7 @@
 One row per model: the base model, then each `--lora` (a directory written by `export_lora`, i.e. a run's
 `<run>/lora/`, the `.safetensors` file itself, or a run directory holding `lora/`). Every row samples the same
 images: image s of prompt j draws its x_T and its per-step noise from its own generator
-`workers.sampler.eval_generators(j, seeds)[s]`, in the batches of `workers.sampler.sample_held_out`, exactly as the
+`evaluation.eval_generators(j, seeds)[s]`, in the batches of `evaluation.sample_held_out`, exactly as the
 trainer's held-out evaluation does, so with the
 run's sampling settings (`--steps`, `--eta`, `--guidance`, `--resolution`) and its eval prompts a LoRA row
 reproduces the run's final evaluation (`eval.json`) image for image.
@@ -416,9 +416,9 @@ def evaluate(
     import torch
 
     from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
+    from rlhf_diffusion.evaluation import sample_held_out
     from rlhf_diffusion.models.loading import ModelLoadError, load_diffusion_model
     from rlhf_diffusion.workers.policy import DTYPES, resolve_device, resolve_model_source
-    from rlhf_diffusion.workers.sampler import sample_held_out
 
     try:
         torch_device = resolve_device(device)
@@ -457,7 +457,7 @@ def evaluate(
         per: dict[str, list] = {spec.key: [] for spec in rewards}
         totals, kept = [], []
         with torch.no_grad():
-            # The trainer's held-out evaluation loop (workers/sampler.py sample_held_out), same batches.
+            # The trainer's held-out evaluation loop (evaluation.py sample_held_out), same batches.
             j = 0
             for batch_prompts, batch_images in sample_held_out(
                 pipeline, predictor, grid, list(prompts.prompts), list(range(len(prompts.prompts))), seeds, res
@@ -519,7 +519,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
     """Writes results.md, results.csv, per_prompt.csv and grid.png under `out_dir`; returns their paths by name."""
     import torch
 
-    from rlhf_diffusion.trainer import save_grid
+    from rlhf_diffusion.evaluation import save_grid
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

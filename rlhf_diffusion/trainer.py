@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext
 from rlhf_diffusion.checkpoint import (
@@ -47,13 +46,22 @@ from rlhf_diffusion.checkpoint import (
     load_resumable,
     save_checkpoint,
 )
-from rlhf_diffusion.config import EarlyStopConfig, RunConfig, flatten_config
+from rlhf_diffusion.config import RunConfig, flatten_config
+from rlhf_diffusion.evaluation import (
+    EvalResult,
+    EvalShard,
+    eval_grid_row,
+    eval_metrics,
+    merge_shards,
+    paired_heldout,
+    save_grid,
+)
+from rlhf_diffusion.guards import EarlyStop, EarlyStopGuard, relative_drop
 from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.models.loading import UNET_EXPORT_DIR
 from rlhf_diffusion.prompts import load_prompts
 from rlhf_diffusion.rewards.base import WeightedReward
 from rlhf_diffusion.run_dir import check_run_dir, clear_run_dir, lock_run_dir
-from rlhf_diffusion.stats import paired_comparison
 from rlhf_diffusion.tracking import NullTracker, build_tracker
 from rlhf_diffusion.workers.learner import GroupRef, Learner, LearnerGroup
 from rlhf_diffusion.workers.messages import (
@@ -66,7 +74,7 @@ from rlhf_diffusion.workers.messages import (
 )
 from rlhf_diffusion.workers.policy import load_policy, resolve_device, resolve_model_source
 from rlhf_diffusion.workers.reward_server import RewardServer, build_heldout_reward
-from rlhf_diffusion.workers.sampler import EvalShard, Sampler
+from rlhf_diffusion.workers.sampler import Sampler
 
 __all__ = [
     "EarlyStop",
@@ -93,118 +101,6 @@ class LearnerCrashed(RuntimeError):
 
 class ResumeError(RuntimeError):
     """`--resume` was asked for but there is nothing (compatible) to resume."""
-
-
-def eval_grid_row(seeds: int) -> int:
-    """Images per row of an evaluation grid: whole prompts (all `seeds` images of each) side by side, at least 8
-    images a row when seeds < 8 (82 prompts x 1 seed is 11 rows of 8, not one column of 82)."""
-    return seeds * max(1, 8 // seeds)
-
-
-def save_grid(images: Tensor, path: Path, nrow: int) -> None:
-    """Writes (N, 3, H, W) images in [0, 1] as one PNG grid, `nrow` images per row (one row per prompt)."""
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
-
-
-@dataclass
-class EvalResult:
-    """Rewards of the fixed held-out (prompt, seed) samples.
-
-    Attributes:
-        mean: mean of the weighted total reward.
-        per_reward: name → mean raw score.
-        images: (N, 3, H, W) the images, prompt-major.
-        rewards: (N,) weighted totals.
-        heldout: held-out reward key → mean raw score on the same images (`guards.heldout_rewards`).
-        heldout_scores: held-out reward key → (N,) per-image raw scores, prompt-major (paired before/after).
-    """
-
-    mean: float
-    per_reward: dict[str, float]
-    images: Tensor
-    rewards: Tensor
-    heldout: dict[str, float] = field(default_factory=dict)
-    heldout_scores: dict[str, Tensor] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the evaluation before training (means, and the per-image scores a resumed
-        run pairs with its final evaluation)."""
-        return {
-            "mean": self.mean,
-            "per_reward": self.per_reward,
-            "heldout": self.heldout,
-            "rewards": self.rewards.tolist(),
-            "heldout_scores": {k: v.tolist() for k, v in self.heldout_scores.items()},
-        }
-
-
-def paired_heldout(before: dict[str, Any] | None, after: EvalResult) -> dict[str, dict[str, float]]:
-    """Per reward, the paired before/after comparison of the held-out images (`stats.paired_comparison`): the
-    training reward ("reward") and every held-out reward, where the evaluation before training recorded per-image
-    scores of the same images."""
-    if not before:
-        return {}
-    out = {}
-    if len(before.get("rewards") or []) == len(after.rewards):
-        out["reward"] = paired_comparison(before["rewards"], after.rewards.tolist())
-    for key, scores in (before.get("heldout_scores") or {}).items():
-        if key in after.heldout_scores and len(scores) == len(after.heldout_scores[key]):
-            out[key] = paired_comparison(scores, after.heldout_scores[key].tolist())
-    return out
-
-
-def relative_drop(before: float, now: float, min_scale: float) -> float:
-    """How far a (larger-is-better) reward fell, relative to its starting magnitude:
-    (before − now) / max(|before|, min_scale). Positive = it fell, whatever the signs (before −2, now −3 → 0.5);
-    negative = it rose."""
-    return (before - now) / max(abs(before), min_scale)
-
-
-class EarlyStopGuard:
-    """`guards.early_stop`: counts consecutive evaluation passes at which the watched held-out reward's
-    `relative_drop` from its value before training exceeds `drop_fraction`; at `patience` of them the run stops.
-
-    Args:
-        config: the early-stop settings.
-        before: the reward's held-out mean before training.
-        strikes: consecutive passes over the limit so far (restored from a checkpoint on resume).
-    """
-
-    def __init__(self, config: EarlyStopConfig, before: float, strikes: int = 0):
-        self.config = config
-        self.before = before
-        self.strikes = strikes
-
-    def drop(self, heldout: dict[str, float]) -> float:
-        """The watched reward's `relative_drop` at an evaluation pass (held-out key → mean)."""
-        return relative_drop(self.before, heldout[self.config.reward], self.config.min_scale)
-
-    def check(self, heldout: dict[str, float]) -> str | None:
-        """Counts one evaluation pass (held-out key → mean); returns why the run must stop, or None."""
-        drop = self.drop(heldout)
-        self.strikes = self.strikes + 1 if drop > self.config.drop_fraction else 0
-        if self.strikes < self.config.patience:
-            return None
-        return (
-            f"held-out reward {self.config.reward!r} fell from {self.before:.6g} before training to "
-            f"{heldout[self.config.reward]:.6g} (relative drop {drop:.4g} > guards.early_stop.drop_fraction "
-            f"{self.config.drop_fraction:g}"
-            + (f" at {self.strikes} consecutive evaluations" if self.config.patience > 1 else "")
-            + ")"
-        )
-
-
-@dataclass
-class EarlyStop:
-    """Why and where `guards.early_stop` ended the run: after training iteration `iteration` (1-based), whose
-    evaluation pass (`evaluation`) is also the run's final evaluation."""
-
-    iteration: int
-    reason: str
-    evaluation: EvalResult
 
 
 @dataclass
@@ -588,38 +484,7 @@ class Trainer:
 
                 calls.append((k, call(), call))
         shards: list[EvalShard] = [self._sampler_result(k, ref, call, "evaluation") for k, ref, call in calls]
-        order = sorted((j, s, pos) for s, shard in enumerate(shards) for pos, j in enumerate(shard.prompt_indices))
-        images, totals, per, heldout = [], [], {}, {}
-        for _, s, pos in order:
-            rows = slice(pos * seeds, (pos + 1) * seeds)
-            images.append(shards[s].images[rows])
-            totals.append(shards[s].totals[rows])
-            for name, value in shards[s].per_reward.items():
-                per.setdefault(name, []).append(value[rows])
-            for name, value in shards[s].heldout.items():
-                heldout.setdefault(name, []).append(value[rows])
-        rewards = torch.cat(totals)
-        scores = {name: torch.cat(v) for name, v in heldout.items()}
-        return EvalResult(
-            mean=rewards.mean().item(),
-            per_reward={name: torch.cat(v).mean().item() for name, v in per.items()},
-            images=torch.cat(images),
-            rewards=rewards,
-            heldout={name: v.mean().item() for name, v in scores.items()},
-            heldout_scores=scores,
-        )
-
-    def _eval_metrics(self, ev: EvalResult) -> dict[str, float]:
-        """What an evaluation pass logs: eval/reward_mean and eval/<key> (training rewards), heldout/<key>
-        (held-out rewards, same images) and, with an early stop, heldout/<key>_drop of the watched reward."""
-        metrics = {
-            "eval/reward_mean": ev.mean,
-            **{f"eval/{k}": v for k, v in ev.per_reward.items()},
-            **{f"heldout/{k}": v for k, v in ev.heldout.items()},
-        }
-        if self.guard is not None:
-            metrics[f"heldout/{self.guard.config.reward}_drop"] = self.guard.drop(ev.heldout)
-        return metrics
+        return merge_shards(shards, seeds)
 
     def _start_guard(self, strikes: int = 0) -> None:
         """Sets up `guards.early_stop` from the held-out values before training (`self.heldout_before`)."""
@@ -739,7 +604,7 @@ class Trainer:
                     eval_before.images, self.run_dir / "grid_before.png", nrow=eval_grid_row(config.prompts.eval_seeds)
                 )
                 tracker.log_artifact(self.run_dir / "grid_before.png", "grids")
-                tracker.log_metrics(self._eval_metrics(eval_before), step=0)
+                tracker.log_metrics(eval_metrics(eval_before, self.guard), step=0)
                 self.log(
                     f"[eval] before training: reward {eval_before.mean:.4f}"
                     + "".join(f", held-out {k} {v:.4f}" for k, v in eval_before.heldout.items())
@@ -771,7 +636,7 @@ class Trainer:
             summary = self._summary(eval_before_summary, eval_after, done, iterations, tracker.run_id)
             (self.run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
             if self.stop is None:  # an early stop's pass was logged at its iteration, in the loop
-                tracker.log_metrics(self._eval_metrics(eval_after), step=done)
+                tracker.log_metrics(eval_metrics(eval_after, self.guard), step=done)
                 if self.resume:  # the run went on past an earlier early stop
                     tracker.clear_tag("early_stop")
                     tracker.clear_tag("early_stop_iteration")
@@ -934,9 +799,11 @@ class Trainer:
                 record.update(result.diagnostics)  # kl/... (guards.log_kl), signal/... (train.signal_every)
                 if self.use_ray and self.reward_servers and (it + 1) % config.tracking.log_every == 0:
                     record.update(self._reward_server_stats())
-                evaluated, eval_metrics = self._evaluate_in_loop(it + 1, iterations, published[result.version], tracker)
-                history.append({**record, **eval_metrics})
-                metrics_file.write(json.dumps({**record, **eval_metrics}) + "\n")
+                evaluated, evaluated_metrics = self._evaluate_in_loop(
+                    it + 1, iterations, published[result.version], tracker
+                )
+                history.append({**record, **evaluated_metrics})
+                metrics_file.write(json.dumps({**record, **evaluated_metrics}) + "\n")
                 metrics_file.flush()
                 if (it + 1) % config.tracking.log_every == 0:
                     tracker.log_metrics(record, step=it + 1)  # eval/ and heldout/ went at the evaluation
@@ -986,7 +853,7 @@ class Trainer:
             grid = self.run_dir / "grids" / f"iter_{step:06d}.png"
             save_grid(ev.images, grid, nrow=eval_grid_row(self.config.prompts.eval_seeds))
             tracker.log_artifact(grid, "grids")
-        metrics = self._eval_metrics(ev)
+        metrics = eval_metrics(ev, self.guard)
         tracker.log_metrics(metrics, step=step)
         return ev, metrics
 

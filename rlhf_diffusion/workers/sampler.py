@@ -7,15 +7,14 @@ request names. So a rollout redone on a restarted actor returns the same batch a
 Rewards come from a `RewardClient`: the reward servers under Ray (`RemoteReward`), or a `WeightedReward` in this
 process. TailorPO calls it at every denoising step with all of the sampler's candidates in one batch; TailorPO-G
 gets d reward / d image from it and chains it through this sampler's VAE decoder (`algorithms/tailorpo.py`).
-Evaluation passes also score their images with the held-out rewards (`guards.heldout_rewards`), which the
-client reaches only through `score_heldout`: rollouts never see them.
+Evaluation passes (`evaluate`, the loop in `rlhf_diffusion.evaluation`) also score their images with the held-out
+rewards (`guards.heldout_rewards`), which the client reaches only through `score_heldout`: rollouts never see them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -23,7 +22,8 @@ from torch import Tensor
 from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext, build_algorithm
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.data.offline import OfflinePairStream, encode_pairs
-from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor, decode_latents, initial_noise, sample_trajectory
+from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
+from rlhf_diffusion.evaluation import EvalShard, eval_generators, evaluate_shard, sample_held_out
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
 from rlhf_diffusion.models.loading import DiffusionModel, set_trainable_state
 from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
@@ -31,7 +31,8 @@ from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest
 from rlhf_diffusion.workers.policy import load_policy, resolve_device
 from rlhf_diffusion.workers.reward_server import build_heldout_reward
 
-__all__ = ["EvalShard", "RemoteReward", "Sampler", "eval_generators"]
+# EvalShard, eval_generators and sample_held_out live in rlhf_diffusion.evaluation (re-exported here).
+__all__ = ["EvalShard", "RemoteReward", "Sampler", "eval_generators", "sample_held_out"]
 
 
 class RemoteReward:
@@ -106,65 +107,6 @@ class _LocalRewardClient:
         if self.heldout is None:
             raise ValueError("no held-out rewards are configured (guards.heldout_rewards is empty)")
         return self.heldout.score(images, prompts)
-
-
-# Held-out images sampled per UNet batch (whole prompts: all the seeds of a prompt stay in one batch).
-EVAL_BATCH_IMAGES = 32
-
-
-def eval_generators(prompt_index: int, num_seeds: int) -> list[torch.Generator]:
-    """One generator per (held-out prompt, seed): image s of prompt j draws its x_T and then its per-step noise from
-    its own generator, so an evaluation depends only on the weights, never on the run's history or on which
-    images share a batch."""
-    return [torch.Generator().manual_seed(1_000_003 * (s + 1) + prompt_index) for s in range(num_seeds)]
-
-
-@torch.no_grad()
-def sample_held_out(
-    model: DiffusionModel,
-    predictor: NoisePredictor,
-    grid: DDIMGrid,
-    prompts: Sequence[str],
-    prompt_indices: Sequence[int],
-    num_seeds: int,
-    resolution: int,
-    batch_images: int = EVAL_BATCH_IMAGES,
-):
-    """The fixed-seed held-out images of `prompts` (prompt j seeded by its global index, `eval_generators`), in
-    batches of whole prompts of about `batch_images` images. The one sampling loop of every evaluation (the
-    trainer's, through `Sampler.evaluate`, and the `evaluate` CLI).
-
-    Yields:
-        (the batch's prompts, each repeated `num_seeds` times; (B, 3, H, W) images in [0, 1] on CPU), prompt-major.
-    """
-    per_batch = max(1, batch_images // num_seeds)
-    for start in range(0, len(prompts), per_batch):
-        chunk = list(zip(prompt_indices[start : start + per_batch], prompts[start : start + per_batch]))
-        gens = [g for j, _ in chunk for g in eval_generators(j, num_seeds)]
-        x_T = torch.cat([initial_noise(1, model, g, resolution, resolution) for g in gens])
-        repeated = [prompt for _, prompt in chunk for _ in range(num_seeds)]
-        cond = encode_prompts(model, repeated, height=resolution, width=resolution)
-        trajectory = sample_trajectory(predictor, cond, x_T, grid, gens)
-        yield repeated, decode_latents(model, trajectory.final).cpu()
-
-
-@dataclass
-class EvalShard:
-    """Held-out samples of some eval prompts. All CPU.
-
-    Attributes:
-        prompt_indices: the global indices j of the prompts, in order.
-        images: (len(prompt_indices) * S, 3, H, W) in [0, 1], prompt-major.
-        totals: (len * S,) weighted reward totals.
-        per_reward: reward name → (len * S,) raw scores.
-        heldout: held-out reward key → (len * S,) raw scores (`guards.heldout_rewards`; empty without them).
-    """
-
-    prompt_indices: list[int]
-    images: Tensor
-    totals: Tensor
-    per_reward: dict[str, Tensor]
-    heldout: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Sampler:
@@ -303,22 +245,13 @@ class Sampler:
         if weights is not None:
             self.load_weights(weights)
         self.model.unet.eval()
-        images, totals, per, heldout = [], [], {}, {}
-        for batch_prompts, imgs in sample_held_out(
-            self.model, self.predictor, self.grid, list(prompts), list(prompt_indices), num_seeds, self.resolution
-        ):
-            result = self.reward.score(imgs, batch_prompts)
-            images.append(imgs)
-            totals.append(result.total)
-            for name, value in result.per_reward.items():
-                per.setdefault(name, []).append(value)
-            if self.reward.heldout_names:
-                for name, value in self.reward.score_heldout(imgs, batch_prompts).per_reward.items():
-                    heldout.setdefault(name, []).append(value)
-        return EvalShard(
-            prompt_indices=list(prompt_indices),
-            images=torch.cat(images),
-            totals=torch.cat(totals),
-            per_reward={name: torch.cat(v) for name, v in per.items()},
-            heldout={name: torch.cat(v) for name, v in heldout.items()},
+        return evaluate_shard(
+            self.model,
+            self.predictor,
+            self.grid,
+            self.reward,
+            prompts,
+            prompt_indices,
+            num_seeds,
+            self.resolution,
         )
