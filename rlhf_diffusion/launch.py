@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_inputs(config) -> str | None:
     """What can be checked of the run's inputs before Ray starts or a model loads: the offline data source yields
-    a pair (`data.path`). Returns the problem, naming the field and file, or None."""
+    a pair (`data.path`), and every custom reward builds and returns one finite score per image on a probe batch.
+    Returns the problem, naming the field and file or target, or None."""
     if config.data is not None:
         from rlhf_diffusion.data.preference import PreferenceDataError, check_preference_source
 
@@ -139,6 +140,41 @@ def check_inputs(config) -> str | None:
             check_preference_source(config.data)
         except (PreferenceDataError, FileNotFoundError, ValueError) as error:
             return f"data.path: {error}"
+    return probe_custom_rewards(config)
+
+
+def probe_custom_rewards(config) -> str | None:
+    """Builds each custom reward (training and held-out) and scores 2 grey images with 2 training prompts: a reward
+    that cannot be built, or that returns the wrong shape, a non-float or a non-finite score, fails here instead of
+    after the pre-training evaluation. An exception from the reward's own code on the probe is not judged (the
+    grey images may not suit it); the run meets it as before."""
+    entries = [(f"rewards.{i}", spec) for i, spec in enumerate(config.rewards) if spec.name == "custom"]
+    entries += [
+        (f"guards.heldout_rewards.{i}", spec)
+        for i, spec in enumerate(config.guards.heldout_rewards)
+        if spec.name == "custom"
+    ]
+    if not entries:
+        return None
+    import torch
+
+    from rlhf_diffusion.prompts import load_prompts
+    from rlhf_diffusion.rewards.custom import CustomRewardError, build_custom_reward
+
+    prompts = (load_prompts(config.prompts.train) * 2)[:2]
+    size = config.model.resolution or 64
+    images = torch.full((2, 3, size, size), 0.5)
+    for where, spec in entries:
+        try:
+            reward = build_custom_reward(spec.target, path=spec.path, kwargs=spec.kwargs, where=f"{where}.target")
+        except CustomRewardError as error:
+            return str(error)
+        try:
+            reward.score(images, prompts)
+        except CustomRewardError as error:  # the result contract: shape (B,), floating, finite
+            return f"{where}.target: {error} (a probe of 2 grey {size}x{size} images, before the run started)"
+        except Exception:  # noqa: BLE001, S112 - the reward's own failure on the probe's images is not a verdict
+            continue
     return None
 
 

@@ -508,3 +508,35 @@ def test_custom_reward_ranks_d3po_pairs(tiny_sd15_dir, tmp_path, one_torch_threa
     result = Trainer(parse_config(data), use_ray=False, log=lambda *_: None).fit()
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "reward/red_mean" in lines[0] and "reward/brightness_mean" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "section, target, fragment",
+    [
+        ("rewards", "my_rewards:NaNScore", "returned non-finite scores"),
+        ("rewards", "my_rewards:WrongShape", "expected (2,)"),
+        ("heldout", "my_rewards:NaNScore", "returned non-finite scores"),
+        ("rewards", "my_rewards:NeedsArg", "missing a required argument"),
+    ],
+)
+def test_a_broken_custom_reward_fails_before_the_run_starts(section, target, fragment, user_dir, tmp_path):
+    """The probe's NaN / wrong-shape custom reward was found only after the pre-training evaluation (leaving a
+    FAILED MLflow run); `launch` now scores a probe batch with it before Ray starts or a model loads."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    entry = f"[{{name: custom, target: '{target}'}}]"
+    override = f"rewards={entry}" if section == "rewards" else f"guards.heldout_rewards={entry}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(user_dir), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_diffusion.launch", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}",
+         "--set", override],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    where = "rewards.0.target" if section == "rewards" else "guards.heldout_rewards.0.target"
+    assert where in proc.stderr and repr(target) in proc.stderr and fragment in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "[launch]" not in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
