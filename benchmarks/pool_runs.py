@@ -1,0 +1,64 @@
+"""Pool finished runs over seeds: the held-out paired comparisons of each run's eval.json, per group and pooled.
+
+    python benchmarks/pool_runs.py dde_single=runs/a,runs/b,runs/c diffusion_dpo=runs/d,runs/e,runs/f [--key checker_all]
+
+Each run directory's eval.json holds the before / after comparison on the fixed held-out images (`paired`: the
+training reward and every held-out reward). Per group this prints each run's Δ and flips, then the flips summed
+over the group's runs with an exact two-sided sign test, the mean Δ over runs ± its standard error, and the
+training reward's mean Δ, as a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rlhf_diffusion.stats import sign_test_p  # noqa: E402
+
+
+def load(run_dir: str, key: str) -> dict:
+    data = json.loads((Path(run_dir) / "eval.json").read_text())
+    paired = data["paired"]
+    if key not in paired:
+        raise SystemExit(f"{run_dir}/eval.json has no paired comparison {key!r} (has: {', '.join(paired)})")
+    return {"run": run_dir, "held_out": paired[key], "reward": paired.get("reward"), "algorithm": data.get("algorithm")}
+
+
+def row(label: str, runs: list[dict]) -> str:
+    deltas = [r["held_out"]["delta"] for r in runs]
+    fixed = sum(int(r["held_out"]["fixed"]) for r in runs)
+    broken = sum(int(r["held_out"]["broken"]) for r in runs)
+    se = statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else float("nan")
+    per_run = ", ".join(f"{d:+.3f} ({int(r['held_out']['fixed'])}/{int(r['held_out']['broken'])})"
+                        for d, r in zip(deltas, runs))  # fmt: skip
+    reward = [r["reward"]["delta"] for r in runs if r["reward"]]
+    reward_text = f"{statistics.mean(reward):+.4f}" if reward else "–"
+    return (
+        f"| {label} | {len(runs)} | {per_run} | {statistics.mean(deltas):+.3f} ± {se:.3f} | {fixed} / {broken} | "
+        f"{sign_test_p(fixed, broken):.2g} | {reward_text} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("groups", nargs="+", metavar="LABEL=DIR[,DIR...]")
+    parser.add_argument("--key", default="checker_all", help="the held-out comparison to pool (eval.json 'paired')")
+    args = parser.parse_args(argv)
+    print(f"| method | runs | Δ {args.key} per run (fixed/broken) | mean Δ ± SE over runs | fixed / broken pooled "
+          "| sign test p | Δ training reward (mean) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for group in args.groups:
+        label, sep, dirs = group.partition("=")
+        if not sep or not dirs:
+            parser.error(f"{group!r}: expected LABEL=DIR[,DIR...]")
+        print(row(label, [load(d, args.key) for d in dirs.split(",")]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
