@@ -1,6 +1,6 @@
 """Pool finished runs over seeds: the held-out paired comparisons of each run's eval.json, per group and pooled.
 
-    python benchmarks/pool_runs.py dde_single=runs/a,runs/b,runs/c diffusion_dpo=runs/d,runs/e,runs/f [--key checker_all]
+    python benchmarks/pool_runs.py dde_single=runs/a,runs/b,runs/c diffusion_dpo=runs/d,runs/e [--key checker_all]
 
 Each run directory's eval.json holds the before / after comparison on the fixed held-out images (`paired`: the
 training reward and every held-out reward). Per group this prints each run's Δ and flips, then the flips summed
