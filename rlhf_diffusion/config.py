@@ -39,6 +39,15 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from rlhf_diffusion.models.sources import (
+    HUB_ID_RE,
+    PATH_PREFIXES,
+    TESTBED_PREFIX,
+    TINY_MODELS,
+    TINY_PREFIX,
+    resolve_source,
+)
+
 __all__ = [
     "ALGORITHM_NAMES",
     "DataConfig",
@@ -102,13 +111,10 @@ NON_DIFFERENTIABLE_REWARDS: frozenset[str] = frozenset({"jpeg_compressibility", 
 # `package.module:Attribute` (the attribute may be dotted: `module:Class.factory`); same grammar as rewards/custom.py.
 _REWARD_TARGET_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
-TINY_MODELS: tuple[str, ...] = ("tiny:sd15", "tiny:sdxl")
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 NUM_TRAIN_TIMESTEPS = 1000  # N of the SD1.5 / SDXL DDPM schedule; t ∈ {0 .. N−1}
 
 _RUN_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PATH_PREFIXES = ("/", "./", "../", "~")
 _NUMBER_RE = re.compile(r"^[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _INDEXED_PART_RE = re.compile(r"^([^\[\]]*)((?:\[-?\d+\])+)$")
 _MAX_SHOWN_VALUE = 80
@@ -256,15 +262,13 @@ class ModelConfig(_FrozenModel):
     @field_validator("pretrained")
     @classmethod
     def _check_pretrained(cls, value: str) -> str:
-        if value.startswith("tiny:"):
+        if value.startswith(TINY_PREFIX):
             if value not in TINY_MODELS:
                 raise ValueError(f"unknown tiny model; valid tiny models: {', '.join(TINY_MODELS)}")
             return value
-        if value.startswith("testbed:"):
-            from rlhf_diffusion.testbed.assets import resolve_testbed
-
+        if value.startswith(TESTBED_PREFIX):
             try:
-                resolve_testbed(value)
+                resolve_source(value)
             except (ValueError, FileNotFoundError) as err:
                 raise ValueError(str(err)) from None
             return value
@@ -275,9 +279,9 @@ class ModelConfig(_FrozenModel):
             raise ValueError(
                 "is a file, not a diffusers pipeline directory (single-file checkpoints are not supported)"
             )
-        if value.startswith(_PATH_PREFIXES):
+        if value.startswith(PATH_PREFIXES):
             raise ValueError("no such directory (a local model must be a diffusers pipeline directory)")
-        if not _HUB_ID_RE.match(value):
+        if not HUB_ID_RE.match(value):
             raise ValueError(
                 "not a local directory, a hub id of the form 'org/name', or one of " + ", ".join(TINY_MODELS)
             )
@@ -296,7 +300,7 @@ class ModelConfig(_FrozenModel):
             raise _field_error("kind", f"contradicts pretrained {self.pretrained!r}", self.kind)
         is_local = (
             self.pretrained in TINY_MODELS
-            or self.pretrained.startswith("testbed:")
+            or self.pretrained.startswith(TESTBED_PREFIX)
             or Path(self.pretrained).expanduser().is_dir()
         )
         if self.revision is not None and is_local:

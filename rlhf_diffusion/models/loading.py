@@ -40,6 +40,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from rlhf_diffusion.models.lora import LORA_WEIGHT_NAME, _require_lora, export_lora
+from rlhf_diffusion.models.sources import is_hub_id
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -168,7 +169,7 @@ def _read_pipeline_index(source: str, revision: str | None) -> dict:
             raise ModelLoadError(f"cannot read {index_file}: {err}") from err
     if path.exists():
         raise ModelLoadError(f"{source!r} is a file, not a diffusers pipeline directory")
-    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
+    if not is_hub_id(source):
         raise ModelLoadError(f"pipeline directory {source!r} does not exist")
     try:  # "owner/name": a Hugging Face Hub id
         return dict(DiffusionPipeline.load_config(source, revision=revision))

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlhf_diffusion.models.sources import is_hub_id
 from rlhf_diffusion.rewards.base import RewardModel, register_reward
 from rlhf_diffusion.rewards.clip_score import (
     DEFAULT_CLIP_MODEL,
     ClipImageEncoder,
-    is_hub_id,
     load_clip_model,
     resolve_dtype,
     save_tiny_clip,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+from rlhf_diffusion.models.sources import resolve_source
 from rlhf_diffusion.rewards.base import RewardModel, register_reward
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_shortest_and_center_crop
 
@@ -42,10 +43,8 @@ __all__ = [
     "ClipScore",
     "build_tiny_clip_score",
     "clip_text_embeddings",
-    "is_hub_id",
     "load_clip_model",
     "resolve_dtype",
-    "resolve_source",
     "save_tiny_clip",
     "tiny_clip_config",
 ]
@@ -68,35 +67,6 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def is_hub_id(source: str) -> bool:
-    """True for a string shaped like a Hugging Face Hub id ("owner/name") that is not an existing local path."""
-    if Path(source).expanduser().exists() or Path(source).is_absolute() or source.startswith((".", "~")):
-        return False
-    return source.count("/") == 1 and all(source.split("/"))
-
-
-def resolve_source(source: str, what: str) -> str:
-    """Returns `source` as an existing local path (user-expanded) or as a hub id; raises if it is neither.
-
-    Args:
-        source: a local file/directory, a hub id "owner/name", or "testbed:clip" (the shipped testbed CLIP).
-        what: what `source` should hold, for the error message (e.g. "CLIP model directory").
-
-    Raises:
-        FileNotFoundError: `source` is not an existing local path and cannot be a hub id.
-    """
-    if source.startswith("testbed:"):  # the shipped testbed CLIP (rlhf_diffusion/testbed/assets.py)
-        from rlhf_diffusion.testbed.assets import resolve_testbed
-
-        return resolve_testbed(source)
-    local = Path(source).expanduser()
-    if local.exists():
-        return str(local)
-    if is_hub_id(source):
-        return source
-    raise FileNotFoundError(f"{what} {source!r} does not exist (expected a local path or a hub id 'owner/name')")
-
-
 def load_clip_model(source: str, *, dtype: torch.dtype = torch.float32) -> CLIPModel:
     """Loads a frozen Hugging Face `CLIPModel` (eval mode, no parameter requires grad) from a directory or hub id.
 
@@ -107,7 +77,7 @@ def load_clip_model(source: str, *, dtype: torch.dtype = torch.float32) -> CLIPM
         FileNotFoundError: `source` is neither an existing local path nor a hub id.
         ValueError: the directory / hub repo does not hold a loadable `CLIPModel` (the message names it).
     """
-    source = resolve_source(source, "CLIP model directory")
+    source = resolve_source(source, what="CLIP model directory")
     try:
         model, info = CLIPModel.from_pretrained(source, dtype=dtype, output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, HF hub errors, ...
@@ -240,7 +210,7 @@ class ClipScore(ClipCosineReward):
 
 
 def _load_tokenizer(source: str) -> CLIPTokenizer:
-    source = resolve_source(source, "CLIP tokenizer directory")
+    source = resolve_source(source, what="CLIP tokenizer directory")
     try:
         return CLIPTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - tokenizer loading raises OSError, ValueError, TypeError, ...

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlhf_diffusion.models.sources import is_hub_id
 from rlhf_diffusion.rewards.base import RewardModel, register_reward
-from rlhf_diffusion.rewards.clip_score import is_hub_id, resolve_dtype
+from rlhf_diffusion.rewards.clip_score import resolve_dtype
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_longest_and_pad
 
 __all__ = ["HPS_FILENAMES", "HPS_HUB_REPO", "HPSv2", "build_tiny_hpsv2", "load_open_clip_model"]

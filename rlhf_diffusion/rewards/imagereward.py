@@ -57,9 +57,10 @@ import torch
 from torch import Tensor, nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
+from rlhf_diffusion.models.sources import is_hub_id
 from rlhf_diffusion.rewards.aesthetic import AestheticMLP
 from rlhf_diffusion.rewards.base import RewardModel, register_reward
-from rlhf_diffusion.rewards.clip_score import is_hub_id, resolve_dtype
+from rlhf_diffusion.rewards.clip_score import resolve_dtype
 from rlhf_diffusion.rewards.preprocess import normalize, resize_shortest_and_center_crop
 
 __all__ = [

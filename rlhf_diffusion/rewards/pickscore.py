@@ -30,13 +30,13 @@ import torch
 from torch import Tensor
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from rlhf_diffusion.models.sources import resolve_source
 from rlhf_diffusion.rewards.base import register_reward
 from rlhf_diffusion.rewards.clip_score import (
     ClipCosineReward,
     ClipImageEncoder,
     load_clip_model,
     resolve_dtype,
-    resolve_source,
     tiny_clip_config,
 )
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD
@@ -70,7 +70,7 @@ def load_pickscore_processor(source: str, *, image_size: int) -> CLIPProcessor:
         FileNotFoundError: `source` is neither an existing local path nor a hub id.
         ValueError: no processor can be loaded from `source`, or its image settings differ (the message names them).
     """
-    source = resolve_source(source, "PickScore processor directory")
+    source = resolve_source(source, what="PickScore processor directory")
     try:
         processor = CLIPProcessor.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - processor loading raises OSError, ValueError, hub errors, ...

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhf_diffusion.models.sources import TESTBED_PREFIX
+
 __all__ = ["TESTBED_DIR", "TESTBED_MODELS", "TESTBED_PREFIX", "is_testbed_ref", "resolve_testbed"]
 
-TESTBED_PREFIX = "testbed:"
 TESTBED_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed"
 # name -> the file that must exist in its directory
 TESTBED_MODELS: dict[str, str] = {"pipeline": "model_index.json", "clip": "config.json", "reward": "model.safetensors"}

@@ -99,6 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlhf_diffusion.models.sources import resolve_source
 from rlhf_diffusion.rewards.base import RewardModel, register_reward
 
 if __name__ == "__main__":  # `python -m`: run the imported module's `main`, so the reward is registered once only
@@ -321,10 +322,7 @@ def resolve_reward_path(path: str | Path | None) -> Path:
         FileNotFoundError: the directory or its config.json / model.safetensors is missing.
     """
     source = DEFAULT_PATH if path is None else str(path)
-    if source.startswith("testbed:"):
-        from rlhf_diffusion.testbed.assets import resolve_testbed
-
-        source = resolve_testbed(source)
+    source = resolve_source(source)
     directory = Path(source).expanduser()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():

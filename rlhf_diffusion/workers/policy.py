@@ -7,11 +7,6 @@ same LoRA init drawn from a seed derived from `config.seed`) before the learner'
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import torch
 
 from rlhf_diffusion.config import RunConfig
@@ -24,15 +19,15 @@ from rlhf_diffusion.models.loading import (
     set_attention,
     to_channels_last,
 )
-from rlhf_diffusion.models.tiny import build_tiny_pipeline
-from rlhf_diffusion.testbed.assets import TESTBED_PREFIX, resolve_testbed
+from rlhf_diffusion.models.sources import TINY_PREFIX, resolve_source
 from rlhf_diffusion.workers.messages import derive_seed
 
 __all__ = ["DTYPES", "TINY_PREFIX", "load_policy", "resolve_device", "resolve_model_source"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_PREFIX = "tiny:"
 LORA_INIT_STREAM = 4
+# The name trainer.py and evaluate.py import; one resolver for every model and reward path (models/sources.py).
+resolve_model_source = resolve_source
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,34 +40,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_model_source(pretrained: str, cache_dir: str | Path) -> str:
-    """The directory or hub id to load: "testbed:pipeline" is the shipped testbed model's directory; "tiny:sd15" /
-    "tiny:sdxl" build (once) a tiny random-weight pipeline under `cache_dir/_tiny_models/<kind>` and return that
-    directory, so it loads through the production loader. The build goes to a temporary directory that is renamed
-    into place, so concurrent callers never see half a pipeline."""
-    if pretrained.startswith(TESTBED_PREFIX):
-        return resolve_testbed(pretrained)
-    if not pretrained.startswith(TINY_PREFIX):
-        return pretrained
-    kind = pretrained[len(TINY_PREFIX) :]
-    target = Path(cache_dir) / "_tiny_models" / kind
-    if not (target / "model_index.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
-        try:
-            build_tiny_pipeline(staging, kind)
-            try:
-                os.replace(staging, target)
-            except OSError:  # another process finished first
-                if not (target / "model_index.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
-
-
 def load_policy(config: RunConfig, source: str, device: torch.device, *, for_training: bool = False) -> DiffusionModel:
-    """The pipeline at `source` (a directory or hub id, see `resolve_model_source`) with the configured LoRA on
+    """The pipeline at `source` (a directory or hub id, see `models.sources.resolve_source`) with the configured LoRA on
     its UNet; the LoRA's A matrices are drawn from a seed derived from `config.seed` (B = 0, so the policy starts
     equal to the base model). The UNet gets the `model.attention` processor, with `model.channels_last` the
     UNet and VAE (LoRA included) are stored channels_last, and `sampling.preview_decoder` is loaded as
