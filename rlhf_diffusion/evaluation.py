@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor, decode_latents, initial_noise, sample_trajectory
 from rlhf_diffusion.models.conditioning import encode_prompts
 from rlhf_diffusion.stats import paired_comparison
@@ -31,8 +32,10 @@ __all__ = [
     "EvalShard",
     "eval_generators",
     "eval_grid_row",
+    "eval_line",
     "eval_metrics",
     "evaluate_shard",
+    "evaluation_due",
     "merge_shards",
     "paired_heldout",
     "sample_held_out",
@@ -199,6 +202,24 @@ def eval_metrics(ev: EvalResult, guard: EarlyStopGuard | None = None) -> dict[st
     if guard is not None:
         metrics[f"heldout/{guard.config.reward}_drop"] = guard.drop(ev.heldout)
     return metrics
+
+
+def evaluation_due(config: RunConfig, step: int, iterations: int) -> tuple[bool, bool]:
+    """(an evaluation pass runs after iteration `step`, it writes an image grid): every tracking.image_grid_every
+    (with a grid) and guards.every iterations. The pass after the last iteration is the final evaluation."""
+    grid_every, guard_every = config.tracking.image_grid_every, config.guards.every
+    grid = bool(grid_every) and step % grid_every == 0
+    due = (grid or (bool(guard_every) and step % guard_every == 0)) and step < iterations
+    return due, grid
+
+
+def eval_line(when: str, ev: EvalResult, before: dict[str, Any] | None = None) -> str:
+    """The log line of an evaluation pass (`before`: the summary of the evaluation before training)."""
+    return (
+        f"[eval] {when}: reward {ev.mean:.4f}"
+        + (f" (before {before['mean']:.4f})" if before else "")
+        + "".join(f", held-out {k} {v:.4f}" for k, v in ev.heldout.items())
+    )
 
 
 def paired_heldout(before: dict[str, Any] | None, after: EvalResult) -> dict[str, dict[str, float]]:

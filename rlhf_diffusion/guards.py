@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rlhf_diffusion.config import EarlyStopConfig
+from rlhf_diffusion.config import EarlyStopConfig, RunConfig
 
 if TYPE_CHECKING:
     from rlhf_diffusion.evaluation import EvalResult
 
-__all__ = ["EarlyStop", "EarlyStopGuard", "relative_drop"]
+__all__ = ["EarlyStop", "EarlyStopGuard", "early_stop_guard", "relative_drop"]
 
 
 def relative_drop(before: float, now: float, min_scale: float) -> float:
@@ -53,6 +53,15 @@ class EarlyStopGuard:
             + (f" at {self.strikes} consecutive evaluations" if self.config.patience > 1 else "")
             + ")"
         )
+
+
+def early_stop_guard(config: RunConfig, heldout_before: dict[str, float], strikes: int = 0) -> EarlyStopGuard | None:
+    """`guards.early_stop`'s guard, based on the held-out values before training (held-out key → mean); None
+    without an early stop."""
+    early_stop = config.guards.early_stop
+    if early_stop is None:
+        return None
+    return EarlyStopGuard(early_stop, heldout_before[early_stop.reward], strikes)
 
 
 @dataclass
