@@ -125,7 +125,7 @@ def _aws_nodes(config: dict) -> list[tuple[float, float]]:
 
 
 def _actors(config) -> list[tuple[float, float]]:
-    """(num_cpus, num_gpus) of every actor the trainer starts (trainer.Trainer._start_actors)."""
+    """(num_cpus, num_gpus) of every actor the trainer starts (actors.start_ray_actors)."""
     r = config.resources
     return (
         [(r.cpus_per_actor, r.sampler_gpus)] * r.num_samplers

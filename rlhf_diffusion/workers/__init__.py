@@ -1,7 +1,8 @@
 """The three kinds of actors of the runtime (docs/architecture.md): samplers, reward servers, the learner(s).
 
-Each is a plain Python class (usable in one process, as `trainer.LocalTrainer` does) that `trainer.Trainer` turns
-into a Ray actor with `ray.remote(...)`. What crosses an actor boundary is defined in `messages.py`.
+Each is a plain Python class, usable in one process behind `local.LocalHandle` (`Trainer(use_ray=False)`,
+`LocalTrainer`), that `actors.start_ray_actors` turns into a Ray actor with `ray.remote(...)`. What crosses an actor
+boundary is defined in `messages.py`.
 """
 
 from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest, TrainResult, derive_seed
