@@ -163,3 +163,15 @@ def test_round_with_diagnostics_trains_exactly_as_without(tiny_sd15_dir, tmp_pat
     assert shares and sum(shares) == pytest.approx(1.0)
     assert any(k.startswith("signal/clamp_step_") for k in on)
     assert "signal/coherence" not in off and any(k.startswith("signal/clamp_step_") for k in off)
+
+
+def test_a_final_pair_round_with_diagnostics_trains_exactly_as_without(tiny_sd15_dir, tmp_path, one_torch_thread):
+    """The same for DDE-Single (the embedded default's method), whose diagnostics redraw (t, ε) with their own
+    generator: the weights after the round do not depend on `train.signal_every`."""
+    states = []
+    for every in (1, 0):
+        trainer = make_trainer(tiny_sd15_dir, tmp_path / str(every), "dde_single", signal_every=every)
+        trainer.learner_obj.train(trainer.rollout(PROMPTS), 0)
+        states.append(get_lora_state_dict(trainer.model.unet))
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
