@@ -20,7 +20,9 @@ A subclass implements one method, `_score`, and registers itself by name:
 `build_reward(name, path=..., device=..., **kwargs)` constructs a registered reward from a config entry. Rewards
 that load weights take a `path` constructor argument; rewards that load nothing take none, and passing one is an
 error. `build_reward("custom", target="pkg.module:Attr", **kwargs)` loads a user's reward by import path instead
-(rewards/custom.py).
+(rewards/custom.py, which registers its builder here with `set_custom_builder` when imported, so that this module
+never imports it). `build_reward` and `WeightedReward.from_specs` are the one reward factory: every reward of a
+run, the trained-on ones and the held-out ones alike, is built by them.
 """
 
 from __future__ import annotations
@@ -188,6 +190,10 @@ class RewardModel(abc.ABC):
         """Moves the reward's weights to `device` and returns self (a no-op for rewards without weights)."""
         return self
 
+    def describe(self) -> str | None:
+        """Where the reward came from, for messages about it (a custom reward's import path); None for a built-in."""
+        return None
+
     def _checked(self, scores: Tensor, n: int) -> Tensor:
         if not isinstance(scores, Tensor) or scores.shape != (n,):
             shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
@@ -205,6 +211,24 @@ REWARD_REGISTRY: dict[str, type[RewardModel]] = {}
 CUSTOM_REWARD = "custom"
 
 _RewardClass = TypeVar("_RewardClass", bound=type[RewardModel])
+
+# Builds the reward of name "custom": rewards/custom.py `build_custom_reward`, set by `set_custom_builder` when that
+# module is imported (the package imports it), so that this module does not import custom.py, which imports it.
+_custom_builder: Callable[..., RewardModel] | None = None
+
+
+def set_custom_builder(builder: Callable[..., RewardModel]) -> None:
+    """Registers the builder of name "custom": `builder(target, *, path, device, kwargs, where)` -> a reward."""
+    global _custom_builder
+    _custom_builder = builder
+
+
+def _build_custom(target: str | None, *, path, device, kwargs: dict[str, Any], where: str | None) -> RewardModel:
+    if _custom_builder is None:
+        raise RuntimeError(
+            "no builder for custom rewards: import rlhf_diffusion.rewards (it imports rewards/custom.py)"
+        )
+    return _custom_builder(target, path=path, device=device, kwargs=kwargs, where=where)
 
 
 def register_reward(name: str) -> Callable[[_RewardClass], _RewardClass]:
@@ -255,9 +279,7 @@ def build_reward(
             `CustomRewardError` (a ValueError) naming the target.
     """
     if name == CUSTOM_REWARD:
-        from rlhf_diffusion.rewards.custom import build_custom_reward
-
-        return build_custom_reward(target, path=path, device=device, kwargs=kwargs)
+        return _build_custom(target, path=path, device=device, kwargs=kwargs, where=None)
     if target is not None:
         raise ValueError(
             f"reward '{name}' is built in; `target` is only for name '{CUSTOM_REWARD}' (got target={target!r})"
@@ -335,10 +357,8 @@ class WeightedReward:
     def not_differentiable(self) -> list[str]:
         """The terms without a gradient, each as "'key'" or "'key' (custom reward 'pkg.mod:Attr' (rewards.i.target))",
         for error messages; empty when the sum is differentiable."""
-        from rlhf_diffusion.rewards.custom import CustomReward
-
         return [
-            repr(reward.name) + (f" ({reward.describe()})" if isinstance(reward, CustomReward) else "")
+            repr(reward.name) + (f" ({reward.describe()})" if reward.describe() else "")
             for reward, _ in self.terms
             if not reward.differentiable
         ]
@@ -399,18 +419,23 @@ class WeightedReward:
         return result, _to_cpu32(grad)
 
     @classmethod
-    def from_specs(cls, specs: Sequence[Any], device: str | torch.device = "cpu") -> WeightedReward:
-        """Builds the sum from config entries.
+    def from_specs(
+        cls, specs: Sequence[Any], device: str | torch.device = "cpu", *, where: str = "rewards", weighted: bool = True
+    ) -> WeightedReward:
+        """Builds the sum from config entries: the one factory of a run's rewards (`rewards`, and
+        `guards.heldout_rewards` through `workers.reward_server.build_heldout_reward`).
 
         Args:
             specs: objects with attributes `.name`, `.weight`, `.path` (or None) and `.kwargs` (dict or None),
                 e.g. the config's `RewardConfig`; optionally `.target` (name "custom": the import path) and
                 `.label` (the reward's key; None = a custom target's attribute name, else `.name`).
             device: where every reward runs.
+            where: the config key of `specs`, for messages (`<where>.<i>.target`).
+            weighted: False = every term gets weight 1 (the entries' `.weight` is not used).
 
         Raises:
             ValueError: a reward cannot be built; for a custom reward a `CustomRewardError` naming
-                `rewards.<i>.target`.
+                `<where>.<i>.target`.
         """
         if len(specs) == 0:
             raise ValueError("no rewards configured; need at least one reward entry")
@@ -419,14 +444,12 @@ class WeightedReward:
             kwargs = dict(spec.kwargs or {})
             label = getattr(spec, "label", None)
             if spec.name == CUSTOM_REWARD:
-                from rlhf_diffusion.rewards.custom import build_custom_reward
-
-                reward = build_custom_reward(
+                reward = _build_custom(
                     getattr(spec, "target", None),
                     path=spec.path,
                     device=device,
                     kwargs=kwargs,
-                    where=f"rewards.{index}.target",
+                    where=f"{where}.{index}.target",
                 )
             else:
                 reward = build_reward(
@@ -434,7 +457,7 @@ class WeightedReward:
                 )
             if label is not None:
                 reward.name = label  # instance attribute: the key in per_reward, metrics and Pareto ranking
-            terms.append((reward, spec.weight))
+            terms.append((reward, spec.weight if weighted else 1.0))
         return cls(terms)
 
     def _require_differentiable(self) -> None:

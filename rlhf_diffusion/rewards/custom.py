@@ -49,7 +49,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_diffusion.rewards.base import NotDifferentiableError, RewardModel, validate_reward_inputs
+from rlhf_diffusion.rewards.base import (
+    NotDifferentiableError,
+    RewardModel,
+    set_custom_builder,
+    validate_reward_inputs,
+)
 
 __all__ = ["CustomReward", "CustomRewardError", "default_label", "load_custom_reward", "parse_target"]
 
@@ -338,3 +343,7 @@ class CustomReward(RewardModel):
 
     def __repr__(self) -> str:
         return f"CustomReward({self.target!r}, {self.inner!r})"
+
+
+# `build_reward("custom", ...)` and `WeightedReward.from_specs` build custom rewards with it.
+set_custom_builder(build_custom_reward)

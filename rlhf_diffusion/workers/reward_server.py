@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_diffusion.rewards.base import CUSTOM_REWARD, RewardResult, WeightedReward, build_reward
+from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
 from rlhf_diffusion.workers.policy import resolve_device
 
 __all__ = ["MicroBatcher", "RewardHost", "RewardServer", "build_heldout_reward", "split_result"]
@@ -44,25 +44,7 @@ def build_heldout_reward(specs: Sequence[Any], device: str | torch.device = "cpu
     fails to load names `guards.heldout_rewards.<i>.target`."""
     if not specs:
         return None
-    terms = []
-    for index, spec in enumerate(specs):
-        kwargs = dict(spec.kwargs or {})
-        if spec.name == CUSTOM_REWARD:
-            from rlhf_diffusion.rewards.custom import build_custom_reward
-
-            reward = build_custom_reward(
-                spec.target,
-                path=spec.path,
-                device=device,
-                kwargs=kwargs,
-                where=f"guards.heldout_rewards.{index}.target",
-            )
-        else:
-            reward = build_reward(spec.name, path=spec.path, device=device, **kwargs)
-        if spec.label is not None:
-            reward.name = spec.label  # its key in heldout/<key>
-        terms.append((reward, 1.0))
-    return WeightedReward(terms)
+    return WeightedReward.from_specs(specs, device=device, where="guards.heldout_rewards", weighted=False)
 
 
 class RewardHost:
