@@ -29,7 +29,7 @@ from rlhf_diffusion.models.loading import (
     load_diffusion_model,
     set_lora_state_dict,
 )
-from rlhf_diffusion.rewards.aesthetic import build_tiny_aesthetic
+from rlhf_diffusion.testing import build_tiny_aesthetic
 from rlhf_diffusion.trainer import LocalTrainer, eval_grid_row
 
 PROMPTS = ["a cat", "a dog"]

@@ -39,10 +39,9 @@ from rlhf_diffusion.rewards.clip_score import (
     ClipImageEncoder,
     load_clip_model,
     resolve_dtype,
-    save_tiny_clip,
 )
 
-__all__ = ["MLP_FILENAMES", "Aesthetic", "AestheticMLP", "build_tiny_aesthetic", "load_aesthetic_mlp"]
+__all__ = ["MLP_FILENAMES", "Aesthetic", "AestheticMLP", "load_aesthetic_mlp"]
 
 # File names of the MLP head, in the order they are looked for in a directory or hub repo: the original release
 # (GitHub, DDPO assets) and the hub copy used by TRL.
@@ -138,7 +137,7 @@ class Aesthetic(RewardModel):
         path: the MLP head: a `.pth` state dict file, a directory holding `sac+logos+ava1-l14-linearMSE.pth` or
             `aesthetic-model.pth`, or a hub repo id; None = `trl-lib/ddpo-aesthetic-predictor`.
         clip_path: Hugging Face `CLIPModel` directory or hub id of the CLIP backbone. None = the `path` directory
-            when it also holds a CLIP model (`config.json`, as `build_tiny_aesthetic` writes), else
+            when it also holds a CLIP model (`config.json`, as `testing.build_tiny_aesthetic` writes), else
             `openai/clip-vit-large-patch14`.
         dtype: dtype the CLIP tower runs in ("float32", "bfloat16", "float16"); the MLP always runs in float32.
 
@@ -185,19 +184,3 @@ class Aesthetic(RewardModel):
 
     def __repr__(self) -> str:
         return f"Aesthetic(path={self.source!r}, clip_path={self.clip_source!r})"
-
-
-def build_tiny_aesthetic(out_dir: str | Path, seed: int = 0) -> Path:
-    """Builds a tiny random-weight aesthetic predictor directory (tests only).
-
-    The directory holds a tiny CLIP in Hugging Face `CLIPModel` format with the real projection width 768
-    (so the real MLP file would fit it) and a random MLP head saved as `sac+logos+ava1-l14-linearMSE.pth` with the
-    real file's layer names and shapes; `Aesthetic(path=<returned dir>)` loads both through the production code.
-
-    Returns:
-        `out_dir` as a `Path`, to pass as the reward's `path`.
-    """
-    out_dir = save_tiny_clip(out_dir, projection_dim=EMBED_DIM, seed=seed)
-    torch.manual_seed(seed + 1)
-    torch.save(AestheticMLP().state_dict(), out_dir / MLP_FILENAMES[0])
-    return out_dir

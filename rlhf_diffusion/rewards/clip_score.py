@@ -26,27 +26,23 @@ Value range: scale · [−1, 1]. With ViT-L/14 and scale 100, SD1.5 images of th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTokenizer
 
 from rlhf_diffusion.models.sources import resolve_source
 from rlhf_diffusion.rewards.base import RewardModel, register_reward
-from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_shortest_and_center_crop
+from rlhf_diffusion.rewards.preprocess import normalize, resize_shortest_and_center_crop
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
     "ClipImageEncoder",
     "ClipScore",
-    "build_tiny_clip_score",
     "clip_text_embeddings",
     "load_clip_model",
     "resolve_dtype",
-    "save_tiny_clip",
-    "tiny_clip_config",
 ]
 
 # torchmetrics' CLIPScore default backbone (OpenAI CLIP ViT-L/14 @ 224).
@@ -215,73 +211,3 @@ def _load_tokenizer(source: str) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - tokenizer loading raises OSError, ValueError, TypeError, ...
         raise ValueError(f"cannot load a CLIPTokenizer from {source!r}: {type(err).__name__}: {err}") from err
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Tiny random-weight model for tests
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def tiny_clip_config(*, projection_dim: int = 16) -> CLIPConfig:
-    """A tiny CLIP (2-layer width-32 vision tower, patch 14, input 224 as the real processor config; 1-layer
-    width-16 text tower with the real 49,408-token vocabulary and 77 positions) with the special-token ids of the
-    real OpenAI CLIP tokenizer."""
-    return CLIPConfig(
-        text_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            projection_dim=projection_dim,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            patch_size=14,
-            image_size=224,
-            projection_dim=projection_dim,
-        ),
-        projection_dim=projection_dim,
-    )
-
-
-def save_tiny_clip(out_dir: str | Path, *, projection_dim: int, seed: int = 0) -> Path:
-    """Saves a tiny random-weight CLIP as a Hugging Face model directory laid out like `openai/clip-vit-large-patch14`:
-    `config.json` + `model.safetensors`, the CLIP BPE tokenizer, and `preprocessor_config.json` with the real
-    processor settings (shortest edge 224, centre crop 224, bicubic, OpenAI mean/std)."""
-    from rlhf_diffusion.models.tiny import build_clip_tokenizer
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    CLIPModel(tiny_clip_config(projection_dim=projection_dim)).save_pretrained(out_dir)
-    build_clip_tokenizer().save_pretrained(out_dir)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": 224},
-        crop_size={"height": 224, "width": 224},
-        resample=3,
-        do_center_crop=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
-def build_tiny_clip_score(out_dir: str | Path, seed: int = 0) -> Path:
-    """Builds a tiny random-weight CLIP model directory for the `clip_score` reward (tests only).
-
-    Same format as the real hub model (`CLIPModel.save_pretrained` + tokenizer + preprocessor config), so
-    `ClipScore(path=<returned dir>)` exercises the production loading code. Projection width 16, input 224.
-
-    Returns:
-        `out_dir` as a `Path`, to pass as the reward's `path`.
-    """
-    return save_tiny_clip(out_dir, projection_dim=16, seed=seed)

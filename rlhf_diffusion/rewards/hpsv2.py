@@ -20,7 +20,6 @@ Value range: cosine in [−1, 1]; SD images of their prompts score ≈ 0.25–0.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from rlhf_diffusion.rewards.base import RewardModel, register_reward
 from rlhf_diffusion.rewards.clip_score import resolve_dtype
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_longest_and_pad
 
-__all__ = ["HPS_FILENAMES", "HPS_HUB_REPO", "HPSv2", "build_tiny_hpsv2", "load_open_clip_model"]
+__all__ = ["HPS_FILENAMES", "HPS_HUB_REPO", "HPSv2", "load_open_clip_model"]
 
 HPS_HUB_REPO = "xswu/HPSv2"
 HPS_FILENAMES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -134,8 +133,8 @@ class HPSv2(RewardModel):
 
     Args:
         path: an HPS checkpoint file (`HPS_v2.1_compressed.pt`, architecture ViT-H-14), an open_clip model
-            directory (`open_clip_config.json` + weights, as `build_tiny_hpsv2` writes), or a hub repo id holding
-            the version's file; None = `xswu/HPSv2`.
+            directory (`open_clip_config.json` + weights, as `testing.build_tiny_hpsv2` writes), or a hub repo id
+            holding the version's file; None = `xswu/HPSv2`.
         version: "v2.0" or "v2.1"; picks the file downloaded from a hub repo (or looked for in a directory).
             A local checkpoint file is used as given.
         dtype: dtype the model runs in: "float32", "bfloat16" or "float16".
@@ -190,44 +189,3 @@ class HPSv2(RewardModel):
 
     def __repr__(self) -> str:
         return f"HPSv2(path={self.source!r}, version={self.version!r})"
-
-
-def tiny_open_clip_config() -> dict:
-    """`open_clip_config.json` content of the tiny test model: a 2-layer width-32 ViT (patch 14, input 224) and a
-    1-layer width-16 text transformer with the real 49,408-token vocabulary and 77 positions, embed width 16;
-    preprocessing = HPSv2's (longest side, zero fill, bicubic, OpenAI mean/std)."""
-    return {
-        "model_cfg": {
-            "embed_dim": 16,
-            "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-        },
-        "preprocess_cfg": {
-            "size": 224,
-            "mean": list(CLIP_MEAN),
-            "std": list(CLIP_STD),
-            "interpolation": "bicubic",
-            "resize_mode": "longest",
-            "fill_color": 0,
-        },
-    }
-
-
-def build_tiny_hpsv2(out_dir: str | Path, seed: int = 0) -> Path:
-    """Builds a tiny random-weight HPS-shaped model as an open_clip model directory (tests only).
-
-    The directory holds `open_clip_config.json` and `open_clip_pytorch_model.bin` (a plain state dict), the format
-    `open_clip.create_model_and_transforms("local-dir:<dir>")` reads; `HPSv2(path=<returned dir>)` loads it through
-    the production code.
-
-    Returns:
-        `out_dir` as a `Path`, to pass as the reward's `path`.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = tiny_open_clip_config()
-    (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**config["model_cfg"])
-    torch.save(model.state_dict(), out_dir / "open_clip_pytorch_model.bin")
-    return out_dir

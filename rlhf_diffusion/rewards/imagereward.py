@@ -37,7 +37,7 @@ Files, for a `path` that is a directory (or the directory of a `.pt` file):
     ImageReward.pt            the state dict (official key names); loaded with torch.load(weights_only=True)
     imagereward_config.json   optional sidecar: `ImageRewardConfig` fields (architecture sizes) that differ from
                               the real model; absent for the real checkpoint. Needed because attention head counts
-                              cannot be inferred from tensor shapes. `build_tiny_imagereward` writes one.
+                              cannot be inferred from tensor shapes. `testing.build_tiny_imagereward` writes one.
     tokenizer/                optional BERT tokenizer directory (`vocab.txt`, or `tokenizer.json`)
 
 The tokenizer is taken from, in order: the `tokenizer_path` argument (a local directory or a hub id), the
@@ -76,13 +76,11 @@ __all__ = [
     "ImageReward",
     "ImageRewardConfig",
     "ImageRewardModel",
-    "build_tiny_imagereward",
     "convert_official_state_dict",
     "hf_to_official_key",
     "load_imagereward_model",
     "load_imagereward_tokenizer",
     "official_to_hf_key",
-    "tiny_imagereward_config",
 ]
 
 DEFAULT_REPO = "THUDM/ImageReward"
@@ -529,102 +527,3 @@ class ImageReward(RewardModel):
 
     def __repr__(self) -> str:
         return f"ImageReward(path={self.source!r}, tokenizer_path={self.tokenizer_source!r})"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Tiny random-weight model for tests
-# --------------------------------------------------------------------------------------------------------------------
-
-# A tiny lower-case WordPiece vocabulary: BERT's special tokens first ([PAD] = 0 as in bert-base-uncased), then
-# single characters and their '##' continuations (so any ASCII prompt tokenises), then a few whole words.
-_TINY_WORDS = (
-    "a",
-    "an",
-    "the",
-    "of",
-    "on",
-    "in",
-    "with",
-    "and",
-    "photo",
-    "painting",
-    "cat",
-    "dog",
-    "red",
-    "blue",
-    "car",
-    "tree",
-    "house",
-    "oil",
-    "portrait",
-    "sunset",
-)
-_TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
-
-
-def _tiny_vocab() -> list[str]:
-    chars = list(dict.fromkeys(_TINY_CHARS))
-    words = [w for w in _TINY_WORDS if w not in chars]
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words]
-
-
-def tiny_imagereward_config(vocab_size: int) -> ImageRewardConfig:
-    """A tiny ImageReward: real input size 224 and patch 16 (196 image tokens), vision width 32 × 2 blocks,
-    text width 24 × 2 layers, 40 positions (≥ 35 prompt tokens)."""
-    return ImageRewardConfig(
-        vision_hidden_size=32,
-        vision_num_layers=2,
-        vision_num_heads=2,
-        vision_intermediate_size=64,
-        vocab_size=vocab_size,
-        text_hidden_size=24,
-        text_num_layers=2,
-        text_num_heads=2,
-        text_intermediate_size=48,
-        max_position_embeddings=40,
-    )
-
-
-def build_tiny_imagereward(out_dir: str | Path, seed: int = 0) -> Path:
-    """Builds a tiny random-weight ImageReward directory in the official format (tests only).
-
-    Writes `ImageReward.pt` (state dict with the official key names, including the keys the loader drops:
-    `blip.vision_proj.*`, `blip.text_proj.*`, `blip.text_encoder.embeddings.position_ids`), the sidecar
-    `imagereward_config.json` (tiny sizes) and `tokenizer/` (a tiny lower-case BERT `vocab.txt` +
-    `tokenizer_config.json`, without [DEC]/[ENC], like bert-base-uncased). Every 1-D weight (biases, LayerNorm
-    scales) is perturbed away from its default and every matrix is drawn with std 1/√fan_in (transformers' 0.02
-    init leaves a tiny model nearly blind to its inputs), so the image and the prompt visibly move the score and a
-    wrong key map changes it.
-
-    Returns:
-        `out_dir` as a `Path`, to pass as the reward's `path`.
-    """
-    out_dir = Path(out_dir)
-    tokenizer_dir = out_dir / TOKENIZER_DIRNAME
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    vocab = _tiny_vocab()
-    (tokenizer_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (tokenizer_dir / "tokenizer_config.json").write_text(
-        json.dumps({"do_lower_case": True, "model_max_length": 512}) + "\n"
-    )
-
-    config = tiny_imagereward_config(vocab_size=len(vocab) + len(EXTRA_SPECIAL_TOKENS))
-    config.to_json_file(out_dir / CONFIG_FILENAME)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = ImageRewardModel(config)
-    state_dict = {}
-    for key, value in model.state_dict().items():
-        if value.ndim == 1:  # LayerNorm scales (≈ 1) and biases (≈ 0)
-            value = value + 0.1 * torch.randn(value.shape, generator=generator)
-        elif value.ndim in (2, 4):  # Linear / Conv2d / embedding matrices: unit-scale activations (fan-in init)
-            value = torch.randn(value.shape, generator=generator) / (value[0].numel() ** 0.5)
-        state_dict[hf_to_official_key(key)] = value.clone()
-    text_width, vision_width, itc_width = config.text_hidden_size, config.vision_hidden_size, 16
-    state_dict["blip.text_encoder.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]
-    state_dict["blip.vision_proj.weight"] = 0.02 * torch.randn(itc_width, vision_width, generator=generator)
-    state_dict["blip.vision_proj.bias"] = torch.zeros(itc_width)
-    state_dict["blip.text_proj.weight"] = 0.02 * torch.randn(itc_width, text_width, generator=generator)
-    state_dict["blip.text_proj.bias"] = torch.zeros(itc_width)
-    torch.save(state_dict, out_dir / CHECKPOINT_FILENAME)
-    return out_dir

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -37,7 +36,6 @@ from rlhf_diffusion.rewards.clip_score import (
     ClipImageEncoder,
     load_clip_model,
     resolve_dtype,
-    tiny_clip_config,
 )
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD
 
@@ -46,7 +44,6 @@ __all__ = [
     "DEFAULT_PROCESSOR",
     "MAX_PROMPT_TOKENS",
     "PickScore",
-    "build_tiny_pickscore",
     "load_pickscore_processor",
 ]
 
@@ -109,7 +106,7 @@ class PickScore(ClipCosineReward):
     Args:
         path: Hugging Face `CLIPModel` directory or hub id; None = `yuvalkirstain/PickScore_v1`.
         processor_path: `CLIPProcessor` directory or hub id (tokenizer + image processor config). None = the `path`
-            directory when it holds a tokenizer (`tokenizer.json` or `vocab.json`, as `build_tiny_pickscore`
+            directory when it holds a tokenizer (`tokenizer.json` or `vocab.json`, as `testing.build_tiny_pickscore`
             writes), else `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (the upstream README's processor).
         dtype: dtype the CLIP model runs in ("float32", "bfloat16", "float16"); the cosine and scale are float32.
 
@@ -139,33 +136,3 @@ class PickScore(ClipCosineReward):
 
     def __repr__(self) -> str:
         return f"PickScore(path={self.source!r}, processor_path={self.processor_source!r})"
-
-
-def build_tiny_pickscore(out_dir: str | Path, seed: int = 0) -> Path:
-    """Builds a tiny random-weight PickScore directory (tests only).
-
-    Same format as the real model plus its processor: `CLIPModel.save_pretrained` (config.json, model.safetensors)
-    and `CLIPProcessor.save_pretrained` (the CLIP BPE tokenizer, built offline from open_clip's vocabulary, and the
-    image processor with the LAION ViT-H/14 settings: shortest edge 224, centre crop 224, bicubic, OpenAI
-    mean/std). Tiny CLIP: vision width 32 × 2 layers, patch 14, input 224; text width 16 × 1 layer; projection 16.
-    `logit_scale` keeps CLIP's initial value ln(1/0.07) (exp ≈ 14.3; the real model's is ≈ 100).
-
-    Returns:
-        `out_dir` as a `Path`, to pass as the reward's `path`.
-    """
-    from rlhf_diffusion.models.tiny import build_clip_tokenizer
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    CLIPModel(tiny_clip_config(projection_dim=16)).save_pretrained(out_dir)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 224},
-        crop_size={"height": 224, "width": 224},
-        resample=3,
-        do_center_crop=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(out_dir)
-    return out_dir

@@ -17,11 +17,13 @@ from rlhf_diffusion.config import ConfigError, parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import decode_latents
 from rlhf_diffusion.models.loading import lora_parameters
-from rlhf_diffusion.rewards.aesthetic import build_tiny_aesthetic
-from rlhf_diffusion.rewards.clip_score import build_tiny_clip_score
-from rlhf_diffusion.rewards.hpsv2 import build_tiny_hpsv2
-from rlhf_diffusion.rewards.imagereward import build_tiny_imagereward
-from rlhf_diffusion.rewards.pickscore import build_tiny_pickscore
+from rlhf_diffusion.testing import (
+    build_tiny_aesthetic,
+    build_tiny_clip_score,
+    build_tiny_hpsv2,
+    build_tiny_imagereward,
+    build_tiny_pickscore,
+)
 from rlhf_diffusion.trainer import LocalTrainer
 
 BUILDERS = {

@@ -11,8 +11,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
 from rlhf_diffusion.rewards import build_reward
-from rlhf_diffusion.rewards.aesthetic import MLP_FILENAMES, Aesthetic, build_tiny_aesthetic
-from rlhf_diffusion.rewards.clip_score import build_tiny_clip_score
+from rlhf_diffusion.rewards.aesthetic import MLP_FILENAMES, Aesthetic
+from rlhf_diffusion.testing import build_tiny_aesthetic, build_tiny_clip_score
 
 # Layer names and weight shapes of the real `sac+logos+ava1-l14-linearMSE.pth` (docs/rewards.md §2.1).
 REAL_MLP_SHAPES = {

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from rlhf_diffusion.rewards import build_reward
-from rlhf_diffusion.rewards.clip_score import ClipScore, build_tiny_clip_score
+from rlhf_diffusion.rewards.clip_score import ClipScore
+from rlhf_diffusion.testing import build_tiny_clip_score
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from torchvision.transforms import InterpolationMode, Normalize, Resize
 
 from rlhf_diffusion.rewards import build_reward
 from rlhf_diffusion.rewards import hpsv2 as hpsv2_module
-from rlhf_diffusion.rewards.hpsv2 import HPSv2, build_tiny_hpsv2
+from rlhf_diffusion.rewards.hpsv2 import HPSv2
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD
+from rlhf_diffusion.testing import build_tiny_hpsv2
 
 # open_clip's transform resizes PIL uint8 images (output rounded to whole grey levels), ours works on floats: they
 # differ by up to ~1 grey level = 1/255/std ≈ 0.015 in normalised units (std ≥ 0.2613) and ~0.25 level on

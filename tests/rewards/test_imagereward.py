@@ -21,12 +21,12 @@ from rlhf_diffusion.rewards.imagereward import (
     ImageReward,
     ImageRewardConfig,
     ImageRewardModel,
-    build_tiny_imagereward,
     convert_official_state_dict,
     hf_to_official_key,
     load_imagereward_tokenizer,
     official_to_hf_key,
 )
+from rlhf_diffusion.testing import build_tiny_imagereward
 
 # Upstream constants (THUDM/ImageReward `ImageReward.py`: self.mean, self.std) and preprocessing (`_transform`).
 UPSTREAM_MEAN = 0.16717362830052426

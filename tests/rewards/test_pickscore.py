@@ -10,12 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPModel, CLIPProcessor
 
 from rlhf_diffusion.rewards import build_reward
-from rlhf_diffusion.rewards.pickscore import (
-    DEFAULT_MODEL,
-    DEFAULT_PROCESSOR,
-    PickScore,
-    build_tiny_pickscore,
-)
+from rlhf_diffusion.rewards.pickscore import DEFAULT_MODEL, DEFAULT_PROCESSOR, PickScore
+from rlhf_diffusion.testing import build_tiny_pickscore
 
 PROMPTS = ["a photo of a cat", "a red car, oil painting"]
 

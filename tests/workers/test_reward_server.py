@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from rlhf_diffusion.config import RewardConfig
-from rlhf_diffusion.rewards.aesthetic import build_tiny_aesthetic
 from rlhf_diffusion.rewards.base import NotDifferentiableError, WeightedReward
-from rlhf_diffusion.rewards.clip_score import build_tiny_clip_score
+from rlhf_diffusion.testing import build_tiny_aesthetic, build_tiny_clip_score
 from rlhf_diffusion.workers.reward_server import MicroBatcher, RewardHost, RewardServer
 
 

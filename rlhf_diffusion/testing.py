@@ -1,0 +1,282 @@
+"""Tiny random-weight reward models for the tests and benchmarks: each builder writes a directory in the real
+model's published format, so the production loaders read it (no downloads). Test code only; no product module
+imports this one (the tiny diffusion pipelines, which `model.pretrained: tiny:sd15` builds, stay in `models/tiny.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from rlhf_diffusion.models.tiny import build_clip_tokenizer
+from rlhf_diffusion.rewards.aesthetic import EMBED_DIM, MLP_FILENAMES, AestheticMLP
+from rlhf_diffusion.rewards.hpsv2 import OPEN_CLIP_CONFIG
+from rlhf_diffusion.rewards.imagereward import (
+    CHECKPOINT_FILENAME,
+    CONFIG_FILENAME,
+    EXTRA_SPECIAL_TOKENS,
+    TOKENIZER_DIRNAME,
+    ImageRewardConfig,
+    ImageRewardModel,
+    hf_to_official_key,
+)
+from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD
+
+__all__ = [
+    "build_tiny_aesthetic",
+    "build_tiny_clip_score",
+    "build_tiny_hpsv2",
+    "build_tiny_imagereward",
+    "build_tiny_pickscore",
+    "save_tiny_clip",
+    "tiny_clip_config",
+    "tiny_imagereward_config",
+    "tiny_open_clip_config",
+]
+
+
+def tiny_clip_config(*, projection_dim: int = 16) -> CLIPConfig:
+    """A tiny CLIP (2-layer width-32 vision tower, patch 14, input 224 as the real processor config; 1-layer
+    width-16 text tower with the real 49,408-token vocabulary and 77 positions) with the special-token ids of the
+    real OpenAI CLIP tokenizer."""
+    return CLIPConfig(
+        text_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=projection_dim,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            patch_size=14,
+            image_size=224,
+            projection_dim=projection_dim,
+        ),
+        projection_dim=projection_dim,
+    )
+
+
+def save_tiny_clip(out_dir: str | Path, *, projection_dim: int, seed: int = 0) -> Path:
+    """Saves a tiny random-weight CLIP as a Hugging Face model directory laid out like `openai/clip-vit-large-patch14`:
+    `config.json` + `model.safetensors`, the CLIP BPE tokenizer, and `preprocessor_config.json` with the real
+    processor settings (shortest edge 224, centre crop 224, bicubic, OpenAI mean/std)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    CLIPModel(tiny_clip_config(projection_dim=projection_dim)).save_pretrained(out_dir)
+    build_clip_tokenizer().save_pretrained(out_dir)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        resample=3,
+        do_center_crop=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_clip_score(out_dir: str | Path, seed: int = 0) -> Path:
+    """Builds a tiny random-weight CLIP model directory for the `clip_score` reward (tests only).
+
+    Same format as the real hub model (`CLIPModel.save_pretrained` + tokenizer + preprocessor config), so
+    `ClipScore(path=<returned dir>)` exercises the production loading code. Projection width 16, input 224.
+
+    Returns:
+        `out_dir` as a `Path`, to pass as the reward's `path`.
+    """
+    return save_tiny_clip(out_dir, projection_dim=16, seed=seed)
+
+
+def build_tiny_aesthetic(out_dir: str | Path, seed: int = 0) -> Path:
+    """Builds a tiny random-weight aesthetic predictor directory (tests only).
+
+    The directory holds a tiny CLIP in Hugging Face `CLIPModel` format with the real projection width 768
+    (so the real MLP file would fit it) and a random MLP head saved as `sac+logos+ava1-l14-linearMSE.pth` with the
+    real file's layer names and shapes; `Aesthetic(path=<returned dir>)` loads both through the production code.
+
+    Returns:
+        `out_dir` as a `Path`, to pass as the reward's `path`.
+    """
+    out_dir = save_tiny_clip(out_dir, projection_dim=EMBED_DIM, seed=seed)
+    torch.manual_seed(seed + 1)
+    torch.save(AestheticMLP().state_dict(), out_dir / MLP_FILENAMES[0])
+    return out_dir
+
+
+def tiny_open_clip_config() -> dict:
+    """`open_clip_config.json` content of the tiny test model: a 2-layer width-32 ViT (patch 14, input 224) and a
+    1-layer width-16 text transformer with the real 49,408-token vocabulary and 77 positions, embed width 16;
+    preprocessing = HPSv2's (longest side, zero fill, bicubic, OpenAI mean/std)."""
+    return {
+        "model_cfg": {
+            "embed_dim": 16,
+            "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+        },
+        "preprocess_cfg": {
+            "size": 224,
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "longest",
+            "fill_color": 0,
+        },
+    }
+
+
+def build_tiny_hpsv2(out_dir: str | Path, seed: int = 0) -> Path:
+    """Builds a tiny random-weight HPS-shaped model as an open_clip model directory (tests only).
+
+    The directory holds `open_clip_config.json` and `open_clip_pytorch_model.bin` (a plain state dict), the format
+    `open_clip.create_model_and_transforms("local-dir:<dir>")` reads; `HPSv2(path=<returned dir>)` loads it through
+    the production code.
+
+    Returns:
+        `out_dir` as a `Path`, to pass as the reward's `path`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = tiny_open_clip_config()
+    (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**config["model_cfg"])
+    torch.save(model.state_dict(), out_dir / "open_clip_pytorch_model.bin")
+    return out_dir
+
+
+def build_tiny_pickscore(out_dir: str | Path, seed: int = 0) -> Path:
+    """Builds a tiny random-weight PickScore directory (tests only).
+
+    Same format as the real model plus its processor: `CLIPModel.save_pretrained` (config.json, model.safetensors)
+    and `CLIPProcessor.save_pretrained` (the CLIP BPE tokenizer, built offline from open_clip's vocabulary, and the
+    image processor with the LAION ViT-H/14 settings: shortest edge 224, centre crop 224, bicubic, OpenAI
+    mean/std). Tiny CLIP: vision width 32 × 2 layers, patch 14, input 224; text width 16 × 1 layer; projection 16.
+    `logit_scale` keeps CLIP's initial value ln(1/0.07) (exp ≈ 14.3; the real model's is ≈ 100).
+
+    Returns:
+        `out_dir` as a `Path`, to pass as the reward's `path`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    CLIPModel(tiny_clip_config(projection_dim=16)).save_pretrained(out_dir)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        resample=3,
+        do_center_crop=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(out_dir)
+    return out_dir
+
+
+# A tiny lower-case WordPiece vocabulary: BERT's special tokens first ([PAD] = 0 as in bert-base-uncased), then
+# single characters and their '##' continuations (so any ASCII prompt tokenises), then a few whole words.
+_TINY_WORDS = (
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "photo",
+    "painting",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "car",
+    "tree",
+    "house",
+    "oil",
+    "portrait",
+    "sunset",
+)
+_TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+
+
+def _tiny_vocab() -> list[str]:
+    chars = list(dict.fromkeys(_TINY_CHARS))
+    words = [w for w in _TINY_WORDS if w not in chars]
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words]
+
+
+def tiny_imagereward_config(vocab_size: int) -> ImageRewardConfig:
+    """A tiny ImageReward: real input size 224 and patch 16 (196 image tokens), vision width 32 × 2 blocks,
+    text width 24 × 2 layers, 40 positions (≥ 35 prompt tokens)."""
+    return ImageRewardConfig(
+        vision_hidden_size=32,
+        vision_num_layers=2,
+        vision_num_heads=2,
+        vision_intermediate_size=64,
+        vocab_size=vocab_size,
+        text_hidden_size=24,
+        text_num_layers=2,
+        text_num_heads=2,
+        text_intermediate_size=48,
+        max_position_embeddings=40,
+    )
+
+
+def build_tiny_imagereward(out_dir: str | Path, seed: int = 0) -> Path:
+    """Builds a tiny random-weight ImageReward directory in the official format (tests only).
+
+    Writes `ImageReward.pt` (state dict with the official key names, including the keys the loader drops:
+    `blip.vision_proj.*`, `blip.text_proj.*`, `blip.text_encoder.embeddings.position_ids`), the sidecar
+    `imagereward_config.json` (tiny sizes) and `tokenizer/` (a tiny lower-case BERT `vocab.txt` +
+    `tokenizer_config.json`, without [DEC]/[ENC], like bert-base-uncased). Every 1-D weight (biases, LayerNorm
+    scales) is perturbed away from its default and every matrix is drawn with std 1/√fan_in (transformers' 0.02
+    init leaves a tiny model nearly blind to its inputs), so the image and the prompt visibly move the score and a
+    wrong key map changes it.
+
+    Returns:
+        `out_dir` as a `Path`, to pass as the reward's `path`.
+    """
+    out_dir = Path(out_dir)
+    tokenizer_dir = out_dir / TOKENIZER_DIRNAME
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    vocab = _tiny_vocab()
+    (tokenizer_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (tokenizer_dir / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": True, "model_max_length": 512}) + "\n"
+    )
+
+    config = tiny_imagereward_config(vocab_size=len(vocab) + len(EXTRA_SPECIAL_TOKENS))
+    config.to_json_file(out_dir / CONFIG_FILENAME)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ImageRewardModel(config)
+    state_dict = {}
+    for key, value in model.state_dict().items():
+        if value.ndim == 1:  # LayerNorm scales (≈ 1) and biases (≈ 0)
+            value = value + 0.1 * torch.randn(value.shape, generator=generator)
+        elif value.ndim in (2, 4):  # Linear / Conv2d / embedding matrices: unit-scale activations (fan-in init)
+            value = torch.randn(value.shape, generator=generator) / (value[0].numel() ** 0.5)
+        state_dict[hf_to_official_key(key)] = value.clone()
+    text_width, vision_width, itc_width = config.text_hidden_size, config.vision_hidden_size, 16
+    state_dict["blip.text_encoder.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]
+    state_dict["blip.vision_proj.weight"] = 0.02 * torch.randn(itc_width, vision_width, generator=generator)
+    state_dict["blip.vision_proj.bias"] = torch.zeros(itc_width)
+    state_dict["blip.text_proj.weight"] = 0.02 * torch.randn(itc_width, text_width, generator=generator)
+    state_dict["blip.text_proj.bias"] = torch.zeros(itc_width)
+    torch.save(state_dict, out_dir / CHECKPOINT_FILENAME)
+    return out_dir
