@@ -1,5 +1,6 @@
 """DDIM maths for preference RL: x0 prediction, the DDIM step with its Gaussian log-prob, closed-form
-log-ratios, the single-shot DDIM jump, CFG and DDPM quantities. Pure functions over tensors.
+log-ratios, the single-shot DDIM jump and DDPM quantities (CFG: `models.conditioning.predict_noise_cfg`). Pure
+functions over tensors.
 
 Every function takes tensors and returns tensors: no config objects, no I/O, no Python branching on tensor
 values, and timesteps may be batched (one per sample). Scheduler scalars are gathered per sample from the
@@ -27,7 +28,6 @@ from torch import Tensor
 
 __all__ = [
     "add_noise",
-    "cfg_combine",
     "ddim_jump",
     "ddim_kappa",
     "ddim_std",
@@ -122,11 +122,6 @@ def gather_alpha_prev(alphas_cumprod: Tensor, prev_timesteps: Tensor, final_alph
 # --------------------------------------------------------------------------------------------------------------
 # Predictions
 # --------------------------------------------------------------------------------------------------------------
-
-
-def cfg_combine(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
-    """Classifier-free guidance: ε̂ = ε_u + w (ε_c − ε_u) (Ho & Salimans 2022)."""
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 def pred_x0_from_eps(x_t: Tensor, eps_pred: Tensor, alpha_prod_t: Tensor) -> Tensor:

@@ -94,10 +94,6 @@ class DDIMGrid:
         i = step_index.long().cpu()
         return self.timesteps[i], self.alpha_prod[i], self.alpha_prod_prev[i], self.std_dev[i]
 
-    def prev_alpha_of_candidates(self, step_index: Tensor) -> Tensor:
-        """ᾱ at a candidate's own timestep prev(τ_i) (B,): the noise level of x_prev."""
-        return self.alpha_prod_prev[step_index.long().cpu()]
-
 
 class NoisePredictor:
     """The policy's CFG noise prediction ε̂_θ(x, τ, c) and its reference twin (LoRA disabled, or the frozen

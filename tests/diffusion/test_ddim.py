@@ -201,12 +201,6 @@ def test_add_noise_matches_scheduler_and_x0_error_identity(scheduler):
     torch.testing.assert_close(lhs, rhs, rtol=1e-4, atol=1e-4)
 
 
-def test_cfg_combine_hand_values():
-    u, c = torch.tensor([1.0]), torch.tensor([3.0])
-    assert ddim.cfg_combine(u, c, 5.0).item() == 11.0
-    assert ddim.cfg_combine(u, c, 1.0).item() == 3.0
-
-
 def test_ddpm_kl_weights_reference_values(scheduler):
     # docs/algorithms.md §0: λ_t ≈ 0.0033–0.0066 for t ≥ 100, ≈ 0.01 at t = 50, ≈ 0.05 at t = 10, ≈ 0.5 at t = 1.
     lam = ddim.ddpm_kl_weights(scheduler.betas)
