@@ -48,10 +48,9 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# Order for CI's two xdist workers (`-n 2 --dist loadscope --no-loadscope-reorder`: modules are handed out in this
-# order; xdist's default reorder would put the biggest modules first and these one-test modules last): the embedded
-# default's two-seed run (two processes, ~8 minutes) first, so it overlaps the many short, mostly waiting tests on
-# the other worker; the nine tiny-pipeline learning runs (two processes) last, when the short tests are done.
+# Order for CI's two xdist workers (`-n 2 --dist loadscope`, modules handed out in this order): the embedded default's
+# two-seed run (two processes, ~8 minutes) first, so it overlaps the many short, mostly waiting tests on the other
+# worker; the nine tiny-pipeline learning runs (two processes) last, when the short tests are done.
 _MODULE_ORDER = {"test_default_aligns.py": 0, "test_learning.py": 2}
 
 
