@@ -48,16 +48,6 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# Order for CI's two xdist workers (`-n 2 --dist loadscope`, modules handed out in this order): the embedded default's
-# two-seed run (two processes, ~8 minutes) first, so it overlaps the many short, mostly waiting tests on the other
-# worker; the nine tiny-pipeline learning runs (two processes) last, when the short tests are done.
-_MODULE_ORDER = {"test_default_aligns.py": 0, "test_learning.py": 2}
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: _MODULE_ORDER.get(item.path.name, 1))
-
-
 @dataclass
 class RayCluster:
     """A `ray start --head --block` process we own: its GCS address (for ray.init / RAY_ADDRESS) and its job server
