@@ -25,9 +25,9 @@ import time
 
 import torch
 
+from rlhf_diffusion.batches import PublishedWeights
 from rlhf_diffusion.config import load_config
 from rlhf_diffusion.models.loading import attach_lora, get_lora_state_dict, set_lora_state_dict
-from rlhf_diffusion.workers.messages import PublishedWeights
 
 SD15_UNET = dict(
     sample_size=64,

@@ -14,13 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_diffusion.algorithms import RolloutBatch
+from rlhf_diffusion.batches import EvalShard, PublishedWeights, RolloutBatch, RolloutRequest
 from rlhf_diffusion.checkpoint import latest_checkpoint, load_checkpoint
 from rlhf_diffusion.config import RunConfig
-from rlhf_diffusion.evaluation import EvalShard
 from rlhf_diffusion.workers.learner import Learner, LearnerGroup
 from rlhf_diffusion.workers.local import LocalWorkers, get, start_local
-from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest
 from rlhf_diffusion.workers.reward_server import RewardServer
 from rlhf_diffusion.workers.sampler import Sampler
 

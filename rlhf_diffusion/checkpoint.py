@@ -14,7 +14,7 @@ A checkpoint after iteration k is a directory `<run_dir>/checkpoints/iter_<k:06d
     state.json                              iteration, learner version, seed, the resolved config, the MLflow
                                             run id, the pre-training evaluation, fault counters
 
-RNG state: every random draw of a run is derived from (seed, iteration, shard) (`workers/messages.derive_seed`),
+RNG state: every random draw of a run is derived from (seed, iteration, shard) (`seeding.derive_seed`),
 so the seed and the iteration in state.json are the whole RNG state; no generator state needs saving.
 
 Atomicity: the directory is written under a temporary name, fsynced and renamed into place; `checkpoints/latest`

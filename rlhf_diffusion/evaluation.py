@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rlhf_diffusion.batches import EvalShard
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor, decode_latents, initial_noise, sample_trajectory
 from rlhf_diffusion.models.conditioning import encode_prompts
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 __all__ = [
     "EVAL_BATCH_IMAGES",
     "EvalResult",
-    "EvalShard",
     "eval_generators",
     "eval_grid_row",
     "eval_line",
@@ -80,25 +80,6 @@ def sample_held_out(
         cond = encode_prompts(model, repeated, height=resolution, width=resolution)
         trajectory = sample_trajectory(predictor, cond, x_T, grid, gens)
         yield repeated, decode_latents(model, trajectory.final).cpu()
-
-
-@dataclass
-class EvalShard:
-    """Held-out samples of some eval prompts. All CPU.
-
-    Attributes:
-        prompt_indices: the global indices j of the prompts, in order.
-        images: (len(prompt_indices) * S, 3, H, W) in [0, 1], prompt-major.
-        totals: (len * S,) weighted reward totals.
-        per_reward: reward name → (len * S,) raw scores.
-        heldout: held-out reward key → (len * S,) raw scores (`guards.heldout_rewards`; empty without them).
-    """
-
-    prompt_indices: list[int]
-    images: Tensor
-    totals: Tensor
-    per_reward: dict[str, Tensor]
-    heldout: dict[str, Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()

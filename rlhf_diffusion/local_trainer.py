@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext
+from rlhf_diffusion.algorithms import RolloutContext
+from rlhf_diffusion.batches import RolloutBatch
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.trainer import Trainer

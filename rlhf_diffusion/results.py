@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_diffusion.algorithms import RolloutBatch
+from rlhf_diffusion.batches import RolloutBatch, TrainResult
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.evaluation import EvalResult, paired_heldout
 from rlhf_diffusion.guards import EarlyStop
-from rlhf_diffusion.workers.messages import TrainResult
 
 __all__ = ["Progress", "RunResult", "iteration_record", "run_summary", "write_results"]
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_diffusion.batches import PublishedWeights
 from rlhf_diffusion.checkpoint import CheckpointState, load_resumable, save_checkpoint
 from rlhf_diffusion.config import RunConfig, flatten_config
 from rlhf_diffusion.models.loading import UNET_EXPORT_DIR
-from rlhf_diffusion.workers.messages import PublishedWeights
 
 if TYPE_CHECKING:
     from rlhf_diffusion.actors import Actors

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_diffusion.actors import Actors, LearnerCrashed, required_resources
+from rlhf_diffusion.batches import PublishedWeights, RolloutRequest, TrainResult
 from rlhf_diffusion.checkpoint import LORA_FILE, CheckpointState, latest_checkpoint
 from rlhf_diffusion.config import RunConfig, flatten_config
 from rlhf_diffusion.evaluation import (
@@ -58,15 +59,8 @@ from rlhf_diffusion.resume import (
     write_checkpoint,
 )
 from rlhf_diffusion.run_dir import check_run_dir, clear_run_dir, lock_run_dir
+from rlhf_diffusion.seeding import ROLLOUT_STREAM, derive_seed, prompts_for_iteration
 from rlhf_diffusion.tracking import NullTracker, build_tracker
-from rlhf_diffusion.workers.messages import (
-    ROLLOUT_STREAM,
-    PublishedWeights,
-    RolloutRequest,
-    TrainResult,
-    derive_seed,
-    prompts_for_iteration,
-)
 from rlhf_diffusion.workers.policy import resolve_device, resolve_model_source
 
 # Re-exported: the names tests, benchmarks and launch import from here (and LocalTrainer, lazily: `__getattr__`).

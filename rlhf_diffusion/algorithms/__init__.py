@@ -4,21 +4,15 @@ from rlhf_diffusion.algorithms import d3po, dde, diffusion_dpo, tailorpo  # noqa
 from rlhf_diffusion.algorithms.base import (
     ALGORITHM_REGISTRY,
     Algorithm,
-    FinalPairBatch,
     LossOutput,
-    RolloutBatch,
     RolloutContext,
-    StepPairBatch,
     build_algorithm,
 )
 
 __all__ = [
     "ALGORITHM_REGISTRY",
     "Algorithm",
-    "FinalPairBatch",
     "LossOutput",
-    "RolloutBatch",
     "RolloutContext",
-    "StepPairBatch",
     "build_algorithm",
 ]

@@ -1,4 +1,5 @@
-"""The Algorithm interface, the batch types that cross the sampler → learner boundary, and the registry.
+"""The Algorithm interface, its rollout context and loss output, and the registry (the batch types it emits are in
+`rlhf_diffusion.batches`).
 
 An algorithm owns three things; its file holds it whole (docs/architecture.md, docs/extending.md):
   1. `rollout(ctx, prompts)`: what it samples (plain / paired / branched trajectories) and how it labels pairs;
@@ -12,7 +13,6 @@ The same code runs in one process (tests, `trainer.run_local`) and under Ray: th
 from __future__ import annotations
 
 import abc
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from rlhf_diffusion.batches import RolloutBatch
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.models.loading import DiffusionModel
@@ -28,139 +29,11 @@ from rlhf_diffusion.rewards.base import RewardResult
 __all__ = [
     "ALGORITHM_REGISTRY",
     "Algorithm",
-    "FinalPairBatch",
     "LossOutput",
-    "RolloutBatch",
     "RolloutContext",
-    "StepPairBatch",
     "build_algorithm",
     "register_algorithm",
 ]
-
-
-class TensorBatch:
-    """Mixin for dataclasses whose tensor fields share the leading example dimension M."""
-
-    def __len__(self) -> int:
-        return int(getattr(self, dataclasses.fields(self)[0].name).shape[0])
-
-    def select(self, index: Tensor):
-        """The examples at `index` (M',) → a batch of the same type."""
-        return type(self)(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
-
-    @classmethod
-    def concat(cls, batches: Sequence[TensorBatch]):
-        """Concatenates batches along the example dimension (prompt indices must already be global)."""
-        return cls(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(cls)})
-
-    def validate(self) -> None:
-        """Asserts every field has the same leading length and every tensor is on CPU."""
-        n = len(self)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value.shape[0] != n:
-                raise ValueError(f"{type(self).__name__}.{f.name} has {value.shape[0]} rows, expected {n}")
-            if value.device.type != "cpu":
-                raise ValueError(f"{type(self).__name__}.{f.name} must be on CPU to cross an actor boundary")
-
-
-@dataclass
-class StepPairBatch(TensorBatch):
-    """Step-level preference pairs (D3PO, TailorPO): one denoising step of a winner and of a loser.
-
-    For TailorPO both actions come from the same state (state_w == state_l); for D3PO the states are the
-    two trajectories' states at the same step index.
-
-    Attributes:
-        prompt_index: (M,) long, index into `RolloutBatch.prompts`.
-        step_index: (M,) long, index i into the DDIM grid (τ_i → prev(τ_i)).
-        state_w, action_w: (M, C, h, w) x_τ and x_prev of the winner.
-        state_l, action_l: (M, C, h, w) x_τ and x_prev of the loser.
-    """
-
-    prompt_index: Tensor
-    step_index: Tensor
-    state_w: Tensor
-    action_w: Tensor
-    state_l: Tensor
-    action_l: Tensor
-
-
-@dataclass
-class FinalPairBatch(TensorBatch):
-    """Preference pairs of final images (DDE, Diffusion-DPO), as latents x_0 (already × VAE scaling factor).
-
-    Attributes:
-        prompt_index: (M,) long, index into `RolloutBatch.prompts`.
-        x0_w, x0_l: (M, C, h, w) winner and loser latents.
-    """
-
-    prompt_index: Tensor
-    x0_w: Tensor
-    x0_l: Tensor
-
-
-@dataclass
-class RolloutBatch:
-    """What a sampler returns for one slice of prompts. All tensors on CPU.
-
-    Attributes:
-        prompts: the P prompts of this slice.
-        pairs: the training examples.
-        final_images: (P, 3, H, W) in [0, 1], one final image per prompt (for grids), or None.
-        rewards: (P, n) final-image rewards of every sampled trajectory (n = 2 for pairs), for logging.
-        metrics: scalar rollout statistics (tie fraction, reward gap per step, ...).
-        weights_version: version of the LoRA weights the rollout was sampled with.
-        per_reward: reward name → (P, n) raw (unweighted) final-image scores, for logging each reward.
-    """
-
-    prompts: list[str]
-    pairs: StepPairBatch | FinalPairBatch
-    rewards: Tensor
-    final_images: Tensor | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    weights_version: int = 0
-    per_reward: dict[str, Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
-        """Joins the shards of one iteration in order: prompts are appended and each shard's `prompt_index` is
-        offset by the prompts before it. Metrics are averaged weighted by prompt count, except `*_seconds` (busy
-        time) and `*_count` (counters), which are summed. All shards must carry the same `weights_version`."""
-        if not batches:
-            raise ValueError("RolloutBatch.concat needs at least one batch")
-        versions = {b.weights_version for b in batches}
-        if len(versions) != 1:
-            raise ValueError(f"shards of one iteration were sampled with different weights versions {sorted(versions)}")
-        offset, pairs = 0, []
-        for b in batches:
-            shifted = dataclasses.replace(b.pairs, prompt_index=b.pairs.prompt_index + offset)
-            pairs.append(shifted)
-            offset += len(b.prompts)
-        images = [b.final_images for b in batches]
-        counts = [len(b.prompts) for b in batches]
-        metrics: dict[str, float] = {}
-        for key in {k for b in batches for k in b.metrics}:
-            values = [(b.metrics[key], n) for b, n in zip(batches, counts) if key in b.metrics]
-            if key.endswith("_seconds") or key.endswith("_count"):
-                metrics[key] = sum(v for v, _ in values)
-            else:
-                metrics[key] = sum(v * n for v, n in values) / sum(n for _, n in values)
-        names = [set(b.per_reward) for b in batches if b.rewards.numel()]  # offline pairs carry no rewards
-        return cls(
-            prompts=[p for b in batches for p in b.prompts],
-            pairs=type(pairs[0]).concat(pairs),
-            rewards=torch.cat([b.rewards for b in batches]),
-            final_images=torch.cat(images) if all(i is not None for i in images) else None,
-            metrics=metrics,
-            weights_version=versions.pop(),
-            per_reward={
-                name: torch.cat([b.per_reward[name] for b in batches if b.rewards.numel()])
-                for name in set.intersection(*names)
-            }
-            if names
-            else {},
-        )
 
 
 @dataclass

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_diffusion.algorithms.base import Algorithm, FinalPairBatch, LossOutput, RolloutBatch, RolloutContext
+from rlhf_diffusion.algorithms.base import Algorithm, LossOutput, RolloutContext
+from rlhf_diffusion.batches import FinalPairBatch, RolloutBatch
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import (
     DDIMGrid,

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_diffusion.algorithms.base import (
-    Algorithm,
-    LossOutput,
-    RolloutBatch,
-    RolloutContext,
-    StepPairBatch,
-    register_algorithm,
-)
+from rlhf_diffusion.algorithms.base import Algorithm, LossOutput, RolloutContext, register_algorithm
 from rlhf_diffusion.algorithms.common import (
     dpo_step_loss,
     sample_ranked_pairs,
@@ -31,6 +24,7 @@ from rlhf_diffusion.algorithms.common import (
     step_weights,
     trainable_step_count,
 )
+from rlhf_diffusion.batches import RolloutBatch, StepPairBatch
 from rlhf_diffusion.diffusion.sampling import NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_diffusion.algorithms.base import FinalPairBatch, LossOutput, register_algorithm
+from rlhf_diffusion.algorithms.base import LossOutput, register_algorithm
 from rlhf_diffusion.algorithms.common import (
     FinalPairAlgorithm,
     diffusion_dpo_mse_terms,
     timestep_kl_diagnostics,
     timestep_saturation_diagnostics,
 )
+from rlhf_diffusion.batches import FinalPairBatch
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning

@@ -25,14 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_diffusion.algorithms.base import (
-    Algorithm,
-    LossOutput,
-    RolloutBatch,
-    RolloutContext,
-    StepPairBatch,
-    register_algorithm,
-)
+from rlhf_diffusion.algorithms.base import Algorithm, LossOutput, RolloutContext, register_algorithm
 from rlhf_diffusion.algorithms.common import (
     dpo_step_loss,
     step_clamp_diagnostics,
@@ -42,6 +35,7 @@ from rlhf_diffusion.algorithms.common import (
     trainable_step_count,
 )
 from rlhf_diffusion.algorithms.d3po import select_steps
+from rlhf_diffusion.batches import RolloutBatch, StepPairBatch
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import (
     NoisePredictor,

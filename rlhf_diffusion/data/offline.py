@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rlhf_diffusion.algorithms.base import FinalPairBatch, RolloutBatch
+from rlhf_diffusion.batches import FinalPairBatch, RolloutBatch
 from rlhf_diffusion.data.preference import DataStats, PreferencePair, PreferenceSource, pairs_to_tensors
 from rlhf_diffusion.diffusion.sampling import encode_images
 from rlhf_diffusion.models.loading import DiffusionModel

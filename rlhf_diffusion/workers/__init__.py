@@ -2,9 +2,5 @@
 
 Each is a plain Python class, usable in one process behind `local.LocalHandle` (`Trainer(use_ray=False)`,
 `LocalTrainer`), that `actors.start_ray_actors` turns into a Ray actor with `ray.remote(...)`. What crosses an actor
-boundary is defined in `messages.py`.
+boundary is defined in `rlhf_diffusion/batches.py`, the seeds of their random draws in `rlhf_diffusion/seeding.py`.
 """
-
-from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest, TrainResult, derive_seed
-
-__all__ = ["PublishedWeights", "RolloutRequest", "TrainResult", "derive_seed"]

@@ -38,8 +38,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlhf_diffusion.algorithms import RolloutBatch, build_algorithm
+from rlhf_diffusion.algorithms import build_algorithm
 from rlhf_diffusion.algorithms.signal import measure_signal
+from rlhf_diffusion.batches import PublishedWeights, RolloutBatch, TrainResult
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
@@ -50,7 +51,7 @@ from rlhf_diffusion.models.loading import (
     set_trainable_state,
     trainable_parameters,
 )
-from rlhf_diffusion.workers.messages import SIGNAL_STREAM, TRAIN_STREAM, PublishedWeights, TrainResult, derive_seed
+from rlhf_diffusion.seeding import SIGNAL_STREAM, TRAIN_STREAM, derive_seed
 from rlhf_diffusion.workers.policy import DTYPES, load_policy, resolve_device
 
 __all__ = ["AUTOCAST_DTYPES", "GroupRef", "GroupedMeans", "Learner", "LearnerGroup"]

@@ -20,7 +20,7 @@ from rlhf_diffusion.models.loading import (
     to_channels_last,
 )
 from rlhf_diffusion.models.sources import TINY_PREFIX, resolve_source
-from rlhf_diffusion.workers.messages import derive_seed
+from rlhf_diffusion.seeding import derive_seed
 
 __all__ = ["DTYPES", "TINY_PREFIX", "load_policy", "resolve_device", "resolve_model_source"]
 

@@ -19,20 +19,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from rlhf_diffusion.algorithms import RolloutBatch, RolloutContext, build_algorithm
+from rlhf_diffusion.algorithms import RolloutContext, build_algorithm
+from rlhf_diffusion.batches import EvalShard, PublishedWeights, RolloutBatch, RolloutRequest
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.data.offline import OfflinePairStream, encode_pairs
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
-from rlhf_diffusion.evaluation import EvalShard, eval_generators, evaluate_shard, sample_held_out
+from rlhf_diffusion.evaluation import evaluate_shard
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
 from rlhf_diffusion.models.loading import DiffusionModel, set_trainable_state
 from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
-from rlhf_diffusion.workers.messages import PublishedWeights, RolloutRequest
 from rlhf_diffusion.workers.policy import load_policy, resolve_device
 from rlhf_diffusion.workers.reward_server import build_heldout_reward
 
-# EvalShard, eval_generators and sample_held_out live in rlhf_diffusion.evaluation (re-exported here).
-__all__ = ["EvalShard", "RemoteReward", "Sampler", "eval_generators", "sample_held_out"]
+__all__ = ["RemoteReward", "Sampler"]
 
 
 class RemoteReward:

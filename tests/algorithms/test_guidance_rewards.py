@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms import StepPairBatch
 from rlhf_diffusion.algorithms.tailorpo import guide_winner
+from rlhf_diffusion.batches import StepPairBatch
 from rlhf_diffusion.config import ConfigError, parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import decode_latents

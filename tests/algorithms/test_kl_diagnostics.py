@@ -11,8 +11,8 @@ from rlhf_diffusion.algorithms.common import KL_TIMESTEP_BUCKET
 from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.models.loading import get_lora_state_dict, set_lora_state_dict
+from rlhf_diffusion.seeding import TRAIN_STREAM, derive_seed
 from rlhf_diffusion.trainer import LocalTrainer
-from rlhf_diffusion.workers.messages import TRAIN_STREAM, derive_seed
 
 PROMPTS = ["a cat", "a dog"]
 

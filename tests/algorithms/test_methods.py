@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms import FinalPairBatch, StepPairBatch
 from rlhf_diffusion.algorithms.common import diffusion_dpo_mse_delta, step_log_ratios
 from rlhf_diffusion.algorithms.tailorpo import guide_winner
+from rlhf_diffusion.batches import FinalPairBatch, StepPairBatch
 from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.models.loading import get_lora_state_dict, lora_parameters, set_lora_state_dict

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms.base import FinalPairBatch, RolloutBatch
+from rlhf_diffusion.batches import FinalPairBatch, RolloutBatch
 from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.models.loading import get_trainable_state, trainable_parameters
 from rlhf_diffusion.workers.learner import Learner, LearnerGroup
