@@ -639,27 +639,18 @@ def check_model(run: Run, kind: str, source: str) -> None:
         m_sampler = Sampler(m_config, source, model=model)
         gen = torch.Generator().manual_seed(1)
         rollout_prompts = PROMPTS[:2]
-        sync(device)
-        t0 = time.perf_counter()
-        batch = m_sampler.algorithm.rollout(
-            m_sampler.rollout_context(gen), rollout_prompts, m_sampler.encode(rollout_prompts)
-        )
-        sync(device)
-        rollout_s = time.perf_counter() - t0
-        run.measure(
-            {
-                "model": kind,
-                "what": "rollout (one call)",
-                "method": method,
-                "precision": "fp32",
-                "batch": len(rollout_prompts),
-                "value": len(rollout_prompts) / rollout_s,
-                "unit": "prompts/s",
-                "seconds": round(rollout_s, 3),
-                "examples": len(batch.pairs),
-                "note": "one call, after the sampling warm-up; brightness reward",
-            }
-        )
+        record = {"model": kind, "what": "rollout (one call)", "method": method, "precision": "fp32"}
+        record.update(batch=len(rollout_prompts), unit="prompts/s")
+        with peak_memory(device, record):
+            t0 = time.perf_counter()
+            batch = m_sampler.algorithm.rollout(
+                m_sampler.rollout_context(gen), rollout_prompts, m_sampler.encode(rollout_prompts)
+            )
+            sync(device)
+            rollout_s = time.perf_counter() - t0
+        record.update(value=len(rollout_prompts) / rollout_s, seconds=round(rollout_s, 3), examples=len(batch.pairs))
+        record["note"] = "one call, after the sampling warm-up; brightness reward"
+        run.measure(record)
         n = min(len(batch.pairs), args.learner_examples)
         if n == 0:
             run.measure(
@@ -680,9 +671,11 @@ def check_model(run: Run, kind: str, source: str) -> None:
                 continue
             set_lora_state_dict(model.unet, lora_state)
             learner = Learner(make_config(args, source, kind, method, mp=mp), source, model=model)
-            warm = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(min(2, n))))
-            learner.train(warm, 0)
-            learner.version = 0
+            if not args.dry_run:  # warm-up (CUDA kernels, allocator, autotuning); nothing to warm on CPU
+                warm = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(min(2, n))))
+                learner.train(warm, 0)
+                learner.version = 0
+            record["warmup"] = not args.dry_run
             with peak_memory(device, record):
                 t0 = time.perf_counter()
                 result = learner.train(batch, 1)
