@@ -2,7 +2,8 @@
 actor boundary (docs/architecture.md, "What crosses each boundary"). All tensors in them are on the CPU.
 
   driver → sampler    `RolloutRequest` (with a `PublishedWeights`), and for an evaluation pass the weights alone
-  sampler → driver    `RolloutBatch`, whose `pairs` are a `StepPairBatch` or a `FinalPairBatch` (`TensorBatch`s);
+  sampler → driver    `RolloutBatch`, whose `pairs` are a `StepPairBatch`, a `FinalPairBatch` or a
+                      `TrajectoryStepBatch` (`TensorBatch`s);
                       `EvalShard`
   driver → learner    the joined `RolloutBatch`
   learner → driver    `TrainResult`; `PublishedWeights` for the samplers
@@ -31,6 +32,7 @@ __all__ = [
     "StepPairBatch",
     "TensorBatch",
     "TrainResult",
+    "TrajectoryStepBatch",
 ]
 
 
@@ -97,6 +99,30 @@ class FinalPairBatch(TensorBatch):
 
 
 @dataclass
+class TrajectoryStepBatch(TensorBatch):
+    """One DDIM step of one sampled trajectory with the log-prob the sampler recorded (the policy-gradient methods
+    DDPO and GRPO).
+
+    Attributes:
+        prompt_index: (M,) long, index into `RolloutBatch.prompts`.
+        sample_index: (M,) long, which of the prompt's samples: the column of `RolloutBatch.rewards`.
+        step_index: (M,) long, grid index i (τ_i → prev(τ_i)).
+        state, action: (M, C, h, w) x_τ and the sampled x_prev.
+        log_prob: (M,) float32 ℓ_old, the per-element-mean log π_old(action | state) at sampling time.
+        advantage: (M,) float32 A of the trajectory (all its steps share it); DDPO fills it in the learner
+            (`Algorithm.prepare_examples`), GRPO at rollout.
+    """
+
+    prompt_index: Tensor
+    sample_index: Tensor
+    step_index: Tensor
+    state: Tensor
+    action: Tensor
+    log_prob: Tensor
+    advantage: Tensor
+
+
+@dataclass
 class RolloutBatch:
     """What a sampler returns for one slice of prompts. All tensors on CPU.
 
@@ -104,14 +130,14 @@ class RolloutBatch:
         prompts: the P prompts of this slice.
         pairs: the training examples.
         final_images: (P, 3, H, W) in [0, 1], one final image per prompt (for grids), or None.
-        rewards: (P, n) final-image rewards of every sampled trajectory (n = 2 for pairs), for logging.
+        rewards: (P, n) final-image rewards of every sampled trajectory (n = 2 for pairs, G for DDPO / GRPO).
         metrics: scalar rollout statistics (tie fraction, reward gap per step, ...).
         weights_version: version of the LoRA weights the rollout was sampled with.
         per_reward: reward name → (P, n) raw (unweighted) final-image scores, for logging each reward.
     """
 
     prompts: list[str]
-    pairs: StepPairBatch | FinalPairBatch
+    pairs: StepPairBatch | FinalPairBatch | TrajectoryStepBatch
     rewards: Tensor
     final_images: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)

@@ -61,8 +61,10 @@ __all__ = [
     "ConfigError",
     "D3POConfig",
     "DDEConfig",
+    "DDPOConfig",
     "DiffusionDPOConfig",
     "EarlyStopConfig",
+    "GRPOConfig",
     "GuardsConfig",
     "LoraConfig",
     "ModelConfig",
@@ -634,8 +636,119 @@ class DiffusionDPOConfig(_FinalPairConfig):
     )
 
 
+class _PolicyGradientConfig(_FrozenModel):
+    """Fields shared by the policy-gradient methods (DDPO, GRPO): PPO-clip on the per-step DDIM log-probs recorded by
+    the sampler (docs/algorithms.md §8). The optimizer steps and passes are `train.train_batch_size` (examples = one
+    trajectory step each) and `train.num_inner_epochs`."""
+
+    clip_range: float = Field(
+        1e-4,
+        gt=0,
+        lt=1,
+        description="PPO clip ε: the importance ratio π_θ/π_old of each step (per-element-mean log-probs) is clipped "
+        "to [1−ε, 1+ε] in the surrogate. Default 1e-4 from ddpo-pytorch config/base.py train.clip_range [C] (also "
+        "DanceGRPO's SD config and Flow-GRPO [C]).",
+    )
+    adv_clip_max: float = Field(
+        5.0,
+        gt=0,
+        description="Advantages are clipped to [−adv_clip_max, adv_clip_max] before the surrogate. Default 5 from "
+        "ddpo-pytorch config/base.py train.adv_clip_max [C] (also DanceGRPO, Flow-GRPO [C]).",
+    )
+    timestep_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the trainable steps (K less skip_final_steps) trained per trajectory: a random "
+        "subset of floor(fraction · steps) of them (at least 1), drawn per trajectory at rollout. Default 1.0 = "
+        "every step, ddpo-pytorch config/base.py train.timestep_fraction [C] (ddpo-pytorch redraws the subset "
+        "every inner epoch; here it is fixed at rollout).",
+    )
+
+
+class DDPOConfig(_PolicyGradientConfig):
+    """DDPO (Black et al., ICLR 2024, arXiv 2305.13301; code kvablack/ddpo-pytorch): PPO-clip on every DDIM step
+    of independently sampled trajectories, advantages from a per-prompt reward tracker (docs/algorithms.md §8)."""
+
+    name: Literal["ddpo"] = Field(description="Algorithm selector.")
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Images sampled per prompt of the iteration. Default 1: ddpo-pytorch samples each prompt draw "
+        "once (repeats come only from the prompt function) [C]; more gives the per-prompt tracker more values per "
+        "visit.",
+    )
+    per_prompt_stat_tracking: bool = Field(
+        True,
+        description="Advantages from a per-prompt tracker: A = (r − mean)/(std + 1e-6) over a FIFO buffer of the "
+        "prompt's last `stat_buffer_size` rewards (kept across iterations, checkpointed), or over the whole "
+        "iteration's rewards while the buffer holds fewer than `stat_min_count`. False = the iteration's z-score "
+        "(std + 1e-8). Default on, ddpo-pytorch config/base.py per_prompt_stat_tracking [C]; population std as "
+        "numpy's [C].",
+    )
+    stat_buffer_size: int = Field(
+        16,
+        ge=1,
+        description="Rewards kept per prompt by the tracker. Default 16 from ddpo-pytorch config/base.py [C] (its "
+        "aesthetic / alignment presets use 32 [C]).",
+    )
+    stat_min_count: int = Field(
+        16,
+        ge=1,
+        description="Rewards a prompt's buffer must hold before its own mean and std are used (else the "
+        "iteration's). Default 16 from ddpo-pytorch config/base.py [C].",
+    )
+    skip_final_steps: int = Field(
+        0,
+        ge=0,
+        description="The last N denoising transitions are sampled but not trained on (ours; as for D3PO). 0 = every "
+        "step, ddpo-pytorch's setting [C].",
+    )
+
+    @model_validator(mode="after")
+    def _check_min_count(self) -> DDPOConfig:
+        if self.stat_min_count > self.stat_buffer_size:
+            raise _field_error(
+                "stat_min_count",
+                f"must be at most stat_buffer_size ({self.stat_buffer_size}): a buffer never holds more values than "
+                "that, so the per-prompt statistics would never be used",
+                self.stat_min_count,
+            )
+        return self
+
+
+class GRPOConfig(_PolicyGradientConfig):
+    """GRPO for diffusion (as DanceGRPO's SD path and Flow-GRPO): a group of G images per prompt, advantages
+    normalised within the group, PPO-clip on the per-step DDIM log-probs, an optional KL to the reference
+    (docs/algorithms.md §9)."""
+
+    name: Literal["grpo"] = Field(description="Algorithm selector.")
+    group_size: int = Field(
+        16,
+        ge=2,
+        description="G, images sampled per prompt (independent x_T); A_i = (r_i − mean_G r)/(std_G r + 1e-8) with the "
+        "unbiased std; a group whose rewards are all equal has A = 0 and is not trained on. Default 16 = DanceGRPO's "
+        "SD config num_generations [C] (Flow-GRPO: 24 on SD3.5 [C]).",
+    )
+    kl_beta: float = Field(
+        0.0,
+        ge=0,
+        description="β of the KL penalty β · KL(π_θ ‖ π_ref) per trained step, the closed form for two Gaussians "
+        "with the same σ_τ (nats per latent element), the reference being the UNet with the LoRA disabled. Default "
+        "0 = off, as DanceGRPO's SD path [C]. Flow-GRPO uses 0.01-0.04 on SD3.5 [C], but its KL is per-element in "
+        "its own SDE kernel without the step size Δt (flow_grpo#78 [I]), so the value does not carry over to the "
+        "DDIM step; >0 costs one reference UNet pass per example.",
+    )
+    skip_final_steps: int = Field(
+        1,
+        ge=0,
+        description="The last N denoising transitions are sampled but not trained on. Default 1: DanceGRPO's SD "
+        "path never trains the last DDIM step [C] (Flow-GRPO drops it too [C]); 0 = every step.",
+    )
+
+
 AlgorithmConfig = Annotated[
-    D3POConfig | TailorPOConfig | TailorPOGConfig | DDEConfig | DiffusionDPOConfig,
+    D3POConfig | TailorPOConfig | TailorPOGConfig | DDEConfig | DiffusionDPOConfig | DDPOConfig | GRPOConfig,
     Field(discriminator="name"),
 ]
 _ALGORITHM_CLASSES: tuple[type[_FrozenModel], ...] = (
@@ -644,6 +757,8 @@ _ALGORITHM_CLASSES: tuple[type[_FrozenModel], ...] = (
     TailorPOGConfig,
     DDEConfig,
     DiffusionDPOConfig,
+    DDPOConfig,
+    GRPOConfig,
 )
 ALGORITHM_NAMES: tuple[str, ...] = tuple(
     name for cls in _ALGORITHM_CLASSES for name in get_args(cls.model_fields["name"].annotation)

@@ -104,6 +104,14 @@ class Algorithm(abc.ABC):
     ) -> LossOutput:
         """The loss on a minibatch of examples; `cond` holds one conditioning per example."""
 
+    def prepare_examples(self, batch: RolloutBatch) -> Any:
+        """The examples the learner trains on this round, from the whole joined rollout batch: called once per round
+        on every learner rank, after the staleness check and before the learning-signal diagnostics and the
+        minibatches. Default `batch.pairs`. A method whose examples depend on state kept across iterations overrides
+        it (DDPO: each trajectory's advantage from its per-prompt reward statistics, checkpointed by `state_dict`);
+        it must give the same examples for the same state and batch, so that every rank trains on the same data."""
+        return batch.pairs
+
     def loss_on_rows(
         self, predictor: NoisePredictor, cond: TextConditioning, examples: Any, generator: torch.Generator, rows: Tensor
     ) -> LossOutput:

@@ -240,10 +240,10 @@ class Learner:
             )
         train = self.config.train
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, TRAIN_STREAM, iteration))
-        examples = batch.pairs
+        examples = self.algorithm.prepare_examples(batch)  # batch.pairs; DDPO fills in its advantages
         self.model.unet.train()
         cond_all = self.encode(batch.prompts)
-        signal = self.measure_signal(batch, cond_all, iteration)
+        signal = self.measure_signal(examples, cond_all, iteration)
         sums: dict[str, float] = {}
         grouped = GroupedMeans()  # per-step / per-t diagnostics: KL (guards.log_kl), clamp and saturation fractions
         log_kl = self.config.guards.log_kl
@@ -296,12 +296,12 @@ class Learner:
         )
         return TrainResult(version=self.version, metrics=metrics, diagnostics={**grouped.means(), **signal})
 
-    def measure_signal(self, batch: RolloutBatch, cond_all: TextConditioning, iteration: int) -> dict[str, float]:
-        """The learning-signal diagnostics of this round's examples at the current weights (`train.signal_every`,
-        `algorithms.signal`), before any step of the round. Rank 0 measures alone, on the bare UNet (no DDP
-        collectives); its own generator leaves the training draws as they are."""
+    def measure_signal(self, examples: Any, cond_all: TextConditioning, iteration: int) -> dict[str, float]:
+        """The learning-signal diagnostics of this round's examples (`Algorithm.prepare_examples`) at the current
+        weights (`train.signal_every`, `algorithms.signal`), before any step of the round. Rank 0 measures alone, on
+        the bare UNet (no DDP collectives); its own generator leaves the training draws as they are."""
         every = self.config.train.signal_every
-        if not every or iteration % every or self.rank != 0 or len(batch.pairs) < 2:
+        if not every or iteration % every or self.rank != 0 or len(examples) < 2:
             return {}
         wrapped, self.predictor.forward_module = self.predictor.forward_module, None
         try:
@@ -310,7 +310,7 @@ class Learner:
                     self.algorithm,
                     self.predictor,
                     cond_all,
-                    batch.pairs,
+                    examples,
                     trainable_parameters(self.model.unet),
                     derive_seed(self.config.seed, SIGNAL_STREAM, iteration),
                     self.config.train.signal_examples,

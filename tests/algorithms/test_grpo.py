@@ -1,0 +1,223 @@
+"""GRPO (`algorithms/grpo.py`): group advantages and the equal-σ Gaussian KL against hand values, the rollout's groups
+(zero-std groups dropped, the last step not trained), the importance ratio exactly 1 on the first inner step on the
+tiny SD1.5 and SDXL pipelines, the KL term (0 at the reference, > 0 after a perturbation, lowered by its own
+gradient), the config, and two iterations of the whole loop in one process."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from rlhf_diffusion.algorithms.ddpo import policy_gradient_loss, step_log_probs
+from rlhf_diffusion.algorithms.grpo import group_advantages
+from rlhf_diffusion.batches import TrajectoryStepBatch
+from rlhf_diffusion.config import ConfigError, GRPOConfig, parse_config
+from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.models.loading import get_lora_state_dict, lora_parameters, set_lora_state_dict
+from rlhf_diffusion.rewards.base import RewardResult
+from rlhf_diffusion.trainer import LocalTrainer
+
+PROMPTS = ["a cat", "a dog", "a fox"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def config_dict(model_dir, tmp_path, algorithm: dict, **sections) -> dict:
+    data = {
+        "run_name": "t",
+        "output_dir": str(tmp_path),
+        "device": "cpu",
+        "model": {"pretrained": str(model_dir)},
+        "sampling": {"num_steps": 4, "guidance_scale": 2.0, "batch_size": 3},
+        "algorithm": algorithm,
+        "rewards": [{"name": "brightness"}],
+        "train": {"learning_rate": 1e-3, "train_batch_size": 256, "signal_every": 0},  # one minibatch
+        "prompts": {"train": {"inline": PROMPTS}, "eval_seeds": 1},
+        "tracking": {"enabled": False},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return data
+
+
+def make_trainer(model_dir, tmp_path, algorithm: dict, **sections) -> LocalTrainer:
+    return LocalTrainer(parse_config(config_dict(model_dir, tmp_path, algorithm, **sections)), log=lambda *_: None)
+
+
+def _perturb_lora(trainer, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    state = get_lora_state_dict(trainer.model.unet)
+    set_lora_state_dict(
+        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_hand_values():
+    rewards = torch.tensor([[1.0, 3.0, 6.0], [2.0, 2.0, 2.0], [0.1, 0.1, 0.1]])
+    adv = group_advantages(rewards)
+    # (1, 3, 6): mean 10/3, unbiased std sqrt(19/3) = 2.5166
+    torch.testing.assert_close(adv[0], torch.tensor([-0.92717, -0.13245, 1.05963]), atol=1e-5, rtol=0)
+    assert (adv[1:] == 0).all()  # equal rewards: exactly 0 (0.1 · 3 / 3 != 0.1 in floating point)
+    torch.testing.assert_close(group_advantages(torch.tensor([[0.0, 1.0]])), torch.tensor([[-(0.5**0.5), 0.5**0.5]]))
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(torch.tensor([[1.0], [2.0]]))
+
+
+def test_equal_sigma_gaussian_kl_hand_value():
+    """KL(N(μ_θ, σ²I) ‖ N(μ_ref, σ²I)) per element = mean (μ_θ − μ_ref)² / (2σ²): 0.3² / (2 · 0.5²) = 0.18."""
+    mean_ref = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    std = torch.tensor([0.5, 0.25])
+    kl = ddim.kl_same_std(mean_ref + 0.3, mean_ref, std)
+    torch.testing.assert_close(kl, torch.tensor([0.18, 0.72]))
+    assert (ddim.kl_same_std(mean_ref, mean_ref, std) == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On the tiny pipelines
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_rollout_groups_advantages_and_zero_std_groups(tiny_sd15_dir, tmp_path):
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 3})
+    real = trainer.rollout_context().reward_fn
+
+    def reward_fn(images, prompts):  # the dog's group all scores 0.5: nothing to learn from it
+        result = real(images, prompts)
+        dog = torch.tensor([p == "a dog" for p in prompts])
+        total = torch.where(dog, 0.5, result.total)
+        return RewardResult(total=total, per_reward={k: torch.where(dog, 0.5, v) for k, v in result.per_reward.items()})
+
+    trainer.model.unet.eval()
+    ctx = dataclasses.replace(trainer.rollout_context(), reward_fn=reward_fn)
+    batch = trainer.algorithm.rollout(ctx, PROMPTS, trainer.encode(PROMPTS))
+    ex = batch.pairs
+    batch.pairs.validate()
+    assert isinstance(ex, TrajectoryStepBatch)
+    assert batch.rewards.shape == (3, 3) and (batch.rewards[1] == 0.5).all()
+    assert set(ex.prompt_index.tolist()) == {0, 2}  # the zero-std group is dropped
+    assert len(ex) == 2 * 3 * 3  # 2 groups × G 3 × (K 4 less the last step)
+    assert ex.step_index.max() == 2  # skip_final_steps 1 (DanceGRPO)
+    expected = group_advantages(batch.rewards)
+    torch.testing.assert_close(ex.advantage, expected[ex.prompt_index, ex.sample_index])
+    assert batch.metrics["zero_std_fraction"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_ratio_is_one_on_the_first_inner_step(kind, tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
+    model_dir = tiny_sd15_dir if kind == "sd15" else tiny_sdxl_dir
+    trainer = make_trainer(model_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 0.1})
+    batch = trainer.rollout(PROMPTS)
+    ex = batch.pairs
+    assert len(ex) == 3 * 2 * 3
+    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
+    with torch.no_grad():
+        log_prob, _, _ = step_log_probs(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state, ex.action)
+    assert (log_prob - ex.log_prob).abs().max().item() < 1e-5
+    metrics = trainer.train_on(batch)
+    assert metrics["optimizer_steps"] == 1.0
+    assert metrics["log_ratio_abs_max"] < 1e-5 and metrics["clipfrac"] == 0.0
+    assert metrics["kl"] == 0.0  # LoRA B = 0 at the start: θ is the reference exactly
+
+
+def test_kl_term_zero_at_the_reference_positive_after_a_perturbation_and_lowered_by_its_gradient(
+    tiny_sd15_dir, tmp_path
+):
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 1.0})
+    batch = trainer.rollout(PROMPTS)
+    ex = dataclasses.replace(batch.pairs, advantage=torch.zeros(len(batch.pairs)))  # the KL term alone
+    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
+
+    def kl_loss():
+        return policy_gradient_loss(
+            trainer.train_predictor, trainer.grid, cond, ex, clip_range=1e-4, adv_clip_max=5.0, kl_beta=1.0
+        )
+
+    at_reference = kl_loss()
+    assert at_reference.metrics["kl"] == 0.0 and at_reference.loss.item() == 0.0
+    _perturb_lora(trainer)
+    out = kl_loss()
+    assert out.metrics["kl"] > 0
+    assert out.loss.item() == pytest.approx(out.metrics["kl"], rel=1e-5)  # A = 0: the surrogate is 0
+    steps, values = out.grouped["kl/step"]
+    assert (values > 0).all() and set(steps.tolist()) == set(ex.step_index.tolist())
+    params = lora_parameters(trainer.model.unet)
+    grads = torch.autograd.grad(out.loss, params)
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= 1e-3 * g / norm
+    assert kl_loss().metrics["kl"] < out.metrics["kl"]
+
+
+def test_one_step_raises_the_log_prob_of_positive_advantage_samples(tiny_sd15_dir, tmp_path):
+    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2})
+    batch = trainer.rollout(PROMPTS)
+    ex = batch.pairs
+    assert (ex.advantage != 0).all()
+    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
+
+    def log_probs():
+        with torch.no_grad():
+            lp, _, _ = step_log_probs(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state, ex.action)
+        return lp
+
+    before = log_probs()
+    out = trainer.algorithm.loss(trainer.train_predictor, cond, ex, trainer.train_generator)
+    params = lora_parameters(trainer.model.unet)
+    grads = torch.autograd.grad(out.loss, params)
+    with torch.no_grad():
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        for p, g in zip(params, grads):
+            p -= 1e-3 * g / norm
+    change = log_probs() - before
+    assert change[ex.advantage > 0].mean() > 0
+    assert change[ex.advantage < 0].mean() < 0
+
+
+def test_two_iterations_end_to_end(tiny_sd15_dir, tmp_path):
+    trainer = make_trainer(
+        tiny_sd15_dir,
+        tmp_path,
+        {"name": "grpo", "group_size": 2, "kl_beta": 0.01},
+        train={"iterations": 2, "train_batch_size": 6, "num_inner_epochs": 2, "signal_every": 1, "signal_examples": 8},
+    )
+    result = trainer.fit()
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "train/loss" in r]
+    assert len(train_records) == 2
+    first = train_records[0]
+    assert first["train/optimizer_steps"] == 6.0  # 18 examples, 6 per step, 2 inner epochs
+    assert math.isfinite(first["train/loss"]) and first["train/kl"] >= 0
+    assert "kl/step_0" in first and "signal/coherence" in first and "rollout/zero_std_fraction" in first
+    assert train_records[1]["train/kl"] > 0  # the second round starts away from the reference
+    assert (result.run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_config_accepts_grpo_and_names_bad_fields(tiny_sd15_dir, tmp_path):
+    data = config_dict(tiny_sd15_dir, tmp_path, {"name": "d3po"})
+    cfg = parse_config(data, overrides=["algorithm={name: grpo}"]).algorithm
+    assert isinstance(cfg, GRPOConfig)
+    assert (cfg.group_size, cfg.clip_range, cfg.adv_clip_max, cfg.kl_beta) == (16, 1e-4, 5.0, 0.0)
+    assert (cfg.timestep_fraction, cfg.skip_final_steps) == (1.0, 1)
+    bad = [
+        ("algorithm={name: grpo, group_size: 1}", "algorithm.group_size"),
+        ("algorithm={name: grpo, kl_beta: -0.1}", "algorithm.kl_beta"),
+        ("algorithm={name: grpo, clip_range: 1}", "algorithm.clip_range"),
+        ("algorithm={name: grpo, timestep_fraction: 0}", "algorithm.timestep_fraction"),
+        ("algorithm={name: grpo, stat_min_count: 4}", "algorithm.stat_min_count"),  # DDPO's field
+        ("algorithm={name: grpo, skip_final_steps: 4}", "algorithm.skip_final_steps"),  # K = 4
+    ]
+    for override, field in bad:
+        with pytest.raises(ConfigError) as info:
+            parse_config(data, overrides=[override])
+        assert f"  {field}: " in str(info.value), (override, str(info.value))
