@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rlhf_diffusion.algorithms.common import diffusion_dpo_mse_delta  # noqa: E402
+from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_delta  # noqa: E402
 from rlhf_diffusion.config import load_config  # noqa: E402
 from rlhf_diffusion.diffusion.sampling import decode_latents, initial_noise, sample_trajectory  # noqa: E402
 from rlhf_diffusion.models.conditioning import TextConditioning  # noqa: E402

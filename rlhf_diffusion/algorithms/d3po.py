@@ -56,18 +56,18 @@ class D3PO(Algorithm):
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
         # Two trajectories per prompt from the same x_T, fresh noise at every step (§1a.2–3), ranked (§1a.4).
         ranked = sample_ranked_pairs(ctx, prompts, cond, shared_initial_noise=True, rule=self.config.multi_reward)
-        p, traj, labels = len(prompts), ranked.trajectory, ranked.labels
-        keep = (labels >= 0).nonzero().squeeze(1)  # ties give a constant loss: filter them (§1f)
+        p, traj = len(prompts), ranked.trajectory
+        keep = ranked.keep.nonzero().squeeze(1)  # ties give a constant loss: filter them (§1f)
         latents = traj.latents.view(2, p, *traj.latents.shape[1:])  # (2, P, K+1, C, h, w)
-        winner = labels[keep]
+        winner, loser = ranked.winner[keep], ranked.loser[keep]
         trainable = trainable_step_count(self.grid.num_steps, self.config.skip_final_steps)
         steps = select_steps(len(keep), trainable, self.config.timestep_fraction, ctx.generator)
         k = steps.shape[1]
         pair_rows = keep.repeat_interleave(k)  # (M,) prompt index per example
-        winner_rows = winner.repeat_interleave(k)
+        winner_rows, loser_rows = winner.repeat_interleave(k), loser.repeat_interleave(k)
         step_index = steps.reshape(-1)
         lat_w = latents[winner_rows, pair_rows]  # (M, K+1, C, h, w)
-        lat_l = latents[1 - winner_rows, pair_rows]
+        lat_l = latents[loser_rows, pair_rows]
         m = torch.arange(len(pair_rows))
         pairs = StepPairBatch(
             prompt_index=pair_rows,

@@ -6,8 +6,12 @@ The paper's equations were lost in our copy: the loss below is the reconstructio
 UNCONFIRMED wherever it is one, with DDE-Single (`correction: none`, which the paper reports as at least as
 good) as the safe variant.
 
+What DDE shares with Diffusion-DPO it takes from `diffusion_dpo.py` (`DDE` derives from `DiffusionDPO`): the
+pairs, the (t, ε) draws and Δ_t. This file holds what DDE changes: the logit and its EMA table.
+
 Samples: final-image pairs (c, x^w_0, x^l_0). The paper trains offline on Pick-a-Pic pairs; here pairs are
-    sampled online from the current policy and ranked by the reward (`sample_final_pairs`). Ties dropped.
+    sampled online from the current policy and ranked by the reward (`diffusion_dpo.sample_final_pairs`). Ties
+    dropped.
 Example: `FinalPairBatch`; at loss time one t per pair (uniform on `timestep_range`) and ε shared by the pair.
 Loss:    Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e = mean (ε − ε_m(x_t, t, c))²
          S_t = ((1 − ᾱ_t)/ᾱ_t) Δ_t                               single-shot estimation (Eq. 9–10) [D]
@@ -24,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_diffusion.algorithms.base import LossOutput, register_algorithm
-from rlhf_diffusion.algorithms.common import (
-    FinalPairAlgorithm,
+from rlhf_diffusion.algorithms.diffusion_dpo import (
+    DiffusionDPO,
     diffusion_dpo_mse_terms,
     timestep_kl_diagnostics,
     timestep_saturation_diagnostics,
@@ -82,8 +86,9 @@ def correction_share(logits: Tensor, correction: Tensor, beta_c: float) -> float
 
 
 @register_algorithm("dde", "dde_single")
-class DDE(FinalPairAlgorithm):
-    """DDE with the EMA stepwise correction (`correction: ema`) or DDE-Single (`correction: none`)."""
+class DDE(DiffusionDPO):
+    """DDE with the EMA stepwise correction (`correction: ema`) or DDE-Single (`correction: none`): Diffusion-DPO's
+    pairs, (t, ε) draws and Δ_t (inherited), with DDE's logit and its EMA table (`pair_loss`)."""
 
     def __init__(self, config, grid: DDIMGrid):
         super().__init__(config, grid)

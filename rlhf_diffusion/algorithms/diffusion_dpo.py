@@ -1,33 +1,230 @@
 """Diffusion-DPO (Wallace et al. 2024; code SalesforceAIResearch/DiffusionDPO): the "Uniform" baseline of DDE
-(docs/algorithms.md §3b, §5.7) — every t weighted alike.
+(docs/algorithms.md §3, §5.7) — every t weighted alike. The method is whole in this file; DDE (`dde.py`) reuses its
+pairs, its (t, ε) draws and its Δ_t, and changes only the logit.
 
-Samples: online final-image pairs ranked by the reward (as DDE here; the original trains offline on Pick-a-Pic).
-Example: `FinalPairBatch`; t ~ U[timestep_range] and ε shared within a pair [C].
-Loss:    −log σ(−0.5 β_dpo Δ_t), Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref) with per-element-mean MSEs [C train.py].
+Samples: online final-image pairs (`sample_final_pairs`): `samples_per_prompt` independent images per prompt,
+    ranked by the reward, the best against the worst (2: the papers' pairs); ties dropped. The original trains
+    offline on Pick-a-Pic; offline pairs come in through `data/offline.py` as the same example.
+Example: `FinalPairBatch`; at loss time `draws_per_pair` draws of (t, ε) per pair, t ~ U[timestep_range] and ε
+    shared within a pair [C], made for the whole minibatch before a data-parallel rank takes its rows.
+Loss:    −log σ(−0.5 β_dpo Δ_t), Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref) with per-element-mean MSEs [C train.py];
+    a pair's loss is the mean over its draws.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_diffusion.algorithms.base import LossOutput, register_algorithm
-from rlhf_diffusion.algorithms.common import (
-    FinalPairAlgorithm,
-    diffusion_dpo_mse_terms,
-    timestep_kl_diagnostics,
-    timestep_saturation_diagnostics,
-)
-from rlhf_diffusion.batches import FinalPairBatch
-from rlhf_diffusion.diffusion.sampling import NoisePredictor
+from rlhf_diffusion.algorithms.base import Algorithm, LossOutput, RolloutContext, register_algorithm
+from rlhf_diffusion.algorithms.common import sample_ranked_pairs
+from rlhf_diffusion.batches import FinalPairBatch, RolloutBatch
+from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
+
+__all__ = [
+    "KL_TIMESTEP_BUCKET",
+    "DiffusionDPO",
+    "diffusion_dpo_mse_delta",
+    "diffusion_dpo_mse_terms",
+    "sample_final_pairs",
+    "sample_timesteps",
+    "timestep_kl_diagnostics",
+    "timestep_saturation_diagnostics",
+]
+
+# Width of the timestep buckets (on the 1000-step training grid) of the final-image methods' KL diagnostics.
+KL_TIMESTEP_BUCKET = 100
+
+
+@torch.no_grad()
+def sample_final_pairs(
+    ctx: RolloutContext, prompts: list[str], cond: TextConditioning, samples: int = 2
+) -> RolloutBatch:
+    """Independent samples per prompt, ranked by the reward: online pairs for Diffusion-DPO and DDE.
+
+    (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
+    policy and labels them with the reward model, as an AI annotator does.) Ties are dropped.
+
+    Args:
+        samples: S images per prompt (one S·P batch); the pair is the best against the worst by the weighted
+            total reward (S = 2: the two samples, the papers' pairs).
+    """
+    ranked = sample_ranked_pairs(ctx, prompts, cond, samples=samples, shared_initial_noise=False)
+    p = len(prompts)
+    finals = ranked.trajectory.final
+    finals = finals.view(-1, p, *finals.shape[1:])  # (S, P, C, h, w)
+    rows, keep = torch.arange(p), ranked.keep
+    pairs = FinalPairBatch(
+        prompt_index=rows[keep],
+        x0_w=finals[ranked.winner, rows][keep],
+        x0_l=finals[ranked.loser, rows][keep],
+    )
+    return RolloutBatch(
+        prompts=list(prompts),
+        pairs=pairs,
+        rewards=ranked.rewards,
+        final_images=ranked.images,
+        metrics=ranked.metrics(),
+        per_reward=ranked.per_reward,
+    )
+
+
+def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """One t per pair, uniform on [lo, hi] of the 1000-step training grid (§3a, uniform assumed [U])."""
+    lo, hi = timestep_range
+    return torch.randint(lo, hi + 1, (count,), generator=generator)
+
+
+def diffusion_dpo_mse_delta(
+    predictor: NoisePredictor,
+    grid: DDIMGrid,
+    cond: TextConditioning,
+    x0_w: Tensor,
+    x0_l: Tensor,
+    timesteps: Tensor,
+    noise: Tensor,
+) -> Tensor:
+    """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(ε − ε_m(x^i_t, t, c))² (§5.7).
+    (`diffusion_dpo_mse_terms` without the diagnostics.)
+
+    t and ε are shared within a pair (Diffusion-DPO train.py [C]); x^i_t = sqrt(ᾱ_t) x^i_0 + sqrt(1 − ᾱ_t) ε.
+    Δ_t < 0 means θ fits the winner better (relative to ref) than the loser.
+
+    Args:
+        predictor: noise prediction (conditional only for these methods).
+        grid: supplies the training-grid ᾱ table.
+        cond: M conditionings.
+        x0_w, x0_l: (M, C, h, w) latents.
+        timesteps: (M,) long on the 1000-step training grid.
+        noise: (M, C, h, w) ε.
+
+    Returns:
+        (M,) Δ_t, differentiable w.r.t. the LoRA parameters.
+    """
+    return diffusion_dpo_mse_terms(predictor, grid, cond, x0_w, x0_l, timesteps, noise)[0]
+
+
+def diffusion_dpo_mse_terms(
+    predictor: NoisePredictor,
+    grid: DDIMGrid,
+    cond: TextConditioning,
+    x0_w: Tensor,
+    x0_l: Tensor,
+    timesteps: Tensor,
+    noise: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """`diffusion_dpo_mse_delta` plus mean_{C,H,W}(ε_θ − ε_ref)² at each noised latent, from the same UNet calls.
+
+    Returns:
+        (Δ_t (M,) differentiable, eps_sq_diff (2M,) detached: winners' rows first, then the losers').
+    """
+    device = predictor.model.device
+    alpha_prod = ddim.gather_alpha(grid.alphas_cumprod, timesteps).to(device)
+    noise = noise.to(device)
+    x_t = torch.cat(
+        [ddim.add_noise(x0_w.to(device), noise, alpha_prod), ddim.add_noise(x0_l.to(device), noise, alpha_prod)]
+    )  # (2M, C, h, w)
+    t2 = timesteps.to(device).repeat(2)
+    cond2 = TextConditioning.cat([cond, cond])
+    target = noise.repeat(2, 1, 1, 1)
+    eps_theta = predictor(x_t, t2, cond2)
+    eps_ref = predictor(x_t, t2, cond2, reference=True)
+    err_theta = ((eps_theta - target) ** 2).mean(dim=(1, 2, 3))
+    err_ref = ((eps_ref - target) ** 2).mean(dim=(1, 2, 3))
+    eps_sq_diff = ((eps_theta.detach() - eps_ref.detach()) ** 2).mean(dim=(1, 2, 3))
+    m = x0_w.shape[0]
+    return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:]), eps_sq_diff
+
+
+def timestep_kl_diagnostics(
+    timesteps: Tensor, eps_sq_diff: Tensor, kl_weights: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The final-image methods' `LossOutput.grouped` KL diagnostics, grouped by timestep bucket
+    lo = KL_TIMESTEP_BUCKET · floor(t / KL_TIMESTEP_BUCKET) (t ∈ [lo, lo + 100)):
+
+    - `kl/eps_sq_diff_t_<lo>`: mean (ε_θ − ε_ref)² per latent element at x_t noised from the pairs' images (not a
+      KL: the raw noise-prediction difference, every t alike);
+    - `kl/ddpm_step_t_<lo>`: λ_t × that = the KL of the DDPM reverse step at t (`ddim.ddpm_step_kl`, nats per
+      element; λ_0 = 0). The samplers run DDIM with η, so it measures the drift of the model, not of the sampler.
+
+    Args:
+        timesteps: (R,) long t of each row.
+        eps_sq_diff: (R,) per-row mean (ε_θ − ε_ref)².
+        kl_weights: (N,) λ_t table (`ddim.ddpm_kl_weights`).
+    """
+    t = timesteps.detach().cpu().long()
+    diff = eps_sq_diff.detach().float().cpu()
+    buckets = torch.div(t, KL_TIMESTEP_BUCKET, rounding_mode="floor") * KL_TIMESTEP_BUCKET
+    return {"kl/eps_sq_diff_t": (buckets, diff), "kl/ddpm_step_t": (buckets, kl_weights.to(diff)[t] * diff)}
+
+
+def timestep_saturation_diagnostics(
+    timesteps: Tensor, logits: Tensor, threshold: float = 5.0
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """`signal/saturated_t_<lo>`: per timestep bucket, the fraction of pairs whose logit z exceeds `threshold`, where
+    −log σ(z) has gradient 1 − σ(z) < 0.007: pairs already won that no longer train (`LossOutput.grouped`)."""
+    t = timesteps.detach().cpu().long()
+    buckets = torch.div(t, KL_TIMESTEP_BUCKET, rounding_mode="floor") * KL_TIMESTEP_BUCKET
+    return {"signal/saturated_t": (buckets, (logits.detach().float().cpu() > threshold).float())}
 
 
 @register_algorithm("diffusion_dpo")
-class DiffusionDPO(FinalPairAlgorithm):
-    """Diffusion-DPO's uniform-in-t loss on online pairs."""
+class DiffusionDPO(Algorithm):
+    """Diffusion-DPO's uniform-in-t loss on final-image pairs: online pairs from `sample_final_pairs`
+    (`config.samples_per_prompt` images per prompt), and `config.draws_per_pair` draws of (t, ε) per pair — t uniform
+    on `config.timestep_range`, ε shared by winner and loser [C] — made for the whole minibatch before a
+    data-parallel rank takes its rows; a pair's loss is the mean over its draws. DDE derives from it and overrides
+    `pair_loss` (its logit)."""
 
     name = "diffusion_dpo"
+    cfg_in_training = False  # ε-MSE on the conditional model, as Diffusion-DPO
+
+    def __init__(self, config, grid: DDIMGrid):
+        super().__init__(config, grid)
+        self.kl_weights = ddim.ddpm_kl_weights(grid.betas)  # λ_t (N,): DDE's statistic, the KL diagnostics
+        self.draws = config.draws_per_pair
+
+    def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
+        return sample_final_pairs(ctx, prompts, cond, samples=self.config.samples_per_prompt)
+
+    def loss(
+        self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch, generator: torch.Generator
+    ) -> LossOutput:
+        return self.loss_on_rows(predictor, cond, examples, generator, torch.arange(len(examples)))
+
+    def loss_on_rows(
+        self,
+        predictor: NoisePredictor,
+        cond: TextConditioning,
+        examples: FinalPairBatch,
+        generator: torch.Generator,
+        rows: Tensor,
+    ) -> LossOutput:
+        timesteps, noise = self.draw(examples, generator)  # drawn for the whole minibatch, then sliced
+        m = len(examples)
+        drawn = (rows[None, :] + m * torch.arange(self.draws)[:, None]).flatten()  # draw-major: d·M + row
+        repeated = rows.repeat(self.draws)
+        return self.pair_loss(
+            predictor, cond.index(repeated), examples.select(repeated), timesteps[drawn], noise[drawn]
+        )
+
+    def signal_groups(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, dict[int, str]]:
+        """The timestep bucket (`t_<lo>`, KL_TIMESTEP_BUCKET wide) of each pair's t, as `loss` would draw it (with
+        several draws per pair, of its first draw)."""
+        timesteps, _ = self.draw(examples, generator)
+        buckets = torch.div(timesteps[: len(examples)], KL_TIMESTEP_BUCKET, rounding_mode="floor")
+        buckets = buckets * KL_TIMESTEP_BUCKET
+        return buckets, {lo: f"t_{lo:03d}" for lo in buckets.unique().tolist()}
+
+    def draw(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """`draws_per_pair` × M values of t (uniform on `timestep_range`) and of ε (each shared by winner and
+        loser), draw-major: entry d·M + i is pair i's draw d (one draw: the papers' one t and ε per pair)."""
+        count = self.draws * len(examples)
+        timesteps = sample_timesteps(count, self.config.timestep_range, generator)
+        return timesteps, torch.randn((count, *examples.x0_w.shape[1:]), generator=generator)
 
     def pair_loss(
         self,
@@ -37,6 +234,7 @@ class DiffusionDPO(FinalPairAlgorithm):
         timesteps: Tensor,
         noise: Tensor,
     ) -> LossOutput:
+        """The loss of `examples` at the given per-pair `timesteps` (M,) and `noise` (M, C, h, w)."""
         delta, eps_sq_diff = diffusion_dpo_mse_terms(
             predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise
         )

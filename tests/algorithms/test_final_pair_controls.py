@@ -4,7 +4,7 @@ S samples) and `draws_per_pair` (the pair's loss is the mean over k independent 
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms.common import sample_timesteps
+from rlhf_diffusion.algorithms.diffusion_dpo import sample_timesteps
 from rlhf_diffusion.config import ConfigError, parse_config
 from rlhf_diffusion.models.loading import trainable_parameters
 from rlhf_diffusion.trainer import LocalTrainer

@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms.common import KL_TIMESTEP_BUCKET
+from rlhf_diffusion.algorithms.diffusion_dpo import KL_TIMESTEP_BUCKET
 from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.models.loading import get_lora_state_dict, set_lora_state_dict

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms.common import diffusion_dpo_mse_delta, step_log_ratios
+from rlhf_diffusion.algorithms.common import step_log_ratios
+from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_delta
 from rlhf_diffusion.algorithms.tailorpo import guide_winner
 from rlhf_diffusion.batches import FinalPairBatch, StepPairBatch
 from rlhf_diffusion.config import parse_config

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms.common import step_clamp_diagnostics, timestep_saturation_diagnostics
+from rlhf_diffusion.algorithms.common import step_clamp_diagnostics
+from rlhf_diffusion.algorithms.diffusion_dpo import timestep_saturation_diagnostics
 from rlhf_diffusion.algorithms.signal import cosine, signal_metrics, split_half_gradients, split_halves
 from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.models.loading import get_lora_state_dict, trainable_parameters

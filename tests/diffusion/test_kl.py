@@ -6,7 +6,8 @@ import torch
 from diffusers import DDPMScheduler
 from torch.distributions import Normal, kl_divergence
 
-from rlhf_diffusion.algorithms.common import KL_TIMESTEP_BUCKET, step_kl_diagnostics, timestep_kl_diagnostics
+from rlhf_diffusion.algorithms.common import step_kl_diagnostics
+from rlhf_diffusion.algorithms.diffusion_dpo import KL_TIMESTEP_BUCKET, timestep_kl_diagnostics
 from rlhf_diffusion.diffusion import ddim
 
 
