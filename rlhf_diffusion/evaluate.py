@@ -52,6 +52,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_diffusion.models.sources import (
+    HUB_ID_RE,
+    TESTBED_PREFIX,
+    TINY_MODELS,
+    TINY_PREFIX,
+    is_hub_id,
+    resolve_source,
+)
+
 if TYPE_CHECKING:
     from rlhf_diffusion.models.lora import LoraFile
 
@@ -75,7 +84,6 @@ __all__ = [
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # = models.loading.LORA_WEIGHT_NAME (not imported: lazy torch)
 EVAL_ADAPTER = "eval_lora"  # the peft adapter name a loaded LoRA gets on the evaluation UNet
 DEFAULT_EXPERIMENT = "rlhf_diffusion"  # the trainer's default experiment, so evaluations sit beside the runs
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class EvaluateError(Exception):
@@ -234,11 +242,9 @@ def check_rewards(entries: Sequence[dict[str, Any]], origins: Sequence[str]) -> 
         seen.add(spec.key)
         if spec.name == "custom":  # the target was checked by RewardConfig; it is imported when built
             pass
-        elif spec.path is not None and spec.path.startswith("testbed:"):
-            from rlhf_diffusion.testbed.assets import resolve_testbed
-
+        elif spec.path is not None and spec.path.startswith(TESTBED_PREFIX):
             try:
-                resolve_testbed(spec.path)
+                resolve_source(spec.path)
             except (ValueError, FileNotFoundError) as error:
                 raise EvaluateError(f"{origin}: reward {spec.name!r}: {error}") from None
         elif spec.name in model_rewards:
@@ -247,8 +253,7 @@ def check_rewards(entries: Sequence[dict[str, Any]], origins: Sequence[str]) -> 
                     f"{origin}: reward {spec.name!r} loads a model and needs its weights' location: "
                     f"--reward {spec.name}@PATH (a local directory/file or a hub id)"
                 )
-            local = Path(spec.path).expanduser()
-            if not local.exists() and (spec.path.startswith(("/", ".", "~")) or not _HUB_ID_RE.match(spec.path)):
+            if not Path(spec.path).expanduser().exists() and not is_hub_id(spec.path):
                 raise EvaluateError(f"{origin}: reward {spec.name!r}: no such file or directory: {spec.path}")
         elif spec.path is not None:
             raise EvaluateError(
@@ -791,17 +796,15 @@ def _check_sampling(args: argparse.Namespace) -> None:
     if args.grid_prompts < 0:
         raise EvaluateError(f"--grid-prompts {args.grid_prompts}: must be >= 0")
     model = args.model
-    if model.startswith("tiny:"):
-        if model not in ("tiny:sd15", "tiny:sdxl"):
-            raise EvaluateError(f"--model {model}: unknown tiny model; valid: tiny:sd15, tiny:sdxl")
-    elif model.startswith("testbed:"):
-        from rlhf_diffusion.testbed.assets import resolve_testbed
-
+    if model.startswith(TINY_PREFIX):
+        if model not in TINY_MODELS:
+            raise EvaluateError(f"--model {model}: unknown tiny model; valid: {', '.join(TINY_MODELS)}")
+    elif model.startswith(TESTBED_PREFIX):
         try:
-            resolve_testbed(model)
+            resolve_source(model)
         except (ValueError, FileNotFoundError) as err:
             raise EvaluateError(f"--model {model}: {err}") from None
-    elif not Path(model).expanduser().is_dir() and (model.startswith(("/", ".", "~")) or not _HUB_ID_RE.match(model)):
+    elif not Path(model).expanduser().is_dir() and not HUB_ID_RE.match(model):
         raise EvaluateError(f"--model {model}: no such pipeline directory (and not a hub id 'org/name')")
 
 
