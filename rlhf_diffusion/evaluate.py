@@ -75,7 +75,6 @@ __all__ = [
     "log_to_mlflow",
     "main",
     "parse_reward_spec",
-    "read_lora_file",
     "resolve_lora_path",
     "resolve_prompts",
     "write_report",
@@ -281,27 +280,6 @@ def resolve_lora_path(path: str | Path) -> Path:
     raise LoraFileError(f"{path}: no such LoRA file or directory")
 
 
-def read_lora_file(path: str | Path) -> LoraFile:
-    """Reads a UNet LoRA file written by `export_lora` (or diffusers' `save_lora_weights` for a UNet): the reader
-    of the LoRA file format, `models.lora.read_lora_file`.
-
-    Args:
-        path: the `.safetensors` file (see `resolve_lora_path` for directories).
-
-    Raises:
-        LoraFileError: not a safetensors file, keys that are not `unet.<module>.lora_A/B.weight`, a module with
-            only one of A / B, unreadable metadata, or LoRA features evaluation does not support (DoRA, biases).
-            The message starts with the file's path.
-    """
-    from rlhf_diffusion.models.lora import LoraFormatError
-    from rlhf_diffusion.models.lora import read_lora_file as read
-
-    try:
-        return read(path)
-    except LoraFormatError as error:
-        raise LoraFileError(str(error)) from None
-
-
 def apply_lora(unet: Any, lora: LoraFile, adapter_name: str = EVAL_ADAPTER) -> None:
     """Loads `lora` into the UNet as the active adapter `adapter_name`, replacing an adapter of that name.
 
@@ -423,13 +401,17 @@ def evaluate(
     from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
     from rlhf_diffusion.evaluation import sample_held_out
     from rlhf_diffusion.models.loading import ModelLoadError, load_diffusion_model
+    from rlhf_diffusion.models.lora import LoraFormatError, read_lora_file
     from rlhf_diffusion.workers.policy import DTYPES, resolve_device, resolve_model_source
 
     try:
         torch_device = resolve_device(device)
     except RuntimeError as error:
         raise EvaluateError(f"--device: {error}") from None
-    lora_files = [(label, read_lora_file(path)) for label, path in loras]  # unreadable files fail before loading
+    try:  # unreadable files fail before loading
+        lora_files = [(label, read_lora_file(path)) for label, path in loras]
+    except LoraFormatError as error:  # the message starts with the file's path
+        raise LoraFileError(str(error)) from None
     try:
         source = resolve_model_source(model, Path(cache_dir))
         pipeline = load_diffusion_model(source, kind=kind, dtype=DTYPES[dtype], device=torch_device, revision=revision)

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rlhf_diffusion.config import parse_config
-from rlhf_diffusion.evaluate import LoraFileError, main, read_lora_file, resolve_prompts
+from rlhf_diffusion.evaluate import main, resolve_prompts
 from rlhf_diffusion.models.loading import (
     attach_lora,
     export_lora,
@@ -29,6 +29,7 @@ from rlhf_diffusion.models.loading import (
     load_diffusion_model,
     set_lora_state_dict,
 )
+from rlhf_diffusion.models.lora import LoraFormatError, read_lora_file
 from rlhf_diffusion.testing import build_tiny_aesthetic
 from rlhf_diffusion.trainer import LocalTrainer, eval_grid_row
 
@@ -313,7 +314,7 @@ def test_bad_lora_file_exits_2_naming_the_file(name, expected, bad_files, tiny_s
     line = _run_bad(["--reward", "brightness", "--lora", str(path)], tiny_sd15_dir, tmp_path, capsys)
     assert line.startswith(f"error: {path}: ") and expected in line
     if name != "wrong_keys.safetensors":
-        with pytest.raises(LoraFileError, match=name):
+        with pytest.raises(LoraFormatError, match=name):
             read_lora_file(path)
 
 
