@@ -159,14 +159,15 @@ def probe_custom_rewards(config) -> str | None:
     import torch
 
     from rlhf_diffusion.prompts import load_prompts
-    from rlhf_diffusion.rewards.custom import CustomRewardError, build_custom_reward
+    from rlhf_diffusion.rewards.base import build_spec_reward
+    from rlhf_diffusion.rewards.custom import CustomRewardError
 
     prompts = (load_prompts(config.prompts.train) * 2)[:2]
     size = config.model.resolution or 64
     images = torch.full((2, 3, size, size), 0.5)
     for where, spec in entries:
         try:
-            reward = build_custom_reward(spec.target, path=spec.path, kwargs=spec.kwargs, where=f"{where}.target")
+            reward = build_spec_reward(spec, where=where)  # the reward factory of the run, one entry
         except CustomRewardError as error:
             return str(error)
         try:

@@ -44,6 +44,7 @@ __all__ = [
     "RewardResult",
     "WeightedReward",
     "build_reward",
+    "build_spec_reward",
     "register_reward",
     "validate_reward_inputs",
 ]
@@ -325,6 +326,31 @@ class RewardResult:
     per_reward: dict[str, Tensor]
 
 
+def build_spec_reward(spec: Any, device: str | torch.device = "cpu", *, where: str) -> RewardModel:
+    """The reward of one config entry (see `WeightedReward.from_specs`, which builds every entry with it), named by
+    its `.label` if it has one.
+
+    Args:
+        spec: an object with `.name`, `.path` (or None), `.kwargs` (dict or None), optionally `.target` and `.label`.
+        device: where the reward runs.
+        where: the entry's config key, for messages (`<where>.target`, e.g. `rewards.0.target`).
+
+    Raises:
+        ValueError: the reward cannot be built; for a custom reward a `CustomRewardError` naming `<where>.target`.
+    """
+    kwargs = dict(spec.kwargs or {})
+    if spec.name == CUSTOM_REWARD:
+        reward = _build_custom(
+            getattr(spec, "target", None), path=spec.path, device=device, kwargs=kwargs, where=f"{where}.target"
+        )
+    else:
+        reward = build_reward(spec.name, path=spec.path, device=device, target=getattr(spec, "target", None), **kwargs)
+    label = getattr(spec, "label", None)
+    if label is not None:
+        reward.name = label  # instance attribute: the key in per_reward, metrics and Pareto ranking
+    return reward
+
+
 class WeightedReward:
     """Weighted sum of several rewards, built from [(RewardModel, weight), ...].
 
@@ -439,25 +465,10 @@ class WeightedReward:
         """
         if len(specs) == 0:
             raise ValueError("no rewards configured; need at least one reward entry")
-        terms = []
-        for index, spec in enumerate(specs):
-            kwargs = dict(spec.kwargs or {})
-            label = getattr(spec, "label", None)
-            if spec.name == CUSTOM_REWARD:
-                reward = _build_custom(
-                    getattr(spec, "target", None),
-                    path=spec.path,
-                    device=device,
-                    kwargs=kwargs,
-                    where=f"{where}.{index}.target",
-                )
-            else:
-                reward = build_reward(
-                    spec.name, path=spec.path, device=device, target=getattr(spec, "target", None), **kwargs
-                )
-            if label is not None:
-                reward.name = label  # instance attribute: the key in per_reward, metrics and Pareto ranking
-            terms.append((reward, spec.weight if weighted else 1.0))
+        terms = [
+            (build_spec_reward(spec, device, where=f"{where}.{index}"), spec.weight if weighted else 1.0)
+            for index, spec in enumerate(specs)
+        ]
         return cls(terms)
 
     def _require_differentiable(self) -> None:
