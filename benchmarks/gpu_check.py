@@ -82,6 +82,19 @@ TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {
 # each model, its checks, and per method (rollout, loss checks, learner steps).
 ESTIMATE_S = {"sd15": {"fixed": 60, "per_method": 12}, "sdxl": {"fixed": 150, "per_method": 30}}
 
+# GPU defaults per model: prompts per sampling batch (the shipped configs' sampling.batch_size) and the learner's
+# minibatch (train.train_batch_size; float32 activations with gradients of a 1024 px SDXL row are tens of GB, and
+# D3PO / TailorPO evaluate CFG in training, 2 rows per example).
+GPU_DEFAULTS = {"sd15": {"batch": 8, "train_batch": 2}, "sdxl": {"batch": 4, "train_batch": 1}}
+
+
+def per_model(args: argparse.Namespace, kind: str, name: str) -> int:
+    """`--batch` / `--train-batch` if given, else the dry run's 2, else the model's GPU default."""
+    given = getattr(args, name)
+    if given:
+        return given
+    return 2 if args.dry_run else GPU_DEFAULTS.get(kind, GPU_DEFAULTS["sdxl"])[name]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pure helpers (unit-tested)
@@ -255,7 +268,10 @@ def build_real_pipeline(out_dir: Path, kind: str, device: torch.device) -> tuple
         )
     else:
         pipe = StableDiffusionXLPipeline(
-            **common, tokenizer_2=build_clip_tokenizer(pad_token="!"), force_zeros_for_empty_prompt=True
+            **common,
+            tokenizer_2=build_clip_tokenizer(pad_token="!"),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
         )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     del pipe, parts, common
@@ -300,6 +316,16 @@ def exact_fp32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def oom_reason(err: BaseException) -> str:
+    return f"CUDA out of memory (try a smaller --batch / --train-batch): {str(err).splitlines()[0][:160]}"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -373,7 +399,8 @@ class Run:
             "python": platform.python_version(),
             "git_commit": _git_commit(),
             "steps": args.steps,
-            "batch": args.batch,
+            "batch": args.batch or ("2 (dry run)" if args.dry_run else GPU_DEFAULTS),
+            "train_batch": args.train_batch or ("2 (dry run)" if args.dry_run else GPU_DEFAULTS),
             "guidance_scale": args.guidance_scale,
             "learner_examples": args.learner_examples,
             "reps": args.reps,
@@ -487,7 +514,11 @@ def make_config(args: argparse.Namespace, source: str, kind: str, method: str, *
             "sampling": {"num_steps": args.steps, "eta": 1.0, "guidance_scale": args.guidance_scale, "batch_size": 2},
             "algorithm": {"name": method},
             "rewards": [{"name": "brightness"}],
-            "train": {"learning_rate": 1e-6, "train_batch_size": args.learner_examples, "mixed_precision": mp},
+            "train": {
+                "learning_rate": 1e-6,
+                "train_batch_size": per_model(args, kind, "train_batch"),
+                "mixed_precision": mp,
+            },
             "prompts": {"train": {"inline": PROMPTS}, "eval_seeds": 1},
             "tracking": {"enabled": False},
         }
@@ -534,7 +565,7 @@ def check_model(run: Run, kind: str, source: str) -> None:
     # ---- 1. noise prediction and one DDIM step against float32 ------------------------------------------------
     sampler = Sampler(config, source, model=model)
     res = sampler.resolution
-    prompts = (PROMPTS * 4)[: args.batch]
+    prompts = (PROMPTS * 4)[: per_model(args, kind, "batch")]
     g = torch.Generator().manual_seed(0)
     x_t = initial_noise(2, model, g).to(device)
     t = torch.tensor([700, 300])
@@ -611,81 +642,99 @@ def check_model(run: Run, kind: str, source: str) -> None:
                 decode_latents(m, traj.final.to(m.device))
             sync(device)
 
-        one_batch(0)  # warm-up
-        with peak_memory(device, record):
-            t0 = time.perf_counter()
-            for rep in range(args.reps):
-                one_batch(rep + 1)
-            seconds = time.perf_counter() - t0
-        record.update(value=args.reps * len(prompts) / seconds, seconds=round(seconds, 3), reps=args.reps)
-        run.measure(record)
+        try:
+            one_batch(0)  # warm-up
+            with peak_memory(device, record):
+                t0 = time.perf_counter()
+                for rep in range(args.reps):
+                    one_batch(rep + 1)
+                seconds = time.perf_counter() - t0
+            record.update(value=args.reps * len(prompts) / seconds, seconds=round(seconds, 3), reps=args.reps)
+            run.measure(record)
+        except torch.cuda.OutOfMemoryError as err:
+            free_memory(device)
+            run.measure({**record, "status": "skip", "reason": oom_reason(err), "value": None})
 
     sampling(sampler, "fp32")
 
     # ---- 3. per method: rollout, loss / gradient checks, learner throughput -------------------------------------
     m_sampler = None
     for method in args.methods:
-        set_lora_state_dict(model.unet, lora_state)
-        m_config = make_config(args, source, kind, method)
-        estimate = probe_s * args.steps * 6 + probe_s * args.learner_examples * 8 * len(args.learner_precisions) + 5
-        if not run.budget.allows(estimate):
-            reason = run.budget.reason(estimate)
-            for precision in args.learner_precisions:
-                run.measure(
-                    {"model": kind, "what": "learner", "method": method, "precision": precision, "unit": "examples/s"}
-                    | {"status": "skip", "reason": reason, "value": None}
-                )
-            continue
-        m_sampler = Sampler(m_config, source, model=model)
-        gen = torch.Generator().manual_seed(1)
-        rollout_prompts = PROMPTS[:2]
-        record = {"model": kind, "what": "rollout (one call)", "method": method, "precision": "fp32"}
-        record.update(batch=len(rollout_prompts), unit="prompts/s")
-        with peak_memory(device, record):
-            t0 = time.perf_counter()
-            batch = m_sampler.algorithm.rollout(
-                m_sampler.rollout_context(gen), rollout_prompts, m_sampler.encode(rollout_prompts)
-            )
-            sync(device)
-            rollout_s = time.perf_counter() - t0
-        record.update(value=len(rollout_prompts) / rollout_s, seconds=round(rollout_s, 3), examples=len(batch.pairs))
-        record["note"] = "one call, after the sampling warm-up; brightness reward"
-        run.measure(record)
-        n = min(len(batch.pairs), args.learner_examples)
-        if n == 0:
-            run.measure(
-                {"model": kind, "what": "learner", "method": method, "precision": "no", "unit": "examples/s"}
-                | {"status": "skip", "reason": "the rollout gave no examples (every pair tied)", "value": None}
-            )
-            continue
-        batch = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(n)), weights_version=0)
-
-        loss_checks(run, kind, source, model, method, batch, lora_state)
-
-        # learner throughput: Learner.train on the rollout's first n examples, warm-up excluded
-        for mp in args.learner_precisions:
-            record = {"model": kind, "what": "learner", "method": method, "precision": mp, "batch": n}
-            record.update(unit="examples/s")
-            if mp == "fp16" and not cuda:
-                run.measure({**record, "status": "skip", "reason": "fp16 needs CUDA", "value": None})
-                continue
+        try:
             set_lora_state_dict(model.unet, lora_state)
-            learner = Learner(make_config(args, source, kind, method, mp=mp), source, model=model)
-            if not args.dry_run:  # warm-up (CUDA kernels, allocator, autotuning); nothing to warm on CPU
-                warm = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(min(2, n))))
-                learner.train(warm, 0)
-                learner.version = 0
-            record["warmup"] = not args.dry_run
+            m_config = make_config(args, source, kind, method)
+            estimate = probe_s * args.steps * 6 + probe_s * args.learner_examples * 8 * len(args.learner_precisions) + 5
+            if not run.budget.allows(estimate):
+                reason = run.budget.reason(estimate)
+                for precision in args.learner_precisions:
+                    run.measure(
+                        {
+                            "model": kind,
+                            "what": "learner",
+                            "method": method,
+                            "precision": precision,
+                            "unit": "examples/s",
+                        }
+                        | {"status": "skip", "reason": reason, "value": None}
+                    )
+                continue
+            m_sampler = Sampler(m_config, source, model=model)
+            gen = torch.Generator().manual_seed(1)
+            rollout_prompts = PROMPTS[:2]
+            record = {"model": kind, "what": "rollout (one call)", "method": method, "precision": "fp32"}
+            record.update(batch=len(rollout_prompts), unit="prompts/s")
             with peak_memory(device, record):
                 t0 = time.perf_counter()
-                result = learner.train(batch, 1)
+                batch = m_sampler.algorithm.rollout(
+                    m_sampler.rollout_context(gen), rollout_prompts, m_sampler.encode(rollout_prompts)
+                )
                 sync(device)
-                seconds = time.perf_counter() - t0
+                rollout_s = time.perf_counter() - t0
             record.update(
-                value=n / seconds, seconds=round(seconds, 3), optimizer_steps=result.metrics.get("optimizer_steps")
+                value=len(rollout_prompts) / rollout_s, seconds=round(rollout_s, 3), examples=len(batch.pairs)
             )
+            record["note"] = "one call, after the sampling warm-up; brightness reward"
             run.measure(record)
-            del learner
+            n = min(len(batch.pairs), args.learner_examples)
+            if n == 0:
+                run.measure(
+                    {"model": kind, "what": "learner", "method": method, "precision": "no", "unit": "examples/s"}
+                    | {"status": "skip", "reason": "the rollout gave no examples (every pair tied)", "value": None}
+                )
+                continue
+            batch = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(n)), weights_version=0)
+
+            loss_checks(run, kind, source, model, method, batch, lora_state)
+
+            # learner throughput: Learner.train on the rollout's first n examples, warm-up excluded
+            for mp in args.learner_precisions:
+                record = {"model": kind, "what": "learner", "method": method, "precision": mp, "batch": n}
+                record.update(unit="examples/s")
+                if mp == "fp16" and not cuda:
+                    run.measure({**record, "status": "skip", "reason": "fp16 needs CUDA", "value": None})
+                    continue
+                set_lora_state_dict(model.unet, lora_state)
+                learner = Learner(make_config(args, source, kind, method, mp=mp), source, model=model)
+                if not args.dry_run:  # warm-up (CUDA kernels, allocator, autotuning); nothing to warm on CPU
+                    warm = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(min(2, n))))
+                    learner.train(warm, 0)
+                    learner.version = 0
+                record["warmup"] = not args.dry_run
+                with peak_memory(device, record):
+                    t0 = time.perf_counter()
+                    result = learner.train(batch, 1)
+                    sync(device)
+                    seconds = time.perf_counter() - t0
+                record.update(
+                    value=n / seconds, seconds=round(seconds, 3), optimizer_steps=result.metrics.get("optimizer_steps")
+                )
+                run.measure(record)
+        except torch.cuda.OutOfMemoryError as err:
+            free_memory(device)
+            run.measure(
+                {"model": kind, "what": "learner", "method": method, "precision": "—", "unit": "examples/s"}
+                | {"status": "skip", "reason": oom_reason(err), "value": None}
+            )
     set_lora_state_dict(model.unet, lora_state)
     del sampler, model, m_sampler
     gc.collect()
@@ -737,7 +786,7 @@ def loss_checks(run: Run, kind: str, source: str, model, method: str, batch, lor
     from rlhf_diffusion.workers.learner import Learner
 
     args, cuda = run.args, run.device.type == "cuda"
-    rows = batch.pairs.select(torch.arange(min(2, len(batch.pairs))))
+    rows = batch.pairs.select(torch.arange(min(per_model(args, kind, "train_batch"), len(batch.pairs))))
     params = lora_parameters(model.unet)
 
     def loss_and_grad(state: dict, mp: str) -> tuple[float, torch.Tensor, dict[str, float]]:
@@ -824,7 +873,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="sd15,sdxl", help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated algorithm names")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; dry run 2)")
-    parser.add_argument("--batch", type=int, default=None, help="prompts per sampling batch (default 8; dry run 2)")
+    parser.add_argument("--batch", type=int, default=None, help="prompts per sampling batch (SD1.5 8, SDXL 4; dry 2)")
+    parser.add_argument("--train-batch", type=int, default=None, help="learner minibatch (SD1.5 2, SDXL 1; dry 2)")
     parser.add_argument("--reps", type=int, default=None, help="timed sampling batches (default 3; dry run 1)")
     parser.add_argument("--learner-examples", type=int, default=None, help="examples per learner call (8; dry 2)")
     parser.add_argument(
@@ -838,7 +888,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     dry = args.dry_run
     args.steps = args.steps or (2 if dry else 20)
-    args.batch = args.batch or (2 if dry else 8)
     args.reps = args.reps or (1 if dry else 3)
     args.learner_examples = args.learner_examples or (2 if dry else 8)
     args.lora_scale = args.lora_scale if args.lora_scale is not None else 0.01
