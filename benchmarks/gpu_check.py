@@ -460,7 +460,7 @@ def markdown(result: dict[str, Any]) -> str:
         if info.get("status") == "skip":
             lines.append(f"| {name} | — | — | — | skipped: {info['reason']} |")
             continue
-        params = " + ".join(f"{k} {v / 1e6:.0f}" for k, v in info.get("parameters", {}).items())
+        params = " + ".join(f"{k} {v / 1e6:.{0 if v >= 1e8 else 2}f}" for k, v in info.get("parameters", {}).items())
         lines.append(
             f"| {name} | {info.get('resolution')} | {params} | {_fmt(info.get('build_seconds'))} | "
             f"{_fmt(info.get('load_seconds'))} |"
