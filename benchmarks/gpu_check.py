@@ -1,7 +1,7 @@
 """GPU check: what only a GPU can measure, in one prepared run (issue 18).
 
     bash benchmarks/gpu_check.sh --install-only            # bare machine: venv + project (torch's CUDA wheel)
-    bash benchmarks/gpu_check.sh --out "$OUT"               # the run (default --budget-seconds 480)
+    bash benchmarks/gpu_check.sh --out "$OUT"               # the run (default --budget-seconds 420)
     python benchmarks/gpu_check.py --out DIR [--dry-run] [--models sd15,sdxl] [--methods d3po,dde,...]
                                    [--steps N] [--batch N] [--budget-seconds S]
 
@@ -80,7 +80,7 @@ TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {
 
 # Rough H200 seconds per part, for the printed estimate only (never measured on a GPU yet): build + save + load of
 # each model, its checks, and per method (rollout, loss checks, learner steps).
-ESTIMATE_S = {"sd15": {"fixed": 60, "per_method": 12}, "sdxl": {"fixed": 150, "per_method": 30}}
+ESTIMATE_S = {"sd15": {"fixed": 45, "per_method": 10}, "sdxl": {"fixed": 110, "per_method": 25}}
 
 # GPU defaults per model: prompts per sampling batch (the shipped configs' sampling.batch_size) and the learner's
 # minibatch (train.train_batch_size; float32 activations with gradients of a 1024 px SDXL row are tens of GB, and
@@ -883,7 +883,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler-dtypes", default="float32,bfloat16", help="model.dtype values timed in sampling")
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--lora-scale", type=float, default=None, help="std of the random LoRA B (policy ≠ ref)")
-    parser.add_argument("--budget-seconds", type=float, default=480.0, help="skip what would start past this")
+    parser.add_argument("--budget-seconds", type=float, default=420.0, help="skip what would start past this")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if visible; dry run: cpu)")
     args = parser.parse_args(argv)
     dry = args.dry_run

@@ -4,7 +4,7 @@
 # the arguments given; it writes gpu_check.json / gpu_check.md to --out, default $OUT when set.
 #
 #   bash benchmarks/gpu_check.sh --install-only                  # the install alone (minutes: torch + CUDA wheels)
-#   bash benchmarks/gpu_check.sh --out "$OUT"                     # the GPU run (--budget-seconds 480 by default)
+#   bash benchmarks/gpu_check.sh --out "$OUT"                     # the GPU run (--budget-seconds 420 by default)
 #   bash benchmarks/gpu_check.sh --dry-run --out /tmp/gpu_check   # tiny models on CPU, seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."
