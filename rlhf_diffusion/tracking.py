@@ -7,7 +7,10 @@ every run written to the same `output_dir`, so runs of different methods sit sid
     mlflow.search_runs(experiment_names=["rlhf_diffusion"])     # with mlflow.set_tracking_uri(...) first
 
 `tracking.tracking_uri` may name any MLflow server (http://host:5000) or store instead. A resumed run continues
-the same MLflow run (its id is kept in the checkpoint). `NullTracker` does nothing (tracking disabled).
+the same MLflow run (its id is kept in the checkpoint), and every step stays logged once: the iterations a crashed
+session logged after its last checkpoint are redone by the resumed one, but MLflow cannot delete a point, so the
+points the run already holds after the checkpoint are not logged again (`Tracker(resume_after=k)`; by the fixed
+schedule and seeds they are the same numbers, timings aside). `NullTracker` does nothing (tracking disabled).
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ class Tracker:
     Args:
         config: the run config (its flattened form becomes the run's params, its run_name the MLflow run name).
         run_id: continue this MLflow run (resume) instead of starting one.
+        resume_after: with `run_id`, the iterations the checkpoint a resume starts from has done: the points the
+            run already holds at later steps (logged by the crashed session) are not logged again.
     """
 
-    def __init__(self, config: RunConfig, run_id: str | None = None):
+    def __init__(self, config: RunConfig, run_id: str | None = None, resume_after: int | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -91,16 +96,24 @@ class Tracker:
         else:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
+        # (key, step) already logged after the resume point: not logged again (each step once).
+        self.logged: set[tuple[str, int]] = set()
+        if run_id is not None and resume_after is not None:
+            for key in self.client.get_run(run_id).data.metrics:
+                self.logged.update(
+                    (key, m.step) for m in self.client.get_metric_history(run_id, key) if m.step > resume_after
+                )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Logs finite numeric metrics at `step` (non-finite values are skipped: MLflow rejects NaN in sqlite)."""
+        """Logs finite numeric metrics at `step` (non-finite values are skipped: MLflow rejects NaN in sqlite), except
+        those the run already holds at `step` from before a resume."""
         import mlflow
 
         timestamp = mlflow.utils.time.get_current_time_millis()
         items = [
             mlflow.entities.Metric(_metric_key(k), float(v), timestamp, step)
             for k, v in metrics.items()
-            if isinstance(v, (int, float)) and math.isfinite(v)
+            if isinstance(v, (int, float)) and math.isfinite(v) and (_metric_key(k), step) not in self.logged
         ]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
@@ -153,5 +166,8 @@ def _metric_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
-def build_tracker(config: RunConfig, run_id: str | None = None) -> Tracker | NullTracker:
-    return Tracker(config, run_id) if config.tracking.enabled else NullTracker()
+def build_tracker(
+    config: RunConfig, run_id: str | None = None, resume_after: int | None = None
+) -> Tracker | NullTracker:
+    """The run's tracker (`Tracker`; `resume_after`: see there), or a `NullTracker` when tracking is disabled."""
+    return Tracker(config, run_id, resume_after) if config.tracking.enabled else NullTracker()

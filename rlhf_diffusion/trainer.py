@@ -214,7 +214,11 @@ class Trainer:
             published[version] = self.actors.publish()
             self.log(f"[resume] from {path}: iteration {start_iteration}, weights version {version}")
             truncate_metrics(self.run_dir, start_iteration)
-        tracker = build_tracker(config, mlflow_run_id) if config.tracking.enabled else NullTracker()
+        tracker = (
+            build_tracker(config, mlflow_run_id, resume_after=start_iteration if self.resume else None)
+            if config.tracking.enabled
+            else NullTracker()
+        )
         eval_before = None
         try:
             if not self.resume:

@@ -1,9 +1,12 @@
 """MLflow tracking (`rlhf_diffusion.tracking`) with the default sqlite store shared by every run of an output_dir."""
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +45,52 @@ def test_runs_started_at_once_into_one_output_dir_share_a_fresh_store(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == [f"run{i}" for i in range(4)]
     assert all(r.data.metrics["x"] == 1.0 and r.info.status == "FINISHED" for r in runs)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_sd15_dir, one_torch_thread, tmp_path):
+    """A run dies after iteration 3 with its newest checkpoint after iteration 2, so MLflow already holds step 3;
+    `--resume` redoes iteration 3 and continues the same MLflow run: every step is in the history once, the first
+    one after the checkpoint (3) included, and metrics.jsonl agrees."""
+    from mlflow.tracking import MlflowClient
+
+    from rlhf_diffusion.config import parse_config
+    from rlhf_diffusion.trainer import LocalTrainer
+
+    config = parse_config(
+        {
+            "run_name": "resumed",
+            "seed": 7,
+            "output_dir": str(tmp_path),
+            "device": "cpu",
+            "model": {"pretrained": str(tiny_sd15_dir), "lora": {"rank": 2}},
+            "sampling": {"num_steps": 2, "guidance_scale": 2.0, "batch_size": 2},
+            "algorithm": {"name": "diffusion_dpo"},
+            "rewards": [{"name": "jpeg_compressibility"}],
+            "resources": {"num_samplers": 1},
+            "train": {"iterations": 5, "learning_rate": 1e-2, "train_batch_size": 2, "max_staleness": 1},
+            "prompts": {"train": {"inline": ["a cat", "a dog"]}, "eval": {"inline": ["a cow"]}, "eval_seeds": 1},
+            "tracking": {"enabled": True, "image_grid_every": 0},
+            "checkpoint": {"every": 2, "keep_last": 2},
+        }
+    )
+
+    def crash_after_the_third(event, trainer, it):
+        if event == "iteration_done" and it == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        LocalTrainer(config, log=lambda *_: None, on_event=crash_after_the_third).fit()
+    result = LocalTrainer(config, resume=True, log=lambda *_: None).fit()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}")
+    for key in ("iteration", "reward_mean", "train/loss", "faults/shards_redone"):
+        steps = sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, key))
+        assert steps == [1, 2, 3, 4, 5], (key, steps)
+    assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "eval/reward_mean")) == [0, 5]
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [1, 2, 3, 4, 5]
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
