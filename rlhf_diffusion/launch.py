@@ -18,8 +18,9 @@ Ray starts or a model loads, so a second launch into it while this one runs exit
 
 Exit codes: 0 done; 2 a problem with the input (config field, missing file, resources the cluster lacks, nothing
 (complete) to resume, train.iterations below the iterations done, a run directory in use or holding another run),
-with one message naming it; 1 the run failed (e.g. the learner died: the message names the checkpoint to resume
-from).
+with one message naming it; 1 the run failed: an actor died and was not restarted (the learner, or a sampler or
+reward server with resources.max_actor_restarts 0 or used up), in one message naming the actor and the newest
+complete checkpoint to continue from with --resume.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def run(config, args: argparse.Namespace) -> int:
     from rlhf_diffusion.checkpoint import CheckpointError
     from rlhf_diffusion.models.loading import ModelLoadError
     from rlhf_diffusion.run_dir import RunDirError
-    from rlhf_diffusion.trainer import LearnerCrashed, ResumeError, Trainer
+    from rlhf_diffusion.trainer import ActorCrashed, ResumeError, Trainer
 
     use_ray = not args.no_ray
     if use_ray:
@@ -210,7 +211,7 @@ def run(config, args: argparse.Namespace) -> int:
         except (ResumeError, CheckpointError, RunDirError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        except LearnerCrashed as error:
+        except ActorCrashed as error:  # a dead learner, or a sampler or reward server Ray did not restart
             print(f"error: {error}", file=sys.stderr)
             return 1
     finally:

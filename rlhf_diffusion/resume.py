@@ -104,8 +104,9 @@ def write_checkpoint(
 ) -> Path:
     """Checkpoints the run after `iteration`: the learner's state and export, the published weights a resume needs
     (versions below the learner's), `meta`; keeps the newest `checkpoint.keep_last`."""
-    learner_state = actors.learner_call(iteration, "state_dict")
-    export = actors.learner_call(iteration, "export_files")
+    during = f"the checkpoint after iteration {iteration}"
+    learner_state = actors.learner_call(during, "state_dict")
+    export = actors.learner_call(during, "export_files")
     history = {v: w.resolve() for v, w in published.items() if v < learner_state["version"]}
     state = CheckpointState(
         iteration=iteration, learner=learner_state, weights_history=history, meta=meta, export=export

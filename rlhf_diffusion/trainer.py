@@ -15,8 +15,10 @@ after a sampler crash, or an iteration redone after a resume, produces the same 
 ends with the same LoRA as an uninterrupted one.
 
 Faults (`actors.Actors`): a sampler or reward server that dies is restarted by Ray (`resources.max_actor_restarts`);
-the dead sampler's shard is redone (a reward call in flight is retried by Ray on the restarted server). A learner
-that dies ends the run with `LearnerCrashed`, which names the checkpoint to resume from (`resume.py`).
+the dead sampler's shard is redone (a reward call in flight is retried by Ray on the restarted server); each restart
+is counted once (faults/sampler_restarts, faults/reward_server_restarts). One that Ray does not restart, or a
+learner that dies, ends the run with `ActorCrashed` (`LearnerCrashed`), which names the actor and the checkpoint to
+resume from (`resume.py`). Iterations count from 1 in every message, as in metrics.jsonl and the progress bar.
 
 Evaluation passes (`evaluation.py`: fixed prompts and seeds) run before training, every
 `tracking.image_grid_every` (with an image grid) and `guards.every` iterations, and at the end; each scores the
@@ -33,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_diffusion.actors import Actors, LearnerCrashed, required_resources
+from rlhf_diffusion.actors import ActorCrashed, Actors, LearnerCrashed, required_resources
 from rlhf_diffusion.batches import PublishedWeights, RolloutRequest, TrainResult
 from rlhf_diffusion.checkpoint import LORA_FILE, CheckpointState, latest_checkpoint
 from rlhf_diffusion.config import RunConfig, flatten_config
@@ -65,6 +67,7 @@ from rlhf_diffusion.workers.policy import resolve_device, resolve_model_source
 
 # Re-exported: the names tests, benchmarks and launch import from here (and LocalTrainer, lazily: `__getattr__`).
 __all__ = [
+    "ActorCrashed",
     "EarlyStop",
     "EarlyStopGuard",
     "EvalResult",
@@ -163,10 +166,11 @@ class Trainer:
             for k in range(len(self.samplers))
         ]
 
-    def evaluate(self, weights: PublishedWeights) -> EvalResult:
-        """Held-out rewards with `weights`: eval prompts dealt round-robin to the samplers, fixed seeds."""
+    def evaluate(self, weights: PublishedWeights, during: str = "an evaluation pass") -> EvalResult:
+        """Held-out rewards with `weights`: eval prompts dealt round-robin to the samplers, fixed seeds. `during`
+        names the pass in fault messages ("the evaluation after iteration 3")."""
         seeds = self.config.prompts.eval_seeds
-        return merge_shards(self.actors.evaluate(self.eval_prompts, seeds, weights), seeds)
+        return merge_shards(self.actors.evaluate(self.eval_prompts, seeds, weights, during), seeds)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -207,12 +211,17 @@ class Trainer:
             eval_before_summary = state.meta.get("eval_before")
             self.heldout_before = heldout_before(config, self.run_dir, state.meta)
             self.guard = early_stop_guard(config, self.heldout_before, int(state.meta.get("early_stop_strikes", 0)))
-            version = self.actors.learner_call(state.iteration, "load_state_dict", state.learner)
+            loading = f"loading the checkpoint {path}"
+            version = self.actors.learner_call(loading, "load_state_dict", state.learner)
             start_iteration = state.iteration
             mlflow_run_id = state.meta.get("mlflow_run_id")
+            self.actors.restore_faults(state.meta.get("faults"))
             published = self.actors.restore_weights(state.weights_history)
-            published[version] = self.actors.publish()
-            self.log(f"[resume] from {path}: iteration {start_iteration}, weights version {version}")
+            published[version] = self.actors.publish(loading)
+            self.log(
+                f"[resume] from {path}: {start_iteration} iterations done, continuing with iteration "
+                f"{start_iteration + 1} (weights version {version})"
+            )
             truncate_metrics(self.run_dir, start_iteration)
         tracker = (
             build_tracker(config, mlflow_run_id, resume_after=start_iteration if self.resume else None)
@@ -222,8 +231,8 @@ class Trainer:
         eval_before = None
         try:
             if not self.resume:
-                published[0] = self.actors.publish()
-                eval_before = self.evaluate(published[0])
+                published[0] = self.actors.publish("the start of the run")
+                eval_before = self.evaluate(published[0], "the evaluation before training")
                 eval_before_summary = eval_before.summary()
                 self.heldout_before = dict(eval_before.heldout)
                 self.guard = early_stop_guard(config, self.heldout_before)
@@ -242,7 +251,11 @@ class Trainer:
             history = self._loop(start_iteration, iterations, staleness, published, tracker, meta)
             done = self.stop.iteration if self.stop is not None else iterations
             final = published[max(published)]  # = weights version `done`
-            eval_after = self.stop.evaluation if self.stop is not None else self.evaluate(final)
+            eval_after = (
+                self.stop.evaluation
+                if self.stop is not None
+                else self.evaluate(final, f"the evaluation after the last iteration ({done})")
+            )
             self.log(eval_line(f"after {done} iterations", eval_after, eval_before_summary))
             save_grid(eval_after.images, self.run_dir / "grid_after.png", nrow=eval_grid_row(config.prompts.eval_seeds))
             if done % max(config.checkpoint.every, 1) != 0 or config.checkpoint.every == 0:
@@ -253,6 +266,7 @@ class Trainer:
             # diffusers-format export (lora/ or unet/) becomes the run's, without a second export by the learner.
             export_dir = copy_export(latest_checkpoint(self.checkpoint_root), self.run_dir)
             lora_file = export_dir / LORA_FILE if export_dir.name == "lora" else None
+            self.actors.check_reward_servers(f"the end of the run (after iteration {done})")
             summary = run_summary(
                 config,
                 eval_before_summary,
@@ -317,8 +331,10 @@ class Trainer:
                 self.on_event("rollouts_submitted", self, it)
                 batch = self.actors.gather(it, in_flight.pop(it))
                 t_sampled = time.perf_counter()
-                result: TrainResult = self.actors.learner_call(it, "train", batch, it)
-                published[result.version] = self.actors.publish()
+                during = f"iteration {it + 1}"  # 1-based, as metrics.jsonl and the progress bar
+                result: TrainResult = self.actors.learner_call(during, "train", batch, it)
+                published[result.version] = self.actors.publish(during)
+                self.actors.check_reward_servers(during)  # counts their restarts (Ray retried their calls)
                 for version in [v for v in published if v < it + 1 - staleness]:
                     del published[version]
                 elapsed = time.perf_counter() - t0
@@ -336,7 +352,7 @@ class Trainer:
                     faults=self.faults,
                 )
                 if (it + 1) % config.tracking.log_every == 0:
-                    record.update(self.actors.reward_server_stats())  # reward_server/... (Ray)
+                    record.update(self.actors.reward_server_stats(during))  # reward_server/... (Ray)
                 evaluated, evaluated_metrics = self._evaluate_in_loop(
                     it + 1, iterations, published[result.version], tracker
                 )
@@ -368,7 +384,7 @@ class Trainer:
         due, grid_due = evaluation_due(self.config, step, iterations)
         if not due:
             return None, {}
-        ev = self.evaluate(weights)
+        ev = self.evaluate(weights, f"the evaluation after iteration {step}")
         if grid_due:
             grid = self.run_dir / "grids" / f"iter_{step:06d}.png"
             save_grid(ev.images, grid, nrow=eval_grid_row(self.config.prompts.eval_seeds))

@@ -151,7 +151,7 @@ def test_learner_crash_ends_with_a_resumable_checkpoint_and_resume_matches(refer
     data = runtime_config_dict(tiny_sd15_dir, tmp_path, "learner_crash")
 
     def kill_learner(event, trainer, it):
-        if event == "iteration_done" and it == 2:  # iterations 1-3 trained, checkpoint at 2
+        if event == "iteration_done" and it == 2:  # iterations 1-3 trained, checkpoint at 2; dies training 4
             ray.kill(trainer.learner, no_restart=True)
 
     trainer = Trainer(parse_config(data), log=lambda *_: None, on_event=kill_learner)
@@ -161,7 +161,7 @@ def test_learner_crash_ends_with_a_resumable_checkpoint_and_resume_matches(refer
         finally:
             trainer.shutdown()
     message = str(info.value)
-    assert "iteration 3" in message and "iter_000002" in message and "--resume" in message
+    assert "during iteration 4 " in message and "iter_000002" in message and "--resume" in message  # 1-based
     assert load_checkpoint(latest_checkpoint(tmp_path / "learner_crash" / "checkpoints")).iteration == 2
 
     resumed = Trainer(parse_config(data), resume=True, log=lambda *_: None)

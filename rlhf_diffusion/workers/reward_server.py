@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ class RewardServer:
         num_threads: int = 1,
         heldout_specs: Sequence[Any] = (),
     ):
+        self._incarnation = uuid.uuid4().hex
         torch.set_num_threads(max(1, num_threads))
         self.host = RewardHost(specs, device, heldout_specs)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
@@ -245,6 +247,11 @@ class RewardServer:
 
     async def ready(self) -> bool:
         return True
+
+    async def incarnation(self) -> str:
+        """A token of this instance, new each time Ray restarts the actor: the driver counts a restart when it
+        changes (`actors.Actors`), so one death is counted once."""
+        return self._incarnation
 
     async def describe(self) -> dict[str, Any]:
         """`RewardHost.describe`: reward keys, weights and differentiability (custom rewards' is only known here)."""

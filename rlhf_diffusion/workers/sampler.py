@@ -14,6 +14,7 @@ rewards (`guards.heldout_rewards`), which the client reaches only through `score
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 
 import torch
@@ -137,6 +138,7 @@ class Sampler:
     ):
         if num_threads:
             torch.set_num_threads(num_threads)
+        self._incarnation = uuid.uuid4().hex
         self.config = config
         self.rank = rank
         self.device = resolve_device(config.device) if model is None else model.device
@@ -180,6 +182,11 @@ class Sampler:
     def ready(self) -> int:
         """Returns the rank once the actor is constructed (the driver waits on it to surface load errors)."""
         return self.rank
+
+    def incarnation(self) -> str:
+        """A token of this instance, new each time Ray restarts the actor: the driver counts a restart when it
+        changes (`actors.Actors`), so one death is counted once however many calls it failed."""
+        return self._incarnation
 
     def encode(self, prompts: Sequence[str]) -> TextConditioning:
         return encode_prompts(self.model, list(prompts), height=self.resolution, width=self.resolution)

@@ -1,0 +1,198 @@
+"""Faults: each actor death counted once, a dead actor that is not restarted ending the run with one message that
+names it and the checkpoint to resume from, and iterations numbered from 1 in every message.
+
+The Ray tests kill actors of a real local cluster (the `ray_cluster` head on 127.0.0.1) at a fixed point of the
+loop (`Trainer(on_event=...)`); the rest show the same logic in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_diffusion.actors import ActorCrashed, LearnerCrashed, resume_hint
+from rlhf_diffusion.config import parse_config
+from rlhf_diffusion.trainer import LocalTrainer, Trainer
+
+
+def faults_config(
+    model_dir: Path, output_dir: Path, run_name: str, *, restarts: int, iterations: int = 3, staleness: int = 1
+):
+    """1 sampler, 1 reward server, pipelined by default (max_staleness 1: the next iteration's rollout is queued on
+    the sampler while this one runs), a checkpoint after every iteration, no tracking."""
+    return parse_config(
+        {
+            "run_name": run_name,
+            "seed": 11,
+            "output_dir": str(output_dir),
+            "device": "cpu",
+            "model": {"pretrained": str(model_dir), "lora": {"rank": 2}},
+            "sampling": {"num_steps": 2, "guidance_scale": 2.0, "batch_size": 2},
+            "algorithm": {"name": "diffusion_dpo"},
+            "rewards": [{"name": "jpeg_compressibility"}],
+            "resources": {
+                "num_samplers": 1,
+                "num_reward_servers": 1,
+                "cpus_per_actor": 0.5,
+                "max_actor_restarts": restarts,
+                "actor_start_timeout_s": 120,
+            },
+            "train": {
+                "iterations": iterations,
+                "learning_rate": 1e-2,
+                "train_batch_size": 2,
+                "max_staleness": staleness,
+            },
+            "prompts": {
+                "train": {"inline": ["a cat", "a dog", "a fox"]},
+                "eval": {"inline": ["a cow"]},
+                "eval_seeds": 1,
+            },
+            "tracking": {"enabled": False, "image_grid_every": 0},
+            "checkpoint": {"every": 1, "keep_last": 2},
+        }
+    )
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- in this process ----------------------------------------------------------------------------------------------
+
+
+def test_resume_hint_names_the_newest_complete_checkpoint_or_none(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert "no checkpoint was written yet" in resume_hint(root) and "start over" in resume_hint(root)
+    for k in (1, 2):
+        (root / f"iter_{k:06d}").mkdir(parents=True)
+        (root / f"iter_{k:06d}" / "state.json").write_text(json.dumps({"iteration": k}))
+        (root / f"iter_{k:06d}" / "learner_lora.safetensors").write_bytes(b"")
+    (root / "iter_000003").mkdir()  # a crashed write: no state.json, not complete
+    (root / "latest").write_text("iter_000002\n")
+    hint = resume_hint(root)
+    assert f"{root / 'iter_000002'} (after iteration 2)" in hint and "--resume" in hint
+
+
+def test_the_launcher_ends_a_crashed_run_with_one_line_and_exit_code_1(monkeypatch, capsys, tiny_sd15_dir, tmp_path):
+    """An actor that died and was not restarted (here: as raised by the trainer) is one line on stderr, exit code 1,
+    no traceback — for a sampler or reward server as for the learner."""
+    from rlhf_diffusion import launch, trainer
+
+    message = "sampler 0 died during iteration 3 and restarts are disabled (resources.max_actor_restarts=0); ..."
+
+    class CrashingTrainer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise ActorCrashed(message)
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(trainer, "Trainer", CrashingTrainer)
+    args = argparse.Namespace(no_ray=True, resume=False, overwrite=False, no_progress=True)
+    config = faults_config(tiny_sd15_dir, tmp_path, "launch", restarts=0)
+    assert launch.run(config, args) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n"
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_sd15_dir, one_torch_thread):
+    return tiny_sd15_dir
+
+
+def test_the_learner_crash_message_counts_iterations_from_1(in_process, tmp_path, monkeypatch):
+    """The learner dies training the 3rd iteration (metrics.jsonl's iteration 3, the progress bar's 3): the message
+    says iteration 3 and names the checkpoint after iteration 2."""
+    from ray.exceptions import ActorDiedError
+
+    config = faults_config(in_process, tmp_path, "learner", restarts=0, iterations=4)
+    trainer = LocalTrainer(config, log=lambda *_: None)
+    train = trainer.learner_obj.train
+
+    def dies_at_the_third(batch, iteration):
+        if iteration == 2:  # 0-based, as RolloutRequest.iteration
+            raise ActorDiedError()
+        return train(batch, iteration)
+
+    monkeypatch.setattr(trainer.learner_obj, "train", dies_at_the_third)
+    with pytest.raises(LearnerCrashed) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "the learner actor died during iteration 3 " in message, message
+    assert f"{tmp_path / 'learner' / 'checkpoints' / 'iter_000002'} (after iteration 2)" in message
+    assert "--resume" in message
+    assert [r["iteration"] for r in metrics_lines(tmp_path / "learner")] == [1, 2]
+
+
+# -- on a real local Ray cluster ----------------------------------------------------------------------------------
+
+
+def _kill(role: str, at: tuple[str, int], killed: list):
+    import ray
+
+    event_at, iteration_at = at
+
+    def on_event(event, trainer, it):
+        if event == event_at and it == iteration_at and not killed:
+            actor = trainer.samplers[0] if role == "sampler" else trainer.reward_servers[0]
+            ray.kill(actor, no_restart=False)  # Ray restarts it if resources.max_actor_restarts allows
+            killed.append(it)
+
+    return on_event
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("role", ["sampler", "reward_server"])
+def test_one_kill_is_counted_as_one_restart(role, ray_connected, tiny_sd15_dir, tmp_path):
+    """The sampler is killed with the rollouts of iterations 1 and 2 queued on it (max_staleness 1): both calls
+    fail, both shards are redone, and the one death is one restart. A killed reward server is restarted by Ray
+    (its calls are retried, the driver sees no error) and counted in faults/reward_server_restarts."""
+    config = faults_config(tiny_sd15_dir, tmp_path, f"kill_{role}", restarts=2)
+    killed: list = []
+    trainer = Trainer(config, log=lambda *_: None, on_event=_kill(role, ("rollouts_submitted", 0), killed))
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.shutdown()
+    assert killed == [0]
+    sampler_restarts, server_restarts = (1, 0) if role == "sampler" else (0, 1)
+    assert result.faults["sampler_restarts"] == sampler_restarts, result.faults
+    assert result.faults["reward_server_restarts"] == server_restarts, result.faults
+    if role == "sampler":
+        assert result.faults["shards_redone"] >= 1
+    lines = metrics_lines(result.run_dir)
+    assert [r["iteration"] for r in lines] == [1, 2, 3]
+    assert lines[-1]["faults/sampler_restarts"] == sampler_restarts
+    assert lines[-1]["faults/reward_server_restarts"] == server_restarts
+    assert json.loads((result.run_dir / "eval.json").read_text())["faults"] == result.faults
+
+
+@pytest.mark.ray
+def test_a_sampler_killed_with_restarts_disabled_ends_the_run_naming_it_and_the_checkpoint(
+    ray_connected, tiny_sd15_dir, tmp_path
+):
+    """resources.max_actor_restarts 0: the sampler killed as the rollout of iteration 3 was submitted to it
+    (on-policy, so the driver waits on that rollout; checkpoint iter_000002 written) is not restarted; the run ends
+    with one message naming the sampler, the field and the checkpoint to resume from."""
+    config = faults_config(tiny_sd15_dir, tmp_path, "no_restarts", restarts=0, staleness=0)
+    killed: list = []
+    trainer = Trainer(config, log=lambda *_: None, on_event=_kill("sampler", ("rollouts_submitted", 2), killed))
+    with pytest.raises(ActorCrashed) as info:
+        try:
+            trainer.fit()
+        finally:
+            trainer.shutdown()
+    assert killed == [2]
+    assert not isinstance(info.value, LearnerCrashed)
+    message = str(info.value)
+    assert message.startswith("sampler 0 died during iteration 3 "), message
+    assert "restarts are disabled (resources.max_actor_restarts=0" in message
+    assert f"{tmp_path / 'no_restarts' / 'checkpoints' / 'iter_000002'} (after iteration 2)" in message
+    assert "--resume" in message and "\n" not in message
