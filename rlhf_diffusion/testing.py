@@ -1,12 +1,15 @@
-"""Tiny random-weight reward models for the tests and benchmarks: each builder writes a directory in the real
-model's published format, so the production loaders read it (no downloads). Test code only; no product module
-imports this one (the tiny diffusion pipelines, which `model.pretrained: tiny:sd15` builds, stay in `models/tiny.py`).
+"""Helpers for the tests and benchmarks: tiny random-weight reward models, each builder writing a directory in the
+real model's published format so the production loaders read it (no downloads), and `tiny_trainer`, the one
+in-process trainer the method tests build on a tiny pipeline. Test code only; no product module imports this one (the
+tiny diffusion pipelines, which `model.pretrained: tiny:sd15` builds, stay in `models/tiny.py`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
@@ -26,6 +29,9 @@ from rlhf_diffusion.rewards.imagereward import (
 )
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD
 
+if TYPE_CHECKING:
+    from rlhf_diffusion.local_trainer import LocalTrainer
+
 __all__ = [
     "build_tiny_aesthetic",
     "build_tiny_clip_score",
@@ -33,9 +39,11 @@ __all__ = [
     "build_tiny_imagereward",
     "build_tiny_pickscore",
     "save_tiny_clip",
+    "tiny_trainer",
     "tiny_clip_config",
     "tiny_imagereward_config",
     "tiny_open_clip_config",
+    "tiny_run_config",
 ]
 
 
@@ -280,3 +288,52 @@ def build_tiny_imagereward(out_dir: str | Path, seed: int = 0) -> Path:
     state_dict["blip.text_proj.bias"] = torch.zeros(itc_width)
     torch.save(state_dict, out_dir / CHECKPOINT_FILENAME)
     return out_dir
+
+
+def tiny_run_config(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    algorithm: str | dict[str, Any],
+    *,
+    train_prompts: Sequence[str] = ("a cat", "a dog", "a fox"),
+    num_steps: int = 4,
+    batch_size: int = 3,
+    reward: str = "brightness",
+    settings: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """The config (a dict for `config.parse_config`) of a small run of `algorithm` (a name or an `algorithm` section)
+    on the pipeline in `model_dir`: a `num_steps`-step DDIM grid with guidance 2, `batch_size` prompts per rollout
+    from `train_prompts`, one built-in `reward`, learning rate 1e-3 and minibatches of 64, no tracking.
+
+    `settings` (a test module's own defaults), then `sections`, override top-level entries: a dict is merged into the
+    section of that name (`train={"signal_every": 0}` keeps the learning rate), anything else replaces it (`seed=3`).
+    """
+    data: dict[str, Any] = {
+        "run_name": "t",
+        "output_dir": str(output_dir),
+        "device": "cpu",
+        "model": {"pretrained": str(model_dir)},
+        "sampling": {"num_steps": num_steps, "guidance_scale": 2.0, "batch_size": batch_size},
+        "algorithm": {"name": algorithm} if isinstance(algorithm, str) else algorithm,
+        "rewards": [{"name": reward}],
+        "train": {"learning_rate": 1e-3, "train_batch_size": 64},
+        "prompts": {"train": {"inline": list(train_prompts)}},
+        "tracking": {"enabled": False},
+    }
+    for overrides in (settings or {}, sections):
+        for key, value in overrides.items():
+            default = data.get(key)
+            data[key] = {**default, **value} if isinstance(value, dict) and isinstance(default, dict) else value
+    return data
+
+
+def tiny_trainer(
+    model_dir: str | Path, output_dir: str | Path, algorithm: str | dict[str, Any], **kwargs: Any
+) -> LocalTrainer:
+    """A `LocalTrainer` (every role in this process, no log lines) of `tiny_run_config(model_dir, output_dir,
+    algorithm, **kwargs)`."""
+    from rlhf_diffusion.config import parse_config
+    from rlhf_diffusion.local_trainer import LocalTrainer
+
+    return LocalTrainer(parse_config(tiny_run_config(model_dir, output_dir, algorithm, **kwargs)), log=lambda *_: None)

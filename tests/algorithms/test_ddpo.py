@@ -19,7 +19,7 @@ from rlhf_diffusion.algorithms.ddpo import (
 from rlhf_diffusion.batches import TrajectoryStepBatch
 from rlhf_diffusion.config import ConfigError, DDPOConfig, parse_config
 from rlhf_diffusion.models.loading import lora_parameters
-from rlhf_diffusion.trainer import LocalTrainer
+from rlhf_diffusion.testing import tiny_run_config, tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox"]
 
@@ -29,26 +29,7 @@ def _one_thread(one_torch_thread):
     yield
 
 
-def config_dict(model_dir, tmp_path, algorithm: dict, **sections) -> dict:
-    data = {
-        "run_name": "t",
-        "output_dir": str(tmp_path),
-        "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": 4, "guidance_scale": 2.0, "batch_size": 3},
-        "algorithm": algorithm,
-        "rewards": [{"name": "brightness"}],
-        "train": {"learning_rate": 1e-3, "train_batch_size": 256, "signal_every": 0},  # one minibatch
-        "prompts": {"train": {"inline": PROMPTS}, "eval_seeds": 1},
-        "tracking": {"enabled": False},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
-
-
-def make_trainer(model_dir, tmp_path, algorithm: dict, **sections) -> LocalTrainer:
-    return LocalTrainer(parse_config(config_dict(model_dir, tmp_path, algorithm, **sections)), log=lambda *_: None)
+SETTINGS = {"train": {"train_batch_size": 256, "signal_every": 0}, "prompts": {"eval_seeds": 1}}  # one minibatch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,7 +109,7 @@ def test_ratio_is_one_on_the_first_inner_step(kind, tiny_sd15_dir, tiny_sdxl_dir
     """Before any update the learner's recomputed log-prob (CFG, another batch composition) equals the one the
     sampler recorded, so ρ = 1: checked directly and through a learner round's first (only) optimizer step."""
     model_dir = tiny_sd15_dir if kind == "sd15" else tiny_sdxl_dir
-    trainer = make_trainer(model_dir, tmp_path, {"name": "ddpo", "samples_per_prompt": 2})
+    trainer = tiny_trainer(model_dir, tmp_path, {"name": "ddpo", "samples_per_prompt": 2}, settings=SETTINGS)
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     assert isinstance(ex, TrajectoryStepBatch) and len(ex) == 3 * 2 * 4  # P · G · K
@@ -143,7 +124,9 @@ def test_ratio_is_one_on_the_first_inner_step(kind, tiny_sd15_dir, tiny_sdxl_dir
 
 
 def test_rollout_structure_and_learner_side_advantages(tiny_sd15_dir, tmp_path):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "ddpo", "samples_per_prompt": 2, "timestep_fraction": 0.5})
+    trainer = tiny_trainer(
+        tiny_sd15_dir, tmp_path, {"name": "ddpo", "samples_per_prompt": 2, "timestep_fraction": 0.5}, settings=SETTINGS
+    )
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     assert len(ex) == 3 * 2 * 2 and (ex.advantage == 0).all()  # filled by the learner, not the sampler
@@ -161,7 +144,7 @@ def test_rollout_structure_and_learner_side_advantages(tiny_sd15_dir, tmp_path):
 
 def test_one_step_raises_the_log_prob_of_positive_advantage_samples(tiny_sd15_dir, tmp_path):
     """One normalised descent step on the PPO loss raises ℓ_θ of the actions with A > 0 and lowers it for A < 0."""
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "ddpo", "samples_per_prompt": 2})
+    trainer = tiny_trainer(tiny_sd15_dir, tmp_path, {"name": "ddpo", "samples_per_prompt": 2}, settings=SETTINGS)
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     ex.advantage = torch.where(ex.sample_index == 0, 1.0, -1.0)
@@ -188,12 +171,13 @@ def test_one_step_raises_the_log_prob_of_positive_advantage_samples(tiny_sd15_di
 
 
 def test_two_iterations_end_to_end_with_signal_and_tracker_checkpoint(tiny_sd15_dir, tmp_path):
-    trainer = make_trainer(
+    trainer = tiny_trainer(
         tiny_sd15_dir,
         tmp_path,
         {"name": "ddpo", "samples_per_prompt": 2, "stat_buffer_size": 4, "stat_min_count": 4},
         train={"iterations": 2, "train_batch_size": 8, "signal_every": 1, "signal_examples": 8},
         checkpoint={"every": 1},
+        settings=SETTINGS,
     )
     result = trainer.fit()
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -212,7 +196,7 @@ def test_two_iterations_end_to_end_with_signal_and_tracker_checkpoint(tiny_sd15_
 
 
 def test_config_accepts_ddpo_with_the_ddpo_pytorch_defaults_and_names_bad_fields(tiny_sd15_dir, tmp_path):
-    data = config_dict(tiny_sd15_dir, tmp_path, {"name": "d3po"})
+    data = tiny_run_config(tiny_sd15_dir, tmp_path, {"name": "d3po"}, settings=SETTINGS)
     cfg = parse_config(data, overrides=["algorithm={name: ddpo}"]).algorithm
     assert isinstance(cfg, DDPOConfig)
     assert (cfg.clip_range, cfg.adv_clip_max, cfg.timestep_fraction) == (1e-4, 5.0, 1.0)

@@ -7,30 +7,11 @@ import torch
 from rlhf_diffusion.algorithms.diffusion_dpo import sample_timesteps
 from rlhf_diffusion.config import ConfigError, parse_config
 from rlhf_diffusion.models.loading import trainable_parameters
-from rlhf_diffusion.trainer import LocalTrainer
+from rlhf_diffusion.testing import tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox", "a red cube"]
-
-
-def make_trainer(model_dir, tmp_path, algorithm: dict) -> LocalTrainer:
-    return LocalTrainer(
-        parse_config(
-            {
-                "run_name": "t",
-                "seed": 5,
-                "output_dir": str(tmp_path),
-                "device": "cpu",
-                "model": {"pretrained": str(model_dir)},
-                "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 4},
-                "algorithm": algorithm,
-                "rewards": [{"name": "brightness"}],
-                "train": {"learning_rate": 1e-3, "train_batch_size": 64, "signal_every": 0},
-                "prompts": {"train": {"inline": PROMPTS}},
-                "tracking": {"enabled": False},
-            }
-        ),
-        log=lambda *_: None,
-    )
+# tiny_trainer's settings here
+TRAINER = {"train_prompts": PROMPTS, "num_steps": 3, "batch_size": 4, "seed": 5, "train": {"signal_every": 0}}
 
 
 def test_fields_default_to_the_papers_and_reject_nonsense():
@@ -45,7 +26,7 @@ def test_fields_default_to_the_papers_and_reject_nonsense():
 
 
 def test_best_against_worst_of_four_samples(tiny_sd15_dir, tmp_path, one_torch_thread):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "diffusion_dpo", "samples_per_prompt": 4})
+    trainer = tiny_trainer(tiny_sd15_dir, tmp_path, {"name": "diffusion_dpo", "samples_per_prompt": 4}, **TRAINER)
     batch = trainer.rollout(PROMPTS)
     assert batch.rewards.shape == (4, 4)
     best, worst = batch.rewards.max(1).values, batch.rewards.min(1).values
@@ -64,7 +45,9 @@ def test_best_against_worst_of_four_samples(tiny_sd15_dir, tmp_path, one_torch_t
 
 @pytest.mark.parametrize("name", ["diffusion_dpo", "dde_single"])
 def test_loss_is_the_mean_over_draws_and_one_draw_is_the_papers(tiny_sd15_dir, tmp_path, one_torch_thread, name):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": name, "draws_per_pair": 3, "timestep_range": [100, 900]})
+    trainer = tiny_trainer(
+        tiny_sd15_dir, tmp_path, {"name": name, "draws_per_pair": 3, "timestep_range": [100, 900]}, **TRAINER
+    )
     algorithm, learner = trainer.algorithm, trainer.learner_obj
     batch = trainer.rollout(PROMPTS)
     examples = batch.pairs
@@ -103,7 +86,7 @@ def test_loss_is_the_mean_over_draws_and_one_draw_is_the_papers(tiny_sd15_dir, t
 
 
 def test_one_draw_draws_as_the_papers_method(tiny_sd15_dir, tmp_path, one_torch_thread):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "diffusion_dpo"})
+    trainer = tiny_trainer(tiny_sd15_dir, tmp_path, {"name": "diffusion_dpo"}, **TRAINER)
     algorithm, learner = trainer.algorithm, trainer.learner_obj
     batch = trainer.rollout(PROMPTS)
     examples = batch.pairs

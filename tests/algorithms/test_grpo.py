@@ -17,7 +17,7 @@ from rlhf_diffusion.config import ConfigError, GRPOConfig, parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.models.loading import get_lora_state_dict, lora_parameters, set_lora_state_dict
 from rlhf_diffusion.rewards.base import RewardResult
-from rlhf_diffusion.trainer import LocalTrainer
+from rlhf_diffusion.testing import tiny_run_config, tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox"]
 
@@ -27,26 +27,7 @@ def _one_thread(one_torch_thread):
     yield
 
 
-def config_dict(model_dir, tmp_path, algorithm: dict, **sections) -> dict:
-    data = {
-        "run_name": "t",
-        "output_dir": str(tmp_path),
-        "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": 4, "guidance_scale": 2.0, "batch_size": 3},
-        "algorithm": algorithm,
-        "rewards": [{"name": "brightness"}],
-        "train": {"learning_rate": 1e-3, "train_batch_size": 256, "signal_every": 0},  # one minibatch
-        "prompts": {"train": {"inline": PROMPTS}, "eval_seeds": 1},
-        "tracking": {"enabled": False},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
-
-
-def make_trainer(model_dir, tmp_path, algorithm: dict, **sections) -> LocalTrainer:
-    return LocalTrainer(parse_config(config_dict(model_dir, tmp_path, algorithm, **sections)), log=lambda *_: None)
+SETTINGS = {"train": {"train_batch_size": 256, "signal_every": 0}, "prompts": {"eval_seeds": 1}}  # one minibatch
 
 
 def _perturb_lora(trainer, seed=0, scale=0.05):
@@ -88,7 +69,7 @@ def test_equal_sigma_gaussian_kl_hand_value():
 
 
 def test_rollout_groups_advantages_and_zero_std_groups(tiny_sd15_dir, tmp_path):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 3})
+    trainer = tiny_trainer(tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 3}, settings=SETTINGS)
     real = trainer.rollout_context().reward_fn
 
     def reward_fn(images, prompts):  # the dog's group all scores 0.5: nothing to learn from it
@@ -115,7 +96,7 @@ def test_rollout_groups_advantages_and_zero_std_groups(tiny_sd15_dir, tmp_path):
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_ratio_is_one_on_the_first_inner_step(kind, tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
     model_dir = tiny_sd15_dir if kind == "sd15" else tiny_sdxl_dir
-    trainer = make_trainer(model_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 0.1})
+    trainer = tiny_trainer(model_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 0.1}, settings=SETTINGS)
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     assert len(ex) == 3 * 2 * 3
@@ -132,7 +113,9 @@ def test_ratio_is_one_on_the_first_inner_step(kind, tiny_sd15_dir, tiny_sdxl_dir
 def test_kl_term_zero_at_the_reference_positive_after_a_perturbation_and_lowered_by_its_gradient(
     tiny_sd15_dir, tmp_path
 ):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 1.0})
+    trainer = tiny_trainer(
+        tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 1.0}, settings=SETTINGS
+    )
     batch = trainer.rollout(PROMPTS)
     ex = dataclasses.replace(batch.pairs, advantage=torch.zeros(len(batch.pairs)))  # the KL term alone
     cond = trainer.encode(batch.prompts).index(ex.prompt_index)
@@ -160,7 +143,7 @@ def test_kl_term_zero_at_the_reference_positive_after_a_perturbation_and_lowered
 
 
 def test_one_step_raises_the_log_prob_of_positive_advantage_samples(tiny_sd15_dir, tmp_path):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2})
+    trainer = tiny_trainer(tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2}, settings=SETTINGS)
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     assert (ex.advantage != 0).all()
@@ -185,11 +168,12 @@ def test_one_step_raises_the_log_prob_of_positive_advantage_samples(tiny_sd15_di
 
 
 def test_two_iterations_end_to_end(tiny_sd15_dir, tmp_path):
-    trainer = make_trainer(
+    trainer = tiny_trainer(
         tiny_sd15_dir,
         tmp_path,
         {"name": "grpo", "group_size": 2, "kl_beta": 0.01},
         train={"iterations": 2, "train_batch_size": 6, "num_inner_epochs": 2, "signal_every": 1, "signal_examples": 8},
+        settings=SETTINGS,
     )
     result = trainer.fit()
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -204,7 +188,7 @@ def test_two_iterations_end_to_end(tiny_sd15_dir, tmp_path):
 
 
 def test_config_accepts_grpo_and_names_bad_fields(tiny_sd15_dir, tmp_path):
-    data = config_dict(tiny_sd15_dir, tmp_path, {"name": "d3po"})
+    data = tiny_run_config(tiny_sd15_dir, tmp_path, {"name": "d3po"}, settings=SETTINGS)
     cfg = parse_config(data, overrides=["algorithm={name: grpo}"]).algorithm
     assert isinstance(cfg, GRPOConfig)
     assert (cfg.group_size, cfg.clip_range, cfg.adv_clip_max, cfg.kl_beta) == (16, 1e-4, 5.0, 0.0)

@@ -8,34 +8,27 @@ import pytest
 import torch
 
 from rlhf_diffusion.algorithms.diffusion_dpo import KL_TIMESTEP_BUCKET
-from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.models.loading import get_lora_state_dict, set_lora_state_dict
 from rlhf_diffusion.seeding import TRAIN_STREAM, derive_seed
+from rlhf_diffusion.testing import tiny_trainer
 from rlhf_diffusion.trainer import LocalTrainer
 
 PROMPTS = ["a cat", "a dog"]
 
 
-def make_trainer(model_dir, tmp_path, algorithm: str, log_kl: bool = True) -> LocalTrainer:
-    trainer = LocalTrainer(
-        parse_config(
-            {
-                "run_name": algorithm,
-                "seed": 7,
-                "output_dir": str(tmp_path),
-                "device": "cpu",
-                "model": {"pretrained": str(model_dir)},
-                "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
-                "algorithm": {"name": algorithm},
-                "rewards": [{"name": "brightness"}],
-                "train": {"learning_rate": 1e-3, "train_batch_size": 64},  # one minibatch per round
-                "prompts": {"train": {"inline": PROMPTS}},
-                "tracking": {"enabled": False},
-                "guards": {"log_kl": log_kl},
-            }
-        ),
-        log=lambda *_: None,
+def perturbed_trainer(model_dir, tmp_path, algorithm: str, log_kl: bool = True):
+    """`tiny_trainer` (minibatches of 64: one per round) with θ moved off the reference."""
+    trainer = tiny_trainer(
+        model_dir,
+        tmp_path,
+        algorithm,
+        train_prompts=PROMPTS,
+        num_steps=3,
+        batch_size=2,
+        run_name=algorithm,
+        seed=7,
+        guards={"log_kl": log_kl},
     )
     g = torch.Generator().manual_seed(0)  # move θ off the reference (at the start every KL is 0)
     state = get_lora_state_dict(trainer.model.unet)
@@ -96,7 +89,7 @@ def by_hand_timestep_kl(trainer: LocalTrainer, cond, pairs, iteration: int) -> d
 
 @pytest.mark.parametrize("algorithm", ["d3po", "tailorpo", "dde", "diffusion_dpo"])
 def test_learner_logs_the_kl_to_the_reference_per_step(algorithm, tiny_sd15_dir, tmp_path, one_torch_thread):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, algorithm)
+    trainer = perturbed_trainer(tiny_sd15_dir, tmp_path, algorithm)
     batch = trainer.rollout(PROMPTS)
     pairs = batch.pairs
     assert len(pairs) > 0
@@ -127,7 +120,7 @@ def test_learner_logs_the_kl_to_the_reference_per_step(algorithm, tiny_sd15_dir,
 
 
 def test_log_kl_false_logs_no_kl(tiny_sd15_dir, tmp_path, one_torch_thread):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, "tailorpo", log_kl=False)
+    trainer = perturbed_trainer(tiny_sd15_dir, tmp_path, "tailorpo", log_kl=False)
     result = trainer.learner_obj.train(trainer.rollout(PROMPTS), 0)
     assert not any(k.startswith("kl/") for k in result.diagnostics) and result.metrics["optimizer_steps"] == 1
     assert "signal/coherence" in result.diagnostics  # the learning-signal diagnostics do not depend on log_kl

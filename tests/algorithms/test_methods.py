@@ -7,26 +7,9 @@ from rlhf_diffusion.algorithms.common import step_log_ratios
 from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_delta
 from rlhf_diffusion.algorithms.tailorpo import guide_winner
 from rlhf_diffusion.batches import FinalPairBatch, StepPairBatch
-from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.models.loading import get_lora_state_dict, lora_parameters, set_lora_state_dict
-from rlhf_diffusion.trainer import LocalTrainer
-
-
-def make_trainer(model_dir, tmp_path, algorithm: dict, reward: str = "brightness", **sections) -> LocalTrainer:
-    data = {
-        "run_name": "t",
-        "output_dir": str(tmp_path),
-        "device": "cpu",
-        "model": {"pretrained": str(model_dir)},
-        "sampling": {"num_steps": 4, "guidance_scale": 2.0, "batch_size": 3},
-        "algorithm": algorithm,
-        "rewards": [{"name": reward}],
-        "train": {"learning_rate": 1e-3, "train_batch_size": 64},
-        "prompts": {"train": {"inline": ["a cat", "a dog", "a fox"]}, "eval_seeds": 1},
-        **sections,
-    }
-    return LocalTrainer(parse_config(data))
+from rlhf_diffusion.testing import tiny_trainer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +28,7 @@ def _perturb_lora(trainer, seed=0, scale=0.05):
 
 
 def test_d3po_rollout_pairs_share_x_T_and_cover_every_step(sd15_dir, tmp_path):
-    trainer = make_trainer(sd15_dir, tmp_path, {"name": "d3po"})
+    trainer = tiny_trainer(sd15_dir, tmp_path, {"name": "d3po"})
     batch = trainer.rollout(["a cat", "a dog", "a fox"])
     pairs = batch.pairs
     assert isinstance(pairs, StepPairBatch)
@@ -61,7 +44,7 @@ def test_d3po_rollout_pairs_share_x_T_and_cover_every_step(sd15_dir, tmp_path):
 
 
 def test_tailorpo_rollout_same_state_and_winner_continuation(sd15_dir, tmp_path):
-    trainer = make_trainer(sd15_dir, tmp_path, {"name": "tailorpo"})
+    trainer = tiny_trainer(sd15_dir, tmp_path, {"name": "tailorpo"})
     batch = trainer.rollout(["a cat", "a dog", "a fox"])
     pairs = batch.pairs
     assert isinstance(pairs, StepPairBatch)
@@ -79,7 +62,7 @@ def test_tailorpo_rollout_same_state_and_winner_continuation(sd15_dir, tmp_path)
 
 
 def test_tailorpo_g_guidance_moves_winner_by_the_configured_norm_and_raises_reward(sd15_dir, tmp_path):
-    trainer = make_trainer(sd15_dir, tmp_path, {"name": "tailorpo_g", "guidance_gamma": 0.3})
+    trainer = tiny_trainer(sd15_dir, tmp_path, {"name": "tailorpo_g", "guidance_gamma": 0.3})
     ctx = trainer.rollout_context()
     prompts = ["a cat", "a dog"]
     cond = trainer.encode(prompts)
@@ -142,7 +125,7 @@ def test_tailorpo_g_guidance_moves_winner_by_the_configured_norm_and_raises_rewa
 @pytest.mark.parametrize("name", ["d3po", "tailorpo"])
 def test_one_step_raises_winner_over_loser_log_likelihood(sd15_dir, tmp_path, name):
     """The DPO step gradient raises log π_θ(x_w) − log π_θ(x_l) (ref fixed) on the trained examples."""
-    trainer = make_trainer(sd15_dir, tmp_path, {"name": name})
+    trainer = tiny_trainer(sd15_dir, tmp_path, {"name": name})
     _perturb_lora(trainer)  # away from θ = ref so the log-ratios are non-zero
     batch = trainer.rollout(["a cat", "a dog", "a fox"])
     ex = batch.pairs
@@ -169,7 +152,7 @@ def test_one_step_raises_winner_over_loser_log_likelihood(sd15_dir, tmp_path, na
 @pytest.mark.parametrize("name", ["dde", "dde_single", "diffusion_dpo"])
 def test_final_pair_methods_one_step_lowers_delta(sd15_dir, tmp_path, name):
     """After one descent step, Δ_t (same t, ε) falls: θ fits the winner better than the loser, relative to ref."""
-    trainer = make_trainer(sd15_dir, tmp_path, {"name": name})
+    trainer = tiny_trainer(sd15_dir, tmp_path, {"name": name})
     batch = trainer.rollout(["a cat", "a dog", "a fox"])
     ex = batch.pairs
     assert isinstance(ex, FinalPairBatch) and len(ex) >= 2
@@ -198,18 +181,18 @@ def test_final_pair_methods_one_step_lowers_delta(sd15_dir, tmp_path, name):
 
 
 def test_dde_ema_state_updates_and_round_trips(sd15_dir, tmp_path):
-    trainer = make_trainer(sd15_dir, tmp_path, {"name": "dde", "ema_momentum": 0.5})
+    trainer = tiny_trainer(sd15_dir, tmp_path, {"name": "dde", "ema_momentum": 0.5})
     batch = trainer.rollout(["a cat", "a dog", "a fox"])
     _perturb_lora(trainer)
     trainer.train_on(batch)
     table = trainer.algorithm.state_dict()["correction_table"]
     assert table.shape == (1000,) and table.dtype == torch.float32
     assert (table != 0).sum() >= 1  # the sampled t received statistics
-    fresh = make_trainer(sd15_dir, tmp_path, {"name": "dde"})
+    fresh = tiny_trainer(sd15_dir, tmp_path, {"name": "dde"})
     fresh.algorithm.load_state_dict({"correction_table": table})
     torch.testing.assert_close(fresh.algorithm.state_dict()["correction_table"], table)
     with pytest.raises(ValueError, match="shape"):
         fresh.algorithm.load_state_dict({"correction_table": torch.zeros(10)})
-    single = make_trainer(sd15_dir, tmp_path, {"name": "dde_single"})
+    single = tiny_trainer(sd15_dir, tmp_path, {"name": "dde_single"})
     single.train_on(single.rollout(["a cat", "a dog", "a fox"]))
     assert (single.algorithm.state_dict()["correction_table"] == 0).all()  # DDE-Single never corrects

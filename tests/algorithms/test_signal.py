@@ -11,11 +11,18 @@ import torch
 from rlhf_diffusion.algorithms.common import step_clamp_diagnostics
 from rlhf_diffusion.algorithms.diffusion_dpo import timestep_saturation_diagnostics
 from rlhf_diffusion.algorithms.signal import cosine, signal_metrics, split_half_gradients, split_halves
-from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.models.loading import get_lora_state_dict, trainable_parameters
-from rlhf_diffusion.trainer import LocalTrainer
+from rlhf_diffusion.testing import tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a red bird"]
+
+
+def signal_trainer(model_dir, tmp_path, algorithm: str, signal_every: int = 1):
+    """`tiny_trainer` with the learning-signal diagnostics every `signal_every` iterations, on 64 examples."""
+    train = {"train_batch_size": 4, "signal_every": signal_every, "signal_examples": 64}
+    return tiny_trainer(
+        model_dir, tmp_path, algorithm, train_prompts=PROMPTS, num_steps=3, run_name=algorithm, seed=3, train=train
+    )
 
 
 # -- pure maths -------------------------------------------------------------------------------------------------
@@ -91,35 +98,9 @@ def test_clamp_and_saturation_fractions_per_group():
 # -- on the tiny SD1.5 pipeline ------------------------------------------------------------------------------------
 
 
-def make_trainer(model_dir, tmp_path, algorithm: str, signal_every: int = 1) -> LocalTrainer:
-    return LocalTrainer(
-        parse_config(
-            {
-                "run_name": algorithm,
-                "seed": 3,
-                "output_dir": str(tmp_path),
-                "device": "cpu",
-                "model": {"pretrained": str(model_dir)},
-                "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 3},
-                "algorithm": {"name": algorithm},
-                "rewards": [{"name": "brightness"}],
-                "train": {
-                    "learning_rate": 1e-3,
-                    "train_batch_size": 4,
-                    "signal_every": signal_every,
-                    "signal_examples": 64,
-                },
-                "prompts": {"train": {"inline": PROMPTS}},
-                "tracking": {"enabled": False},
-            }
-        ),
-        log=lambda *_: None,
-    )
-
-
 @pytest.mark.parametrize("algorithm", ["tailorpo", "d3po", "dde", "diffusion_dpo"])
 def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_path, one_torch_thread, algorithm):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, algorithm)
+    trainer = signal_trainer(tiny_sd15_dir, tmp_path, algorithm)
     batch = trainer.rollout(PROMPTS)
     examples = batch.pairs
     assert len(examples) >= 2
@@ -152,7 +133,7 @@ def test_round_with_diagnostics_trains_exactly_as_without(tiny_sd15_dir, tmp_pat
     round with them equal the weights after the same round without them, bit for bit."""
     states, results = [], []
     for every in (1, 0):
-        trainer = make_trainer(tiny_sd15_dir, tmp_path / str(every), "tailorpo", signal_every=every)
+        trainer = signal_trainer(tiny_sd15_dir, tmp_path / str(every), "tailorpo", signal_every=every)
         batch = trainer.rollout(PROMPTS)
         results.append(trainer.learner_obj.train(batch, 0))
         states.append(get_lora_state_dict(trainer.model.unet))
@@ -171,7 +152,7 @@ def test_a_final_pair_round_with_diagnostics_trains_exactly_as_without(tiny_sd15
     generator: the weights after the round do not depend on `train.signal_every`."""
     states = []
     for every in (1, 0):
-        trainer = make_trainer(tiny_sd15_dir, tmp_path / str(every), "dde_single", signal_every=every)
+        trainer = signal_trainer(tiny_sd15_dir, tmp_path / str(every), "dde_single", signal_every=every)
         trainer.learner_obj.train(trainer.rollout(PROMPTS), 0)
         states.append(get_lora_state_dict(trainer.model.unet))
     for key in states[0]:

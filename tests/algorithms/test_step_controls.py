@@ -9,29 +9,10 @@ from rlhf_diffusion.algorithms.tailorpo import guide_winner
 from rlhf_diffusion.config import ConfigError, parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, decode_latents
-from rlhf_diffusion.trainer import LocalTrainer
+from rlhf_diffusion.testing import tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox"]
-
-
-def make_trainer(model_dir, tmp_path, algorithm: dict, num_steps: int = 4) -> LocalTrainer:
-    return LocalTrainer(
-        parse_config(
-            {
-                "run_name": "t",
-                "output_dir": str(tmp_path),
-                "device": "cpu",
-                "model": {"pretrained": str(model_dir)},
-                "sampling": {"num_steps": num_steps, "guidance_scale": 2.0, "batch_size": 3},
-                "algorithm": algorithm,
-                "rewards": [{"name": "brightness"}],
-                "train": {"learning_rate": 1e-3, "train_batch_size": 64, "signal_every": 0},
-                "prompts": {"train": {"inline": PROMPTS}},
-                "tracking": {"enabled": False},
-            }
-        ),
-        log=lambda *_: None,
-    )
+TRAINER = {"train_prompts": PROMPTS, "train": {"signal_every": 0}}  # tiny_trainer's settings here
 
 
 def sd_grid(num_steps: int = 10) -> DDIMGrid:
@@ -89,7 +70,7 @@ def test_weighted_step_loss_scales_the_log_ratio_before_the_clamp():
 
 @pytest.mark.parametrize("name", ["tailorpo", "d3po"])
 def test_skip_final_steps_trains_no_pair_of_the_last_steps(tiny_sd15_dir, tmp_path, one_torch_thread, name):
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": name, "skip_final_steps": 2})
+    trainer = tiny_trainer(tiny_sd15_dir, tmp_path, {"name": name, "skip_final_steps": 2}, **TRAINER)
     pairs = trainer.rollout(PROMPTS).pairs
     assert len(pairs) > 0 and set(pairs.step_index.tolist()) <= {0, 1}
     if name == "d3po":  # every kept pair trains each remaining step once
@@ -111,7 +92,7 @@ def test_skip_final_steps_must_leave_a_step():
 def test_straight_through_guidance_keeps_the_gradient_of_out_of_range_pixels(tiny_sd15_dir, tmp_path, one_torch_thread):
     """At the last step (x̂_0 = x) with brightness (∂r/∂pixel = const > 0): through the clamp, every pixel
     outside [0, 1] contributes nothing; straight-through, the move is the gradient of the unclamped decode."""
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "tailorpo_g"})
+    trainer = tiny_trainer(tiny_sd15_dir, tmp_path, {"name": "tailorpo_g"}, **TRAINER)
     ctx = trainer.rollout_context()
     cond = trainer.encode(PROMPTS[:2])
     x = 6 * torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))  # large: many pixels clipped
@@ -143,7 +124,7 @@ def test_ddim_completion_is_deterministic_ddim_over_the_remaining_steps(tiny_sd1
 
     from rlhf_diffusion.diffusion.sampling import ddim_completion
 
-    trainer = make_trainer(tiny_sd15_dir, tmp_path, {"name": "tailorpo"}, num_steps=5)
+    trainer = tiny_trainer(tiny_sd15_dir, tmp_path, {"name": "tailorpo"}, num_steps=5, **TRAINER)
     grid, predictor = trainer.grid, trainer.sample_predictor
     cond = trainer.encode(PROMPTS[:2])
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -165,8 +146,8 @@ def test_ddim_completion_is_deterministic_ddim_over_the_remaining_steps(tiny_sd1
 
 
 def test_tailorpo_completion_ranking_rolls_out(tiny_sd15_dir, tmp_path, one_torch_thread):
-    trainer = make_trainer(
-        tiny_sd15_dir, tmp_path, {"name": "tailorpo", "step_ranking": "completion", "completion_jumps": 2}
+    trainer = tiny_trainer(
+        tiny_sd15_dir, tmp_path, {"name": "tailorpo", "step_ranking": "completion", "completion_jumps": 2}, **TRAINER
     )
     batch = trainer.rollout(PROMPTS)
     assert len(batch.pairs) > 0 and batch.rewards.shape == (3, 2)
