@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_delta  # noqa: E402
+from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_terms  # noqa: E402
 from rlhf_diffusion.config import load_config  # noqa: E402
 from rlhf_diffusion.diffusion.sampling import decode_latents, initial_noise, sample_trajectory  # noqa: E402
 from rlhf_diffusion.models.conditioning import TextConditioning  # noqa: E402
@@ -64,7 +64,7 @@ def pair_gradients(trainer, cond: TextConditioning, x0_a, x0_b, t_range, draws: 
         t = torch.randint(t_range[0], t_range[1] + 1, (draws,), generator=gen)
         noise = torch.randn((draws, *x0_a.shape[1:]), generator=gen)
         c = cond.index(torch.full((draws,), i, dtype=torch.long))
-        delta = diffusion_dpo_mse_delta(
+        delta, _ = diffusion_dpo_mse_terms(
             trainer.train_predictor,
             trainer.grid,
             c,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_diffusion.algorithms.base import RolloutContext
+from rlhf_diffusion.batches import FinalPairBatch, RolloutBatch, StepPairBatch
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.diffusion.sampling import (
     DDIMGrid,
@@ -230,6 +231,18 @@ class RankedPairs:
         rows = torch.arange(len(self.winner))
         gap = self.rewards[rows, self.winner] - self.rewards[rows, self.loser]
         return {"tie_fraction": (~self.keep).float().mean().item(), "reward_gap": gap.abs().mean().item()}
+
+    def rollout_batch(self, prompts: list[str], pairs: StepPairBatch | FinalPairBatch) -> RolloutBatch:
+        """The rollout's answer: `pairs` (the examples made from these samples) with the rewards, the grid images
+        and the ranking's metrics."""
+        return RolloutBatch(
+            prompts=list(prompts),
+            pairs=pairs,
+            rewards=self.rewards,
+            final_images=self.images,
+            metrics=self.metrics(),
+            per_reward=self.per_reward,
+        )
 
 
 @torch.no_grad()

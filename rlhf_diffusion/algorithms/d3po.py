@@ -77,14 +77,7 @@ class D3PO(Algorithm):
             state_l=lat_l[m, step_index],
             action_l=lat_l[m, step_index + 1],
         )
-        return RolloutBatch(
-            prompts=list(prompts),
-            pairs=pairs,
-            rewards=ranked.rewards,
-            final_images=ranked.images,
-            metrics=ranked.metrics(),
-            per_reward=ranked.per_reward,
-        )
+        return ranked.rollout_batch(prompts, pairs)
 
     def loss(
         self, predictor: NoisePredictor, cond: TextConditioning, examples: StepPairBatch, generator: torch.Generator

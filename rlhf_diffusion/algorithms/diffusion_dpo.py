@@ -27,7 +27,6 @@ from rlhf_diffusion.models.conditioning import TextConditioning
 __all__ = [
     "KL_TIMESTEP_BUCKET",
     "DiffusionDPO",
-    "diffusion_dpo_mse_delta",
     "diffusion_dpo_mse_terms",
     "sample_final_pairs",
     "sample_timesteps",
@@ -62,14 +61,7 @@ def sample_final_pairs(
         x0_w=finals[ranked.winner, rows][keep],
         x0_l=finals[ranked.loser, rows][keep],
     )
-    return RolloutBatch(
-        prompts=list(prompts),
-        pairs=pairs,
-        rewards=ranked.rewards,
-        final_images=ranked.images,
-        metrics=ranked.metrics(),
-        per_reward=ranked.per_reward,
-    )
+    return ranked.rollout_batch(prompts, pairs)
 
 
 def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -78,7 +70,7 @@ def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: tor
     return torch.randint(lo, hi + 1, (count,), generator=generator)
 
 
-def diffusion_dpo_mse_delta(
+def diffusion_dpo_mse_terms(
     predictor: NoisePredictor,
     grid: DDIMGrid,
     cond: TextConditioning,
@@ -86,9 +78,9 @@ def diffusion_dpo_mse_delta(
     x0_l: Tensor,
     timesteps: Tensor,
     noise: Tensor,
-) -> Tensor:
-    """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(ε − ε_m(x^i_t, t, c))² (§5.7).
-    (`diffusion_dpo_mse_terms` without the diagnostics.)
+) -> tuple[Tensor, Tensor]:
+    """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(ε − ε_m(x^i_t, t, c))² (§5.7), and
+    mean_{C,H,W}(ε_θ − ε_ref)² at each noised latent, from the same UNet calls.
 
     t and ε are shared within a pair (Diffusion-DPO train.py [C]); x^i_t = sqrt(ᾱ_t) x^i_0 + sqrt(1 − ᾱ_t) ε.
     Δ_t < 0 means θ fits the winner better (relative to ref) than the loser.
@@ -102,24 +94,8 @@ def diffusion_dpo_mse_delta(
         noise: (M, C, h, w) ε.
 
     Returns:
-        (M,) Δ_t, differentiable w.r.t. the LoRA parameters.
-    """
-    return diffusion_dpo_mse_terms(predictor, grid, cond, x0_w, x0_l, timesteps, noise)[0]
-
-
-def diffusion_dpo_mse_terms(
-    predictor: NoisePredictor,
-    grid: DDIMGrid,
-    cond: TextConditioning,
-    x0_w: Tensor,
-    x0_l: Tensor,
-    timesteps: Tensor,
-    noise: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """`diffusion_dpo_mse_delta` plus mean_{C,H,W}(ε_θ − ε_ref)² at each noised latent, from the same UNet calls.
-
-    Returns:
-        (Δ_t (M,) differentiable, eps_sq_diff (2M,) detached: winners' rows first, then the losers').
+        (Δ_t (M,) differentiable w.r.t. the LoRA parameters, eps_sq_diff (2M,) detached: winners' rows first, then
+        the losers').
     """
     device = predictor.model.device
     alpha_prod = ddim.gather_alpha(grid.alphas_cumprod, timesteps).to(device)

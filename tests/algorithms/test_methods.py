@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_diffusion.algorithms.common import step_log_ratios
-from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_delta
+from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_terms
 from rlhf_diffusion.algorithms.tailorpo import guide_winner
 from rlhf_diffusion.batches import FinalPairBatch, StepPairBatch
 from rlhf_diffusion.diffusion import ddim
@@ -163,7 +163,7 @@ def test_final_pair_methods_one_step_lowers_delta(sd15_dir, tmp_path, name):
     def delta():
         with torch.no_grad():
             return (
-                diffusion_dpo_mse_delta(trainer.train_predictor, trainer.grid, cond, ex.x0_w, ex.x0_l, t, noise)
+                diffusion_dpo_mse_terms(trainer.train_predictor, trainer.grid, cond, ex.x0_w, ex.x0_l, t, noise)[0]
                 .mean()
                 .item()
             )
