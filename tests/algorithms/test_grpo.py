@@ -205,3 +205,27 @@ def test_config_accepts_grpo_and_names_bad_fields(tiny_sd15_dir, tmp_path):
         with pytest.raises(ConfigError) as info:
             parse_config(data, overrides=[override])
         assert f"  {field}: " in str(info.value), (override, str(info.value))
+
+
+def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_path):
+    """The learning-signal diagnostics work unchanged: the (step, half) chunks' gradients of the PPO loss with its KL
+    term add up to the whole subset's gradient (`algorithms.signal`), grouped by DDIM step."""
+    from rlhf_diffusion.algorithms.signal import split_half_gradients
+    from rlhf_diffusion.models.loading import trainable_parameters
+
+    trainer = tiny_trainer(
+        tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 0.5}, settings=SETTINGS
+    )
+    _perturb_lora(trainer)  # a nonzero KL gradient
+    batch = trainer.rollout(PROMPTS)
+    examples = trainer.algorithm.prepare_examples(batch)
+    learner = trainer.learner_obj
+    cond_all = learner.encode(batch.prompts)
+    params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
+    grads, n = split_half_gradients(trainer.algorithm, learner.predictor, cond_all, examples, params, 11, 64)
+    assert n == len(examples) and set(grads) == {"step_0", "step_1", "step_2"}
+    summed = sum(a + b for a, b in grads.values())
+    whole = trainer.algorithm.loss(learner.predictor, cond_all.index(examples.prompt_index), examples, None)
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(whole.loss, params)])
+    assert summed.norm() > 0
+    assert float((summed - expected).norm() / expected.norm()) < 1e-4
