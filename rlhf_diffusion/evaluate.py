@@ -20,12 +20,14 @@ Written to `--out DIR`:
     per_prompt.csv   one row per (model, prompt): each reward's mean over the seeds (+ PartiPrompts category and
                      challenge columns when the prompts are a partiprompts set)
     grid.png         the first --grid-prompts prompts, one per row; columns: base seeds 0..S-1, then each LoRA's seeds
+    paired.json      each LoRA against base, image by image: per reward the mean change, its paired SE, the images
+                     that rose / fell (fixed / broken for 0-or-1 scores) and the sign test (also a table in results.md)
     images/          with --save-images: every image as images/<row>/p<prompt index>_s<seed>.png
 
 With `--mlflow-uri URI` (alias `--tracking-uri`) the evaluation is logged to MLflow (experiment `--experiment`):
-one parent run (params: model, prompts, sampling settings, rewards, LoRAs; artifacts: the table, both CSVs and
-the grid) and one child run per model row (params: label, lora; metrics `eval/<reward>`, `eval/<reward>_std`,
-`eval/reward_mean`, `eval/reward_std`, named like the trainer's eval metrics).
+one parent run (params: model, prompts, sampling settings, rewards, LoRAs; artifacts: the table, both CSVs, the
+grid and paired.json) and one child run per model row (params: label, lora; metrics `eval/<reward>`,
+`eval/<reward>_std`, `eval/reward_mean`, `eval/reward_std`, named like the trainer's eval metrics).
 
 Rewards: `--reward name[:weight][@path]` (repeatable) and/or `--rewards-yaml FILE`, a YAML list of reward entries
 (`{name, weight, path, kwargs}`, the run config's `rewards` schema) or a mapping with such a `rewards` list (e.g. a
@@ -450,8 +452,8 @@ def evaluate(
                 pipeline, predictor, grid, list(prompts.prompts), list(range(len(prompts.prompts))), seeds, res
             ):
                 batch_result = reward_fn.score(batch_images, batch_prompts)
-                for start in range(0, len(batch_prompts), seeds):  # per prompt: (S,) scores, (S, 3, H, W)
-                    own = slice(start, start + seeds)
+                for first in range(0, len(batch_prompts), seeds):  # per prompt: (S,) scores, (S, 3, H, W)
+                    own = slice(first, first + seeds)
                     images = batch_images[own]
                     totals.append(batch_result.total[own])
                     for name, value in batch_result.per_reward.items():
@@ -572,6 +574,26 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
         cells = [f"{m:.4f} ± {s:.4f}" for m, s in (row.stats(c) for c in columns)]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     lines.append("")
+    comparisons = paired_against_base(result)
+    if comparisons:
+        lines += [
+            "Each LoRA against the base model, image by image (the same prompt and seed): the mean change ± its "
+            "paired standard error (the finiteness of this image set, not the spread over training seeds); the "
+            "images whose score rose / fell (for a 0-or-1 score: fixed / broken) and the exact two-sided sign test.",
+            "",
+            "| model | reward | Δ ± paired SE | rose / fell (fixed / broken) | sign test p |",
+            "|---|---|---|---|---|",
+        ]
+        for label, per_column in comparisons.items():
+            for column, c in per_column.items():
+                up, down = (c["fixed"], c["broken"]) if "fixed" in c else (c["rose"], c["fell"])
+                lines.append(
+                    f"| {label} | {'weighted total' if column == 'total' else column} | {c['delta']:+.4f} ± "
+                    f"{c['paired_se']:.4f} | {int(up)} / {int(down)} | {c['sign_test_p']:.2g} |"
+                )
+        lines.append("")
+        paths["paired"] = out / "paired.json"
+        paths["paired"].write_text(json.dumps(comparisons, indent=1) + "\n", encoding="utf-8")
     lines.append(
         "LoRAs: " + (", ".join(f"{row.label} = `{row.lora}`" for row in result.rows if row.lora) or "none") + "."
     )
@@ -583,6 +605,23 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
         )
     paths["table"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
+
+
+def paired_against_base(result: EvaluationResult) -> dict[str, dict[str, dict[str, float]]]:
+    """Every LoRA row against the base row (the first), per score column, paired by (prompt, seed):
+    `stats.paired_comparison` (mean change, paired SE; fixed / broken for 0-or-1 scores, else rose / fell; the sign
+    test). Empty without a LoRA row."""
+    from rlhf_diffusion.stats import paired_comparison
+
+    base = result.rows[0]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for row in result.rows[1:]:
+        out[row.label] = {}
+        for column in result.columns:
+            before = (base.total if column == "total" else base.scores[column]).flatten().tolist()
+            after = (row.total if column == "total" else row.scores[column]).flatten().tolist()
+            out[row.label][column] = paired_comparison(before, after)
+    return out
 
 
 def _reward_label(spec: Any) -> str:

@@ -209,6 +209,27 @@ def test_lora_row_reproduces_the_trained_runs_evaluation_exactly(cli_run):
             np.testing.assert_array_equal(image, expected)
 
 
+def test_each_lora_is_compared_with_base_image_by_image_as_the_run_compares_before_and_after(cli_run):
+    trained, out = cli_run["trained"], cli_run["out"]
+    paired = json.loads((out / "paired.json").read_text())
+    assert list(paired) == [str(cli_run["other"].parent), "nometa", str(trained.run_dir)]
+    assert all(list(columns) == ["aesthetic", "brightness", "total"] for columns in paired.values())
+    # the trained LoRA against base is the run's own before / after comparison of the same images (brightness is
+    # the run's only reward, weight 1)
+    ours, runs = paired[str(trained.run_dir)]["brightness"], json.loads((trained.run_dir / "eval.json").read_text())
+    theirs = runs["paired"]["reward"]
+    for key in ("before", "after", "delta", "paired_se", "images", "rose", "fell", "sign_test_p"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
+    per_prompt = _read_csv(out / "per_prompt.csv")
+    mean = {
+        m: sum(float(r["brightness"]) for r in per_prompt if r["model"] == m) / len(PROMPTS) for m in ("base", "nometa")
+    }
+    assert paired["nometa"]["brightness"]["delta"] == pytest.approx(mean["nometa"] - mean["base"], abs=1e-6)
+    table = (out / "results.md").read_text(encoding="utf-8")
+    line = next(x for x in table.splitlines() if x.startswith(f"| {trained.run_dir} | brightness |"))
+    assert f"{ours['delta']:+.4f} ± {ours['paired_se']:.4f} | {int(ours['rose'])} / {int(ours['fell'])}" in line
+
+
 def test_mlflow_has_a_parent_run_with_artifacts_and_one_child_per_row(cli_run):
     from mlflow.tracking import MlflowClient
 
@@ -225,6 +246,7 @@ def test_mlflow_has_a_parent_run_with_artifacts_and_one_child_per_row(cli_run):
         "results.csv",
         "per_prompt.csv",
         "grid.png",
+        "paired.json",
     }
     children = {
         r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
