@@ -2,6 +2,10 @@
 
     python benchmarks/pool_runs.py dde_single=runs/a,runs/b,runs/c diffusion_dpo=runs/d,runs/e [--key checker_all]
 
+A DIR may also be the --out directory of `python -m rlhf_diffusion.evaluate` with one or more LoRAs (for example
+the runs re-evaluated on more held-out seeds than they trained with): its paired.json compares each LoRA with the
+base model image by image, and each LoRA counts as one run of the group.
+
 Each run directory's eval.json holds the before / after comparison on the fixed held-out images (`paired`: the
 training reward and every held-out reward). Per group this prints each run's Δ and flips, then the flips summed
 over the group's runs with an exact two-sided sign test, the mean Δ over runs ± its standard error, and the
@@ -21,20 +25,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rlhf_diffusion.stats import sign_test_p  # noqa: E402
 
 
-def load(run_dir: str, key: str) -> dict:
+def load(run_dir: str, key: str) -> list[dict]:
+    """The runs in `run_dir`: one for a run directory (eval.json), one per LoRA for an evaluate --out directory."""
+    if not (Path(run_dir) / "eval.json").is_file() and (Path(run_dir) / "paired.json").is_file():
+        evaluated = json.loads((Path(run_dir) / "paired.json").read_text())
+        missing = [label for label, columns in evaluated.items() if key not in columns]
+        if missing:
+            raise SystemExit(f"{run_dir}/paired.json: {missing[0]} has no reward {key!r}")
+        return [{"run": label, "held_out": columns[key], "reward": None} for label, columns in evaluated.items()]
     data = json.loads((Path(run_dir) / "eval.json").read_text())
     paired = data["paired"]
     if key not in paired:
         raise SystemExit(f"{run_dir}/eval.json has no paired comparison {key!r} (has: {', '.join(paired)})")
-    return {"run": run_dir, "held_out": paired[key], "reward": paired.get("reward"), "algorithm": data.get("algorithm")}
+    return [{"run": run_dir, "held_out": paired[key], "reward": paired.get("reward")}]
 
 
 def row(label: str, runs: list[dict]) -> str:
     deltas = [r["held_out"]["delta"] for r in runs]
-    fixed = sum(int(r["held_out"]["fixed"]) for r in runs)
-    broken = sum(int(r["held_out"]["broken"]) for r in runs)
+    up, down = ("fixed", "broken") if "fixed" in runs[0]["held_out"] else ("rose", "fell")
+    fixed = sum(int(r["held_out"][up]) for r in runs)
+    broken = sum(int(r["held_out"][down]) for r in runs)
     se = statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else float("nan")
-    per_run = ", ".join(f"{d:+.3f} ({int(r['held_out']['fixed'])}/{int(r['held_out']['broken'])})"
+    per_run = ", ".join(f"{d:+.3f} ({int(r['held_out'][up])}/{int(r['held_out'][down])})"
                         for d, r in zip(deltas, runs))  # fmt: skip
     reward = [r["reward"]["delta"] for r in runs if r["reward"]]
     reward_text = f"{statistics.mean(reward):+.4f}" if reward else "–"
@@ -56,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         label, sep, dirs = group.partition("=")
         if not sep or not dirs:
             parser.error(f"{group!r}: expected LABEL=DIR[,DIR...]")
-        print(row(label, [load(d, args.key) for d in dirs.split(",")]))
+        print(row(label, [run for d in dirs.split(",") for run in load(d, args.key)]))
     return 0
 
 
