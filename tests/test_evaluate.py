@@ -357,3 +357,21 @@ def test_argparse_rejects_zero_seeds(tiny_sd15_dir, tmp_path, capsys):
             ]
         )
     assert exit_info.value.code == 2 and "--seeds: must be >= 1" in capsys.readouterr().err
+
+
+def test_the_shipped_testbed_checker_rewards_load_and_judge_a_testbed_image():
+    """configs/eval/testbed_checker.yaml (the held-out judges for re-evaluating testbed runs) builds through the
+    CLI's own checks and factory, and judges a grey image wrong."""
+    import torch
+
+    from rlhf_diffusion.evaluate import _build_rewards, _read_rewards_yaml, check_rewards
+    from rlhf_diffusion.prompts import load_builtin
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "eval" / "testbed_checker.yaml"
+    entries = _read_rewards_yaml(str(path))
+    specs = check_rewards(entries, [f"entry {i}" for i in range(len(entries))])
+    assert [spec.key for spec in specs] == ["checker_all", "checker"]
+    caption = load_builtin("testbed_heldout")[0]
+    result = _build_rewards(specs, torch.device("cpu")).score(torch.full((1, 3, 64, 64), 0.5), [caption])
+    assert result.per_reward["checker_all"].tolist() == [0.0]
+    assert 0.0 <= result.per_reward["checker"].item() < 1.0
