@@ -175,15 +175,17 @@ def test_one_kill_is_counted_as_one_restart(role, ray_connected, tiny_sd15_dir, 
 
 
 @pytest.mark.ray
-def test_a_sampler_killed_with_restarts_disabled_ends_the_run_naming_it_and_the_checkpoint(
-    ray_connected, tiny_sd15_dir, tmp_path
+@pytest.mark.parametrize("role", ["sampler", "reward_server"])
+def test_an_actor_killed_with_restarts_disabled_ends_the_run_naming_it_and_the_checkpoint(
+    role, ray_connected, tiny_sd15_dir, tmp_path
 ):
-    """resources.max_actor_restarts 0: the sampler killed as the rollout of iteration 3 was submitted to it
-    (on-policy, so the driver waits on that rollout; checkpoint iter_000002 written) is not restarted; the run ends
-    with one message naming the sampler, the field and the checkpoint to resume from."""
+    """resources.max_actor_restarts 0: the sampler (or the reward server it calls) killed as the rollout of iteration
+    3 was submitted (on-policy, so the driver waits on that rollout; checkpoint iter_000002 written) is not
+    restarted; the run ends with one message naming that actor (a dead reward server is not blamed on the sampler
+    whose call to it failed), the field and the checkpoint to resume from."""
     config = faults_config(tiny_sd15_dir, tmp_path, "no_restarts", restarts=0, staleness=0)
     killed: list = []
-    trainer = Trainer(config, log=lambda *_: None, on_event=_kill("sampler", ("rollouts_submitted", 2), killed))
+    trainer = Trainer(config, log=lambda *_: None, on_event=_kill(role, ("rollouts_submitted", 2), killed))
     with pytest.raises(ActorCrashed) as info:
         try:
             trainer.fit()
@@ -192,7 +194,7 @@ def test_a_sampler_killed_with_restarts_disabled_ends_the_run_naming_it_and_the_
     assert killed == [2]
     assert not isinstance(info.value, LearnerCrashed)
     message = str(info.value)
-    assert message.startswith("sampler 0 died during iteration 3 "), message
+    assert message.startswith(f"{role.replace('_', ' ')} 0 died during iteration 3 "), message
     assert "restarts are disabled (resources.max_actor_restarts=0" in message
     assert f"{tmp_path / 'no_restarts' / 'checkpoints' / 'iter_000002'} (after iteration 2)" in message
     assert "--resume" in message and "\n" not in message
