@@ -219,7 +219,7 @@ class Trainer:
             published = self.actors.restore_weights(state.weights_history)
             published[version] = self.actors.publish(loading)
             self.log(
-                f"[resume] from {path}: {start_iteration} iterations done, continuing with iteration "
+                f"[resume] from {path}: after iteration {start_iteration}, continuing with iteration "
                 f"{start_iteration + 1} (weights version {version})"
             )
             truncate_metrics(self.run_dir, start_iteration)

@@ -251,7 +251,8 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint(finished):
         f"[resume] skipping iter_000002: corrupt checkpoint file {bad}: truncated or not a safetensors "
         "file (Error while deserializing header: invalid header length); trying iter_000001"
     ]
-    assert f"[resume] from {run_dir / 'checkpoints' / 'iter_000001'}: iteration 1" in proc.stdout
+    resumed = f"[resume] from {run_dir / 'checkpoints' / 'iter_000001'}: after iteration 1, continuing with iteration 2"
+    assert resumed in proc.stdout
     assert iterations_logged(run_dir) == [1, 2, 3]  # iteration 2 redone, none doubled
     assert json.loads((run_dir / "eval.json").read_text())["iterations"] == 3
 
