@@ -1,7 +1,9 @@
 """Helpers for the tests and benchmarks: tiny random-weight reward models, each builder writing a directory in the
-real model's published format so the production loaders read it (no downloads), and `tiny_trainer`, the one
-in-process trainer the method tests build on a tiny pipeline. Test code only; no product module imports this one (the
-tiny diffusion pipelines, which `model.pretrained: tiny:sd15` builds, stay in `models/tiny.py`).
+real model's published format so the production loaders read it (no downloads); `tiny_run_config` and
+`tiny_loop_run_config`, the configs of small runs on a tiny pipeline, and `tiny_trainer`, the one in-process trainer
+the method tests build on one; and the checks the policy-gradient method tests (DDPO, GRPO) share. Test code only; no
+product module imports this one (the tiny diffusion pipelines, which `model.pretrained: tiny:sd15` builds, stay in
+`models/tiny.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rlhf_diffusion.rewards.imagereward import (
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD
 
 if TYPE_CHECKING:
+    from rlhf_diffusion.batches import RolloutBatch
     from rlhf_diffusion.local_trainer import LocalTrainer
 
 __all__ = [
@@ -38,10 +41,15 @@ __all__ = [
     "build_tiny_hpsv2",
     "build_tiny_imagereward",
     "build_tiny_pickscore",
+    "check_algorithm_config_errors",
+    "check_ratio_one_on_the_first_step",
+    "log_prob_change_after_one_step",
+    "run_metrics",
     "save_tiny_clip",
     "tiny_trainer",
     "tiny_clip_config",
     "tiny_imagereward_config",
+    "tiny_loop_run_config",
     "tiny_open_clip_config",
     "tiny_run_config",
 ]
@@ -321,8 +329,14 @@ def tiny_run_config(
         "prompts": {"train": {"inline": list(train_prompts)}},
         "tracking": {"enabled": False},
     }
-    for overrides in (settings or {}, sections):
-        for key, value in overrides.items():
+    return _override(data, settings or {}, sections)
+
+
+def _override(data: dict[str, Any], *overrides: dict[str, Any]) -> dict[str, Any]:
+    """`data` with each of `overrides` in turn applied to its top-level entries: a dict is merged into the section of
+    that name, anything else replaces it."""
+    for entries in overrides:
+        for key, value in entries.items():
             default = data.get(key)
             data[key] = {**default, **value} if isinstance(value, dict) and isinstance(default, dict) else value
     return data
@@ -337,3 +351,110 @@ def tiny_trainer(
     from rlhf_diffusion.local_trainer import LocalTrainer
 
     return LocalTrainer(parse_config(tiny_run_config(model_dir, output_dir, algorithm, **kwargs)), log=lambda *_: None)
+
+
+def tiny_loop_run_config(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    run_name: str,
+    algorithm: str | dict[str, Any],
+    *,
+    seed: int,
+    num_steps: int = 3,
+    train_prompts: Sequence[str] = ("a cat", "a dog", "a fox"),
+    eval_prompts: Sequence[str] = ("a cow",),
+    eval_seeds: int = 1,
+    settings: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """The config (a dict for `config.parse_config`) of a short run of the whole loop, as the Ray cluster, fault,
+    resume and tracking tests run it: `tiny_run_config` with the run named `run_name`, `seed`, rollouts of 2 images
+    from `train_prompts`, the JPEG-compressibility reward, learning rate 1e-2, and `eval_prompts` judged on
+    `eval_seeds` seeds each. `settings`, then `sections`, override top-level entries as in `tiny_run_config`
+    (`resources`, `train`, `checkpoint`, ...)."""
+    data = tiny_run_config(
+        model_dir,
+        output_dir,
+        algorithm,
+        train_prompts=train_prompts,
+        num_steps=num_steps,
+        batch_size=2,
+        reward="jpeg_compressibility",
+        settings={
+            "run_name": run_name,
+            "seed": seed,
+            "train": {"learning_rate": 1e-2},
+            "prompts": {"eval": {"inline": list(eval_prompts)}, "eval_seeds": eval_seeds},
+        },
+    )
+    return _override(data, settings or {}, sections)
+
+
+def run_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run directory's `metrics.jsonl`, one dict a line."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_algorithm_config_errors(
+    data: dict[str, Any], name: str, settings: Sequence[str], named: dict[str, str] | None = None
+) -> None:
+    """Checks that each of `settings` ("key: value") and of `named`'s keys, set on algorithm `name` (the override
+    `algorithm={name: <name>, <setting>}`), makes `parse_config(data)` fail with a line naming `algorithm.<key>`, or
+    `algorithm.<named[setting]>` (a field checked against another)."""
+    from rlhf_diffusion.config import ConfigError, parse_config
+
+    fields = {setting: setting.split(":")[0].strip() for setting in settings} | dict(named or {})
+    for setting, field in fields.items():
+        override = f"algorithm={{name: {name}, {setting}}}"
+        try:
+            parse_config(data, overrides=[override])
+        except ConfigError as err:
+            assert f"  algorithm.{field}: " in str(err), (override, str(err))
+        else:
+            raise AssertionError(f"{override} passed")
+
+
+# -- the policy-gradient methods (DDPO, GRPO): examples are trajectory steps with the sampler's log-prob ℓ_old -------
+
+
+def _step_log_probs(trainer: LocalTrainer, cond: Any, examples: Any) -> torch.Tensor:
+    from rlhf_diffusion.algorithms.ddpo import step_log_probs
+
+    with torch.no_grad():
+        log_prob, _, _ = step_log_probs(
+            trainer.train_predictor, trainer.grid, cond, examples.step_index, examples.state, examples.action
+        )
+    return log_prob
+
+
+def check_ratio_one_on_the_first_step(trainer: LocalTrainer, batch: RolloutBatch) -> dict[str, float]:
+    """Checks that before any update the learner's recomputed ℓ_θ of `batch`'s trajectory steps (CFG, another batch
+    composition) equals the ℓ_old the sampler recorded (to 1e-5), so ρ = 1, and that a learner round on `batch`
+    takes one optimizer step with |log ρ| < 1e-5 and nothing clipped; returns the round's metrics."""
+    examples = batch.pairs
+    cond = trainer.encode(batch.prompts).index(examples.prompt_index)
+    log_prob = _step_log_probs(trainer, cond, examples)
+    assert (log_prob - examples.log_prob).abs().max().item() < 1e-5
+    metrics = trainer.train_on(batch)
+    assert metrics["optimizer_steps"] == 1.0
+    assert metrics["log_ratio_abs_max"] < 1e-5 and metrics["clipfrac"] == 0.0
+    return metrics
+
+
+def log_prob_change_after_one_step(trainer: LocalTrainer, batch: RolloutBatch, lr: float = 1e-3) -> torch.Tensor:
+    """The change of ℓ_θ of each of `batch.pairs` (with their advantages as they are) after one normalised descent
+    step θ −= lr · g / ‖g‖ on the method's loss over them, g its gradient in the LoRA weights (checked nonzero)."""
+    from rlhf_diffusion.models.loading import lora_parameters
+
+    examples = batch.pairs
+    cond = trainer.encode(batch.prompts).index(examples.prompt_index)
+    before = _step_log_probs(trainer, cond, examples)
+    out = trainer.algorithm.loss(trainer.train_predictor, cond, examples, trainer.train_generator)
+    params = lora_parameters(trainer.model.unet)
+    grads = torch.autograd.grad(out.loss, params)
+    with torch.no_grad():
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        assert norm > 0, "the loss has no gradient in the LoRA weights"
+        for p, g in zip(params, grads):
+            p -= lr * g / norm
+    return _step_log_probs(trainer, cond, examples) - before

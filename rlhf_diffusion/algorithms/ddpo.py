@@ -44,6 +44,7 @@ from rlhf_diffusion.models.conditioning import TextConditioning
 __all__ = [
     "DDPO",
     "PerPromptStatTracker",
+    "PolicyGradientAlgorithm",
     "SampledTrajectories",
     "batch_advantages",
     "clipped_surrogate",
@@ -298,13 +299,40 @@ def policy_gradient_loss(
     return LossOutput(loss=loss, metrics=metrics, grouped=grouped)
 
 
+class PolicyGradientAlgorithm(Algorithm):
+    """What DDPO and GRPO share beyond the pieces above: the loss, `policy_gradient_loss` with the config's PPO-clip
+    ε (`clip_range`) and advantage clip (`adv_clip_max`) and the method's KL weight `kl_beta()` (0: no reference
+    term). A subclass supplies the rollout (and with it the advantages)."""
+
+    def kl_beta(self) -> float:
+        """β of the per-step KL to the reference policy; 0 (none) unless the method has one."""
+        return 0.0
+
+    def loss(
+        self,
+        predictor: NoisePredictor,
+        cond: TextConditioning,
+        examples: TrajectoryStepBatch,
+        generator: torch.Generator,
+    ) -> LossOutput:
+        return policy_gradient_loss(
+            predictor,
+            self.grid,
+            cond,
+            examples,
+            clip_range=self.config.clip_range,
+            adv_clip_max=self.config.adv_clip_max,
+            kl_beta=self.kl_beta(),
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @register_algorithm("ddpo")
-class DDPO(Algorithm):
+class DDPO(PolicyGradientAlgorithm):
     """DDPO with ddpo-pytorch's choices: PPO-clip ε = 1e-4, advantages clipped at 5, per-prompt tracker 16 / 16."""
 
     name = "ddpo"
@@ -346,21 +374,7 @@ class DDPO(Algorithm):
         rows = examples.prompt_index * g + examples.sample_index
         return dataclasses.replace(examples, advantage=advantages[rows])
 
-    def loss(
-        self,
-        predictor: NoisePredictor,
-        cond: TextConditioning,
-        examples: TrajectoryStepBatch,
-        generator: torch.Generator,
-    ) -> LossOutput:
-        return policy_gradient_loss(
-            predictor,
-            self.grid,
-            cond,
-            examples,
-            clip_range=self.config.clip_range,
-            adv_clip_max=self.config.adv_clip_max,
-        )
+    # loss: PolicyGradientAlgorithm's, the PPO-clip surrogate alone (no reference term)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.tracker.state_dict()

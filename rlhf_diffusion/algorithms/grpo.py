@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_diffusion.algorithms.base import Algorithm, LossOutput, RolloutContext, register_algorithm
-from rlhf_diffusion.algorithms.ddpo import policy_gradient_loss, sample_trajectory_steps
-from rlhf_diffusion.batches import RolloutBatch, TrajectoryStepBatch
-from rlhf_diffusion.diffusion.sampling import NoisePredictor
+from rlhf_diffusion.algorithms.base import RolloutContext, register_algorithm
+from rlhf_diffusion.algorithms.ddpo import PolicyGradientAlgorithm, sample_trajectory_steps
+from rlhf_diffusion.batches import RolloutBatch
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 __all__ = ["GRPO", "group_advantages"]
@@ -46,7 +45,7 @@ def group_advantages(rewards: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 @register_algorithm("grpo")
-class GRPO(Algorithm):
+class GRPO(PolicyGradientAlgorithm):
     """GRPO with DanceGRPO's SD choices: G = 16, PPO-clip ε = 1e-4, advantages clipped at 5, the last step not
     trained, no KL (β = 0) unless `kl_beta` is set."""
 
@@ -76,19 +75,6 @@ class GRPO(Algorithm):
             per_reward=sampled.per_reward,
         )
 
-    def loss(
-        self,
-        predictor: NoisePredictor,
-        cond: TextConditioning,
-        examples: TrajectoryStepBatch,
-        generator: torch.Generator,
-    ) -> LossOutput:
-        return policy_gradient_loss(
-            predictor,
-            self.grid,
-            cond,
-            examples,
-            clip_range=self.config.clip_range,
-            adv_clip_max=self.config.adv_clip_max,
-            kl_beta=self.config.kl_beta,
-        )
+    def kl_beta(self) -> float:
+        """`kl_beta` of the config: the loss (PolicyGradientAlgorithm's) adds β · KL(π_θ ‖ π_ref) per step."""
+        return self.config.kl_beta

@@ -2,23 +2,21 @@
 tracker), the importance ratio exactly 1 on the first inner step on the tiny SD1.5 and SDXL pipelines, the direction
 of one step, the tracker through a checkpoint, the config, and two iterations of the whole loop in one process."""
 
-import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf_diffusion import testing
 from rlhf_diffusion.algorithms.ddpo import (
     PerPromptStatTracker,
     batch_advantages,
     clipped_surrogate,
     select_trajectory_steps,
-    step_log_probs,
 )
 from rlhf_diffusion.batches import TrajectoryStepBatch
-from rlhf_diffusion.config import ConfigError, DDPOConfig, parse_config
-from rlhf_diffusion.models.loading import lora_parameters
+from rlhf_diffusion.config import DDPOConfig, parse_config
 from rlhf_diffusion.testing import tiny_run_config, tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox"]
@@ -114,13 +112,7 @@ def test_ratio_is_one_on_the_first_inner_step(kind, tiny_sd15_dir, tiny_sdxl_dir
     ex = batch.pairs
     assert isinstance(ex, TrajectoryStepBatch) and len(ex) == 3 * 2 * 4  # P · G · K
     assert batch.rewards.shape == (3, 2) and batch.final_images.shape[0] == 3
-    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
-    with torch.no_grad():
-        log_prob, _, _ = step_log_probs(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state, ex.action)
-    assert (log_prob - ex.log_prob).abs().max().item() < 1e-5
-    metrics = trainer.train_on(batch)
-    assert metrics["optimizer_steps"] == 1.0
-    assert metrics["log_ratio_abs_max"] < 1e-5 and metrics["clipfrac"] == 0.0
+    testing.check_ratio_one_on_the_first_step(trainer, batch)
 
 
 def test_rollout_structure_and_learner_side_advantages(tiny_sd15_dir, tmp_path):
@@ -148,23 +140,7 @@ def test_one_step_raises_the_log_prob_of_positive_advantage_samples(tiny_sd15_di
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     ex.advantage = torch.where(ex.sample_index == 0, 1.0, -1.0)
-    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
-
-    def log_probs():
-        with torch.no_grad():
-            lp, _, _ = step_log_probs(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state, ex.action)
-        return lp
-
-    before = log_probs()
-    out = trainer.algorithm.loss(trainer.train_predictor, cond, ex, trainer.train_generator)
-    params = lora_parameters(trainer.model.unet)
-    grads = torch.autograd.grad(out.loss, params)
-    norm = torch.cat([g.flatten() for g in grads]).norm()
-    assert norm > 0
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            p -= 1e-3 * g / norm
-    change = log_probs() - before
+    change = testing.log_prob_change_after_one_step(trainer, batch)
     positive = ex.advantage > 0
     assert change[positive].mean() > 0
     assert change[~positive].mean() < 0
@@ -180,8 +156,7 @@ def test_two_iterations_end_to_end_with_signal_and_tracker_checkpoint(tiny_sd15_
         settings=SETTINGS,
     )
     result = trainer.fit()
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_records = [r for r in records if "train/loss" in r]
+    train_records = [r for r in testing.run_metrics(result.run_dir) if "train/loss" in r]
     assert len(train_records) == 2
     first = train_records[0]
     assert first["train/optimizer_steps"] == 3.0  # 24 examples, 8 per step
@@ -206,16 +181,8 @@ def test_config_accepts_ddpo_with_the_ddpo_pytorch_defaults_and_names_bad_fields
         16,
         16,
     )
-    bad = [
-        ("algorithm={name: ddpo, clip_range: 0}", "algorithm.clip_range"),
-        ("algorithm={name: ddpo, adv_clip_max: -1}", "algorithm.adv_clip_max"),
-        ("algorithm={name: ddpo, timestep_fraction: 1.5}", "algorithm.timestep_fraction"),
-        ("algorithm={name: ddpo, samples_per_prompt: 0}", "algorithm.samples_per_prompt"),
-        ("algorithm={name: ddpo, stat_buffer_size: 8}", "algorithm.stat_min_count"),
-        ("algorithm={name: ddpo, kl_beta: 0.1}", "algorithm.kl_beta"),  # GRPO's field
-        ("algorithm={name: ddpo, skip_final_steps: 4}", "algorithm.skip_final_steps"),  # K = 4
-    ]
-    for override, field in bad:
-        with pytest.raises(ConfigError) as info:
-            parse_config(data, overrides=[override])
-        assert f"  {field}: " in str(info.value), (override, str(info.value))
+    # kl_beta is GRPO's field; skip_final_steps 4 = K; stat_buffer_size 8 is shorter than stat_min_count (16)
+    bad = ["clip_range: 0", "adv_clip_max: -1", "timestep_fraction: 1.5", "samples_per_prompt: 0", "kl_beta: 0.1"]
+    testing.check_algorithm_config_errors(
+        data, "ddpo", [*bad, "skip_final_steps: 4"], named={"stat_buffer_size: 8": "stat_min_count"}
+    )

@@ -4,16 +4,16 @@ tiny SD1.5 and SDXL pipelines, the KL term (0 at the reference, > 0 after a pert
 gradient), the config, and two iterations of the whole loop in one process."""
 
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms.ddpo import policy_gradient_loss, step_log_probs
+from rlhf_diffusion import testing
+from rlhf_diffusion.algorithms.ddpo import policy_gradient_loss
 from rlhf_diffusion.algorithms.grpo import group_advantages
 from rlhf_diffusion.batches import TrajectoryStepBatch
-from rlhf_diffusion.config import ConfigError, GRPOConfig, parse_config
+from rlhf_diffusion.config import GRPOConfig, parse_config
 from rlhf_diffusion.diffusion import ddim
 from rlhf_diffusion.models.loading import get_lora_state_dict, lora_parameters, set_lora_state_dict
 from rlhf_diffusion.rewards.base import RewardResult
@@ -100,13 +100,7 @@ def test_ratio_is_one_on_the_first_inner_step(kind, tiny_sd15_dir, tiny_sdxl_dir
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     assert len(ex) == 3 * 2 * 3
-    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
-    with torch.no_grad():
-        log_prob, _, _ = step_log_probs(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state, ex.action)
-    assert (log_prob - ex.log_prob).abs().max().item() < 1e-5
-    metrics = trainer.train_on(batch)
-    assert metrics["optimizer_steps"] == 1.0
-    assert metrics["log_ratio_abs_max"] < 1e-5 and metrics["clipfrac"] == 0.0
+    metrics = testing.check_ratio_one_on_the_first_step(trainer, batch)
     assert metrics["kl"] == 0.0  # LoRA B = 0 at the start: θ is the reference exactly
 
 
@@ -147,22 +141,7 @@ def test_one_step_raises_the_log_prob_of_positive_advantage_samples(tiny_sd15_di
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     assert (ex.advantage != 0).all()
-    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
-
-    def log_probs():
-        with torch.no_grad():
-            lp, _, _ = step_log_probs(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state, ex.action)
-        return lp
-
-    before = log_probs()
-    out = trainer.algorithm.loss(trainer.train_predictor, cond, ex, trainer.train_generator)
-    params = lora_parameters(trainer.model.unet)
-    grads = torch.autograd.grad(out.loss, params)
-    with torch.no_grad():
-        norm = torch.cat([g.flatten() for g in grads]).norm()
-        for p, g in zip(params, grads):
-            p -= 1e-3 * g / norm
-    change = log_probs() - before
+    change = testing.log_prob_change_after_one_step(trainer, batch)
     assert change[ex.advantage > 0].mean() > 0
     assert change[ex.advantage < 0].mean() < 0
 
@@ -176,8 +155,7 @@ def test_two_iterations_end_to_end(tiny_sd15_dir, tmp_path):
         settings=SETTINGS,
     )
     result = trainer.fit()
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_records = [r for r in records if "train/loss" in r]
+    train_records = [r for r in testing.run_metrics(result.run_dir) if "train/loss" in r]
     assert len(train_records) == 2
     first = train_records[0]
     assert first["train/optimizer_steps"] == 6.0  # 18 examples, 6 per step, 2 inner epochs
@@ -193,18 +171,9 @@ def test_config_accepts_grpo_and_names_bad_fields(tiny_sd15_dir, tmp_path):
     assert isinstance(cfg, GRPOConfig)
     assert (cfg.group_size, cfg.clip_range, cfg.adv_clip_max, cfg.kl_beta) == (16, 1e-4, 5.0, 0.0)
     assert (cfg.timestep_fraction, cfg.skip_final_steps) == (1.0, 1)
-    bad = [
-        ("algorithm={name: grpo, group_size: 1}", "algorithm.group_size"),
-        ("algorithm={name: grpo, kl_beta: -0.1}", "algorithm.kl_beta"),
-        ("algorithm={name: grpo, clip_range: 1}", "algorithm.clip_range"),
-        ("algorithm={name: grpo, timestep_fraction: 0}", "algorithm.timestep_fraction"),
-        ("algorithm={name: grpo, stat_min_count: 4}", "algorithm.stat_min_count"),  # DDPO's field
-        ("algorithm={name: grpo, skip_final_steps: 4}", "algorithm.skip_final_steps"),  # K = 4
-    ]
-    for override, field in bad:
-        with pytest.raises(ConfigError) as info:
-            parse_config(data, overrides=[override])
-        assert f"  {field}: " in str(info.value), (override, str(info.value))
+    # stat_min_count is DDPO's field; skip_final_steps 4 = K
+    bad = ["group_size: 1", "kl_beta: -0.1", "clip_range: 1", "timestep_fraction: 0", "stat_min_count: 4"]
+    testing.check_algorithm_config_errors(data, "grpo", [*bad, "skip_final_steps: 4"])
 
 
 def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_path):
