@@ -161,27 +161,14 @@ def estimate_run_seconds(models: list[str], methods: list[str], dry_run: bool) -
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _clip_text_config(hidden: int, layers: int, heads: int, act: str, projection: int):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
-        hidden_act=act,
-        projection_dim=projection,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-
-
 def real_configs(kind: str) -> dict[str, Any]:
     """The real component configs: SD1.5 (UNet 860M, CLIP ViT-L/14 text 123M, VAE 84M) and SDXL base (UNet 2.6B,
     CLIP ViT-L text 123M + OpenCLIP bigG text 695M with projection, VAE 84M)."""
+    from rlhf_diffusion.models.tiny import VAE_SCALING_FACTOR, clip_text_config
+
+    if kind not in ("sd15", "sdxl"):
+        raise ValueError(f"no real-size config for {kind!r}")
+    resolution = {"sd15": 512, "sdxl": 1024}[kind]
     vae = dict(
         in_channels=3,
         out_channels=3,
@@ -191,63 +178,46 @@ def real_configs(kind: str) -> dict[str, Any]:
         layers_per_block=2,
         latent_channels=4,
         norm_num_groups=32,
+        sample_size=resolution,
+        scaling_factor=VAE_SCALING_FACTOR[kind],
     )
+    unet = dict(sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2)
+    vit_l = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, projection_dim=768)
+    configs = {"resolution": resolution, "vae": vae, "unet": unet, "text_encoder": clip_text_config(**vit_l)}
     if kind == "sd15":
-        return {
-            "resolution": 512,
-            "unet": dict(
-                sample_size=64,
-                in_channels=4,
-                out_channels=4,
-                block_out_channels=(320, 640, 1280, 1280),
-                layers_per_block=2,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                cross_attention_dim=768,
-                attention_head_dim=8,
-            ),
-            "vae": {**vae, "sample_size": 512, "scaling_factor": 0.18215},
-            "text_encoder": _clip_text_config(768, 12, 12, "quick_gelu", 768),
-        }
-    if kind == "sdxl":
-        return {
-            "resolution": 1024,
-            "unet": dict(
-                sample_size=128,
-                in_channels=4,
-                out_channels=4,
-                block_out_channels=(320, 640, 1280),
-                layers_per_block=2,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10),
-                attention_head_dim=(5, 10, 20),
-                cross_attention_dim=2048,
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816,
-            ),
-            "vae": {**vae, "sample_size": 1024, "scaling_factor": 0.13025},
-            "text_encoder": _clip_text_config(768, 12, 12, "quick_gelu", 768),
-            "text_encoder_2": _clip_text_config(1280, 32, 20, "gelu", 1280),
-        }
-    raise ValueError(f"no real-size config for {kind!r}")
+        unet.update(
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        return configs
+    unet.update(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    configs["text_encoder_2"] = clip_text_config(  # OpenCLIP bigG
+        hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, projection_dim=1280, hidden_act="gelu"
+    )
+    return configs
 
 
 def build_real_pipeline(out_dir: Path, kind: str, device: torch.device) -> tuple[Path, dict[str, int]]:
     """A real-size random-weight SD1.5 / SDXL pipeline (weights drawn on `device`, saved as float16 safetensors)
     in the diffusers format; returns the directory and the parameter count of each component."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from rlhf_diffusion.models.tiny import SD_SCHEDULER_CONFIG, build_clip_tokenizer
+    from rlhf_diffusion.models.tiny import stable_diffusion_pipeline
 
     cfg = real_configs(kind)
     torch.manual_seed(0)
@@ -261,20 +231,9 @@ def build_real_pipeline(out_dir: Path, kind: str, device: torch.device) -> tuple
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
     for name, module in parts.items():
         parts[name] = module.to(device="cpu", dtype=torch.float16)
-    common = dict(scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), tokenizer=build_clip_tokenizer(), **parts)
-    if kind == "sd15":
-        pipe = StableDiffusionPipeline(
-            **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    else:
-        pipe = StableDiffusionXLPipeline(
-            **common,
-            tokenizer_2=build_clip_tokenizer(pad_token="!"),
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
+    pipe = stable_diffusion_pipeline(kind, **parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    del pipe, parts, common
+    del pipe, parts
     gc.collect()
     return out_dir, counts
 

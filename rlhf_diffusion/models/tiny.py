@@ -29,7 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-__all__ = ["build_tiny_pipeline", "build_clip_tokenizer"]
+__all__ = ["build_tiny_pipeline", "build_clip_tokenizer", "clip_text_config", "stable_diffusion_pipeline"]
 
 # CLIP text tower: the vocabulary is fixed by the BPE (49,408 tokens), so the token embedding
 # (49408 x TEXT_HIDDEN_SIZE) dominates the file size; everything else is kept minimal.
@@ -94,19 +94,40 @@ def build_clip_tokenizer(*, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     )
 
 
-def _text_config() -> CLIPTextConfig:
+def clip_text_config(
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    projection_dim: int,
+    hidden_act: str = "quick_gelu",
+) -> CLIPTextConfig:
+    """A CLIP text tower of the given size with the real vocabulary (49,408 BPE tokens), 77 positions and the same
+    special-token ids as the real SD text encoders (pooling takes the first EOT token). The tiny pipelines' towers
+    and the real-size ones of `benchmarks/gpu_check.py` are built from it."""
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
         max_position_embeddings=CLIP_MAX_LENGTH,
-        projection_dim=TEXT_PROJECTION_DIM,
-        # Same special-token ids as the real SD text encoders (pooling takes the first EOT token).
+        hidden_act=hidden_act,
+        projection_dim=projection_dim,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
+    )
+
+
+def _text_config() -> CLIPTextConfig:
+    return clip_text_config(
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        projection_dim=TEXT_PROJECTION_DIM,
     )
 
 
@@ -190,11 +211,30 @@ def build_tiny_pipeline(
     unet = _unet(kind, resolution)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_text_config())
+    text_encoder_2 = None
+    if kind == "sdxl":
+        torch.manual_seed(seed + 1)  # a different random tower from text_encoder
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config())
+    pipe = stable_diffusion_pipeline(kind, vae=vae, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def stable_diffusion_pipeline(
+    kind: Literal["sd15", "sdxl"],
+    *,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The stock SD1.5 (no safety checker) or SDXL (`text_encoder_2` required) pipeline of the given components, with
+    SD's DDIM scheduler (`SD_SCHEDULER_CONFIG`) and the offline CLIP tokenizers (SDXL's second one padding with "!"),
+    as the tiny pipelines and the real-size ones of `benchmarks/gpu_check.py` are saved."""
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     tokenizer = build_clip_tokenizer()
-
     if kind == "sd15":
-        pipe = StableDiffusionPipeline(
+        return StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -204,19 +244,16 @@ def build_tiny_pipeline(
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    else:
-        torch.manual_seed(seed + 1)  # a different random tower from text_encoder
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config())
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=build_clip_tokenizer(pad_token="!"),
-            unet=unet,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
-    pipe.save_pretrained(out_dir)
-    return out_dir
+    if text_encoder_2 is None:
+        raise ValueError("an SDXL pipeline needs text_encoder_2")
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
