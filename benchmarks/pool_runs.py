@@ -4,7 +4,8 @@
 
 A DIR may also be the --out directory of `python -m rlhf_diffusion.evaluate` with one or more LoRAs (for example
 the runs re-evaluated on more held-out seeds than they trained with): its paired.json compares each LoRA with the
-base model image by image, and each LoRA counts as one run of the group.
+base model image by image, and each LoRA counts as one run of the group (`DIR@PREFIX`: the LoRAs whose label starts
+with PREFIX, e.g. `dde=runs/eval8/b@dde_s`).
 
 Each run directory's eval.json holds the before / after comparison on the fixed held-out images (`paired`: the
 training reward and every held-out reward). Per group this prints each run's Δ and flips, then the flips summed
@@ -26,9 +27,14 @@ from rlhf_diffusion.stats import sign_test_p  # noqa: E402
 
 
 def load(run_dir: str, key: str) -> list[dict]:
-    """The runs in `run_dir`: one for a run directory (eval.json), one per LoRA for an evaluate --out directory."""
+    """The runs in `run_dir`: one for a run directory (eval.json), one per LoRA for an evaluate --out directory
+    (`DIR@PREFIX`: only the LoRAs whose label starts with PREFIX)."""
+    run_dir, _, prefix = run_dir.partition("@")
     if not (Path(run_dir) / "eval.json").is_file() and (Path(run_dir) / "paired.json").is_file():
         evaluated = json.loads((Path(run_dir) / "paired.json").read_text())
+        evaluated = {label: columns for label, columns in evaluated.items() if label.startswith(prefix)}
+        if not evaluated:
+            raise SystemExit(f"{run_dir}/paired.json: no LoRA label starts with {prefix!r}")
         missing = [label for label, columns in evaluated.items() if key not in columns]
         if missing:
             raise SystemExit(f"{run_dir}/paired.json: {missing[0]} has no reward {key!r}")

@@ -46,6 +46,10 @@ def test_run_directories_and_evaluate_outputs_pool_into_one_row(tmp_path, capsys
     cells = [c.strip() for c in capsys.readouterr().out.splitlines()[-1].strip("|").split("|")]
     assert cells[2] == "+0.010 (9/4), +0.020 (8/2)" and cells[4] == "17 / 6"
 
+    assert main([f"m={evaluated}@runs/c"]) == 0  # only the LoRAs whose label starts with the prefix
+    cells = [c.strip() for c in capsys.readouterr().out.splitlines()[-1].strip("|").split("|")]
+    assert cells[1:3] == ["1", "+0.060 (7/1)"]
+
 
 def test_a_missing_comparison_names_the_file(tmp_path):
     evaluated = tmp_path / "eval8"
