@@ -15,6 +15,7 @@ import pytest
 
 from rlhf_diffusion.actors import ActorCrashed, LearnerCrashed, resume_hint
 from rlhf_diffusion.config import parse_config
+from rlhf_diffusion.testing import tiny_loop_run_config
 from rlhf_diffusion.trainer import LocalTrainer, Trainer
 
 
@@ -24,36 +25,25 @@ def faults_config(
     """1 sampler, 1 reward server, pipelined by default (max_staleness 1: the next iteration's rollout is queued on
     the sampler while this one runs), a checkpoint after every iteration, no tracking."""
     return parse_config(
-        {
-            "run_name": run_name,
-            "seed": 11,
-            "output_dir": str(output_dir),
-            "device": "cpu",
-            "model": {"pretrained": str(model_dir), "lora": {"rank": 2}},
-            "sampling": {"num_steps": 2, "guidance_scale": 2.0, "batch_size": 2},
-            "algorithm": {"name": "diffusion_dpo"},
-            "rewards": [{"name": "jpeg_compressibility"}],
-            "resources": {
+        tiny_loop_run_config(
+            model_dir,
+            output_dir,
+            run_name,
+            "diffusion_dpo",
+            seed=11,
+            num_steps=2,
+            model={"lora": {"rank": 2}},
+            resources={
                 "num_samplers": 1,
                 "num_reward_servers": 1,
                 "cpus_per_actor": 0.5,
                 "max_actor_restarts": restarts,
                 "actor_start_timeout_s": 120,
             },
-            "train": {
-                "iterations": iterations,
-                "learning_rate": 1e-2,
-                "train_batch_size": 2,
-                "max_staleness": staleness,
-            },
-            "prompts": {
-                "train": {"inline": ["a cat", "a dog", "a fox"]},
-                "eval": {"inline": ["a cow"]},
-                "eval_seeds": 1,
-            },
-            "tracking": {"enabled": False, "image_grid_every": 0},
-            "checkpoint": {"every": 1, "keep_last": 2},
-        }
+            train={"iterations": iterations, "train_batch_size": 2, "max_staleness": staleness},
+            tracking={"image_grid_every": 0},
+            checkpoint={"every": 1, "keep_last": 2},
+        )
     )
 
 

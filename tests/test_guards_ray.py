@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rlhf_diffusion.config import parse_config
+from rlhf_diffusion.testing import tiny_loop_run_config
 from rlhf_diffusion.trainer import LocalTrainer, Trainer
 
 pytestmark = pytest.mark.ray
@@ -20,32 +21,25 @@ HELDOUT = ["saturation", "brightness", "jpeg_incompressibility"]  # continuous f
 
 def guards_config(model_dir: Path, output_dir: Path, run_name: str, *, num_learners: int, early_stop: dict | None):
     return parse_config(
-        {
-            "run_name": run_name,
-            "seed": 5,
-            "output_dir": str(output_dir),
-            "device": "cpu",
-            "model": {"pretrained": str(model_dir)},
-            "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
-            "algorithm": {"name": "tailorpo"},
-            "rewards": [{"name": "jpeg_compressibility"}],
-            "resources": {
+        tiny_loop_run_config(
+            model_dir,
+            output_dir,
+            run_name,
+            "tailorpo",
+            seed=5,
+            eval_seeds=2,
+            resources={
                 "num_samplers": 1,
                 "num_reward_servers": 1,
                 "num_learners": num_learners,
                 "cpus_per_actor": 0.5,
                 "max_actor_restarts": 0,
             },
-            "train": {"iterations": 2, "learning_rate": 1e-2, "train_batch_size": 3, "max_staleness": 1},
-            "prompts": {
-                "train": {"inline": ["a cat", "a dog", "a fox"]},
-                "eval": {"inline": ["a cow"]},
-                "eval_seeds": 2,
-            },
-            "tracking": {"enabled": False, "image_grid_every": 0},
-            "checkpoint": {"every": 0},
-            "guards": {"heldout_rewards": [{"name": name} for name in HELDOUT], "every": 1, "early_stop": early_stop},
-        }
+            train={"iterations": 2, "train_batch_size": 3, "max_staleness": 1},
+            tracking={"image_grid_every": 0},
+            checkpoint={"every": 0},
+            guards={"heldout_rewards": [{"name": name} for name in HELDOUT], "every": 1, "early_stop": early_stop},
+        )
     )
 
 

@@ -58,24 +58,24 @@ def test_a_resumed_run_logs_each_step_once(tiny_sd15_dir, one_torch_thread, tmp_
     from mlflow.tracking import MlflowClient
 
     from rlhf_diffusion.config import parse_config
+    from rlhf_diffusion.testing import tiny_loop_run_config
     from rlhf_diffusion.trainer import LocalTrainer
 
     config = parse_config(
-        {
-            "run_name": "resumed",
-            "seed": 7,
-            "output_dir": str(tmp_path),
-            "device": "cpu",
-            "model": {"pretrained": str(tiny_sd15_dir), "lora": {"rank": 2}},
-            "sampling": {"num_steps": 2, "guidance_scale": 2.0, "batch_size": 2},
-            "algorithm": {"name": "diffusion_dpo"},
-            "rewards": [{"name": "jpeg_compressibility"}],
-            "resources": {"num_samplers": 1},
-            "train": {"iterations": 5, "learning_rate": 1e-2, "train_batch_size": 2, "max_staleness": 1},
-            "prompts": {"train": {"inline": ["a cat", "a dog"]}, "eval": {"inline": ["a cow"]}, "eval_seeds": 1},
-            "tracking": {"enabled": True, "image_grid_every": 0},
-            "checkpoint": {"every": 2, "keep_last": 2},
-        }
+        tiny_loop_run_config(
+            tiny_sd15_dir,
+            tmp_path,
+            "resumed",
+            "diffusion_dpo",
+            seed=7,
+            num_steps=2,
+            train_prompts=["a cat", "a dog"],
+            model={"lora": {"rank": 2}},
+            resources={"num_samplers": 1},
+            train={"iterations": 5, "train_batch_size": 2, "max_staleness": 1},
+            tracking={"enabled": True, "image_grid_every": 0},
+            checkpoint={"every": 2, "keep_last": 2},
+        )
     )
 
     def crash_after_the_third(event, trainer, it):

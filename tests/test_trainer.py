@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from rlhf_diffusion.checkpoint import latest_checkpoint, load_checkpoint
 from rlhf_diffusion.config import parse_config
+from rlhf_diffusion.testing import tiny_loop_run_config
 from rlhf_diffusion.trainer import LearnerCrashed, LocalTrainer, Trainer
 
 pytestmark = pytest.mark.ray
@@ -25,28 +26,23 @@ ITERATIONS = 6
 
 
 def runtime_config_dict(model_dir: Path, output_dir: Path, run_name: str, **sections) -> dict:
-    data = {
-        "run_name": run_name,
-        "seed": 3,
-        "output_dir": str(output_dir),
-        "device": "cpu",
-        "model": {"pretrained": str(model_dir), "lora": {"rank": 4}},
-        "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
-        "algorithm": {"name": "tailorpo", "beta": 0.1, "num_candidates": 2},
-        "rewards": [{"name": "jpeg_compressibility"}],
-        "resources": {"num_samplers": 2, "num_reward_servers": 1, "cpus_per_actor": 1, "max_actor_restarts": 2},
-        "train": {"iterations": ITERATIONS, "learning_rate": 1e-2, "train_batch_size": 4, "max_staleness": 1},
-        "prompts": {
-            "train": {"inline": ["a cat", "a dog", "a fox", "a cow", "a bird"]},
-            "eval": {"inline": ["a horse", "a fish"]},
-            "eval_seeds": 1,
+    return tiny_loop_run_config(
+        model_dir,
+        output_dir,
+        run_name,
+        {"name": "tailorpo", "beta": 0.1, "num_candidates": 2},
+        seed=3,
+        train_prompts=["a cat", "a dog", "a fox", "a cow", "a bird"],
+        eval_prompts=["a horse", "a fish"],
+        settings={
+            "model": {"lora": {"rank": 4}},
+            "resources": {"num_samplers": 2, "num_reward_servers": 1, "cpus_per_actor": 1, "max_actor_restarts": 2},
+            "train": {"iterations": ITERATIONS, "train_batch_size": 4, "max_staleness": 1},
+            "tracking": {"enabled": True, "image_grid_every": 3},
+            "checkpoint": {"every": 2, "keep_last": 2},
         },
-        "tracking": {"enabled": True, "image_grid_every": 3},
-        "checkpoint": {"every": 2, "keep_last": 2},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
+        **sections,
+    )
 
 
 def lora_of(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from rlhf_diffusion.rewards import (
     build_reward,
     load_custom_reward,
 )
+from rlhf_diffusion.testing import tiny_loop_run_config
 from rlhf_diffusion.workers.reward_server import RewardHost
 
 MY_REWARDS = '''
@@ -441,21 +442,19 @@ def test_pareto_labels_over_a_builtin_and_a_custom_reward():
 
 
 def _run_config(model_dir, output_dir, run_name, rewards):
-    return {
-        "run_name": run_name,
-        "seed": 0,
-        "output_dir": str(output_dir),
-        "device": "cpu",
-        "model": {"pretrained": str(model_dir), "lora": {"rank": 4}},
-        "sampling": {"num_steps": 3, "guidance_scale": 2.0, "batch_size": 2},
-        "algorithm": {"name": "tailorpo_g", "num_candidates": 2},
-        "rewards": rewards,
-        "resources": {"num_samplers": 1},
-        "train": {"iterations": 2, "learning_rate": 1e-2, "train_batch_size": 4, "max_staleness": 0},
-        "prompts": {"train": {"inline": ["a cat", "a dog", "a fox"]}, "eval": {"inline": ["a horse"]}, "eval_seeds": 1},
-        "tracking": {"enabled": False},
-        "checkpoint": {"every": 0, "keep_last": 1},
-    }
+    return tiny_loop_run_config(
+        model_dir,
+        output_dir,
+        run_name,
+        {"name": "tailorpo_g", "num_candidates": 2},
+        seed=0,
+        eval_prompts=["a horse"],
+        rewards=rewards,
+        model={"lora": {"rank": 4}},
+        resources={"num_samplers": 1},
+        train={"iterations": 2, "train_batch_size": 4, "max_staleness": 0},
+        checkpoint={"every": 0, "keep_last": 1},
+    )
 
 
 def test_custom_reward_from_a_user_module_trains_tailorpo_g(tiny_sd15_dir, tmp_path, one_torch_thread):
