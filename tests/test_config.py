@@ -511,7 +511,7 @@ def test_tiny_yaml_loads():
     cfg = load_config(TINY_YAML)
     assert cfg.run_name == "tiny" and cfg.model.pretrained == "testbed:pipeline"
     assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (10, 4.0, 16)
-    assert cfg.algorithm.name == "dde_single" and cfg.algorithm.correction == "none" and cfg.algorithm.beta_s == 1000
+    assert cfg.algorithm.name == "dde_single" and cfg.algorithm.correction == "none" and cfg.algorithm.beta_s == 10
     assert (cfg.algorithm.samples_per_prompt, cfg.algorithm.draws_per_pair, cfg.algorithm.timestep_range) == (
         4,
         4,
