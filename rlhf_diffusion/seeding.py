@@ -10,7 +10,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["PROMPT_STREAM", "ROLLOUT_STREAM", "SIGNAL_STREAM", "TRAIN_STREAM", "derive_seed", "prompts_for_iteration"]
+from rlhf_diffusion.batches import PublishedWeights, RolloutRequest
+
+__all__ = [
+    "PROMPT_STREAM",
+    "ROLLOUT_STREAM",
+    "SIGNAL_STREAM",
+    "TRAIN_STREAM",
+    "derive_seed",
+    "prompts_for_iteration",
+    "rollout_requests",
+]
 
 # Streams of derived seeds; one per purpose so they never collide.
 ROLLOUT_STREAM = 1
@@ -36,3 +46,21 @@ def prompts_for_iteration(prompts: list[str], seed: int, iteration: int, count: 
         order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, PROMPT_STREAM, epoch)))
         out.append(prompts[int(order[offset])])
     return out
+
+
+def rollout_requests(
+    prompts: list[str], seed: int, iteration: int, batch_size: int, num_shards: int, weights: PublishedWeights
+) -> list[RolloutRequest]:
+    """The rollout requests of `iteration`, one per sampler (shard k: its `batch_size` prompts of the iteration's
+    schedule and the seed of (seed, iteration, k)), all sampling with `weights`."""
+    schedule = prompts_for_iteration(prompts, seed, iteration, batch_size * num_shards)
+    return [
+        RolloutRequest(
+            iteration=iteration,
+            shard=k,
+            prompts=schedule[k * batch_size : (k + 1) * batch_size],
+            seed=derive_seed(seed, ROLLOUT_STREAM, iteration, k),
+            weights=weights,
+        )
+        for k in range(num_shards)
+    ]

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_diffusion.actors import ActorCrashed, Actors, LearnerCrashed, required_resources
-from rlhf_diffusion.batches import PublishedWeights, RolloutRequest, TrainResult
+from rlhf_diffusion.batches import PublishedWeights, TrainResult
 from rlhf_diffusion.checkpoint import LORA_FILE, CheckpointState, latest_checkpoint
 from rlhf_diffusion.config import RunConfig, flatten_config
 from rlhf_diffusion.evaluation import (
@@ -61,7 +61,7 @@ from rlhf_diffusion.resume import (
     write_checkpoint,
 )
 from rlhf_diffusion.run_dir import check_run_dir, clear_run_dir, lock_run_dir
-from rlhf_diffusion.seeding import ROLLOUT_STREAM, derive_seed, prompts_for_iteration
+from rlhf_diffusion.seeding import rollout_requests
 from rlhf_diffusion.tracking import NullTracker, build_tracker
 from rlhf_diffusion.workers.policy import resolve_device, resolve_model_source
 
@@ -150,21 +150,6 @@ class Trainer:
         self.actors.shutdown()
 
     # -- calls -------------------------------------------------------------------------------------------------------
-
-    def shard_requests(self, iteration: int, weights: PublishedWeights) -> list[RolloutRequest]:
-        """The rollout requests of `iteration`, one per sampler."""
-        b = self.config.sampling.batch_size
-        prompts = prompts_for_iteration(self.train_prompts, self.config.seed, iteration, b * len(self.samplers))
-        return [
-            RolloutRequest(
-                iteration=iteration,
-                shard=k,
-                prompts=prompts[k * b : (k + 1) * b],
-                seed=derive_seed(self.config.seed, ROLLOUT_STREAM, iteration, k),
-                weights=weights,
-            )
-            for k in range(len(self.samplers))
-        ]
 
     def evaluate(self, weights: PublishedWeights, during: str = "an evaluation pass") -> EvalResult:
         """Held-out rewards with `weights`: eval prompts dealt round-robin to the samplers, fixed seeds. `during`
@@ -324,9 +309,16 @@ class Trainer:
             for it in range(start, iterations):
                 t0 = time.perf_counter()
                 while next_submit < iterations and next_submit <= it + staleness:
-                    in_flight[next_submit] = self.actors.submit(
-                        self.shard_requests(next_submit, published[max(0, next_submit - staleness)])
+                    weights = published[max(0, next_submit - staleness)]
+                    shards = rollout_requests(  # one per sampler
+                        self.train_prompts,
+                        config.seed,
+                        next_submit,
+                        config.sampling.batch_size,
+                        len(self.samplers),
+                        weights,
                     )
+                    in_flight[next_submit] = self.actors.submit(shards)
                     next_submit += 1
                 self.on_event("rollouts_submitted", self, it)
                 batch = self.actors.gather(it, in_flight.pop(it))
