@@ -80,6 +80,7 @@ __all__ = [
     "TimestepRange",
     "TrackingConfig",
     "TrainConfig",
+    "add_override_option",
     "apply_overrides",
     "flatten_config",
     "load_config",
@@ -385,6 +386,29 @@ _Timestep = Annotated[int, Field(ge=0, le=NUM_TRAIN_TIMESTEPS - 1)]
 TimestepRange = Annotated[tuple[_Timestep, _Timestep], AfterValidator(_check_ordered)]
 
 
+def _skip_final_steps_field() -> Any:
+    """`skip_final_steps` of the step methods (D3PO, TailorPO, TailorPO-G): one declaration, a fresh Field each."""
+    return Field(
+        0,
+        ge=0,
+        description="The last N denoising transitions are sampled but not trained on (ours). With η = 1 the last "
+        "transitions are nearly deterministic (σ small, |κ|/σ up to 8× that of the other steps, κ = ∂μ/∂ε̂), so "
+        "their log-ratios dominate the gradient and drift the model without changing anything a reward can see "
+        "(docs/learning_signal.md). 0 = every step, the paper's setting.",
+    )
+
+
+def _step_weight_field() -> Any:
+    """`step_weight` of the step methods (D3PO, TailorPO, TailorPO-G): one declaration, a fresh Field each."""
+    return Field(
+        "uniform",
+        description="How each step's log-ratio enters the loss. 'uniform' = as the paper (log π_θ/π_ref per element, "
+        "which scales as |κ_τ|/σ_τ per unit change of ε̂). 'eps_scale' (ours) = the log-ratio times σ_τ/|κ_τ| "
+        "before the clamp: every step's gradient then has the scale of one unit of ε̂, so no step dominates by its "
+        "noise schedule alone (≈ 1 at every step but the last ones).",
+    )
+
+
 class D3POConfig(_FrozenModel):
     """D3PO (Yang et al., CVPR 2024): two trajectories from a shared x_T; the final-image preference is assigned to
     every step; clamped step-wise DPO loss (docs/algorithms.md §1)."""
@@ -410,21 +434,8 @@ class D3POConfig(_FrozenModel):
         description="Fraction of the K denoising steps trained per pair (a random subset of steps). Default 1.0 = "
         "all steps, D3PO config/base.py [C].",
     )
-    skip_final_steps: int = Field(
-        0,
-        ge=0,
-        description="The last N denoising transitions are sampled but not trained on (ours). With η = 1 the last "
-        "transitions are nearly deterministic (σ small, |κ|/σ up to 8× that of the other steps, κ = ∂μ/∂ε̂), so "
-        "their log-ratios dominate the gradient and drift the model without changing anything a reward can see "
-        "(docs/learning_signal.md). 0 = every step, the paper's setting.",
-    )
-    step_weight: Literal["uniform", "eps_scale"] = Field(
-        "uniform",
-        description="How each step's log-ratio enters the loss. 'uniform' = as the paper (log π_θ/π_ref per element, "
-        "which scales as |κ_τ|/σ_τ per unit change of ε̂). 'eps_scale' (ours) = the log-ratio times σ_τ/|κ_τ| "
-        "before the clamp: every step's gradient then has the scale of one unit of ε̂, so no step dominates by its "
-        "noise schedule alone (≈ 1 at every step but the last ones).",
-    )
+    skip_final_steps: int = _skip_final_steps_field()
+    step_weight: Literal["uniform", "eps_scale"] = _step_weight_field()
     multi_reward: Literal["weighted_sum", "pareto"] = Field(
         "weighted_sum",
         description="How several rewards decide the winner: 'weighted_sum' of the rewards with their weights, or "
@@ -482,21 +493,8 @@ class TailorPOConfig(_FrozenModel):
         description="Fraction of the K denoising steps whose pairs are trained. Default 1.0 = all steps, "
         "UNCONFIRMED [U].",
     )
-    skip_final_steps: int = Field(
-        0,
-        ge=0,
-        description="The last N denoising transitions are sampled but not trained on (ours). With η = 1 the last "
-        "transitions are nearly deterministic (σ small, |κ|/σ up to 8× that of the other steps, κ = ∂μ/∂ε̂), so "
-        "their log-ratios dominate the gradient and drift the model without changing anything a reward can see "
-        "(docs/learning_signal.md). 0 = every step, the paper's setting.",
-    )
-    step_weight: Literal["uniform", "eps_scale"] = Field(
-        "uniform",
-        description="How each step's log-ratio enters the loss. 'uniform' = as the paper (log π_θ/π_ref per element, "
-        "which scales as |κ_τ|/σ_τ per unit change of ε̂). 'eps_scale' (ours) = the log-ratio times σ_τ/|κ_τ| "
-        "before the clamp: every step's gradient then has the scale of one unit of ε̂, so no step dominates by its "
-        "noise schedule alone (≈ 1 at every step but the last ones).",
-    )
+    skip_final_steps: int = _skip_final_steps_field()
+    step_weight: Literal["uniform", "eps_scale"] = _step_weight_field()
 
 
 class TailorPOGConfig(TailorPOConfig):
@@ -1671,6 +1669,18 @@ def _flatten_into(flat: dict[str, str], prefix: str, value: Any) -> None:
         flat[prefix] = json.dumps(value)
 
 
+def add_override_option(parser: argparse.ArgumentParser) -> None:
+    """The `--set KEY=VALUE` option (repeatable, into `overrides`) of every command that loads a run config."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: validates a config and prints it, fully resolved, as YAML.
 
@@ -1684,14 +1694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m rlhf_diffusion.config", description="Validate a run config and print it resolved as YAML."
     )
     parser.add_argument("config", help="the run config YAML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set train.learning_rate=1e-4 (repeatable)",
-    )
+    add_override_option(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -30,7 +30,7 @@ import math
 import os
 import sys
 
-from rlhf_diffusion.config import ConfigError, load_config
+from rlhf_diffusion.config import ConfigError, add_override_option, load_config
 
 ADDRESS_ENV = "RAY_ADDRESS"
 
@@ -38,14 +38,7 @@ ADDRESS_ENV = "RAY_ADDRESS"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m rlhf_diffusion.launch", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="run configuration (YAML)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)",
-    )
+    add_override_option(parser)
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
         "--resume",
