@@ -1,47 +1,8 @@
-"""Testbeds: small synthetic worlds whose images can be checked programmatically (see `testbed/world.py`)."""
+"""Testbeds: small synthetic worlds whose images can be checked programmatically (see `testbed/world.py`).
 
-from rlhf_diffusion.testbed.world import (
-    BACKGROUNDS,
-    PALETTE,
-    POSITIONS,
-    SHAPES,
-    DetectedObject,
-    Detection,
-    Scene,
-    SceneObject,
-    as_float_tensor,
-    as_uint8,
-    batch_accuracy,
-    caption,
-    check,
-    detect,
-    enumerate_captions,
-    enumerate_scenes,
-    parse_caption,
-    render,
-    sample_scene,
-    split_captions,
-)
+The package re-exports the world's public names (`world.__all__`, listed there once)."""
 
-__all__ = [
-    "BACKGROUNDS",
-    "PALETTE",
-    "POSITIONS",
-    "SHAPES",
-    "DetectedObject",
-    "Detection",
-    "Scene",
-    "SceneObject",
-    "as_float_tensor",
-    "as_uint8",
-    "batch_accuracy",
-    "caption",
-    "check",
-    "detect",
-    "enumerate_captions",
-    "enumerate_scenes",
-    "parse_caption",
-    "render",
-    "sample_scene",
-    "split_captions",
-]
+from rlhf_diffusion.testbed import world
+from rlhf_diffusion.testbed.world import *  # noqa: F403
+
+__all__ = list(world.__all__)
