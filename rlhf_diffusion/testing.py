@@ -17,7 +17,7 @@ import open_clip
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from rlhf_diffusion.models.tiny import build_clip_tokenizer
+from rlhf_diffusion.models.tiny import build_clip_tokenizer, clip_text_config
 from rlhf_diffusion.rewards.aesthetic import EMBED_DIM, MLP_FILENAMES, AestheticMLP
 from rlhf_diffusion.rewards.hpsv2 import OPEN_CLIP_CONFIG
 from rlhf_diffusion.rewards.imagereward import (
@@ -42,6 +42,7 @@ __all__ = [
     "build_tiny_imagereward",
     "build_tiny_pickscore",
     "check_algorithm_config_errors",
+    "clip_image_processor",
     "check_ratio_one_on_the_first_step",
     "log_prob_change_after_one_step",
     "run_metrics",
@@ -59,19 +60,11 @@ def tiny_clip_config(*, projection_dim: int = 16) -> CLIPConfig:
     """A tiny CLIP (2-layer width-32 vision tower, patch 14, input 224 as the real processor config; 1-layer
     width-16 text tower with the real 49,408-token vocabulary and 77 positions) with the special-token ids of the
     real OpenAI CLIP tokenizer."""
+    text = clip_text_config(
+        hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, projection_dim=projection_dim
+    )
     return CLIPConfig(
-        text_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            projection_dim=projection_dim,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
+        text_config=text.to_dict(),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
@@ -85,6 +78,18 @@ def tiny_clip_config(*, projection_dim: int = 16) -> CLIPConfig:
     )
 
 
+def clip_image_processor() -> CLIPImageProcessor:
+    """The real CLIP / PickScore processor settings: shortest edge 224, centre crop 224, bicubic, OpenAI mean/std."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        resample=3,
+        do_center_crop=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+
+
 def save_tiny_clip(out_dir: str | Path, *, projection_dim: int, seed: int = 0) -> Path:
     """Saves a tiny random-weight CLIP as a Hugging Face model directory laid out like `openai/clip-vit-large-patch14`:
     `config.json` + `model.safetensors`, the CLIP BPE tokenizer, and `preprocessor_config.json` with the real
@@ -94,15 +99,7 @@ def save_tiny_clip(out_dir: str | Path, *, projection_dim: int, seed: int = 0) -
     torch.manual_seed(seed)
     CLIPModel(tiny_clip_config(projection_dim=projection_dim)).save_pretrained(out_dir)
     build_clip_tokenizer().save_pretrained(out_dir)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": 224},
-        crop_size={"height": 224, "width": 224},
-        resample=3,
-        do_center_crop=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    processor.save_pretrained(out_dir)
+    clip_image_processor().save_pretrained(out_dir)
     return out_dir
 
 
@@ -191,15 +188,7 @@ def build_tiny_pickscore(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     CLIPModel(tiny_clip_config(projection_dim=16)).save_pretrained(out_dir)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 224},
-        crop_size={"height": 224, "width": 224},
-        resample=3,
-        do_center_crop=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(out_dir)
+    CLIPProcessor(image_processor=clip_image_processor(), tokenizer=build_clip_tokenizer()).save_pretrained(out_dir)
     return out_dir
 
 
