@@ -23,21 +23,15 @@ Loss:    Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e = mean (ε − 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_diffusion.algorithms.base import LossOutput, register_algorithm
-from rlhf_diffusion.algorithms.diffusion_dpo import (
-    DiffusionDPO,
-    diffusion_dpo_mse_terms,
-    timestep_kl_diagnostics,
-    timestep_saturation_diagnostics,
-)
-from rlhf_diffusion.batches import FinalPairBatch
+from rlhf_diffusion.algorithms.base import register_algorithm
+from rlhf_diffusion.algorithms.diffusion_dpo import DiffusionDPO
 from rlhf_diffusion.diffusion import ddim
-from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
-from rlhf_diffusion.models.conditioning import TextConditioning
+from rlhf_diffusion.diffusion.sampling import DDIMGrid
 
 
 def dde_logits(delta: Tensor, alpha_prod_t: Tensor, correction: Tensor, beta_s: float, beta_c: float) -> Tensor:
@@ -88,7 +82,7 @@ def correction_share(logits: Tensor, correction: Tensor, beta_c: float) -> float
 @register_algorithm("dde", "dde_single")
 class DDE(DiffusionDPO):
     """DDE with the EMA stepwise correction (`correction: ema`) or DDE-Single (`correction: none`): Diffusion-DPO's
-    pairs, (t, ε) draws and Δ_t (inherited), with DDE's logit and its EMA table (`pair_loss`)."""
+    pairs, (t, ε) draws and Δ_t (inherited), with DDE's logit and its EMA table (`pair_logits`)."""
 
     def __init__(self, config, grid: DDIMGrid):
         super().__init__(config, grid)
@@ -96,24 +90,15 @@ class DDE(DiffusionDPO):
         t_count = grid.alphas_cumprod.shape[0]
         self.correction_table = torch.zeros(t_count, dtype=torch.float32)  # A[0..T−1], fp32, checkpointed
 
-    def pair_loss(
-        self,
-        predictor: NoisePredictor,
-        cond: TextConditioning,
-        examples: FinalPairBatch,
-        timesteps: Tensor,
-        noise: Tensor,
-    ) -> LossOutput:
-        delta, eps_sq_diff = diffusion_dpo_mse_terms(
-            predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise
-        )
+    def pair_logits(self, delta: Tensor, timesteps: Tensor) -> tuple[Tensor, dict[str, float], Any]:
+        """DDE's logit of Δ_t (`dde_logits`: β_s S_t plus, with `correction: ema`, β_c C_t from the EMA table), its
+        metrics, and the EMA statistic −λ_t Δ_t at `timesteps` as the state update (None for DDE-Single)."""
         alpha_prod = ddim.gather_alpha(self.grid.alphas_cumprod, timesteps).to(delta.device)
         if self.config.correction == "ema":
             correction = suffix_sums(self.correction_table)[timesteps].to(delta.device)  # C_t, stop-gradient
         else:
             correction = torch.zeros_like(delta)
         logits = dde_logits(delta, alpha_prod, correction, self.config.beta_s, self.config.beta_c)
-        loss = -F.logsigmoid(logits).mean()
         statistic = -self.kl_weights[timesteps] * delta.detach().cpu().to(torch.float32)  # −λ_t Δ_t
         metrics = {
             "implicit_accuracy": (delta < 0).float().mean().item(),
@@ -124,11 +109,7 @@ class DDE(DiffusionDPO):
             "saturated_fraction": (logits.abs() > 10).float().mean().item(),
         }
         update = (timesteps, statistic) if self.config.correction == "ema" else None
-        grouped = {
-            **timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
-            **timestep_saturation_diagnostics(timesteps, logits),
-        }
-        return LossOutput(loss=loss, metrics=metrics, state_update=update, grouped=grouped)
+        return logits, metrics, update
 
     def apply_state_update(self, update) -> None:
         if update is not None:

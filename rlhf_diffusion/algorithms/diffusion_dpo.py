@@ -13,6 +13,8 @@ Loss:    −log σ(−0.5 β_dpo Δ_t), Δ_t = (e^w_θ − e^w_ref) − (e^l_θ 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -153,7 +155,7 @@ class DiffusionDPO(Algorithm):
     (`config.samples_per_prompt` images per prompt), and `config.draws_per_pair` draws of (t, ε) per pair — t uniform
     on `config.timestep_range`, ε shared by winner and loser [C] — made for the whole minibatch before a
     data-parallel rank takes its rows; a pair's loss is the mean over its draws. DDE derives from it and overrides
-    `pair_loss` (its logit)."""
+    `pair_logits` (its logit)."""
 
     name = "diffusion_dpo"
     cfg_in_training = False  # ε-MSE on the conditional model, as Diffusion-DPO
@@ -210,15 +212,22 @@ class DiffusionDPO(Algorithm):
         timesteps: Tensor,
         noise: Tensor,
     ) -> LossOutput:
-        """The loss of `examples` at the given per-pair `timesteps` (M,) and `noise` (M, C, h, w)."""
+        """The loss of `examples` at the given per-pair `timesteps` (M,) and `noise` (M, C, h, w): −log σ of the
+        method's logit of Δ_t (`pair_logits`), with the per-timestep KL and saturation diagnostics."""
         delta, eps_sq_diff = diffusion_dpo_mse_terms(
             predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise
         )
-        logits = -0.5 * self.config.beta * delta  # inside = −0.5 β_dpo [(e^w_θ − e^l_θ) − (e^w_ref − e^l_ref)]
+        logits, metrics, update = self.pair_logits(delta, timesteps)
         loss = -F.logsigmoid(logits).mean()
-        metrics = {"implicit_accuracy": (delta < 0).float().mean().item(), "mean_delta": delta.mean().item()}
         grouped = {
             **timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
             **timestep_saturation_diagnostics(timesteps, logits),
         }
-        return LossOutput(loss=loss, metrics=metrics, grouped=grouped)
+        return LossOutput(loss=loss, metrics=metrics, state_update=update, grouped=grouped)
+
+    def pair_logits(self, delta: Tensor, timesteps: Tensor) -> tuple[Tensor, dict[str, float], Any]:
+        """Each pair's logit from its Δ_t (M,) at `timesteps`, the loss's metrics, and the state update (None):
+        Diffusion-DPO's −0.5 β Δ_t. DDE overrides it (its logit and EMA statistic)."""
+        logits = -0.5 * self.config.beta * delta  # inside = −0.5 β_dpo [(e^w_θ − e^l_θ) − (e^w_ref − e^l_ref)]
+        metrics = {"implicit_accuracy": (delta < 0).float().mean().item(), "mean_delta": delta.mean().item()}
+        return logits, metrics, None
