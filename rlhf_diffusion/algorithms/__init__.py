@@ -1,18 +1,8 @@
-"""Preference-optimisation methods, one file each; importing this package fills the registry."""
+"""Preference-optimisation methods, one file each; importing this package fills the registry.
 
-from rlhf_diffusion.algorithms import d3po, dde, ddpo, diffusion_dpo, grpo, tailorpo  # noqa: F401  (registration)
-from rlhf_diffusion.algorithms.base import (
-    ALGORITHM_REGISTRY,
-    Algorithm,
-    LossOutput,
-    RolloutContext,
-    build_algorithm,
-)
+The package re-exports the interface, `base.__all__` (the names are listed there once)."""
 
-__all__ = [
-    "ALGORITHM_REGISTRY",
-    "Algorithm",
-    "LossOutput",
-    "RolloutContext",
-    "build_algorithm",
-]
+from rlhf_diffusion.algorithms import base, d3po, dde, ddpo, diffusion_dpo, grpo, tailorpo  # noqa: F401  (registration)
+from rlhf_diffusion.algorithms.base import *  # noqa: F403
+
+__all__ = list(base.__all__)
