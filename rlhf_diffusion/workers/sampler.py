@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -34,8 +35,27 @@ from rlhf_diffusion.workers.reward_server import build_heldout_reward
 
 __all__ = ["RemoteReward", "Sampler"]
 
+T = TypeVar("T")
 
-class RemoteReward:
+
+class _CountedRewardCalls:
+    """What both reward clients count of the rollouts' reward calls (`score`, `score_and_grad`; not
+    `score_heldout`): the images handed over (`images_scored`, the reward budget) and the seconds spent waiting
+    (`wait_seconds`, reported as `reward_seconds`)."""
+
+    wait_seconds: float
+    images_scored: int
+
+    def _counted(self, images: Tensor, call: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        self.images_scored += images.shape[0]
+        try:
+            return call()
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+
+
+class RemoteReward(_CountedRewardCalls):
     """The reward-server side of a sampler: `score` / `score_and_grad` as blocking calls to one RewardServer
     actor (sampler `rank` talks to server `rank % M`, spreading samplers over servers). Counts the seconds spent
     waiting, which the sampler reports as `reward_seconds`."""
@@ -52,22 +72,14 @@ class RemoteReward:
     def score(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
         import ray
 
-        start = time.perf_counter()
-        self.images_scored += images.shape[0]
-        try:
-            return ray.get(self.server.score.remote(images.detach().cpu(), list(prompts)))
-        finally:
-            self.wait_seconds += time.perf_counter() - start
+        return self._counted(images, lambda: ray.get(self.server.score.remote(images.detach().cpu(), list(prompts))))
 
     def score_and_grad(self, images: Tensor, prompts: Sequence[str]) -> tuple[RewardResult, Tensor]:
         import ray
 
-        start = time.perf_counter()
-        self.images_scored += images.shape[0]
-        try:
-            return ray.get(self.server.score_and_grad.remote(images.detach().cpu(), list(prompts)))
-        finally:
-            self.wait_seconds += time.perf_counter() - start
+        return self._counted(
+            images, lambda: ray.get(self.server.score_and_grad.remote(images.detach().cpu(), list(prompts)))
+        )
 
     def score_heldout(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
         """The held-out rewards' raw scores (`per_reward`), for evaluation passes only."""
@@ -76,7 +88,7 @@ class RemoteReward:
         return ray.get(self.server.score_heldout.remote(images.detach().cpu(), list(prompts)))
 
 
-class _LocalRewardClient:
+class _LocalRewardClient(_CountedRewardCalls):
     """A `WeightedReward` in this process, with the same interface and timing as `RemoteReward`."""
 
     def __init__(self, reward: WeightedReward, heldout: WeightedReward | None = None):
@@ -88,20 +100,10 @@ class _LocalRewardClient:
         self.images_scored = 0
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
-        start = time.perf_counter()
-        self.images_scored += images.shape[0]
-        try:
-            return self.reward.score(images, prompts)
-        finally:
-            self.wait_seconds += time.perf_counter() - start
+        return self._counted(images, lambda: self.reward.score(images, prompts))
 
     def score_and_grad(self, images: Tensor, prompts: Sequence[str]) -> tuple[RewardResult, Tensor]:
-        start = time.perf_counter()
-        self.images_scored += images.shape[0]
-        try:
-            return self.reward.score_and_grad(images, prompts)
-        finally:
-            self.wait_seconds += time.perf_counter() - start
+        return self._counted(images, lambda: self.reward.score_and_grad(images, prompts))
 
     def score_heldout(self, images: Tensor, prompts: Sequence[str]) -> RewardResult:
         if self.heldout is None:
