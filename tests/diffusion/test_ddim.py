@@ -7,22 +7,12 @@ import torch
 from diffusers import DDIMScheduler
 
 from rlhf_diffusion.diffusion import ddim
-
-SD_SCHEDULER_KW = dict(
-    num_train_timesteps=1000,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-)
+from rlhf_diffusion.models.tiny import SD_SCHEDULER_CONFIG  # SD's schedule, with DDIM's SD-style settings
 
 
 @pytest.fixture(scope="module")
 def scheduler():
-    return DDIMScheduler(**SD_SCHEDULER_KW)
+    return DDIMScheduler(**SD_SCHEDULER_CONFIG)
 
 
 def _alphas(scheduler, t, prev):
