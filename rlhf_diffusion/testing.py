@@ -43,10 +43,12 @@ __all__ = [
     "build_tiny_pickscore",
     "check_algorithm_config_errors",
     "clip_image_processor",
+    "random_images",
     "check_ratio_one_on_the_first_step",
     "log_prob_change_after_one_step",
     "run_metrics",
     "save_tiny_clip",
+    "smooth_uint8_image",
     "tiny_trainer",
     "tiny_clip_config",
     "tiny_imagereward_config",
@@ -54,6 +56,18 @@ __all__ = [
     "tiny_open_clip_config",
     "tiny_run_config",
 ]
+
+
+def random_images(n: int = 2, h: int = 64, w: int = 64, seed: int = 0) -> torch.Tensor:
+    """(n, 3, h, w) uniform noise in [0, 1), seeded: the reward tests' images."""
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def smooth_uint8_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A smooth (3, H, W) uint8 image in grey levels 51..204, so no resize overshoots [0, 255]."""
+    coarse = torch.rand(1, 3, 4, 6, generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
+    smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)
+    return (smooth * 255).round().to(torch.uint8)[0]
 
 
 def tiny_clip_config(*, projection_dim: int = 16) -> CLIPConfig:

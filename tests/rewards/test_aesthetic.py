@@ -6,13 +6,12 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
 from rlhf_diffusion.rewards import build_reward
 from rlhf_diffusion.rewards.aesthetic import MLP_FILENAMES, Aesthetic
-from rlhf_diffusion.testing import build_tiny_aesthetic, build_tiny_clip_score
+from rlhf_diffusion.testing import build_tiny_aesthetic, build_tiny_clip_score, random_images, smooth_uint8_image
 
 # Layer names and weight shapes of the real `sac+logos+ava1-l14-linearMSE.pth` (docs/rewards.md §2.1).
 REAL_MLP_SHAPES = {
@@ -45,17 +44,6 @@ def reward(tiny_dir):
     return build_reward("aesthetic", path=str(tiny_dir))
 
 
-def _images(n=2, h=64, w=64, seed=0):
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def _smooth_uint8(h, w, seed=0):
-    """A smooth (3, H, W) uint8 image in grey levels 51..204, so no resize overshoots [0, 255]."""
-    coarse = torch.rand(1, 3, 4, 6, generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
-    smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)
-    return (smooth * 255).round().to(torch.uint8)[0]
-
-
 def _manual_score(tiny_dir, pixel_values):
     """MLP(ê) with ê the L2-normalised `CLIPModel.get_image_features`, the MLP as explicit affine layers."""
     clip = CLIPModel.from_pretrained(tiny_dir).eval()
@@ -75,7 +63,7 @@ def test_tiny_head_has_the_real_file_layout(tiny_dir):
 
 
 def test_score_matches_manual_reference(tiny_dir, reward):
-    images = _images(3, 64, 96)
+    images = random_images(3, 64, 96)
     # Reference pixels from the official processor on float input (exact there, docs/rewards.md §1).
     processor = CLIPImageProcessor.from_pretrained(tiny_dir)
     pixel_values = processor(images=list(images), do_rescale=False, return_tensors="pt").pixel_values
@@ -86,7 +74,7 @@ def test_score_matches_manual_reference(tiny_dir, reward):
 def test_preprocess_matches_official_processor_on_pil(tiny_dir, reward):
     processor = CLIPImageProcessor.from_pretrained(tiny_dir)
     for h, w in [(64, 64), (60, 90), (300, 451)]:
-        pixels = _smooth_uint8(h, w)
+        pixels = smooth_uint8_image(h, w)
         pil = Image.fromarray(pixels.permute(1, 2, 0).numpy())
         official = processor(images=pil, return_tensors="pt").pixel_values  # (1, 3, 224, 224)
         ours = reward.preprocess(pixels.float()[None] / 255)
@@ -96,7 +84,7 @@ def test_preprocess_matches_official_processor_on_pil(tiny_dir, reward):
 
 
 def test_gradients_are_finite_nonzero_and_per_image(reward):
-    images = _images(2)
+    images = random_images(2)
     scores, grad = reward.score_and_grad(images, ["x", "y"])
     assert grad.shape == images.shape and torch.isfinite(grad).all()
     assert (grad.abs().sum(dim=(1, 2, 3)) > 0).all()
@@ -109,15 +97,15 @@ def test_gradients_are_finite_nonzero_and_per_image(reward):
 
 
 def test_prompts_are_ignored_and_images_matter(reward):
-    images = _images(1).expand(2, -1, -1, -1)
+    images = random_images(1).expand(2, -1, -1, -1)
     a, b = reward.score(images, ["a cat", "a completely different prompt"])
     assert a == b
-    s = reward.score(_images(2, seed=3), ["p", "p"])
+    s = reward.score(random_images(2, seed=3), ["p", "p"])
     assert s[0] != s[1]
 
 
 def test_mlp_file_with_separate_clip_path(tiny_dir, reward):
-    images = _images(2)
+    images = random_images(2)
     separate = Aesthetic(path=str(tiny_dir / MLP_FILENAMES[0]), clip_path=str(tiny_dir))
     torch.testing.assert_close(separate.score(images, ["", ""]), reward.score(images, ["", ""]), rtol=0, atol=0)
 
@@ -157,7 +145,7 @@ def test_clip_with_wrong_projection_width_is_rejected(tiny_dir, tmp_path):
 
 
 def test_bfloat16_tower_gives_close_scores(tiny_dir, reward):
-    images = _images(2)
+    images = random_images(2)
     bf16 = Aesthetic(path=str(tiny_dir), dtype="bfloat16")
     scores, grad = bf16.score_and_grad(images, ["a", "b"])
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0

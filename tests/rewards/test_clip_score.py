@@ -10,7 +10,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from rlhf_diffusion.rewards import build_reward
 from rlhf_diffusion.rewards.clip_score import ClipScore
-from rlhf_diffusion.testing import build_tiny_clip_score
+from rlhf_diffusion.testing import build_tiny_clip_score, random_images
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,6 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reward(tiny_dir):
     return build_reward("clip_score", path=str(tiny_dir))
-
-
-def _images(n=2, h=64, w=64, seed=0):
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 def _reference_cosine(tiny_dir, images, prompts):
@@ -41,14 +37,14 @@ def _reference_cosine(tiny_dir, images, prompts):
 
 
 def test_score_is_100_times_transformers_cosine(tiny_dir, reward):
-    images = _images(3, 80, 64)
+    images = random_images(3, 80, 64)
     prompts = ["a photo of a cat", "a red car, oil painting", "a photo of a cat"]
     expected = 100 * _reference_cosine(tiny_dir, images, prompts)
     torch.testing.assert_close(reward.score(images, prompts), expected, rtol=0, atol=1e-3)
 
 
 def test_scale_and_nonnegative(tiny_dir, reward):
-    images = _images(4, seed=5)
+    images = random_images(4, seed=5)
     prompts = ["a", "b", "c", "d"]
     cosine = build_reward("clip_score", path=str(tiny_dir), scale=1.0).score(images, prompts)
     torch.testing.assert_close(reward.score(images, prompts), 100 * cosine, rtol=1e-5, atol=1e-5)
@@ -60,14 +56,14 @@ def test_scale_and_nonnegative(tiny_dir, reward):
 
 
 def test_prompts_matter_and_repeated_prompts_share_embeddings(reward):
-    image = _images(1)
+    image = random_images(1)
     scores = reward.score(image.expand(3, -1, -1, -1), ["a dog", "an astronaut riding a horse", "a dog"])
     assert scores[0] != scores[1]
     assert scores[0] == scores[2]
 
 
 def test_gradients_are_finite_nonzero_and_per_image(reward):
-    images = _images(2)
+    images = random_images(2)
     prompts = ["a cat", "a dog"]
     scores, grad = reward.score_and_grad(images, prompts)
     assert grad.shape == images.shape and torch.isfinite(grad).all()
@@ -80,7 +76,7 @@ def test_gradients_are_finite_nonzero_and_per_image(reward):
 
 def test_long_prompts_are_truncated_to_77_tokens(reward):
     long_prompt = " ".join(["a very detailed painting of a castle"] * 30)  # ≈ 210 tokens
-    assert torch.isfinite(reward.score(_images(1), [long_prompt])).all()
+    assert torch.isfinite(reward.score(random_images(1), [long_prompt])).all()
 
 
 def test_frozen_and_in_eval_mode(reward):

@@ -7,7 +7,6 @@ import shutil
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode, Normalize, Resize
 
@@ -15,7 +14,7 @@ from rlhf_diffusion.rewards import build_reward
 from rlhf_diffusion.rewards import hpsv2 as hpsv2_module
 from rlhf_diffusion.rewards.hpsv2 import HPSv2
 from rlhf_diffusion.rewards.preprocess import CLIP_MEAN, CLIP_STD
-from rlhf_diffusion.testing import build_tiny_hpsv2
+from rlhf_diffusion.testing import build_tiny_hpsv2, random_images, smooth_uint8_image
 
 # open_clip's transform resizes PIL uint8 images (output rounded to whole grey levels), ours works on floats: they
 # differ by up to ~1 grey level = 1/255/std ≈ 0.015 in normalised units (std ≥ 0.2613) and ~0.25 level on
@@ -41,20 +40,9 @@ def open_clip_reference(tiny_dir):
     return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{tiny_dir}")
 
 
-def _images(n=2, h=64, w=64, seed=0):
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def _smooth_uint8(h, w, seed=0):
-    """A smooth (3, H, W) uint8 image in grey levels 51..204, so no resize overshoots [0, 255]."""
-    coarse = torch.rand(1, 3, 4, 6, generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
-    smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)
-    return (smooth * 255).round().to(torch.uint8)[0]
-
-
 def test_score_is_raw_cosine_of_open_clip_features(reward, open_clip_reference):
     model, _, tokenizer = open_clip_reference
-    images = _images(3, 96, 96)
+    images = random_images(3, 96, 96)
     prompts = ["a photo of a cat", "concept art of a castle", "a photo of a cat"]
     # Square images: HPS's ResizeMaxSize is a plain resize; here done by torchvision on tensors.
     pixels = Normalize(CLIP_MEAN, CLIP_STD)(Resize(224, InterpolationMode.BICUBIC, antialias=True)(images))
@@ -68,7 +56,7 @@ def test_score_is_raw_cosine_of_open_clip_features(reward, open_clip_reference):
 def test_preprocess_matches_open_clip_transform_on_pil(reward, open_clip_reference):
     _, preprocess, _ = open_clip_reference  # resize longest side + zero pad (the tiny config's HPS preprocessing)
     for h, w in [(64, 64), (60, 90), (91, 61), (300, 451)]:
-        pixels = _smooth_uint8(h, w)
+        pixels = smooth_uint8_image(h, w)
         official = preprocess(Image.fromarray(pixels.permute(1, 2, 0).numpy()))[None]  # (1, 3, 224, 224)
         ours = reward.preprocess(pixels.float()[None] / 255)
         assert ours.shape == official.shape == (1, 3, 224, 224)
@@ -80,14 +68,14 @@ def test_preprocess_matches_open_clip_transform_on_pil(reward, open_clip_referen
 
 
 def test_prompts_matter_and_repeated_prompts_share_embeddings(reward):
-    image = _images(1)
+    image = random_images(1)
     scores = reward.score(image.expand(3, -1, -1, -1), ["a dog", "an astronaut riding a horse", "a dog"])
     assert scores[0] != scores[1]
     assert scores[0] == scores[2]
 
 
 def test_gradients_are_finite_nonzero_and_per_image(reward):
-    images = _images(2, 64, 48)
+    images = random_images(2, 64, 48)
     prompts = ["a cat", "a dog"]
     scores, grad = reward.score_and_grad(images, prompts)
     assert grad.shape == images.shape and torch.isfinite(grad).all()
@@ -116,7 +104,7 @@ def test_hps_checkpoint_file(tiny_dir, reward, tmp_path, monkeypatch, prefix):
     # A bare checkpoint file is built as ViT-H-14; point the architecture at the tiny config instead.
     monkeypatch.setattr(hpsv2_module, "HPS_ARCHITECTURE", f"local-dir:{tiny_dir}")
     from_file = HPSv2(path=str(file))
-    images, prompts = _images(2), ["a", "b"]
+    images, prompts = random_images(2), ["a", "b"]
     torch.testing.assert_close(from_file.score(images, prompts), reward.score(images, prompts), rtol=0, atol=2e-3)
 
 
@@ -125,7 +113,7 @@ def test_directory_with_hps_checkpoint_picks_the_versions_file(tiny_dir, reward,
     hps_dir.mkdir()
     shutil.copy(tiny_dir / "open_clip_config.json", hps_dir)
     _hps_style_checkpoint(tiny_dir, hps_dir / "HPS_v2.1_compressed.pt")
-    images, prompts = _images(2), ["a", "b"]
+    images, prompts = random_images(2), ["a", "b"]
     from_dir = build_reward("hpsv2", path=str(hps_dir), version="v2.1")
     torch.testing.assert_close(from_dir.score(images, prompts), reward.score(images, prompts), rtol=0, atol=2e-3)
     with pytest.raises(FileNotFoundError, match=r"HPS_v2_compressed\.pt"):
@@ -161,7 +149,7 @@ def test_invalid_version_and_dtype(tiny_dir):
 
 
 def test_bfloat16_gives_close_scores(tiny_dir, reward):
-    images, prompts = _images(2), ["a", "b"]
+    images, prompts = random_images(2), ["a", "b"]
     bf16 = HPSv2(path=str(tiny_dir), dtype="bfloat16")
     scores, grad = bf16.score_and_grad(images, prompts)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -26,7 +26,7 @@ from rlhf_diffusion.rewards.imagereward import (
     load_imagereward_tokenizer,
     official_to_hf_key,
 )
-from rlhf_diffusion.testing import build_tiny_imagereward
+from rlhf_diffusion.testing import build_tiny_imagereward, random_images
 
 # Upstream constants (THUDM/ImageReward `ImageReward.py`: self.mean, self.std) and preprocessing (`_transform`).
 UPSTREAM_MEAN = 0.16717362830052426
@@ -87,10 +87,6 @@ def reward(tiny_dir):
 @pytest.fixture(scope="module")
 def tiny_config(tiny_dir):
     return ImageRewardConfig.from_json_file(tiny_dir / CONFIG_FILENAME)
-
-
-def _images(n=2, h=64, w=64, seed=0):
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 def _official_forward(sd, config, pixel_values, input_ids, attention_mask):
@@ -264,7 +260,7 @@ def test_default_config_is_the_real_architecture():
 
 
 def test_score_matches_upstream_forward_on_the_official_state_dict(tiny_dir, tiny_config, reward):
-    images = torch.cat([_images(2, 64, 64, seed=1), _images(1, 64, 64, seed=2)])
+    images = torch.cat([random_images(2, 64, 64, seed=1), random_images(1, 64, 64, seed=2)])
     prompts = [*PROMPTS, "Sunset over the HOUSE!"]
     state_dict = torch.load(tiny_dir / CHECKPOINT_FILENAME, weights_only=True)
     with torch.no_grad():
@@ -275,7 +271,7 @@ def test_score_matches_upstream_forward_on_the_official_state_dict(tiny_dir, tin
 
 
 def test_normalisation_constants(tiny_dir, reward):
-    images = _images(2)
+    images = random_images(2)
     pixel_values = reward.preprocess(images)
     input_ids, attention_mask = reward.tokenize(PROMPTS)
     m = reward.model
@@ -312,7 +308,7 @@ def test_preprocessing_matches_upstream_pil_transform(reward):
 
 
 def test_gradients_are_finite_and_nonzero(reward):
-    images = _images(2, 48, 48)
+    images = random_images(2, 48, 48)
     scores, grad = reward.score_and_grad(images, PROMPTS)
     assert grad.shape == images.shape and torch.isfinite(grad).all()
     assert (grad.flatten(1).abs().sum(dim=1) > 0).all()
@@ -320,17 +316,17 @@ def test_gradients_are_finite_and_nonzero(reward):
 
 
 def test_batch_independence(reward):
-    images = _images(2, seed=4)
+    images = random_images(2, seed=4)
     together = reward.score(images, PROMPTS)
     alone = torch.cat([reward.score(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
 
 
 def test_prompt_and_image_change_the_score(reward):
-    images = _images(1, seed=5)
+    images = random_images(1, seed=5)
     a, b = reward.score(images, ["a photo of a cat"]), reward.score(images, ["a blue house with a tree"])
     assert (a - b).abs().item() > 1e-3
-    other = reward.score(_images(1, seed=6), ["a photo of a cat"])
+    other = reward.score(random_images(1, seed=6), ["a photo of a cat"])
     assert (a - other).abs().item() > 1e-3
 
 
@@ -339,7 +335,7 @@ def test_prompt_and_image_change_the_score(reward):
 
 def test_loads_from_the_pt_file_with_explicit_tokenizer(tiny_dir, reward):
     from_file = ImageReward(path=str(tiny_dir / CHECKPOINT_FILENAME), tokenizer_path=str(tiny_dir / "tokenizer"))
-    images = _images(2, seed=7)
+    images = random_images(2, seed=7)
     torch.testing.assert_close(from_file.score(images, PROMPTS), reward.score(images, PROMPTS))
     assert not any(p.requires_grad for p in from_file.model.parameters()) and not from_file.model.training
 
@@ -400,5 +396,5 @@ def test_bfloat16_towers_stay_close_to_float32(tiny_dir, reward):
     half = ImageReward(path=str(tiny_dir), dtype="bfloat16")
     assert half.model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     assert half.model.mlp.layers[0].weight.dtype == torch.float32
-    images = _images(2, seed=8)
+    images = random_images(2, seed=8)
     torch.testing.assert_close(half.score(images, PROMPTS), reward.score(images, PROMPTS), rtol=0, atol=0.08)

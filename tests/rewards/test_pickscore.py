@@ -11,7 +11,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from rlhf_diffusion.rewards import build_reward
 from rlhf_diffusion.rewards.pickscore import DEFAULT_MODEL, DEFAULT_PROCESSOR, PickScore
-from rlhf_diffusion.testing import build_tiny_pickscore
+from rlhf_diffusion.testing import build_tiny_pickscore, random_images
 
 PROMPTS = ["a photo of a cat", "a red car, oil painting"]
 
@@ -29,10 +29,6 @@ def reward(tiny_dir):
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
     return CLIPModel.from_pretrained(tiny_dir).eval(), CLIPProcessor.from_pretrained(tiny_dir)
-
-
-def _images(n=2, h=64, w=64, seed=0):
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 def _readme_scores(reference, images, prompts, **image_kwargs):
@@ -57,7 +53,7 @@ def test_builder_writes_a_hub_style_model_and_processor(tiny_dir):
 
 def test_score_matches_readme_recipe_on_float_pixels(reward, reference):
     # Float input with do_rescale=False: transformers' processor is the same resize/crop/normalise (§1).
-    images = torch.cat([_images(2, 64, 64, seed=1), _images(1, 64, 64, seed=2)])
+    images = torch.cat([random_images(2, 64, 64, seed=1), random_images(1, 64, 64, seed=2)])
     prompts = [*PROMPTS, "a photo of a cat"]
     expected = _readme_scores(reference, list(images), prompts, do_rescale=False)
     torch.testing.assert_close(reward.score(images, prompts), expected, rtol=1e-5, atol=1e-4)
@@ -65,7 +61,7 @@ def test_score_matches_readme_recipe_on_float_pixels(reward, reference):
 
 
 def test_non_square_images_use_shortest_side_resize_and_centre_crop(reward, reference):
-    images = _images(2, 96, 64, seed=3)  # portrait: 224 × 336 after resizing, centre crop 224 × 224
+    images = random_images(2, 96, 64, seed=3)  # portrait: 224 × 336 after resizing, centre crop 224 × 224
     expected = _readme_scores(reference, list(images), PROMPTS, do_rescale=False)
     torch.testing.assert_close(reward.score(images, PROMPTS), expected, rtol=1e-5, atol=1e-4)
 
@@ -75,7 +71,7 @@ def test_preprocessing_parity_with_processor_on_uint8(reward, reference):
     the same pixels / 255 in float; they differ only by rounding (docs/rewards.md §1: mean ≈ 0.004 in normalised
     units, measured 0.0046 here), so pixel values agree to ~1e-2 and scores, exp(logit_scale) ≈ 14.3 times a cosine
     that moves by < 1e-3, to 0.02 (measured ≤ 0.007)."""
-    smooth = torch.nn.functional.interpolate(_images(2, 8, 8, seed=4), size=(64, 64), mode="bilinear")
+    smooth = torch.nn.functional.interpolate(random_images(2, 8, 8, seed=4), size=(64, 64), mode="bilinear")
     pixels = (smooth * 255).round().to(torch.uint8)
     _, processor = reference
     processed = processor(images=list(pixels), return_tensors="pt").pixel_values
@@ -87,7 +83,7 @@ def test_preprocessing_parity_with_processor_on_uint8(reward, reference):
 
 
 def test_gradients_are_finite_and_nonzero(reward):
-    images = _images(2, 48, 48)
+    images = random_images(2, 48, 48)
     scores, grad = reward.score_and_grad(images, PROMPTS)
     assert grad.shape == images.shape and torch.isfinite(grad).all()
     assert (grad.flatten(1).abs().sum(dim=1) > 0).all()
@@ -95,14 +91,14 @@ def test_gradients_are_finite_and_nonzero(reward):
 
 
 def test_batch_independence(reward):
-    images = _images(2, seed=5)
+    images = random_images(2, seed=5)
     together = reward.score(images, PROMPTS)
     alone = torch.cat([reward.score(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
 
 
 def test_prompt_changes_the_score(reward):
-    images = _images(1, seed=6)
+    images = random_images(1, seed=6)
     a, b = reward.score(images, ["a photo of a cat"]), reward.score(images, ["a red car, oil painting"])
     assert (a - b).abs().item() > 1e-2
 
@@ -121,7 +117,7 @@ def test_separate_processor_dir(tiny_dir, tmp_path, reward):
         shutil.copy(tiny_dir / name, model_dir / name)
     CLIPProcessor.from_pretrained(tiny_dir).save_pretrained(processor_dir)
     separate = build_reward("pickscore", path=str(model_dir), processor_path=str(processor_dir))
-    images = _images(2, seed=7)
+    images = random_images(2, seed=7)
     torch.testing.assert_close(separate.score(images, PROMPTS), reward.score(images, PROMPTS))
 
 
