@@ -42,6 +42,8 @@ __all__ = [
     "build_tiny_imagereward",
     "build_tiny_pickscore",
     "check_algorithm_config_errors",
+    "check_reward_batch_independence",
+    "check_reward_gradients",
     "clip_image_processor",
     "random_images",
     "check_ratio_one_on_the_first_step",
@@ -68,6 +70,24 @@ def smooth_uint8_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     coarse = torch.rand(1, 3, 4, 6, generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
     smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)
     return (smooth * 255).round().to(torch.uint8)[0]
+
+
+def check_reward_gradients(
+    reward: Any, images: torch.Tensor, prompts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A differentiable reward's gradient contract: d score / d image has the images' shape, is finite, and is
+    non-zero for every image. Returns `reward.score_and_grad(images, prompts)`."""
+    scores, grad = reward.score_and_grad(images, prompts)
+    assert grad.shape == images.shape and torch.isfinite(grad).all()
+    assert (grad.flatten(1).abs().sum(dim=1) > 0).all()
+    return scores, grad
+
+
+def check_reward_batch_independence(reward: Any, images: torch.Tensor, prompts: Sequence[str]) -> None:
+    """A batch scores each image as that image alone would (to 1e-5)."""
+    together = reward.score(images, prompts)
+    alone = torch.cat([reward.score(images[i : i + 1], prompts[i : i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
 
 
 def tiny_clip_config(*, projection_dim: int = 16) -> CLIPConfig:
