@@ -93,16 +93,27 @@ prompts: {train: {inline: [a cat, a dog]}, eval_seeds: 1}
 """
 
 
-def submit_job(cluster, *entrypoint: str, timeout: int = 600) -> subprocess.CompletedProcess:
+# Ray's job server answers "No available agent to submit job, please try again later" until the node's dashboard
+# agent has registered, which on a loaded 2-core CI machine can be well after the head's HTTP API is up. The job is
+# not created in that case, so submitting again is safe; any other failure is returned as it is.
+NO_AGENT = "No available agent to submit job"
+
+
+def submit_job(cluster, *entrypoint: str, timeout: int = 600, agent_wait: float = 180.0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(
-        [cluster.ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    deadline = time.monotonic() + agent_wait
+    while True:
+        proc = subprocess.run(
+            [cluster.ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        if proc.returncode == 0 or NO_AGENT not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(3)
 
 
 @pytest.mark.ray
