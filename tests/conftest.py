@@ -66,6 +66,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
+    """A head node shared by the session's Ray tests (see `_ray_head`)."""
+    yield from _ray_head(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def own_ray_cluster(tmp_path_factory):
+    """A head node for one test module only: the `ray job submit` tests, whose job agent did not survive the session
+    cluster's actor-kill tests in the full suite ("No available agent" for minutes)."""
+    yield from _ray_head(tmp_path_factory)
+
+
+def _ray_head(tmp_path_factory):
     """Starts a head node bound to loopback (8 logical CPUs, no GPU) and stops it, and only it, at the end."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     port, dashboard_port = _free_port(), _free_port()

@@ -117,7 +117,8 @@ def submit_job(cluster, *entrypoint: str, timeout: int = 600, agent_wait: float 
 
 
 @pytest.mark.ray
-def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_path):
+def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(own_ray_cluster, tmp_path):
+    ray_cluster = own_ray_cluster
     entrypoint = (
         sys.executable,
         "-m",
@@ -174,7 +175,8 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(ray_cluster, tmp_pat
 
 
 @pytest.mark.ray
-def test_ray_job_with_a_bad_config_fails_fast_naming_the_field(ray_cluster, tmp_path):
+def test_ray_job_with_a_bad_config_fails_fast_naming_the_field(own_ray_cluster, tmp_path):
+    ray_cluster = own_ray_cluster
     start = time.monotonic()
     proc = submit_job(
         ray_cluster,
