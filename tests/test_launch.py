@@ -118,7 +118,6 @@ def submit_job(cluster, *entrypoint: str, timeout: int = 600, agent_wait: float 
 
 @pytest.mark.ray
 def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(own_ray_cluster, tmp_path):
-    ray_cluster = own_ray_cluster
     entrypoint = (
         sys.executable,
         "-m",
@@ -141,7 +140,7 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(own_ray_cluster, tmp
         "--no-progress",
         *FAST,
     )
-    proc = submit_job(ray_cluster, *entrypoint)
+    proc = submit_job(own_ray_cluster, *entrypoint)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "joined the Ray cluster" in out and "succeeded" in out.lower()
@@ -153,7 +152,7 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(own_ray_cluster, tmp
     assert "checker" in json.loads((run_dir / "eval.json").read_text())["heldout_after"]
 
     # the same job again, fresh (no --resume): refused in the driver before it joins the cluster, the run kept
-    again = submit_job(ray_cluster, *entrypoint)
+    again = submit_job(own_ray_cluster, *entrypoint)
     out = again.stdout + again.stderr
     assert again.returncode != 0 and "failed" in out.lower() and "Traceback" not in out
     assert f"run directory {run_dir} already holds a run" in out and "--resume" in out and "--overwrite" in out
@@ -176,10 +175,9 @@ def test_ray_job_submit_runs_the_tiny_config_on_the_cluster(own_ray_cluster, tmp
 
 @pytest.mark.ray
 def test_ray_job_with_a_bad_config_fails_fast_naming_the_field(own_ray_cluster, tmp_path):
-    ray_cluster = own_ray_cluster
     start = time.monotonic()
     proc = submit_job(
-        ray_cluster,
+        own_ray_cluster,
         sys.executable,
         "-m",
         "rlhf_diffusion.launch",
