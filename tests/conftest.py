@@ -72,15 +72,18 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def own_ray_cluster(tmp_path_factory):
-    """A head node for one test module only: the `ray job submit` tests, whose job agent did not survive the session
-    cluster's actor-kill tests in the full suite ("No available agent" for minutes)."""
+    """A head node for one test module only: the `ray job submit` tests, kept apart from the session cluster's
+    actor-kill tests."""
     yield from _ray_head(tmp_path_factory)
 
 
 def _ray_head(tmp_path_factory):
     """Starts a head node bound to loopback (8 logical CPUs, no GPU) and stops it, and only it, at the end."""
     ray_bin = str(Path(sys.executable).parent / "ray")
-    port, dashboard_port = _free_port(), _free_port()
+    # Every port is chosen free: the dashboard agent's HTTP port (which serves `ray job submit`) otherwise defaults to
+    # 52365 on every node, so a second Ray instance on the machine (the other xdist worker's head, or a local
+    # `ray.init` in a launch test) leaves this head with no job agent ("No available agent to submit job").
+    port, dashboard_port, agent_port = _free_port(), _free_port(), _free_port()
     log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -98,6 +101,8 @@ def _ray_head(tmp_path_factory):
             "127.0.0.1",
             "--dashboard-port",
             str(dashboard_port),
+            "--dashboard-agent-listen-port",
+            str(agent_port),
             "--num-cpus",
             "8",
             "--num-gpus",
