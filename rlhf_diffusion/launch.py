@@ -33,6 +33,7 @@ import sys
 from rlhf_diffusion.config import ConfigError, add_override_option, load_config
 
 ADDRESS_ENV = "RAY_ADDRESS"
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray takes loopback as the node address (ray_constants)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,11 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def connect_ray(config) -> str:
     """Connects to the cluster in RAY_ADDRESS, or starts a local Ray with enough logical CPUs for the actors.
     Returns a description of what it did."""
+    address = os.environ.get(ADDRESS_ENV)
+    if not address:
+        # A local instance is reached from this machine only, so every Ray server binds loopback: with this set
+        # (read when ray is imported) Ray takes 127.0.0.1 as the node's address instead of the machine's network
+        # address, and binds its GCS, raylet, workers, dashboard agent and runtime-env agent there.
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     import ray
 
     from rlhf_diffusion.trainer import required_resources
 
-    address = os.environ.get(ADDRESS_ENV)
     if address:
         ray.init(address=address, logging_level="WARNING")
         return f"joined the Ray cluster at {address}"
@@ -71,7 +77,10 @@ def connect_ray(config) -> str:
     # address="local": a new instance even when a `ray start` cluster runs on this machine (join that one by
     # setting RAY_ADDRESS).
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level="WARNING")
-    return "started a local Ray instance"
+    from rlhf_diffusion.reaper import start_reaper
+
+    start_reaper()  # whatever ends this process, the local instance's processes end with it (reaper.py)
+    return "started a local Ray instance (bound to 127.0.0.1)"
 
 
 def claim_run_dir(config, args: argparse.Namespace):
