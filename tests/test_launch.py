@@ -26,20 +26,51 @@ def run_launch(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+RAY_PROCESSES = {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+
+
 def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tmp_path):
-    proc = run_launch(
-        "configs/tiny.yaml",
-        "--set",
-        f"output_dir={tmp_path}",
-        "--set",
-        "train.iterations=2",
-        "--set",
-        "prompts.eval_seeds=1",
-        "--set",
-        "sampling.batch_size=4",
-        *FAST,
+    """Also: the local Ray instance listens on loopback only, and none of its processes outlive the launcher."""
+    import psutil
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_diffusion.launch", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}"]
+        + ["--set", "train.iterations=2", "--set", "prompts.eval_seeds=1", "--set", "sampling.batch_size=4", *FAST],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
+    tree, listening = [], set()
+    deadline = time.monotonic() + 300
+    while launcher.poll() is None and time.monotonic() < deadline:  # until every actor is up
+        try:
+            tree = psutil.Process(launcher.pid).children(recursive=True)
+            names = {process.name() for process in tree}
+        except psutil.Error:
+            break
+        if RAY_PROCESSES | {"ray::Learner", "ray::RewardServer"} <= {name.split(".")[0] for name in names}:
+            for process in tree:
+                try:
+                    sockets = process.net_connections(kind="inet")
+                except psutil.Error:
+                    continue
+                listening |= {(process.name(), s.laddr.ip) for s in sockets if s.status == psutil.CONN_LISTEN}
+            break
+        time.sleep(0.5)
+    stdout, stderr = launcher.communicate(timeout=600)
+    proc = subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"gcs_server", "raylet", "ray::DashboardAgent"} <= {name for name, _ in listening}, (tree, listening)
+    assert {ip for _, ip in listening} <= LOOPBACK, listening  # was 0.0.0.0, :: and the machine's address
+    deadline = time.monotonic() + 30
+    while (alive := [p.name() for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert not alive, f"still running 30 s after the launcher ended: {alive}"  # after kill -9: tests/test_reaper.py
     run_dir = tmp_path / "tiny"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["iteration"] == 2
@@ -66,52 +97,6 @@ def test_tiny_config_runs_end_to_end_and_its_lora_loads_into_a_stock_pipeline(tm
         generator=torch.Generator().manual_seed(0),
     ).images
     assert image.shape == (1, 64, 64, 3)
-
-
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def test_a_local_launch_listens_on_loopback_only_and_nothing_outlives_its_kill_9(tmp_path):
-    import psutil
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run_dir = tmp_path / "tiny"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_diffusion.launch", "configs/tiny.yaml", "--no-progress"]
-        + ["--set", f"output_dir={tmp_path}", "--set", "train.iterations=1000", "--set", "sampling.batch_size=2"]
-        + ["--set", "prompts.eval_seeds=1", *FAST],
-        cwd=ROOT,
-        stdout=open(tmp_path / "launch.log", "w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 400
-        while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
-            log = (tmp_path / "launch.log").read_text()
-            assert launcher.poll() is None and time.monotonic() < deadline, log[-3000:]
-            time.sleep(1)
-        tree = psutil.Process(launcher.pid).children(recursive=True)  # training: every actor is up
-        listening = set()
-        for process in tree:
-            try:
-                sockets = process.net_connections(kind="inet")
-            except psutil.Error:
-                continue
-            listening |= {(process.name(), s.laddr.ip) for s in sockets if s.status == psutil.CONN_LISTEN}
-    finally:
-        launcher.kill()  # -9, the launcher alone: no clean shutdown
-        launcher.wait()
-    names = {process.name() for process in tree}
-    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, names
-    assert {"gcs_server", "raylet", "ray::DashboardAgent"} <= {name for name, _ in listening}, listening
-    assert {ip for _, ip in listening} <= LOOPBACK, listening
-    deadline = time.monotonic() + 30  # Ray alone left both agents listening for 60-90 s (rlhf_diffusion/reaper.py)
-    while (alive := [p.name() for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.5)
-    assert not alive, f"still running 30 s after the launcher was killed: {alive}"
 
 
 def test_bad_config_fails_fast_naming_the_field(tmp_path):
