@@ -1,4 +1,4 @@
-"""Model loading, LoRA handling, text conditioning, model sources and tiny test pipelines for SD1.5 / SDXL.
+"""Model loading, LoRA handling, text conditioning, model sources and tiny test pipelines for SD1.5 / SDXL / SD3.
 
 The names below are imported from their submodules on first use, so that `models.sources` (torch-free; config
 validation uses it) can be imported without loading torch and diffusers.
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         encode_prompts,
         predict_noise,
         predict_noise_cfg,
+        predict_velocity,
     )
     from rlhf_diffusion.models.loading import (
         DiffusionModel,
@@ -38,6 +39,7 @@ _EXPORTS = {
     "encode_prompts": "conditioning",
     "predict_noise": "conditioning",
     "predict_noise_cfg": "conditioning",
+    "predict_velocity": "conditioning",
     "DiffusionModel": "loading",
     "ModelLoadError": "loading",
     "attach_lora": "loading",
@@ -75,6 +77,7 @@ __all__ = [
     "lora_parameters",
     "predict_noise",
     "predict_noise_cfg",
+    "predict_velocity",
     "read_lora_file",
     "resolve_source",
     "set_lora_state_dict",

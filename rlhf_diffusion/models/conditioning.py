@@ -1,16 +1,20 @@
-"""Text conditioning of the UNet (SD1.5; SDXL pooled embeds + micro-conditioning) and classifier-free guidance.
+"""Text conditioning of the denoiser (SD1.5; SDXL pooled embeds + micro-conditioning; SD3) and classifier-free
+guidance.
 
 Encodings match the stock pipelines' `encode_prompt` exactly (SD1.5: last hidden state of the CLIP text encoder;
 SDXL: penultimate hidden states of both encoders concatenated, the pooled projection of the second, and
-`add_time_ids = (original_size, crops_coords_top_left, target_size)`), so a LoRA trained on these conditionings
-behaves the same inside a stock pipeline.
+`add_time_ids = (original_size, crops_coords_top_left, target_size)`; SD3: both CLIP encoders' penultimate hidden
+states concatenated and zero-padded to the T5 width, followed on the sequence axis by the T5 tokens (zeros without
+T5), and both CLIP pooled projections concatenated), so a LoRA trained on these conditionings behaves the same
+inside a stock pipeline.
 
 Classifier-free guidance (Ho & Salimans, 2022): ε̂ = ε_θ(x_t, ∅) + w · (ε_θ(x_t, c) − ε_θ(x_t, ∅)).
 """
 
 # Adapted from diffusers 0.42.1: pipelines/stable_diffusion/pipeline_stable_diffusion.py (encode_prompt) and
 # pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py (encode_prompt, _get_add_time_ids, the CFG step of
-# __call__). Changes:
+# __call__); the SD3 branch follows pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py (encode_prompt,
+# _get_clip_prompt_embeds, _get_t5_prompt_embeds; the same prompt for all three encoders). Changes:
 # - conditional and unconditional encodings are separate functions returning one `TextConditioning` each;
 # - no textual inversion, clip_skip, text-encoder LoRA scaling, num_images_per_prompt or negative prompts;
 # - add_time_ids are built per sample (B, 6) instead of once per call;
@@ -25,18 +29,31 @@ from torch import Tensor
 
 from rlhf_diffusion.models.loading import DiffusionModel
 
-__all__ = ["TextConditioning", "encode_negative", "encode_prompts", "predict_noise", "predict_noise_cfg"]
+__all__ = [
+    "SD3_T5_MAX_LENGTH",
+    "TextConditioning",
+    "encode_negative",
+    "encode_prompts",
+    "predict_noise",
+    "predict_noise_cfg",
+    "predict_velocity",
+]
+
+# T5 tokens SD3 appends to the 77 CLIP tokens (`StableDiffusion3Pipeline`'s default `max_sequence_length`).
+SD3_T5_MAX_LENGTH = 256
 
 
 @dataclass
 class TextConditioning:
-    """Per-sample text conditioning of the UNet; row i conditions sample i.
+    """Per-sample text conditioning of the denoiser; row i conditions sample i.
 
     Attributes:
-        prompt_embeds: (B, L, D) token embeddings for cross-attention (L = 77; D = 768 SD1.5, 2048 SDXL).
-        pooled_prompt_embeds: (B, P) pooled text embedding of SDXL's second encoder (P = 1280); None for SD1.5.
+        prompt_embeds: (B, L, D) token embeddings for cross-attention (L = 77; D = 768 SD1.5, 2048 SDXL) or, for
+            SD3, the joint-attention text tokens (L = 77 + 256, D = 4096).
+        pooled_prompt_embeds: (B, P) pooled text embedding of SDXL's second encoder (P = 1280) or of SD3's two CLIP
+            encoders concatenated (P = 2048); None for SD1.5.
         add_time_ids: (B, 6) SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w);
-            None for SD1.5.
+            None for SD1.5 and SD3.
     """
 
     prompt_embeds: Tensor
@@ -47,8 +64,8 @@ class TextConditioning:
         if self.prompt_embeds.ndim != 3:
             raise ValueError(f"prompt_embeds must be (B, L, D), got shape {tuple(self.prompt_embeds.shape)}")
         batch = self.prompt_embeds.shape[0]
-        if (self.pooled_prompt_embeds is None) != (self.add_time_ids is None):
-            raise ValueError("pooled_prompt_embeds and add_time_ids must be given together (SDXL) or both be None")
+        if self.add_time_ids is not None and self.pooled_prompt_embeds is None:
+            raise ValueError("add_time_ids must be given together with pooled_prompt_embeds (SDXL)")
         for name in ("pooled_prompt_embeds", "add_time_ids"):
             value = getattr(self, name)
             if value is not None and (value.ndim != 2 or value.shape[0] != batch):
@@ -56,8 +73,13 @@ class TextConditioning:
 
     @property
     def is_sdxl(self) -> bool:
-        """Whether the SDXL extras (pooled embeds, add_time_ids) are present."""
-        return self.pooled_prompt_embeds is not None
+        """Whether the SDXL extras (pooled embeds and add_time_ids) are present."""
+        return self.add_time_ids is not None
+
+    @property
+    def _layout(self) -> tuple[bool, ...]:
+        """Which fields are set: SD1.5, SDXL and SD3 conditionings differ in it."""
+        return tuple(getattr(self, f.name) is not None for f in fields(self))
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -95,12 +117,15 @@ class TextConditioning:
         """Concatenates conditionings along the batch: B' = Σ B_k.
 
         Raises:
-            ValueError: `items` is empty or mixes SD1.5 and SDXL conditionings.
+            ValueError: `items` is empty or mixes SD1.5, SDXL and SD3 conditionings.
         """
         if not items:
             raise ValueError("TextConditioning.cat needs at least one item")
-        if len({item.is_sdxl for item in items}) != 1:
-            raise ValueError("TextConditioning.cat cannot mix SDXL (pooled embeds, add_time_ids) and SD1.5 items")
+        if len({item._layout for item in items}) != 1:
+            raise ValueError(
+                "TextConditioning.cat cannot mix SD1.5 (embeds only), SDXL (pooled embeds, add_time_ids) and SD3 "
+                "(pooled embeds) items"
+            )
         return TextConditioning(
             **{
                 f.name: (None if getattr(items[0], f.name) is None else torch.cat([getattr(i, f.name) for i in items]))
@@ -153,16 +178,19 @@ def encode_prompts(
     """Encodes prompts exactly as the stock pipeline's `encode_prompt` (no clip_skip, no LoRA on the encoders).
 
     Args:
-        model: loaded SD1.5 / SDXL components.
-        prompts: B prompts.
+        model: loaded SD1.5 / SDXL / SD3 components.
+        prompts: B prompts (SD3: the same prompt goes to all three encoders, as the pipeline does by default).
         height, width: SDXL image size in pixels for `add_time_ids`; default the model's native resolution.
 
     Returns:
         B conditionings on the model's device: SD1.5 `prompt_embeds` (B, 77, D); SDXL additionally
-        `pooled_prompt_embeds` (B, P) and `add_time_ids` (B, 6).
+        `pooled_prompt_embeds` (B, P) and `add_time_ids` (B, 6); SD3 `prompt_embeds` (B, 77 + 256, D_T5) and
+        `pooled_prompt_embeds` (B, P_1 + P_2).
     """
     _check_prompts(prompts)
     device = model.device
+    if model.kind == "sd3":
+        return _encode_sd3(model, prompts)
     if model.kind == "sd15":
         (text_encoder,) = model.text_encoders
         input_ids, attention_mask = _tokenize(model.tokenizers[0], prompts, device)
@@ -191,18 +219,57 @@ def encode_prompts(
     )
 
 
+def _encode_sd3(model: DiffusionModel, prompts: list[str]) -> TextConditioning:
+    """SD3: CLIP-L ‖ CLIP-G penultimate hidden states (B, 77, D_1 + D_2), zero-padded on the feature axis to the
+    transformer's joint width, then the T5 tokens (B, 256, joint width; zeros without T5) on the sequence axis;
+    pooled = CLIP-L ‖ CLIP-G projected EOT embeddings."""
+    device = model.device
+    clip_encoders, clip_tokenizers = model.text_encoders[:2], model.tokenizers[:2]
+    dtype = clip_encoders[0].dtype  # the pipeline casts both CLIP streams (and T5's zeros) to text_encoder's dtype
+    hidden, pooled = [], []
+    for tokenizer, text_encoder in zip(clip_tokenizers, clip_encoders):
+        input_ids, _ = _tokenize(tokenizer, prompts, device)
+        output = text_encoder(input_ids, output_hidden_states=True)
+        pooled.append(output[0])  # (B, P_k): CLIPTextModelWithProjection's text_embeds
+        hidden.append(output.hidden_states[-2].to(dtype=dtype))  # (B, 77, D_k)
+    clip_embeds = torch.cat(hidden, dim=-1)
+    joint_dim = model.unet.config.joint_attention_dim
+    if len(model.text_encoders) > 2:
+        t5_tokenizer, t5 = model.tokenizers[2], model.text_encoders[2]
+        t5_ids = t5_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=SD3_T5_MAX_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        t5_embeds = t5(t5_ids.to(device))[0].to(dtype=t5.dtype)
+    else:
+        t5_embeds = torch.zeros(len(prompts), SD3_T5_MAX_LENGTH, joint_dim, dtype=dtype, device=device)
+    if clip_embeds.shape[-1] > t5_embeds.shape[-1]:
+        raise ValueError(
+            f"SD3 CLIP features ({clip_embeds.shape[-1]}) are wider than the T5 / joint width ({t5_embeds.shape[-1]})"
+        )
+    clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
+    return TextConditioning(
+        prompt_embeds=torch.cat([clip_embeds, t5_embeds], dim=-2),
+        pooled_prompt_embeds=torch.cat(pooled, dim=-1),
+    )
+
+
 @torch.no_grad()
 def encode_negative(
     model: DiffusionModel, batch_size: int, *, height: int | None = None, width: int | None = None
 ) -> TextConditioning:
     """The unconditional (CFG) conditioning, as the stock pipeline builds it when no negative prompt is given.
 
-    SD1.5 encodes the empty prompt "". SDXL uses all-zero `prompt_embeds` and `pooled_prompt_embeds` when the
+    SD1.5 and SD3 encode the empty prompt "". SDXL uses all-zero `prompt_embeds` and `pooled_prompt_embeds` when the
     pipeline sets `force_zeros_for_empty_prompt` (SDXL base does), else it encodes "" like SD1.5; its
     `add_time_ids` equal the conditional ones.
 
     Args:
-        model: loaded SD1.5 / SDXL components.
+        model: loaded SD1.5 / SDXL / SD3 components.
         batch_size: B, the number of rows.
         height, width: SDXL image size in pixels for `add_time_ids`; default the model's native resolution.
 
@@ -254,6 +321,38 @@ def predict_noise(unet, x_t: Tensor, t: Tensor, cond: TextConditioning) -> Tenso
         t,
         encoder_hidden_states=cond.prompt_embeds,
         added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )[0]
+
+
+def predict_velocity(transformer, x_t: Tensor, t: Tensor, cond: TextConditioning) -> Tensor:
+    """v_θ(x_σ, σ, c): one call of SD3's transformer, differentiable, as `StableDiffusion3Pipeline` makes it.
+
+    Args:
+        transformer: `SD3Transformer2DModel` (with or without an active LoRA), or a DistributedDataParallel
+            wrapping one.
+        x_t: (B, 16, h, w) noisy latents x_σ.
+        t: (B,) or scalar timesteps σ·N on the scheduler's scale (`FlowMatchEulerDiscreteScheduler.timesteps`,
+            N = 1000), floats.
+        cond: B SD3 conditionings (`encode_prompts` of an SD3 model); moved to x_t's device and cast to its dtype.
+
+    Returns:
+        (B, 16, h, w) predicted velocity ε − x_0, in x_t's dtype.
+
+    Raises:
+        ValueError: batch sizes differ, or the conditioning has no pooled embeds or has SDXL's add_time_ids.
+    """
+    if len(cond) != x_t.shape[0]:
+        raise ValueError(f"cond has {len(cond)} rows but x_t has batch {x_t.shape[0]}")
+    if cond.pooled_prompt_embeds is None or cond.add_time_ids is not None:
+        raise ValueError("the SD3 transformer needs an SD3 conditioning: pooled_prompt_embeds and no add_time_ids")
+    cond = cond.to(device=x_t.device, dtype=x_t.dtype)
+    t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])  # the transformer embeds one t per row
+    return transformer(
+        hidden_states=x_t,
+        encoder_hidden_states=cond.prompt_embeds,
+        pooled_projections=cond.pooled_prompt_embeds,
+        timestep=t,
         return_dict=False,
     )[0]
 

@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.5 / SDXL components from a diffusers pipeline directory or hub id; the LoRA policy on the UNet.
+"""Stable Diffusion 1.5 / SDXL / SD3 components from a diffusers pipeline directory or hub id; the LoRA policy on the
+denoising network (the UNet; SD3's transformer).
 
 One loader serves production checkpoints (`runwayml/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-xl-base-1.0`
 or a local copy) and the tiny random-weight pipelines the tests build with `models.tiny`. All loaded modules are
@@ -13,6 +14,12 @@ setting) trains every UNet weight instead; the learner then keeps a frozen copy 
 
 `export_lora` (in `models.lora`, with the reader of that file; re-exported here) writes the adapter in the diffusers
 LoRA format, the file a stock pipeline reads with `pipe.load_lora_weights(dir)`.
+
+SD3 / SD3.5 (`kind="sd3"`, a `StableDiffusion3Pipeline` directory): the denoising network is the
+`SD3Transformer2DModel` (a rectified-flow velocity predictor), kept in `DiffusionModel.unet` so that the LoRA and
+fine-tuning functions here serve it unchanged; the scheduler is the pipeline's `FlowMatchEulerDiscreteScheduler`.
+Loading, prompt encoding, LoRA and its export work for SD3; sampling and the training methods do not use it yet
+(docs/algorithms.md §10).
 """
 
 from __future__ import annotations
@@ -31,13 +38,21 @@ from diffusers import (
     AutoencoderTiny,
     DDIMScheduler,
     DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from rlhf_diffusion.models.lora import LORA_WEIGHT_NAME, _require_lora, export_lora
 from rlhf_diffusion.models.sources import is_hub_id
@@ -81,7 +96,26 @@ _COMPONENTS = {
         "tokenizer_2": CLIPTokenizer,
         "scheduler": DDIMScheduler,
     },
+    "sd3": {
+        "transformer": SD3Transformer2DModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModelWithProjection,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "tokenizer": CLIPTokenizer,
+        "tokenizer_2": CLIPTokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+    },
 }
+# Components a kind loads when model_index.json names them (SD3 runs without its T5 encoder: the pipeline, and
+# `conditioning.encode_prompts`, then put zeros in place of the T5 tokens).
+_OPTIONAL_COMPONENTS = {
+    "sd15": {},
+    "sdxl": {},
+    "sd3": {"text_encoder_3": T5EncoderModel, "tokenizer_3": T5Tokenizer},
+}
+# The denoising network's subfolder per kind (kept in `DiffusionModel.unet` for all kinds).
+_DENOISER = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer"}
+_KINDS = ("sd15", "sdxl", "sd3")
 
 # DDIM settings a non-DDIM scheduler config may not state, where DDIMScheduler's own defaults (pixel-space x0
 # clipping, ᾱ_prev = 1 at the last step) are wrong for latent diffusion; the SD / SDXL configs state these values.
@@ -97,12 +131,19 @@ class DiffusionModel:
     """The components of a Stable Diffusion pipeline that training and sampling use.
 
     Attributes:
-        kind: `"sd15"` (one CLIP text encoder) or `"sdxl"` (two encoders, pooled embeds, micro-conditioning).
-        unet: the noise-prediction network ε_θ(x_t, t, c); carries the LoRA adapter once `attach_lora` ran.
-        vae: the latent autoencoder, always float32 (the SDXL VAE overflows in fp16).
-        text_encoders: `[text_encoder]` for SD1.5, `[text_encoder, text_encoder_2]` for SDXL.
+        kind: `"sd15"` (one CLIP text encoder), `"sdxl"` (two encoders, pooled embeds, micro-conditioning) or
+            `"sd3"` (SD3 / SD3.5: a flow-matching transformer, two CLIP encoders and optionally T5).
+        unet: the trainable denoising network; carries the LoRA adapter once `attach_lora` ran. For SD1.5 / SDXL
+            the noise-prediction UNet ε_θ(x_t, t, c) (`UNet2DConditionModel`); for SD3 the velocity-prediction
+            `SD3Transformer2DModel` v_θ(x_σ, σ, c) (the pipeline's `transformer`; the name is kept so that the
+            LoRA / fine-tuning functions serve both).
+        vae: the latent autoencoder, always float32 (the SDXL VAE overflows in fp16). SD3's has 16 latent channels
+            and a `shift_factor`: latents = (vae.encode(x) − shift_factor) · scaling_factor.
+        text_encoders: `[text_encoder]` for SD1.5, `[text_encoder, text_encoder_2]` for SDXL, and for SD3 the two
+            CLIP encoders with projection plus `text_encoder_3` (T5) when the pipeline has one.
         tokenizers: one tokenizer per text encoder, same order.
-        scheduler: a `DDIMScheduler` built from the pipeline's scheduler config (noise schedule ᾱ_t).
+        scheduler: SD1.5 / SDXL: a `DDIMScheduler` built from the pipeline's scheduler config (noise schedule ᾱ_t);
+            SD3: the pipeline's own `FlowMatchEulerDiscreteScheduler` (σ grid and shift; `diffusion.flow`).
         source: the directory or hub id the components were loaded from.
         force_zeros_for_empty_prompt: SDXL only: the unconditional (CFG) embedding is all zeros instead of the
             encoding of "" (the pipeline's `model_index.json` setting; True for SDXL base).
@@ -112,16 +153,16 @@ class DiffusionModel:
             the reference is `unet` with the adapter disabled and this stays None).
     """
 
-    kind: Literal["sd15", "sdxl"]
-    unet: UNet2DConditionModel
+    kind: Literal["sd15", "sdxl", "sd3"]
+    unet: UNet2DConditionModel | SD3Transformer2DModel
     vae: AutoencoderKL
     text_encoders: list[nn.Module]
     tokenizers: list
-    scheduler: DDIMScheduler
+    scheduler: DDIMScheduler | FlowMatchEulerDiscreteScheduler
     source: str
     force_zeros_for_empty_prompt: bool = True
     preview_vae: AutoencoderTiny | None = None
-    reference_unet: UNet2DConditionModel | None = None
+    reference_unet: UNet2DConditionModel | SD3Transformer2DModel | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -130,7 +171,7 @@ class DiffusionModel:
 
     @property
     def resolution(self) -> int:
-        """Native image side in pixels (512 for SD1.5, 1024 for SDXL)."""
+        """Native image side in pixels (512 for SD1.5, 1024 for SDXL and SD3)."""
         return self.unet.config.sample_size * self.vae_scale_factor
 
     @property
@@ -180,9 +221,13 @@ def _read_pipeline_index(source: str, revision: str | None) -> dict:
         ) from err
 
 
-def _detect_kind(index: dict) -> Literal["sd15", "sdxl"]:
-    """SDXL iff the pipeline class says XL or the pipeline has a second text encoder."""
+def _detect_kind(index: dict) -> Literal["sd15", "sdxl", "sd3"]:
+    """SD3 iff the pipeline class is a StableDiffusion3 one or its transformer is an `SD3Transformer2DModel`; else
+    SDXL iff the pipeline class says XL or the pipeline has a second text encoder; else SD1.5."""
     class_name = str(index.get("_class_name", ""))
+    transformer_class = (index.get("transformer") or [None, None])[-1]
+    if class_name.startswith("StableDiffusion3") or transformer_class == SD3Transformer2DModel.__name__:
+        return "sd3"
     has_text_encoder_2 = (index.get("text_encoder_2") or [None])[0] is not None
     return "sdxl" if ("XL" in class_name or has_text_encoder_2) else "sd15"
 
@@ -202,9 +247,9 @@ def _load_component(cls, source: str, subfolder: str, revision: str | None, inde
             for key, value in _LATENT_DDIM_DEFAULTS.items():
                 config.setdefault(key, value)
             return DDIMScheduler.from_config(config)
-        if cls is CLIPTokenizer:
+        if cls in (CLIPTokenizer, T5Tokenizer, FlowMatchEulerDiscreteScheduler):
             return cls.from_pretrained(source, subfolder=subfolder, revision=revision)
-        if issubclass(cls, (CLIPTextModel, CLIPTextModelWithProjection)):  # transformers names it `dtype`
+        if issubclass(cls, (CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel)):  # transformers: `dtype`
             return cls.from_pretrained(source, subfolder=subfolder, revision=revision, dtype=dtype)
         return cls.from_pretrained(source, subfolder=subfolder, revision=revision, torch_dtype=dtype)
     except Exception as err:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, EnvironmentError, ...
@@ -222,22 +267,25 @@ def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
 def load_diffusion_model(
     source: str,
     *,
-    kind: Literal["auto", "sd15", "sdxl"] = "auto",
+    kind: Literal["auto", "sd15", "sdxl", "sd3"] = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     revision: str | None = None,
 ) -> DiffusionModel:
-    """Loads the frozen components of an SD1.5 or SDXL pipeline.
+    """Loads the frozen components of an SD1.5, SDXL or SD3 / SD3.5 pipeline.
 
     Each component is loaded with `X.from_pretrained(source, subfolder=...)`, exactly as the stock pipeline would,
     from a local diffusers pipeline directory (e.g. one built by `models.tiny.build_tiny_pipeline`) or a Hugging Face
-    Hub id. The scheduler is always a `DDIMScheduler` on the pipeline's noise schedule.
+    Hub id. For SD1.5 / SDXL the scheduler is always a `DDIMScheduler` on the pipeline's noise schedule; for SD3 it
+    is the pipeline's `FlowMatchEulerDiscreteScheduler`, its transformer goes to `DiffusionModel.unet`, and its T5
+    encoder (`text_encoder_3`, `tokenizer_3`) is loaded when model_index.json names one.
 
     Args:
         source: pipeline directory or hub id (`"stabilityai/stable-diffusion-xl-base-1.0"`).
-        kind: `"auto"` reads `model_index.json` (SDXL iff the pipeline class name contains "XL" or it has a
-            `text_encoder_2`); `"sd15"` / `"sdxl"` must agree with it.
-        dtype: dtype of the UNet and text encoders. The VAE is always float32.
+        kind: `"auto"` reads `model_index.json` (SD3 iff the pipeline class is `StableDiffusion3*` or its
+            transformer an `SD3Transformer2DModel`; else SDXL iff the pipeline class name contains "XL" or it has a
+            `text_encoder_2`); `"sd15"` / `"sdxl"` / `"sd3"` must agree with it.
+        dtype: dtype of the denoising network and text encoders. The VAE is always float32.
         device: where all components are placed.
         revision: hub revision (branch, tag or commit); ignored for local directories.
 
@@ -245,12 +293,12 @@ def load_diffusion_model(
         The components, all with `requires_grad=False` and in eval mode.
 
     Raises:
-        ValueError: `kind` is not one of "auto", "sd15", "sdxl".
+        ValueError: `kind` is not one of "auto", "sd15", "sdxl", "sd3".
         ModelLoadError: the directory does not exist, has no model_index.json or lacks a component subfolder, the
             hub id cannot be resolved, a component fails to load, or `kind` disagrees with the pipeline.
     """
-    if kind not in ("auto", "sd15", "sdxl"):
-        raise ValueError(f"kind must be 'auto', 'sd15' or 'sdxl', got {kind!r}")
+    if kind not in ("auto", *_KINDS):
+        raise ValueError(f"kind must be 'auto', 'sd15', 'sdxl' or 'sd3', got {kind!r}")
     source = str(source)
     device = torch.device(device)
     index = _read_pipeline_index(source, revision)
@@ -260,16 +308,20 @@ def load_diffusion_model(
             f"pipeline {source!r} is {detected!r} ({index.get('_class_name')}), but kind={kind!r} was requested"
         )
 
+    components = dict(_COMPONENTS[detected])
+    components.update(
+        {name: cls for name, cls in _OPTIONAL_COMPONENTS[detected].items() if (index.get(name) or [None])[0]}
+    )
     parts = {
         # The VAE stays float32: the SDXL VAE overflows in fp16, and decoding is a small share of the compute.
         name: _load_component(cls, source, name, revision, index, torch.float32 if name == "vae" else dtype)
-        for name, cls in _COMPONENTS[detected].items()
+        for name, cls in components.items()
     }
-    encoder_names = ["text_encoder", "text_encoder_2"] if detected == "sdxl" else ["text_encoder"]
-    tokenizer_names = ["tokenizer", "tokenizer_2"] if detected == "sdxl" else ["tokenizer"]
+    encoder_names = [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if name in parts]
+    tokenizer_names = [name for name in ("tokenizer", "tokenizer_2", "tokenizer_3") if name in parts]
     return DiffusionModel(
         kind=detected,
-        unet=_freeze(parts["unet"], device),
+        unet=_freeze(parts[_DENOISER[detected]], device),
         vae=_freeze(parts["vae"], device),
         text_encoders=[_freeze(parts[name], device) for name in encoder_names],
         tokenizers=[parts[name] for name in tokenizer_names],
@@ -311,18 +363,25 @@ def load_preview_decoder(path: str | Path, model: DiffusionModel) -> Autoencoder
 _ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "default": AttnProcessor}
 
 
-def set_attention(unet: UNet2DConditionModel, attention: Literal["sdpa", "default"]) -> None:
+def set_attention(unet: UNet2DConditionModel | SD3Transformer2DModel, attention: Literal["sdpa", "default"]) -> None:
     """Gives every attention layer of the UNet the processor `attention` names (in place).
 
     `"sdpa"` = `AttnProcessor2_0` (torch `scaled_dot_product_attention`, fused kernels on CUDA); `"default"` =
     `AttnProcessor` (explicit softmax(QKᵀ/√d)·V). Processors only compute attention from the module's q/k/v/out
     projections, so a LoRA on those Linear layers works the same under either.
 
+    SD3's transformer keeps its joint-attention processors (diffusers' `JointAttnProcessor2_0`, SDPA already):
+    `"sdpa"` leaves it as it is, and `"default"` is refused (the UNet processors cannot compute joint attention).
+
     Raises:
-        ValueError: `attention` is not a known name.
+        ValueError: `attention` is not a known name, or `"default"` for a network that is not a UNet.
     """
     if attention not in _ATTENTION_PROCESSORS:
         raise ValueError(f"model.attention must be one of {sorted(_ATTENTION_PROCESSORS)}, got {attention!r}")
+    if isinstance(unet, SD3Transformer2DModel):
+        if attention != "sdpa":
+            raise ValueError(f"model.attention {attention!r} is for UNets; SD3's transformer supports 'sdpa' only")
+        return
     unet.set_attn_processor(_ATTENTION_PROCESSORS[attention]())
 
 

@@ -2,7 +2,8 @@
 
 `export_lora` writes a UNet's adapter the way `StableDiffusionPipeline.save_lora_weights` /
 `StableDiffusionXLPipeline.save_lora_weights` do (the file a stock pipeline reads with
-`pipe.load_lora_weights(dir)`); `read_lora_file` reads such a file back (weights in peft key format and the
+`pipe.load_lora_weights(dir)`), and an SD3 transformer's adapter as `StableDiffusion3Pipeline.save_lora_weights`
+does (`transformer.`-prefixed keys); `read_lora_file` reads a UNet file back (weights in peft key format and the
 `peft.LoraConfig` arguments), which is how `python -m rlhf_diffusion.evaluate` loads a trained LoRA.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
@@ -94,7 +95,9 @@ def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str
 
     The file is what `StableDiffusionPipeline.save_lora_weights` (SD1.5) / `StableDiffusionXLPipeline.
     save_lora_weights` (SDXL) write: `unet.`-prefixed peft-style keys (`….to_q.lora_A.weight`, `….lora_B.weight`)
-    plus the adapter's `LoraConfig` as safetensors metadata. Two choices make it load the same everywhere:
+    plus the adapter's `LoraConfig` as safetensors metadata. For SD3 (`model.unet` is the transformer) it is what
+    `StableDiffusion3Pipeline.save_lora_weights` writes: the same with `transformer.`-prefixed keys. (`read_lora_file`
+    reads UNet files only.) Two choices make it load the same everywhere:
 
     - keys stay in peft naming for every target module: diffusers' loader converts the legacy `lora.down` /
       `lora.up` names only when the *first* key has them, so a mix (which `convert_state_dict_to_diffusers`
@@ -125,15 +128,20 @@ def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str
     metadata = unet.peft_config[adapter_name].to_dict()
     metadata["lora_alpha"] = metadata["r"]  # the scale is folded into lora_B
     metadata["alpha_pattern"] = dict(metadata.get("rank_pattern") or {})
-    pipeline_cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
+    if model.kind == "sd3":
+        save_lora_weights = StableDiffusion3Pipeline.save_lora_weights
+        layers = {"transformer_lora_layers": unet_lora_layers, "transformer_lora_adapter_metadata": metadata}
+    else:
+        pipeline_cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
+        save_lora_weights = pipeline_cls.save_lora_weights
+        layers = {"unet_lora_layers": unet_lora_layers, "unet_lora_adapter_metadata": metadata}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        pipeline_cls.save_lora_weights(
+        save_lora_weights(
             tmp_dir,
-            unet_lora_layers=unet_lora_layers,
-            unet_lora_adapter_metadata=metadata,
+            **layers,
             weight_name=LORA_WEIGHT_NAME,
             safe_serialization=True,
         )

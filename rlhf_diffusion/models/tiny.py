@@ -1,4 +1,4 @@
-"""Tiny random-weight Stable Diffusion 1.5 / SDXL pipelines, saved as standard diffusers pipeline directories.
+"""Tiny random-weight Stable Diffusion 1.5 / SDXL / SD3 pipelines, saved as standard diffusers pipeline directories.
 
 Tests (and the embedded `configs/tiny.yaml` run) build one of these, save it with the stock
 `StableDiffusionPipeline.save_pretrained` / `StableDiffusionXLPipeline.save_pretrained`, and then load it through
@@ -11,6 +11,13 @@ Shapes of the tiny models (resolution 64):
 
     image (B, 3, 64, 64)  <-> VAE (3 blocks, scale factor 4) <->  latents (B, 4, 16, 16)
     prompt -> CLIP tokens (B, 77) -> text encoder(s) -> (B, 77, 32) [SD1.5] or (B, 77, 64) + pooled (B, 32) [SDXL]
+
+SD3 (`kind="sd3"`, `StableDiffusion3Pipeline`; `sd35=True` for the SD3.5 transformer's qk-norm and dual attention):
+
+    image (B, 3, 64, 64)  <-> VAE (16 latent channels, shift + scale) <->  latents (B, 16, 16, 16)
+    latents -> 2x2 patches -> 64 tokens of width 32 (SD3Transformer2DModel, 2 joint blocks)
+    prompt -> two CLIP towers with projection -> (B, 77, 32 + 32) zero-padded to (B, 77, 96), then T5 (B, 256, 96)
+              (zeros when T5 is absent) appended on the sequence axis -> (B, 333, 96); pooled (B, 32 + 32)
 """
 
 from __future__ import annotations
@@ -23,13 +30,30 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
-__all__ = ["build_tiny_pipeline", "build_clip_tokenizer", "clip_text_config", "stable_diffusion_pipeline"]
+__all__ = [
+    "build_clip_tokenizer",
+    "build_t5_tokenizer",
+    "build_tiny_pipeline",
+    "clip_text_config",
+    "stable_diffusion_pipeline",
+]
 
 # CLIP text tower: the vocabulary is fixed by the BPE (49,408 tokens), so the token embedding
 # (49408 x TEXT_HIDDEN_SIZE) dominates the file size; everything else is kept minimal.
@@ -58,7 +82,18 @@ SD_SCHEDULER_CONFIG = dict(
 )
 
 # Latent scaling factor of the real VAEs (latents = vae.encode(x) * scaling_factor).
-VAE_SCALING_FACTOR = {"sd15": 0.18215, "sdxl": 0.13025}
+VAE_SCALING_FACTOR = {"sd15": 0.18215, "sdxl": 0.13025, "sd3": 1.5305}
+# SD3 / SD3.5: latents = (vae.encode(x) - shift_factor) * scaling_factor, 16 channels (stabilityai/stable-diffusion-3*).
+SD3_VAE_SHIFT_FACTOR = 0.0609
+SD3_LATENT_CHANNELS = 16
+# SD3's scheduler: rectified flow with the static shift 3 of SD3-medium / SD3.5.
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+# Width of the joint (text) tokens the SD3 transformer reads: T5's hidden size (4096 for the real T5-XXL). Wider than
+# the two CLIP towers together (32 + 32), so the zero padding of the CLIP features is exercised.
+SD3_JOINT_DIM = 96
+SD3_T5_VOCAB_SIZE = 128  # the tiny T5 tokenizer's vocabulary (the real one: 32,100 sentencepiece pieces)
+
+KINDS = ("sd15", "sdxl", "sd3")
 
 
 def build_clip_tokenizer(*, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
@@ -173,37 +208,152 @@ def _unet(kind: Literal["sd15", "sdxl"], resolution: int) -> UNet2DConditionMode
     )
 
 
+def _sd3_vae(resolution: int) -> AutoencoderKL:
+    # SD3's VAE: 16 latent channels, a shift as well as a scale, no quant / post-quant 1x1 convs; 3 blocks -> x4.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=SD3_LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=resolution,
+        scaling_factor=VAE_SCALING_FACTOR["sd3"],
+        shift_factor=SD3_VAE_SHIFT_FACTOR,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _sd3_transformer(resolution: int, *, sd35: bool) -> SD3Transformer2DModel:
+    # 2 joint (MMDiT) blocks of width 4 heads x 8 = 32 over 2x2 latent patches. The pooled projection takes both CLIP
+    # towers' pooled embeddings concatenated (32 + 32). SD3.5 adds RMS qk-norm and, in SD3.5-medium (MMDiT-X), a
+    # second self-attention on the image tokens in its first blocks (`dual_attention_layers`).
+    latent_side = resolution // 4
+    return SD3Transformer2DModel(
+        sample_size=latent_side,
+        patch_size=2,
+        in_channels=SD3_LATENT_CHANNELS,
+        out_channels=SD3_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=SD3_JOINT_DIM,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_PROJECTION_DIM,
+        pos_embed_max_size=latent_side,  # in patches; the real models leave room for larger images too
+        dual_attention_layers=(0,) if sd35 else (),
+        qk_norm="rms_norm" if sd35 else None,
+    )
+
+
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A T5-style tokenizer built offline: a sentencepiece Unigram model (through `tokenizers`) over a tiny
+    vocabulary of single characters and word-initial characters, with T5's special tokens `<pad>` = 0, `</s>` = 1,
+    `<unk>` = 2, the metaspace pre-tokenizer and an `</s>` appended to every sequence.
+
+    It tokenizes like the real T5 tokenizer in structure (ids of pieces, EOS, padding), not in ids: the real
+    32,100-piece vocabulary ships only as a sentencepiece model, which this machine does not have.
+    """
+    chars = list("abcdefghijklmnopqrstuvwxyz") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + list("0123456789")
+    punctuation = list(".,;:!?'\"-()&/")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars[:26]]  # word-initial lower-case letters: preferred pieces
+    vocab += [(c, -5.0) for c in chars + punctuation]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _t5_encoder(vocab_size: int) -> T5EncoderModel:
+    # T5 v1.1 layout as in SD3's T5-XXL encoder (gated GELU feed-forward), hidden size = the joint dimension.
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=SD3_JOINT_DIM,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def _build_sd3(out_dir: Path, resolution: int, seed: int, *, t5: bool, sd35: bool) -> None:
+    torch.manual_seed(seed)
+    vae = _sd3_vae(resolution)
+    torch.manual_seed(seed)
+    transformer = _sd3_transformer(resolution, sd35=sd35)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_text_config())
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config())
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        tokenizer_3 = build_t5_tokenizer()
+        torch.manual_seed(seed + 2)
+        text_encoder_3 = _t5_encoder(len(tokenizer_3))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out_dir)
+
+
 def build_tiny_pipeline(
     out_dir: str | Path,
-    kind: Literal["sd15", "sdxl"],
+    kind: Literal["sd15", "sdxl", "sd3"],
     *,
     resolution: int = 64,
     seed: int = 0,
+    t5: bool = False,
+    sd35: bool = False,
 ) -> Path:
-    """Builds a tiny random-weight SD1.5 or SDXL pipeline and saves it as a diffusers pipeline directory.
+    """Builds a tiny random-weight SD1.5, SDXL or SD3 pipeline and saves it as a diffusers pipeline directory.
 
-    The directory loads with `StableDiffusionPipeline.from_pretrained(out_dir)` (SD1.5, no safety checker) or
-    `StableDiffusionXLPipeline.from_pretrained(out_dir)` (SDXL), and with `models.loading.load_diffusion_model`.
-    Weights are deterministic given `seed` (the RNG is reseeded before each module is constructed).
+    The directory loads with `StableDiffusionPipeline.from_pretrained(out_dir)` (SD1.5, no safety checker),
+    `StableDiffusionXLPipeline.from_pretrained(out_dir)` (SDXL) or `StableDiffusion3Pipeline.from_pretrained(out_dir)`
+    (SD3), and with `models.loading.load_diffusion_model`. Weights are deterministic given `seed` (the RNG is
+    reseeded before each module is constructed).
 
     Args:
         out_dir: directory to write (created if missing; existing component files are overwritten).
-        kind: `"sd15"` or `"sdxl"`.
+        kind: `"sd15"`, `"sdxl"` or `"sd3"`.
         resolution: image side in pixels; must be a multiple of 8 (latents are `resolution // 4` wide and the
-            UNet downsamples them once more).
+            UNet downsamples them once more / the SD3 transformer cuts them into 2x2 patches).
         seed: RNG seed for the random weights.
+        t5: SD3 only: include the third text encoder (a tiny `T5EncoderModel` with the offline `build_t5_tokenizer`);
+            without it `text_encoder_3` / `tokenizer_3` are None and the pipeline feeds zeros in T5's place.
+        sd35: SD3 only: the SD3.5 transformer (RMS qk-norm; a dual-attention first block as in SD3.5-medium).
 
     Returns:
         `out_dir` as a `Path`.
 
     Raises:
-        ValueError: `kind` is not one of "sd15", "sdxl", or `resolution` is not a positive multiple of 8.
+        ValueError: `kind` is not one of "sd15", "sdxl", "sd3", `resolution` is not a positive multiple of 8, or
+            `t5` / `sd35` is set for a kind other than "sd3".
     """
-    if kind not in ("sd15", "sdxl"):
-        raise ValueError(f"kind must be 'sd15' or 'sdxl', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if resolution <= 0 or resolution % 8 != 0:
         raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
+    if kind != "sd3" and (t5 or sd35):
+        raise ValueError(f"t5 and sd35 apply to kind 'sd3' only, got kind {kind!r}")
     out_dir = Path(out_dir)
+    if kind == "sd3":
+        _build_sd3(out_dir, resolution, seed, t5=t5, sd35=sd35)
+        return out_dir
 
     torch.manual_seed(seed)
     vae = _vae(kind, resolution)

@@ -224,7 +224,10 @@ def test_text_conditioning_rejects_inconsistent_fields():
     with pytest.raises(ValueError, match="at least one"):
         TextConditioning.cat([])
     with pytest.raises(ValueError, match="together"):
-        TextConditioning(prompt_embeds=torch.zeros(1, 3, 4), pooled_prompt_embeds=torch.zeros(1, 2))
+        TextConditioning(prompt_embeds=torch.zeros(1, 3, 4), add_time_ids=torch.zeros(1, 6))
+    sd3_style = TextConditioning(prompt_embeds=torch.zeros(1, 3, 4), pooled_prompt_embeds=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="mix"):
+        TextConditioning.cat([_sdxl_conditioning(1), sd3_style])
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         TextConditioning(
             prompt_embeds=torch.zeros(2, 3, 4), pooled_prompt_embeds=torch.zeros(1, 2), add_time_ids=torch.zeros(2, 6)
