@@ -146,12 +146,21 @@ def _ray_head(tmp_path_factory):
         if ray.is_initialized():
             ray.shutdown()
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
+            import psutil
+
+            tree = psutil.Process(process.pid).children(recursive=True)
+            os.killpg(process.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM ...
             try:
-                process.wait(timeout=60)
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGKILL)  # ... but took 34 s to (its agents wait on the dead GCS)
                 process.wait()
+            for child in tree:  # whatever of this head outlived it, and only that
+                if child.is_running():
+                    try:
+                        child.kill()
+                    except psutil.Error:
+                        pass
         log.close()
 
 
