@@ -29,6 +29,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 from rlhf_diffusion.config import ConfigError, add_override_option, load_config
 
@@ -115,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return 2
-    from rlhf_diffusion.run_dir import RunDirError
+    from rlhf_diffusion.run_dir import LOCK_FILE, RunDirError
 
+    created = [d for d in (Path(config.output_dir), Path(config.run_dir)) if not d.exists()]
     try:
         lock = claim_run_dir(config, args)
     except RunDirError as error:
@@ -126,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         problem = check_inputs(config)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
+            lock.release()
+            for directory in reversed(created):  # what this launch created, if it holds nothing but the lock
+                (directory / LOCK_FILE).unlink(missing_ok=True)
+                try:
+                    directory.rmdir()  # only if empty: never another run's files
+                except OSError:
+                    pass
             return 2
         return run(config, args)
     finally:
@@ -136,6 +145,16 @@ def check_inputs(config) -> str | None:
     """What can be checked of the run's inputs before Ray starts or a model loads: the offline data source yields
     a pair (`data.path`), and every custom reward builds and returns one finite score per image on a probe batch.
     Returns the problem, naming the field and file or target, or None."""
+    local = Path(config.model.pretrained).expanduser()
+    if (local / "model_index.json").is_file():  # a local pipeline: its kind is known without loading it
+        from rlhf_diffusion.models.loading import ModelLoadError, pipeline_kind
+        from rlhf_diffusion.workers.policy import NOT_TRAINABLE_YET
+
+        try:
+            if pipeline_kind(str(local)) == "sd3":
+                return f"model.pretrained: {NOT_TRAINABLE_YET.format(source=config.model.pretrained)}"
+        except ModelLoadError as error:
+            return f"model.pretrained: {error}"
     if config.data is not None:
         from rlhf_diffusion.data.preference import PreferenceDataError, check_preference_source
 

@@ -232,6 +232,11 @@ def _detect_kind(index: dict) -> Literal["sd15", "sdxl", "sd3"]:
     return "sdxl" if ("XL" in class_name or has_text_encoder_2) else "sd15"
 
 
+def pipeline_kind(source: str, revision: str | None = None) -> Literal["sd15", "sdxl", "sd3"]:
+    """The kind of the pipeline at `source` (a directory or hub id), read from its model_index.json alone."""
+    return _detect_kind(_read_pipeline_index(source, revision))
+
+
 def _load_component(cls, source: str, subfolder: str, revision: str | None, index: dict, dtype: torch.dtype):
     """`cls.from_pretrained(source, subfolder=..., dtype)`, with one clear `ModelLoadError` when it fails."""
     if (index.get(subfolder) or [None])[0] is None:

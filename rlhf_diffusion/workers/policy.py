@@ -12,6 +12,7 @@ import torch
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.models.loading import (
     DiffusionModel,
+    ModelLoadError,
     add_reference_copy,
     attach_lora,
     load_diffusion_model,
@@ -21,6 +22,12 @@ from rlhf_diffusion.models.loading import (
 )
 from rlhf_diffusion.models.sources import TINY_PREFIX, resolve_source
 from rlhf_diffusion.seeding import derive_seed
+
+# SD3 pipelines load (models/loading.py) and their LoRA exports, but no sampler or method runs on a flow model yet.
+NOT_TRAINABLE_YET = (
+    "{source!r} is an SD3 (flow-matching) pipeline: it loads and a LoRA for it exports, but training runs on SD1.5 "
+    "and SDXL pipelines only for now (no flow sampler yet)"
+)
 
 __all__ = ["DTYPES", "TINY_PREFIX", "load_policy", "resolve_device", "resolve_model_source"]
 
@@ -52,6 +59,8 @@ def load_policy(config: RunConfig, source: str, device: torch.device, *, for_tra
     model = load_diffusion_model(
         source, kind=config.model.kind, dtype=DTYPES[config.model.dtype], device=device, revision=config.model.revision
     )
+    if model.kind == "sd3":
+        raise ModelLoadError(f"model.pretrained: {NOT_TRAINABLE_YET.format(source=source)}")
     set_attention(model.unet, config.model.attention)
     if config.model.finetune == "full":
         if for_training:

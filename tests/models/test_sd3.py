@@ -282,3 +282,19 @@ def test_exported_lora_loads_into_the_stock_pipeline(any_sd3_dir, tmp_path):
     # (c) and the generated image changes
     after = _generate(pipe)
     assert np.abs(after - before).max() > 1e-3
+
+
+def test_a_run_on_an_sd3_pipeline_is_refused_before_any_work_naming_the_field(sd3_dir, tmp_path, capsys):
+    from rlhf_diffusion import launch
+    from rlhf_diffusion.config import load_config
+    from rlhf_diffusion.workers.policy import load_policy
+
+    code = launch.main(
+        ["configs/tiny.yaml", "--no-ray", "--set", f"model.pretrained={sd3_dir}", "--set", f"output_dir={tmp_path}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: model.pretrained: ") and "SD3 (flow-matching)" in err, err
+    assert not any(tmp_path.iterdir())  # nothing written
+    config = load_config("configs/tiny.yaml", [f"model.pretrained={sd3_dir}"])
+    with pytest.raises(ModelLoadError, match="model.pretrained: .*SD1.5 and SDXL pipelines only"):
+        load_policy(config, str(sd3_dir), torch.device("cpu"))  # a hub id reaches the workers: the same message
