@@ -65,4 +65,4 @@ def test_embedded_default_raises_the_held_out_checker_over_two_seeds(tmp_path):
     p = sign_test_p(fixed, broken)
     message = f"checker_all deltas {deltas}, pooled {pooled:+.4f}; {fixed} fixed / {broken} broken, p = {p:.2g}"
     assert pooled >= 0.03, message
-    assert p < 0.05, message  # seeds 0 and 1 on the development machine: 46 fixed / 21 broken (p = 0.003)
+    assert p < 0.05, message  # seeds 0 and 1 on the development machine: 38 fixed / 19 broken (p = 0.017)
