@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_diffusion.models.tiny import build_tiny_pipeline
+# Every Ray instance of the session is local and reached through loopback: with this set before ray is imported, Ray
+# takes 127.0.0.1 as the node address in this process (the drivers), in the `ray start` heads and in every launch the
+# tests start, as rlhf_diffusion/launch.py does for its own local instance. Without it a driver here would look for
+# the GCS at the machine's network address, where a loopback-bound head does not listen.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from rlhf_diffusion.models.tiny import build_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")

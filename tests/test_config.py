@@ -519,8 +519,8 @@ def test_tiny_yaml_loads():
     )  # ours, docs/learning_signal.md
     assert [(reward.name, reward.path) for reward in cfg.rewards] == [("testbed_reward", None)]
     assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker", "checker_all"]
-    assert cfg.train.iterations == 30 and cfg.train.learning_rate == 2e-3 and cfg.train.train_batch_size == 32
-    assert cfg.checkpoint.every == 15 and cfg.prompts.eval_seeds == 2
+    assert cfg.train.iterations == 15 and cfg.train.learning_rate == 2e-3 and cfg.train.train_batch_size == 32
+    assert cfg.checkpoint.every == 5 and cfg.prompts.eval_seeds == 2
     assert (cfg.prompts.train.builtin, cfg.prompts.eval.builtin) == ("testbed_train", "testbed_heldout")
 
 
