@@ -1,4 +1,4 @@
-"""Every method, 30 iterations on the tiny SDXL-shaped pipeline: the held-out reward rises.
+"""Every method, 20 iterations on the tiny SDXL-shaped pipeline: the held-out reward rises.
 
 SDXL is the path with the most parts (two text encoders, pooled embeddings, added time ids); the SD1.5-shaped path
 trains end to end in the embedded default's two-seed test (tests/test_default_aligns.py: the testbed pipeline is
@@ -32,6 +32,10 @@ CASES = [("sdxl", method) for method in METHODS]
 
 # About how long a case runs on one thread (CI machine), so the pool starts the longest first.
 SECONDS = {"d3po": 110, "tailorpo_g": 85, "tailorpo": 75}
+# 20, not 30 (CI time): held-out saturation 0.3629 before; after 20 iterations D3PO +0.0043, TailorPO +0.0203,
+# TailorPO-G +0.0623, DDE +0.0026, DDE-Single +0.0026, Diffusion-DPO +0.0012
+# (`python benchmarks/tiny_learning.py --kinds sdxl --iterations 20 --rewards saturation`).
+ITERATIONS = 20
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def runs(tmp_path_factory):
     slowest_first = sorted(CASES, key=lambda case: SECONDS.get(case[1], 30), reverse=True)
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {
-            case: pool.submit(run_case, str(CONFIG), *case, "saturation", 30, str(out / "_".join(case)), 1)
+            case: pool.submit(run_case, str(CONFIG), *case, "saturation", ITERATIONS, str(out / "_".join(case)), 1)
             for case in slowest_first
         }
         return {case: future.exception() or future.result() for case, future in futures.items()}
@@ -49,11 +53,11 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "method"), CASES)
-def test_thirty_iterations_raise_held_out_reward(kind, method, runs):
+def test_twenty_iterations_raise_held_out_reward(kind, method, runs):
     run = runs[(kind, method)]
     if isinstance(run, BaseException):
         raise run
-    assert run["iterations"] == 30
+    assert run["iterations"] == ITERATIONS
     assert run["every_iteration_stepped"]
     assert run["lora_b_moved"]
     assert run["after"] > run["before"], (
