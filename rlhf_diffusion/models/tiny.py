@@ -166,8 +166,10 @@ def _text_config() -> CLIPTextConfig:
     )
 
 
-def _vae(kind: Literal["sd15", "sdxl"], resolution: int) -> AutoencoderKL:
-    # 3 blocks -> 2 downsamplings -> vae_scale_factor 4.
+def _vae(kind: Literal["sd15", "sdxl", "sd3"], resolution: int) -> AutoencoderKL:
+    # 3 blocks -> 2 downsamplings -> vae_scale_factor 4. SD3's VAE: 16 latent channels, a shift as well as a scale,
+    # no quant / post-quant 1x1 convs.
+    sd3 = dict(shift_factor=SD3_VAE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -175,10 +177,11 @@ def _vae(kind: Literal["sd15", "sdxl"], resolution: int) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=SD3_LATENT_CHANNELS if kind == "sd3" else 4,
         norm_num_groups=8,
         sample_size=resolution,
         scaling_factor=VAE_SCALING_FACTOR[kind],
+        **(sd3 if kind == "sd3" else {}),
     )
 
 
@@ -205,25 +208,6 @@ def _unet(kind: Literal["sd15", "sdxl"], resolution: int) -> UNet2DConditionMode
         addition_embed_type="text_time",
         addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=NUM_ADD_TIME_IDS * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_DIM,
-    )
-
-
-def _sd3_vae(resolution: int) -> AutoencoderKL:
-    # SD3's VAE: 16 latent channels, a shift as well as a scale, no quant / post-quant 1x1 convs; 3 blocks -> x4.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=SD3_LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=resolution,
-        scaling_factor=VAE_SCALING_FACTOR["sd3"],
-        shift_factor=SD3_VAE_SHIFT_FACTOR,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
     )
 
 
@@ -285,7 +269,7 @@ def _t5_encoder(vocab_size: int) -> T5EncoderModel:
 
 def _build_sd3(out_dir: Path, resolution: int, seed: int, *, t5: bool, sd35: bool) -> None:
     torch.manual_seed(seed)
-    vae = _sd3_vae(resolution)
+    vae = _vae("sd3", resolution)
     torch.manual_seed(seed)
     transformer = _sd3_transformer(resolution, sd35=sd35)
     torch.manual_seed(seed)
