@@ -321,6 +321,25 @@ def build_tiny_imagereward(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def model_with_random_lora(path: str | Path, target_modules: Sequence[str], seed: int = 0) -> Any:
+    """The pipeline at `path` loaded by the production loader, with a rank-4 LoRA (alpha 12, so alpha / r matters)
+    on `target_modules` whose A and B are random (seeded), so that it changes the model's output."""
+    from rlhf_diffusion.models.loading import (
+        attach_lora,
+        get_lora_state_dict,
+        load_diffusion_model,
+        set_lora_state_dict,
+    )
+
+    model = load_diffusion_model(str(path))
+    attach_lora(model.unet, rank=4, alpha=12.0, target_modules=list(target_modules))
+    g = torch.Generator().manual_seed(seed)
+    set_lora_state_dict(
+        model.unet, {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in get_lora_state_dict(model.unet).items()}
+    )
+    return model
+
+
 def tiny_run_config(
     model_dir: str | Path,
     output_dir: str | Path,

@@ -8,14 +8,12 @@ from safetensors import safe_open
 
 from rlhf_diffusion.models import (
     LORA_WEIGHT_NAME,
-    attach_lora,
     encode_prompts,
     export_lora,
-    get_lora_state_dict,
     load_diffusion_model,
     predict_noise,
-    set_lora_state_dict,
 )
+from rlhf_diffusion.testing import model_with_random_lora
 
 # Beyond the attention projections (which diffusers' legacy key conversion knows) to a conv and a feed-forward
 # layer; alpha != rank so the alpha / r scaling has to survive the round trip.
@@ -24,13 +22,7 @@ PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
 
 def _model_with_random_lora(path, seed=0):
-    model = load_diffusion_model(str(path))
-    attach_lora(model.unet, rank=4, alpha=12.0, target_modules=TARGETS)
-    g = torch.Generator().manual_seed(seed)
-    set_lora_state_dict(
-        model.unet, {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in get_lora_state_dict(model.unet).items()}
-    )
-    return model
+    return model_with_random_lora(path, TARGETS, seed)
 
 
 def _generate(pipe):

@@ -32,6 +32,7 @@ from rlhf_diffusion.models import (
 from rlhf_diffusion.models.conditioning import SD3_T5_MAX_LENGTH
 from rlhf_diffusion.models.loading import ModelLoadError, set_attention
 from rlhf_diffusion.models.tiny import SD3_JOINT_DIM, build_t5_tokenizer
+from rlhf_diffusion.testing import model_with_random_lora
 
 # The attention projections diffusers' SD3 LoRA training targets (image stream and the joint blocks' text stream).
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -204,13 +205,7 @@ def test_predict_velocity_equals_the_stock_transformer_call(sd3_dir):
 
 
 def _model_with_random_lora(path, seed=0):
-    model = load_diffusion_model(str(path))
-    attach_lora(model.unet, rank=4, alpha=12.0, target_modules=SD3_TARGETS)
-    g = torch.Generator().manual_seed(seed)
-    set_lora_state_dict(
-        model.unet, {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in get_lora_state_dict(model.unet).items()}
-    )
-    return model
+    return model_with_random_lora(path, SD3_TARGETS, seed)
 
 
 def test_lora_attaches_to_the_joint_attention_and_round_trips(sd35_t5_dir):
