@@ -91,13 +91,8 @@ def _ray_head(tmp_path_factory):
     # `ray.init` in a launch test) leaves this head with no job agent ("No available agent to submit job").
     port, dashboard_port, agent_port = _free_port(), _free_port(), _free_port()
     log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray keeps 127.0.0.1 as the node address and binds loopback (launch.py)
-    env = {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    }
+    # os.environ carries RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (top of this file): head and drivers agree on loopback
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
         [
