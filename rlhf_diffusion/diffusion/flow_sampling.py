@@ -1,0 +1,218 @@
+"""Denoising trajectories of flow-matching models (SD3 / SD3.5) for preference RL: the counterpart of `sampling.py`.
+
+The maths lives in `flow.py`; this module owns the loop over the K-step σ grid, the velocity predictor that wraps
+the (LoRA) transformer with classifier-free guidance, and the grid built from a loaded model's scheduler. Latents,
+initial noise (`sampling.initial_noise`), trajectories (`sampling.Trajectory`) and decoding
+(`sampling.decode_latents`, which honours the SD3 VAE's shift) are shared with the DDIM models.
+
+At noise level a > 0 each step is Flow-GRPO's SDE step, a Gaussian policy with a log-prob; at a = 0 the loop is the
+probability-flow ODE integrated by Euler steps, which is what `StableDiffusion3Pipeline` samples, and then has no
+log-prob (NaN, as `flow.sde_step_with_logprob` defines it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from rlhf_diffusion.diffusion import flow
+from rlhf_diffusion.diffusion.flow import FlowGrid
+from rlhf_diffusion.diffusion.sampling import Trajectory
+from rlhf_diffusion.models.conditioning import TextConditioning, encode_negative, predict_velocity
+from rlhf_diffusion.models.loading import DiffusionModel, lora_disabled
+
+__all__ = [
+    "VelocityPredictor",
+    "flow_grid_for",
+    "predict_velocity_cfg",
+    "sample_flow_trajectory",
+]
+
+
+def predict_velocity_cfg(
+    transformer,
+    x_t: Tensor,
+    t: Tensor,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
+    guidance_scale: float,
+) -> Tensor:
+    """Classifier-free guided velocity v̂ = v_θ(x_σ, ∅) + w · (v_θ(x_σ, c) − v_θ(x_σ, ∅)), differentiable.
+
+    Both branches run in one batched transformer call on [x_σ; x_σ] with [uncond; cond], the order of
+    `StableDiffusion3Pipeline.__call__`. With w = 1 or no `uncond` only the conditional branch runs.
+
+    Args:
+        transformer: `SD3Transformer2DModel` (or a DistributedDataParallel wrapping one).
+        x_t: (B, 16, h, w) noisy latents x_σ.
+        t: (B,) or scalar timesteps σ·N (floats).
+        cond: B conditional rows.
+        uncond: B unconditional rows (`encode_negative`), or None.
+        guidance_scale: w.
+
+    Returns:
+        (B, 16, h, w) guided velocity, in x_t's dtype.
+    """
+    if uncond is None or guidance_scale == 1.0:
+        return predict_velocity(transformer, x_t, t, cond)
+    if len(uncond) != len(cond):
+        raise ValueError(f"uncond has {len(uncond)} rows but cond has {len(cond)}")
+    t = torch.as_tensor(t, device=x_t.device)
+    t_in = t.repeat(2) if t.ndim == 1 else t  # (2B,) or scalar
+    both = TextConditioning.cat([c.to(device=x_t.device, dtype=x_t.dtype) for c in (uncond, cond)])  # 2B rows
+    v = predict_velocity(transformer, torch.cat([x_t, x_t]), t_in, both)  # (2B, 16, h, w)
+    v_uncond, v_cond = v.chunk(2)  # (B, 16, h, w) each
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+class VelocityPredictor:
+    """The policy's CFG velocity v̂_θ(x_σ, σ, c) of an SD3 / SD3.5 model and its reference twin (LoRA disabled, or
+    the frozen `reference_unet` of full fine-tuning); the flow counterpart of `sampling.NoisePredictor`.
+
+    Args:
+        model: loaded SD3 components (`kind == "sd3"`; the transformer sits in `model.unet`), LoRA attached or not.
+        guidance_scale: CFG weight w (1.0 = conditional only).
+
+    Raises:
+        ValueError: the model is not a flow-matching (SD3) model.
+    """
+
+    def __init__(self, model: DiffusionModel, guidance_scale: float):
+        if model.kind != "sd3":
+            raise ValueError(f"VelocityPredictor needs an SD3 (flow-matching) model, got kind {model.kind!r}")
+        self.model = model
+        self.guidance_scale = guidance_scale
+        self._uncond_row = encode_negative(model, 1)
+        # What the policy's (θ) forward calls: the transformer, or a wrapper of it such as DistributedDataParallel
+        # (set by a data-parallel learner so that the backward pass all-reduces the gradients).
+        self.forward_module: torch.nn.Module | None = None
+
+    @property
+    def unet(self):
+        """The trainable transformer (`model.unet`)."""
+        return self.model.unet
+
+    def __call__(self, x_t: Tensor, timesteps: Tensor, cond: TextConditioning, *, reference: bool = False) -> Tensor:
+        """v̂ at (x_σ, σ) for each sample.
+
+        Args:
+            x_t: (B, 16, h, w) latents x_σ.
+            timesteps: (B,) or a scalar: σ·N floats (`FlowGrid.timesteps`).
+            cond: B conditionings (one per sample).
+            reference: evaluate the reference policy (LoRA disabled, or `model.reference_unet`), without gradients.
+
+        Returns:
+            (B, 16, h, w) float32.
+        """
+        batch = x_t.shape[0]
+        t = torch.as_tensor(timesteps, device=x_t.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        uncond = self._uncond_row.repeat_interleave(batch) if self.guidance_scale != 1.0 else None
+        cond = cond.to(device=x_t.device)
+        if reference and self.model.reference_unet is not None:  # full fine-tuning: the frozen copy
+            ref = self.model.reference_unet
+            with torch.no_grad():
+                v = predict_velocity_cfg(ref, x_t.to(ref.dtype), t, cond, uncond, self.guidance_scale)
+        elif reference:
+            with torch.no_grad(), lora_disabled(self.model.unet):
+                v = predict_velocity_cfg(
+                    self.model.unet, x_t.to(self.model.unet.dtype), t, cond, uncond, self.guidance_scale
+                )
+        else:
+            module = self.forward_module or self.model.unet
+            v = predict_velocity_cfg(module, x_t.to(self.model.unet.dtype), t, cond, uncond, self.guidance_scale)
+        return v.to(torch.float32)
+
+
+def flow_grid_for(
+    model: DiffusionModel, num_steps: int, noise_level: float, height: int | None = None, width: int | None = None
+) -> FlowGrid:
+    """The K-step flow grid of a loaded SD3 model's scheduler, as `StableDiffusion3Pipeline` sets it.
+
+    A static shift (SD3 / SD3.5: 3.0) is the scheduler's own. With `use_dynamic_shifting` the pipeline's μ is
+    computed from the image's token count L = (h / p)(w / p) (latent side h = height / vae_scale_factor, patch p):
+    μ = b + m L, the line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift).
+
+    Args:
+        model: loaded SD3 components.
+        num_steps: K.
+        noise_level: a ≥ 0 (0 = the ODE the stock pipeline samples).
+        height, width: image size in pixels (only the dynamic shift depends on it); default the model's native size.
+
+    Returns:
+        The grid (`FlowGrid.from_scheduler`; the model's scheduler is not touched).
+    """
+    config = model.scheduler.config
+    mu = None
+    if config.get("use_dynamic_shifting", False):
+        f = model.vae_scale_factor
+        patch = model.unet.config.patch_size
+        h, w = (height or model.resolution) // f, (width or model.resolution) // f
+        seq_len = (h // patch) * (w // patch)
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+        slope = (max_shift - base_shift) / (max_len - base_len)
+        mu = seq_len * slope + (base_shift - slope * base_len)
+    return FlowGrid.from_scheduler(model.scheduler, num_steps, noise_level, mu=mu)
+
+
+def _step_noise(generator: torch.Generator | Sequence[torch.Generator] | None, shape: torch.Size) -> Tensor:
+    """(B, C, h, w) N(0, I) on CPU from one generator, or row b from generator b."""
+    if generator is None:
+        raise ValueError("an SDE trajectory (noise_level > 0) needs a generator")
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+
+
+@torch.no_grad()
+def sample_flow_trajectory(
+    predictor: VelocityPredictor,
+    cond: TextConditioning,
+    x_T: Tensor,
+    grid: FlowGrid,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> Trajectory:
+    """Samples a flow trajectory σ_0 = 1 → σ_K = 0 and records every state and log-prob.
+
+    At grid.noise_level a > 0 every step is Flow-GRPO's SDE step x_{σ'} = μ + s z (`flow.sde_step_with_logprob`,
+    z drawn on CPU from `generator`), and log_probs holds its per-element-mean log-prob. At a = 0 every step is the
+    ODE's Euler step x_{σ'} = x_σ + (σ' − σ) v̂ (`flow.euler_step`, the stock pipeline's sampler): no noise is drawn
+    and log_probs is all NaN (a deterministic step has no density; never train on it).
+
+    Args:
+        predictor: the policy's velocity prediction.
+        cond: B conditionings.
+        x_T: (B, 16, h, w) initial noise (`sampling.initial_noise`).
+        grid: the K-step grid (`flow_grid_for`); the transformer is called at grid.timesteps (σ·N floats).
+        generator: CPU RNG for the per-step noise, or one per row (row b's noise from generator b: a row's
+            trajectory then does not depend on which other rows share its batch). Unused (may be None) at
+            noise level 0.
+
+    Returns:
+        latents (B, K+1, 16, h, w): x_T, …, x_0 (on CPU); log_probs (B, K).
+    """
+    device = predictor.model.device
+    x = x_T.to(device=device, dtype=torch.float32)
+    batch = x.shape[0]
+    states, log_probs = [x.cpu()], []
+    for i in range(grid.num_steps):
+        t, sigma, sigma_next = grid.timesteps[i], grid.sigmas[i], grid.sigmas[i + 1]
+        v = predictor(x, t.expand(batch), cond)
+        if grid.noise_level > 0:
+            noise = _step_noise(generator, x.shape).to(device)
+            x, logp, _, _ = flow.sde_step_with_logprob(
+                x, v, sigma.to(device), sigma_next.to(device), grid.noise_level, noise=noise
+            )
+        else:  # the ODE (evaluation, the stock pipeline): no policy log-prob exists
+            x = flow.euler_step(x, v, sigma.to(device), sigma_next.to(device))
+            logp = torch.full((batch,), math.nan)
+        states.append(x.cpu())
+        log_probs.append(logp.cpu())
+    return Trajectory(latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1))
