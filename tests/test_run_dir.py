@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_diffusion.config import parse_config
+from rlhf_diffusion.prompts import load_builtin
 from rlhf_diffusion.run_dir import LOCK_FILE, RunDirBusy, RunDirError, lock_run_dir
 from rlhf_diffusion.trainer import LocalTrainer
 
@@ -56,7 +57,12 @@ SHORT = [
 ]
 
 
-def launch_command(output_dir: Path, *extra: str) -> list[str]:
+# 8 of the 82 held-out captions (CI time); a JSON list is a YAML flow sequence.
+FEW_EVAL = ["--set", "prompts.eval={inline: " + json.dumps(load_builtin("testbed_heldout")[:8]) + "}"]
+
+
+def launch_command(output_dir: Path, *extra: str, few_eval: bool = True) -> list[str]:
+    """The shortened launch; `few_eval=False` keeps all 82 held-out captions (a launch that runs longer)."""
     return [
         sys.executable,
         "-m",
@@ -65,6 +71,7 @@ def launch_command(output_dir: Path, *extra: str) -> list[str]:
         "--set",
         f"output_dir={output_dir}",
         *SHORT,
+        *(FEW_EVAL if few_eval else []),
         *extra,
     ]
 
@@ -149,7 +156,7 @@ def test_a_second_launch_while_one_runs_exits_2_naming_the_directory_and_pid(tmp
     run_dir = tmp_path / "tiny"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     first = subprocess.Popen(
-        launch_command(tmp_path, "--no-ray"),
+        launch_command(tmp_path, "--no-ray", few_eval=False),  # all 82 captions: still running when the second comes
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
