@@ -21,6 +21,12 @@ import pytest
 # tests start, as rlhf_diffusion/launch.py does for its own local instance. Without it a driver here would look for
 # the GCS at the machine's network address, where a loopback-bound head does not listen.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# One math thread per process, here and in every process the tests start (launches, benchmark workers): the suite
+# runs as 2 workers on a 2-core machine, and a process at 2 threads on cores the other worker keeps busy spends its
+# time in OpenMP's waiting threads (the testbed's miniature training run took 100-270 s at 2 threads, 27 s at 1).
+# Set before torch is imported; a test that wants more sets it itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from rlhf_diffusion.models.tiny import build_tiny_pipeline  # noqa: E402
 

@@ -49,6 +49,7 @@ def test_miniature_training_run_loads_through_stock_and_production_code(tmp_path
     from rlhf_diffusion.rewards.clip_score import ClipScore
 
     s = train.TrainSettings(
+        threads=1,  # the session's one thread (tests/conftest.py); train_testbed sets it for the whole process
         n_images=128,
         vae_steps=2,
         vae_batch=4,
