@@ -317,7 +317,8 @@ class ModelConfig(_FrozenModel):
 
 
 class SamplingConfig(_FrozenModel):
-    """The stochastic DDIM sampler every algorithm rolls out with."""
+    """The stochastic DDIM sampler every algorithm rolls out with (on SD3 / SD3.5: the flow sampler,
+    `diffusion/flow_sampling.py`, at `flow_noise_level`)."""
 
     num_steps: int = Field(
         20,
@@ -329,13 +330,22 @@ class SamplingConfig(_FrozenModel):
         1.0,
         le=1.0,
         description="DDIM η in (0, 1]: the per-step std is σ_τ = η·sqrt(...) (0 = deterministic DDIM, 1 = DDPM "
-        "variance). Must be > 0 because the per-step log-prob divides by σ_τ. Default 1.0 from D3PO/SPO [C].",
+        "variance). Must be > 0 because the per-step log-prob divides by σ_τ. Default 1.0 from D3PO/SPO [C]. SD3 "
+        "models ignore it (`flow_noise_level`).",
     )
     guidance_scale: float = Field(
         5.0,
         ge=1.0,
         description="Classifier-free guidance scale w (1 = no guidance); used identically when sampling and when "
         "re-scoring in training. Default 5.0 from D3PO config/base.py [C] (assumed for TailorPO, UNCONFIRMED [U]).",
+    )
+    flow_noise_level: float = Field(
+        0.7,
+        ge=0,
+        description="SD3 / SD3.5 (flow-matching) models only, in place of `eta`: Flow-GRPO's noise level a of its "
+        "SDE sampler (per-step diffusion coefficient a·sqrt(σ/(1 − σ))). Default 0.7, Flow-GRPO's and flow_grpo's "
+        "DPO sampling value on SD3.5 [C]; 0 = the probability-flow ODE the stock StableDiffusion3Pipeline samples "
+        "(no per-step log-prob: allowed for the final-pair methods, which never use one). SD1.5 / SDXL ignore it.",
     )
     batch_size: int = Field(
         8,
@@ -556,6 +566,15 @@ class _FinalPairConfig(_FrozenModel):
         "noise, so k draws raise the per-pair signal-to-noise ratio at k times the training compute per pair "
         "(docs/learning_signal.md).",
     )
+    timestep_density: Literal["auto", "uniform", "logit_normal"] = Field(
+        "auto",
+        description="How each draw's t is drawn on `timestep_range` (t indexes the model's 1000-step training table; "
+        "on an SD3 flow model the scheduler's shifted σ table, larger t = noisier). 'uniform': t ~ U{lo..hi}, as "
+        "Diffusion-DPO train.py [C]. 'logit_normal': t = lo + floor(u (hi − lo + 1)), u = sigmoid(N(0, 1)), as "
+        "flow_grpo's SD3 DPO draws σ over the whole table [C] (a narrower range stretches it: ours). 'auto' = "
+        "'uniform' on SD1.5 / SDXL, 'logit_normal' on SD3 (docs/algorithms.md, \"Final-pair methods on flow "
+        'models").',
+    )
 
 
 class DDEConfig(_FinalPairConfig):
@@ -625,7 +644,7 @@ class DiffusionDPOConfig(_FinalPairConfig):
         5000.0,
         gt=0,
         description="β_dpo in −logσ(−0.5·β_dpo·Δ_t) with per-element mean ε-MSEs. Default 5000 from DiffusionDPO "
-        "train.py [C].",
+        "train.py [C]. On SD3 Δ_t is a velocity-MSE difference; flow_grpo's SD3.5-M DPO uses 100 there [C].",
     )
     timestep_range: TimestepRange = Field(
         (0, NUM_TRAIN_TIMESTEPS - 1),

@@ -148,13 +148,14 @@ def check_inputs(config) -> str | None:
     local = Path(config.model.pretrained).expanduser()
     if (local / "model_index.json").is_file():  # a local pipeline: its kind is known without loading it
         from rlhf_diffusion.models.loading import ModelLoadError, pipeline_kind
-        from rlhf_diffusion.workers.policy import NOT_TRAINABLE_YET
+        from rlhf_diffusion.workers.policy import flow_method_problem
 
         try:
-            if pipeline_kind(str(local)) == "sd3":
-                return f"model.pretrained: {NOT_TRAINABLE_YET.format(source=config.model.pretrained)}"
+            problem = flow_method_problem(config, pipeline_kind(str(local)))
         except ModelLoadError as error:
             return f"model.pretrained: {error}"
+        if problem:
+            return problem
     if config.data is not None:
         from rlhf_diffusion.data.preference import PreferenceDataError, check_preference_source
 

@@ -42,8 +42,8 @@ class RolloutContext:
 
     Attributes:
         model: the pipeline components (policy UNet with LoRA, VAE, text encoders).
-        predictor: the policy's CFG noise prediction.
-        grid: the K-step DDIM grid (η > 0).
+        predictor: the policy's CFG noise prediction (a flow model's: its `VelocityPredictor`).
+        grid: the K-step DDIM grid (η > 0), or a flow model's `FlowGrid` (methods with `flow_models` only).
         reward_fn: images (N, 3, H, W) in [0, 1], prompts → RewardResult (no gradient).
         reward_grad_fn: images, prompts → (RewardResult, d total / d images (N, 3, H, W)); None when the
             configured rewards are not differentiable.
@@ -84,11 +84,14 @@ class Algorithm(abc.ABC):
     """A preference-optimisation method: what it samples, what a training example is, and its loss.
 
     Subclasses set `name` (the config's `algorithm.name`) and `cfg_in_training` (whether the loss evaluates the
-    CFG-combined ε̂ like D3PO, or the conditional ε like Diffusion-DPO).
+    CFG-combined ε̂ like D3PO, or the conditional ε like Diffusion-DPO), and `flow_models` True when the method
+    also trains flow-matching (SD3) models (on a `flow.FlowGrid` with a `flow_sampling.VelocityPredictor`;
+    `workers.policy` refuses the others on such a model).
     """
 
     name: ClassVar[str]
     cfg_in_training: ClassVar[bool]
+    flow_models: ClassVar[bool] = False
 
     def __init__(self, config: Any, grid: DDIMGrid):
         self.config = config

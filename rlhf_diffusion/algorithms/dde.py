@@ -15,6 +15,7 @@ Samples: final-image pairs (c, x^w_0, x^l_0). The paper trains offline on Pick-a
 Example: `FinalPairBatch`; at loss time one t per pair (uniform on `timestep_range`) and ε shared by the pair.
 Loss:    Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e = mean (ε − ε_m(x_t, t, c))²
          S_t = ((1 − ᾱ_t)/ᾱ_t) Δ_t                               single-shot estimation (Eq. 9–10) [D]
+               (flow models: S_σ = σ_t² Δ_t with velocity MSEs, the same x_0-MSE difference [derived])
          C_t = Σ_{k=t+1}^{T−1} A[k]  (stop-gradient)              stepwise correction (Eq. 7–8) [UNCONFIRMED]
          L   = −log σ(−β_s S_t + β_c C_t)                          (Eq. 11) [UNCONFIRMED constants]
          after the step, for each t in the batch: A[t] ← m A[t] + (1 − m) mean(−λ_t Δ_t)  ("delay update",
@@ -30,22 +31,24 @@ from torch import Tensor
 
 from rlhf_diffusion.algorithms.base import register_algorithm
 from rlhf_diffusion.algorithms.diffusion_dpo import DiffusionDPO
-from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.sampling import DDIMGrid
 
 
-def dde_logits(delta: Tensor, alpha_prod_t: Tensor, correction: Tensor, beta_s: float, beta_c: float) -> Tensor:
-    """The DDE logit −β_s ((1 − ᾱ_t)/ᾱ_t) Δ_t + β_c C_t per pair (§3b, §5.7).
+def dde_logits(delta: Tensor, x0_weight: Tensor, correction: Tensor, beta_s: float, beta_c: float) -> Tensor:
+    """The DDE logit −β_s w_t Δ_t + β_c C_t per pair (§3b, §5.7), w_t the weight that turns Δ_t into an x_0-MSE
+    difference (`ForwardProcess.x0_error_weight`): (1 − ᾱ_t)/ᾱ_t on ε-models (the paper's), σ_t² on flow models
+    (derived: the same x_0-space quantity; docs/algorithms.md "Final-pair methods on flow models").
 
     Args:
         delta: (M,) Δ_t.
-        alpha_prod_t: (M,) ᾱ_t.
+        x0_weight: (M,) w_t.
         correction: (M,) C_t (zero for DDE-Single).
 
     Returns:
         (M,) logits (fp32: the single-shot coefficient spans five orders of magnitude over t).
     """
-    single_shot = ddim.x0_error_coefficient(alpha_prod_t) * delta.to(torch.float32)  # S_t
+    single_shot = x0_weight.to(delta.device, torch.float32) * delta.to(torch.float32)  # S_t
     return -beta_s * single_shot + beta_c * correction.to(torch.float32)
 
 
@@ -84,21 +87,21 @@ class DDE(DiffusionDPO):
     """DDE with the EMA stepwise correction (`correction: ema`) or DDE-Single (`correction: none`): Diffusion-DPO's
     pairs, (t, ε) draws and Δ_t (inherited), with DDE's logit and its EMA table (`pair_logits`)."""
 
-    def __init__(self, config, grid: DDIMGrid):
+    def __init__(self, config, grid: DDIMGrid | FlowGrid):
         super().__init__(config, grid)
         self.name = config.name
-        t_count = grid.alphas_cumprod.shape[0]
+        t_count = self.process.num_train_timesteps
         self.correction_table = torch.zeros(t_count, dtype=torch.float32)  # A[0..T−1], fp32, checkpointed
 
     def pair_logits(self, delta: Tensor, timesteps: Tensor) -> tuple[Tensor, dict[str, float], Any]:
         """DDE's logit of Δ_t (`dde_logits`: β_s S_t plus, with `correction: ema`, β_c C_t from the EMA table), its
         metrics, and the EMA statistic −λ_t Δ_t at `timesteps` as the state update (None for DDE-Single)."""
-        alpha_prod = ddim.gather_alpha(self.grid.alphas_cumprod, timesteps).to(delta.device)
+        x0_weight = self.process.x0_error_weight(timesteps).to(delta.device)  # (1 − ᾱ_t)/ᾱ_t, or σ_t² on flows
         if self.config.correction == "ema":
             correction = suffix_sums(self.correction_table)[timesteps].to(delta.device)  # C_t, stop-gradient
         else:
             correction = torch.zeros_like(delta)
-        logits = dde_logits(delta, alpha_prod, correction, self.config.beta_s, self.config.beta_c)
+        logits = dde_logits(delta, x0_weight, correction, self.config.beta_s, self.config.beta_c)
         statistic = -self.kl_weights[timesteps] * delta.detach().cpu().to(torch.float32)  # −λ_t Δ_t
         metrics = {
             "implicit_accuracy": (delta < 0).float().mean().item(),

@@ -9,6 +9,11 @@ Example: `FinalPairBatch`; at loss time `draws_per_pair` draws of (t, ε) per pa
     shared within a pair [C], made for the whole minibatch before a data-parallel rank takes its rows.
 Loss:    −log σ(−0.5 β_dpo Δ_t), Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref) with per-element-mean MSEs [C train.py];
     a pair's loss is the mean over its draws.
+
+Flow models (SD3 / SD3.5): the same loss on the model's own forward process (`diffusion.forward_process`):
+    x_σ = (1 − σ) x_0 + σ ε, e = mean (v_m(x_σ) − (ε − x_0))² (flow_grpo train_sd3_dpo.py [C]), σ drawn on the
+    scheduler's training table (logit-normal by default, as flow_grpo [C]); the pairs are sampled by the flow loop
+    at `sampling.flow_noise_level` (docs/algorithms.md "Final-pair methods on flow models").
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from torch import Tensor
 from rlhf_diffusion.algorithms.base import Algorithm, LossOutput, RolloutContext, register_algorithm
 from rlhf_diffusion.algorithms.common import sample_ranked_pairs
 from rlhf_diffusion.batches import FinalPairBatch, RolloutBatch
-from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.diffusion.flow import FlowGrid
+from rlhf_diffusion.diffusion.forward_process import forward_process_for
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 
@@ -49,6 +55,11 @@ def sample_final_pairs(
     (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
     policy and labels them with the reward model, as an AI annotator does.) Ties are dropped.
 
+    Every image starts from its own x_T. On a flow model (a `FlowGrid` in `ctx`) the images are sampled by the flow
+    loop at the grid's noise level (`sampling.flow_noise_level`: Flow-GRPO's SDE, as flow_grpo's DPO samples its
+    pairs [C]; 0 = the stock pipeline's ODE): either gives independent samples, which is all these losses need
+    (they use only the final images, never a step's log-prob).
+
     Args:
         samples: S images per prompt (one S·P batch); the pair is the best against the worst by the weighted
             total reward (S = 2: the two samples, the papers' pairs).
@@ -66,59 +77,75 @@ def sample_final_pairs(
     return ranked.rollout_batch(prompts, pairs)
 
 
-def sample_timesteps(count: int, timestep_range: tuple[int, int], generator: torch.Generator) -> Tensor:
-    """One t per pair, uniform on [lo, hi] of the 1000-step training grid (§3a, uniform assumed [U])."""
+def sample_timesteps(
+    count: int, timestep_range: tuple[int, int], generator: torch.Generator, density: str = "uniform"
+) -> Tensor:
+    """One t per pair on [lo, hi] of the N-step training table (larger t = noisier; on a flow model t indexes the
+    scheduler's σ table, `diffusion.forward_process`).
+
+    'uniform': t ~ U{lo, …, hi} (Diffusion-DPO train.py [C]; DDE: uniform assumed [U]). 'logit_normal':
+    t = lo + ⌊u (hi − lo + 1)⌋ with u = sigmoid(n), n ~ N(0, 1): over the whole table (0, 999) this is flow_grpo's
+    SD3 DPO draw [C] (its index ⌊1000 u⌋ into the descending schedule; u and 1 − u have the same law, so the
+    ascending index has it too); over a narrower range the stretch is ours.
+    """
     lo, hi = timestep_range
-    return torch.randint(lo, hi + 1, (count,), generator=generator)
+    if density == "uniform":
+        return torch.randint(lo, hi + 1, (count,), generator=generator)
+    if density == "logit_normal":
+        u = torch.sigmoid(torch.randn((count,), generator=generator, dtype=torch.float64))
+        return (lo + torch.floor(u * (hi - lo + 1)).long()).clamp(max=hi)
+    raise ValueError(f"unknown timestep density {density!r}; expected 'uniform' or 'logit_normal'")
 
 
 def diffusion_dpo_mse_terms(
     predictor: NoisePredictor,
-    grid: DDIMGrid,
+    grid: DDIMGrid | FlowGrid,
     cond: TextConditioning,
     x0_w: Tensor,
     x0_l: Tensor,
     timesteps: Tensor,
     noise: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(ε − ε_m(x^i_t, t, c))² (§5.7), and
-    mean_{C,H,W}(ε_θ − ε_ref)² at each noised latent, from the same UNet calls.
+    """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(y^i − y_m(x^i_t, t, c))² (§5.7), and
+    mean_{C,H,W}(y_θ − y_ref)² at each noised latent, from the same network calls.
 
-    t and ε are shared within a pair (Diffusion-DPO train.py [C]); x^i_t = sqrt(ᾱ_t) x^i_0 + sqrt(1 − ᾱ_t) ε.
+    The forward process is the model's (`forward_process_for(grid)`): ε-models x^i_t = sqrt(ᾱ_t) x^i_0 +
+    sqrt(1 − ᾱ_t) ε with target y = ε (Diffusion-DPO [C]); flow models x^i_σ = (1 − σ_t) x^i_0 + σ_t ε with target
+    y = ε − x^i_0, the velocity (flow_grpo train_sd3_dpo.py [C]). t and ε are shared within a pair [C].
     Δ_t < 0 means θ fits the winner better (relative to ref) than the loser.
 
     Args:
-        predictor: noise prediction (conditional only for these methods).
-        grid: supplies the training-grid ᾱ table.
+        predictor: noise or velocity prediction (conditional only for these methods).
+        grid: the sampling grid; its model's forward process supplies the training tables.
         cond: M conditionings.
         x0_w, x0_l: (M, C, h, w) latents.
-        timesteps: (M,) long on the 1000-step training grid.
+        timesteps: (M,) long on the N-step training table.
         noise: (M, C, h, w) ε.
 
     Returns:
-        (Δ_t (M,) differentiable w.r.t. the LoRA parameters, eps_sq_diff (2M,) detached: winners' rows first, then
+        (Δ_t (M,) differentiable w.r.t. the LoRA parameters, pred_sq_diff (2M,) detached: winners' rows first, then
         the losers').
     """
+    process = forward_process_for(grid)
     device = predictor.model.device
-    alpha_prod = ddim.gather_alpha(grid.alphas_cumprod, timesteps).to(device)
-    noise = noise.to(device)
-    x_t = torch.cat(
-        [ddim.add_noise(x0_w.to(device), noise, alpha_prod), ddim.add_noise(x0_l.to(device), noise, alpha_prod)]
-    )  # (2M, C, h, w)
-    t2 = timesteps.to(device).repeat(2)
+    x0 = torch.cat([x0_w, x0_l]).to(device)  # (2M, C, h, w)
+    noise2 = noise.to(device).repeat(2, 1, 1, 1)
+    t2 = timesteps.repeat(2)
+    x_t = process.noised(x0, noise2, t2)
+    target = process.target(x0, noise2)
     cond2 = TextConditioning.cat([cond, cond])
-    target = noise.repeat(2, 1, 1, 1)
-    eps_theta = predictor(x_t, t2, cond2)
-    eps_ref = predictor(x_t, t2, cond2, reference=True)
-    err_theta = ((eps_theta - target) ** 2).mean(dim=(1, 2, 3))
-    err_ref = ((eps_ref - target) ** 2).mean(dim=(1, 2, 3))
-    eps_sq_diff = ((eps_theta.detach() - eps_ref.detach()) ** 2).mean(dim=(1, 2, 3))
+    model_t = process.model_timesteps(t2).to(device)
+    pred_theta = predictor(x_t, model_t, cond2)
+    pred_ref = predictor(x_t, model_t, cond2, reference=True)
+    err_theta = ((pred_theta - target) ** 2).mean(dim=(1, 2, 3))
+    err_ref = ((pred_ref - target) ** 2).mean(dim=(1, 2, 3))
+    pred_sq_diff = ((pred_theta.detach() - pred_ref.detach()) ** 2).mean(dim=(1, 2, 3))
     m = x0_w.shape[0]
-    return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:]), eps_sq_diff
+    return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:]), pred_sq_diff
 
 
 def timestep_kl_diagnostics(
-    timesteps: Tensor, eps_sq_diff: Tensor, kl_weights: Tensor
+    timesteps: Tensor, eps_sq_diff: Tensor, kl_weights: Tensor, prediction: str = "eps"
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """The final-image methods' `LossOutput.grouped` KL diagnostics, grouped by timestep bucket
     lo = KL_TIMESTEP_BUCKET · floor(t / KL_TIMESTEP_BUCKET) (t ∈ [lo, lo + 100)):
@@ -128,15 +155,22 @@ def timestep_kl_diagnostics(
     - `kl/ddpm_step_t_<lo>`: λ_t × that = the KL of the DDPM reverse step at t (`ddim.ddpm_step_kl`, nats per
       element; λ_0 = 0). The samplers run DDIM with η, so it measures the drift of the model, not of the sampler.
 
+    A flow model's rows are velocities: `kl/v_sq_diff_t_<lo>` = mean (v_θ − v_ref)², and `kl/ddpm_step_t_<lo>` its
+    λ_t in velocity units (`flow.vp_equivalent_kl_weights`: the DDPM step KL of the same-SNR chain, derived).
+
     Args:
         timesteps: (R,) long t of each row.
-        eps_sq_diff: (R,) per-row mean (ε_θ − ε_ref)².
-        kl_weights: (N,) λ_t table (`ddim.ddpm_kl_weights`).
+        eps_sq_diff: (R,) per-row mean (ε_θ − ε_ref)² (or (v_θ − v_ref)²).
+        kl_weights: (N,) λ_t table (`ForwardProcess.kl_weights`).
+        prediction: "eps" or "v" (`ForwardProcess.prediction`), the name of the raw difference.
     """
     t = timesteps.detach().cpu().long()
     diff = eps_sq_diff.detach().float().cpu()
     buckets = torch.div(t, KL_TIMESTEP_BUCKET, rounding_mode="floor") * KL_TIMESTEP_BUCKET
-    return {"kl/eps_sq_diff_t": (buckets, diff), "kl/ddpm_step_t": (buckets, kl_weights.to(diff)[t] * diff)}
+    return {
+        f"kl/{prediction}_sq_diff_t": (buckets, diff),
+        "kl/ddpm_step_t": (buckets, kl_weights.to(diff)[t] * diff),
+    }
 
 
 def timestep_saturation_diagnostics(
@@ -155,14 +189,17 @@ class DiffusionDPO(Algorithm):
     (`config.samples_per_prompt` images per prompt), and `config.draws_per_pair` draws of (t, ε) per pair — t uniform
     on `config.timestep_range`, ε shared by winner and loser [C] — made for the whole minibatch before a
     data-parallel rank takes its rows; a pair's loss is the mean over its draws. DDE derives from it and overrides
-    `pair_logits` (its logit)."""
+    `pair_logits` (its logit). Trains ε-models and flow models alike (`flow_models`): the model's forward process
+    (`self.process`) supplies the noising, the target and the tables."""
 
     name = "diffusion_dpo"
-    cfg_in_training = False  # ε-MSE on the conditional model, as Diffusion-DPO
+    cfg_in_training = False  # ε-MSE (v-MSE) on the conditional model, as Diffusion-DPO (flow_grpo: no CFG [C])
+    flow_models = True
 
-    def __init__(self, config, grid: DDIMGrid):
+    def __init__(self, config, grid: DDIMGrid | FlowGrid):
         super().__init__(config, grid)
-        self.kl_weights = ddim.ddpm_kl_weights(grid.betas)  # λ_t (N,): DDE's statistic, the KL diagnostics
+        self.process = forward_process_for(grid)
+        self.kl_weights = self.process.kl_weights()  # λ_t (N,): DDE's statistic, the KL diagnostics
         self.draws = config.draws_per_pair
 
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
@@ -198,10 +235,13 @@ class DiffusionDPO(Algorithm):
         return buckets, {lo: f"t_{lo:03d}" for lo in buckets.unique().tolist()}
 
     def draw(self, examples: FinalPairBatch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """`draws_per_pair` × M values of t (uniform on `timestep_range`) and of ε (each shared by winner and
-        loser), draw-major: entry d·M + i is pair i's draw d (one draw: the papers' one t and ε per pair)."""
+        """`draws_per_pair` × M values of t (on `timestep_range`, with `timestep_density`) and of ε (each shared by
+        winner and loser), draw-major: entry d·M + i is pair i's draw d (one draw: the papers' one t and ε per
+        pair)."""
         count = self.draws * len(examples)
-        timesteps = sample_timesteps(count, self.config.timestep_range, generator)
+        density = self.config.timestep_density
+        density = self.process.default_density if density == "auto" else density
+        timesteps = sample_timesteps(count, self.config.timestep_range, generator, density)
         return timesteps, torch.randn((count, *examples.x0_w.shape[1:]), generator=generator)
 
     def pair_loss(
@@ -214,13 +254,13 @@ class DiffusionDPO(Algorithm):
     ) -> LossOutput:
         """The loss of `examples` at the given per-pair `timesteps` (M,) and `noise` (M, C, h, w): −log σ of the
         method's logit of Δ_t (`pair_logits`), with the per-timestep KL and saturation diagnostics."""
-        delta, eps_sq_diff = diffusion_dpo_mse_terms(
+        delta, pred_sq_diff = diffusion_dpo_mse_terms(
             predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise
         )
         logits, metrics, update = self.pair_logits(delta, timesteps)
         loss = -F.logsigmoid(logits).mean()
         grouped = {
-            **timestep_kl_diagnostics(timesteps.repeat(2), eps_sq_diff, self.kl_weights),
+            **timestep_kl_diagnostics(timesteps.repeat(2), pred_sq_diff, self.kl_weights, self.process.prediction),
             **timestep_saturation_diagnostics(timesteps, logits),
         }
         return LossOutput(loss=loss, metrics=metrics, state_update=update, grouped=grouped)

@@ -55,7 +55,11 @@ __all__ = [
     "sde_step_mean",
     "sde_step_with_logprob",
     "shift_sigmas",
+    "train_sigmas",
     "velocity_target",
+    "vp_equivalent_alpha_prod",
+    "vp_equivalent_kl_weights",
+    "x0_error_weight",
 ]
 
 # The Gaussian KL and the single-action log-ratio of two policies that share the step's std are the same
@@ -107,6 +111,46 @@ def pred_noise_from_velocity(x: Tensor, v_pred: Tensor, sigma: Tensor) -> Tensor
     return x.to(torch.float32) + (1 - s) * v_pred.to(torch.float32)
 
 
+def x0_error_weight(sigma: Tensor) -> Tensor:
+    """σ²: ||x_0 − x̂_0(x_σ)||² = σ² ||v − v̂||² at x_σ = add_noise(x_0, ε, σ) (x̂_0 = x_σ − σ v̂): the weight that
+    turns a velocity-MSE difference into an x_0-MSE difference, the flow form of `ddim.x0_error_coefficient`
+    (DDE's single-shot weight, §3b; derived, docs/algorithms.md "Final-pair methods on flow models")."""
+    return sigma.to(torch.float32) ** 2
+
+
+def vp_equivalent_alpha_prod(sigma: Tensor) -> Tensor:
+    """ᾱ(σ) = (1 − σ)² / ((1 − σ)² + σ²): the variance-preserving ᾱ with the same signal-to-noise ratio as x_σ,
+    ᾱ/(1 − ᾱ) = ((1 − σ)/σ)². x_σ / sqrt((1 − σ)² + σ²) = sqrt(ᾱ) x_0 + sqrt(1 − ᾱ) ε is then the DDPM forward
+    process at that ᾱ, with the same ε; the ε-prediction a velocity implies, ε̂ = x_σ + (1 − σ) v̂, has
+    ε − ε̂ = (1 − σ)(v − v̂). (So (1 − ᾱ)/ᾱ · (1 − σ)² = σ² = `x0_error_weight`.)"""
+    s = sigma.to(torch.float64)
+    return ((1 - s) ** 2 / ((1 - s) ** 2 + s**2)).to(torch.float32)
+
+
+def vp_equivalent_kl_weights(sigmas: Tensor) -> Tensor:
+    """λ_t in velocity units on a training table σ_0 < … < σ_{N−1} (`train_sigmas`): the DDPM reverse-step KL
+    weight (`ddim.ddpm_kl_weights`, β_t / (2 α_t (1 − ᾱ_{t−1}))) of the variance-preserving chain with
+    ᾱ_t = `vp_equivalent_alpha_prod(σ_t)`, times (1 − σ_t)², the factor from an ε-MSE to a velocity-MSE. So
+    λ_t · mean (v_θ − v_ref)² is that chain's step KL at t (derived: the flow samplers' own SDE kernel has another
+    one; docs/algorithms.md "Final-pair methods on flow models"). With α_t = ᾱ_t/ᾱ_{t−1} the product simplifies to
+
+        λ_t = (ᾱ_{t−1} − ᾱ_t) ((1 − σ_t)² + σ_t²) / (2 (1 − ᾱ_{t−1})),
+
+    which stays finite at σ = 1 (ᾱ = 0), where the ε-unit weight does not. λ_0 = 0, as in `ddim.ddpm_kl_weights`.
+
+    Args:
+        sigmas: (N,) ascending in t.
+
+    Returns:
+        (N,) float32.
+    """
+    s = sigmas.to(torch.float64)
+    norm = (1 - s) ** 2 + s**2
+    alpha_prod, one_minus = (1 - s) ** 2 / norm, s**2 / norm  # ᾱ and 1 − ᾱ, each without cancellation (fp64)
+    lam = (alpha_prod[:-1] - alpha_prod[1:]) * norm[1:] / (2 * one_minus[:-1].clamp(min=1e-300))
+    return torch.cat([torch.zeros(1, dtype=torch.float64), lam]).to(torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The sampling grid
 # --------------------------------------------------------------------------------------------------------------
@@ -119,6 +163,21 @@ def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     """
     sigmas = sigmas.to(torch.float64)
     return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def train_sigmas(num_train_timesteps: int = 1000, shift: float | None = 1.0) -> Tensor:
+    """The scheduler's training table indexed by t = 0 … N−1 from data to noise: σ_t = shift((t + 1)/N), ascending
+    (diffusers' `FlowMatchEulerDiscreteScheduler` builds the same N values, σ = shift(n/N) for n = N … 1, in
+    descending order; the transformer sees timestep σ_t · N). `shift` None (a dynamic-shift scheduler, FLUX): the
+    unshifted table, as that scheduler keeps it.
+
+    For shift 3, N = 1000: σ_0 = 3·0.001/1.002 = 0.0029940, σ_499 = 0.75, σ_999 = 1.
+
+    Returns:
+        (N,) float32.
+    """
+    base = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    return (base if shift is None else shift_sigmas(base, shift)).to(torch.float32)
 
 
 def flow_sigmas(num_steps: int, shift: float = 1.0, mu: float | None = None, num_train_timesteps: int = 1000) -> Tensor:

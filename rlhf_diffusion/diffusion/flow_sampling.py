@@ -75,16 +75,22 @@ class VelocityPredictor:
     Args:
         model: loaded SD3 components (`kind == "sd3"`; the transformer sits in `model.unet`), LoRA attached or not.
         guidance_scale: CFG weight w (1.0 = conditional only).
+        height, width: image size in pixels the rollouts sample at (`initial_noise`); default the model's native
+            size. SD3 has no size conditioning, so the prediction itself does not depend on them.
 
     Raises:
         ValueError: the model is not a flow-matching (SD3) model.
     """
 
-    def __init__(self, model: DiffusionModel, guidance_scale: float):
+    def __init__(
+        self, model: DiffusionModel, guidance_scale: float, height: int | None = None, width: int | None = None
+    ):
         if model.kind != "sd3":
             raise ValueError(f"VelocityPredictor needs an SD3 (flow-matching) model, got kind {model.kind!r}")
         self.model = model
         self.guidance_scale = guidance_scale
+        self.height = height or model.resolution
+        self.width = width or model.resolution
         self._uncond_row = encode_negative(model, 1)
         # What the policy's (θ) forward calls: the transformer, or a wrapper of it such as DistributedDataParallel
         # (set by a data-parallel learner so that the backward pass all-reduces the gradients).

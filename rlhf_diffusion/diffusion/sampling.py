@@ -192,6 +192,10 @@ def sample_trajectory(
 
     Two calls with the same x_T give D3PO's paired trajectories (shared x_T, fresh noise at every step).
 
+    A flow model's grid (`flow.FlowGrid`, with its `flow_sampling.VelocityPredictor`) samples its own loop,
+    `flow_sampling.sample_flow_trajectory` (the SDE at the grid's noise level, the ODE at 0), so every caller (the
+    final-pair rollouts, evaluation) samples either model family through this one entry point.
+
     Args:
         predictor: the policy's noise prediction.
         cond: B conditionings.
@@ -200,6 +204,10 @@ def sample_trajectory(
         generator: CPU RNG for the per-step noise, or one per row (row b's noise from generator b: a row's
             trajectory then does not depend on which other rows share its batch).
     """
+    if not isinstance(grid, DDIMGrid):  # a FlowGrid: flow_sampling imports this module, hence the local import
+        from rlhf_diffusion.diffusion.flow_sampling import sample_flow_trajectory
+
+        return sample_flow_trajectory(predictor, cond, x_T, grid, generator)
     device = predictor.model.device
     x = x_T.to(device)
     states, log_probs = [x.cpu()], []

@@ -42,7 +42,6 @@ from rlhf_diffusion.algorithms import build_algorithm
 from rlhf_diffusion.algorithms.signal import measure_signal
 from rlhf_diffusion.batches import PublishedWeights, RolloutBatch, TrainResult
 from rlhf_diffusion.config import RunConfig
-from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
 from rlhf_diffusion.models.loading import (
     DiffusionModel,
@@ -52,7 +51,7 @@ from rlhf_diffusion.models.loading import (
     trainable_parameters,
 )
 from rlhf_diffusion.seeding import SIGNAL_STREAM, TRAIN_STREAM, derive_seed
-from rlhf_diffusion.workers.policy import DTYPES, load_policy, resolve_device
+from rlhf_diffusion.workers.policy import DTYPES, load_policy, policy_grid, policy_predictor, resolve_device
 
 __all__ = ["AUTOCAST_DTYPES", "GroupRef", "GroupedMeans", "Learner", "LearnerGroup"]
 
@@ -151,13 +150,10 @@ class Learner:
         # Dynamic loss scaling for fp16 (whose gradients underflow); with enabled=False every call passes through.
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.mixed_precision == "fp16")
         self.resolution = config.model.resolution or self.model.resolution
-        self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
+        self.grid = policy_grid(config, self.model)
         self.algorithm = build_algorithm(config.algorithm, self.grid)
-        self.predictor = NoisePredictor(
-            self.model,
-            config.sampling.guidance_scale if self.algorithm.cfg_in_training else 1.0,
-            self.resolution,
-            self.resolution,
+        self.predictor = policy_predictor(
+            self.model, config.sampling.guidance_scale if self.algorithm.cfg_in_training else 1.0, self.resolution
         )
         train = config.train
         self.optimizer = torch.optim.AdamW(

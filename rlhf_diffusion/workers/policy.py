@@ -2,14 +2,21 @@
 for `model.finetune: full`, the bare UNet, with a frozen reference copy in the learner).
 
 Samplers and the learner call `load_policy` with the same config, so their UNets are identical (same base weights,
-same LoRA init drawn from a seed derived from `config.seed`) before the learner's first published weights arrive.
+same LoRA init drawn from a seed derived from `config.seed`) before the learner's first published weights arrive,
+and build their sampling grid and predictor with `policy_grid` / `policy_predictor`: a DDIM grid and a
+`NoisePredictor` for SD1.5 / SDXL, a flow grid and a `VelocityPredictor` for an SD3 / SD3.5 model, which only the
+methods with `Algorithm.flow_models` train (`flow_method_problem`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from rlhf_diffusion.algorithms.base import ALGORITHM_REGISTRY
 from rlhf_diffusion.config import RunConfig
+from rlhf_diffusion.diffusion.flow import FlowGrid
+from rlhf_diffusion.diffusion.flow_sampling import VelocityPredictor, flow_grid_for
+from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.loading import (
     DiffusionModel,
     ModelLoadError,
@@ -23,13 +30,16 @@ from rlhf_diffusion.models.loading import (
 from rlhf_diffusion.models.sources import TINY_PREFIX, resolve_source
 from rlhf_diffusion.seeding import derive_seed
 
-# SD3 pipelines load (models/loading.py) and their LoRA exports, but no sampler or method runs on a flow model yet.
-NOT_TRAINABLE_YET = (
-    "{source!r} is an SD3 (flow-matching) pipeline: it loads and a LoRA for it exports, but training runs on SD1.5 "
-    "and SDXL pipelines only for now (no flow sampler yet)"
-)
-
-__all__ = ["DTYPES", "TINY_PREFIX", "load_policy", "resolve_device", "resolve_model_source"]
+__all__ = [
+    "DTYPES",
+    "TINY_PREFIX",
+    "flow_method_problem",
+    "load_policy",
+    "policy_grid",
+    "policy_predictor",
+    "resolve_device",
+    "resolve_model_source",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_INIT_STREAM = 4
@@ -47,6 +57,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def flow_method_problem(config: RunConfig, kind: str) -> str | None:
+    """Why `config.algorithm.name` cannot train a model of `kind`, or None: on an SD3 (flow-matching) model only the
+    methods with `Algorithm.flow_models` train (Diffusion-DPO, DDE, DDE-Single). The one message of the refusal,
+    naming `algorithm.name` and `model.pretrained`; `launch.check_inputs` gives it before any work, `load_policy`
+    wherever a model is loaded."""
+    name = config.algorithm.name
+    if kind != "sd3" or ALGORITHM_REGISTRY[name].flow_models:
+        return None
+    supported = ", ".join(sorted(n for n, cls in ALGORITHM_REGISTRY.items() if cls.flow_models))
+    return (
+        f"algorithm.name: {name!r} does not train the SD3 (flow-matching) pipeline in model.pretrained "
+        f"({config.model.pretrained!r}) yet; on SD3 / SD3.5 only the final-pair methods train: {supported}"
+    )
+
+
+def policy_grid(config: RunConfig, model: DiffusionModel) -> DDIMGrid | FlowGrid:
+    """The K-step (`sampling.num_steps`) sampling grid of the policy: DDIM at `sampling.eta`, or for an SD3 model
+    its scheduler's flow grid at `sampling.flow_noise_level` (at the run's resolution)."""
+    if model.kind == "sd3":
+        size = config.model.resolution or model.resolution
+        return flow_grid_for(model, config.sampling.num_steps, config.sampling.flow_noise_level, size, size)
+    return DDIMGrid.from_scheduler(model.scheduler, config.sampling.num_steps, config.sampling.eta)
+
+
+def policy_predictor(model: DiffusionModel, guidance_scale: float, resolution: int) -> NoisePredictor:
+    """The policy's CFG prediction at `resolution`: a `NoisePredictor`, or an SD3 model's `VelocityPredictor`
+    (the same call shape: prediction at (x, network timestep, cond), `reference=True` for the reference)."""
+    if model.kind == "sd3":
+        return VelocityPredictor(model, guidance_scale, resolution, resolution)
+    return NoisePredictor(model, guidance_scale, resolution, resolution)
+
+
 def load_policy(config: RunConfig, source: str, device: torch.device, *, for_training: bool = False) -> DiffusionModel:
     """The pipeline at `source` (a directory or hub id, see `models.sources.resolve_source`) with the configured LoRA on
     its UNet; the LoRA's A matrices are drawn from a seed derived from `config.seed` (B = 0, so the policy starts
@@ -59,8 +101,9 @@ def load_policy(config: RunConfig, source: str, device: torch.device, *, for_tra
     model = load_diffusion_model(
         source, kind=config.model.kind, dtype=DTYPES[config.model.dtype], device=device, revision=config.model.revision
     )
-    if model.kind == "sd3":
-        raise ModelLoadError(f"model.pretrained: {NOT_TRAINABLE_YET.format(source=source)}")
+    problem = flow_method_problem(config, model.kind)
+    if problem:
+        raise ModelLoadError(problem)
     set_attention(model.unet, config.model.attention)
     if config.model.finetune == "full":
         if for_training:

@@ -25,12 +25,11 @@ from rlhf_diffusion.algorithms import RolloutContext, build_algorithm
 from rlhf_diffusion.batches import EvalShard, PublishedWeights, RolloutBatch, RolloutRequest
 from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.data.offline import OfflinePairStream, encode_pairs
-from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.evaluation import evaluate_shard
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
 from rlhf_diffusion.models.loading import DiffusionModel, set_trainable_state
 from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
-from rlhf_diffusion.workers.policy import load_policy, resolve_device
+from rlhf_diffusion.workers.policy import load_policy, policy_grid, policy_predictor, resolve_device
 from rlhf_diffusion.workers.reward_server import build_heldout_reward
 
 __all__ = ["RemoteReward", "Sampler"]
@@ -163,7 +162,7 @@ class Sampler:
             self.reward = _LocalRewardClient(local, heldout)
             not_differentiable = local.not_differentiable
         self.reward_weights = {spec.key: spec.weight for spec in config.rewards}  # keyed as the scores are
-        self.grid = DDIMGrid.from_scheduler(self.model.scheduler, config.sampling.num_steps, config.sampling.eta)
+        self.grid = policy_grid(config, self.model)
         self.algorithm = build_algorithm(config.algorithm, self.grid)
         if getattr(self.algorithm, "guided", False) and not_differentiable:
             raise ValueError(
@@ -171,7 +170,7 @@ class Sampler:
                 f"{', '.join(not_differentiable)} are not differentiable; use tailorpo, or a "
                 "differentiable reward"
             )
-        self.predictor = NoisePredictor(self.model, config.sampling.guidance_scale, self.resolution, self.resolution)
+        self.predictor = policy_predictor(self.model, config.sampling.guidance_scale, self.resolution)
         # Version of the LoRA in `self.model`; -1 = not set by a learner yet (a fresh or restarted actor).
         self.weights_version = -1
         # Offline preference pairs (DDE / Diffusion-DPO): this sampler reads shard `rank` of the source.

@@ -113,13 +113,15 @@ def test_dde_logit_signs_and_correction_sign():
     table = ema_update(torch.zeros(4), torch.arange(4), -kl * delta[0], momentum=0.0)  # A[k] = −λ Δ > 0
     correction = suffix_sums(table)
     assert (correction[:-1] > 0).all()
-    logits = dde_logits(delta, alpha, torch.zeros(2), beta_s=100.0, beta_c=100.0)
+    logits = dde_logits(delta, ddim.x0_error_coefficient(alpha), torch.zeros(2), beta_s=100.0, beta_c=100.0)
     assert (logits > 0).all()
     # the single-shot coefficient (1−ᾱ)/ᾱ grows with t: the large-t pair gets the larger logit (DDE §3b)
     assert logits[1] > logits[0]
     # hand value: −β_s · ((1−0.9)/0.9) · (−1e-3) = 100 · 0.1111 · 1e-3
     assert logits[0].item() == pytest.approx(100 * (0.1 / 0.9) * 1e-3, rel=1e-5)
-    with_corr = dde_logits(delta, alpha, torch.tensor([0.02, 0.0]), beta_s=100.0, beta_c=100.0)
+    with_corr = dde_logits(
+        delta, ddim.x0_error_coefficient(alpha), torch.tensor([0.02, 0.0]), beta_s=100.0, beta_c=100.0
+    )
     assert with_corr[0].item() == pytest.approx(logits[0].item() + 2.0, rel=1e-5)
 
 
@@ -138,7 +140,7 @@ def test_dde_correction_share_is_the_corrections_part_of_the_logit():
     delta = torch.tensor([1e-4, -2e-4])
     alpha = torch.tensor([0.5, 0.25])  # (1 − ᾱ)/ᾱ = 1 and 3
     correction = torch.tensor([1e-4, -1e-4])
-    logits = dde_logits(delta, alpha, correction, beta_s=1000.0, beta_c=500.0)
+    logits = dde_logits(delta, ddim.x0_error_coefficient(alpha), correction, beta_s=1000.0, beta_c=500.0)
     # |β_s S_t| = 0.1, 0.6 (mean 0.35); |β_c C_t| = 0.05, 0.05 (mean 0.05)
     assert correction_share(logits, correction, 500.0) == pytest.approx(0.05 / 0.40, rel=1e-5)
     assert correction_share(logits, torch.zeros(2), 500.0) == 0.0

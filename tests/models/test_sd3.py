@@ -279,17 +279,31 @@ def test_exported_lora_loads_into_the_stock_pipeline(any_sd3_dir, tmp_path):
     assert np.abs(after - before).max() > 1e-3
 
 
-def test_a_run_on_an_sd3_pipeline_is_refused_before_any_work_naming_the_field(sd3_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["d3po", "tailorpo", "grpo"])
+def test_a_method_not_yet_on_flow_models_is_refused_before_any_work_naming_the_fields(
+    sd3_dir, tmp_path, capsys, method
+):
+    """Only the final-pair methods train an SD3 model (tests/models/test_sd3_training.py); any other is refused by
+    launch before anything is written (exit 2), and by `load_policy` wherever a model is loaded, with one message
+    naming algorithm.name and model.pretrained."""
     from rlhf_diffusion import launch
     from rlhf_diffusion.config import load_config
     from rlhf_diffusion.workers.policy import load_policy
 
+    overrides = [f"model.pretrained={sd3_dir}", f"algorithm={{name: {method}}}"]
     code = launch.main(
-        ["configs/tiny.yaml", "--no-ray", "--set", f"model.pretrained={sd3_dir}", "--set", f"output_dir={tmp_path}"]
+        [
+            "configs/tiny.yaml",
+            "--no-ray",
+            *[a for o in overrides for a in ("--set", o)],
+            "--set",
+            f"output_dir={tmp_path}",
+        ]
     )
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: model.pretrained: ") and "SD3 (flow-matching)" in err, err
+    assert code == 2 and err.startswith(f"error: algorithm.name: '{method}' does not train"), err
+    assert "SD3 (flow-matching) pipeline in model.pretrained" in err and "dde, dde_single, diffusion_dpo" in err
     assert not any(tmp_path.iterdir())  # nothing written
-    config = load_config("configs/tiny.yaml", [f"model.pretrained={sd3_dir}"])
-    with pytest.raises(ModelLoadError, match="model.pretrained: .*SD1.5 and SDXL pipelines only"):
+    config = load_config("configs/tiny.yaml", overrides)
+    with pytest.raises(ModelLoadError, match=f"algorithm.name: '{method}' .*model.pretrained"):
         load_policy(config, str(sd3_dir), torch.device("cpu"))  # a hub id reaches the workers: the same message
