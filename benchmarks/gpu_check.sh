@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_check.sh --install-only                  # the install alone (minutes: torch + CUDA wheels)
 #   bash benchmarks/gpu_check.sh --out "$OUT"                     # the GPU run (--budget-seconds 420 by default)
+#   bash benchmarks/gpu_check.sh --out "$OUT" --models sd35       # SD3.5-medium alone (about 4-5 min)
 #   bash benchmarks/gpu_check.sh --dry-run --out /tmp/gpu_check   # tiny models on CPU, seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."
