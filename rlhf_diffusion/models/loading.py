@@ -18,8 +18,8 @@ LoRA format, the file a stock pipeline reads with `pipe.load_lora_weights(dir)`.
 SD3 / SD3.5 (`kind="sd3"`, a `StableDiffusion3Pipeline` directory): the denoising network is the
 `SD3Transformer2DModel` (a rectified-flow velocity predictor), kept in `DiffusionModel.unet` so that the LoRA and
 fine-tuning functions here serve it unchanged; the scheduler is the pipeline's `FlowMatchEulerDiscreteScheduler`.
-Loading, prompt encoding, LoRA and its export work for SD3; sampling and the training methods do not use it yet
-(docs/algorithms.md §10).
+Loading, prompt encoding, LoRA and its export work for SD3; the flow sampler (`diffusion/flow_sampling.py`) samples
+it and the final-pair methods train it (docs/algorithms.md §10(b)).
 """
 
 from __future__ import annotations
