@@ -326,6 +326,15 @@ class SamplingConfig(_FrozenModel):
         description="K, number of DDIM denoising steps per trajectory. Default 20 from D3PO config/base.py [C] "
         "and TailorPO [R].",
     )
+    eval_num_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Denoising steps of the held-out evaluation (the before / after images, their rewards and the "
+        "guards' evaluations); None = `num_steps`. Ours: the final-pair methods (DDE, DDE-Single, Diffusion-DPO) "
+        "train on final images from any sampler, so their rollouts may use fewer steps than the images a user "
+        "judges (configs/tiny.yaml: 5 against 10, docs/learning_signal.md). The step methods train on the "
+        "rollout's own steps, whatever this is.",
+    )
     eta: float = Field(
         1.0,
         le=1.0,

@@ -72,13 +72,17 @@ def flow_method_problem(config: RunConfig, kind: str) -> str | None:
     )
 
 
-def policy_grid(config: RunConfig, model: DiffusionModel) -> DDIMGrid | FlowGrid:
+def policy_grid(config: RunConfig, model: DiffusionModel, *, evaluation: bool = False) -> DDIMGrid | FlowGrid:
     """The K-step (`sampling.num_steps`) sampling grid of the policy: DDIM at `sampling.eta`, or for an SD3 model
-    its scheduler's flow grid at `sampling.flow_noise_level` (at the run's resolution)."""
+    its scheduler's flow grid at `sampling.flow_noise_level` (at the run's resolution). `evaluation`: the held-out
+    evaluation's grid, on `sampling.eval_num_steps` when set."""
+    steps = config.sampling.num_steps
+    if evaluation and config.sampling.eval_num_steps is not None:
+        steps = config.sampling.eval_num_steps
     if model.kind == "sd3":
         size = config.model.resolution or model.resolution
-        return flow_grid_for(model, config.sampling.num_steps, config.sampling.flow_noise_level, size, size)
-    return DDIMGrid.from_scheduler(model.scheduler, config.sampling.num_steps, config.sampling.eta)
+        return flow_grid_for(model, steps, config.sampling.flow_noise_level, size, size)
+    return DDIMGrid.from_scheduler(model.scheduler, steps, config.sampling.eta)
 
 
 def policy_predictor(model: DiffusionModel, guidance_scale: float, resolution: int) -> NoisePredictor:

@@ -163,6 +163,7 @@ class Sampler:
             not_differentiable = local.not_differentiable
         self.reward_weights = {spec.key: spec.weight for spec in config.rewards}  # keyed as the scores are
         self.grid = policy_grid(config, self.model)
+        self.eval_grid = policy_grid(config, self.model, evaluation=True)  # `sampling.eval_num_steps`
         self.algorithm = build_algorithm(config.algorithm, self.grid)
         if getattr(self.algorithm, "guided", False) and not_differentiable:
             raise ValueError(
@@ -255,7 +256,7 @@ class Sampler:
         return evaluate_shard(
             self.model,
             self.predictor,
-            self.grid,
+            self.eval_grid,
             self.reward,
             prompts,
             prompt_indices,
