@@ -43,6 +43,8 @@ def test_embedded_default_raises_the_held_out_checker_over_two_seeds(tmp_path):
                 "tracking.enabled=false",
                 "--set",
                 "checkpoint.every=0",
+                "--set",
+                "prompts.eval_seeds=4",  # 328 images a run (the config's 2 seeds: 164, too few to judge a run)
             ],
             cwd=ROOT,
             env=env,
@@ -58,11 +60,13 @@ def test_embedded_default_raises_the_held_out_checker_over_two_seeds(tmp_path):
         out, _ = proc.communicate(timeout=1800)
         assert proc.returncode == 0, out[-3000:]
         paired = json.loads((tmp_path / f"tiny_seed{seed}" / "eval.json").read_text())["paired"]["checker_all"]
-        assert paired["images"] == 164  # 82 held-out captions x 2 fixed seeds
+        assert paired["images"] == 328  # 82 held-out captions x 4 fixed seeds
         fixed, broken = fixed + int(paired["fixed"]), broken + int(paired["broken"])
         deltas.append(paired["delta"])
     pooled = sum(deltas) / len(deltas)
     p = sign_test_p(fixed, broken)
     message = f"checker_all deltas {deltas}, pooled {pooled:+.4f}; {fixed} fixed / {broken} broken, p = {p:.2g}"
     assert pooled >= 0.03, message
-    assert p < 0.05, message  # seeds 0 and 1 on the development machine: 38 fixed / 19 broken (p = 0.017)
+    # Seeds 0 and 1 re-evaluated on 8 held-out seeds (656 images each; the first 4 are this test's): +0.046 (77 / 47)
+    # and +0.056 (90 / 53), docs/learning_signal.md "Cheaper rollouts, smaller steps".
+    assert p < 0.05, message
