@@ -510,7 +510,8 @@ def test_resolved_yaml_round_trips():
 def test_tiny_yaml_loads():
     cfg = load_config(TINY_YAML)
     assert cfg.run_name == "tiny" and cfg.model.pretrained == "testbed:pipeline"
-    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (10, 4.0, 16)
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.batch_size) == (5, 4.0, 16)
+    assert cfg.sampling.eval_num_steps == 10  # ours: 5-step rollouts, 10-step held-out images
     assert cfg.algorithm.name == "dde_single" and cfg.algorithm.correction == "none" and cfg.algorithm.beta_s == 10
     assert (cfg.algorithm.samples_per_prompt, cfg.algorithm.draws_per_pair, cfg.algorithm.timestep_range) == (
         4,
@@ -519,8 +520,8 @@ def test_tiny_yaml_loads():
     )  # ours, docs/learning_signal.md
     assert [(reward.name, reward.path) for reward in cfg.rewards] == [("testbed_reward", None)]
     assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker", "checker_all"]
-    assert cfg.train.iterations == 15 and cfg.train.learning_rate == 2e-3 and cfg.train.train_batch_size == 32
-    assert cfg.checkpoint.every == 5 and cfg.prompts.eval_seeds == 2
+    assert cfg.train.iterations == 30 and cfg.train.learning_rate == 1e-3 and cfg.train.train_batch_size == 32
+    assert cfg.checkpoint.every == 10 and cfg.prompts.eval_seeds == 2
     assert (cfg.prompts.train.builtin, cfg.prompts.eval.builtin) == ("testbed_train", "testbed_heldout")
 
 
