@@ -102,7 +102,7 @@ TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {
 }
 
 # SD3.5-medium sampling as Flow-GRPO samples it (flow_grpo@9745241 config/base.py + config/grpo.py, the SD3.5-M
-# ocr / geneval / pickscore configs; /work/shared/ALGORITHMS_FLOW.md §5.3): K = 10 SDE steps (`sample.num_steps`),
+# ocr / geneval / pickscore configs; docs/algorithms.md §10): K = 10 SDE steps (`sample.num_steps`),
 # noise level a = 0.7 (`sample.noise_level`), CFG 4.5 (`sample.guidance_scale`); its LoRA (r 32, alpha 64, gaussian
 # init, the joint attention's projections); it trains steps j < ⌊0.99 K⌋ (`train.timestep_fraction`) with the PPO
 # clip range 1e-4 (`train.clip_range`). Flow-GRPO samples at 512 px; this check samples at SD3.5's native 1024 px.
