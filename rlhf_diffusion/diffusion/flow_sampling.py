@@ -20,9 +20,9 @@ from torch import Tensor
 
 from rlhf_diffusion.diffusion import flow
 from rlhf_diffusion.diffusion.flow import FlowGrid
-from rlhf_diffusion.diffusion.sampling import Trajectory
-from rlhf_diffusion.models.conditioning import TextConditioning, encode_negative, predict_velocity
-from rlhf_diffusion.models.loading import DiffusionModel, lora_disabled
+from rlhf_diffusion.diffusion.sampling import NoisePredictor, Trajectory
+from rlhf_diffusion.models.conditioning import TextConditioning, predict_cfg, predict_velocity
+from rlhf_diffusion.models.loading import DiffusionModel
 
 __all__ = [
     "VelocityPredictor",
@@ -56,21 +56,13 @@ def predict_velocity_cfg(
     Returns:
         (B, 16, h, w) guided velocity, in x_t's dtype.
     """
-    if uncond is None or guidance_scale == 1.0:
-        return predict_velocity(transformer, x_t, t, cond)
-    if len(uncond) != len(cond):
-        raise ValueError(f"uncond has {len(uncond)} rows but cond has {len(cond)}")
-    t = torch.as_tensor(t, device=x_t.device)
-    t_in = t.repeat(2) if t.ndim == 1 else t  # (2B,) or scalar
-    both = TextConditioning.cat([c.to(device=x_t.device, dtype=x_t.dtype) for c in (uncond, cond)])  # 2B rows
-    v = predict_velocity(transformer, torch.cat([x_t, x_t]), t_in, both)  # (2B, 16, h, w)
-    v_uncond, v_cond = v.chunk(2)  # (B, 16, h, w) each
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
+    return predict_cfg(predict_velocity, transformer, x_t, t, cond, uncond, guidance_scale)
 
 
-class VelocityPredictor:
+class VelocityPredictor(NoisePredictor):
     """The policy's CFG velocity v̂_θ(x_σ, σ, c) of an SD3 / SD3.5 model and its reference twin (LoRA disabled, or
-    the frozen `reference_unet` of full fine-tuning); the flow counterpart of `sampling.NoisePredictor`.
+    the frozen `reference_unet` of full fine-tuning): `sampling.NoisePredictor` with the transformer's guided
+    velocity call and float timesteps σ·N (`FlowGrid.timesteps`); its call returns (B, 16, h, w) float32.
 
     Args:
         model: loaded SD3 components (`kind == "sd3"`; the transformer sits in `model.unet`), LoRA attached or not.
@@ -82,56 +74,15 @@ class VelocityPredictor:
         ValueError: the model is not a flow-matching (SD3) model.
     """
 
+    guided = staticmethod(predict_velocity_cfg)
+    timestep_dtype = torch.float32
+
     def __init__(
         self, model: DiffusionModel, guidance_scale: float, height: int | None = None, width: int | None = None
     ):
         if model.kind != "sd3":
             raise ValueError(f"VelocityPredictor needs an SD3 (flow-matching) model, got kind {model.kind!r}")
-        self.model = model
-        self.guidance_scale = guidance_scale
-        self.height = height or model.resolution
-        self.width = width or model.resolution
-        self._uncond_row = encode_negative(model, 1)
-        # What the policy's (θ) forward calls: the transformer, or a wrapper of it such as DistributedDataParallel
-        # (set by a data-parallel learner so that the backward pass all-reduces the gradients).
-        self.forward_module: torch.nn.Module | None = None
-
-    @property
-    def unet(self):
-        """The trainable transformer (`model.unet`)."""
-        return self.model.unet
-
-    def __call__(self, x_t: Tensor, timesteps: Tensor, cond: TextConditioning, *, reference: bool = False) -> Tensor:
-        """v̂ at (x_σ, σ) for each sample.
-
-        Args:
-            x_t: (B, 16, h, w) latents x_σ.
-            timesteps: (B,) or a scalar: σ·N floats (`FlowGrid.timesteps`).
-            cond: B conditionings (one per sample).
-            reference: evaluate the reference policy (LoRA disabled, or `model.reference_unet`), without gradients.
-
-        Returns:
-            (B, 16, h, w) float32.
-        """
-        batch = x_t.shape[0]
-        t = torch.as_tensor(timesteps, device=x_t.device, dtype=torch.float32)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        uncond = self._uncond_row.repeat_interleave(batch) if self.guidance_scale != 1.0 else None
-        cond = cond.to(device=x_t.device)
-        if reference and self.model.reference_unet is not None:  # full fine-tuning: the frozen copy
-            ref = self.model.reference_unet
-            with torch.no_grad():
-                v = predict_velocity_cfg(ref, x_t.to(ref.dtype), t, cond, uncond, self.guidance_scale)
-        elif reference:
-            with torch.no_grad(), lora_disabled(self.model.unet):
-                v = predict_velocity_cfg(
-                    self.model.unet, x_t.to(self.model.unet.dtype), t, cond, uncond, self.guidance_scale
-                )
-        else:
-            module = self.forward_module or self.model.unet
-            v = predict_velocity_cfg(module, x_t.to(self.model.unet.dtype), t, cond, uncond, self.guidance_scale)
-        return v.to(torch.float32)
+        super().__init__(model, guidance_scale, height, width)
 
 
 def flow_grid_for(

@@ -117,6 +117,11 @@ class NoisePredictor:
         # a data-parallel learner so that the backward pass all-reduces the gradients).
         self.forward_module: torch.nn.Module | None = None
 
+    # The guided network call (`conditioning.predict_noise_cfg`; the flow `VelocityPredictor` overrides both) and the
+    # dtype of the timesteps it takes (the 1000-step grid's integers).
+    guided = staticmethod(predict_noise_cfg)
+    timestep_dtype = torch.long
+
     @property
     def unet(self):
         return self.model.unet
@@ -134,7 +139,7 @@ class NoisePredictor:
             (B, C, h, w) float32.
         """
         batch = x_t.shape[0]
-        t = torch.as_tensor(timesteps, device=x_t.device).long()
+        t = torch.as_tensor(timesteps, device=x_t.device).to(self.timestep_dtype)
         if t.ndim == 0:
             t = t.expand(batch)
         uncond = self._uncond_row.repeat_interleave(batch) if self.guidance_scale != 1.0 else None
@@ -144,13 +149,13 @@ class NoisePredictor:
         if reference and self.model.reference_unet is not None:  # full fine-tuning: the frozen copy
             ref = self.model.reference_unet
             with torch.no_grad():
-                eps = predict_noise_cfg(ref, x_t.to(ref.dtype), t, cond, uncond, self.guidance_scale)
+                out = self.guided(ref, x_t.to(ref.dtype), t, cond, uncond, self.guidance_scale)
         elif reference:
             with torch.no_grad(), lora_disabled(self.model.unet):
-                eps = predict_noise_cfg(self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
+                out = self.guided(self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
         else:
-            eps = predict_noise_cfg(self.forward_module or self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
-        return eps.to(torch.float32)
+            out = self.guided(self.forward_module or self.model.unet, x_in, t, cond, uncond, self.guidance_scale)
+        return out.to(torch.float32)
 
 
 @dataclass

@@ -22,7 +22,9 @@ Classifier-free guidance (Ho & Salimans, 2022): ε̂ = ε_θ(x_t, ∅) + w · (�
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +36,7 @@ __all__ = [
     "TextConditioning",
     "encode_negative",
     "encode_prompts",
+    "predict_cfg",
     "predict_noise",
     "predict_noise_cfg",
     "predict_velocity",
@@ -381,13 +384,28 @@ def predict_noise_cfg(
     Returns:
         (B, C, h, w) guided noise prediction.
     """
+    return predict_cfg(predict_noise, unet, x_t, t, cond, uncond, guidance_scale)
+
+
+def predict_cfg(
+    predict: Callable[[Any, Tensor, Tensor, TextConditioning], Tensor],
+    network,
+    x_t: Tensor,
+    t: Tensor,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
+    guidance_scale: float,
+) -> Tensor:
+    """Classifier-free guidance around one network call `predict(network, x_t, t, cond)` (`predict_noise`,
+    `predict_velocity`): p(∅) + w · (p(c) − p(∅)), both branches in one batched call on [x_t; x_t] with
+    [uncond; cond]; with w = 1 or no `uncond` only the conditional branch runs. Returns (B, C, h, w)."""
     if uncond is None or guidance_scale == 1.0:
-        return predict_noise(unet, x_t, t, cond)
+        return predict(network, x_t, t, cond)
     if len(uncond) != len(cond):
         raise ValueError(f"uncond has {len(uncond)} rows but cond has {len(cond)}")
     t = torch.as_tensor(t, device=x_t.device)
     t_in = t.repeat(2) if t.ndim == 1 else t  # (2B,) or scalar
     both = TextConditioning.cat([c.to(device=x_t.device, dtype=x_t.dtype) for c in (uncond, cond)])  # 2B rows
-    eps = predict_noise(unet, torch.cat([x_t, x_t]), t_in, both)  # (2B, C, h, w)
-    eps_uncond, eps_cond = eps.chunk(2)  # (B, C, h, w) each
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    out = predict(network, torch.cat([x_t, x_t]), t_in, both)  # (2B, C, h, w)
+    out_uncond, out_cond = out.chunk(2)  # (B, C, h, w) each
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
