@@ -705,7 +705,6 @@ def check_model(run: Run, kind: str, source: str) -> None:
     from rlhf_diffusion.diffusion.sampling import decode_latents, initial_noise, sample_trajectory
     from rlhf_diffusion.models.conditioning import encode_prompts
     from rlhf_diffusion.models.loading import set_attention, set_lora_state_dict, to_channels_last
-    from rlhf_diffusion.workers.learner import Learner
     from rlhf_diffusion.workers.policy import load_policy
     from rlhf_diffusion.workers.sampler import Sampler
 
@@ -856,40 +855,7 @@ def check_model(run: Run, kind: str, source: str) -> None:
             )
             record["note"] = "one call, after the sampling warm-up; brightness reward"
             run.measure(record)
-            n = min(len(batch.pairs), args.learner_examples)
-            if n == 0:
-                run.measure(
-                    {"model": kind, "what": "learner", "method": method, "precision": "no", "unit": "examples/s"}
-                    | {"status": "skip", "reason": "the rollout gave no examples (every pair tied)", "value": None}
-                )
-                continue
-            batch = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(n)), weights_version=0)
-
-            loss_checks(run, kind, source, model, method, batch, lora_state)
-
-            # learner throughput: Learner.train on the rollout's first n examples, warm-up excluded
-            for mp in args.learner_precisions:
-                record = {"model": kind, "what": "learner", "method": method, "precision": mp, "batch": n}
-                record.update(unit="examples/s")
-                if mp == "fp16" and not cuda:
-                    run.measure({**record, "status": "skip", "reason": "fp16 needs CUDA", "value": None})
-                    continue
-                set_lora_state_dict(model.unet, lora_state)
-                learner = Learner(make_config(args, source, kind, method, mp=mp), source, model=model)
-                if not args.dry_run:  # warm-up (CUDA kernels, allocator, autotuning); nothing to warm on CPU
-                    warm = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(min(2, n))))
-                    learner.train(warm, 0)
-                    learner.version = 0
-                record["warmup"] = not args.dry_run
-                with peak_memory(device, record):
-                    t0 = time.perf_counter()
-                    result = learner.train(batch, 1)
-                    sync(device)
-                    seconds = time.perf_counter() - t0
-                record.update(
-                    value=n / seconds, seconds=round(seconds, 3), optimizer_steps=result.metrics.get("optimizer_steps")
-                )
-                run.measure(record)
+            learner_measurements(run, kind, source, model, method, batch, lora_state)
         except torch.cuda.OutOfMemoryError as err:
             free_memory(device)
             run.measure(
@@ -1174,7 +1140,6 @@ def flow_method_throughput(run: Run, kind: str, source: str, model, method: str,
     the production `Sampler` (once, under bf16 autocast: it only feeds the learner, and float32 at 1024 px costs
     10 x its time), the loss / LoRA-gradient checks against float32, and learner examples/s of `Learner.train`."""
     from rlhf_diffusion.models.loading import set_lora_state_dict
-    from rlhf_diffusion.workers.learner import Learner
     from rlhf_diffusion.workers.sampler import Sampler
 
     args, device = run.args, run.device
@@ -1205,6 +1170,17 @@ def flow_method_throughput(run: Run, kind: str, source: str, model, method: str,
     record.update(value=len(rollout_prompts) / rollout_s, seconds=round(rollout_s, 3), examples=len(batch.pairs))
     record["note"] = "one call under bf16 autocast (after the sampling measurements); brightness reward"
     run.measure(record)
+    learner_measurements(run, kind, source, model, method, batch, lora_state)
+
+
+def learner_measurements(run: Run, kind: str, source: str, model, method: str, batch, lora_state: dict) -> None:
+    """After a method's rollout (`check_model`, `flow_method_throughput`): on its first `--learner-examples`
+    examples, the loss / LoRA-gradient checks (`loss_checks`), then learner examples/s of `Learner.train` per
+    `--learner-precisions`, warm-up excluded; a rollout with no examples (every pair tied) is recorded as a skip."""
+    from rlhf_diffusion.models.loading import set_lora_state_dict
+    from rlhf_diffusion.workers.learner import Learner
+
+    args, device = run.args, run.device
     n = min(len(batch.pairs), args.learner_examples)
     if n == 0:
         run.measure(
@@ -1222,7 +1198,7 @@ def flow_method_throughput(run: Run, kind: str, source: str, model, method: str,
             continue
         set_lora_state_dict(model.unet, lora_state)
         learner = Learner(make_config(args, source, kind, method, mp=mp), source, model=model)
-        if not args.dry_run:
+        if not args.dry_run:  # warm-up (CUDA kernels, allocator, autotuning); nothing to warm on CPU
             learner.train(dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(min(2, n)))), 0)
             learner.version = 0
         record["warmup"] = not args.dry_run
