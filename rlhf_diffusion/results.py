@@ -39,6 +39,7 @@ def iteration_record(
     result: TrainResult,
     *,
     seconds: float,
+    driver_cpu_seconds: float,
     wait_seconds: float,
     sampler_busy_fraction: float,
     learner_busy_fraction: float,
@@ -67,6 +68,9 @@ def iteration_record(
         "images_per_second": images / max(seconds, 1e-9),
         "wait_for_rollouts_seconds": wait_seconds,
         "seconds": seconds,
+        # CPU time of the driver's process: with --no-ray every role runs in it, so this is the iteration's whole
+        # compute, unaffected by other work on the machine; under Ray the actors' work is not in it
+        "driver_cpu_seconds": driver_cpu_seconds,
         "sampler_busy_fraction": sampler_busy_fraction,
         "learner_busy_fraction": learner_busy_fraction,
         "dropped": float(result.dropped),

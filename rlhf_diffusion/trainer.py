@@ -307,7 +307,7 @@ class Trainer:
         busy = {"sampler": 0.0, "learner": 0.0}
         with open(self.run_dir / "metrics.jsonl", "a") as metrics_file:
             for it in range(start, iterations):
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 while next_submit < iterations and next_submit <= it + staleness:
                     weights = published[max(0, next_submit - staleness)]
                     shards = rollout_requests(  # one per sampler
@@ -338,6 +338,7 @@ class Trainer:
                     batch,
                     result,
                     seconds=elapsed,
+                    driver_cpu_seconds=time.process_time() - cpu0,
                     wait_seconds=t_sampled - t0,
                     sampler_busy_fraction=busy["sampler"] / max(wall * len(self.samplers), 1e-9),
                     learner_busy_fraction=busy["learner"] / max(wall, 1e-9),

@@ -38,6 +38,9 @@ def test_reward_images_per_iteration_is_what_the_samplers_measure(method, tiny_s
     result = LocalTrainer(config, log=lambda *_: None).fit()
     expected = reward_images_per_iteration(config)
     assert [row["rollout/reward_images_count"] for row in result.history] == [expected, expected]
+    assert all(
+        row["driver_cpu_seconds"] > 0 for row in result.history
+    )  # in process: the run's compute (equal_seconds.py)
     # 3 prompts x 2 samplers: two final images per prompt, or n candidates (+ TailorPO-G's guided winner) per step
     assert expected == {"tailorpo": 6 * 3 * 2, "tailorpo_g": 6 * 3 * 3}.get(method, 2 * 6)
     assert unet_rows_per_iteration(config) == (
