@@ -428,29 +428,50 @@ def _step_weight_field() -> Any:
     )
 
 
+def _selector_field() -> Any:
+    """`name` of an algorithm section with one method: the discriminator of `RunConfig.algorithm`."""
+    return Field(description="Algorithm selector.")
+
+
+def _step_beta_field(description: str) -> Any:
+    """`beta` of the step DPO methods (D3PO, TailorPO, TailorPO-G): default 0.1, > 0; each method its own
+    description."""
+    return Field(0.1, gt=0, description=description)
+
+
+def _step_clip_epsilon_field(description: str) -> Any:
+    """`clip_epsilon` of the step DPO methods (D3PO, TailorPO, TailorPO-G): the ratio clamp, default 0.1, in
+    (0, 1); each method its own description."""
+    return Field(0.1, gt=0, lt=1, description=description)
+
+
+def _timestep_fraction_field(description: str) -> Any:
+    """`timestep_fraction` of the step methods and the policy-gradient ones: default 1.0 (every step), in (0, 1];
+    each its own description."""
+    return Field(1.0, gt=0, le=1, description=description)
+
+
+def _timestep_range_field(description: str) -> Any:
+    """`timestep_range` of DDE and Diffusion-DPO: default (0, NUM_TRAIN_TIMESTEPS − 1), every t; each its own
+    description."""
+    return Field((0, NUM_TRAIN_TIMESTEPS - 1), description=description)
+
+
 class D3POConfig(_FrozenModel):
     """D3PO (Yang et al., CVPR 2024): two trajectories from a shared x_T; the final-image preference is assigned to
     every step; clamped step-wise DPO loss (docs/algorithms.md §1)."""
 
-    name: Literal["d3po"] = Field(description="Algorithm selector.")
-    beta: float = Field(
-        0.1,
-        gt=0,
-        description="DPO temperature β on the per-step log-ratios (per-element mean log-probs). Default 0.1 from "
+    name: Literal["d3po"] = _selector_field()
+    beta: float = _step_beta_field(
+        "DPO temperature β on the per-step log-ratios (per-element mean log-probs). Default 0.1 from "
         "D3PO config/base.py [C].",
     )
-    clip_epsilon: float = Field(
-        0.1,
-        gt=0,
-        lt=1,
-        description="Ratio clamp ε: π_θ/π_ref is clamped to [1−ε, 1+ε] (zero gradient outside). Default 0.1 from "
+    clip_epsilon: float = _step_clip_epsilon_field(
+        "Ratio clamp ε: π_θ/π_ref is clamped to [1−ε, 1+ε] (zero gradient outside). Default 0.1 from "
         "D3PO config/base.py [C] (changed from 0.2, D3PO issue #4 [I]).",
     )
-    timestep_fraction: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Fraction of the K denoising steps trained per pair (a random subset of steps). Default 1.0 = "
+    timestep_fraction: float = _timestep_fraction_field(
+        "Fraction of the K denoising steps trained per pair (a random subset of steps). Default 1.0 = "
         "all steps, D3PO config/base.py [C].",
     )
     skip_final_steps: int = _skip_final_steps_field()
@@ -467,17 +488,12 @@ class TailorPOConfig(_FrozenModel):
     """TailorPO (Ren et al., ICLR 2025 submission): at every step two candidates from the same x_τ are ranked by the
     step reward r(c, x̂_0) and trained with the clamped DPO step loss (docs/algorithms.md §2)."""
 
-    name: Literal["tailorpo"] = Field(description="Algorithm selector.")
-    beta: float = Field(
-        0.1,
-        gt=0,
-        description="DPO temperature β. Default 0.1: D3PO's default assumed, UNCONFIRMED for TailorPO [U].",
+    name: Literal["tailorpo"] = _selector_field()
+    beta: float = _step_beta_field(
+        "DPO temperature β. Default 0.1: D3PO's default assumed, UNCONFIRMED for TailorPO [U].",
     )
-    clip_epsilon: float = Field(
-        0.1,
-        gt=0,
-        lt=1,
-        description="Ratio clamp δ: π_θ/π_ref clamped to [1−δ, 1+δ]. Form from the TailorPO authors (they reuse "
+    clip_epsilon: float = _step_clip_epsilon_field(
+        "Ratio clamp δ: π_θ/π_ref clamped to [1−δ, 1+δ]. Form from the TailorPO authors (they reuse "
         "D3PO's constraint) [R]; value 0.1 assumed from D3PO, UNCONFIRMED [U].",
     )
     num_candidates: int = Field(
@@ -505,12 +521,8 @@ class TailorPOConfig(_FrozenModel):
         description="Which candidate the trajectory continues from. 'winner' (stated for TailorPO-G [R]; "
         "UNCONFIRMED for plain TailorPO [U]) or 'random' (SPO's step-wise resampling [C]).",
     )
-    timestep_fraction: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Fraction of the K denoising steps whose pairs are trained. Default 1.0 = all steps, "
-        "UNCONFIRMED [U].",
+    timestep_fraction: float = _timestep_fraction_field(
+        "Fraction of the K denoising steps whose pairs are trained. Default 1.0 = all steps, UNCONFIRMED [U].",
     )
     skip_final_steps: int = _skip_final_steps_field()
     step_weight: Literal["uniform", "eps_scale"] = _step_weight_field()
@@ -520,7 +532,7 @@ class TailorPOGConfig(TailorPOConfig):
     """TailorPO-G: TailorPO plus a reward-gradient step on the winner (needs differentiable rewards;
     docs/algorithms.md §2b)."""
 
-    name: Literal["tailorpo_g"] = Field(description="Algorithm selector.")  # type: ignore[assignment]
+    name: Literal["tailorpo_g"] = _selector_field()  # type: ignore[assignment]
     guidance_gamma: float = Field(
         0.3,
         gt=0,
@@ -620,9 +632,8 @@ class DDEConfig(_FinalPairConfig):
         description="Momentum m of the correction EMA: A[t] ← m·A[t] + (1−m)·batch statistic. The paper's value "
         "was lost: UNCONFIRMED [U] (0.9–0.99 reasonable).",
     )
-    timestep_range: TimestepRange = Field(
-        (0, NUM_TRAIN_TIMESTEPS - 1),
-        description="Inclusive range (lo, hi) of DDPM timesteps t (on the 1000-step grid) drawn uniformly per "
+    timestep_range: TimestepRange = _timestep_range_field(
+        "Inclusive range (lo, hi) of DDPM timesteps t (on the 1000-step grid) drawn uniformly per "
         "pair. Default (0, 999) = all t (uniform sampling assumed, UNCONFIRMED [U]); DDE's motivating ablation "
         "trains on (200, 700) [P].",
     )
@@ -648,16 +659,15 @@ class DDEConfig(_FinalPairConfig):
 class DiffusionDPOConfig(_FinalPairConfig):
     """Diffusion-DPO (Wallace et al.; DDE's 'Uniform' baseline): ε-MSE DPO loss at one random t per pair."""
 
-    name: Literal["diffusion_dpo"] = Field(description="Algorithm selector.")
+    name: Literal["diffusion_dpo"] = _selector_field()
     beta: float = Field(
         5000.0,
         gt=0,
         description="β_dpo in −logσ(−0.5·β_dpo·Δ_t) with per-element mean ε-MSEs. Default 5000 from DiffusionDPO "
         "train.py [C]. On SD3 Δ_t is a velocity-MSE difference; flow_grpo's SD3.5-M DPO uses 100 there [C].",
     )
-    timestep_range: TimestepRange = Field(
-        (0, NUM_TRAIN_TIMESTEPS - 1),
-        description="Inclusive range (lo, hi) of DDPM timesteps t (1000-step grid) drawn uniformly per pair. "
+    timestep_range: TimestepRange = _timestep_range_field(
+        "Inclusive range (lo, hi) of DDPM timesteps t (1000-step grid) drawn uniformly per pair. "
         "Default (0, 999) = DiffusionDPO train.py [C]; DDE reports (200, 700) trains better [P].",
     )
 
@@ -681,11 +691,8 @@ class _PolicyGradientConfig(_FrozenModel):
         description="Advantages are clipped to [−adv_clip_max, adv_clip_max] before the surrogate. Default 5 from "
         "ddpo-pytorch config/base.py train.adv_clip_max [C] (also DanceGRPO, Flow-GRPO [C]).",
     )
-    timestep_fraction: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Fraction of the trainable steps (K less skip_final_steps) trained per trajectory: a random "
+    timestep_fraction: float = _timestep_fraction_field(
+        "Fraction of the trainable steps (K less skip_final_steps) trained per trajectory: a random "
         "subset of floor(fraction · steps) of them (at least 1), drawn per trajectory at rollout. Default 1.0 = "
         "every step, ddpo-pytorch config/base.py train.timestep_fraction [C] (ddpo-pytorch redraws the subset "
         "every inner epoch; here it is fixed at rollout).",
@@ -696,7 +703,7 @@ class DDPOConfig(_PolicyGradientConfig):
     """DDPO (Black et al., ICLR 2024, arXiv 2305.13301; code kvablack/ddpo-pytorch): PPO-clip on every DDIM step
     of independently sampled trajectories, advantages from a per-prompt reward tracker (docs/algorithms.md §8)."""
 
-    name: Literal["ddpo"] = Field(description="Algorithm selector.")
+    name: Literal["ddpo"] = _selector_field()
     samples_per_prompt: int = Field(
         1,
         ge=1,
@@ -748,7 +755,7 @@ class GRPOConfig(_PolicyGradientConfig):
     normalised within the group, PPO-clip on the per-step DDIM log-probs, an optional KL to the reference
     (docs/algorithms.md §9)."""
 
-    name: Literal["grpo"] = Field(description="Algorithm selector.")
+    name: Literal["grpo"] = _selector_field()
     group_size: int = Field(
         16,
         ge=2,
