@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from rlhf_diffusion.batches import RolloutBatch
+from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.conditioning import TextConditioning
 from rlhf_diffusion.models.loading import DiffusionModel
@@ -53,7 +54,7 @@ class RolloutContext:
 
     model: DiffusionModel
     predictor: NoisePredictor
-    grid: DDIMGrid
+    grid: DDIMGrid | FlowGrid
     reward_fn: Callable[[Tensor, Sequence[str]], RewardResult]
     reward_grad_fn: Callable[[Tensor, Sequence[str]], tuple[RewardResult, Tensor]] | None
     generator: torch.Generator
@@ -86,14 +87,17 @@ class Algorithm(abc.ABC):
     Subclasses set `name` (the config's `algorithm.name`) and `cfg_in_training` (whether the loss evaluates the
     CFG-combined ε̂ like D3PO, or the conditional ε like Diffusion-DPO), and `flow_models` True when the method
     also trains flow-matching (SD3) models (on a `flow.FlowGrid` with a `flow_sampling.VelocityPredictor`;
-    `workers.policy` refuses the others on such a model).
+    `workers.policy` refuses the others on such a model). `needs_step_density` True when the loss re-scores the
+    sampler's per-step actions (DDPO, GRPO): on a flow model it then needs the SDE sampler
+    (`sampling.flow_noise_level` > 0; the ODE's steps have no density).
     """
 
     name: ClassVar[str]
     cfg_in_training: ClassVar[bool]
     flow_models: ClassVar[bool] = False
+    needs_step_density: ClassVar[bool] = False
 
-    def __init__(self, config: Any, grid: DDIMGrid):
+    def __init__(self, config: Any, grid: DDIMGrid | FlowGrid):
         self.config = config
         self.grid = grid
 

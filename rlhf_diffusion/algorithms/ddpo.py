@@ -14,7 +14,9 @@ Ours:    the step subset is drawn once at rollout (ddpo-pytorch redraws it every
          `skip_final_steps` (off by default); `samples_per_prompt` > 1 (1 = ddpo-pytorch).
 
 The trajectory sampler, the example type and the PPO loss here are shared with GRPO (`algorithms/grpo.py`), which
-changes only the advantage (group-normalised at rollout) and adds an optional KL to the reference.
+changes only the advantage (group-normalised at rollout) and adds an optional KL to the reference. Both train flow
+models (SD3 / SD3.5) with the same code: the step policy is then Flow-GRPO's SDE step instead of the DDIM step
+(`diffusion/step_kernel.py`; docs/algorithms.md §10(c)).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from rlhf_diffusion.algorithms.base import Algorithm, LossOutput, RolloutContext
 from rlhf_diffusion.algorithms.common import step_kl_diagnostics, trainable_step_count
 from rlhf_diffusion.batches import RolloutBatch, TrajectoryStepBatch
 from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.sampling import (
     DDIMGrid,
     NoisePredictor,
@@ -39,6 +42,7 @@ from rlhf_diffusion.diffusion.sampling import (
     initial_noise,
     sample_trajectory,
 )
+from rlhf_diffusion.diffusion.step_kernel import step_kernel_for
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 __all__ = [
@@ -228,7 +232,7 @@ def sample_trajectory_steps(
 
 def step_log_probs(
     predictor: NoisePredictor,
-    grid: DDIMGrid,
+    grid: DDIMGrid | FlowGrid,
     cond: TextConditioning,
     step_index: Tensor,
     state: Tensor,
@@ -236,25 +240,23 @@ def step_log_probs(
     *,
     reference: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ℓ = per-element-mean log π(action | state) of the DDIM policy, by the same calls the sampler made: the
-    predictor (CFG as configured) at (x_τ, τ), then `ddim.ddim_step_with_logprob` with the stored action.
+    """ℓ = per-element-mean log π(action | state) of the sampler's step policy, by the same calls the sampler made:
+    the predictor (CFG as configured) at (x_τ, τ), then the grid's step kernel with the stored action
+    (`step_kernel.step_kernel_for`: the stochastic DDIM step, `ddim.ddim_step_with_logprob`, or on a flow model
+    Flow-GRPO's SDE step, `flow.sde_step_with_logprob`).
 
     Returns:
-        (ℓ (M,) differentiable w.r.t. the LoRA unless `reference`, the step mean μ (M, C, h, w), σ_τ (M,)).
+        (ℓ (M,) differentiable w.r.t. the LoRA unless `reference`, the step mean μ (M, C, h, w), its std (M,)).
     """
-    device = predictor.model.device
-    t, a, a_prev, _ = grid.scalars(step_index)
-    state = state.to(device)
-    eps = predictor(state, t, cond, reference=reference)
-    _, log_prob, mean, std = ddim.ddim_step_with_logprob(
-        state, eps, a.to(device), a_prev.to(device), grid.eta, prev_sample=action.to(device)
-    )
-    return log_prob, mean, std
+    kernel = step_kernel_for(grid)
+    state = state.to(predictor.model.device)
+    pred = predictor(state, kernel.timesteps(step_index), cond, reference=reference)
+    return kernel.log_prob(state, pred, step_index, action)
 
 
 def policy_gradient_loss(
     predictor: NoisePredictor,
-    grid: DDIMGrid,
+    grid: DDIMGrid | FlowGrid,
     cond: TextConditioning,
     examples: TrajectoryStepBatch,
     *,
@@ -287,11 +289,11 @@ def policy_gradient_loss(
     grouped = {"signal/clip_step": (steps.detach().cpu(), clipped.cpu())}
     if kl_beta > 0:
         device = log_prob.device
-        t, a, a_prev, _ = grid.scalars(steps)
+        kernel = step_kernel_for(grid)
         state = examples.state.to(device)
-        eps_ref = predictor(state, t, cond, reference=True)
-        mean_ref, _ = ddim.ddim_step_mean(state, eps_ref, a.to(device), a_prev.to(device), std)
-        kl = ddim.kl_same_std(mean_theta, mean_ref, std)  # differentiable through μ_θ
+        pred_ref = predictor(state, kernel.timesteps(steps), cond, reference=True)
+        mean_ref = kernel.mean(state, pred_ref, steps)
+        kl = ddim.kl_same_std(mean_theta, mean_ref, std)  # differentiable through μ_θ; = flow.kl_same_std
         loss = loss + kl_beta * kl.mean()
         metrics["kl"] = kl.mean().item()
         log_ratio_ref = ddim.log_ratio_same_std(examples.action.to(device), mean_theta.detach(), mean_ref, std)
@@ -302,7 +304,14 @@ def policy_gradient_loss(
 class PolicyGradientAlgorithm(Algorithm):
     """What DDPO and GRPO share beyond the pieces above: the loss, `policy_gradient_loss` with the config's PPO-clip
     ε (`clip_range`) and advantage clip (`adv_clip_max`) and the method's KL weight `kl_beta()` (0: no reference
-    term). A subclass supplies the rollout (and with it the advantages)."""
+    term). A subclass supplies the rollout (and with it the advantages).
+
+    Both train ε-models (the stochastic DDIM step) and flow models (Flow-GRPO's SDE step at
+    `sampling.flow_noise_level` > 0): the rollout and the loss are the same code, only the step kernel differs
+    (`step_kernel.step_kernel_for`; docs/algorithms.md §10(c))."""
+
+    flow_models = True
+    needs_step_density = True
 
     def kl_beta(self) -> float:
         """β of the per-step KL to the reference policy; 0 (none) unless the method has one."""

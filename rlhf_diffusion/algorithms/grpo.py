@@ -15,6 +15,9 @@ Loss:    L = mean_examples [max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε)) + β K
          the UNet with the LoRA disabled; β = `kl_beta`, 0 by default (DanceGRPO has none [C]).
 Ours:    the closed-form per-step KL in the DDIM kernel (Flow-GRPO's coded KL lacks its SDE step's Δt, flow_grpo#78
          [I]); the step subset drawn once at rollout.
+Flow models (SD3 / SD3.5): this is Flow-GRPO — the same rollout and loss, the steps sampled and re-scored with
+         Flow-GRPO's SDE step at `sampling.flow_noise_level` a > 0 (`step_kernel.FlowKernel`), the KL the closed
+         form of two such steps, (κ²/(2s²)) mean (v̂_θ − v̂_ref)² (docs/algorithms.md §10(c)).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ SD3 / SD3.5 (`kind="sd3"`, a `StableDiffusion3Pipeline` directory): the denoisin
 `SD3Transformer2DModel` (a rectified-flow velocity predictor), kept in `DiffusionModel.unet` so that the LoRA and
 fine-tuning functions here serve it unchanged; the scheduler is the pipeline's `FlowMatchEulerDiscreteScheduler`.
 Loading, prompt encoding, LoRA and its export work for SD3; the flow sampler (`diffusion/flow_sampling.py`) samples
-it and the final-pair methods train it (docs/algorithms.md §10(b)).
+it, and the final-pair methods and DDPO / GRPO train it (docs/algorithms.md §10(b), §10(c)).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Samplers and the learner call `load_policy` with the same config, so their UNets
 same LoRA init drawn from a seed derived from `config.seed`) before the learner's first published weights arrive,
 and build their sampling grid and predictor with `policy_grid` / `policy_predictor`: a DDIM grid and a
 `NoisePredictor` for SD1.5 / SDXL, a flow grid and a `VelocityPredictor` for an SD3 / SD3.5 model, which only the
-methods with `Algorithm.flow_models` train (`flow_method_problem`).
+methods with `Algorithm.flow_models` train, DDPO / GRPO only at a noise level > 0 (`flow_method_problem`).
 """
 
 from __future__ import annotations
@@ -59,17 +59,27 @@ def resolve_device(name: str) -> torch.device:
 
 def flow_method_problem(config: RunConfig, kind: str) -> str | None:
     """Why `config.algorithm.name` cannot train a model of `kind`, or None: on an SD3 (flow-matching) model only the
-    methods with `Algorithm.flow_models` train (Diffusion-DPO, DDE, DDE-Single). The one message of the refusal,
-    naming `algorithm.name` and `model.pretrained`; `launch.check_inputs` gives it before any work, `load_policy`
-    wherever a model is loaded."""
+    methods with `Algorithm.flow_models` train (Diffusion-DPO, DDE, DDE-Single, DDPO, GRPO), and those that
+    re-score the sampler's steps (`Algorithm.needs_step_density`: DDPO, GRPO) only on the SDE sampler
+    (`sampling.flow_noise_level` > 0). The one message of each refusal, naming the fields; `launch.check_inputs`
+    gives it before any work, `load_policy` wherever a model is loaded."""
     name = config.algorithm.name
-    if kind != "sd3" or ALGORITHM_REGISTRY[name].flow_models:
+    if kind != "sd3":
         return None
-    supported = ", ".join(sorted(n for n, cls in ALGORITHM_REGISTRY.items() if cls.flow_models))
-    return (
-        f"algorithm.name: {name!r} does not train the SD3 (flow-matching) pipeline in model.pretrained "
-        f"({config.model.pretrained!r}) yet; on SD3 / SD3.5 only the final-pair methods train: {supported}"
-    )
+    method = ALGORITHM_REGISTRY[name]
+    if not method.flow_models:
+        supported = ", ".join(sorted(n for n, cls in ALGORITHM_REGISTRY.items() if cls.flow_models))
+        return (
+            f"algorithm.name: {name!r} does not train the SD3 (flow-matching) pipeline in model.pretrained "
+            f"({config.model.pretrained!r}) yet; on SD3 / SD3.5 only these methods train: {supported}"
+        )
+    if method.needs_step_density and config.sampling.flow_noise_level <= 0:
+        return (
+            f"sampling.flow_noise_level: must be > 0 for algorithm.name {name!r} on the SD3 (flow-matching) pipeline "
+            f"in model.pretrained ({config.model.pretrained!r}): it trains on the log-probs of the sampler's steps, "
+            "and at noise level 0 (the ODE) a step has no density (Flow-GRPO samples at 0.7)"
+        )
+    return None
 
 
 def policy_grid(config: RunConfig, model: DiffusionModel, *, evaluation: bool = False) -> DDIMGrid | FlowGrid:

@@ -279,11 +279,12 @@ def test_exported_lora_loads_into_the_stock_pipeline(any_sd3_dir, tmp_path):
     assert np.abs(after - before).max() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["d3po", "tailorpo", "grpo"])
+@pytest.mark.parametrize("method", ["d3po", "tailorpo", "tailorpo_g"])
 def test_a_method_not_yet_on_flow_models_is_refused_before_any_work_naming_the_fields(
     sd3_dir, tmp_path, capsys, method
 ):
-    """Only the final-pair methods train an SD3 model (tests/models/test_sd3_training.py); any other is refused by
+    """Only the final-pair methods (tests/models/test_sd3_training.py) and DDPO / GRPO
+    (tests/models/test_sd3_policy_gradient.py) train an SD3 model; any other is refused by
     launch before anything is written (exit 2), and by `load_policy` wherever a model is loaded, with one message
     naming algorithm.name and model.pretrained."""
     from rlhf_diffusion import launch
@@ -302,7 +303,10 @@ def test_a_method_not_yet_on_flow_models_is_refused_before_any_work_naming_the_f
     )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"error: algorithm.name: '{method}' does not train"), err
-    assert "SD3 (flow-matching) pipeline in model.pretrained" in err and "dde, dde_single, diffusion_dpo" in err
+    assert (
+        "SD3 (flow-matching) pipeline in model.pretrained" in err
+        and "dde, dde_single, ddpo, diffusion_dpo, grpo" in err
+    )
     assert not any(tmp_path.iterdir())  # nothing written
     config = load_config("configs/tiny.yaml", overrides)
     with pytest.raises(ModelLoadError, match=f"algorithm.name: '{method}' .*model.pretrained"):
