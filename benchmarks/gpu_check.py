@@ -222,6 +222,32 @@ def estimate_run_seconds(models: list[str], methods: list[str], dry_run: bool) -
 # Real-size random pipelines
 # ----------------------------------------------------------------------------------------------------------------
 
+# The real text towers, as `clip_text_config` sizes: CLIP ViT-L/14 (SD1.5's, SDXL's and SD3's first, 123M + the 768
+# projection) and OpenCLIP bigG/14 (SDXL's and SD3's second, 695M).
+CLIP_VIT_L = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, projection_dim=768)
+OPENCLIP_BIGG = dict(
+    hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, projection_dim=1280, hidden_act="gelu"
+)
+
+
+def real_vae(resolution: int, latent_channels: int, scaling_factor: float, **extra: Any) -> dict[str, Any]:
+    """The `AutoencoderKL` config of the real SD VAE (4 levels of 128-512 channels, 2 layers each; 84M), the same
+    in SD1.5, SDXL and SD3.5 but for the latent channels, the scaling factor and `extra` (SD3's shift factor and
+    missing quant convs)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        sample_size=resolution,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
 
 def real_configs(kind: str) -> dict[str, Any]:
     """The real component configs: SD1.5 (UNet 860M, CLIP ViT-L/14 text 123M, VAE 84M), SDXL base (UNet 2.6B,
@@ -233,21 +259,9 @@ def real_configs(kind: str) -> dict[str, Any]:
     if kind not in ("sd15", "sdxl"):
         raise ValueError(f"no real-size config for {kind!r}")
     resolution = {"sd15": 512, "sdxl": 1024}[kind]
-    vae = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=resolution,
-        scaling_factor=VAE_SCALING_FACTOR[kind],
-    )
+    vae = real_vae(resolution, 4, VAE_SCALING_FACTOR[kind])
     unet = dict(sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2)
-    vit_l = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, projection_dim=768)
-    configs = {"resolution": resolution, "vae": vae, "unet": unet, "text_encoder": clip_text_config(**vit_l)}
+    configs = {"resolution": resolution, "vae": vae, "unet": unet, "text_encoder": clip_text_config(**CLIP_VIT_L)}
     if kind == "sd15":
         unet.update(
             block_out_channels=(320, 640, 1280, 1280),
@@ -269,9 +283,7 @@ def real_configs(kind: str) -> dict[str, Any]:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    configs["text_encoder_2"] = clip_text_config(  # OpenCLIP bigG
-        hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, projection_dim=1280, hidden_act="gelu"
-    )
+    configs["text_encoder_2"] = clip_text_config(**OPENCLIP_BIGG)
     return configs
 
 
@@ -317,25 +329,16 @@ def sd35_configs() -> dict[str, Any]:
         dual_attention_layers=tuple(range(13)),
         qk_norm="rms_norm",
     )
-    vae = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=SD3_LATENT_CHANNELS,
-        norm_num_groups=32,
-        sample_size=resolution,
-        scaling_factor=VAE_SCALING_FACTOR["sd3"],
+    vae = real_vae(
+        resolution,
+        SD3_LATENT_CHANNELS,
+        VAE_SCALING_FACTOR["sd3"],
         shift_factor=SD3_VAE_SHIFT_FACTOR,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    clip_l = clip_text_config(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, projection_dim=768)
-    clip_g = clip_text_config(
-        hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, projection_dim=1280, hidden_act="gelu"
-    )
+    clip_l = clip_text_config(**CLIP_VIT_L)
+    clip_g = clip_text_config(**OPENCLIP_BIGG)
     return {
         "resolution": resolution,
         "transformer": transformer,
