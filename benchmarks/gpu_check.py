@@ -467,6 +467,11 @@ def oom_reason(err: BaseException) -> str:
     return f"CUDA out of memory (try a smaller --batch / --train-batch): {str(err).splitlines()[0][:160]}"
 
 
+def learner_record(kind: str, method: str | None, precision: str) -> dict[str, Any]:
+    """The fields of a learner examples/s record that is skipped before it is measured (`Run.skip`)."""
+    return {"model": kind, "what": "learner", "method": method, "precision": precision, "unit": "examples/s"}
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     dtype = {"fp32": None, "bf16_autocast": torch.bfloat16, "fp16_autocast": torch.float16}[precision]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
@@ -522,6 +527,10 @@ class Run:
             self.log(f"  {what}: {record['value']:.3f} {record['unit']} (peak {record.get('peak_memory_mib')} MiB)")
         else:
             self.log(f"  {what}: skipped ({record['reason']})")
+
+    def skip(self, record: dict[str, Any], reason: str) -> None:
+        """Records `record` as not measured: status 'skip' with `reason` and no value."""
+        self.measure({**record, "status": "skip", "reason": reason, "value": None})
 
     # -- output ---------------------------------------------------------------------------------------------------
 
@@ -793,7 +802,7 @@ def check_model(run: Run, kind: str, source: str) -> None:
         record.update(unit="images/s", steps=args.steps, guidance_scale=args.guidance_scale)
         estimate = (args.reps + 1) * args.steps * probe_s * max(1, len(prompts) / 2) * 1.5 + 5
         if not run.budget.allows(estimate):
-            run.measure({**record, "status": "skip", "reason": run.budget.reason(estimate), "value": None})
+            run.skip(record, run.budget.reason(estimate))
             return
 
         def one_batch(seed: int) -> None:
@@ -816,7 +825,7 @@ def check_model(run: Run, kind: str, source: str) -> None:
             run.measure(record)
         except torch.cuda.OutOfMemoryError as err:
             free_memory(device)
-            run.measure({**record, "status": "skip", "reason": oom_reason(err), "value": None})
+            run.skip(record, oom_reason(err))
 
     sampling(sampler, "fp32")
 
@@ -830,16 +839,7 @@ def check_model(run: Run, kind: str, source: str) -> None:
             if not run.budget.allows(estimate):
                 reason = run.budget.reason(estimate)
                 for precision in args.learner_precisions:
-                    run.measure(
-                        {
-                            "model": kind,
-                            "what": "learner",
-                            "method": method,
-                            "precision": precision,
-                            "unit": "examples/s",
-                        }
-                        | {"status": "skip", "reason": reason, "value": None}
-                    )
+                    run.skip(learner_record(kind, method, precision), reason)
                 continue
             m_sampler = Sampler(m_config, source, model=model)
             gen = torch.Generator().manual_seed(1)
@@ -861,10 +861,7 @@ def check_model(run: Run, kind: str, source: str) -> None:
             learner_measurements(run, kind, source, model, method, batch, lora_state)
         except torch.cuda.OutOfMemoryError as err:
             free_memory(device)
-            run.measure(
-                {"model": kind, "what": "learner", "method": method, "precision": "—", "unit": "examples/s"}
-                | {"status": "skip", "reason": oom_reason(err), "value": None}
-            )
+            run.skip(learner_record(kind, method, "—"), oom_reason(err))
     set_lora_state_dict(model.unet, lora_state)
     del sampler, model, m_sampler
     gc.collect()
@@ -877,18 +874,18 @@ def check_model(run: Run, kind: str, source: str) -> None:
             continue
         precision = {"bfloat16": "bf16_weights", "float16": "fp16_weights"}[dtype]
         if dtype == "float16" and not cuda:
-            run.measure(
-                {"model": kind, "what": "sampling", "method": None, "precision": precision, "unit": "images/s"}
-                | {"status": "skip", "reason": "float16 weights: CUDA only here", "value": None}
+            run.skip(
+                {"model": kind, "what": "sampling", "method": None, "precision": precision, "unit": "images/s"},
+                "float16 weights: CUDA only here",
             )
             continue
         estimate = info["load_seconds"] + (args.reps + 1) * args.steps * probe_s * max(1, len(prompts) / 2) + 5
         if not run.budget.allows(estimate):
             if precision == "bf16_weights":
                 run.skip_check(kind, "noise prediction", "eps_rel_err", precision, run.budget.reason(estimate))
-            run.measure(
-                {"model": kind, "what": "sampling", "method": None, "precision": precision, "unit": "images/s"}
-                | {"status": "skip", "reason": run.budget.reason(estimate), "value": None}
+            run.skip(
+                {"model": kind, "what": "sampling", "method": None, "precision": precision, "unit": "images/s"},
+                run.budget.reason(estimate),
             )
             continue
         h_config = make_config(args, source, kind, args.methods[0], dtype=dtype)
@@ -1065,7 +1062,7 @@ def check_flow_model(run: Run, kind: str, source: str) -> None:
             resolution=res,
         )
         if precision == "fp16_autocast" and not cuda:
-            run.measure({**record, "status": "skip", "reason": "fp16 autocast needs CUDA", "value": None})
+            run.skip(record, "fp16 autocast needs CUDA")
             continue
         # float32 on the GPU: one batch, no warm-up (its kernels ran in the checks above): it is 5-10x slower
         warm = not args.dry_run and precision != "fp32"
@@ -1073,7 +1070,7 @@ def check_flow_model(run: Run, kind: str, source: str) -> None:
         per_call = call_s.get(precision, probe_s)
         estimate = (reps + warm) * grid.num_steps * per_call * max(1, len(prompts) / 2) * 1.5 + 5
         if not run.budget.allows(estimate):
-            run.measure({**record, "status": "skip", "reason": run.budget.reason(estimate), "value": None})
+            run.skip(record, run.budget.reason(estimate))
             continue
 
         def one_batch(seed: int, precision: str = precision) -> None:
@@ -1098,34 +1095,21 @@ def check_flow_model(run: Run, kind: str, source: str) -> None:
             run.measure(record)
         except torch.cuda.OutOfMemoryError as err:
             free_memory(device)
-            run.measure({**record, "status": "skip", "reason": oom_reason(err), "value": None})
+            run.skip(record, oom_reason(err))
 
     # ---- 3. per method that trains flow models: rollout, loss / gradient checks, learner throughput ------------------
     trainable = flow_training_methods(args.methods)
     if not trainable:
-        run.measure(
-            {"model": kind, "what": "learner", "method": None, "precision": "—", "unit": "examples/s"}
-            | {"status": "skip", "reason": FLOW_LEARNER_NOT_YET, "value": None}
-        )
+        run.skip(learner_record(kind, None, "—"), FLOW_LEARNER_NOT_YET)
     for method in args.methods if trainable else ():
         if method not in trainable:
-            run.measure(
-                {"model": kind, "what": "learner", "method": method, "precision": "—", "unit": "examples/s"}
-                | {
-                    "status": "skip",
-                    "reason": "not yet: this method has no flow loss (flow_models False)",
-                    "value": None,
-                }
-            )
+            run.skip(learner_record(kind, method, "—"), "not yet: this method has no flow loss (flow_models False)")
             continue
         try:
             flow_method_throughput(run, kind, source, model, method, lora_state, probe_s)
         except torch.cuda.OutOfMemoryError as err:
             free_memory(device)
-            run.measure(
-                {"model": kind, "what": "learner", "method": method, "precision": "—", "unit": "examples/s"}
-                | {"status": "skip", "reason": oom_reason(err), "value": None}
-            )
+            run.skip(learner_record(kind, method, "—"), oom_reason(err))
         set_lora_state_dict(model.unet, lora_state)
     # the model goes with this frame; main() then collects it and empties the CUDA cache before the next model
 
@@ -1153,10 +1137,7 @@ def flow_method_throughput(run: Run, kind: str, source: str, model, method: str,
     estimate = args.flow_steps * probe_s * 0.6 + 4 * 2 * probe_s * len(args.learner_precisions) + 3 * probe_s + 5
     if not run.budget.allows(estimate):
         for precision in args.learner_precisions:
-            run.measure(
-                {"model": kind, "what": "learner", "method": method, "precision": precision, "unit": "examples/s"}
-                | {"status": "skip", "reason": run.budget.reason(estimate), "value": None}
-            )
+            run.skip(learner_record(kind, method, precision), run.budget.reason(estimate))
         return
     sampler = Sampler(make_config(args, source, kind, method), source, model=model)
     gen = torch.Generator().manual_seed(1)
@@ -1186,10 +1167,7 @@ def learner_measurements(run: Run, kind: str, source: str, model, method: str, b
     args, device = run.args, run.device
     n = min(len(batch.pairs), args.learner_examples)
     if n == 0:
-        run.measure(
-            {"model": kind, "what": "learner", "method": method, "precision": "no", "unit": "examples/s"}
-            | {"status": "skip", "reason": "the rollout gave no examples (every pair tied)", "value": None}
-        )
+        run.skip(learner_record(kind, method, "no"), "the rollout gave no examples (every pair tied)")
         return
     batch = dataclasses.replace(batch, pairs=batch.pairs.select(torch.arange(n)), weights_version=0)
     loss_checks(run, kind, source, model, method, batch, lora_state)
@@ -1197,7 +1175,7 @@ def learner_measurements(run: Run, kind: str, source: str, model, method: str, b
         record = {"model": kind, "what": "learner", "method": method, "precision": mp, "batch": n}
         record.update(unit="examples/s")
         if mp == "fp16" and device.type != "cuda":
-            run.measure({**record, "status": "skip", "reason": "fp16 needs CUDA", "value": None})
+            run.skip(record, "fp16 needs CUDA")
             continue
         set_lora_state_dict(model.unet, lora_state)
         learner = Learner(make_config(args, source, kind, method, mp=mp), source, model=model)
