@@ -238,6 +238,18 @@ def _log(log: Callable[[str], None], stage: str, step: int, total: int, loss: fl
     log(f"[{stage}] step {step}/{total} loss {loss:.4f} ({time.time() - t0:.0f} s)")
 
 
+def _stage_card(losses: list[float], t0: float, module: torch.nn.Module, **measured: object) -> dict[str, object]:
+    """The card entry of a trained stage (VAE, CLIP): first loss, mean of the last 50, seconds since `t0`, the
+    stage's `measured` values, and the module's parameter count."""
+    return {
+        "loss_first": losses[0],
+        "loss_last": float(np.mean(losses[-50:])),
+        "seconds": time.time() - t0,
+        **measured,
+        "parameters": sum(p.numel() for p in module.parameters()),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------------------------------
@@ -323,14 +335,7 @@ def train_vae(s: TrainSettings, images: np.ndarray, log) -> tuple[object, dict]:
     vae.register_to_config(scaling_factor=scale)
     acc = _reconstruction_accuracy(vae, s, 256)
     log(f"[vae] scaling_factor {scale:.4f}; checker accuracy of reconstructions: {acc}")
-    return vae, {
-        "loss_first": losses[0],
-        "loss_last": float(np.mean(losses[-50:])),
-        "seconds": time.time() - t0,
-        "scaling_factor": scale,
-        "reconstruction_checker_accuracy": acc,
-        "parameters": sum(p.numel() for p in vae.parameters()),
-    }
+    return vae, _stage_card(losses, t0, vae, scaling_factor=scale, reconstruction_checker_accuracy=acc)
 
 
 def _from_pixels(x: Tensor) -> np.ndarray:
@@ -393,13 +398,7 @@ def train_clip(s: TrainSettings, tokenizer, images: np.ndarray, captions: list[s
     clip.eval()
     retrieval = clip_retrieval_accuracy(clip, tokenizer, s.size, s.seed + 2000)
     log(f"[clip] caption retrieval over all 414 captions on fresh renders: {retrieval}")
-    return clip, {
-        "loss_first": losses[0],
-        "loss_last": float(np.mean(losses[-50:])),
-        "seconds": time.time() - t0,
-        "retrieval": retrieval,
-        "parameters": sum(p.numel() for p in clip.parameters()),
-    }
+    return clip, _stage_card(losses, t0, clip, retrieval=retrieval)
 
 
 def _features(out) -> Tensor:
