@@ -16,6 +16,7 @@ from torch import Tensor
 from rlhf_diffusion.algorithms.base import RolloutContext
 from rlhf_diffusion.batches import FinalPairBatch, RolloutBatch, StepPairBatch
 from rlhf_diffusion.diffusion import ddim
+from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.sampling import (
     DDIMGrid,
     NoisePredictor,
@@ -24,6 +25,7 @@ from rlhf_diffusion.diffusion.sampling import (
     initial_noise,
     sample_trajectory,
 )
+from rlhf_diffusion.diffusion.step_kernel import step_kernel_for
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 __all__ = [
@@ -40,17 +42,17 @@ __all__ = [
 ]
 
 
-def step_weights(grid: DDIMGrid, mode: str) -> Tensor:
-    """The factor each DDIM step's log-ratio is multiplied by before the clamp (`algorithm.step_weight`): (K,).
+def step_weights(grid: DDIMGrid | FlowGrid, mode: str) -> Tensor:
+    """The factor each step's log-ratio is multiplied by before the clamp (`algorithm.step_weight`): (K,).
 
     'uniform' = 1 (the papers). 'eps_scale' (ours) = σ_τ/|κ_τ|: Δ changes by |κ_τ|/σ_τ per unit of ε̂ along the
     sampled noise (μ_θ − μ_ref = κ_τ (ε̂_θ − ε̂_ref), Δ ∝ (x − μ)·(μ_θ − μ_ref)/σ²), so the weighted Δ measures
-    every step in units of ε̂.
+    every step in units of ε̂ (on a flow model s_i/|κ_i|, in units of v̂: `step_kernel`'s κ and std).
     """
     if mode == "uniform":
         return torch.ones(grid.num_steps)
     if mode == "eps_scale":
-        kappa = ddim.ddim_kappa(grid.alpha_prod, grid.alpha_prod_prev, grid.std_dev)
+        kappa = step_kernel_for(grid).kappa()
         return grid.std_dev.to(torch.float32) / kappa.abs().clamp(min=1e-12)
     raise ValueError(f"unknown step_weight {mode!r}; expected 'uniform' or 'eps_scale'")
 
@@ -96,20 +98,22 @@ def dpo_step_loss(
 
 def step_log_ratios(
     predictor: NoisePredictor,
-    grid: DDIMGrid,
+    grid: DDIMGrid | FlowGrid,
     cond: TextConditioning,
     step_index: Tensor,
     states: Tensor,
     *actions: Tensor,
 ) -> tuple[Tensor, ...]:
-    """Δ = log π_θ(action | state) − log π_ref(action | state) under the DDIM policy, per example.
+    """Δ = log π_θ(action | state) − log π_ref(action | state) under the sampler's step policy (the DDIM step, or on
+    a flow model Flow-GRPO's SDE step: `step_kernel.step_kernel_for`), per example.
 
-    Both policies share σ_τ, so Δ is the closed form of §5.5 (per-element mean, as the official codes). One
-    evaluation of θ and of ref at `states` serves every action given (TailorPO's winner and loser share x_τ).
+    Both policies share the step's std, so Δ is the closed form of §5.5 / §10 (per-element mean, as the official
+    codes). One evaluation of θ and of ref at `states` serves every action given (TailorPO's winner and loser share
+    x_τ).
 
     Args:
         predictor: CFG noise prediction (θ with gradient; reference without).
-        grid: the DDIM grid of the rollout.
+        grid: the DDIM or flow grid of the rollout.
         cond: M conditionings.
         step_index: (M,) grid indices.
         states: (M, C, h, w) x_τ.
@@ -123,7 +127,7 @@ def step_log_ratios(
 
 def step_log_ratios_and_kl(
     predictor: NoisePredictor,
-    grid: DDIMGrid,
+    grid: DDIMGrid | FlowGrid,
     cond: TextConditioning,
     step_index: Tensor,
     states: Tensor,
@@ -136,12 +140,13 @@ def step_log_ratios_and_kl(
         (kl (M,) detached, one (M,) Δ per action differentiable w.r.t. the LoRA parameters).
     """
     device = predictor.model.device
-    t, a, a_prev, std = (v.to(device) for v in grid.scalars(step_index))
+    kernel = step_kernel_for(grid)  # the DDIM step, or a flow model's SDE step: the same closed forms (§10)
+    t, std = kernel.timesteps(step_index), kernel.std(step_index).to(device)
     states = states.to(device)
-    eps_theta = predictor(states, t, cond)
-    eps_ref = predictor(states, t, cond, reference=True)
-    mean_theta, _ = ddim.ddim_step_mean(states, eps_theta, a, a_prev, std)
-    mean_ref, _ = ddim.ddim_step_mean(states, eps_ref, a, a_prev, std)
+    pred_theta = predictor(states, t, cond)
+    pred_ref = predictor(states, t, cond, reference=True)
+    mean_theta = kernel.mean(states, pred_theta, step_index)
+    mean_ref = kernel.mean(states, pred_ref, step_index)
     kl = ddim.kl_same_std(mean_theta.detach(), mean_ref.detach(), std)
     return kl, tuple(ddim.log_ratio_same_std(x.to(device), mean_theta, mean_ref, std) for x in actions)
 

@@ -8,6 +8,9 @@ Loss:    L_k = −log σ(β [log clamp(ρ_w,k) − log clamp(ρ_l,k)]), ρ = π_
          CFG-combined prediction for θ and ref (§1b) — `dpo_step_loss` on `step_log_ratios`.
 Ours (config fields, off by default): `skip_final_steps` (the last transitions are not trained) and `step_weight:
          eps_scale` (each log-ratio times σ_τ/|κ_τ| before the clamp, `common.step_weights`).
+Flow models (SD3 / SD3.5, ours): the same code with Flow-GRPO's SDE step at `sampling.flow_noise_level` a > 0 in
+         place of the DDIM step — the pair shares x_T, every step draws fresh noise, Δ is the closed-form log-ratio
+         of two SDE steps with the same s (`step_kernel.FlowKernel`; docs/algorithms.md §10(d)).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class D3PO(Algorithm):
 
     name = "d3po"
     cfg_in_training = True  # train.cfg = True in the official code: same w for θ and ref (§1b)
+    flow_models = True  # on SD3: the pair sampled and re-scored with Flow-GRPO's SDE step (§10(d))
+    needs_step_density = True
 
     def __init__(self, config, grid):
         super().__init__(config, grid)

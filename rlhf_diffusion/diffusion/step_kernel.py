@@ -1,7 +1,7 @@
 """The reverse (denoising) step a step-wise loss re-scores, for ε-prediction and flow-matching models: one object per
-model family with everything DDPO and GRPO (`algorithms/ddpo.py`, `algorithms/grpo.py`) need to know about the
-sampler's step policy π(x_prev | x, c) = N(μ, s² I), so that their loss code is one code for both. The counterpart,
-for the reverse step, of `forward_process.py`.
+model family with everything the step-wise losses (DDPO, GRPO: `algorithms/ddpo.py`, `algorithms/grpo.py`; D3PO's
+step log-ratios: `algorithms/common.py`) need to know about the sampler's step policy π(x_prev | x, c) = N(μ, s² I),
+so that their loss code is one code for both. The counterpart, for the reverse step, of `forward_process.py`.
 
 - `DDIMKernel` (SD1.5 / SDXL): the stochastic DDIM step at the grid's η (`ddim.ddim_step_with_logprob`), the UNet
   called at the integer timestep τ;
@@ -42,6 +42,10 @@ class DDIMKernel:
         """σ_τ(η) (M,) float32, CPU."""
         return self.grid.scalars(step_index)[3]
 
+    def kappa(self) -> Tensor:
+        """(K,) κ_τ, the coefficient of ε̂ in μ at a fixed state: μ_θ − μ_ref = κ_τ (ε̂_θ − ε̂_ref) (`ddim.ddim_kappa`)."""
+        return ddim.ddim_kappa(self.grid.alpha_prod, self.grid.alpha_prod_prev, self.grid.std_dev)
+
     def mean(self, state: Tensor, pred: Tensor, step_index: Tensor) -> Tensor:
         """μ (M, C, h, w) float32 of the step from `state` with noise prediction `pred` (`ddim.ddim_step_mean`)."""
         _, a, a_prev, std = (v.to(state.device) for v in self.grid.scalars(step_index))
@@ -73,6 +77,10 @@ class FlowKernel:
     def std(self, step_index: Tensor) -> Tensor:
         """s_i = g_i sqrt(σ_i − σ_{i+1}) (M,) float32, CPU."""
         return self.grid.scalars(step_index)[3]
+
+    def kappa(self) -> Tensor:
+        """(K,) κ_i, the coefficient of v̂ in μ at a fixed state: μ_θ − μ_ref = κ_i (v̂_θ − v̂_ref) (`flow.sde_kappa`)."""
+        return self.grid.kappa
 
     def mean(self, state: Tensor, pred: Tensor, step_index: Tensor) -> Tensor:
         """μ (M, C, h, w) float32 of the step from `state` with velocity prediction `pred` (`flow.sde_step_mean`

@@ -111,3 +111,14 @@ def test_the_grid_picks_the_kernel():
     assert isinstance(step_kernel_for(_flow_kernel().grid), FlowKernel)
     with pytest.raises(TypeError, match="no step kernel"):
         step_kernel_for(object())
+
+
+def test_kernel_kappa_is_the_mean_coefficient_of_the_prediction():
+    """μ(p + d) − μ(p) = κ d at a fixed state, for both kernels (κ_i of flow.sde_kappa, κ_τ of ddim.ddim_kappa)."""
+    kernels = [_flow_kernel(), DDIMKernel(DDIMGrid.from_scheduler(DDIMScheduler(), 5, 1.0))]
+    for kernel in kernels:
+        x, p, d, _ = _tensors(5)
+        steps = torch.tensor([0, 1, 3])
+        shift = kernel.mean(x, p + d, steps) - kernel.mean(x, p, steps)
+        torch.testing.assert_close(shift, kernel.kappa()[steps].view(-1, 1, 1, 1) * d, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kernels[0].kappa(), kernels[0].grid.kappa)
