@@ -124,21 +124,26 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    code = None
     try:
         problem = check_inputs(config)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
-            lock.release()
-            for directory in reversed(created):  # what this launch created, if it holds nothing but the lock
+            code = 2
+        else:
+            code = run(config, args)  # 2: refused before training (e.g. --resume with nothing to resume)
+        return code
+    finally:
+        if code == 2:  # the lock file of a run directory this launch created goes while it is still held ...
+            for directory in created:
                 (directory / LOCK_FILE).unlink(missing_ok=True)
+        lock.release()
+        if code == 2:  # ... then the directories it created, if empty: never another run's files
+            for directory in reversed(created):
                 try:
-                    directory.rmdir()  # only if empty: never another run's files
+                    directory.rmdir()
                 except OSError:
                     pass
-            return 2
-        return run(config, args)
-    finally:
-        lock.release()
 
 
 def check_inputs(config) -> str | None:

@@ -327,3 +327,13 @@ def test_an_output_dir_that_cannot_be_written_fails_before_any_work_naming_it(tm
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "cannot write the run directory" in proc.stderr and str(output_dir) in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_with_nothing_to_resume_exits_2_and_leaves_nothing_behind(tmp_path):
+    """The probe's --resume where no run was ever made exited 2 but left the run directory it had created, holding
+    run.lock (benchmarks/reliability_probe.py, run_dir/resume_with_nothing_to_resume)."""
+    output_dir = tmp_path / "runs"
+    proc = launch(output_dir, "--no-ray", "--resume")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"error: --resume: no checkpoint under {output_dir / 'tiny' / 'checkpoints'}"
+    assert not output_dir.exists()
