@@ -97,6 +97,12 @@ class Algorithm(abc.ABC):
     flow_models: ClassVar[bool] = False
     needs_step_density: ClassVar[bool] = False
 
+    @classmethod
+    def flow_problem(cls, config: Any) -> str | None:
+        """Why this method, configured by `config` (a `RunConfig`), cannot train a flow model although it has
+        `flow_models` (a setting with no flow counterpart), as "<field>: <why>", or None."""
+        return None
+
     def __init__(self, config: Any, grid: DDIMGrid | FlowGrid):
         self.config = config
         self.grid = grid

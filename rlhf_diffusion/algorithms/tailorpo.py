@@ -18,9 +18,15 @@ Ours (config fields; the paper's settings are the defaults except where noted): 
     `completion_jumps` UNet calls instead of its x̂_0, `step_weight: eps_scale` multiplies each log-ratio by σ_τ/|κ_τ|
     before the clamp (`common.step_weights`), `guidance_decode: straight_through` (default; the paper does not say)
     lets the reward gradient pass the decoder's clamp.
+Flow models (SD3 / SD3.5, ours): the same code through the grid's step kernel (`step_kernel.step_kernel_for`): the
+    candidates are Flow-GRPO's SDE step μ + s z, the preview x̂_0 = x − σ' v̂ at the candidate's own σ', Δ the
+    closed form of two SDE steps with the same s; `step_ranking: completion` is refused there
+    (docs/algorithms.md §10(e)).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -45,6 +51,7 @@ from rlhf_diffusion.diffusion.sampling import (
     draw_candidates,
     initial_noise,
 )
+from rlhf_diffusion.diffusion.step_kernel import step_kernel_for
 from rlhf_diffusion.models.conditioning import TextConditioning
 
 
@@ -63,6 +70,7 @@ def guide_winner(
     gamma: float,
     raw_scale: float,
     decode: str = "clamped",
+    x0_from_pred: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """TailorPO-G: x^w ← x^w + g, g ∝ ∇_x r(c, Decode(x̂_0(x))) at x = x^w (§2b, §5.10).
 
@@ -82,17 +90,23 @@ def guide_winner(
         decode: "clamped" — the gradient passes the decoder's clamp to [0, 1] (zero for out-of-range pixels);
             "straight_through" — the reward scores the clamped image and its gradient flows to the unclamped
             decoder output (ours).
+        x0_from_pred: x̂_0 from (x, prediction at x) — a flow model's x − σ v̂ (`step_kernel.FlowKernel.x0_after`);
+            None = the DDIM Tweedie estimate with `alpha_prod_w`.
 
     Returns:
         (guided winners (B, C, h, w), the reward of Decode(x̂_0(x_w)) before guidance (B,)).
     """
+    if x0_from_pred is None:
+
+        def x0_from_pred(x: Tensor, eps: Tensor) -> Tensor:
+            return ddim.pred_x0_from_eps(x, eps, alpha_prod_w.to(x.device))
+
     x = x_w.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         if gradient == "full_chain" and eps_w is not None:  # re-run the UNet with x on the tape
-            eps = ctx.predictor(x, t_w, cond)
-            x0 = ddim.pred_x0_from_eps(x, eps, alpha_prod_w.to(x.device))
+            x0 = x0_from_pred(x, ctx.predictor(x, t_w, cond))
         elif eps_w is not None:
-            x0 = ddim.pred_x0_from_eps(x, eps_w.detach(), alpha_prod_w.to(x.device))
+            x0 = x0_from_pred(x, eps_w.detach())
         else:
             x0 = x
         images = decode_latents(ctx.model, x0, clamp=decode == "clamped")
@@ -115,6 +129,15 @@ class TailorPO(Algorithm):
     name = "tailorpo"
     cfg_in_training = True  # D3PO's training recipe (CFG in training) [R: they follow D3PO]
     guided = False
+    flow_models = True  # on SD3: candidates from Flow-GRPO's SDE step, previews x − σ v̂ (docs/algorithms.md §10(e))
+    needs_step_density = True
+
+    @classmethod
+    def flow_problem(cls, config) -> str | None:
+        """The DDIM completion (`step_ranking: completion`) has no flow counterpart here."""
+        if config.algorithm.step_ranking == "completion":
+            return "algorithm.step_ranking: 'completion' (a deterministic DDIM completion) is not implemented"
+        return None
 
     def __init__(self, config, grid):
         super().__init__(config, grid)
@@ -123,6 +146,7 @@ class TailorPO(Algorithm):
     @torch.no_grad()
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
         cfg, grid, gen = self.config, self.grid, ctx.generator
+        kernel = step_kernel_for(grid)  # the DDIM step, or a flow model's SDE step (docs/algorithms.md §10(e))
         p, n, k = len(prompts), cfg.num_candidates, grid.num_steps
         device = ctx.model.device
         prompts_n = [q for q in prompts for _ in range(n)]  # candidate order (P, n) flattened
@@ -138,8 +162,8 @@ class TailorPO(Algorithm):
         gaps, ties, final_rewards, final_images = [], [], None, None
         for i in range(k):
             idx = torch.full((p,), i, dtype=torch.long)
-            _, a, a_prev, std = (v.to(device) for v in grid.scalars(idx))
-            mean, _ = ddim.ddim_step_mean(x, eps, a, a_prev, std)
+            std = kernel.std(idx).to(device)
+            mean = kernel.mean(x, eps, idx)
             cands = draw_candidates(mean, std, n, gen)  # (P, n, C, h, w), step 2 of §2a
             flat = cands.flatten(0, 1)
             last = i == k - 1
@@ -150,7 +174,7 @@ class TailorPO(Algorithm):
                 if cfg.step_ranking == "completion":  # ours: a deterministic DDIM completion (first jump = eps_c)
                     x0_hat = ddim_completion(ctx.predictor, grid, cond_n, flat, i, eps_c, cfg.completion_jumps)
                 else:
-                    x0_hat = ddim.pred_x0_from_eps(flat, eps_c, a_prev.repeat_interleave(n))
+                    x0_hat = kernel.x0_after(flat, eps_c, idx.repeat_interleave(n))
             # the final x_0 with the full VAE; intermediate x̂_0 with the preview decoder if one is configured
             images = (decode_latents if last else decode_preview)(ctx.model, x0_hat).cpu()
             result = ctx.reward_fn(images, prompts_n)
@@ -161,14 +185,13 @@ class TailorPO(Algorithm):
             x_w, x_l = cands[rows, w_idx], cands[rows, l_idx]
             eps_w = None if last else eps_c.view(p, n, *eps_c.shape[1:])[rows, w_idx]
             if self.guided:  # step 5 (TailorPO-G)
-                alpha_w = torch.ones(p, device=device) if last else a_prev
-                t_w = grid.prev_timesteps[i].clamp(min=0).expand(p)
+                t_w = grid.timesteps[min(i + 1, k - 1)].expand(p)  # the winner's own level (unused at the last step)
                 x_w, _ = guide_winner(
                     ctx,
                     x_w,
                     eps_w,
                     t_w,
-                    alpha_w,
+                    torch.ones(p, device=device),  # unused: x0_from_pred below
                     std,
                     cond,
                     list(prompts),
@@ -177,6 +200,7 @@ class TailorPO(Algorithm):
                     gamma=cfg.guidance_gamma,
                     raw_scale=cfg.guidance_scale_raw,
                     decode=cfg.guidance_decode,
+                    x0_from_pred=lambda x, pred, idx=idx: kernel.x0_after(x, pred, idx),
                 )
             keep = valid & trained_steps[:, i]
             if keep.any():

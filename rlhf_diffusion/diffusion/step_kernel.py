@@ -1,7 +1,8 @@
-"""The reverse (denoising) step a step-wise loss re-scores, for ε-prediction and flow-matching models: one object per
-model family with everything the step-wise losses (DDPO, GRPO: `algorithms/ddpo.py`, `algorithms/grpo.py`; D3PO's
-step log-ratios: `algorithms/common.py`) need to know about the sampler's step policy π(x_prev | x, c) = N(μ, s² I),
-so that their loss code is one code for both. The counterpart, for the reverse step, of `forward_process.py`.
+"""The reverse (denoising) step a step-wise method samples and re-scores, for ε-prediction and flow-matching models:
+one object per model family with everything the step-wise methods (DDPO, GRPO: `algorithms/ddpo.py`,
+`algorithms/grpo.py`; D3PO's step log-ratios: `algorithms/common.py`; TailorPO's candidates and previews:
+`algorithms/tailorpo.py`) need to know about the sampler's step policy π(x_prev | x, c) = N(μ, s² I), so that
+their code is one code for both. The counterpart, for the reverse step, of `forward_process.py`.
 
 - `DDIMKernel` (SD1.5 / SDXL): the stochastic DDIM step at the grid's η (`ddim.ddim_step_with_logprob`), the UNet
   called at the integer timestep τ;
@@ -51,6 +52,12 @@ class DDIMKernel:
         _, a, a_prev, std = (v.to(state.device) for v in self.grid.scalars(step_index))
         return ddim.ddim_step_mean(state, pred, a, a_prev, std)[0]
 
+    def x0_after(self, x: Tensor, pred: Tensor, step_index: Tensor) -> Tensor:
+        """x̂_0 (M, C, h, w) of a latent at the noise level step i lands on (ᾱ_prev(τ)), from the prediction
+        at (x, `timesteps` of step i + 1): `ddim.pred_x0_from_eps` (TailorPO's candidate preview, §2a)."""
+        a_prev = self.grid.scalars(step_index)[2].to(x.device)
+        return ddim.pred_x0_from_eps(x, pred, a_prev)
+
     def log_prob(
         self, state: Tensor, pred: Tensor, step_index: Tensor, action: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -89,6 +96,12 @@ class FlowKernel:
         sigma, sigma_next = self.grid.sigmas[i], self.grid.sigmas[i + 1]
         sigma, sigma_next, g = (v.to(state.device) for v in (sigma, sigma_next, self.grid.noise_scale[i]))
         return flow.sde_step_mean(state, pred, sigma, sigma_next, g)[0]
+
+    def x0_after(self, x: Tensor, pred: Tensor, step_index: Tensor) -> Tensor:
+        """x̂_0 = x − σ_{i+1} v̂ (M, C, h, w) float32 of a latent at the noise level step i lands on, from the velocity
+        at (x, σ_{i+1}·N) (`flow.pred_x0_from_velocity`; TailorPO's candidate preview on a flow model)."""
+        sigma_next = self.grid.sigmas[step_index.long().cpu() + 1].to(x.device)
+        return flow.pred_x0_from_velocity(x, pred, sigma_next)
 
     def log_prob(
         self, state: Tensor, pred: Tensor, step_index: Tensor, action: Tensor

@@ -5,7 +5,7 @@ Samplers and the learner call `load_policy` with the same config, so their UNets
 same LoRA init drawn from a seed derived from `config.seed`) before the learner's first published weights arrive,
 and build their sampling grid and predictor with `policy_grid` / `policy_predictor`: a DDIM grid and a
 `NoisePredictor` for SD1.5 / SDXL, a flow grid and a `VelocityPredictor` for an SD3 / SD3.5 model, which only the
-methods with `Algorithm.flow_models` train, DDPO / GRPO only at a noise level > 0 (`flow_method_problem`).
+methods with `Algorithm.flow_models` train, the step methods only at a noise level > 0 (`flow_method_problem`).
 """
 
 from __future__ import annotations
@@ -58,11 +58,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def flow_method_problem(config: RunConfig, kind: str) -> str | None:
-    """Why `config.algorithm.name` cannot train a model of `kind`, or None: on an SD3 (flow-matching) model only the
-    methods with `Algorithm.flow_models` train (Diffusion-DPO, DDE, DDE-Single, DDPO, GRPO), and those that
-    re-score the sampler's steps (`Algorithm.needs_step_density`: DDPO, GRPO) only on the SDE sampler
-    (`sampling.flow_noise_level` > 0). The one message of each refusal, naming the fields; `launch.check_inputs`
-    gives it before any work, `load_policy` wherever a model is loaded."""
+    """Why `config.algorithm.name` cannot train a model of `kind`, or None. On an SD3 (flow-matching) model: a method
+    without `Algorithm.flow_models` is refused (every registered method has it now); those that train on the
+    sampler's steps (`Algorithm.needs_step_density`: DDPO, GRPO, D3PO, TailorPO(-G)) need the SDE sampler
+    (`sampling.flow_noise_level` > 0); a method's settings with no flow counterpart (`Algorithm.flow_problem`:
+    TailorPO's `step_ranking: completion`) are refused. One message per refusal, naming the fields;
+    `launch.check_inputs` gives it before any work, `load_policy` wherever a model is loaded."""
     name = config.algorithm.name
     if kind != "sd3":
         return None
@@ -79,6 +80,9 @@ def flow_method_problem(config: RunConfig, kind: str) -> str | None:
             f"in model.pretrained ({config.model.pretrained!r}): it trains on the log-probs of the sampler's steps, "
             "and at noise level 0 (the ODE) a step has no density (Flow-GRPO samples at 0.7)"
         )
+    problem = method.flow_problem(config)
+    if problem:
+        return f"{problem} on the SD3 (flow-matching) pipeline in model.pretrained ({config.model.pretrained!r})"
     return None
 
 

@@ -122,3 +122,18 @@ def test_kernel_kappa_is_the_mean_coefficient_of_the_prediction():
         shift = kernel.mean(x, p + d, steps) - kernel.mean(x, p, steps)
         torch.testing.assert_close(shift, kernel.kappa()[steps].view(-1, 1, 1, 1) * d, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(kernels[0].kappa(), kernels[0].grid.kappa)
+
+
+def test_x0_after_recovers_the_clean_latent_from_the_true_prediction():
+    """A latent at the noise level step i lands on, x = (1 − σ_{i+1}) x_0 + σ_{i+1} ε (flow) or sqrt(ᾱ_prev) x_0 +
+    sqrt(1 − ᾱ_prev) ε (DDIM), with the true prediction (v = ε − x_0, or ε) gives x̂_0 = x_0 back."""
+    x0, eps, _, _ = _tensors(6)
+    steps = torch.tensor([0, 2, 4])
+    kernel = _flow_kernel()
+    sigma_next = kernel.grid.sigmas[steps + 1]
+    x = flow.add_noise(x0, eps, sigma_next)
+    torch.testing.assert_close(kernel.x0_after(x, eps - x0, steps), x0, atol=1e-5, rtol=1e-5)
+    ddim_kernel = DDIMKernel(DDIMGrid.from_scheduler(DDIMScheduler(), 5, 1.0))
+    steps = torch.tensor([0, 1, 3])
+    x = ddim.add_noise(x0, eps, ddim_kernel.grid.alpha_prod_prev[steps])
+    torch.testing.assert_close(ddim_kernel.x0_after(x, eps, steps), x0, atol=1e-4, rtol=1e-4)

@@ -279,14 +279,17 @@ def test_exported_lora_loads_into_the_stock_pipeline(any_sd3_dir, tmp_path):
     assert np.abs(after - before).max() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["tailorpo", "tailorpo_g"])
-def test_a_method_not_yet_on_flow_models_is_refused_before_any_work_naming_the_fields(
-    sd3_dir, tmp_path, capsys, method
+def test_a_method_not_on_flow_models_is_refused_before_any_work_naming_the_fields(
+    sd3_dir, tmp_path, capsys, monkeypatch
 ):
-    """Only the final-pair methods (tests/models/test_sd3_training.py), DDPO / GRPO
-    (tests/models/test_sd3_policy_gradient.py) and D3PO (tests/models/test_sd3_d3po.py) train an SD3 model; any
-    other is refused by launch before anything is written (exit 2), and by `load_policy` wherever a model is
-    loaded, with one message naming algorithm.name and model.pretrained."""
+    """Every registered method trains an SD3 model now (tests/models/test_sd3_training.py, test_sd3_policy_gradient.py,
+    test_sd3_d3po.py, test_sd3_tailorpo.py); a method without `flow_models` (here TailorPO-G with the flag cleared)
+    is refused by launch before anything is written (exit 2), and by `load_policy` wherever a model is loaded, with
+    one message naming algorithm.name and model.pretrained and listing the methods that do train."""
+    from rlhf_diffusion.algorithms.tailorpo import TailorPOG
+
+    monkeypatch.setattr(TailorPOG, "flow_models", False)
+    method = "tailorpo_g"
     from rlhf_diffusion import launch
     from rlhf_diffusion.config import load_config
     from rlhf_diffusion.workers.policy import load_policy
@@ -305,7 +308,7 @@ def test_a_method_not_yet_on_flow_models_is_refused_before_any_work_naming_the_f
     assert code == 2 and err.startswith(f"error: algorithm.name: '{method}' does not train"), err
     assert (
         "SD3 (flow-matching) pipeline in model.pretrained" in err
-        and "d3po, dde, dde_single, ddpo, diffusion_dpo, grpo" in err
+        and "d3po, dde, dde_single, ddpo, diffusion_dpo, grpo, tailorpo" in err
     )
     assert not any(tmp_path.iterdir())  # nothing written
     config = load_config("configs/tiny.yaml", overrides)
