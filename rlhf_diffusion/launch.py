@@ -225,22 +225,23 @@ def run(config, args: argparse.Namespace) -> int:
             )
             return 2
     trainer = None
+    # (exit code, message) of a failed run, printed once Ray has shut down: the actors' output that Ray forwards
+    # (progress bars, warnings) arrives late and would otherwise follow the message, which must end the output
+    failure: tuple[int, str] | None = None
     try:
         try:
             trainer = Trainer(
                 config, use_ray=use_ray, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
             )
         except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        try:
-            result = trainer.fit()
-        except (ResumeError, CheckpointError, RunDirError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        except ActorCrashed as error:  # a dead learner, or a sampler or reward server Ray did not restart
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+            failure = (2, str(error))
+        else:
+            try:
+                result = trainer.fit()
+            except (ResumeError, CheckpointError, RunDirError) as error:
+                failure = (2, str(error))
+            except ActorCrashed as error:  # a dead learner, or a sampler or reward server Ray did not restart
+                failure = (1, str(error))
     finally:
         if trainer is not None:
             trainer.shutdown()
@@ -248,6 +249,9 @@ def run(config, args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
+    if failure is not None:
+        print(f"error: {failure[1]}", file=sys.stderr)
+        return failure[0]
     print_summary(config, result)
     return 0
 

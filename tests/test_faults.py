@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,38 @@ def test_the_launcher_ends_a_crashed_run_with_one_line_and_exit_code_1(monkeypat
     assert launch.run(config, args) == 1
     err = capsys.readouterr().err
     assert err == f"error: {message}\n"
+
+
+def test_the_error_line_ends_the_output_after_ray_shuts_down(monkeypatch, capsys, tiny_sd15_dir, tmp_path):
+    """Under Ray the crash message came before actor output that Ray forwarded late (a learner's progress bar, flushed
+    by ray.shutdown), so it was not the last line (benchmarks/reliability_probe.py,
+    ray/sampler_killed_without_restarts_one_line); it is printed once Ray has shut down."""
+    import ray
+
+    from rlhf_diffusion import launch, trainer
+
+    message = "sampler 0 died during iteration 2 and restarts are disabled (resources.max_actor_restarts=0); ..."
+
+    class CrashingTrainer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise ActorCrashed(message)
+
+        def shutdown(self):
+            pass
+
+    def late_actor_output():  # what Ray's log forwarding prints as the driver shuts down
+        print("(Learner pid=1) Loading weights: 100%|##########| 36/36", file=sys.stderr)
+
+    monkeypatch.setattr(trainer, "Trainer", CrashingTrainer)
+    monkeypatch.setattr(launch, "connect_ray", lambda config: "joined a fake cluster")
+    monkeypatch.setattr(ray, "shutdown", late_actor_output)
+    args = argparse.Namespace(no_ray=False, resume=False, overwrite=False, no_progress=True)
+    config = faults_config(tiny_sd15_dir, tmp_path, "launch_ray", restarts=0)
+    assert launch.run(config, args) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
 
 
 @pytest.fixture(scope="module")
