@@ -20,6 +20,7 @@ import fcntl
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 __all__ = [
@@ -89,6 +90,13 @@ def _owner(lock_file: Path) -> str:
     return f"PID {pid}" + (f" on {host}" if host else "")
 
 
+def _not_a_plain_file(lock_file: Path, kind: str) -> str:
+    return (
+        f"the lock file {lock_file} is {kind}, not a plain file of its own; the launch would overwrite what it "
+        "points to: remove it (a run creates its own) or choose another run_name or output_dir"
+    )
+
+
 def lock_run_dir(run_dir: str | Path) -> RunDirLock:
     """Creates `run_dir` and takes its exclusive lock without waiting.
 
@@ -102,12 +110,21 @@ def lock_run_dir(run_dir: str | Path) -> RunDirLock:
     lock_file = run_dir / LOCK_FILE
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        # never through a link: the lock file is truncated and written, so a run.lock planted as a symbolic (or
+        # hard) link to another file would have the launch overwrite that file
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as error:  # output_dir is a file, under a file, read-only, on a missing mount, ...
+        if error.errno == errno.ELOOP and lock_file.is_symlink():
+            raise RunDirError(_not_a_plain_file(lock_file, "a symbolic link")) from None
         raise RunDirError(
             f"cannot write the run directory {run_dir} ({error.strerror}: {error.filename}); check "
             "output_dir and run_name"
         ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        kind = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"a file with {info.st_nlink} hard links"
+        raise RunDirError(_not_a_plain_file(lock_file, kind))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
