@@ -115,15 +115,23 @@ def write_checkpoint(
 
 
 def truncate_metrics(run_dir: Path, iteration: int) -> None:
-    """Drops the lines of metrics.jsonl after `iteration` (written after the checkpoint a resume starts from)."""
+    """Drops the lines of metrics.jsonl after `iteration` (written after the checkpoint a resume starts from), and
+    any line that is not a whole record: the line of an iteration is written before its checkpoint, so a line torn
+    by a crash mid-write (a launcher killed with -9, a full disk) belongs to an iteration after the newest
+    checkpoint, which the resumed run redoes."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        keep = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["iteration"] <= iteration
-        ]
+        keep = [line for line in path.read_text(errors="replace").splitlines() if _logged(line, iteration)]
         path.write_text("".join(line + "\n" for line in keep))
+
+
+def _logged(line: str, iteration: int) -> bool:
+    """Whether a metrics.jsonl line is a whole record of an iteration up to `iteration`."""
+    try:
+        record = json.loads(line)
+        return float(record["iteration"]) <= iteration
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 def copy_export(checkpoint: Path, run_dir: Path) -> Path:

@@ -337,3 +337,36 @@ def test_resume_with_nothing_to_resume_exits_2_and_leaves_nothing_behind(tmp_pat
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip() == f"error: --resume: no checkpoint under {output_dir / 'tiny' / 'checkpoints'}"
     assert not output_dir.exists()
+
+
+def test_resume_past_a_metrics_line_torn_by_a_crash(finished):
+    """A launcher killed mid-write of iteration 3's metrics.jsonl line (after checkpoint iter_000002) left a torn
+    last line, and --resume died on it with a JSONDecodeError traceback (benchmarks/reliability_probe.py,
+    checkpoint/metrics_line_torn); the torn line is dropped with the iterations the resumed run redoes."""
+    run_dir, restore = finished
+    restore()
+    metrics = run_dir / "metrics.jsonl"
+    third = json.dumps({**json.loads(metrics.read_text().splitlines()[-1]), "iteration": 3})
+    metrics.write_text(metrics.read_text() + third[: len(third) // 2])
+    proc = launch(run_dir.parent, "--no-ray", "--resume", "--set", "train.iterations=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert iterations_logged(run_dir) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_run_lock_planted_as_a_link_is_refused_and_its_target_left_alone(tmp_path, link):
+    """A run.lock planted as a link to another file had that file truncated and overwritten with the launcher's PID
+    and host (benchmarks/reliability_probe.py, run_dir/run_lock_planted_as_symlink)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run_dir = (tmp_path / "run").resolve()
+    run_dir.mkdir()
+    if link == "symbolic":
+        (run_dir / LOCK_FILE).symlink_to(victim)
+    else:
+        os.link(victim, run_dir / LOCK_FILE)
+    with pytest.raises(RunDirError) as info:
+        lock_run_dir(run_dir)
+    kind = "a symbolic link" if link == "symbolic" else "a file with 2 hard links"
+    assert f"the lock file {run_dir / LOCK_FILE} is {kind}, not a plain file of its own" in str(info.value)
+    assert victim.read_text() == "precious\n"
