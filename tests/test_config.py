@@ -617,12 +617,21 @@ def test_every_shipped_config_validates():
         "sd15_tailorpo_g.yaml",
         "sd15_d3po.yaml",
         "sdxl_dde.yaml",
+        "sd35_flow_grpo.yaml",
+        "sd35_tailorpo.yaml",
+        "sd35_dde.yaml",
     }
     names = {}
     for path in configs:
         config = load_config(path)
         names[path.name] = config.algorithm.name
     assert names["sd15_tailorpo_g.yaml"] == "tailorpo_g" and names["sdxl_dde.yaml"] == "dde"
+    # the SD3.5 configs (run on a tiny SD3.5 pipeline by tests/models/test_sd3_configs.py)
+    assert (names["sd35_flow_grpo.yaml"], names["sd35_tailorpo.yaml"], names["sd35_dde.yaml"]) == (
+        "grpo",
+        "tailorpo",
+        "dde",
+    )
 
 
 def test_yaml_alias_bomb_fails_fast_with_a_short_message(tmp_path):
