@@ -12,6 +12,11 @@ trainer's held-out evaluation does, so with the
 run's sampling settings (`--steps`, `--eta`, `--guidance`, `--resolution`) and its eval prompts a LoRA row
 reproduces the run's final evaluation (`eval.json`) image for image.
 
+An SD3 / SD3.5 model (a `StableDiffusion3Pipeline` directory or hub id) samples with the ODE, the stock pipeline's
+Euler sampler (noise level 0; `--eta` does not apply), as a run's held-out evaluation of such a model does and as
+flow_grpo evaluates; its LoRA files are the `transformer.`-keyed ones `StableDiffusion3Pipeline.save_lora_weights`
+writes (a run's `lora/`).
+
 Written to `--out DIR`:
 
     results.md       the table: one row per model, "mean ± std" of every reward (and of the weighted total when
@@ -388,7 +393,8 @@ def evaluate(
         rewards: `RewardConfig`-like entries (name, weight, path, kwargs).
         loras: (label, LoRA file) per extra row, evaluated in order after the base row.
         seeds: images per prompt.
-        steps, eta, guidance_scale: the DDIM sampler (K steps, η in [0, 1], CFG weight).
+        steps, eta, guidance_scale: the DDIM sampler (K steps, η in [0, 1], CFG weight); an SD3 model samples the
+            ODE on its scheduler's K-step flow grid (the stock pipeline's sampler) and ignores eta.
         resolution: image side in pixels; None = the model's native size.
         device, dtype, kind, revision: how to load the model (as the run config's `device` and `model.*`).
         grid_prompts: how many prompts' images each row keeps for the grid.
@@ -400,6 +406,7 @@ def evaluate(
     """
     import torch
 
+    from rlhf_diffusion.diffusion.flow_sampling import VelocityPredictor, flow_grid_for
     from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
     from rlhf_diffusion.evaluation import sample_held_out
     from rlhf_diffusion.models.loading import ModelLoadError, load_diffusion_model
@@ -419,15 +426,27 @@ def evaluate(
         pipeline = load_diffusion_model(source, kind=kind, dtype=DTYPES[dtype], device=torch_device, revision=revision)
     except ModelLoadError as error:
         raise EvaluateError(f"--model {model}: {error}") from None
+    network = "transformer" if pipeline.kind == "sd3" else "unet"
+    for _, lora in lora_files:  # an SD1.5 / SDXL LoRA on an SD3 model or the other way round: named, before sampling
+        if lora.component != network:
+            raise LoraFileError(
+                f"{lora.path}: a {lora.component} LoRA does not fit this {pipeline.kind} model, whose network is "
+                f"its {network}"
+            )
     reward_fn = _build_rewards(rewards, torch_device)
     res = resolution or pipeline.resolution
     if res < 8 or res % pipeline.vae_scale_factor:
         raise EvaluateError(f"--resolution {res}: must be a multiple of {pipeline.vae_scale_factor} for this model")
-    grid = DDIMGrid.from_scheduler(pipeline.scheduler, steps, eta)
-    predictor = NoisePredictor(pipeline, guidance_scale, res, res)
+    if pipeline.kind == "sd3":  # the ODE (noise level 0), as the trainer's held-out evaluation of a flow model
+        grid = flow_grid_for(pipeline, steps, 0.0, res, res)
+        predictor = VelocityPredictor(pipeline, guidance_scale, res, res)
+    else:
+        grid = DDIMGrid.from_scheduler(pipeline.scheduler, steps, eta)
+        predictor = NoisePredictor(pipeline, guidance_scale, res, res)
     settings = {
         "seeds": seeds,
         "steps": steps,
+        "sampler": "flow_ode" if pipeline.kind == "sd3" else "ddim",
         "eta": eta,
         "guidance_scale": guidance_scale,
         "resolution": res,
@@ -475,6 +494,13 @@ def evaluate(
         summary = ", ".join(f"{name} {row.stats(name)[0]:.4f} ± {row.stats(name)[1]:.4f}" for name in per)
         log(f"[evaluate] {label}: {summary} ({len(prompts.prompts) * seeds} images, {row.seconds:.1f} s)")
     return EvaluationResult(model=model, prompts=prompts, rewards=list(rewards), rows=rows, settings=settings)
+
+
+def _sampler_text(settings: dict[str, Any]) -> str:
+    """How the images were sampled, for the report: DDIM with its η, or the flow ODE of an SD3 model."""
+    if settings.get("sampler") == "flow_ode":
+        return f"flow-matching ODE (Euler, the stock pipeline's sampler) {settings['steps']} steps"
+    return f"DDIM {settings['steps']} steps, η {settings['eta']:g}"
 
 
 def _build_rewards(specs: Sequence[Any], device: Any) -> Any:
@@ -560,9 +586,8 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
         "# Evaluation",
         "",
         f"Base model `{result.model}`; prompts `{result.prompts.source}` ({num_prompts} prompts × {seeds} seeds = "
-        f"{num_prompts * seeds} images per row); DDIM {result.settings['steps']} steps, η "
-        f"{result.settings['eta']:g}, guidance {result.settings['guidance_scale']:g}, "
-        f"{result.settings['resolution']} px.",
+        f"{num_prompts * seeds} images per row); {_sampler_text(result.settings)}, guidance "
+        f"{result.settings['guidance_scale']:g}, {result.settings['resolution']} px.",
         "Rewards: "
         + ", ".join(f"`{_reward_label(spec)}`" for spec in result.rewards)
         + ". Cells: mean ± sample std over all images.",
@@ -757,8 +782,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="YAML list of reward entries {name, weight, path, kwargs}, or a run config",
     )
-    parser.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps; default 20")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM η in [0, 1] (0 = deterministic DDIM); default 1.0")
+    parser.add_argument(
+        "--steps", type=_positive_int, default=20, help="denoising steps (DDIM, or the SD3 ODE); default 20"
+    )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=1.0,
+        help="DDIM η in [0, 1] (0 = deterministic DDIM); default 1.0; SD3 models sample the ODE and ignore it",
+    )
     parser.add_argument(
         "--guidance", type=float, default=5.0, help="classifier-free guidance scale (>= 1); default 5.0"
     )

@@ -229,3 +229,61 @@ def test_ray_job_with_a_bad_config_fails_fast_naming_the_field(own_ray_cluster, 
     assert "algorithm.beta" in out and "failed" in out.lower() and "Traceback" not in out
     assert time.monotonic() - start < 120
     assert not (tmp_path / "tiny").exists()  # nothing started
+
+
+@pytest.mark.ray
+def test_ray_job_submit_runs_the_flow_grpo_config_on_a_tiny_sd35_pipeline(own_ray_cluster, tmp_path):
+    """`ray job submit -- python -m rlhf_diffusion.launch configs/sd35_flow_grpo.yaml` on the cluster, with only the
+    model (a tiny SD3.5-shaped pipeline), the sizes, the reward weights (a tiny PickScore), the resources and the
+    CPU-only options overridden: Flow-GRPO's SDE rollouts, the learner and the evaluation passes run as Ray actors on
+    a flow model for 2 iterations, and the exported LoRA loads into a stock `StableDiffusion3Pipeline`."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from rlhf_diffusion.models import LORA_WEIGHT_NAME, build_tiny_pipeline
+    from rlhf_diffusion.testing import build_tiny_pickscore
+
+    model_dir = build_tiny_pipeline(tmp_path / "tiny_sd35", "sd3", sd35=True)
+    overrides = [
+        f"model.pretrained={model_dir}",
+        "model.resolution=null",  # the tiny pipeline's 64 px
+        f"output_dir={tmp_path}",
+        "device=cpu",
+        "sampling.num_steps=3",
+        "sampling.eval_num_steps=2",
+        "sampling.batch_size=2",
+        "algorithm.group_size=3",
+        f"rewards.0.path={build_tiny_pickscore(tmp_path / 'pickscore')}",
+        "resources={num_samplers: 1, num_learners: 1, cpus_per_actor: 1, sampler_gpus: 0, reward_server_gpus: 0, "
+        "learner_gpus: 0}",
+        "train.iterations=2",
+        "train.mixed_precision=no",  # fp16 autocast is CUDA only
+        "train.signal_every=0",
+        "prompts.train={inline: [a cat, a dog]}",
+        "prompts.eval={inline: [a cow]}",
+        "tracking.enabled=false",
+    ]
+    entrypoint = [sys.executable, "-m", "rlhf_diffusion.launch", str(ROOT / "configs" / "sd35_flow_grpo.yaml")]
+    proc = submit_job(own_ray_cluster, *entrypoint, *[a for o in overrides for a in ("--set", o)], "--no-progress")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "joined the Ray cluster" in out and "succeeded" in out.lower()
+    run_dir = tmp_path / "sd35_flow_grpo"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(r["train/optimizer_steps"] >= 1 and r["train/num_examples"] == 2 * 3 * 2 for r in records)  # 2 steps
+    summary = json.loads((run_dir / "eval.json").read_text())
+    assert summary["algorithm"] == "grpo" and "eval_before" in summary and "eval_after" in summary
+    weights = run_dir / "lora" / LORA_WEIGHT_NAME
+    saved = load_file(weights)
+    assert max(v.abs().max().item() for k, v in saved.items() if "lora_B" in k) > 0  # B starts at 0: it trained
+
+    def stock_latents(lora: bool) -> torch.Tensor:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, text_encoder_3=None, tokenizer_3=None)
+        pipe.set_progress_bar_config(disable=True)
+        if lora:
+            pipe.load_lora_weights(weights.parent)
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a cow", num_inference_steps=2, output_type="latent", generator=generator).images
+
+    assert (stock_latents(lora=True) - stock_latents(lora=False)).abs().max() > 0

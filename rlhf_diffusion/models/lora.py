@@ -3,7 +3,7 @@
 `export_lora` writes a UNet's adapter the way `StableDiffusionPipeline.save_lora_weights` /
 `StableDiffusionXLPipeline.save_lora_weights` do (the file a stock pipeline reads with
 `pipe.load_lora_weights(dir)`), and an SD3 transformer's adapter as `StableDiffusion3Pipeline.save_lora_weights`
-does (`transformer.`-prefixed keys); `read_lora_file` reads a UNet file back (weights in peft key format and the
+does (`transformer.`-prefixed keys); `read_lora_file` reads either file back (weights in peft key format and the
 `peft.LoraConfig` arguments), which is how `python -m rlhf_diffusion.evaluate` loads a trained LoRA.
 """
 
@@ -55,7 +55,7 @@ _LORA_CONFIG_FIELDS = (
     "layers_to_transform",
     "layers_pattern",
 )
-_LORA_KEY_RE = re.compile(r"^unet\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_LORA_KEY_RE = re.compile(r"^(?P<component>unet|transformer)\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
 
 class LoraFormatError(ValueError):
@@ -96,8 +96,8 @@ def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str
     The file is what `StableDiffusionPipeline.save_lora_weights` (SD1.5) / `StableDiffusionXLPipeline.
     save_lora_weights` (SDXL) write: `unet.`-prefixed peft-style keys (`….to_q.lora_A.weight`, `….lora_B.weight`)
     plus the adapter's `LoraConfig` as safetensors metadata. For SD3 (`model.unet` is the transformer) it is what
-    `StableDiffusion3Pipeline.save_lora_weights` writes: the same with `transformer.`-prefixed keys. (`read_lora_file`
-    reads UNet files only.) Two choices make it load the same everywhere:
+    `StableDiffusion3Pipeline.save_lora_weights` writes: the same with `transformer.`-prefixed keys (`read_lora_file`
+    reads both back). Two choices make it load the same everywhere:
 
     - keys stay in peft naming for every target module: diffusers' loader converts the legacy `lora.down` /
       `lora.up` names only when the *first* key has them, so a mix (which `convert_state_dict_to_diffusers`
@@ -160,32 +160,36 @@ def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A UNet LoRA read from a diffusers-format safetensors file (what `export_lora` writes).
+    """A UNet (or SD3 transformer) LoRA read from a diffusers-format safetensors file (what `export_lora` writes).
 
     Attributes:
         path: the file.
-        state: peft-format weights without the `unet.` prefix (`<module>.lora_A.weight`, `<module>.lora_B.weight`),
-            the format `models.loading.set_lora_state_dict` reads.
+        state: peft-format weights without the `unet.` / `transformer.` prefix (`<module>.lora_A.weight`,
+            `<module>.lora_B.weight`), the format `models.loading.set_lora_state_dict` reads.
         config: the `peft.LoraConfig` keyword arguments that shape the forward pass: from the file's
             `lora_adapter_metadata` when present, else inferred as diffusers does (r from the lora_A shapes,
             α = r, target modules = the adapted modules' full names).
         from_metadata: whether `config` came from the file's metadata.
+        component: the network the file adapts: "unet" (SD1.5 / SDXL) or "transformer" (SD3 / SD3.5).
     """
 
     path: Path
     state: dict[str, Any]
     config: dict[str, Any]
     from_metadata: bool
+    component: str = "unet"
 
 
 def read_lora_file(path: str | Path) -> LoraFile:
-    """Reads a UNet LoRA file written by `export_lora` (or diffusers' `save_lora_weights` for a UNet).
+    """Reads a UNet or SD3-transformer LoRA file written by `export_lora` (or diffusers' `save_lora_weights` for a
+    UNet or an SD3 transformer: `unet.` / `transformer.` keys, one of the two per file).
 
     Args:
         path: the `.safetensors` file (see `resolve_lora_path` for directories).
 
     Raises:
-        LoraFormatError: not a safetensors file, keys that are not `unet.<module>.lora_A/B.weight`, a module with
+        LoraFormatError: not a safetensors file, keys that are not `unet.<module>.lora_A/B.weight` (or all
+            `transformer.<module>.lora_A/B.weight`), a module with
             only one of A / B, unreadable metadata, or LoRA features evaluation does not support (DoRA, biases).
             The message starts with the file's path.
     """
@@ -205,6 +209,10 @@ def read_lora_file(path: str | Path) -> LoraFile:
             f"'unet.<module>.lora_A.weight' / 'unet.<module>.lora_B.weight' (e.g. {', '.join(bad[:3])}); "
             "expected a file written by export_lora or diffusers' save_lora_weights"
         )
+    components = sorted({_LORA_KEY_RE.match(key)["component"] for key in tensors})
+    if len(components) > 1:
+        raise LoraFormatError(f"{path}: mixes unet. and transformer. keys; a LoRA file adapts one network")
+    component = components[0]
     parts: dict[str, set[str]] = {}
     for key in tensors:
         match = _LORA_KEY_RE.match(key)
@@ -212,24 +220,24 @@ def read_lora_file(path: str | Path) -> LoraFile:
     half = sorted(module for module, found in parts.items() if found != {"lora_A", "lora_B"})
     if half:
         raise LoraFormatError(f"{path}: {len(half)} modules have only one of lora_A / lora_B (e.g. {half[0]})")
-    state = {key.removeprefix("unet."): value for key, value in tensors.items()}
+    state = {key.removeprefix(f"{component}."): value for key, value in tensors.items()}
     if LORA_METADATA_KEY in metadata:
-        config = _config_from_metadata(path, metadata[LORA_METADATA_KEY])
+        config = _config_from_metadata(path, metadata[LORA_METADATA_KEY], component)
         from_metadata = True
     else:
         config = _infer_config(state)
         from_metadata = False
-    return LoraFile(path=path, state=state, config=config, from_metadata=from_metadata)
+    return LoraFile(path=path, state=state, config=config, from_metadata=from_metadata, component=component)
 
 
-def _config_from_metadata(path: Path, text: str) -> dict[str, Any]:
+def _config_from_metadata(path: Path, text: str, component: str = "unet") -> dict[str, Any]:
     try:
         saved = json.loads(text)
     except json.JSONDecodeError as error:
         raise LoraFormatError(f"{path}: its {LORA_METADATA_KEY} metadata is not JSON: {error}") from None
     if not isinstance(saved, dict):
         raise LoraFormatError(f"{path}: its {LORA_METADATA_KEY} metadata is not a JSON object")
-    saved = {key.removeprefix("unet."): value for key, value in saved.items()}
+    saved = {key.removeprefix(f"{component}."): value for key, value in saved.items()}
     if "r" not in saved or "lora_alpha" not in saved or not saved.get("target_modules"):
         raise LoraFormatError(f"{path}: its {LORA_METADATA_KEY} metadata lacks r / lora_alpha / target_modules")
     unsupported = [name for name in ("use_dora", "lora_bias") if saved.get(name)]

@@ -89,13 +89,17 @@ def flow_method_problem(config: RunConfig, kind: str) -> str | None:
 def policy_grid(config: RunConfig, model: DiffusionModel, *, evaluation: bool = False) -> DDIMGrid | FlowGrid:
     """The K-step (`sampling.num_steps`) sampling grid of the policy: DDIM at `sampling.eta`, or for an SD3 model
     its scheduler's flow grid at `sampling.flow_noise_level` (at the run's resolution). `evaluation`: the held-out
-    evaluation's grid, on `sampling.eval_num_steps` when set."""
+    evaluation's grid, on `sampling.eval_num_steps` when set; on an SD3 model it is the ODE (noise level 0, the stock
+    `StableDiffusion3Pipeline`'s Euler sampler), whatever the rollouts' noise level, as flow_grpo evaluates
+    (`noise_level=0` in its eval pass [C]): the held-out images are the ones a user of the LoRA gets, and do not
+    depend on `sampling.flow_noise_level` (docs/algorithms.md §10(c)). DDIM models evaluate at `sampling.eta`."""
     steps = config.sampling.num_steps
     if evaluation and config.sampling.eval_num_steps is not None:
         steps = config.sampling.eval_num_steps
     if model.kind == "sd3":
         size = config.model.resolution or model.resolution
-        return flow_grid_for(model, steps, config.sampling.flow_noise_level, size, size)
+        noise_level = 0.0 if evaluation else config.sampling.flow_noise_level
+        return flow_grid_for(model, steps, noise_level, size, size)
     return DDIMGrid.from_scheduler(model.scheduler, steps, config.sampling.eta)
 
 
