@@ -1416,7 +1416,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: {_describe_yaml_error(error)}") from None
-    return parse_config(data, source=source, overrides=overrides)
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{source}: {_TOO_DEEP}") from None
+    try:
+        return parse_config(data, source=source, overrides=overrides)
+    except RecursionError:
+        raise ConfigError(f"{source}: {_TOO_DEEP}") from None
 
 
 def parse_config(data: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> RunConfig:
@@ -1570,9 +1575,14 @@ def _parse_override_value(raw_value: str, override: str) -> Any:
         raise ConfigError(
             f"bad override {override!r}: value is not valid YAML: {_describe_yaml_error(error)}"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"bad override {_show(override)}: value is not valid YAML: {_TOO_DEEP}") from None
     if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
         return float(value)
     return value
+
+
+_TOO_DEEP = "the YAML nests too deeply (lists or mappings inside each other hundreds of levels down); no config does"
 
 
 def _describe_yaml_error(error: yaml.YAMLError) -> str:

@@ -673,3 +673,17 @@ def test_thousands_of_unknown_keys_or_one_huge_key_give_a_short_message(tmp_path
     with pytest.raises(ConfigError) as info:
         load_config(huge)
     assert len(str(info.value)) < 3000 and "characters)" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_yaml_nested_thousands_of_levels_deep_is_one_config_error(tmp_path, where):
+    """PyYAML recurses once per nesting level: 5000 nested lists (10 kB of YAML) in the file or in a --set value
+    raised RecursionError, a 200 kB traceback with exit code 1; it is one ConfigError (exit 2)."""
+    deep = "[" * 5000 + "]" * 5000
+    base = "model: {pretrained: tiny:sd15}\nalgorithm: {name: d3po}\nrewards: [{name: brightness}]\n"
+    path = tmp_path / "deep.yaml"
+    path.write_text(base + (f"run_name: {deep}\n" if where == "file" else ""))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [] if where == "file" else [f"run_name={deep}"])
+    message = str(info.value)
+    assert "nests too deeply" in message and len(message) < 1000
