@@ -312,6 +312,8 @@ class Actors:
                 else:
                     self.log(f"[fault] a reward server died while sampler {rank} waited on it during {during}")
                     self.check_reward_servers(during)
+                # reached only once the dead actor is back (await_restart / check_reward_servers raise otherwise)
+                self.log(f"[fault] the shard of sampler {rank} is redone with the same seed and weights")
                 self.faults["shards_redone"] += 1
                 ref = resubmit()
         raise ActorCrashed(
@@ -334,8 +336,7 @@ class Actors:
                     request.shard,
                     ref,
                     lambda r=request: self.samplers[r.shard].rollout.remote(r),
-                    f"iteration {iteration + 1} (its shard {request.shard} is redone with the same seed and weights "
-                    f"version {request.weights.version})",
+                    f"iteration {iteration + 1} (shard {request.shard}, weights version {request.weights.version})",
                 )
             )
         return RolloutBatch.concat(shards)

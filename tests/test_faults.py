@@ -208,7 +208,8 @@ def test_an_actor_killed_with_restarts_disabled_ends_the_run_naming_it_and_the_c
     whose call to it failed), the field and the checkpoint to resume from."""
     config = faults_config(tiny_sd15_dir, tmp_path, "no_restarts", restarts=0, staleness=0)
     killed: list = []
-    trainer = Trainer(config, log=lambda *_: None, on_event=_kill(role, ("rollouts_submitted", 2), killed))
+    logged: list[str] = []
+    trainer = Trainer(config, log=logged.append, on_event=_kill(role, ("rollouts_submitted", 2), killed))
     with pytest.raises(ActorCrashed) as info:
         try:
             trainer.fit()
@@ -221,3 +222,4 @@ def test_an_actor_killed_with_restarts_disabled_ends_the_run_naming_it_and_the_c
     assert "restarts are disabled (resources.max_actor_restarts=0" in message
     assert f"{tmp_path / 'no_restarts' / 'checkpoints' / 'iter_000002'} (after iteration 2)" in message
     assert "--resume" in message and "\n" not in message
+    assert not any("redone" in line for line in logged + [message]), logged  # nothing is redone: the run ends
