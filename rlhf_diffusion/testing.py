@@ -1,9 +1,10 @@
 """Helpers for the tests and benchmarks: tiny random-weight reward models, each builder writing a directory in the
 real model's published format so the production loaders read it (no downloads); `tiny_run_config` and
-`tiny_loop_run_config`, the configs of small runs on a tiny pipeline, and `tiny_trainer`, the one in-process trainer
-the method tests build on one; and the checks the policy-gradient method tests (DDPO, GRPO) share. Test code only; no
-product module imports this one (the tiny diffusion pipelines, which `model.pretrained: tiny:sd15` builds, stay in
-`models/tiny.py`).
+`tiny_loop_run_config`, the configs of small runs on a tiny pipeline, `tiny_trainer` and `tiny_loop_trainer`, the
+in-process trainers the method tests build on them, and what those tests do to a trainer and a run (`perturb_lora`,
+`descend_lora`, `check_lora_changed`, `launch_tiny`); and the checks the policy-gradient method tests (DDPO, GRPO)
+share. Test code only; no product module imports this one (the tiny diffusion pipelines, which
+`model.pretrained: tiny:sd15` builds, stay in `models/tiny.py`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ __all__ = [
     "build_tiny_imagereward",
     "build_tiny_pickscore",
     "check_algorithm_config_errors",
+    "check_lora_changed",
     "check_reward_batch_independence",
     "check_reward_gradients",
     "clip_image_processor",
+    "descend_lora",
+    "kl_term_alone",
+    "launch_tiny",
+    "pair_log_ratios",
+    "perturb_lora",
     "random_images",
     "check_ratio_one_on_the_first_step",
     "log_prob_change_after_one_step",
@@ -55,6 +62,7 @@ __all__ = [
     "tiny_clip_config",
     "tiny_imagereward_config",
     "tiny_loop_run_config",
+    "tiny_loop_trainer",
     "tiny_open_clip_config",
     "tiny_run_config",
 ]
@@ -432,6 +440,67 @@ def tiny_loop_run_config(
     return _override(data, settings or {}, sections)
 
 
+def tiny_loop_trainer(
+    model_dir: str | Path, output_dir: str | Path, run_name: str, algorithm: str | dict[str, Any], **kwargs: Any
+) -> LocalTrainer:
+    """A `LocalTrainer` (every role in this process, no log lines) of `tiny_loop_run_config(model_dir, output_dir,
+    run_name, algorithm, **kwargs)`: `.fit()` runs the whole loop."""
+    from rlhf_diffusion.config import parse_config
+    from rlhf_diffusion.local_trainer import LocalTrainer
+
+    config = parse_config(tiny_loop_run_config(model_dir, output_dir, run_name, algorithm, **kwargs))
+    return LocalTrainer(config, log=lambda *_: None)
+
+
+def check_lora_changed(run_dir: str | Path) -> Path:
+    """Checks that the LoRA a run exported (`<run_dir>/lora/`) has B weights and that they moved from their init 0;
+    returns the weights file."""
+    from safetensors.torch import load_file
+
+    from rlhf_diffusion.models import LORA_WEIGHT_NAME
+
+    weights = Path(run_dir) / "lora" / LORA_WEIGHT_NAME
+    b_weights = [v for k, v in load_file(weights).items() if "lora_B" in k]
+    assert b_weights and max(v.abs().max().item() for v in b_weights) > 0  # B starts at 0: the LoRA changed
+    return weights
+
+
+def launch_tiny(overrides: Sequence[str], output_dir: str | Path, capsys: Any) -> tuple[int, str]:
+    """`rlhf-diffusion configs/tiny.yaml --no-ray` in this process with `--set` of each of `overrides`, then of
+    `output_dir`: its exit code and what it wrote on stderr (read through pytest's `capsys`)."""
+    from rlhf_diffusion import launch
+
+    sets = [a for o in [*overrides, f"output_dir={output_dir}"] for a in ("--set", o)]
+    code = launch.main(["configs/tiny.yaml", "--no-ray", *sets])
+    return code, capsys.readouterr().err
+
+
+def perturb_lora(trainer: Any, seed: int = 0, scale: float = 0.05) -> None:
+    """Adds `scale` · N(0, 1) (seeded) to every LoRA weight of `trainer.model` (a trainer's or a sampler's): θ away
+    from the reference (at the LoRA's init θ = ref), so log-ratios and the KL are non-zero."""
+    from rlhf_diffusion.models.loading import get_lora_state_dict, set_lora_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    state = get_lora_state_dict(trainer.model.unet)
+    set_lora_state_dict(
+        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    )
+
+
+def descend_lora(trainer: LocalTrainer, loss: torch.Tensor, lr: float = 1e-3) -> torch.Tensor:
+    """One normalised descent step θ −= lr · g / ‖g‖ on `loss`, g its gradient in the LoRA weights of the trainer's
+    model; returns ‖g‖ (the caller checks it is non-zero where it matters)."""
+    from rlhf_diffusion.models.loading import lora_parameters
+
+    params = lora_parameters(trainer.model.unet)
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        for p, g in zip(params, grads):
+            p -= lr * g / norm
+    return norm
+
+
 def run_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run directory's `metrics.jsonl`, one dict a line."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -456,6 +525,21 @@ def check_algorithm_config_errors(
             raise AssertionError(f"{override} passed")
 
 
+# -- the step-pair methods (D3PO, TailorPO): examples are a winner's and a loser's step -------------------------------
+
+
+def pair_log_ratios(trainer: LocalTrainer, cond: Any, examples: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ_w and Δ_l, log π_θ / π_ref of the winner's and of the loser's step of each of `examples` (step pairs, each
+    from its own state) at the current LoRA, without gradient."""
+    from rlhf_diffusion.algorithms.common import step_log_ratios
+
+    ex, predictor, grid = examples, trainer.train_predictor, trainer.grid
+    with torch.no_grad():
+        (dw,) = step_log_ratios(predictor, grid, cond, ex.step_index, ex.state_w, ex.action_w)
+        (dl,) = step_log_ratios(predictor, grid, cond, ex.step_index, ex.state_l, ex.action_l)
+    return dw, dl
+
+
 # -- the policy-gradient methods (DDPO, GRPO): examples are trajectory steps with the sampler's log-prob ℓ_old -------
 
 
@@ -467,6 +551,25 @@ def _step_log_probs(trainer: LocalTrainer, cond: Any, examples: Any) -> torch.Te
             trainer.train_predictor, trainer.grid, cond, examples.step_index, examples.state, examples.action
         )
     return log_prob
+
+
+def kl_term_alone(trainer: LocalTrainer, batch: RolloutBatch, kl_beta: float = 1.0) -> tuple[Any, Any, Any]:
+    """`batch`'s trajectory steps with every advantage set to 0, their conditioning, and a function that gives the
+    GRPO loss on them at the current LoRA (clip range 1e-4, β = `kl_beta`): with A = 0 the surrogate is 0 and the
+    loss is the KL term alone, β · KL."""
+    import dataclasses
+
+    from rlhf_diffusion.algorithms.ddpo import policy_gradient_loss
+
+    examples = dataclasses.replace(batch.pairs, advantage=torch.zeros(len(batch.pairs)))
+    cond = trainer.encode(batch.prompts).index(examples.prompt_index)
+
+    def kl_loss() -> Any:
+        return policy_gradient_loss(
+            trainer.train_predictor, trainer.grid, cond, examples, clip_range=1e-4, adv_clip_max=5.0, kl_beta=kl_beta
+        )
+
+    return examples, cond, kl_loss
 
 
 def check_ratio_one_on_the_first_step(trainer: LocalTrainer, batch: RolloutBatch) -> dict[str, float]:
@@ -486,17 +589,9 @@ def check_ratio_one_on_the_first_step(trainer: LocalTrainer, batch: RolloutBatch
 def log_prob_change_after_one_step(trainer: LocalTrainer, batch: RolloutBatch, lr: float = 1e-3) -> torch.Tensor:
     """The change of ℓ_θ of each of `batch.pairs` (with their advantages as they are) after one normalised descent
     step θ −= lr · g / ‖g‖ on the method's loss over them, g its gradient in the LoRA weights (checked nonzero)."""
-    from rlhf_diffusion.models.loading import lora_parameters
-
     examples = batch.pairs
     cond = trainer.encode(batch.prompts).index(examples.prompt_index)
     before = _step_log_probs(trainer, cond, examples)
     out = trainer.algorithm.loss(trainer.train_predictor, cond, examples, trainer.train_generator)
-    params = lora_parameters(trainer.model.unet)
-    grads = torch.autograd.grad(out.loss, params)
-    with torch.no_grad():
-        norm = torch.cat([g.flatten() for g in grads]).norm()
-        assert norm > 0, "the loss has no gradient in the LoRA weights"
-        for p, g in zip(params, grads):
-            p -= lr * g / norm
+    assert descend_lora(trainer, out.loss, lr) > 0, "the loss has no gradient in the LoRA weights"
     return _step_log_probs(trainer, cond, examples) - before

@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from rlhf_diffusion import testing
-from rlhf_diffusion.algorithms.ddpo import policy_gradient_loss
 from rlhf_diffusion.algorithms.grpo import group_advantages
 from rlhf_diffusion.batches import TrajectoryStepBatch
 from rlhf_diffusion.config import GRPOConfig, parse_config
 from rlhf_diffusion.diffusion import ddim
-from rlhf_diffusion.models.loading import get_lora_state_dict, lora_parameters, set_lora_state_dict
 from rlhf_diffusion.rewards.base import RewardResult
-from rlhf_diffusion.testing import tiny_run_config, tiny_trainer
+from rlhf_diffusion.testing import descend_lora, perturb_lora, tiny_run_config, tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox"]
 
@@ -28,14 +26,6 @@ def _one_thread(one_torch_thread):
 
 
 SETTINGS = {"train": {"train_batch_size": 256, "signal_every": 0}, "prompts": {"eval_seeds": 1}}  # one minibatch
-
-
-def _perturb_lora(trainer, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    state = get_lora_state_dict(trainer.model.unet)
-    set_lora_state_dict(
-        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,29 +100,16 @@ def test_kl_term_zero_at_the_reference_positive_after_a_perturbation_and_lowered
     trainer = tiny_trainer(
         tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 1.0}, settings=SETTINGS
     )
-    batch = trainer.rollout(PROMPTS)
-    ex = dataclasses.replace(batch.pairs, advantage=torch.zeros(len(batch.pairs)))  # the KL term alone
-    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
-
-    def kl_loss():
-        return policy_gradient_loss(
-            trainer.train_predictor, trainer.grid, cond, ex, clip_range=1e-4, adv_clip_max=5.0, kl_beta=1.0
-        )
-
+    ex, _, kl_loss = testing.kl_term_alone(trainer, trainer.rollout(PROMPTS), kl_beta=1.0)  # the KL term alone
     at_reference = kl_loss()
     assert at_reference.metrics["kl"] == 0.0 and at_reference.loss.item() == 0.0
-    _perturb_lora(trainer)
+    perturb_lora(trainer)
     out = kl_loss()
     assert out.metrics["kl"] > 0
     assert out.loss.item() == pytest.approx(out.metrics["kl"], rel=1e-5)  # A = 0: the surrogate is 0
     steps, values = out.grouped["kl/step"]
     assert (values > 0).all() and set(steps.tolist()) == set(ex.step_index.tolist())
-    params = lora_parameters(trainer.model.unet)
-    grads = torch.autograd.grad(out.loss, params)
-    norm = torch.cat([g.flatten() for g in grads]).norm()
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            p -= 1e-3 * g / norm
+    descend_lora(trainer, out.loss, lr=1e-3)
     assert kl_loss().metrics["kl"] < out.metrics["kl"]
 
 
@@ -185,7 +162,7 @@ def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_p
     trainer = tiny_trainer(
         tiny_sd15_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 0.5}, settings=SETTINGS
     )
-    _perturb_lora(trainer)  # a nonzero KL gradient
+    perturb_lora(trainer)  # a nonzero KL gradient
     batch = trainer.rollout(PROMPTS)
     examples = trainer.algorithm.prepare_examples(batch)
     learner = trainer.learner_obj

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from rlhf_diffusion.algorithms.common import step_log_ratios
 from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_terms
 from rlhf_diffusion.algorithms.tailorpo import guide_winner
 from rlhf_diffusion.batches import FinalPairBatch, StepPairBatch
 from rlhf_diffusion.diffusion import ddim
-from rlhf_diffusion.models.loading import get_lora_state_dict, lora_parameters, set_lora_state_dict
-from rlhf_diffusion.testing import tiny_trainer
+from rlhf_diffusion.models.loading import lora_parameters
+from rlhf_diffusion.testing import pair_log_ratios, perturb_lora, tiny_trainer
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +16,6 @@ def sd15_dir(tmp_path_factory):
     from rlhf_diffusion.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("sd15_methods"), "sd15")
-
-
-def _perturb_lora(trainer, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    state = get_lora_state_dict(trainer.model.unet)
-    set_lora_state_dict(
-        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
-    )
 
 
 def test_d3po_rollout_pairs_share_x_T_and_cover_every_step(sd15_dir, tmp_path):
@@ -126,15 +117,13 @@ def test_tailorpo_g_guidance_moves_winner_by_the_configured_norm_and_raises_rewa
 def test_one_step_raises_winner_over_loser_log_likelihood(sd15_dir, tmp_path, name):
     """The DPO step gradient raises log π_θ(x_w) − log π_θ(x_l) (ref fixed) on the trained examples."""
     trainer = tiny_trainer(sd15_dir, tmp_path, {"name": name})
-    _perturb_lora(trainer)  # away from θ = ref so the log-ratios are non-zero
+    perturb_lora(trainer)  # away from θ = ref so the log-ratios are non-zero
     batch = trainer.rollout(["a cat", "a dog", "a fox"])
     ex = batch.pairs
     cond = trainer.encode(batch.prompts).index(ex.prompt_index)
 
     def margin():
-        with torch.no_grad():
-            (dw,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_w, ex.action_w)
-            (dl,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_l, ex.action_l)
+        dw, dl = pair_log_ratios(trainer, cond, ex)
         return (dw - dl).mean().item(), dw.mean().item()
 
     before_margin, before_w = margin()
@@ -183,7 +172,7 @@ def test_final_pair_methods_one_step_lowers_delta(sd15_dir, tmp_path, name):
 def test_dde_ema_state_updates_and_round_trips(sd15_dir, tmp_path):
     trainer = tiny_trainer(sd15_dir, tmp_path, {"name": "dde", "ema_momentum": 0.5})
     batch = trainer.rollout(["a cat", "a dog", "a fox"])
-    _perturb_lora(trainer)
+    perturb_lora(trainer)
     trainer.train_on(batch)
     table = trainer.algorithm.state_dict()["correction_table"]
     assert table.shape == (1000,) and table.dtype == torch.float32
