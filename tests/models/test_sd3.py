@@ -32,17 +32,11 @@ from rlhf_diffusion.models import (
 from rlhf_diffusion.models.conditioning import SD3_T5_MAX_LENGTH
 from rlhf_diffusion.models.loading import ModelLoadError, set_attention
 from rlhf_diffusion.models.tiny import SD3_JOINT_DIM, build_t5_tokenizer
-from rlhf_diffusion.testing import model_with_random_lora
+from rlhf_diffusion.testing import launch_tiny, model_with_random_lora
 
 # The attention projections diffusers' SD3 LoRA training targets (image stream and the joint blocks' text stream).
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 PROMPTS = ["a photo of a cat", "A Cute Corgi, wearing a hat!! 4k"]
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    """SD3 without T5 (`text_encoder_3` / `tokenizer_3` None)."""
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd3"), "sd3")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +45,7 @@ def sd35_t5_dir(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd35_t5"), "sd3", t5=True, sd35=True)
 
 
+# sd3_dir, SD3 without T5: tests/models/conftest.py
 @pytest.fixture(params=["sd3", "sd35_t5"])
 def any_sd3_dir(request):
     return request.getfixturevalue(f"{request.param}_dir")
@@ -290,21 +285,11 @@ def test_a_method_not_on_flow_models_is_refused_before_any_work_naming_the_field
 
     monkeypatch.setattr(TailorPOG, "flow_models", False)
     method = "tailorpo_g"
-    from rlhf_diffusion import launch
     from rlhf_diffusion.config import load_config
     from rlhf_diffusion.workers.policy import load_policy
 
     overrides = [f"model.pretrained={sd3_dir}", f"algorithm={{name: {method}}}"]
-    code = launch.main(
-        [
-            "configs/tiny.yaml",
-            "--no-ray",
-            *[a for o in overrides for a in ("--set", o)],
-            "--set",
-            f"output_dir={tmp_path}",
-        ]
-    )
-    err = capsys.readouterr().err
+    code, err = launch_tiny(overrides, tmp_path, capsys)
     assert code == 2 and err.startswith(f"error: algorithm.name: '{method}' does not train"), err
     assert (
         "SD3 (flow-matching) pipeline in model.pretrained" in err

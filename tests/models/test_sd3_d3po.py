@@ -9,38 +9,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from rlhf_diffusion.algorithms.common import step_log_ratios
 from rlhf_diffusion.batches import StepPairBatch
-from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion.flow import FlowGrid
-from rlhf_diffusion.local_trainer import LocalTrainer
-from rlhf_diffusion.models import LORA_WEIGHT_NAME, build_tiny_pipeline
-from rlhf_diffusion.models.loading import (
-    ModelLoadError,
-    get_lora_state_dict,
-    lora_parameters,
-    set_lora_state_dict,
+from rlhf_diffusion.models.loading import ModelLoadError
+from rlhf_diffusion.testing import (
+    check_lora_changed,
+    descend_lora,
+    launch_tiny,
+    pair_log_ratios,
+    perturb_lora,
+    run_metrics,
+    tiny_loop_trainer,
+    tiny_trainer,
 )
-from rlhf_diffusion.testing import run_metrics, tiny_loop_run_config, tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd3_d3po"), "sd3")
-
-
-def _perturb_lora(trainer, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    state = get_lora_state_dict(trainer.model.unet)
-    set_lora_state_dict(
-        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
-    )
 
 
 def test_rollout_pairs_share_x_T_and_the_loss_is_the_closed_form(sd3_dir, tmp_path):
@@ -60,7 +47,7 @@ def test_rollout_pairs_share_x_T_and_the_loss_is_the_closed_form(sd3_dir, tmp_pa
     out = trainer.algorithm.loss(trainer.train_predictor, cond, ex, trainer.train_generator)
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6) and out.metrics["mean_abs_log_ratio"] == 0.0
 
-    _perturb_lora(trainer)
+    perturb_lora(trainer)
     predictor, grid, config = trainer.train_predictor, trainer.grid, trainer.config.algorithm
     with torch.no_grad():
         out = trainer.algorithm.loss(predictor, cond, ex, trainer.train_generator)
@@ -93,52 +80,37 @@ def test_rollout_pairs_share_x_T_and_the_loss_is_the_closed_form(sd3_dir, tmp_pa
 
 def test_one_step_raises_winner_over_loser_log_likelihood(sd3_dir, tmp_path):
     trainer = tiny_trainer(sd3_dir, tmp_path, {"name": "d3po"})
-    _perturb_lora(trainer)
+    perturb_lora(trainer)
     batch = trainer.rollout(PROMPTS)
     ex = batch.pairs
     cond = trainer.encode(batch.prompts).index(ex.prompt_index)
 
     def margin():
-        with torch.no_grad():
-            (dw,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_w, ex.action_w)
-            (dl,) = step_log_ratios(trainer.train_predictor, trainer.grid, cond, ex.step_index, ex.state_l, ex.action_l)
+        dw, dl = pair_log_ratios(trainer, cond, ex)
         return (dw - dl).mean().item()
 
     before = margin()
     out = trainer.algorithm.loss(trainer.train_predictor, cond, ex, trainer.train_generator)
-    params = lora_parameters(trainer.model.unet)
-    grads = torch.autograd.grad(out.loss, params)
-    norm = torch.cat([g.flatten() for g in grads]).norm()
-    assert norm > 0
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            p -= 1e-3 * g / norm
+    assert descend_lora(trainer, out.loss, lr=1e-3) > 0
     assert margin() > before
 
 
 def test_the_trainer_trains_an_sd3_lora_with_d3po(sd3_dir, tmp_path):
-    config = parse_config(
-        tiny_loop_run_config(sd3_dir, tmp_path, "sd3_d3po", {"name": "d3po"}, seed=0, train={"iterations": 2})
-    )
-    result = LocalTrainer(config, log=lambda *_: None).fit()
+    trainer = tiny_loop_trainer(sd3_dir, tmp_path, "sd3_d3po", {"name": "d3po"}, seed=0, train={"iterations": 2})
+    result = trainer.fit()
     records = [r for r in run_metrics(result.run_dir) if "train/loss" in r]
     assert [r["iteration"] for r in records] == [1.0, 2.0]
     assert all(math.isfinite(r["train/loss"]) and r["train/optimizer_steps"] >= 1 for r in records)
     assert "kl/step_0" in records[0]
-    saved = load_file(result.run_dir / "lora" / LORA_WEIGHT_NAME)
-    b_weights = [v for k, v in saved.items() if "lora_B" in k]
-    assert b_weights and max(v.abs().max().item() for v in b_weights) > 0  # B starts at 0: the LoRA changed
+    check_lora_changed(result.run_dir)  # B starts at 0: the LoRA changed
 
 
 def test_noise_level_zero_is_refused_naming_the_field(sd3_dir, tmp_path, capsys):
-    from rlhf_diffusion import launch
     from rlhf_diffusion.config import load_config
     from rlhf_diffusion.workers.policy import load_policy
 
     overrides = [f"model.pretrained={sd3_dir}", "algorithm={name: d3po}", "sampling.flow_noise_level=0"]
-    args = ["configs/tiny.yaml", "--no-ray", *[a for o in overrides for a in ("--set", o)]]
-    code = launch.main([*args, "--set", f"output_dir={tmp_path}"])
-    err = capsys.readouterr().err
+    code, err = launch_tiny(overrides, tmp_path, capsys)
     assert code == 2 and err.startswith("error: sampling.flow_noise_level: must be > 0 for algorithm.name 'd3po'")
     assert not any(tmp_path.iterdir())
     with pytest.raises(ModelLoadError, match=r"sampling.flow_noise_level: must be > 0"):

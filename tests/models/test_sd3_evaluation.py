@@ -12,19 +12,13 @@ from rlhf_diffusion.config import RewardConfig
 from rlhf_diffusion.diffusion.sampling import initial_noise
 from rlhf_diffusion.evaluate import EvaluateError, PromptSet, evaluate, write_report
 from rlhf_diffusion.evaluation import eval_generators
-from rlhf_diffusion.models import build_tiny_pipeline, export_lora
-from rlhf_diffusion.models.loading import get_lora_state_dict, set_lora_state_dict
-from rlhf_diffusion.testing import tiny_trainer
+from rlhf_diffusion.models import export_lora
+from rlhf_diffusion.testing import perturb_lora, tiny_trainer
 
 PROMPTS = ["a cow", "a hen"]
 SEEDS, STEPS, GUIDANCE = 2, 4, 2.0
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd3_evaluation"), "sd3")
 
 
 def _trained_sampler(sd3_dir, out, noise_level):
@@ -36,11 +30,8 @@ def _trained_sampler(sd3_dir, out, noise_level):
         num_steps=3,
         sampling={"eval_num_steps": STEPS, "flow_noise_level": noise_level},
     )
-    sampler = trainer.sampler
-    g = torch.Generator().manual_seed(7)
-    state = get_lora_state_dict(sampler.model.unet)
-    set_lora_state_dict(sampler.model.unet, {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()})
-    return sampler
+    perturb_lora(trainer.sampler, seed=7, scale=0.05)
+    return trainer.sampler
 
 
 def test_sd3_evaluation_is_the_stock_pipelines_ode_and_ignores_the_rollout_noise_level(sd3_dir, tmp_path):

@@ -9,23 +9,22 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rlhf_diffusion import testing
-from rlhf_diffusion.algorithms.ddpo import policy_gradient_loss, step_log_probs
+from rlhf_diffusion.algorithms.ddpo import step_log_probs
 from rlhf_diffusion.batches import TrajectoryStepBatch
-from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.flow_sampling import VelocityPredictor
-from rlhf_diffusion.local_trainer import LocalTrainer
-from rlhf_diffusion.models import LORA_WEIGHT_NAME, build_tiny_pipeline
-from rlhf_diffusion.models.loading import (
-    ModelLoadError,
-    get_lora_state_dict,
-    lora_parameters,
-    set_lora_state_dict,
+from rlhf_diffusion.models.loading import ModelLoadError
+from rlhf_diffusion.testing import (
+    check_lora_changed,
+    descend_lora,
+    launch_tiny,
+    perturb_lora,
+    run_metrics,
+    tiny_loop_trainer,
+    tiny_trainer,
 )
-from rlhf_diffusion.testing import run_metrics, tiny_loop_run_config, tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox"]
 SETTINGS = {"train": {"train_batch_size": 256, "signal_every": 0}, "prompts": {"eval_seeds": 1}}  # one minibatch
@@ -35,19 +34,6 @@ METHODS = {
 }
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd3_policy_gradient"), "sd3")
-
-
-def _perturb_lora(trainer, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    state = get_lora_state_dict(trainer.model.unet)
-    set_lora_state_dict(
-        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
-    )
 
 
 @pytest.mark.parametrize("name", ["grpo", "ddpo"])
@@ -105,18 +91,10 @@ def test_grpo_kl_is_the_flow_closed_form_and_its_gradient_lowers_it(sd3_dir, tmp
     """With A = 0 the loss is β · KL, KL = (κ_i²/(2 s_i²)) mean (v̂_θ − v̂_ref)² at each trained state (CFG on both,
     the reference = the LoRA disabled): 0 at the start, positive after a perturbation, lowered by its gradient."""
     trainer = tiny_trainer(sd3_dir, tmp_path, {"name": "grpo", "group_size": 2, "kl_beta": 1.0}, settings=SETTINGS)
-    batch = trainer.rollout(PROMPTS)
-    ex = dataclasses.replace(batch.pairs, advantage=torch.zeros(len(batch.pairs)))
-    cond = trainer.encode(batch.prompts).index(ex.prompt_index)
-
-    def kl_loss():
-        return policy_gradient_loss(
-            trainer.train_predictor, trainer.grid, cond, ex, clip_range=1e-4, adv_clip_max=5.0, kl_beta=1.0
-        )
-
+    ex, cond, kl_loss = testing.kl_term_alone(trainer, trainer.rollout(PROMPTS), kl_beta=1.0)  # A = 0
     at_reference = kl_loss()
     assert at_reference.metrics["kl"] == 0.0 and at_reference.loss.item() == 0.0
-    _perturb_lora(trainer)
+    perturb_lora(trainer)
     out = kl_loss()
     predictor, grid = trainer.train_predictor, trainer.grid
     with torch.no_grad():
@@ -128,53 +106,34 @@ def test_grpo_kl_is_the_flow_closed_form_and_its_gradient_lowers_it(sd3_dir, tmp
     assert out.metrics["kl"] > 0
     assert out.metrics["kl"] == pytest.approx(hand.item(), rel=1e-4)
     assert out.loss.item() == pytest.approx(out.metrics["kl"], rel=1e-5)  # A = 0: the surrogate is 0
-    params = lora_parameters(trainer.model.unet)
-    grads = torch.autograd.grad(out.loss, params)
-    norm = torch.cat([g.flatten() for g in grads]).norm()
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            p -= 1e-3 * g / norm
+    descend_lora(trainer, out.loss, lr=1e-3)
     assert kl_loss().metrics["kl"] < out.metrics["kl"]
 
 
 @pytest.mark.parametrize("name", ["grpo", "ddpo"])
 def test_the_trainer_trains_an_sd3_lora_with_a_policy_gradient_method(sd3_dir, tmp_path, name):
-    config = parse_config(
-        tiny_loop_run_config(
-            sd3_dir, tmp_path, f"sd3_{name}", METHODS[name], seed=0, train={"iterations": 2, "num_inner_epochs": 2}
-        )
+    trainer = tiny_loop_trainer(
+        sd3_dir, tmp_path, f"sd3_{name}", METHODS[name], seed=0, train={"iterations": 2, "num_inner_epochs": 2}
     )
-    result = LocalTrainer(config, log=lambda *_: None).fit()
+    result = trainer.fit()
     records = [r for r in run_metrics(result.run_dir) if "train/loss" in r]
     assert [r["iteration"] for r in records] == [1.0, 2.0]
     assert all(math.isfinite(r["train/loss"]) and r["train/optimizer_steps"] >= 2 for r in records)
     if name == "grpo":
         assert "kl/step_0" in records[0] and records[1]["train/kl"] > 0  # round 2 starts away from the reference
     assert result.eval_before is not None and result.eval_after is not None
-    saved = load_file(result.run_dir / "lora" / LORA_WEIGHT_NAME)
-    b_weights = [v for k, v in saved.items() if "lora_B" in k]
-    assert b_weights and max(v.abs().max().item() for v in b_weights) > 0  # B starts at 0: the LoRA changed
+    check_lora_changed(result.run_dir)  # B starts at 0: the LoRA changed
 
 
 @pytest.mark.parametrize("name", ["grpo", "ddpo"])
 def test_noise_level_zero_is_refused_naming_the_field(sd3_dir, tmp_path, capsys, name):
     """At noise level 0 the flow sampler is the ODE, whose steps have no density: launch refuses DDPO / GRPO on an
     SD3 pipeline before anything is written (exit 2), `load_policy` with the same one message."""
-    from rlhf_diffusion import launch
     from rlhf_diffusion.config import load_config
     from rlhf_diffusion.workers.policy import load_policy
 
     overrides = [f"model.pretrained={sd3_dir}", f"algorithm={{name: {name}}}", "sampling.flow_noise_level=0"]
-    code = launch.main(
-        [
-            "configs/tiny.yaml",
-            "--no-ray",
-            *[a for o in overrides for a in ("--set", o)],
-            "--set",
-            f"output_dir={tmp_path}",
-        ]
-    )
-    err = capsys.readouterr().err
+    code, err = launch_tiny(overrides, tmp_path, capsys)
     assert code == 2 and err.startswith(f"error: sampling.flow_noise_level: must be > 0 for algorithm.name '{name}'")
     assert "model.pretrained" in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing written

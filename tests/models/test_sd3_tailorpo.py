@@ -8,36 +8,26 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rlhf_diffusion.algorithms.common import step_log_ratios
 from rlhf_diffusion.algorithms.tailorpo import guide_winner
-from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion import flow
 from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.sampling import decode_latents
 from rlhf_diffusion.diffusion.step_kernel import FlowKernel
-from rlhf_diffusion.local_trainer import LocalTrainer
-from rlhf_diffusion.models import LORA_WEIGHT_NAME, build_tiny_pipeline
-from rlhf_diffusion.models.loading import ModelLoadError, get_lora_state_dict, set_lora_state_dict
-from rlhf_diffusion.testing import run_metrics, tiny_loop_run_config, tiny_trainer
+from rlhf_diffusion.models.loading import ModelLoadError
+from rlhf_diffusion.testing import (
+    check_lora_changed,
+    launch_tiny,
+    perturb_lora,
+    run_metrics,
+    tiny_loop_trainer,
+    tiny_trainer,
+)
 
 PROMPTS = ["a cat", "a dog", "a fox"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd3_tailorpo"), "sd3")
-
-
-def _perturb_lora(trainer, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    state = get_lora_state_dict(trainer.model.unet)
-    set_lora_state_dict(
-        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
-    )
 
 
 def test_candidates_share_the_state_are_ranked_by_their_preview_and_delta_is_the_pair_closed_form(sd3_dir, tmp_path):
@@ -65,7 +55,7 @@ def test_candidates_share_the_state_are_ranked_by_their_preview_and_delta_is_the
     assert len(inner) > 0 and (scores[0] > scores[1]).all()
 
     # Δ_w − Δ_l of the pair = (κ_i/s_i²) mean[(v̂_θ − v̂_ref)(x_w − x_l)] (§10), v̂ at the shared state with CFG
-    _perturb_lora(trainer)
+    perturb_lora(trainer)
     predictor = trainer.train_predictor
     with torch.no_grad():
         dw, dl = step_log_ratios(predictor, grid, cond, ex.step_index, ex.state_w, ex.action_w, ex.action_l)
@@ -122,24 +112,20 @@ def test_tailorpo_g_guidance_moves_the_winner_by_the_configured_norm_and_raises_
 
 @pytest.mark.parametrize("name", ["tailorpo", "tailorpo_g"])
 def test_the_trainer_trains_an_sd3_lora_with_tailorpo(sd3_dir, tmp_path, name):
-    config = parse_config(
-        tiny_loop_run_config(
-            sd3_dir,
-            tmp_path,
-            f"sd3_{name}",
-            {"name": name},
-            seed=0,
-            train={"iterations": 2},
-            rewards=[{"name": "brightness"}],
-        )
+    trainer = tiny_loop_trainer(
+        sd3_dir,
+        tmp_path,
+        f"sd3_{name}",
+        {"name": name},
+        seed=0,
+        train={"iterations": 2},
+        rewards=[{"name": "brightness"}],
     )
-    result = LocalTrainer(config, log=lambda *_: None).fit()
+    result = trainer.fit()
     records = [r for r in run_metrics(result.run_dir) if "train/loss" in r]
     assert [r["iteration"] for r in records] == [1.0, 2.0]
     assert all(math.isfinite(r["train/loss"]) and r["train/optimizer_steps"] >= 1 for r in records)
-    saved = load_file(result.run_dir / "lora" / LORA_WEIGHT_NAME)
-    b_weights = [v for k, v in saved.items() if "lora_B" in k]
-    assert b_weights and max(v.abs().max().item() for v in b_weights) > 0  # B starts at 0: the LoRA changed
+    check_lora_changed(result.run_dir)  # B starts at 0: the LoRA changed
 
 
 @pytest.mark.parametrize(
@@ -150,14 +136,11 @@ def test_the_trainer_trains_an_sd3_lora_with_tailorpo(sd3_dir, tmp_path, name):
     ],
 )
 def test_settings_without_a_flow_counterpart_are_refused_naming_the_field(sd3_dir, tmp_path, capsys, setting, message):
-    from rlhf_diffusion import launch
     from rlhf_diffusion.config import load_config
     from rlhf_diffusion.workers.policy import load_policy
 
     overrides = [f"model.pretrained={sd3_dir}", "algorithm={name: tailorpo}", setting]
-    args = ["configs/tiny.yaml", "--no-ray", *[a for o in overrides for a in ("--set", o)]]
-    code = launch.main([*args, "--set", f"output_dir={tmp_path}"])
-    err = capsys.readouterr().err
+    code, err = launch_tiny(overrides, tmp_path, capsys)
     assert code == 2 and err.startswith(message), err
     assert "SD3 (flow-matching) pipeline in model.pretrained" in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())

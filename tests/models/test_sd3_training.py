@@ -9,34 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
-from safetensors.torch import load_file
 
 from rlhf_diffusion.algorithms.diffusion_dpo import diffusion_dpo_mse_terms
 from rlhf_diffusion.batches import FinalPairBatch
-from rlhf_diffusion.config import parse_config
 from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.flow_sampling import VelocityPredictor
-from rlhf_diffusion.local_trainer import LocalTrainer
-from rlhf_diffusion.models import LORA_WEIGHT_NAME, build_tiny_pipeline, predict_velocity
-from rlhf_diffusion.models.loading import get_lora_state_dict, lora_disabled, lora_parameters, set_lora_state_dict
-from rlhf_diffusion.testing import run_metrics, tiny_loop_run_config, tiny_trainer
+from rlhf_diffusion.models import predict_velocity
+from rlhf_diffusion.models.loading import lora_disabled, lora_parameters
+from rlhf_diffusion.testing import check_lora_changed, perturb_lora, run_metrics, tiny_loop_trainer, tiny_trainer
 
 PROMPTS = ["a cat", "a dog", "a fox"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd3_training"), "sd3")
-
-
-def _perturb_lora(trainer, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    state = get_lora_state_dict(trainer.model.unet)
-    set_lora_state_dict(
-        trainer.model.unet, {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
-    )
 
 
 def test_final_pair_rollout_samples_the_flow_loop_from_independent_noise(sd3_dir, tmp_path):
@@ -59,7 +43,7 @@ def test_flow_loss_equals_the_hand_computation(sd3_dir, tmp_path, name):
     """x_σ = (1 − σ) x_0 + σ ε (ε shared by the pair), e = mean (v − (ε − x_0))², Δ = (e^w_θ − e^w_ref) −
     (e^l_θ − e^l_ref); Diffusion-DPO −log σ(−β/2 Δ), DDE-Single −log σ(−β_s σ² Δ)."""
     trainer = tiny_trainer(sd3_dir, tmp_path, {"name": name})
-    _perturb_lora(trainer)
+    perturb_lora(trainer)
     g = torch.Generator().manual_seed(3)
     examples = FinalPairBatch(
         prompt_index=torch.tensor([0, 1]),
@@ -132,20 +116,14 @@ def test_zero_lora_gives_log_2_and_one_step_lowers_delta(sd3_dir, tmp_path, name
 @pytest.mark.parametrize("name", ["diffusion_dpo", "dde_single"])
 def test_the_trainer_trains_an_sd3_lora_that_the_stock_pipeline_loads(sd3_dir, tmp_path, name):
     algorithm = {"name": name, "beta": 100.0} if name == "diffusion_dpo" else {"name": name}
-    config = parse_config(
-        tiny_loop_run_config(sd3_dir, tmp_path, f"sd3_{name}", algorithm, seed=0, train={"iterations": 2})
-    )
-    trainer = LocalTrainer(config, log=lambda *_: None)
+    trainer = tiny_loop_trainer(sd3_dir, tmp_path, f"sd3_{name}", algorithm, seed=0, train={"iterations": 2})
     result = trainer.fit()
     records = run_metrics(result.run_dir)
     assert [r["iteration"] for r in records] == [1.0, 2.0]
     assert all(r["train/optimizer_steps"] == 1.0 and math.isfinite(r["train/loss"]) for r in records)
     assert any(k.startswith("kl/v_sq_diff_t_") for k in records[0])  # the velocity form of the KL diagnostics
     assert result.eval_before is not None and result.eval_after is not None  # evaluation samples the flow loop too
-    weights = result.run_dir / "lora" / LORA_WEIGHT_NAME
-    saved = load_file(weights)
-    b_weights = [v for k, v in saved.items() if "lora_B" in k]
-    assert b_weights and max(v.abs().max().item() for v in b_weights) > 0  # B starts at 0: the LoRA changed
+    weights = check_lora_changed(result.run_dir)  # B starts at 0: the LoRA changed
 
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
     pipe.load_lora_weights(weights.parent)
