@@ -52,6 +52,23 @@ def metrics_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def crashing_trainer(message: str) -> type:
+    """A stand-in for `trainer.Trainer` whose `fit` raises `ActorCrashed(message)`, as the trainer does when an actor
+    died and was not restarted."""
+
+    class CrashingTrainer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise ActorCrashed(message)
+
+        def shutdown(self):
+            pass
+
+    return CrashingTrainer
+
+
 # -- in this process ----------------------------------------------------------------------------------------------
 
 
@@ -74,18 +91,7 @@ def test_the_launcher_ends_a_crashed_run_with_one_line_and_exit_code_1(monkeypat
     from rlhf_diffusion import launch, trainer
 
     message = "sampler 0 died during iteration 3 and restarts are disabled (resources.max_actor_restarts=0); ..."
-
-    class CrashingTrainer:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def fit(self):
-            raise ActorCrashed(message)
-
-        def shutdown(self):
-            pass
-
-    monkeypatch.setattr(trainer, "Trainer", CrashingTrainer)
+    monkeypatch.setattr(trainer, "Trainer", crashing_trainer(message))
     args = argparse.Namespace(no_ray=True, resume=False, overwrite=False, no_progress=True)
     config = faults_config(tiny_sd15_dir, tmp_path, "launch", restarts=0)
     assert launch.run(config, args) == 1
@@ -103,20 +109,10 @@ def test_the_error_line_ends_the_output_after_ray_shuts_down(monkeypatch, capsys
 
     message = "sampler 0 died during iteration 2 and restarts are disabled (resources.max_actor_restarts=0); ..."
 
-    class CrashingTrainer:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def fit(self):
-            raise ActorCrashed(message)
-
-        def shutdown(self):
-            pass
-
     def late_actor_output():  # what Ray's log forwarding prints as the driver shuts down
         print("(Learner pid=1) Loading weights: 100%|##########| 36/36", file=sys.stderr)
 
-    monkeypatch.setattr(trainer, "Trainer", CrashingTrainer)
+    monkeypatch.setattr(trainer, "Trainer", crashing_trainer(message))
     monkeypatch.setattr(launch, "connect_ray", lambda config: "joined a fake cluster")
     monkeypatch.setattr(ray, "shutdown", late_actor_output)
     args = argparse.Namespace(no_ray=False, resume=False, overwrite=False, no_progress=True)
