@@ -598,15 +598,23 @@ def _latest_outside(run_dir: Path) -> None:
     (run_dir / "checkpoints" / "latest").write_text("../../../../../../etc\n")
 
 
+def refused_resume_problems(ctx: Context, where: Path, run_dir: Path, sets: list[str], *needles: str) -> list[str]:
+    """The problems of `--resume` of the finished run (with `--set` of each of `sets`), which must be refused before
+    Ray starts with one `error:` line naming the needles (`error_problems`), the run directory unchanged but for its
+    lock."""
+    before = snapshot(run_dir)
+    overrides = [a for setting in sets for a in ("--set", setting)]
+    run = ctx.launch(where, "--no-ray", "--resume", *overrides, timeout=180, out=run_dir.parent)
+    problems = error_problems(run, *needles, before_ray=False)
+    return problems + unchanged_problems(run_dir, before, ignore={"run.lock"})
+
+
 @on_finished_run
 def p_all_checkpoints_damaged(ctx: Context, where: Path, run_dir: Path) -> list[str]:
     state = _damage_state(run_dir)
     optimizer = run_dir / "checkpoints" / "iter_000001" / "optimizer.pt"
     truncate(optimizer, cut=200)
-    before = snapshot(run_dir)
-    run = ctx.launch(where, "--no-ray", "--resume", timeout=180, out=run_dir.parent)
-    problems = error_problems(run, "no complete checkpoint", str(state), str(optimizer), before_ray=False)
-    return problems + unchanged_problems(run_dir, before, ignore={"run.lock"})
+    return refused_resume_problems(ctx, where, run_dir, [], "no complete checkpoint", str(state), str(optimizer))
 
 
 # -- resume --------------------------------------------------------------------------------------------------------
@@ -614,10 +622,8 @@ def p_all_checkpoints_damaged(ctx: Context, where: Path, run_dir: Path) -> list[
 
 @on_finished_run
 def p_resume_below(ctx: Context, where: Path, run_dir: Path) -> list[str]:
-    before = snapshot(run_dir)
-    run = ctx.launch(where, "--no-ray", "--resume", "--set", "train.iterations=1", timeout=180, out=run_dir.parent)
-    problems = error_problems(run, "train.iterations=1 is below the 2 iterations", str(run_dir), before_ray=False)
-    return problems + unchanged_problems(run_dir, before, ignore={"run.lock"})
+    needle = "train.iterations=1 is below the 2 iterations"
+    return refused_resume_problems(ctx, where, run_dir, ["train.iterations=1"], needle, str(run_dir))
 
 
 @on_finished_run
@@ -631,10 +637,7 @@ def p_resume_equal(ctx: Context, where: Path, run_dir: Path) -> list[str]:
 
 @on_finished_run
 def p_resume_changed_config(ctx: Context, where: Path, run_dir: Path) -> list[str]:
-    before = snapshot(run_dir)
-    run = ctx.launch(where, "--no-ray", "--resume", "--set", "algorithm.beta=0.5", timeout=180, out=run_dir.parent)
-    problems = error_problems(run, "algorithm.beta", str(run_dir), before_ray=False)
-    return problems + unchanged_problems(run_dir, before, ignore={"run.lock"})
+    return refused_resume_problems(ctx, where, run_dir, ["algorithm.beta=0.5"], "algorithm.beta", str(run_dir))
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
