@@ -150,7 +150,10 @@ def _ray_head(tmp_path_factory):
     finally:
         import ray
 
-        if ray.is_initialized():
+        # only a driver connected to this head: a module's own head (own_ray_cluster) ending must not disconnect this
+        # worker process from the session cluster that ray_connected joined for the rest of the session (it did, and
+        # the next module's ray.remote auto-started a local Ray and hung)
+        if ray.is_initialized() and ray.get_runtime_context().gcs_address.endswith(f":{port}"):
             ray.shutdown()
         if process.poll() is None:
             import psutil
