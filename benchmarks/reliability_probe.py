@@ -891,8 +891,9 @@ def p_ray_kill9_launcher(ctx: Context, where: Path) -> list[str]:
 
 
 def p_ray_ctrl_c(ctx: Context, where: Path) -> list[str]:
-    """SIGINT to the launch's process group (what Ctrl-C in its terminal does): it ends within 60 s, leaving no
-    process behind."""
+    """SIGINT to the launch's process group (what Ctrl-C in its terminal does): it ends within 60 s with exit code
+    130 and, as its last line, one `error: interrupted (Ctrl-C); ...` line naming where `--resume` continues from
+    (no traceback), leaving no process behind."""
     killed_at: list[float] = []
 
     def interrupt(process, tree):
@@ -903,7 +904,11 @@ def p_ray_ctrl_c(ctx: Context, where: Path) -> list[str]:
     run = ctx.launch(where, "--set", "train.iterations=20", timeout=300, watch=watch, grace=30)
     if not killed_at:
         return ["the actors never came up: nothing was interrupted"]
-    problems = [] if run.rc != 0 else ["exit code 0 after Ctrl-C"]
+    problems = [] if run.rc == 130 else [f"exit code {run.rc} after Ctrl-C (expected 130)"]
+    if "Traceback" in run.stderr:
+        problems.append("a traceback after Ctrl-C")
+    if not (run.lines() and run.lines()[-1].startswith("error: interrupted (Ctrl-C); ")):
+        problems.append(f"the last line is not the interruption's: {(run.lines() or [''])[-1][:200]!r}")
     if run.ended_at - killed_at[0] > 60:
         problems.append(f"ended {run.ended_at - killed_at[0]:.0f} s after Ctrl-C (bound 60 s)")
     return problems + survivor_problems(run)
@@ -1186,6 +1191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=CATEGORIES, help="run these categories only")
     parser.add_argument("--list", action="store_true", help="list the probes and exit")
     args = parser.parse_args(argv)
+    # A command started in the background by a non-interactive shell (`... &`, nohup) inherits SIGINT ignored, and
+    # an ignored signal stays ignored across exec: the launches would ignore the Ctrl-C probe's SIGINT. Handled
+    # here, it is reset to the default in every child, as in a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     probes = [p for p in all_probes() if not args.only or p.category in args.only]
     if args.list:
         for probe in probes:

@@ -242,6 +242,10 @@ def run(config, args: argparse.Namespace) -> int:
                 failure = (2, str(error))
             except ActorCrashed as error:  # a dead learner, or a sampler or reward server Ray did not restart
                 failure = (1, str(error))
+    except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from, not a traceback
+        from rlhf_diffusion.actors import resume_hint
+
+        failure = (130, f"interrupted (Ctrl-C); {resume_hint(Path(config.run_dir) / 'checkpoints')}")
     finally:
         if trainer is not None:
             trainer.shutdown()

@@ -184,6 +184,42 @@ def test_a_second_launch_while_one_runs_exits_2_naming_the_directory_and_pid(tmp
     assert iterations_logged(run_dir) == [1, 2]  # the first run's metrics alone, nothing interleaved
 
 
+def test_ctrl_c_ends_a_run_with_one_line_naming_the_checkpoint_to_resume_from(tmp_path):
+    """SIGINT (Ctrl-C in the launch's terminal) mid-run: exit code 130, no traceback, and the last line says where
+    `--resume` continues from."""
+    from rlhf_diffusion.checkpoint import latest_checkpoint
+
+    run_dir = tmp_path / "tiny"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    launcher = subprocess.Popen(
+        launch_command(tmp_path, "--no-ray", "--set", "train.iterations=200"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        # as in a terminal, whatever started pytest: a background shell job inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while latest_checkpoint(run_dir / "checkpoints") is None:
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGINT)
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: interrupted (Ctrl-C); the newest complete checkpoint is {run_dir / 'checkpoints'}/iter_"
+    ), last
+    assert "--resume" in last
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One finished run (2 iterations, checkpoints iter_000001 and iter_000002): (run directory, restore()), where
