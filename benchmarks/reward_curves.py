@@ -57,11 +57,12 @@ DEFAULT_EVALUATE_ARGS = [
 ]
 
 
-def kept_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """{iteration: checkpoint directory} of a run's kept checkpoints (`checkpoints/iter_<n>`)."""
+def kept_checkpoints(run_dir: Path, every: int = 1) -> dict[int, Path]:
+    """{iteration: checkpoint directory} of a run's kept checkpoints (`checkpoints/iter_<n>`) whose iteration is a
+    multiple of `every`."""
     found = {}
     for path in sorted((run_dir / "checkpoints").glob("iter_*")):
-        if path.is_dir() and path.name[5:].isdigit():
+        if path.is_dir() and path.name[5:].isdigit() and int(path.name[5:]) % every == 0:
             found[int(path.name[5:])] = path
     if not found:
         raise SystemExit(f"{run_dir}/checkpoints: no checkpoint kept (checkpoint.every / keep_last)")
@@ -74,16 +75,16 @@ def logged_rewards(run_dir: Path) -> list[float]:
     return [float(row["reward_mean"]) for row in rows if "seconds" in row and "reward_mean" in row]
 
 
-def evaluate_run(run_dir: Path, out: Path, evaluate_args: list[str]) -> dict[str, dict]:
-    """paired.json of one `rlhf_diffusion.evaluate` call over a run's kept checkpoints (labels `i<iteration>`);
-    reuses `out/paired.json` when it already holds every checkpoint."""
-    checkpoints = kept_checkpoints(run_dir)
+def evaluate_run(run_dir: Path, out: Path, evaluate_args: list[str], every: int = 1) -> dict[str, dict]:
+    """paired.json of one `rlhf_diffusion.evaluate` call over a run's kept checkpoints (labels `i<iteration>`;
+    iterations that are multiples of `every`); reuses `out/paired.json` when it already holds every one."""
+    checkpoints = kept_checkpoints(run_dir, every)
     labels = {f"i{i}": path for i, path in checkpoints.items()}
     paired_path = out / "paired.json"
     if paired_path.is_file():
         paired = json.loads(paired_path.read_text())
         if set(labels) <= set(paired):
-            return paired
+            return {label: paired[label] for label in labels}
     command = [sys.executable, "-m", "rlhf_diffusion.evaluate", *evaluate_args, "--grid-prompts", "0"]
     command += ["--out", str(out)]
     for label, path in labels.items():
@@ -231,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="+", metavar="GROUP=RUN_DIR[,RUN_DIR...]")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--every",
+        default="1",
+        help="judge only checkpoints whose iteration is a multiple of N; GROUP=N,GROUP=N,... per group (default 1)",
+    )
     args = parser.parse_args(argv)
     groups = {}
     for spec in args.groups:
@@ -238,11 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not dirs:
             raise SystemExit(f"{spec!r}: expected GROUP=RUN_DIR[,RUN_DIR...]")
         groups[name] = [Path(d) for d in dirs.split(",")]
+    every = {group: 1 for group in groups}
+    for spec in args.every.split(","):
+        group, sep, n = spec.rpartition("=")
+        if not n.isdigit() or int(n) < 1 or (sep and group not in groups):
+            raise SystemExit(f"--every {spec!r}: expected N or GROUP=N with N >= 1 and GROUP one of the groups")
+        every.update({group: int(n)} if sep else dict.fromkeys(groups, int(n)))
     points, curves, logged, seconds = {}, {}, {}, {}
     for group, run_dirs in groups.items():
         points[group], logged[group], seconds[group] = {}, {}, {}
         for run_dir in run_dirs:
-            paired = evaluate_run(run_dir, args.out / group / run_dir.name, evaluate_args)
+            paired = evaluate_run(run_dir, args.out / group / run_dir.name, evaluate_args, every[group])
             points[group][run_dir.name] = run_points(run_dir, paired)
             logged[group][run_dir.name] = logged_rewards(run_dir)
             seconds[group][run_dir.name] = cumulative_seconds(run_dir)

@@ -75,6 +75,17 @@ def test_main_writes_the_curves_from_kept_evaluations(tmp_path, capsys):
     assert "| m | 0.4500 | 0.5000 | +0.0500 |" in text
 
 
+def test_every_keeps_the_multiples_and_reuses_a_wider_evaluation(tmp_path):
+    a = _run(tmp_path, "m_s0", [10.0] * 4, [0.5] * 4, kept=[1, 2, 3, 4])
+    out = tmp_path / "curves"
+    _paired(out / "m" / "m_s0", {1: 0.01, 2: 0.02, 3: 0.03, 4: 0.04})
+    assert main([f"m={a}", "--out", str(out), "--every", "m=2"]) == 0
+    curve = json.loads((out / "curves.json").read_text())["curves"]["m"]
+    assert [p["iteration"] for p in curve] == [0, 2, 4]
+    with pytest.raises(SystemExit, match="--every 'x=2'"):
+        main([f"m={a}", "--out", str(out), "--every", "x=2"])
+
+
 def test_a_run_without_checkpoints_is_named(tmp_path):
     run = _run(tmp_path, "bare", [1.0], [0.1], kept=[])
     with pytest.raises(SystemExit, match="bare/checkpoints: no checkpoint kept"):
