@@ -32,6 +32,7 @@ __all__ = [
     "clear_run_dir",
     "existing_run",
     "lock_run_dir",
+    "planted_links",
 ]
 
 LOCK_FILE = "run.lock"
@@ -152,14 +153,45 @@ def existing_run(run_dir: str | Path) -> list[str]:
     return [name for name in RUN_MARKERS if _present(run_dir / name)]
 
 
+def planted_links(run_dir: str | Path) -> list[str]:
+    """Links among a run's outputs (`RUN_OUTPUTS`, and anywhere below those that are directories): symbolic links,
+    and files with more than one hard link, each as '<path> is a symbolic link' / '<path> has 2 hard links'. A run
+    writes its outputs itself (metrics.jsonl is appended to, grids are rewritten); it would write through such a
+    link into a file it did not make."""
+    run_dir = Path(run_dir)
+    found = []
+
+    def check(path: Path) -> None:
+        if path.is_symlink():
+            found.append(f"{path} is a symbolic link")
+        elif path.is_file() and path.stat().st_nlink > 1:
+            found.append(f"{path} has {path.stat().st_nlink} hard links")
+
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        check(path)
+        if path.is_dir() and not path.is_symlink():
+            for below in sorted(path.rglob("*")):
+                check(below)
+    return found
+
+
 def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuses a fresh run (neither `resume` nor `overwrite`) into a directory that already holds a run.
+    """Refuses a fresh run (neither `resume` nor `overwrite`) into a directory that already holds a run, and a
+    resume into one whose outputs include links (`planted_links`; --overwrite removes them without following).
 
     Raises:
-        RunDirError: names the directory, what it holds, and the two ways on (--resume, --overwrite).
+        RunDirError: names the directory, what it holds, and the two ways on (--resume, --overwrite), or the link.
     """
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other: continue the run or replace it")
+    links = [] if overwrite else planted_links(run_dir)
+    if links:
+        more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
+        raise RunDirError(
+            f"{links[0]}{more}: a run writes its outputs itself and would write through the link into a file it "
+            "did not make; remove it, or pass --overwrite to replace the run"
+        )
     found = [] if resume or overwrite else existing_run(run_dir)
     if found:
         raise RunDirError(

@@ -268,6 +268,40 @@ def test_overwrite_replaces_the_finished_run(finished):
     assert launch(run_dir.parent, "--resume", "--overwrite").returncode == 2  # the two flags exclude each other
 
 
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_resume_into_outputs_planted_as_links_is_refused_and_their_targets_left_alone(finished, tmp_path, link):
+    """metrics.jsonl (appended to by a resume) or a file under checkpoints/ planted as a link to another file would
+    have the run write into that file (benchmarks/reliability_probe.py found it for metrics.jsonl and eval.json)."""
+    run_dir, restore = finished
+    restore()
+    victim = tmp_path / "victim.txt"
+    victim.write_text((run_dir / "metrics.jsonl").read_text())
+    planted = run_dir / "metrics.jsonl" if link == "symbolic" else run_dir / "checkpoints" / "iter_000001" / "x.bin"
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(victim) if link == "symbolic" else os.link(victim, planted)
+    before = victim.read_text()
+    proc = launch(run_dir.parent, "--resume", "--set", "train.iterations=3")  # under Ray: refused before it starts
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    what = "is a symbolic link" if link == "symbolic" else "has 2 hard links"
+    assert proc.stderr.strip() == (
+        f"error: {planted} {what}: a run writes its outputs itself and would write through the link into a file it "
+        "did not make; remove it, or pass --overwrite to replace the run"
+    )
+    assert "Ray" not in proc.stdout
+    assert victim.read_text() == before
+    assert check_run_dir_passes_after_overwrite_clears(run_dir)
+    assert victim.read_text() == before
+
+
+def check_run_dir_passes_after_overwrite_clears(run_dir: Path) -> bool:
+    """--overwrite removes the planted link itself (never its target), after which no link is left."""
+    from rlhf_diffusion.run_dir import check_run_dir, clear_run_dir, planted_links
+
+    check_run_dir(run_dir, resume=False, overwrite=True)
+    clear_run_dir(run_dir)
+    return planted_links(run_dir) == []
+
+
 def test_resume_below_the_iterations_done_is_refused(finished):
     run_dir, restore = finished
     restore()
