@@ -13,7 +13,8 @@ by category:
   naming that launch's PID, before Ray starts, and the first run's metrics stay whole; a fresh launch into a finished
   run exits 2 changing nothing; --overwrite replaces it; the lock of a launcher killed with -9 does not block;
   --resume with nothing to resume exits 2 leaving nothing behind; a run.lock planted as a symbolic link to another
-  file is refused, that file left alone.
+  file is refused, that file left alone; so is --resume into a run whose metrics.jsonl is a symbolic link or whose
+  eval.json is a hard link to another file.
 - checkpoint: --resume past a damaged newest checkpoint (truncated learner_lora.safetensors or optimizer.pt,
   state.json cut mid-string, `latest` naming a missing or outside directory) uses the newest complete one, with one
   line naming the bad file; with every checkpoint damaged it exits 2 naming the bad files, changing nothing; a
@@ -527,6 +528,27 @@ def p_run_lock_planted_as_symlink(ctx: Context, where: Path) -> list[str]:
     return problems + survivor_problems(run)
 
 
+def p_output_planted_as_link(name: str, link: str):
+    """A probe: an output of the finished run (`name`, relative to the run directory) replaced by a `link`
+    ("symbolic" or "hard") to another file, then --resume: refused naming it, the linked file left alone."""
+
+    @on_finished_run
+    def probe(ctx: Context, where: Path, run_dir: Path) -> list[str]:
+        where.mkdir(parents=True, exist_ok=True)
+        victim = where / "victim.txt"
+        victim.write_text("precious\n")
+        planted = run_dir / name
+        planted.unlink()
+        planted.symlink_to(victim) if link == "symbolic" else os.link(victim, planted)
+        run = ctx.launch(where, "--resume", "--set", "train.iterations=3", timeout=120, out=run_dir.parent)
+        problems = error_problems(run, str(planted), "symbolic link" if link == "symbolic" else "2 hard links")
+        if victim.read_text() != "precious\n":
+            problems.append(f"the link's target was written: {victim.read_text()[:80]!r}")
+        return problems + survivor_problems(run)
+
+    return probe
+
+
 # -- checkpoint ----------------------------------------------------------------------------------------------------
 
 
@@ -1034,6 +1056,8 @@ def all_probes() -> list[Probe]:
     add("run_dir", "lock_of_killed_launch_does_not_block", p_killed_lock_does_not_block)
     add("run_dir", "resume_with_nothing_to_resume", p_resume_nothing)
     add("run_dir", "run_lock_planted_as_symlink", p_run_lock_planted_as_symlink)
+    add("run_dir", "metrics_planted_as_symlink", p_output_planted_as_link("metrics.jsonl", "symbolic"))
+    add("run_dir", "eval_json_planted_as_hard_link", p_output_planted_as_link("eval.json", "hard"))
 
     add("checkpoint", "truncated_learner_lora", resume_fallback_probe(_damage_lora, "iter_000001"))
     add("checkpoint", "truncated_optimizer", resume_fallback_probe(_damage_optimizer, "iter_000001"))
