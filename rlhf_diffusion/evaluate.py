@@ -409,7 +409,7 @@ def evaluate(
     from rlhf_diffusion.diffusion.flow_sampling import VelocityPredictor, flow_grid_for
     from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
     from rlhf_diffusion.evaluation import sample_held_out
-    from rlhf_diffusion.models.loading import ModelLoadError, load_diffusion_model
+    from rlhf_diffusion.models.loading import FLOW_KINDS, ModelLoadError, load_diffusion_model
     from rlhf_diffusion.models.lora import LoraFormatError, read_lora_file
     from rlhf_diffusion.workers.policy import DTYPES, resolve_device, resolve_model_source
 
@@ -426,7 +426,8 @@ def evaluate(
         pipeline = load_diffusion_model(source, kind=kind, dtype=DTYPES[dtype], device=torch_device, revision=revision)
     except ModelLoadError as error:
         raise EvaluateError(f"--model {model}: {error}") from None
-    network = "transformer" if pipeline.kind == "sd3" else "unet"
+    flow_model = pipeline.kind in FLOW_KINDS
+    network = "transformer" if flow_model else "unet"
     for _, lora in lora_files:  # an SD1.5 / SDXL LoRA on an SD3 model or the other way round: named, before sampling
         if lora.component != network:
             raise LoraFileError(
@@ -435,9 +436,10 @@ def evaluate(
             )
     reward_fn = _build_rewards(rewards, torch_device)
     res = resolution or pipeline.resolution
-    if res < 8 or res % pipeline.vae_scale_factor:
-        raise EvaluateError(f"--resolution {res}: must be a multiple of {pipeline.vae_scale_factor} for this model")
-    if pipeline.kind == "sd3":  # the ODE (noise level 0), as the trainer's held-out evaluation of a flow model
+    multiple = pipeline.vae_scale_factor * (2 if pipeline.kind == "flux" else 1)  # FLUX packs 2x2 latent patches
+    if res < 8 or res % multiple:
+        raise EvaluateError(f"--resolution {res}: must be a multiple of {multiple} for this model")
+    if flow_model:  # the ODE (noise level 0), as the trainer's held-out evaluation of a flow model
         grid = flow_grid_for(pipeline, steps, 0.0, res, res)
         predictor = VelocityPredictor(pipeline, guidance_scale, res, res)
     else:
@@ -446,7 +448,7 @@ def evaluate(
     settings = {
         "seeds": seeds,
         "steps": steps,
-        "sampler": "flow_ode" if pipeline.kind == "sd3" else "ddim",
+        "sampler": "flow_ode" if flow_model else "ddim",
         "eta": eta,
         "guidance_scale": guidance_scale,
         "resolution": res,

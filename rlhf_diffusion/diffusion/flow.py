@@ -44,6 +44,9 @@ __all__ = [
     "add_noise",
     "euler_step",
     "flow_sigmas",
+    "flux_base_sigmas",
+    "flux_mu",
+    "flux_sigmas",
     "kl_same_std",
     "log_ratio_same_std",
     "pair_log_ratio_from_means",
@@ -208,6 +211,43 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, mu: float | None = None, num
     else:
         grid = shift_sigmas(torch.linspace(n, 1.0, num_steps, dtype=torch.float64) / n, math.exp(mu))
     return torch.cat([grid.to(torch.float32), torch.zeros(1)])
+
+
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX's dynamic-shift parameter μ for an image of L packed tokens: the line through (base_seq_len, base_shift)
+    and (max_seq_len, max_shift) at L (diffusers `pipeline_flux.calculate_shift`; the defaults are FLUX.1's
+    scheduler config). L = (h/2)(w/2) for latents h x w, so 1024 px on FLUX.1 (h = w = 128) gives L = 4096, μ = 1.15,
+    and 512 px gives L = 1024, μ = 0.5 + 0.65 · 768/3840 = 0.63.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def flux_base_sigmas(num_steps: int) -> list[float]:
+    """The K un-shifted sigmas `FluxPipeline` passes to `set_timesteps`: linspace(1, 1/K, K)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).tolist()
+
+
+def flux_sigmas(num_steps: int, mu: float) -> Tensor:
+    """The K + 1 sigmas `FluxPipeline` samples on: linspace(1, 1/K, K) shifted by e^μ (`shift_sigmas`), then 0 (its
+    scheduler's `set_timesteps(sigmas=linspace(1, 1/K, K), mu=μ)`). Unlike `flow_sigmas(K, mu=μ)` (the scheduler's
+    own spacing, linspace(1, 1/N, K)), the last step starts from the shifted 1/K, not from the shifted 1/N.
+
+    For K = 4, μ = 1.15 (e^μ = 3.158): 1, 0.9045, 0.7595, 0.5128, 0.
+
+    Returns:
+        (K + 1,) float32, descending from 1 to 0.
+    """
+    base = torch.tensor(flux_base_sigmas(num_steps), dtype=torch.float64)
+    return torch.cat([shift_sigmas(base, math.exp(mu)).to(torch.float32), torch.zeros(1)])
 
 
 @dataclass(frozen=True)

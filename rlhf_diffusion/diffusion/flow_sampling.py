@@ -1,4 +1,5 @@
-"""Denoising trajectories of flow-matching models (SD3 / SD3.5) for preference RL: the counterpart of `sampling.py`.
+"""Denoising trajectories of flow-matching models (SD3 / SD3.5, FLUX.1) for preference RL: the counterpart of
+`sampling.py`.
 
 The maths lives in `flow.py`; this module owns the loop over the K-step σ grid, the velocity predictor that wraps
 the (LoRA) transformer with classifier-free guidance, and the grid built from a loaded model's scheduler. Latents,
@@ -8,6 +9,9 @@ initial noise (`sampling.initial_noise`), trajectories (`sampling.Trajectory`) a
 At noise level a > 0 each step is Flow-GRPO's SDE step, a Gaussian policy with a log-prob; at a = 0 the loop is the
 probability-flow ODE integrated by Euler steps, which is what `StableDiffusion3Pipeline` samples, and then has no
 log-prob (NaN, as `flow.sde_step_with_logprob` defines it).
+
+FLUX's latents stay (B, 16, h, w) here as well: only its transformer call packs them into 2x2-patch tokens
+(`conditioning.predict_velocity`). Every step is elementwise, so it is the same on either layout.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from rlhf_diffusion.diffusion import flow
 from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.sampling import NoisePredictor, Trajectory
 from rlhf_diffusion.models.conditioning import TextConditioning, predict_cfg, predict_velocity
-from rlhf_diffusion.models.loading import DiffusionModel
+from rlhf_diffusion.models.loading import FLOW_KINDS, DiffusionModel
 
 __all__ = [
     "VelocityPredictor",
@@ -60,18 +64,21 @@ def predict_velocity_cfg(
 
 
 class VelocityPredictor(NoisePredictor):
-    """The policy's CFG velocity v̂_θ(x_σ, σ, c) of an SD3 / SD3.5 model and its reference twin (LoRA disabled, or
-    the frozen `reference_unet` of full fine-tuning): `sampling.NoisePredictor` with the transformer's guided
+    """The policy's CFG velocity v̂_θ(x_σ, σ, c) of an SD3 / SD3.5 or FLUX model and its reference twin (LoRA disabled,
+    or the frozen `reference_unet` of full fine-tuning): `sampling.NoisePredictor` with the transformer's guided
     velocity call and float timesteps σ·N (`FlowGrid.timesteps`); its call returns (B, 16, h, w) float32.
 
     Args:
-        model: loaded SD3 components (`kind == "sd3"`; the transformer sits in `model.unet`), LoRA attached or not.
-        guidance_scale: CFG weight w (1.0 = conditional only).
+        model: loaded SD3 or FLUX components (`kind` in `FLOW_KINDS`; the transformer sits in `model.unet`), LoRA
+            attached or not.
+        guidance_scale: CFG weight w (1.0 = conditional only). On FLUX this is `FluxPipeline`'s `true_cfg_scale`
+            with the negative prompt "" (FLUX.1-dev samples without it, w = 1); its guidance-distillation value is
+            `model.flux_guidance`, part of the conditioning.
         height, width: image size in pixels the rollouts sample at (`initial_noise`); default the model's native
             size. SD3 has no size conditioning, so the prediction itself does not depend on them.
 
     Raises:
-        ValueError: the model is not a flow-matching (SD3) model.
+        ValueError: the model is not a flow-matching (SD3, FLUX) model.
     """
 
     guided = staticmethod(predict_velocity_cfg)
@@ -80,15 +87,18 @@ class VelocityPredictor(NoisePredictor):
     def __init__(
         self, model: DiffusionModel, guidance_scale: float, height: int | None = None, width: int | None = None
     ):
-        if model.kind != "sd3":
-            raise ValueError(f"VelocityPredictor needs an SD3 (flow-matching) model, got kind {model.kind!r}")
+        if model.kind not in FLOW_KINDS:
+            raise ValueError(f"VelocityPredictor needs a flow-matching (SD3, FLUX) model, got kind {model.kind!r}")
         super().__init__(model, guidance_scale, height, width)
 
 
 def flow_grid_for(
     model: DiffusionModel, num_steps: int, noise_level: float, height: int | None = None, width: int | None = None
 ) -> FlowGrid:
-    """The K-step flow grid of a loaded SD3 model's scheduler, as `StableDiffusion3Pipeline` sets it.
+    """The K-step flow grid of a loaded SD3 model's scheduler, as `StableDiffusion3Pipeline` sets it, or of a FLUX
+    model's, as `FluxPipeline` sets it: un-shifted sigmas linspace(1, 1/K, K) (`flow.flux_base_sigmas`) shifted by
+    e^μ, μ = `flow.flux_mu` of the packed token count (h/2)(w/2) with the scheduler config's line (FLUX.1: 0.5 at 256
+    tokens, 1.15 at 4096).
 
     A static shift (SD3 / SD3.5: 3.0) is the scheduler's own. With `use_dynamic_shifting` the pipeline's μ is
     computed from the image's token count L = (h / p)(w / p) (latent side h = height / vae_scale_factor, patch p):
@@ -104,6 +114,19 @@ def flow_grid_for(
         The grid (`FlowGrid.from_scheduler`; the model's scheduler is not touched).
     """
     config = model.scheduler.config
+    if model.kind == "flux":
+        f = model.vae_scale_factor
+        h, w = (height or model.resolution) // f, (width or model.resolution) // f
+        mu = flow.flux_mu(
+            (h // 2) * (w // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return FlowGrid.from_scheduler(
+            model.scheduler, num_steps, noise_level, mu=mu, sigmas=flow.flux_base_sigmas(num_steps)
+        )
     mu = None
     if config.get("use_dynamic_shifting", False):
         f = model.vae_scale_factor

@@ -5,8 +5,8 @@ Encodings match the stock pipelines' `encode_prompt` exactly (SD1.5: last hidden
 SDXL: penultimate hidden states of both encoders concatenated, the pooled projection of the second, and
 `add_time_ids = (original_size, crops_coords_top_left, target_size)`; SD3: both CLIP encoders' penultimate hidden
 states concatenated and zero-padded to the T5 width, followed on the sequence axis by the T5 tokens (zeros without
-T5), and both CLIP pooled projections concatenated), so a LoRA trained on these conditionings behaves the same
-inside a stock pipeline.
+T5), and both CLIP pooled projections concatenated; FLUX: the T5 tokens, CLIP-L's pooled output and the
+guidance-distillation value), so a LoRA trained on these conditionings behaves the same inside a stock pipeline.
 
 Classifier-free guidance (Ho & Salimans, 2022): ε̂ = ε_θ(x_t, ∅) + w · (ε_θ(x_t, c) − ε_θ(x_t, ∅)).
 """
@@ -14,7 +14,9 @@ Classifier-free guidance (Ho & Salimans, 2022): ε̂ = ε_θ(x_t, ∅) + w · (�
 # Adapted from diffusers 0.42.1: pipelines/stable_diffusion/pipeline_stable_diffusion.py (encode_prompt) and
 # pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py (encode_prompt, _get_add_time_ids, the CFG step of
 # __call__); the SD3 branch follows pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py (encode_prompt,
-# _get_clip_prompt_embeds, _get_t5_prompt_embeds; the same prompt for all three encoders). Changes:
+# _get_clip_prompt_embeds, _get_t5_prompt_embeds; the same prompt for all three encoders), the FLUX branch
+# pipelines/flux/pipeline_flux.py (encode_prompt, _pack_latents, _unpack_latents, _prepare_latent_image_ids and the
+# transformer call of __call__; written anew, not copied). Changes:
 # - conditional and unconditional encodings are separate functions returning one `TextConditioning` each;
 # - no textual inversion, clip_skip, text-encoder LoRA scaling, num_images_per_prompt or negative prompts;
 # - add_time_ids are built per sample (B, 6) instead of once per call;
@@ -27,23 +29,32 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from diffusers import FluxTransformer2DModel
 from torch import Tensor
 
 from rlhf_diffusion.models.loading import DiffusionModel
 
 __all__ = [
+    "FLUX_T5_MAX_LENGTH",
     "SD3_T5_MAX_LENGTH",
     "TextConditioning",
     "encode_negative",
     "encode_prompts",
+    "latent_image_ids",
+    "pack_latents",
     "predict_cfg",
     "predict_noise",
     "predict_noise_cfg",
     "predict_velocity",
+    "unpack_latents",
 ]
 
 # T5 tokens SD3 appends to the 77 CLIP tokens (`StableDiffusion3Pipeline`'s default `max_sequence_length`).
 SD3_T5_MAX_LENGTH = 256
+# T5 tokens of a FLUX prompt (`FluxPipeline`'s default `max_sequence_length`, FLUX.1-dev's).
+FLUX_T5_MAX_LENGTH = 512
+# FluxPipeline calls its transformer at timestep t / 1000 (the transformer multiplies by 1000 again).
+_FLUX_TIMESTEP_SCALE = 1000
 
 
 @dataclass
@@ -57,11 +68,14 @@ class TextConditioning:
             encoders concatenated (P = 2048); None for SD1.5.
         add_time_ids: (B, 6) SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w);
             None for SD1.5 and SD3.
+        guidance: (B, 1) FLUX with a guidance-distillation embedding (FLUX.1-dev): the guidance value its
+            transformer embeds (`DiffusionModel.flux_guidance`); None otherwise.
     """
 
     prompt_embeds: Tensor
     pooled_prompt_embeds: Tensor | None = None
     add_time_ids: Tensor | None = None
+    guidance: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_embeds.ndim != 3:
@@ -69,7 +83,7 @@ class TextConditioning:
         batch = self.prompt_embeds.shape[0]
         if self.add_time_ids is not None and self.pooled_prompt_embeds is None:
             raise ValueError("add_time_ids must be given together with pooled_prompt_embeds (SDXL)")
-        for name in ("pooled_prompt_embeds", "add_time_ids"):
+        for name in ("pooled_prompt_embeds", "add_time_ids", "guidance"):
             value = getattr(self, name)
             if value is not None and (value.ndim != 2 or value.shape[0] != batch):
                 raise ValueError(f"{name} must be ({batch}, ·) to match prompt_embeds, got {tuple(value.shape)}")
@@ -194,6 +208,8 @@ def encode_prompts(
     device = model.device
     if model.kind == "sd3":
         return _encode_sd3(model, prompts)
+    if model.kind == "flux":
+        return _encode_flux(model, prompts)
     if model.kind == "sd15":
         (text_encoder,) = model.text_encoders
         input_ids, attention_mask = _tokenize(model.tokenizers[0], prompts, device)
@@ -259,6 +275,24 @@ def _encode_sd3(model: DiffusionModel, prompts: list[str]) -> TextConditioning:
         prompt_embeds=torch.cat([clip_embeds, t5_embeds], dim=-2),
         pooled_prompt_embeds=torch.cat(pooled, dim=-1),
     )
+
+
+def _encode_flux(model: DiffusionModel, prompts: list[str]) -> TextConditioning:
+    """FLUX: the T5 tokens (B, 512, D_T5) as the text stream, CLIP-L's pooled output (B, P) (`pooler_output`, not a
+    projection), and, for a guidance-distilled transformer, the guidance value (B, 1)."""
+    device = model.device
+    clip_tokenizer, t5_tokenizer = model.tokenizers
+    clip, t5 = model.text_encoders
+    input_ids, _ = _tokenize(clip_tokenizer, prompts, device)
+    pooled = clip(input_ids, output_hidden_states=False).pooler_output.to(dtype=clip.dtype)
+    t5_ids = t5_tokenizer(
+        prompts, padding="max_length", max_length=FLUX_T5_MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    prompt_embeds = t5(t5_ids.to(device), output_hidden_states=False)[0].to(dtype=t5.dtype)
+    guidance = None
+    if model.unet.config.guidance_embeds:
+        guidance = torch.full((len(prompts), 1), float(model.flux_guidance), dtype=torch.float32, device=device)
+    return TextConditioning(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, guidance=guidance)
 
 
 @torch.no_grad()
@@ -329,11 +363,12 @@ def predict_noise(unet, x_t: Tensor, t: Tensor, cond: TextConditioning) -> Tenso
 
 
 def predict_velocity(transformer, x_t: Tensor, t: Tensor, cond: TextConditioning) -> Tensor:
-    """v_θ(x_σ, σ, c): one call of SD3's transformer, differentiable, as `StableDiffusion3Pipeline` makes it.
+    """v_θ(x_σ, σ, c): one call of SD3's transformer, differentiable, as `StableDiffusion3Pipeline` makes it, or of
+    FLUX's, as `FluxPipeline` makes it (`_predict_flux_velocity`: the latents packed into 2x2-patch tokens and back).
 
     Args:
-        transformer: `SD3Transformer2DModel` (with or without an active LoRA), or a DistributedDataParallel
-            wrapping one.
+        transformer: `SD3Transformer2DModel` or `FluxTransformer2DModel` (with or without an active LoRA), or a
+            DistributedDataParallel wrapping one.
         x_t: (B, 16, h, w) noisy latents x_σ.
         t: (B,) or scalar timesteps σ·N on the scheduler's scale (`FlowMatchEulerDiscreteScheduler.timesteps`,
             N = 1000), floats.
@@ -348,7 +383,11 @@ def predict_velocity(transformer, x_t: Tensor, t: Tensor, cond: TextConditioning
     if len(cond) != x_t.shape[0]:
         raise ValueError(f"cond has {len(cond)} rows but x_t has batch {x_t.shape[0]}")
     if cond.pooled_prompt_embeds is None or cond.add_time_ids is not None:
-        raise ValueError("the SD3 transformer needs an SD3 conditioning: pooled_prompt_embeds and no add_time_ids")
+        raise ValueError(
+            "an SD3 / FLUX transformer needs a flow model's conditioning: pooled_prompt_embeds and no add_time_ids"
+        )
+    if isinstance(getattr(transformer, "module", transformer), FluxTransformer2DModel):
+        return _predict_flux_velocity(transformer, x_t, t, cond)
     cond = cond.to(device=x_t.device, dtype=x_t.dtype)
     t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])  # the transformer embeds one t per row
     return transformer(
@@ -409,3 +448,57 @@ def predict_cfg(
     out = predict(network, torch.cat([x_t, x_t]), t_in, both)  # (2B, C, h, w)
     out_uncond, out_cond = out.chunk(2)  # (B, C, h, w) each
     return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """FLUX's token layout: (B, C, h, w) latents -> (B, (h/2)(w/2), 4C), token (i, j) (row-major) holding the 2x2
+    patch at rows 2i, 2i+1 and columns 2j, 2j+1, channel-major (c, dy, dx) (`FluxPipeline._pack_latents`).
+
+    Raises:
+        ValueError: h or w is odd.
+    """
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches: latent height and width must be even, got {h}x{w}")
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of `pack_latents`: (B, (h/2)(w/2), 4C) -> (B, C, h, w) for latent height h and width w."""
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.reshape(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """FLUX's rotary position ids of the packed image tokens: ((h/2)(w/2), 3) rows (0, i, j), row-major over the
+    (h/2) x (w/2) token grid (`FluxPipeline._prepare_latent_image_ids`); the text tokens' ids are all zero."""
+    rows = torch.arange(height // 2, dtype=dtype, device=device)
+    cols = torch.arange(width // 2, dtype=dtype, device=device)
+    ids = torch.zeros(height // 2, width // 2, 3, dtype=dtype, device=device)
+    ids[..., 1] = rows[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.reshape(-1, 3)
+
+
+def _predict_flux_velocity(transformer, x_t: Tensor, t: Tensor, cond: TextConditioning) -> Tensor:
+    """One `FluxTransformer2DModel` call on (B, C, h, w) latents, as `FluxPipeline.__call__` makes it: packed tokens,
+    image ids (0, i, j), zero text ids, timestep σ = t / 1000, the guidance value when the transformer embeds one;
+    the output unpacked to (B, C, h, w)."""
+    config = getattr(transformer, "module", transformer).config
+    if config.guidance_embeds and cond.guidance is None:
+        raise ValueError("this FLUX transformer embeds a guidance value; the conditioning has none (encode_prompts)")
+    b, _, h, w = x_t.shape
+    cond = cond.to(device=x_t.device, dtype=x_t.dtype)
+    t = torch.as_tensor(t, device=x_t.device).to(x_t.dtype).expand(b)
+    out = transformer(
+        hidden_states=pack_latents(x_t),
+        encoder_hidden_states=cond.prompt_embeds,
+        pooled_projections=cond.pooled_prompt_embeds,
+        timestep=t / _FLUX_TIMESTEP_SCALE,
+        img_ids=latent_image_ids(h, w, device=x_t.device, dtype=x_t.dtype),
+        txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
+        guidance=cond.guidance[:, 0] if config.guidance_embeds else None,
+        return_dict=False,
+    )[0]
+    return unpack_latents(out, h, w)

@@ -20,6 +20,11 @@ SD3 / SD3.5 (`kind="sd3"`, a `StableDiffusion3Pipeline` directory): the denoisin
 fine-tuning functions here serve it unchanged; the scheduler is the pipeline's `FlowMatchEulerDiscreteScheduler`.
 Loading, prompt encoding, LoRA and its export work for SD3; the flow sampler (`diffusion/flow_sampling.py`) samples
 it, and the final-pair methods and DDPO / GRPO train it (docs/algorithms.md §10(b), §10(c)).
+
+FLUX.1 (`kind="flux"`, a `FluxPipeline` directory): the `FluxTransformer2DModel` in `DiffusionModel.unet`, CLIP-L
+(pooled only) and T5 as the text encoders, the scheduler with FLUX's dynamic shift. Latents stay (B, 16, h, w) in
+this package; `conditioning.predict_velocity` packs them into FLUX's 2x2-patch tokens for each call
+(docs/algorithms.md §10(g)).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
@@ -58,6 +64,7 @@ from rlhf_diffusion.models.lora import LORA_WEIGHT_NAME, _require_lora, export_l
 from rlhf_diffusion.models.sources import is_hub_id
 
 __all__ = [
+    "FLOW_KINDS",
     "LORA_WEIGHT_NAME",
     "DiffusionModel",
     "ModelLoadError",
@@ -105,6 +112,15 @@ _COMPONENTS = {
         "tokenizer_2": CLIPTokenizer,
         "scheduler": FlowMatchEulerDiscreteScheduler,
     },
+    "flux": {
+        "transformer": FluxTransformer2DModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": T5EncoderModel,
+        "tokenizer": CLIPTokenizer,
+        "tokenizer_2": T5Tokenizer,  # = T5TokenizerFast in transformers 5, FluxPipeline's class
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+    },
 }
 # Components a kind loads when model_index.json names them (SD3 runs without its T5 encoder: the pipeline, and
 # `conditioning.encode_prompts`, then put zeros in place of the T5 tokens).
@@ -112,10 +128,15 @@ _OPTIONAL_COMPONENTS = {
     "sd15": {},
     "sdxl": {},
     "sd3": {"text_encoder_3": T5EncoderModel, "tokenizer_3": T5Tokenizer},
+    "flux": {},
 }
 # The denoising network's subfolder per kind (kept in `DiffusionModel.unet` for all kinds).
-_DENOISER = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer"}
-_KINDS = ("sd15", "sdxl", "sd3")
+_DENOISER = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
+_KINDS = ("sd15", "sdxl", "sd3", "flux")
+# The flow-matching (velocity-predicting transformer) kinds: sampled by `diffusion/flow_sampling.py`.
+FLOW_KINDS = ("sd3", "flux")
+# FluxPipeline's default `guidance_scale`: the value FLUX.1-dev's guidance-distillation embedding is given.
+FLUX_DEFAULT_GUIDANCE = 3.5
 
 # DDIM settings a non-DDIM scheduler config may not state, where DDIMScheduler's own defaults (pixel-space x0
 # clipping, ᾱ_prev = 1 at the last step) are wrong for latent diffusion; the SD / SDXL configs state these values.
@@ -131,8 +152,9 @@ class DiffusionModel:
     """The components of a Stable Diffusion pipeline that training and sampling use.
 
     Attributes:
-        kind: `"sd15"` (one CLIP text encoder), `"sdxl"` (two encoders, pooled embeds, micro-conditioning) or
-            `"sd3"` (SD3 / SD3.5: a flow-matching transformer, two CLIP encoders and optionally T5).
+        kind: `"sd15"` (one CLIP text encoder), `"sdxl"` (two encoders, pooled embeds, micro-conditioning),
+            `"sd3"` (SD3 / SD3.5: a flow-matching transformer, two CLIP encoders and optionally T5) or `"flux"`
+            (FLUX.1: a flow-matching transformer on packed 2x2 latent patches, CLIP-L pooled + T5).
         unet: the trainable denoising network; carries the LoRA adapter once `attach_lora` ran. For SD1.5 / SDXL
             the noise-prediction UNet ε_θ(x_t, t, c) (`UNet2DConditionModel`); for SD3 the velocity-prediction
             `SD3Transformer2DModel` v_θ(x_σ, σ, c) (the pipeline's `transformer`; the name is kept so that the
@@ -151,10 +173,13 @@ class DiffusionModel:
             intermediate x̂_0 (`sampling.preview_decoder`); None = previews use `vae`.
         reference_unet: full fine-tuning only: a frozen copy of the base UNet, the reference policy (with a LoRA
             the reference is `unet` with the adapter disabled and this stays None).
+        flux_guidance: FLUX with `guidance_embeds` (FLUX.1-dev) only: the value its guidance-distillation embedding
+            gets in every transformer call, sampling and training alike (FluxPipeline's `guidance_scale`, 3.5 by
+            default); `conditioning.encode_prompts` puts it in the conditioning. Not classifier-free guidance.
     """
 
-    kind: Literal["sd15", "sdxl", "sd3"]
-    unet: UNet2DConditionModel | SD3Transformer2DModel
+    kind: Literal["sd15", "sdxl", "sd3", "flux"]
+    unet: UNet2DConditionModel | SD3Transformer2DModel | FluxTransformer2DModel
     vae: AutoencoderKL
     text_encoders: list[nn.Module]
     tokenizers: list
@@ -162,7 +187,8 @@ class DiffusionModel:
     source: str
     force_zeros_for_empty_prompt: bool = True
     preview_vae: AutoencoderTiny | None = None
-    reference_unet: UNet2DConditionModel | SD3Transformer2DModel | None = None
+    reference_unet: UNet2DConditionModel | SD3Transformer2DModel | FluxTransformer2DModel | None = None
+    flux_guidance: float = FLUX_DEFAULT_GUIDANCE
 
     @property
     def vae_scale_factor(self) -> int:
@@ -171,12 +197,17 @@ class DiffusionModel:
 
     @property
     def resolution(self) -> int:
-        """Native image side in pixels (512 for SD1.5, 1024 for SDXL and SD3)."""
+        """Native image side in pixels (512 for SD1.5, 1024 for SDXL, SD3 and FLUX). FLUX's transformer has no
+        sample size: its VAE's `sample_size` (1024 for FLUX.1) stands for it."""
+        if self.kind == "flux":
+            return int(self.vae.config.sample_size)
         return self.unet.config.sample_size * self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
-        """C of the latents (B, C, h, w)."""
+        """C of the latents (B, C, h, w); FLUX's transformer reads 2x2 patches of them, 4 C inputs per token."""
+        if self.kind == "flux":
+            return self.unet.config.in_channels // 4
         return self.unet.config.in_channels
 
     @property
@@ -221,18 +252,21 @@ def _read_pipeline_index(source: str, revision: str | None) -> dict:
         ) from err
 
 
-def _detect_kind(index: dict) -> Literal["sd15", "sdxl", "sd3"]:
-    """SD3 iff the pipeline class is a StableDiffusion3 one or its transformer is an `SD3Transformer2DModel`; else
-    SDXL iff the pipeline class says XL or the pipeline has a second text encoder; else SD1.5."""
+def _detect_kind(index: dict) -> Literal["sd15", "sdxl", "sd3", "flux"]:
+    """SD3 iff the pipeline class is a StableDiffusion3 one or its transformer is an `SD3Transformer2DModel`; FLUX
+    iff the pipeline class is a Flux one or its transformer a `FluxTransformer2DModel`; else SDXL iff the pipeline
+    class says XL or the pipeline has a second text encoder; else SD1.5."""
     class_name = str(index.get("_class_name", ""))
     transformer_class = (index.get("transformer") or [None, None])[-1]
     if class_name.startswith("StableDiffusion3") or transformer_class == SD3Transformer2DModel.__name__:
         return "sd3"
+    if class_name.startswith("Flux") or transformer_class == FluxTransformer2DModel.__name__:
+        return "flux"
     has_text_encoder_2 = (index.get("text_encoder_2") or [None])[0] is not None
     return "sdxl" if ("XL" in class_name or has_text_encoder_2) else "sd15"
 
 
-def pipeline_kind(source: str, revision: str | None = None) -> Literal["sd15", "sdxl", "sd3"]:
+def pipeline_kind(source: str, revision: str | None = None) -> Literal["sd15", "sdxl", "sd3", "flux"]:
     """The kind of the pipeline at `source` (a directory or hub id), read from its model_index.json alone."""
     return _detect_kind(_read_pipeline_index(source, revision))
 
@@ -272,24 +306,26 @@ def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
 def load_diffusion_model(
     source: str,
     *,
-    kind: Literal["auto", "sd15", "sdxl", "sd3"] = "auto",
+    kind: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     revision: str | None = None,
 ) -> DiffusionModel:
-    """Loads the frozen components of an SD1.5, SDXL or SD3 / SD3.5 pipeline.
+    """Loads the frozen components of an SD1.5, SDXL, SD3 / SD3.5 or FLUX.1 pipeline.
 
     Each component is loaded with `X.from_pretrained(source, subfolder=...)`, exactly as the stock pipeline would,
     from a local diffusers pipeline directory (e.g. one built by `models.tiny.build_tiny_pipeline`) or a Hugging Face
     Hub id. For SD1.5 / SDXL the scheduler is always a `DDIMScheduler` on the pipeline's noise schedule; for SD3 it
     is the pipeline's `FlowMatchEulerDiscreteScheduler`, its transformer goes to `DiffusionModel.unet`, and its T5
     encoder (`text_encoder_3`, `tokenizer_3`) is loaded when model_index.json names one.
+    FLUX loads like SD3 (its transformer in `unet`), with `text_encoders = [CLIP-L, T5]`.
 
     Args:
         source: pipeline directory or hub id (`"stabilityai/stable-diffusion-xl-base-1.0"`).
         kind: `"auto"` reads `model_index.json` (SD3 iff the pipeline class is `StableDiffusion3*` or its
-            transformer an `SD3Transformer2DModel`; else SDXL iff the pipeline class name contains "XL" or it has a
-            `text_encoder_2`); `"sd15"` / `"sdxl"` / `"sd3"` must agree with it.
+            transformer an `SD3Transformer2DModel`; FLUX iff it is `Flux*` or its transformer a
+            `FluxTransformer2DModel`; else SDXL iff the pipeline class name contains "XL" or it has a
+            `text_encoder_2`); `"sd15"` / `"sdxl"` / `"sd3"` / `"flux"` must agree with it.
         dtype: dtype of the denoising network and text encoders. The VAE is always float32.
         device: where all components are placed.
         revision: hub revision (branch, tag or commit); ignored for local directories.
@@ -303,7 +339,7 @@ def load_diffusion_model(
             hub id cannot be resolved, a component fails to load, or `kind` disagrees with the pipeline.
     """
     if kind not in ("auto", *_KINDS):
-        raise ValueError(f"kind must be 'auto', 'sd15', 'sdxl' or 'sd3', got {kind!r}")
+        raise ValueError(f"kind must be 'auto', 'sd15', 'sdxl', 'sd3' or 'flux', got {kind!r}")
     source = str(source)
     device = torch.device(device)
     index = _read_pipeline_index(source, revision)
@@ -368,24 +404,29 @@ def load_preview_decoder(path: str | Path, model: DiffusionModel) -> Autoencoder
 _ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "default": AttnProcessor}
 
 
-def set_attention(unet: UNet2DConditionModel | SD3Transformer2DModel, attention: Literal["sdpa", "default"]) -> None:
+def set_attention(
+    unet: UNet2DConditionModel | SD3Transformer2DModel | FluxTransformer2DModel, attention: Literal["sdpa", "default"]
+) -> None:
     """Gives every attention layer of the UNet the processor `attention` names (in place).
 
     `"sdpa"` = `AttnProcessor2_0` (torch `scaled_dot_product_attention`, fused kernels on CUDA); `"default"` =
     `AttnProcessor` (explicit softmax(QKᵀ/√d)·V). Processors only compute attention from the module's q/k/v/out
     projections, so a LoRA on those Linear layers works the same under either.
 
-    SD3's transformer keeps its joint-attention processors (diffusers' `JointAttnProcessor2_0`, SDPA already):
-    `"sdpa"` leaves it as it is, and `"default"` is refused (the UNet processors cannot compute joint attention).
+    SD3's and FLUX's transformers keep their joint-attention processors (diffusers' `JointAttnProcessor2_0` /
+    `FluxAttnProcessor`, SDPA already): `"sdpa"` leaves them as they are, and `"default"` is refused (the UNet
+    processors cannot compute joint attention).
 
     Raises:
         ValueError: `attention` is not a known name, or `"default"` for a network that is not a UNet.
     """
     if attention not in _ATTENTION_PROCESSORS:
         raise ValueError(f"model.attention must be one of {sorted(_ATTENTION_PROCESSORS)}, got {attention!r}")
-    if isinstance(unet, SD3Transformer2DModel):
+    if isinstance(unet, (SD3Transformer2DModel, FluxTransformer2DModel)):
         if attention != "sdpa":
-            raise ValueError(f"model.attention {attention!r} is for UNets; SD3's transformer supports 'sdpa' only")
+            raise ValueError(
+                f"model.attention {attention!r} is for UNets; SD3's and FLUX's transformers support 'sdpa' only"
+            )
         return
     unet.set_attn_processor(_ATTENTION_PROCESSORS[attention]())
 

@@ -2,9 +2,10 @@
 
 `export_lora` writes a UNet's adapter the way `StableDiffusionPipeline.save_lora_weights` /
 `StableDiffusionXLPipeline.save_lora_weights` do (the file a stock pipeline reads with
-`pipe.load_lora_weights(dir)`), and an SD3 transformer's adapter as `StableDiffusion3Pipeline.save_lora_weights`
-does (`transformer.`-prefixed keys); `read_lora_file` reads either file back (weights in peft key format and the
-`peft.LoraConfig` arguments), which is how `python -m rlhf_diffusion.evaluate` loads a trained LoRA.
+`pipe.load_lora_weights(dir)`), and an SD3 (FLUX) transformer's adapter as
+`StableDiffusion3Pipeline.save_lora_weights` (`FluxPipeline.save_lora_weights`) does (`transformer.`-prefixed
+keys); `read_lora_file` reads either file back (weights in peft key format and the `peft.LoraConfig` arguments),
+which is how `python -m rlhf_diffusion.evaluate` loads a trained LoRA.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
@@ -97,7 +98,8 @@ def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str
     save_lora_weights` (SDXL) write: `unet.`-prefixed peft-style keys (`….to_q.lora_A.weight`, `….lora_B.weight`)
     plus the adapter's `LoraConfig` as safetensors metadata. For SD3 (`model.unet` is the transformer) it is what
     `StableDiffusion3Pipeline.save_lora_weights` writes: the same with `transformer.`-prefixed keys (`read_lora_file`
-    reads both back). Two choices make it load the same everywhere:
+    reads both back); for FLUX what `FluxPipeline.save_lora_weights` writes, the same `transformer.` keys. Two
+    choices make it load the same everywhere:
 
     - keys stay in peft naming for every target module: diffusers' loader converts the legacy `lora.down` /
       `lora.up` names only when the *first* key has them, so a mix (which `convert_state_dict_to_diffusers`
@@ -128,8 +130,8 @@ def export_lora(model: DiffusionModel, out_dir: str | Path, *, adapter_name: str
     metadata = unet.peft_config[adapter_name].to_dict()
     metadata["lora_alpha"] = metadata["r"]  # the scale is folded into lora_B
     metadata["alpha_pattern"] = dict(metadata.get("rank_pattern") or {})
-    if model.kind == "sd3":
-        save_lora_weights = StableDiffusion3Pipeline.save_lora_weights
+    if model.kind in ("sd3", "flux"):
+        save_lora_weights = (FluxPipeline if model.kind == "flux" else StableDiffusion3Pipeline).save_lora_weights
         layers = {"transformer_lora_layers": unet_lora_layers, "transformer_lora_adapter_metadata": metadata}
     else:
         pipeline_cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline

@@ -3,7 +3,7 @@
 A source is one of
 
 - `testbed:<name>`: a model shipped in the package (`testbed/assets.py`): its absolute directory;
-- `tiny:sd15` / `tiny:sdxl`: a tiny random-weight pipeline (`models/tiny.py`), built once under
+- `tiny:sd15` / `tiny:sdxl` / `tiny:flux`: a tiny random-weight pipeline (`models/tiny.py`), built once under
   `<cache_dir>/_tiny_models/<kind>`: that directory;
 - an existing local file or directory: its user-expanded path;
 - a Hugging Face Hub id `owner/name` (`HUB_ID_RE`, the one hub-id check): itself.
@@ -32,7 +32,7 @@ __all__ = [
 
 TESTBED_PREFIX = "testbed:"  # a model shipped in the package (testbed/assets.py resolves the name)
 TINY_PREFIX = "tiny:"
-TINY_MODELS: tuple[str, ...] = ("tiny:sd15", "tiny:sdxl")
+TINY_MODELS: tuple[str, ...] = ("tiny:sd15", "tiny:sdxl", "tiny:flux")
 # A Hugging Face Hub repository id: "owner/name".
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Prefixes that mark a string as a local path, never a hub id.
@@ -52,7 +52,7 @@ def resolve_source(source: str, cache_dir: str | Path | None = None, *, what: st
     """The directory, file or hub id to load for `source` (see the module docstring).
 
     Args:
-        source: `testbed:<name>`, `tiny:sd15` / `tiny:sdxl`, a local path, or a hub id.
+        source: `testbed:<name>`, `tiny:sd15` / `tiny:sdxl` / `tiny:flux`, a local path, or a hub id.
         cache_dir: where `tiny:*` pipelines are built (`cache_dir/_tiny_models/<kind>`); required for them. The
             build goes to a temporary directory that is renamed into place, so concurrent callers never see half a
             pipeline.

@@ -1,4 +1,4 @@
-"""Tiny random-weight Stable Diffusion 1.5 / SDXL / SD3 pipelines, saved as standard diffusers pipeline directories.
+"""Tiny random-weight SD1.5 / SDXL / SD3 / FLUX.1 pipelines, saved as standard diffusers pipeline directories.
 
 Tests (and the embedded `configs/tiny.yaml` run) build one of these, save it with the stock
 `StableDiffusionPipeline.save_pretrained` / `StableDiffusionXLPipeline.save_pretrained`, and then load it through
@@ -18,6 +18,12 @@ SD3 (`kind="sd3"`, `StableDiffusion3Pipeline`; `sd35=True` for the SD3.5 transfo
     latents -> 2x2 patches -> 64 tokens of width 32 (SD3Transformer2DModel, 2 joint blocks)
     prompt -> two CLIP towers with projection -> (B, 77, 32 + 32) zero-padded to (B, 77, 96), then T5 (B, 256, 96)
               (zeros when T5 is absent) appended on the sequence axis -> (B, 333, 96); pooled (B, 32 + 32)
+
+FLUX.1 (`kind="flux"`, `FluxPipeline`, FLUX.1-dev-shaped: guidance embedding, dynamic shift):
+
+    image (B, 3, 64, 64)  <-> VAE (16 latent channels, FLUX's shift + scale) <->  latents (B, 16, 16, 16)
+    latents -> packed 2x2 patches -> 64 tokens of 64 inputs (FluxTransformer2DModel, 1 double + 1 single block)
+    prompt -> CLIP-L pooled output (B, 32); T5 tokens (B, 512, 64) (the T5 tokenizer built offline, as for SD3)
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -82,9 +90,11 @@ SD_SCHEDULER_CONFIG = dict(
 )
 
 # Latent scaling factor of the real VAEs (latents = vae.encode(x) * scaling_factor).
-VAE_SCALING_FACTOR = {"sd15": 0.18215, "sdxl": 0.13025, "sd3": 1.5305}
+VAE_SCALING_FACTOR = {"sd15": 0.18215, "sdxl": 0.13025, "sd3": 1.5305, "flux": 0.3611}
 # SD3 / SD3.5: latents = (vae.encode(x) - shift_factor) * scaling_factor, 16 channels (stabilityai/stable-diffusion-3*).
+# FLUX.1's VAE has the same layout with its own factors (black-forest-labs/FLUX.1-dev vae/config.json).
 SD3_VAE_SHIFT_FACTOR = 0.0609
+VAE_SHIFT_FACTOR = {"sd3": SD3_VAE_SHIFT_FACTOR, "flux": 0.1159}
 SD3_LATENT_CHANNELS = 16
 # SD3's scheduler: rectified flow with the static shift 3 of SD3-medium / SD3.5.
 SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
@@ -93,7 +103,21 @@ SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 SD3_JOINT_DIM = 96
 SD3_T5_VOCAB_SIZE = 128  # the tiny T5 tokenizer's vocabulary (the real one: 32,100 sentencepiece pieces)
 
-KINDS = ("sd15", "sdxl", "sd3")
+# FLUX.1's scheduler (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json): rectified flow with the
+# resolution-dependent ("dynamic") shift e^μ, μ on the line through (256 tokens, 0.5) and (4096 tokens, 1.15).
+FLUX_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+# Width of the tiny FLUX transformer's text tokens (T5's d_model; 4096 for the real T5-XXL).
+FLUX_JOINT_DIM = 64
+
+KINDS = ("sd15", "sdxl", "sd3", "flux")
 
 
 def build_clip_tokenizer(*, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
@@ -166,10 +190,11 @@ def _text_config() -> CLIPTextConfig:
     )
 
 
-def _vae(kind: Literal["sd15", "sdxl", "sd3"], resolution: int) -> AutoencoderKL:
-    # 3 blocks -> 2 downsamplings -> vae_scale_factor 4. SD3's VAE: 16 latent channels, a shift as well as a scale,
-    # no quant / post-quant 1x1 convs.
-    sd3 = dict(shift_factor=SD3_VAE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
+def _vae(kind: Literal["sd15", "sdxl", "sd3", "flux"], resolution: int) -> AutoencoderKL:
+    # 3 blocks -> 2 downsamplings -> vae_scale_factor 4. SD3's (and FLUX's) VAE: 16 latent channels, a shift as well
+    # as a scale, no quant / post-quant 1x1 convs.
+    flow = kind in VAE_SHIFT_FACTOR
+    sd3 = dict(shift_factor=VAE_SHIFT_FACTOR.get(kind), use_quant_conv=False, use_post_quant_conv=False)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -177,11 +202,11 @@ def _vae(kind: Literal["sd15", "sdxl", "sd3"], resolution: int) -> AutoencoderKL
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 32),
         layers_per_block=1,
-        latent_channels=SD3_LATENT_CHANNELS if kind == "sd3" else 4,
+        latent_channels=SD3_LATENT_CHANNELS if flow else 4,
         norm_num_groups=8,
         sample_size=resolution,
         scaling_factor=VAE_SCALING_FACTOR[kind],
-        **(sd3 if kind == "sd3" else {}),
+        **(sd3 if flow else {}),
     )
 
 
@@ -249,12 +274,12 @@ def build_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _t5_encoder(vocab_size: int) -> T5EncoderModel:
-    # T5 v1.1 layout as in SD3's T5-XXL encoder (gated GELU feed-forward), hidden size = the joint dimension.
+def _t5_encoder(vocab_size: int, d_model: int = SD3_JOINT_DIM) -> T5EncoderModel:
+    # T5 v1.1 layout as in SD3's and FLUX's T5-XXL encoder (gated GELU feed-forward), hidden size = the joint dimension.
     return T5EncoderModel(
         T5Config(
             vocab_size=vocab_size,
-            d_model=SD3_JOINT_DIM,
+            d_model=d_model,
             d_kv=16,
             d_ff=64,
             num_layers=2,
@@ -295,27 +320,69 @@ def _build_sd3(out_dir: Path, resolution: int, seed: int, *, t5: bool, sd35: boo
     pipe.save_pretrained(out_dir)
 
 
+def _flux_transformer() -> FluxTransformer2DModel:
+    # 1 double-stream (MMDiT) block and 1 single-stream block of width 2 heads x 16 = 32 over the packed 2x2 latent
+    # patches (16 channels x 4 = 64 inputs per token); rotary axes (4, 6, 6) sum to the head dim, as (16, 56, 56)
+    # to FLUX.1's 128. The pooled projection takes CLIP-L's pooled output (32), the text tokens T5's (64); FLUX.1-dev's
+    # guidance-distillation embedding is on.
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * SD3_LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_JOINT_DIM,
+        pooled_projection_dim=TEXT_HIDDEN_SIZE,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _build_flux(out_dir: Path, resolution: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    vae = _vae("flux", resolution)
+    torch.manual_seed(seed)
+    transformer = _flux_transformer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config())
+    tokenizer_2 = build_t5_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = _t5_encoder(len(tokenizer_2), d_model=FLUX_JOINT_DIM)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out_dir)
+
+
 def build_tiny_pipeline(
     out_dir: str | Path,
-    kind: Literal["sd15", "sdxl", "sd3"],
+    kind: Literal["sd15", "sdxl", "sd3", "flux"],
     *,
     resolution: int = 64,
     seed: int = 0,
     t5: bool = False,
     sd35: bool = False,
 ) -> Path:
-    """Builds a tiny random-weight SD1.5, SDXL or SD3 pipeline and saves it as a diffusers pipeline directory.
+    """Builds a tiny random-weight SD1.5, SDXL, SD3 or FLUX pipeline and saves it as a diffusers pipeline directory.
 
     The directory loads with `StableDiffusionPipeline.from_pretrained(out_dir)` (SD1.5, no safety checker),
-    `StableDiffusionXLPipeline.from_pretrained(out_dir)` (SDXL) or `StableDiffusion3Pipeline.from_pretrained(out_dir)`
-    (SD3), and with `models.loading.load_diffusion_model`. Weights are deterministic given `seed` (the RNG is
-    reseeded before each module is constructed).
+    `StableDiffusionXLPipeline.from_pretrained(out_dir)` (SDXL), `StableDiffusion3Pipeline.from_pretrained(out_dir)`
+    (SD3) or `FluxPipeline.from_pretrained(out_dir)` (FLUX), and with `models.loading.load_diffusion_model`. Weights
+    are deterministic given `seed` (the RNG is reseeded before each module is constructed).
 
     Args:
         out_dir: directory to write (created if missing; existing component files are overwritten).
-        kind: `"sd15"`, `"sdxl"` or `"sd3"`.
+        kind: `"sd15"`, `"sdxl"`, `"sd3"` or `"flux"`.
         resolution: image side in pixels; must be a multiple of 8 (latents are `resolution // 4` wide and the
-            UNet downsamples them once more / the SD3 transformer cuts them into 2x2 patches).
+            UNet downsamples them once more / the SD3 and FLUX transformers cut them into 2x2 patches). For FLUX it
+            is also the VAE's `sample_size`, which `DiffusionModel.resolution` reports as the native size.
         seed: RNG seed for the random weights.
         t5: SD3 only: include the third text encoder (a tiny `T5EncoderModel` with the offline `build_t5_tokenizer`);
             without it `text_encoder_3` / `tokenizer_3` are None and the pipeline feeds zeros in T5's place.
@@ -325,7 +392,7 @@ def build_tiny_pipeline(
         `out_dir` as a `Path`.
 
     Raises:
-        ValueError: `kind` is not one of "sd15", "sdxl", "sd3", `resolution` is not a positive multiple of 8, or
+        ValueError: `kind` is not one of "sd15", "sdxl", "sd3", "flux", `resolution` is not a positive multiple of 8, or
             `t5` / `sd35` is set for a kind other than "sd3".
     """
     if kind not in KINDS:
@@ -335,6 +402,9 @@ def build_tiny_pipeline(
     if kind != "sd3" and (t5 or sd35):
         raise ValueError(f"t5 and sd35 apply to kind 'sd3' only, got kind {kind!r}")
     out_dir = Path(out_dir)
+    if kind == "flux":
+        _build_flux(out_dir, resolution, seed)
+        return out_dir
     if kind == "sd3":
         _build_sd3(out_dir, resolution, seed, t5=t5, sd35=sd35)
         return out_dir

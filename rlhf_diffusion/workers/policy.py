@@ -4,8 +4,8 @@ for `model.finetune: full`, the bare UNet, with a frozen reference copy in the l
 Samplers and the learner call `load_policy` with the same config, so their UNets are identical (same base weights,
 same LoRA init drawn from a seed derived from `config.seed`) before the learner's first published weights arrive,
 and build their sampling grid and predictor with `policy_grid` / `policy_predictor`: a DDIM grid and a
-`NoisePredictor` for SD1.5 / SDXL, a flow grid and a `VelocityPredictor` for an SD3 / SD3.5 model, which only the
-methods with `Algorithm.flow_models` train, the step methods only at a noise level > 0 (`flow_method_problem`).
+`NoisePredictor` for SD1.5 / SDXL, a flow grid and a `VelocityPredictor` for an SD3 / SD3.5 or FLUX model, which
+only the methods with `Algorithm.flow_models` train, the step methods only at a noise level > 0 (`flow_method_problem`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.flow_sampling import VelocityPredictor, flow_grid_for
 from rlhf_diffusion.diffusion.sampling import DDIMGrid, NoisePredictor
 from rlhf_diffusion.models.loading import (
+    FLOW_KINDS,
     DiffusionModel,
     ModelLoadError,
     add_reference_copy,
@@ -58,31 +59,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def flow_method_problem(config: RunConfig, kind: str) -> str | None:
-    """Why `config.algorithm.name` cannot train a model of `kind`, or None. On an SD3 (flow-matching) model: a method
-    without `Algorithm.flow_models` is refused (every registered method has it now); those that train on the
+    """Why `config.algorithm.name` cannot train a model of `kind`, or None. On an SD3 or FLUX (flow-matching) model:
+    a method without `Algorithm.flow_models` is refused (every registered method has it now); those that train on the
     sampler's steps (`Algorithm.needs_step_density`: DDPO, GRPO, D3PO, TailorPO(-G)) need the SDE sampler
     (`sampling.flow_noise_level` > 0); a method's settings with no flow counterpart (`Algorithm.flow_problem`:
     TailorPO's `step_ranking: completion`) are refused. One message per refusal, naming the fields;
     `launch.check_inputs` gives it before any work, `load_policy` wherever a model is loaded."""
     name = config.algorithm.name
-    if kind != "sd3":
+    if kind not in FLOW_KINDS:
         return None
     method = ALGORITHM_REGISTRY[name]
+    family = {"sd3": "SD3", "flux": "FLUX"}[kind]
     if not method.flow_models:
         supported = ", ".join(sorted(n for n, cls in ALGORITHM_REGISTRY.items() if cls.flow_models))
         return (
-            f"algorithm.name: {name!r} does not train the SD3 (flow-matching) pipeline in model.pretrained "
-            f"({config.model.pretrained!r}) yet; on SD3 / SD3.5 only these methods train: {supported}"
+            f"algorithm.name: {name!r} does not train the {family} (flow-matching) pipeline in model.pretrained "
+            f"({config.model.pretrained!r}) yet; on SD3 / SD3.5 and FLUX only these methods train: {supported}"
         )
     if method.needs_step_density and config.sampling.flow_noise_level <= 0:
         return (
-            f"sampling.flow_noise_level: must be > 0 for algorithm.name {name!r} on the SD3 (flow-matching) pipeline "
-            f"in model.pretrained ({config.model.pretrained!r}): it trains on the log-probs of the sampler's steps, "
-            "and at noise level 0 (the ODE) a step has no density (Flow-GRPO samples at 0.7)"
+            f"sampling.flow_noise_level: must be > 0 for algorithm.name {name!r} on the {family} (flow-matching) "
+            f"pipeline in model.pretrained ({config.model.pretrained!r}): it trains on the log-probs of the sampler's "
+            "steps, and at noise level 0 (the ODE) a step has no density (Flow-GRPO samples at 0.7)"
         )
     problem = method.flow_problem(config)
     if problem:
-        return f"{problem} on the SD3 (flow-matching) pipeline in model.pretrained ({config.model.pretrained!r})"
+        return f"{problem} on the {family} (flow-matching) pipeline in model.pretrained ({config.model.pretrained!r})"
     return None
 
 
@@ -96,7 +98,7 @@ def policy_grid(config: RunConfig, model: DiffusionModel, *, evaluation: bool = 
     steps = config.sampling.num_steps
     if evaluation and config.sampling.eval_num_steps is not None:
         steps = config.sampling.eval_num_steps
-    if model.kind == "sd3":
+    if model.kind in FLOW_KINDS:
         size = config.model.resolution or model.resolution
         noise_level = 0.0 if evaluation else config.sampling.flow_noise_level
         return flow_grid_for(model, steps, noise_level, size, size)
@@ -106,7 +108,7 @@ def policy_grid(config: RunConfig, model: DiffusionModel, *, evaluation: bool = 
 def policy_predictor(model: DiffusionModel, guidance_scale: float, resolution: int) -> NoisePredictor:
     """The policy's CFG prediction at `resolution`: a `NoisePredictor`, or an SD3 model's `VelocityPredictor`
     (the same call shape: prediction at (x, network timestep, cond), `reference=True` for the reference)."""
-    if model.kind == "sd3":
+    if model.kind in FLOW_KINDS:
         return VelocityPredictor(model, guidance_scale, resolution, resolution)
     return NoisePredictor(model, guidance_scale, resolution, resolution)
 

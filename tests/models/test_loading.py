@@ -61,7 +61,7 @@ def test_kind_mismatch_and_bad_kind(tiny_sd15_dir, tiny_sdxl_dir):
     with pytest.raises(ModelLoadError, match="sdxl"):
         load_diffusion_model(str(tiny_sdxl_dir), kind="sd15")
     with pytest.raises(ValueError, match="kind"):
-        load_diffusion_model(str(tiny_sd15_dir), kind="flux")
+        load_diffusion_model(str(tiny_sd15_dir), kind="kandinsky")
     assert load_diffusion_model(tiny_sdxl_dir, kind="sdxl").kind == "sdxl"  # Path accepted too
 
 

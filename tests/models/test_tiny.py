@@ -50,7 +50,7 @@ def test_build_is_deterministic_given_seed(tmp_path, tiny_sd15_dir):
 
 def test_build_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="kind"):
-        build_tiny_pipeline(tmp_path, "flux")
+        build_tiny_pipeline(tmp_path, "kandinsky")  # "flux" is a kind now (test_flux.py)
     with pytest.raises(ValueError, match="resolution"):
         build_tiny_pipeline(tmp_path, "sd15", resolution=60)
 
