@@ -151,7 +151,13 @@ def check_inputs(config) -> str | None:
     a pair (`data.path`), and every custom reward builds and returns one finite score per image on a probe batch.
     Returns the problem, naming the field and file or target, or None."""
     local = Path(config.model.pretrained).expanduser()
-    if (local / "model_index.json").is_file():  # a local pipeline: its kind is known without loading it
+    if config.model.pretrained == "tiny:flux":  # a tiny FLUX pipeline: a flow model, known without building it
+        from rlhf_diffusion.workers.policy import flow_method_problem
+
+        problem = flow_method_problem(config, "flux")
+        if problem:
+            return problem
+    elif (local / "model_index.json").is_file():  # a local pipeline: its kind is known without loading it
         from rlhf_diffusion.models.loading import ModelLoadError, pipeline_kind
         from rlhf_diffusion.workers.policy import flow_method_problem
 

@@ -78,3 +78,13 @@ def test_the_final_pair_methods_train_a_flux_lora_that_the_stock_pipeline_loads(
 def test_the_step_pair_methods_train_a_flux_lora(flux_dir, tmp_path, name):
     _, result, _ = _fit(flux_dir, tmp_path, name, {"name": name}, 1, rewards=[{"name": "brightness"}])
     check_lora_changed(result.run_dir)
+
+
+def test_noise_level_zero_is_refused_for_a_step_method_on_tiny_flux_before_any_work(tmp_path, capsys):
+    """The ODE's steps have no density: launch refuses GRPO on `tiny:flux` at noise level 0 (exit 2, one line naming
+    the field and the FLUX pipeline) before building or writing anything."""
+    overrides = ["model.pretrained=tiny:flux", "algorithm={name: grpo}", "sampling.flow_noise_level=0"]
+    code, err = testing.launch_tiny(overrides, tmp_path, capsys)
+    assert code == 2 and err.startswith("error: sampling.flow_noise_level: must be > 0 for algorithm.name 'grpo'")
+    assert "FLUX (flow-matching) pipeline in model.pretrained ('tiny:flux')" in err
+    assert len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
