@@ -1,7 +1,7 @@
 """The preference methods train a tiny FLUX.1-dev-shaped pipeline in process, on the same code as SD3: Flow-GRPO
 (GRPO on the flow sampler's SDE steps, re-scored to ratio 1 before any update), Diffusion-DPO and DDE (the
-velocity-MSE pair loss), D3PO and TailorPO (SDE step pairs / candidates); each trains 1-2 iterations with a finite loss
-and a LoRA that moved, and the trained LoRA loads into the stock `FluxPipeline` with the same transformer output."""
+velocity-MSE pair loss), D3PO, TailorPO(-G), DDPO and DDE-Single; each trains 1-2 iterations with a finite loss and a
+LoRA that moved, and the trained LoRA loads into the stock `FluxPipeline` with the same transformer output."""
 
 import math
 
@@ -74,9 +74,10 @@ def test_the_final_pair_methods_train_a_flux_lora_that_the_stock_pipeline_loads(
     assert (ours - base).abs().max() > 0
 
 
-@pytest.mark.parametrize("name", ["d3po", "tailorpo"])
-def test_the_step_pair_methods_train_a_flux_lora(flux_dir, tmp_path, name):
-    _, result, _ = _fit(flux_dir, tmp_path, name, {"name": name}, 1, rewards=[{"name": "brightness"}])
+@pytest.mark.parametrize("name", ["d3po", "tailorpo", "tailorpo_g", "ddpo", "dde_single"])
+def test_the_other_methods_train_a_flux_lora_for_one_iteration(flux_dir, tmp_path, name):
+    algorithm = {"name": name, "samples_per_prompt": 2, "stat_min_count": 2} if name == "ddpo" else {"name": name}
+    _, result, _ = _fit(flux_dir, tmp_path, name, algorithm, 1, rewards=[{"name": "brightness"}])
     check_lora_changed(result.run_dir)
 
 
