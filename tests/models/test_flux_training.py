@@ -10,9 +10,14 @@ import torch
 from diffusers import FluxPipeline
 
 from rlhf_diffusion import testing
+from rlhf_diffusion.config import RewardConfig
 from rlhf_diffusion.diffusion.flow import FlowGrid
 from rlhf_diffusion.diffusion.flow_sampling import VelocityPredictor
-from rlhf_diffusion.models import predict_velocity
+from rlhf_diffusion.diffusion.sampling import initial_noise
+from rlhf_diffusion.evaluate import PromptSet, evaluate
+from rlhf_diffusion.evaluation import eval_generators
+from rlhf_diffusion.models import export_lora, predict_velocity
+from rlhf_diffusion.models.conditioning import pack_latents
 from rlhf_diffusion.models.loading import lora_disabled
 from rlhf_diffusion.testing import check_lora_changed, run_metrics, tiny_loop_trainer, tiny_trainer
 
@@ -89,3 +94,48 @@ def test_noise_level_zero_is_refused_for_a_step_method_on_tiny_flux_before_any_w
     assert code == 2 and err.startswith("error: sampling.flow_noise_level: must be > 0 for algorithm.name 'grpo'")
     assert "FLUX (flow-matching) pipeline in model.pretrained ('tiny:flux')" in err
     assert len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
+
+
+def test_flux_evaluation_is_the_stock_pipelines_ode_and_the_evaluate_cli_samples_it(flux_dir, tmp_path):
+    """A run's held-out images (the ODE, noise level 0, whatever the rollouts sample) equal the stock
+    `FluxPipeline`'s with the same initial latents (packed, as the pipeline takes them) and the exported LoRA, and
+    `python -m rlhf_diffusion.evaluate`'s sampler gives them again from the LoRA file."""
+    prompts, seeds, steps = ["a cow", "a hen"], 2, 3
+    trainer = tiny_trainer(
+        flux_dir, tmp_path, GRPO, num_steps=2, sampling={"eval_num_steps": steps, "guidance_scale": 1.0}
+    )
+    sampler = trainer.sampler
+    testing.perturb_lora(sampler, seed=7, scale=0.05)
+    assert sampler.grid.noise_level == 0.7 and sampler.eval_grid.noise_level == 0.0
+    images = sampler.evaluate(prompts, [0, 1], num_seeds=seeds).images
+    lora_file = export_lora(sampler.model, tmp_path / "lora")
+
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_file.parent)
+    for j, prompt in enumerate(prompts):
+        x_T = torch.cat([initial_noise(1, sampler.model, g) for g in eval_generators(j, seeds)])
+        stock = pipe(
+            [prompt] * seeds,
+            num_inference_steps=steps,
+            height=64,
+            width=64,
+            latents=pack_latents(x_T),
+            output_type="pt",
+        ).images
+        torch.testing.assert_close(images[j * seeds : (j + 1) * seeds], stock, atol=1e-4, rtol=0)
+
+    result = evaluate(
+        str(flux_dir),
+        PromptSet(source="inline", prompts=prompts),
+        [RewardConfig(name="brightness")],
+        [("trained", lora_file)],
+        seeds=seeds,
+        steps=steps,
+        guidance_scale=1.0,
+        device="cpu",
+        log=lambda *_: None,
+    )
+    assert result.settings["sampler"] == "flow_ode" and result.settings["kind"] == "flux"
+    torch.testing.assert_close(result.rows[1].images, images, atol=1e-4, rtol=0)
+    assert (result.rows[0].images - images).abs().max() > 1e-3  # the LoRA changes them
