@@ -520,8 +520,8 @@ def test_tiny_yaml_loads():
     )  # ours, docs/learning_signal.md
     assert [(reward.name, reward.path) for reward in cfg.rewards] == [("testbed_reward", None)]
     assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker", "checker_all"]
-    assert cfg.train.iterations == 30 and cfg.train.learning_rate == 1e-3 and cfg.train.train_batch_size == 32
-    assert cfg.checkpoint.every == 10 and cfg.prompts.eval_seeds == 2
+    assert cfg.train.iterations == 36 and cfg.train.learning_rate == 1e-3 and cfg.train.train_batch_size == 32
+    assert cfg.checkpoint.every == 12 and cfg.prompts.eval_seeds == 2 and cfg.tracking.image_grid_every == 36
     assert (cfg.prompts.train.builtin, cfg.prompts.eval.builtin) == ("testbed_train", "testbed_heldout")
 
 
