@@ -159,10 +159,15 @@ def resolve_prompts(spec: str | None, inline: Sequence[str] = (), limit: int | N
 
 
 def _model_reward_names() -> set[str]:
-    """Registered rewards whose constructor takes a `path` (they load model weights)."""
+    """Registered rewards whose constructor needs a `path` (they load model weights and ship none: `testbed_reward`
+    defaults to the shipped `testbed:reward`, as in a run config)."""
     from rlhf_diffusion.rewards import REWARD_REGISTRY
 
-    return {name for name, cls in REWARD_REGISTRY.items() if "path" in inspect.signature(cls).parameters}
+    return {
+        name
+        for name, cls in REWARD_REGISTRY.items()
+        if (param := inspect.signature(cls).parameters.get("path")) is not None and param.default is None
+    }
 
 
 def parse_reward_spec(text: str) -> dict[str, Any]:

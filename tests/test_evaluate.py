@@ -375,3 +375,20 @@ def test_the_shipped_testbed_checker_rewards_load_and_judge_a_testbed_image():
     result = _build_rewards(specs, torch.device("cpu")).score(torch.full((1, 3, 64, 64), 0.5), [caption])
     assert result.per_reward["checker_all"].tolist() == [0.0]
     assert 0.0 <= result.per_reward["checker"].item() < 1.0
+
+
+def test_the_testbed_reward_needs_no_path_as_in_a_run_config():
+    """`--reward testbed_reward` takes the shipped `testbed:reward`, as `rewards: [{name: testbed_reward}]` does in a
+    run config (it was refused as "needs its weights' location"); a path still overrides it."""
+    import torch
+
+    from rlhf_diffusion.evaluate import _build_rewards, check_rewards, parse_reward_spec
+    from rlhf_diffusion.prompts import load_builtin
+
+    entries = [parse_reward_spec("testbed_reward"), parse_reward_spec("testbed_reward@testbed:reward")]
+    entries[1]["label"] = "explicit"
+    specs = check_rewards(entries, ["--reward testbed_reward", "--reward testbed_reward@testbed:reward"])
+    caption = load_builtin("testbed_heldout")[0]
+    images = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    result = _build_rewards(specs, torch.device("cpu")).score(images, [caption, caption])
+    assert torch.equal(result.per_reward["testbed_reward"], result.per_reward["explicit"])
