@@ -143,8 +143,13 @@ def group_curve(runs: dict[str, list[dict]]) -> list[dict]:
     return curve
 
 
+def plotted_keys(curves: dict[str, list[dict]]) -> list[str]:
+    """The rewards of the curves, without evaluate's weighted `total` of them (a sum of unlike scores)."""
+    return sorted({key for curve in curves.values() for point in curve for key in point["rewards"]} - {"total"})
+
+
 def markdown(curves: dict[str, list[dict]], logged: dict[str, dict[str, list[float]]]) -> str:
-    keys = sorted({key for curve in curves.values() for point in curve for key in point["rewards"]})
+    keys = plotted_keys(curves)
     lines = []
     for key in keys:
         lines += [
@@ -184,22 +189,19 @@ def plot(curves: dict[str, list[dict]], logged: dict[str, dict[str, list[float]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({key for curve in curves.values() for point in curve for key in point["rewards"]})
+    keys = plotted_keys(curves)
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for g, (group, runs) in enumerate(logged.items()):
-        ax = axes[0]
-        for r, (run, values) in enumerate(runs.items()):
-            xs = seconds[group][run][: len(values)]
-            ax.plot(
-                xs,
-                [v - values[0] for v in values],
-                color=colours[g % len(colours)],
-                alpha=0.6,
-                lw=1,
-                label=group if r == 0 else None,
-            )
-    axes[0].set_title("training reward as logged\n(each method's own training samples)", fontsize=10)
+        n = min(len(values) for values in runs.values())
+        xs = [statistics.mean(seconds[group][run][i] for run in runs) for i in range(n)]
+        change = [statistics.mean(values[i] - values[0] for values in runs.values()) for i in range(n)]
+        smooth = [statistics.mean(change[max(0, i - 2) : i + 1]) for i in range(n)]  # mean of the last 3 iterations
+        axes[0].plot(xs, smooth, color=colours[g % len(colours)], label=group)
+    axes[0].axhline(0, color="grey", lw=0.5)
+    axes[0].set_title(
+        "training reward as logged (each method's own\ntraining samples; mean over seeds, last 3)", fontsize=10
+    )
     axes[0].set_ylabel("change from iteration 1")
     for k, key in enumerate(keys, start=1):
         ax = axes[k]
