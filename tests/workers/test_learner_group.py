@@ -135,10 +135,24 @@ def test_two_gloo_ranks_match_each_other_and_one_learner(
     if epochs == 1:
         scale = max(g.abs().max().item() for g in single.grads().values())
         assert_close(grads[0], single.grads(), "gradients", atol=1e-4 * scale)
-        assert_close(params[0], single.params(), "weights after the step", atol=1e-6)
+        # Adam's first step moves each weight by lr · g / (|g| + eps): where |g| is at the gradients' float noise
+        # (below their tolerance, 1e-4 · scale) that noise moves the step by a fraction of lr (measured: 2e-6 at
+        # |g| = 2e-7 on an AVX-512 machine, whose kernels sum a share of 3 rows and one of 5 in another order), so
+        # the weights match exactly where the gradient is signal and within one step elsewhere.
+        lr = single_config.train.learning_rate
+        noise = {k.replace(".default", ""): g.abs() <= 1e-4 * scale for k, g in single.grads().items()}
+        assert sum(int((~m).sum()) for m in noise.values()) > 0.9 * sum(m.numel() for m in noise.values())
+        for key, weight in single.params().items():
+            diff = (params[0][key] - weight).abs()
+            signal = ~noise[key]
+            assert diff[signal].max().item() <= 1e-6, f"weights after the step differ by {diff[signal].max()} at {key}"
+            assert diff.max().item() <= lr, f"weights after the step differ by {diff.max()} at {key}"
         assert_close(tables[0], single.algorithm_state(), "DDE correction tables", atol=1e-7)
         assert (tables[0]["correction_table"] != 0).sum() > 0
-        for key in ("loss", "implicit_accuracy", "mean_delta"):
+        # the loss is softplus of β_s · Δ with β_s = 1000: float noise in each pair's ε-MSE Δ (about 1e-6) is
+        # multiplied by 1000 there (measured: 9.5847 against 9.5821), not in the mean Δ
+        assert result.metrics["loss"] == pytest.approx(expected.metrics["loss"], rel=1e-3)
+        for key in ("implicit_accuracy", "mean_delta"):
             assert result.metrics[key] == pytest.approx(expected.metrics[key], rel=1e-5, abs=1e-7), key
 
 
