@@ -150,23 +150,23 @@ def check_inputs(config) -> str | None:
     """What can be checked of the run's inputs before Ray starts or a model loads: the offline data source yields
     a pair (`data.path`), and every custom reward builds and returns one finite score per image on a probe batch.
     Returns the problem, naming the field and file or target, or None."""
-    local = Path(config.model.pretrained).expanduser()
-    if config.model.pretrained == "tiny:flux":  # a tiny FLUX pipeline: a flow model, known without building it
-        from rlhf_diffusion.workers.policy import flow_method_problem
+    from rlhf_diffusion.models.sources import TINY_MODELS, TINY_PREFIX
+    from rlhf_diffusion.workers.policy import flow_method_problem
 
-        problem = flow_method_problem(config, "flux")
-        if problem:
-            return problem
+    source, kind = config.model.pretrained, None
+    local = Path(source).expanduser()
+    if source in TINY_MODELS:  # a tiny pipeline: its kind is its name, known without building it
+        kind = source.removeprefix(TINY_PREFIX)
     elif (local / "model_index.json").is_file():  # a local pipeline: its kind is known without loading it
         from rlhf_diffusion.models.loading import ModelLoadError, pipeline_kind
-        from rlhf_diffusion.workers.policy import flow_method_problem
 
         try:
-            problem = flow_method_problem(config, pipeline_kind(str(local)))
+            kind = pipeline_kind(str(local))
         except ModelLoadError as error:
             return f"model.pretrained: {error}"
-        if problem:
-            return problem
+    problem = flow_method_problem(config, kind) if kind is not None else None
+    if problem:
+        return problem
     if config.data is not None:
         from rlhf_diffusion.data.preference import PreferenceDataError, check_preference_source
 
