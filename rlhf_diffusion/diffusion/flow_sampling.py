@@ -114,30 +114,21 @@ def flow_grid_for(
         The grid (`FlowGrid.from_scheduler`; the model's scheduler is not touched).
     """
     config = model.scheduler.config
-    if model.kind == "flux":
+    flux = model.kind == "flux"
+    mu = None
+    if flux or config.get("use_dynamic_shifting", False):
         f = model.vae_scale_factor
+        patch = 2 if flux else model.unet.config.patch_size  # FLUX packs 2x2 latent patches into one token
         h, w = (height or model.resolution) // f, (width or model.resolution) // f
         mu = flow.flux_mu(
-            (h // 2) * (w // 2),
+            (h // patch) * (w // patch),
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
+            config.get("max_shift", 1.15 if flux else 1.16),
         )
-        return FlowGrid.from_scheduler(
-            model.scheduler, num_steps, noise_level, mu=mu, sigmas=flow.flux_base_sigmas(num_steps)
-        )
-    mu = None
-    if config.get("use_dynamic_shifting", False):
-        f = model.vae_scale_factor
-        patch = model.unet.config.patch_size
-        h, w = (height or model.resolution) // f, (width or model.resolution) // f
-        seq_len = (h // patch) * (w // patch)
-        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
-        slope = (max_shift - base_shift) / (max_len - base_len)
-        mu = seq_len * slope + (base_shift - slope * base_len)
-    return FlowGrid.from_scheduler(model.scheduler, num_steps, noise_level, mu=mu)
+    sigmas = flow.flux_base_sigmas(num_steps) if flux else None
+    return FlowGrid.from_scheduler(model.scheduler, num_steps, noise_level, mu=mu, sigmas=sigmas)
 
 
 def _step_noise(generator: torch.Generator | Sequence[torch.Generator] | None, shape: torch.Size) -> Tensor:
