@@ -54,22 +54,29 @@ from rlhf_diffusion.stats import paired_standard_error, sign_test_p  # noqa: E40
 from rlhf_diffusion.testbed.world import accuracy_of_checks, check  # noqa: E402
 from rlhf_diffusion.trainer import LocalTrainer  # noqa: E402
 
-METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo")
+METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo", "ddpo", "grpo")
 ATTRIBUTES = ("background", "count", "colour", "shape", "position", "binding", "all")
 
 
 def reward_images_per_iteration(config: RunConfig) -> int:
     """Images handed to the reward per training iteration (all samplers), from the config alone.
 
-    D3PO: two final images per prompt; DDE(-Single), Diffusion-DPO (online): `samples_per_prompt` (2). TailorPO:
-    `num_candidates` candidates per prompt at each of the K steps (their x̂_0 previews, the last step's are the final
-    images). TailorPO-G: the same plus, at every step, the guided winner whose reward gradient is taken.
+    D3PO: two final images per prompt; DDE(-Single), Diffusion-DPO (online), DDPO: `samples_per_prompt`; GRPO (Flow-GRPO
+    on a flow model): `group_size`. TailorPO: `num_candidates` candidates per prompt at each of the K steps (their x̂_0
+    previews, the last step's are the final images). TailorPO-G: the same plus, at every step, the guided winner
+    whose reward gradient is taken.
     """
     prompts = config.sampling.batch_size * config.resources.num_samplers
     algo, k = config.algorithm, config.sampling.num_steps
     if algo.name in ("tailorpo", "tailorpo_g"):
         return prompts * k * (algo.num_candidates + (1 if algo.name == "tailorpo_g" else 0))
-    return getattr(algo, "samples_per_prompt", 2) * prompts
+    return _images_per_prompt(config) * prompts
+
+
+def _images_per_prompt(config: RunConfig) -> int:
+    """Final images sampled per prompt by the methods that sample whole trajectories (D3PO: its pair)."""
+    algo = config.algorithm
+    return algo.group_size if algo.name == "grpo" else getattr(algo, "samples_per_prompt", 2)
 
 
 def unet_rows_per_iteration(config: RunConfig) -> int:
@@ -78,7 +85,7 @@ def unet_rows_per_iteration(config: RunConfig) -> int:
     algo, k = config.algorithm, config.sampling.num_steps
     if algo.name in ("tailorpo", "tailorpo_g"):
         return prompts * (1 + (k - 1) * algo.num_candidates)
-    return getattr(algo, "samples_per_prompt", 2) * prompts * k
+    return _images_per_prompt(config) * prompts * k
 
 
 def run_one(base: str, method: str, seed: int, budget: int, out: Path, extra: list[str]) -> dict:

@@ -261,6 +261,15 @@ class ModelConfig(_FrozenModel):
         "(Adam state is 2x the UNet) and usually several learner ranks (resources.num_learners).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
+    max_sequence_length: int | None = Field(
+        None,
+        ge=0,
+        le=512,
+        description="SD3 / FLUX only: T5 tokens in the transformer's text stream (the stock pipelines' "
+        "`max_sequence_length`; zeros in SD3 without T5). None = what the pipeline directory's call_defaults.json "
+        "says (testbed:flow was trained with 0), else the pipelines' defaults, 256 (SD3) and 512 (FLUX.1-dev). "
+        "Ignored by SD1.5 / SDXL.",
+    )
 
     @field_validator("pretrained")
     @classmethod

@@ -384,6 +384,7 @@ def evaluate(
     dtype: str = "float32",
     kind: str = "auto",
     revision: str | None = None,
+    max_sequence_length: int | None = None,
     cache_dir: str | Path = ".",
     grid_prompts: int = 8,
     image_dir: Path | None = None,
@@ -401,7 +402,8 @@ def evaluate(
         steps, eta, guidance_scale: the DDIM sampler (K steps, η in [0, 1], CFG weight); an SD3 model samples the
             ODE on its scheduler's K-step flow grid (the stock pipeline's sampler) and ignores eta.
         resolution: image side in pixels; None = the model's native size.
-        device, dtype, kind, revision: how to load the model (as the run config's `device` and `model.*`).
+        device, dtype, kind, revision, max_sequence_length: how to load the model (as the run config's `device`
+            and `model.*`).
         grid_prompts: how many prompts' images each row keeps for the grid.
         image_dir: when set, every image is also written to `image_dir/<row>/p<j>_s<s>.png`.
         log: progress lines.
@@ -428,7 +430,14 @@ def evaluate(
         raise LoraFileError(str(error)) from None
     try:
         source = resolve_model_source(model, Path(cache_dir))
-        pipeline = load_diffusion_model(source, kind=kind, dtype=DTYPES[dtype], device=torch_device, revision=revision)
+        pipeline = load_diffusion_model(
+            source,
+            kind=kind,
+            dtype=DTYPES[dtype],
+            device=torch_device,
+            revision=revision,
+            max_sequence_length=max_sequence_length,
+        )
     except ModelLoadError as error:
         raise EvaluateError(f"--model {model}: {error}") from None
     flow_model = pipeline.kind in FLOW_KINDS
@@ -814,6 +823,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kind", choices=("auto", "sd15", "sdxl"), default="auto", help="model family")
     parser.add_argument("--revision", help="hub revision of a hub-id --model")
     parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        metavar="N",
+        help="SD3 / FLUX: T5 tokens (as the run config's model.max_sequence_length); default: the model directory's "
+        "call_defaults.json, else the pipeline's default",
+    )
+    parser.add_argument(
         "--out", required=True, metavar="DIR", help="output directory (tiny:* models are built under DIR/_tiny_models)"
     )
     parser.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grid.png; default 8")
@@ -899,6 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             kind=args.kind,
             revision=args.revision,
+            max_sequence_length=args.max_sequence_length,
             cache_dir=out,
             grid_prompts=args.grid_prompts,
             image_dir=out / "images" if args.save_images else None,

@@ -41,10 +41,12 @@ def test_reward_images_per_iteration_is_what_the_samplers_measure(method, tiny_s
     assert all(
         row["driver_cpu_seconds"] > 0 for row in result.history
     )  # in process: the run's compute (equal_seconds.py)
-    # 3 prompts x 2 samplers: two final images per prompt, or n candidates (+ TailorPO-G's guided winner) per step
-    assert expected == {"tailorpo": 6 * 3 * 2, "tailorpo_g": 6 * 3 * 3}.get(method, 2 * 6)
+    # 3 prompts x 2 samplers: two final images per prompt (DDPO: 1, GRPO: its group of 16), or n candidates
+    # (+ TailorPO-G's guided winner) per step
+    per_prompt = {"ddpo": 1, "grpo": 16}.get(method, 2)
+    assert expected == {"tailorpo": 6 * 3 * 2, "tailorpo_g": 6 * 3 * 3}.get(method, per_prompt * 6)
     assert unet_rows_per_iteration(config) == (
-        {"tailorpo": 6 * (1 + 2 * 2), "tailorpo_g": 6 * (1 + 2 * 2)}.get(method, 2 * 6 * 3)
+        {"tailorpo": 6 * (1 + 2 * 2), "tailorpo_g": 6 * (1 + 2 * 2)}.get(method, per_prompt * 6 * 3)
     )
 
 
@@ -162,7 +164,7 @@ def test_per_method_overrides_are_part_of_the_settings(tmp_path, monkeypatch):
     table = (tmp_path / "table.md").read_text()
     assert "overrides of tiny.yaml: seed=1; dde also train.num_inner_epochs=10." in table
     with pytest.raises(SystemExit):
-        methods.main([*argv, "--method-set", "ddpo:train.num_inner_epochs=10"])
+        methods.main([*argv, "--method-set", "spo:train.num_inner_epochs=10"])  # not a method here
 
 
 def test_reward_label_names_the_training_reward():

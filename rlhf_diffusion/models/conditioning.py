@@ -240,7 +240,8 @@ def encode_prompts(
 
 def _encode_sd3(model: DiffusionModel, prompts: list[str]) -> TextConditioning:
     """SD3: CLIP-L ‖ CLIP-G penultimate hidden states (B, 77, D_1 + D_2), zero-padded on the feature axis to the
-    transformer's joint width, then the T5 tokens (B, 256, joint width; zeros without T5) on the sequence axis;
+    transformer's joint width, then the T5 tokens (B, 256, joint width; zeros without T5; 256 =
+    `model.max_sequence_length` when set) on the sequence axis;
     pooled = CLIP-L ‖ CLIP-G projected EOT embeddings."""
     device = model.device
     clip_encoders, clip_tokenizers = model.text_encoders[:2], model.tokenizers[:2]
@@ -253,19 +254,20 @@ def _encode_sd3(model: DiffusionModel, prompts: list[str]) -> TextConditioning:
         hidden.append(output.hidden_states[-2].to(dtype=dtype))  # (B, 77, D_k)
     clip_embeds = torch.cat(hidden, dim=-1)
     joint_dim = model.unet.config.joint_attention_dim
+    t5_length = SD3_T5_MAX_LENGTH if model.max_sequence_length is None else model.max_sequence_length
     if len(model.text_encoders) > 2:
         t5_tokenizer, t5 = model.tokenizers[2], model.text_encoders[2]
         t5_ids = t5_tokenizer(
             prompts,
             padding="max_length",
-            max_length=SD3_T5_MAX_LENGTH,
+            max_length=t5_length,
             truncation=True,
             add_special_tokens=True,
             return_tensors="pt",
         ).input_ids
         t5_embeds = t5(t5_ids.to(device))[0].to(dtype=t5.dtype)
     else:
-        t5_embeds = torch.zeros(len(prompts), SD3_T5_MAX_LENGTH, joint_dim, dtype=dtype, device=device)
+        t5_embeds = torch.zeros(len(prompts), t5_length, joint_dim, dtype=dtype, device=device)
     if clip_embeds.shape[-1] > t5_embeds.shape[-1]:
         raise ValueError(
             f"SD3 CLIP features ({clip_embeds.shape[-1]}) are wider than the T5 / joint width ({t5_embeds.shape[-1]})"
@@ -285,8 +287,9 @@ def _encode_flux(model: DiffusionModel, prompts: list[str]) -> TextConditioning:
     clip, t5 = model.text_encoders
     input_ids, _ = _tokenize(clip_tokenizer, prompts, device)
     pooled = clip(input_ids, output_hidden_states=False).pooler_output.to(dtype=clip.dtype)
+    t5_length = FLUX_T5_MAX_LENGTH if model.max_sequence_length is None else model.max_sequence_length
     t5_ids = t5_tokenizer(
-        prompts, padding="max_length", max_length=FLUX_T5_MAX_LENGTH, truncation=True, return_tensors="pt"
+        prompts, padding="max_length", max_length=t5_length, truncation=True, return_tensors="pt"
     ).input_ids
     prompt_embeds = t5(t5_ids.to(device), output_hidden_states=False)[0].to(dtype=t5.dtype)
     guidance = None

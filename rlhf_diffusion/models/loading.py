@@ -176,6 +176,9 @@ class DiffusionModel:
         flux_guidance: FLUX with `guidance_embeds` (FLUX.1-dev) only: the value its guidance-distillation embedding
             gets in every transformer call, sampling and training alike (FluxPipeline's `guidance_scale`, 3.5 by
             default); `conditioning.encode_prompts` puts it in the conditioning. Not classifier-free guidance.
+        max_sequence_length: SD3 / FLUX: how many T5 tokens the text stream carries (the stock pipelines'
+            `max_sequence_length` argument; zeros in SD3 without T5); None = their defaults, 256 (SD3) and 512
+            (FLUX). A pipeline directory trained with another value says so in its `CALL_DEFAULTS_FILE`.
     """
 
     kind: Literal["sd15", "sdxl", "sd3", "flux"]
@@ -189,6 +192,7 @@ class DiffusionModel:
     preview_vae: AutoencoderTiny | None = None
     reference_unet: UNet2DConditionModel | SD3Transformer2DModel | FluxTransformer2DModel | None = None
     flux_guidance: float = FLUX_DEFAULT_GUIDANCE
+    max_sequence_length: int | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -310,6 +314,7 @@ def load_diffusion_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     revision: str | None = None,
+    max_sequence_length: int | None = None,
 ) -> DiffusionModel:
     """Loads the frozen components of an SD1.5, SDXL, SD3 / SD3.5 or FLUX.1 pipeline.
 
@@ -329,6 +334,8 @@ def load_diffusion_model(
         dtype: dtype of the denoising network and text encoders. The VAE is always float32.
         device: where all components are placed.
         revision: hub revision (branch, tag or commit); ignored for local directories.
+        max_sequence_length: SD3 / FLUX T5 tokens (`DiffusionModel.max_sequence_length`); None = the value in the
+            directory's `CALL_DEFAULTS_FILE` if it has one (the flow testbed's: 0), else the pipeline's default.
 
     Returns:
         The components, all with `requires_grad=False` and in eval mode.
@@ -358,6 +365,16 @@ def load_diffusion_model(
         name: _load_component(cls, source, name, revision, index, torch.float32 if name == "vae" else dtype)
         for name, cls in components.items()
     }
+    origin = "max_sequence_length"
+    if max_sequence_length is None:
+        max_sequence_length = call_defaults(source).get("max_sequence_length")
+        origin = f"{Path(source) / CALL_DEFAULTS_FILE}: max_sequence_length"
+    if max_sequence_length is not None and (
+        isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 0
+    ):
+        raise ModelLoadError(f"{origin} must be an integer >= 0, got {max_sequence_length!r}")
+    if max_sequence_length == 0 and "text_encoder_3" in parts:
+        raise ModelLoadError("max_sequence_length 0 needs a pipeline without T5 (T5 cannot tokenize into 0 tokens)")
     encoder_names = [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if name in parts]
     tokenizer_names = [name for name in ("tokenizer", "tokenizer_2", "tokenizer_3") if name in parts]
     return DiffusionModel(
@@ -369,7 +386,27 @@ def load_diffusion_model(
         scheduler=parts["scheduler"],
         source=source,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        max_sequence_length=max_sequence_length,
     )
+
+
+# A JSON file beside model_index.json that diffusers ignores: the call arguments a pipeline directory was trained
+# with where they differ from the stock pipeline's defaults (the flow testbed: {"max_sequence_length": 0}).
+CALL_DEFAULTS_FILE = "call_defaults.json"
+
+
+def call_defaults(source: str) -> dict:
+    """The `CALL_DEFAULTS_FILE` of a local pipeline directory; {} for a hub id or a directory without one."""
+    path = Path(source) / CALL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path}: unreadable ({error})") from None
+    if not isinstance(values, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    return values
 
 
 def load_preview_decoder(path: str | Path, model: DiffusionModel) -> AutoencoderTiny:

@@ -1,6 +1,8 @@
-"""The shipped testbed models (`testbed:pipeline`, `testbed:clip`), trained by `python -m rlhf_diffusion.testbed.train`.
+"""The shipped testbed models (`testbed:pipeline`, `testbed:clip`, `testbed:reward`, `testbed:flow`), trained by
+`python -m rlhf_diffusion.testbed.train` (the first two), `testbed.reward_model` and `testbed.train_flow`.
 
     model:   {pretrained: "testbed:pipeline"}                   # diffusers StableDiffusionPipeline directory
+    model:   {pretrained: "testbed:flow"}                       # diffusers StableDiffusion3Pipeline directory
     rewards: [{name: clip_score, path: "testbed:clip"}]         # transformers CLIPModel directory
     rewards: [{name: testbed_reward, path: "testbed:reward"}]   # learned checker model (testbed/reward_model.py)
 
@@ -18,7 +20,19 @@ __all__ = ["TESTBED_DIR", "TESTBED_MODELS", "TESTBED_PREFIX", "is_testbed_ref", 
 
 TESTBED_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed"
 # name -> the file that must exist in its directory
-TESTBED_MODELS: dict[str, str] = {"pipeline": "model_index.json", "clip": "config.json", "reward": "model.safetensors"}
+TESTBED_MODELS: dict[str, str] = {
+    "pipeline": "model_index.json",
+    "clip": "config.json",
+    "reward": "model.safetensors",
+    "flow": "model_index.json",
+}
+# name -> the command that builds it
+BUILD_COMMANDS: dict[str, str] = {
+    "pipeline": f"python -m rlhf_diffusion.testbed.train --out {TESTBED_DIR}",
+    "clip": f"python -m rlhf_diffusion.testbed.train --out {TESTBED_DIR}",
+    "reward": f"python -m rlhf_diffusion.testbed.reward_model --out {TESTBED_DIR / 'reward'}",
+    "flow": f"python -m rlhf_diffusion.testbed.train_flow --out {TESTBED_DIR / 'flow'}",
+}
 
 
 def is_testbed_ref(value: str) -> bool:
@@ -41,7 +55,6 @@ def resolve_testbed(ref: str) -> str:
     path = TESTBED_DIR / name
     if not (path / TESTBED_MODELS[name]).exists():
         raise FileNotFoundError(
-            f"testbed model {ref!r}: {path} has no {TESTBED_MODELS[name]}; build it with "
-            f"`python -m rlhf_diffusion.testbed.train --out {TESTBED_DIR}`"
+            f"testbed model {ref!r}: {path} has no {TESTBED_MODELS[name]}; build it with `{BUILD_COMMANDS[name]}`"
         )
     return str(path)

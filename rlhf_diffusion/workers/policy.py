@@ -123,7 +123,12 @@ def load_policy(config: RunConfig, source: str, device: torch.device, *, for_tra
     With `model.finetune: full` no LoRA is attached; `for_training` (the learner) then makes the UNet trainable
     float32 weights and keeps a frozen reference copy in `model.dtype` (samplers need neither)."""
     model = load_diffusion_model(
-        source, kind=config.model.kind, dtype=DTYPES[config.model.dtype], device=device, revision=config.model.revision
+        source,
+        kind=config.model.kind,
+        dtype=DTYPES[config.model.dtype],
+        device=device,
+        revision=config.model.revision,
+        max_sequence_length=config.model.max_sequence_length,
     )
     problem = flow_method_problem(config, model.kind)
     if problem:

@@ -174,6 +174,46 @@ def test_encode_prompts_matches_the_stock_pipeline(any_sd3_dir):
     torch.testing.assert_close(uncond.pooled_prompt_embeds, negative_pooled, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("length", [0, 7])
+def test_max_sequence_length_sets_the_t5_tokens_as_the_stock_pipeline_does(any_sd3_dir, tmp_path, length):
+    """`max_sequence_length` (config `model.max_sequence_length`, a directory's call_defaults.json) gives the T5 part
+    of the text stream the length the stock pipeline's argument of that name gives it, T5 or zeros."""
+    import shutil
+
+    from rlhf_diffusion.models.loading import CALL_DEFAULTS_FILE
+
+    pipe = _stock_pipeline(any_sd3_dir)
+    if length == 0 and pipe.text_encoder_3 is not None:  # T5 cannot tokenize into 0 tokens; refused at loading
+        with pytest.raises(ModelLoadError, match="max_sequence_length 0 needs a pipeline without T5"):
+            load_diffusion_model(str(any_sd3_dir), max_sequence_length=0)
+        return
+    with torch.no_grad():
+        embeds, *_ = pipe.encode_prompt(
+            PROMPTS,
+            PROMPTS,
+            PROMPTS,
+            device=torch.device("cpu"),
+            do_classifier_free_guidance=False,
+            max_sequence_length=length,
+        )
+    by_argument = encode_prompts(load_diffusion_model(str(any_sd3_dir), max_sequence_length=length), PROMPTS)
+    assert by_argument.prompt_embeds.shape == (2, 77 + length, SD3_JOINT_DIM)
+    torch.testing.assert_close(by_argument.prompt_embeds, embeds, atol=1e-6, rtol=0)
+
+    marked = tmp_path / "marked"
+    shutil.copytree(any_sd3_dir, marked)
+    (marked / CALL_DEFAULTS_FILE).write_text(json.dumps({"max_sequence_length": length}))
+    from_file = load_diffusion_model(str(marked))
+    assert from_file.max_sequence_length == length
+    torch.testing.assert_close(encode_prompts(from_file, PROMPTS).prompt_embeds, embeds, atol=1e-6, rtol=0)
+    assert load_diffusion_model(str(marked), max_sequence_length=3).max_sequence_length == 3  # the argument wins
+    assert load_diffusion_model(str(any_sd3_dir)).max_sequence_length is None  # no file: the pipeline's default
+
+    (marked / CALL_DEFAULTS_FILE).write_text("[1, 2")
+    with pytest.raises(ModelLoadError, match=CALL_DEFAULTS_FILE):
+        load_diffusion_model(str(marked))
+
+
 def test_predict_velocity_equals_the_stock_transformer_call(sd3_dir):
     model = load_diffusion_model(str(sd3_dir))
     cond = encode_prompts(model, PROMPTS)
