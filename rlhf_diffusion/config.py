@@ -209,6 +209,10 @@ class LoraConfig(_FrozenModel):
     )
 
 
+# FLUX.1-dev's guidance-embedding value: FluxPipeline's default `guidance_scale` [C].
+FLUX_DEFAULT_GUIDANCE = 3.5
+
+
 class ModelConfig(_FrozenModel):
     """Which pretrained pipeline to fine-tune and how to load it."""
 
@@ -269,6 +273,14 @@ class ModelConfig(_FrozenModel):
         "`max_sequence_length`; zeros in SD3 without T5). None = what the pipeline directory's call_defaults.json "
         "says (testbed:flow was trained with 0), else the pipelines' defaults, 256 (SD3) and 512 (FLUX.1-dev). "
         "Ignored by SD1.5 / SDXL.",
+    )
+    flux_guidance: float = Field(
+        FLUX_DEFAULT_GUIDANCE,
+        ge=0,
+        description="FLUX.1-dev (a guidance-distilled transformer, `guidance_embeds`) only: the value of its "
+        "guidance embedding in every transformer call, sampling and training alike (FluxPipeline's `guidance_scale`; "
+        "default 3.5, FluxPipeline's [C]). Not classifier-free guidance (that is sampling.guidance_scale, 1 for "
+        "FLUX). Ignored by other models, FLUX.1-schnell included (no guidance embedding).",
     )
 
     @field_validator("pretrained")

@@ -385,6 +385,7 @@ def evaluate(
     kind: str = "auto",
     revision: str | None = None,
     max_sequence_length: int | None = None,
+    flux_guidance: float | None = None,
     cache_dir: str | Path = ".",
     grid_prompts: int = 8,
     image_dir: Path | None = None,
@@ -402,8 +403,8 @@ def evaluate(
         steps, eta, guidance_scale: the DDIM sampler (K steps, η in [0, 1], CFG weight); an SD3 model samples the
             ODE on its scheduler's K-step flow grid (the stock pipeline's sampler) and ignores eta.
         resolution: image side in pixels; None = the model's native size.
-        device, dtype, kind, revision, max_sequence_length: how to load the model (as the run config's `device`
-            and `model.*`).
+        device, dtype, kind, revision, max_sequence_length, flux_guidance: how to load the model (as the run
+            config's `device` and `model.*`; flux_guidance None = FluxPipeline's default 3.5).
         grid_prompts: how many prompts' images each row keeps for the grid.
         image_dir: when set, every image is also written to `image_dir/<row>/p<j>_s<s>.png`.
         log: progress lines.
@@ -438,6 +439,8 @@ def evaluate(
             revision=revision,
             max_sequence_length=max_sequence_length,
         )
+        if flux_guidance is not None:
+            pipeline.flux_guidance = flux_guidance
     except ModelLoadError as error:
         raise EvaluateError(f"--model {model}: {error}") from None
     flow_model = pipeline.kind in FLOW_KINDS
@@ -823,6 +826,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kind", choices=("auto", "sd15", "sdxl"), default="auto", help="model family")
     parser.add_argument("--revision", help="hub revision of a hub-id --model")
     parser.add_argument(
+        "--flux-guidance",
+        type=float,
+        metavar="G",
+        help="FLUX.1-dev: its guidance embedding's value (as the run config's model.flux_guidance); default 3.5",
+    )
+    parser.add_argument(
         "--max-sequence-length",
         type=int,
         metavar="N",
@@ -916,6 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind=args.kind,
             revision=args.revision,
             max_sequence_length=args.max_sequence_length,
+            flux_guidance=args.flux_guidance,
             cache_dir=out,
             grid_prompts=args.grid_prompts,
             image_dir=out / "images" if args.save_images else None,

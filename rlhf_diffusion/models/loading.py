@@ -60,6 +60,7 @@ from transformers import (
     T5Tokenizer,
 )
 
+from rlhf_diffusion.config import FLUX_DEFAULT_GUIDANCE
 from rlhf_diffusion.models.lora import LORA_WEIGHT_NAME, _require_lora, export_lora
 from rlhf_diffusion.models.sources import is_hub_id
 
@@ -135,8 +136,6 @@ _DENOISER = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "tran
 _KINDS = ("sd15", "sdxl", "sd3", "flux")
 # The flow-matching (velocity-predicting transformer) kinds: sampled by `diffusion/flow_sampling.py`.
 FLOW_KINDS = ("sd3", "flux")
-# FluxPipeline's default `guidance_scale`: the value FLUX.1-dev's guidance-distillation embedding is given.
-FLUX_DEFAULT_GUIDANCE = 3.5
 
 # DDIM settings a non-DDIM scheduler config may not state, where DDIMScheduler's own defaults (pixel-space x0
 # clipping, ᾱ_prev = 1 at the last step) are wrong for latent diffusion; the SD / SDXL configs state these values.

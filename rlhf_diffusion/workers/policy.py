@@ -130,6 +130,7 @@ def load_policy(config: RunConfig, source: str, device: torch.device, *, for_tra
         revision=config.model.revision,
         max_sequence_length=config.model.max_sequence_length,
     )
+    model.flux_guidance = config.model.flux_guidance
     problem = flow_method_problem(config, model.kind)
     if problem:
         raise ModelLoadError(problem)

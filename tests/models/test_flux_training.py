@@ -17,7 +17,7 @@ from rlhf_diffusion.diffusion.sampling import initial_noise
 from rlhf_diffusion.evaluate import PromptSet, evaluate
 from rlhf_diffusion.evaluation import eval_generators
 from rlhf_diffusion.models import export_lora, predict_velocity
-from rlhf_diffusion.models.conditioning import pack_latents
+from rlhf_diffusion.models.conditioning import encode_prompts, pack_latents
 from rlhf_diffusion.models.loading import lora_disabled
 from rlhf_diffusion.testing import check_lora_changed, run_metrics, tiny_loop_trainer, tiny_trainer
 
@@ -49,6 +49,16 @@ def test_flow_grpo_rollout_rescored_to_ratio_one_and_kl_zero(flux_dir, tmp_path)
     assert batch.pairs.state.shape[1:] == (16, 16, 16) and torch.isfinite(batch.pairs.log_prob).all()
     metrics = testing.check_ratio_one_on_the_first_step(trainer, batch)
     assert metrics["log_ratio_abs_max"] < 1e-6 and metrics["clipfrac"] == 0.0 and metrics["kl"] == 0.0
+
+
+def test_model_flux_guidance_is_the_guidance_embedding_of_every_call(flux_dir, tmp_path):
+    """`model.flux_guidance` (FluxPipeline's `guidance_scale`) reaches the conditioning of sampling and training."""
+    default = tiny_trainer(flux_dir, tmp_path / "a", GRPO)
+    assert default.model.flux_guidance == 3.5
+    trainer = tiny_trainer(flux_dir, tmp_path / "b", GRPO, model={"flux_guidance": 2.0})
+    assert trainer.model.flux_guidance == 2.0
+    cond = encode_prompts(trainer.model, PROMPTS)
+    assert torch.equal(cond.guidance, torch.full((3, 1), 2.0))
 
 
 def test_flow_grpo_trains_a_flux_lora(flux_dir, tmp_path):
