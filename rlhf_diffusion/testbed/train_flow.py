@@ -333,7 +333,7 @@ def train_flow_testbed(out: Path, s: FlowTrainSettings, log: Callable[[str], Non
     images, captions = loaded["images"], [str(c) for c in loaded["captions"]]
     vae = sd3_latent_vae(_vae_dir(s), images)
     card["vae"] = {
-        "source": _vae_dir(s),
+        "source": s.vae or "testbed:pipeline/vae",
         "shift_factor": vae.config.shift_factor,
         "scaling_factor": vae.config.scaling_factor,
     }
