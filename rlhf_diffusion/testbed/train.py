@@ -608,13 +608,7 @@ def evaluate_pipeline(pipeline_dir: Path, s: TrainSettings, log, grid_path: Path
         f"{time.time() - t0:.0f} s): {acc}"
     )
     if grid_path is not None:
-        from PIL import Image
-
-        rng = np.random.default_rng(0)
-        pick = sorted(rng.choice(len(captions), size=16, replace=False))
-        rows = [np.concatenate([images_np[j * k + m] for m in range(k)], axis=1) for j in pick]
-        Image.fromarray(np.concatenate(rows, axis=0)).resize((k * 128, 16 * 128), Image.NEAREST).save(grid_path)
-        (grid_path.with_suffix(".txt")).write_text("\n".join(captions[j] for j in pick) + "\n")
+        write_sample_grid(images_np, captions, k, grid_path)
     return {
         "checker_accuracy": acc,
         "images": len(prompts),
@@ -622,6 +616,18 @@ def evaluate_pipeline(pipeline_dir: Path, s: TrainSettings, log, grid_path: Path
         "guidance": s.eval_guidance,
         "eta": 1.0,
     }
+
+
+def write_sample_grid(images: np.ndarray, captions: Sequence[str], k: int, path: Path) -> None:
+    """A PNG of 16 fixed captions (rows) x their `k` images (`images` caption-major, k per caption), 128 px a cell,
+    and the captions beside it in `path` with the suffix .txt."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pick = sorted(rng.choice(len(captions), size=16, replace=False))
+    rows = [np.concatenate([images[j * k + m] for m in range(k)], axis=1) for j in pick]
+    Image.fromarray(np.concatenate(rows, axis=0)).resize((k * 128, 16 * 128), Image.NEAREST).save(path)
+    path.with_suffix(".txt").write_text("\n".join(captions[j] for j in pick) + "\n")
 
 
 PROMPT_SPLIT = dict(seed=0, held_out_fraction=0.2)

@@ -54,6 +54,7 @@ from rlhf_diffusion.testbed.train import (
     _tokens,
     build_world_tokenizer,
     render_dataset,
+    write_sample_grid,
 )
 
 __all__ = ["FlowTrainSettings", "TESTBED_FLOW_T5_TOKENS", "main", "train_flow_testbed"]
@@ -304,13 +305,7 @@ def evaluate_flow_pipeline(
     acc = world.batch_accuracy(list(images_np), prompts)
     log(f"[eval] shift {shift}: checker accuracy ({len(prompts)} images, {time.time() - t0:.0f} s): {acc}")
     if grid_path is not None:
-        from PIL import Image
-
-        rng = np.random.default_rng(0)
-        pick = sorted(rng.choice(len(captions), size=16, replace=False))
-        rows = [np.concatenate([images_np[j * k + m] for m in range(k)], axis=1) for j in pick]
-        Image.fromarray(np.concatenate(rows, axis=0)).resize((k * 128, 16 * 128), Image.NEAREST).save(grid_path)
-        grid_path.with_suffix(".txt").write_text("\n".join(captions[j] for j in pick) + "\n")
+        write_sample_grid(images_np, captions, k, grid_path)
     return {"checker_accuracy": acc, "images": len(prompts), "steps": s.eval_steps, "guidance": s.eval_guidance}
 
 
