@@ -799,6 +799,13 @@ class GRPOConfig(_PolicyGradientConfig):
         description="The last N denoising transitions are sampled but not trained on. Default 1: DanceGRPO's SD "
         "path never trains the last DDIM step [C] (Flow-GRPO drops it too [C]); 0 = every step.",
     )
+    global_std: bool = Field(
+        False,
+        description="Normalise the advantages by one std for all groups, the population std of every reward of the "
+        "sampler's shard + 1e-4, instead of each group's own (Flow-GRPO's `sample.global_std`, set in most of "
+        "flow_grpo's configs [C]; there the std is over the whole iteration's rewards, here over one sampler's "
+        "prompts x G images, since advantages are computed at rollout). Default False = DanceGRPO's per-group std.",
+    )
 
 
 AlgorithmConfig = Annotated[

@@ -4,7 +4,8 @@ PPO-clip; as DanceGRPO's SD path, XueZeyue/DanceGRPO, and Flow-GRPO, yifan123/fl
 
 Samples: a group of G = `group_size` independent stochastic DDIM trajectories per prompt (fresh x_T each), recording
          every state, action and the per-element-mean log-prob ℓ_old of each action (§9a) [C].
-Advantage: within the group, A_i = (r_i − mean_G r)/(std_G r + 1e-8), unbiased std (DanceGRPO [C]); a group whose
+Advantage: within the group, A_i = (r_i − mean_G r)/(std_G r + 1e-8), unbiased std (DanceGRPO [C]); with `global_std`
+         one std for the sampler's whole shard, population std + 1e-4 (Flow-GRPO's option [C]); a group whose
          rewards are all equal gets A = 0 exactly and its trajectories are not emitted (Flow-GRPO drops samples
          whose advantage is zero [C]: they carry no gradient). Computed at rollout: a group never spans two shards.
 Example: one DDIM step of one trajectory (`TrajectoryStepBatch`, shared with DDPO), a random floor(`timestep_fraction`
@@ -33,15 +34,25 @@ from rlhf_diffusion.models.conditioning import TextConditioning
 __all__ = ["GRPO", "group_advantages"]
 
 
-def group_advantages(rewards: Tensor, eps: float = 1e-8) -> Tensor:
+# Flow-GRPO's std floor with `global_std` (flow_grpo stat_tracking.py: np.std(rewards) + 1e-4 [C]).
+GLOBAL_STD_EPS = 1e-4
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-8, *, global_std: bool = False) -> Tensor:
     """Group-normalised advantages: (P, G) rewards → (P, G) A = (r − mean_G r)/(std_G r + eps) per row (one row =
-    one prompt's group), with the unbiased std (torch.std, DanceGRPO [C]). A row whose rewards are all equal gets
-    A = 0 exactly (the floating-point mean of equal values need not equal them)."""
+    one prompt's group), with the unbiased std (torch.std, DanceGRPO [C]). With `global_std` (Flow-GRPO's option
+    [C]) the denominator is one std for all rows: the population std of every reward in `rewards` + 1e-4
+    (`GLOBAL_STD_EPS`, `eps` unused), so a prompt whose images differ little gets small advantages instead of
+    unit-scale ones. A row whose rewards are all equal gets A = 0 exactly (the floating-point mean of equal values
+    need not equal them)."""
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (P, G) with G >= 2, got {tuple(rewards.shape)}")
     values = rewards.double()
     mean = values.mean(dim=1, keepdim=True)
-    std = values.std(dim=1, keepdim=True)
+    if global_std:
+        std, eps = values.std(unbiased=False), GLOBAL_STD_EPS
+    else:
+        std = values.std(dim=1, keepdim=True)
     advantages = (values - mean) / (std + eps)
     constant = (values == values[:, :1]).all(dim=1, keepdim=True)
     return torch.where(constant, torch.zeros_like(advantages), advantages).float()
@@ -60,7 +71,7 @@ class GRPO(PolicyGradientAlgorithm):
         sampled = sample_trajectory_steps(
             ctx, prompts, cond, cfg.group_size, cfg.timestep_fraction, cfg.skip_final_steps
         )
-        advantages = group_advantages(sampled.rewards)  # (P, G)
+        advantages = group_advantages(sampled.rewards, global_std=cfg.global_std)  # (P, G)
         steps = sampled.steps
         steps.advantage = advantages[steps.prompt_index, steps.sample_index]
         constant = (advantages == 0).all(dim=1)  # groups with nothing to learn from

@@ -44,6 +44,16 @@ def test_group_advantages_hand_values():
         group_advantages(torch.tensor([[1.0], [2.0]]))
 
 
+def test_global_std_advantages_hand_values():
+    """Flow-GRPO's global_std: each group's mean, one population std over all rewards + 1e-4 [C]."""
+    rewards = torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 4.0]])
+    # all six: mean 2, population variance (1 + 1 + 0 + 0 + 4 + 4) / 6 = 5/3
+    std = (5 / 3) ** 0.5 + 1e-4
+    expected = torch.tensor([[-1 / std, 1 / std], [0.0, 0.0], [-2 / std, 2 / std]])
+    torch.testing.assert_close(group_advantages(rewards, global_std=True), expected, atol=1e-6, rtol=0)
+    assert (group_advantages(torch.full((2, 3), 0.1), global_std=True) == 0).all()  # no spread: exactly 0
+
+
 def test_equal_sigma_gaussian_kl_hand_value():
     """KL(N(μ_θ, σ²I) ‖ N(μ_ref, σ²I)) per element = mean (μ_θ − μ_ref)² / (2σ²): 0.3² / (2 · 0.5²) = 0.18."""
     mean_ref = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
@@ -81,6 +91,15 @@ def test_rollout_groups_advantages_and_zero_std_groups(tiny_sd15_dir, tmp_path):
     expected = group_advantages(batch.rewards)
     torch.testing.assert_close(ex.advantage, expected[ex.prompt_index, ex.sample_index])
     assert batch.metrics["zero_std_fraction"] == pytest.approx(1 / 3)
+
+    trainer = tiny_trainer(
+        tiny_sd15_dir, tmp_path / "g", {"name": "grpo", "group_size": 3, "global_std": True}, settings=SETTINGS
+    )
+    ctx = dataclasses.replace(trainer.rollout_context(), reward_fn=reward_fn)
+    batch = trainer.algorithm.rollout(ctx, PROMPTS, trainer.encode(PROMPTS))
+    expected = group_advantages(batch.rewards, global_std=True)
+    torch.testing.assert_close(batch.pairs.advantage, expected[batch.pairs.prompt_index, batch.pairs.sample_index])
+    assert set(batch.pairs.prompt_index.tolist()) == {0, 2}  # the zero-spread group is still dropped
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
