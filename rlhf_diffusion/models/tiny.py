@@ -24,6 +24,7 @@ FLUX.1 (`kind="flux"`, `FluxPipeline`, FLUX.1-dev-shaped: guidance embedding, dy
     image (B, 3, 64, 64)  <-> VAE (16 latent channels, FLUX's shift + scale) <->  latents (B, 16, 16, 16)
     latents -> packed 2x2 patches -> 64 tokens of 64 inputs (FluxTransformer2DModel, 1 double + 1 single block)
     prompt -> CLIP-L pooled output (B, 32); T5 tokens (B, 512, 64) (the T5 tokenizer built offline, as for SD3)
+    `schnell=True`: FLUX.1-schnell-shaped instead: no guidance embedding, the static shift 1 (its scheduler config)
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ FLUX_SCHEDULER_CONFIG = dict(
     base_image_seq_len=256,
     max_image_seq_len=4096,
 )
+# FLUX.1-schnell's scheduler (black-forest-labs/FLUX.1-schnell scheduler/scheduler_config.json): a static shift of 1,
+# no dynamic shifting (FluxPipeline still computes μ; the scheduler ignores it).
+FLUX_SCHNELL_SCHEDULER_CONFIG = {**FLUX_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
 # Width of the tiny FLUX transformer's text tokens (T5's d_model; 4096 for the real T5-XXL).
 FLUX_JOINT_DIM = 64
 
@@ -320,11 +324,11 @@ def _build_sd3(out_dir: Path, resolution: int, seed: int, *, t5: bool, sd35: boo
     pipe.save_pretrained(out_dir)
 
 
-def _flux_transformer() -> FluxTransformer2DModel:
+def _flux_transformer(*, schnell: bool = False) -> FluxTransformer2DModel:
     # 1 double-stream (MMDiT) block and 1 single-stream block of width 2 heads x 16 = 32 over the packed 2x2 latent
     # patches (16 channels x 4 = 64 inputs per token); rotary axes (4, 6, 6) sum to the head dim, as (16, 56, 56)
     # to FLUX.1's 128. The pooled projection takes CLIP-L's pooled output (32), the text tokens T5's (64); FLUX.1-dev's
-    # guidance-distillation embedding is on.
+    # guidance-distillation embedding is on (off for FLUX.1-schnell, which is timestep-distilled instead).
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * SD3_LATENT_CHANNELS,
@@ -334,23 +338,25 @@ def _flux_transformer() -> FluxTransformer2DModel:
         num_attention_heads=2,
         joint_attention_dim=FLUX_JOINT_DIM,
         pooled_projection_dim=TEXT_HIDDEN_SIZE,
-        guidance_embeds=True,
+        guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6),
     )
 
 
-def _build_flux(out_dir: Path, resolution: int, seed: int) -> None:
+def _build_flux(out_dir: Path, resolution: int, seed: int, *, schnell: bool) -> None:
     torch.manual_seed(seed)
     vae = _vae("flux", resolution)
     torch.manual_seed(seed)
-    transformer = _flux_transformer()
+    transformer = _flux_transformer(schnell=schnell)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_text_config())
     tokenizer_2 = build_t5_tokenizer()
     torch.manual_seed(seed + 1)
     text_encoder_2 = _t5_encoder(len(tokenizer_2), d_model=FLUX_JOINT_DIM)
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            **(FLUX_SCHNELL_SCHEDULER_CONFIG if schnell else FLUX_SCHEDULER_CONFIG)
+        ),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=build_clip_tokenizer(),
@@ -369,6 +375,7 @@ def build_tiny_pipeline(
     seed: int = 0,
     t5: bool = False,
     sd35: bool = False,
+    schnell: bool = False,
 ) -> Path:
     """Builds a tiny random-weight SD1.5, SDXL, SD3 or FLUX pipeline and saves it as a diffusers pipeline directory.
 
@@ -387,13 +394,14 @@ def build_tiny_pipeline(
         t5: SD3 only: include the third text encoder (a tiny `T5EncoderModel` with the offline `build_t5_tokenizer`);
             without it `text_encoder_3` / `tokenizer_3` are None and the pipeline feeds zeros in T5's place.
         sd35: SD3 only: the SD3.5 transformer (RMS qk-norm; a dual-attention first block as in SD3.5-medium).
+        schnell: FLUX only: FLUX.1-schnell-shaped (no guidance embedding, static shift 1) instead of FLUX.1-dev.
 
     Returns:
         `out_dir` as a `Path`.
 
     Raises:
         ValueError: `kind` is not one of "sd15", "sdxl", "sd3", "flux", `resolution` is not a positive multiple of 8, or
-            `t5` / `sd35` is set for a kind other than "sd3".
+            `t5` / `sd35` is set for a kind other than "sd3" (`schnell` other than "flux").
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -401,9 +409,11 @@ def build_tiny_pipeline(
         raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
     if kind != "sd3" and (t5 or sd35):
         raise ValueError(f"t5 and sd35 apply to kind 'sd3' only, got kind {kind!r}")
+    if kind != "flux" and schnell:
+        raise ValueError(f"schnell applies to kind 'flux' only, got kind {kind!r}")
     out_dir = Path(out_dir)
     if kind == "flux":
-        _build_flux(out_dir, resolution, seed)
+        _build_flux(out_dir, resolution, seed, schnell=schnell)
         return out_dir
     if kind == "sd3":
         _build_sd3(out_dir, resolution, seed, t5=t5, sd35=sd35)
