@@ -372,7 +372,8 @@ def load_diffusion_model(
         isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 0
     ):
         raise ModelLoadError(f"{origin} must be an integer >= 0, got {max_sequence_length!r}")
-    if max_sequence_length == 0 and "text_encoder_3" in parts:
+    has_t5 = detected == "flux" or "text_encoder_3" in parts  # FLUX's T5 is its text_encoder_2
+    if max_sequence_length == 0 and has_t5:
         raise ModelLoadError("max_sequence_length 0 needs a pipeline without T5 (T5 cannot tokenize into 0 tokens)")
     encoder_names = [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if name in parts]
     tokenizer_names = [name for name in ("tokenizer", "tokenizer_2", "tokenizer_3") if name in parts]

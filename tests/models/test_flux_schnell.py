@@ -76,3 +76,11 @@ def test_flow_grpo_trains_a_schnell_lora(schnell_dir, tmp_path):
 def test_schnell_is_refused_for_other_kinds(tmp_path):
     with pytest.raises(ValueError, match="schnell applies to kind 'flux' only"):
         build_tiny_pipeline(tmp_path, "sd3", schnell=True)
+
+
+def test_no_t5_tokens_is_refused_for_flux_whose_t5_is_text_encoder_2(schnell_dir):
+    from rlhf_diffusion.models.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="max_sequence_length 0 needs a pipeline without T5"):
+        load_diffusion_model(str(schnell_dir), max_sequence_length=0)
+    assert load_diffusion_model(str(schnell_dir), max_sequence_length=7).max_sequence_length == 7
