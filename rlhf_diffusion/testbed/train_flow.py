@@ -311,8 +311,9 @@ def evaluate_flow_pipeline(
 
 
 def train_flow_testbed(out: Path, s: FlowTrainSettings, log: Callable[[str], None] = print) -> dict:
-    """Renders the data, trains, saves `<out>` (the pipeline directory) and `<out>/../flow_card.json`-style card
-    (`<out>/card.json` is not read by diffusers), and evaluates each candidate shift."""
+    """Renders the data, trains, evaluates each candidate shift, saves `<out>` (the pipeline directory) with the
+    best, and writes the card `<out>/../<name>_card.json` beside it; renders and the training checkpoint are cached
+    in `<out>/../_cache_<name>` (a rerun resumes from it)."""
     torch.set_num_threads(s.threads)
     out.mkdir(parents=True, exist_ok=True)
     cache = out.parent / f"_cache_{out.name}"
@@ -327,6 +328,7 @@ def train_flow_testbed(out: Path, s: FlowTrainSettings, log: Callable[[str], Non
         log(f"[data] {s.n_images} renders in {time.time() - t0:.0f} s")
     loaded = np.load(data_file)
     images, captions = loaded["images"], [str(c) for c in loaded["captions"]]
+    torch.manual_seed(s.seed + 9)  # the posterior samples the latent statistics are measured on
     vae = sd3_latent_vae(_vae_dir(s), images)
     card["vae"] = {
         "source": s.vae or "testbed:pipeline/vae",
