@@ -219,8 +219,9 @@ class ModelConfig(_FrozenModel):
     pretrained: str = Field(
         description="The base pipeline: a local diffusers pipeline directory, a Hugging Face hub id ('org/name', "
         "e.g. 'runwayml/stable-diffusion-v1-5', the D3PO base [C]), 'testbed:pipeline' (the shipped model trained on "
-        "the procedural world of rlhf_diffusion/testbed, 64 px), or 'tiny:sd15' / 'tiny:sdxl' / 'tiny:flux' (tiny "
-        "random-weight pipelines the package builds itself, for tests and the embedded CPU default). Relative "
+        "the procedural world of rlhf_diffusion/testbed, 64 px; 'testbed:flow' its SD3-shaped flow-matching twin), "
+        "or 'tiny:sd15' / 'tiny:sdxl' / 'tiny:flux' (tiny random-weight pipelines the package builds itself, for "
+        "tests and the embedded CPU default). Relative "
         "paths are relative to the working directory.",
     )
     kind: Literal["auto", "sd15", "sdxl"] = Field(
