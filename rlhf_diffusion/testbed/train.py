@@ -577,6 +577,29 @@ def save_clip(out: Path, clip, tokenizer, size: int) -> Path:
 
 
 @torch.no_grad()
+def sample_every_caption(
+    pipe, captions: Sequence[str], k: int, seed: int, steps: int, guidance: float, **call_kwargs
+) -> tuple[np.ndarray, list[str]]:
+    """`k` images of each caption from a stock diffusers pipeline, 32 captions a call, one generator seeded `seed`:
+    uint8 (N, H, W, 3) caption-major, and the caption of each image. `call_kwargs` go to every pipeline call."""
+    gen = torch.Generator().manual_seed(seed)
+    images, prompts = [], []
+    for i in range(0, len(captions), 32):
+        chunk = [c for c in captions[i : i + 32] for _ in range(k)]
+        out = pipe(
+            chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            output_type="np",
+            **call_kwargs,
+        ).images
+        images.append((out * 255).round().astype(np.uint8))
+        prompts += chunk
+    return np.concatenate(images), prompts
+
+
+@torch.no_grad()
 def evaluate_pipeline(pipeline_dir: Path, s: TrainSettings, log, grid_path: Path | None = None) -> dict:
     """Loads `pipeline_dir` with the stock diffusers pipeline and measures the checker accuracy per attribute."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -586,22 +609,8 @@ def evaluate_pipeline(pipeline_dir: Path, s: TrainSettings, log, grid_path: Path
     pipe.set_progress_bar_config(disable=True)
     captions = world.enumerate_captions()
     k = s.eval_images_per_caption
-    gen = torch.Generator().manual_seed(s.seed + 4)
-    images, prompts = [], []
     t0 = time.time()
-    for i in range(0, len(captions), 32):
-        chunk = [c for c in captions[i : i + 32] for _ in range(k)]
-        out = pipe(
-            chunk,
-            num_inference_steps=s.eval_steps,
-            guidance_scale=s.eval_guidance,
-            eta=1.0,
-            generator=gen,
-            output_type="np",
-        ).images
-        images.append((out * 255).round().astype(np.uint8))
-        prompts += chunk
-    images_np = np.concatenate(images)
+    images_np, prompts = sample_every_caption(pipe, captions, k, s.seed + 4, s.eval_steps, s.eval_guidance, eta=1.0)
     acc = world.batch_accuracy(list(images_np), prompts)
     log(
         f"[eval] checker accuracy of the pipeline before alignment ({len(prompts)} images, "

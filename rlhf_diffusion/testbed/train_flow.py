@@ -55,6 +55,7 @@ from rlhf_diffusion.testbed.train import (
     _tokens,
     build_world_tokenizer,
     render_dataset,
+    sample_every_caption,
     write_sample_grid,
 )
 
@@ -287,22 +288,10 @@ def evaluate_flow_pipeline(
     pipe.set_progress_bar_config(disable=True)
     captions = world.enumerate_captions()
     k = s.eval_images_per_caption
-    gen = torch.Generator().manual_seed(s.seed + 4)
-    images, prompts = [], []
     t0 = time.time()
-    for i in range(0, len(captions), 32):
-        chunk = [c for c in captions[i : i + 32] for _ in range(k)]
-        out = pipe(
-            chunk,
-            num_inference_steps=s.eval_steps,
-            guidance_scale=s.eval_guidance,
-            max_sequence_length=TESTBED_FLOW_T5_TOKENS,
-            generator=gen,
-            output_type="np",
-        ).images
-        images.append((out * 255).round().astype(np.uint8))
-        prompts += chunk
-    images_np = np.concatenate(images)
+    images_np, prompts = sample_every_caption(
+        pipe, captions, k, s.seed + 4, s.eval_steps, s.eval_guidance, max_sequence_length=TESTBED_FLOW_T5_TOKENS
+    )
     acc = world.batch_accuracy(list(images_np), prompts)
     log(f"[eval] shift {shift}: checker accuracy ({len(prompts)} images, {time.time() - t0:.0f} s): {acc}")
     if grid_path is not None:
