@@ -994,6 +994,27 @@ class TrainConfig(_FrozenModel):
         gt=0,
         description="AdamW learning rate (constant). Default 3e-5 from the D3PO paper appendix per D3PO issue #4 [I].",
     )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="How the learning rate changes over the run (ours; a pure function of the iteration, so a "
+        "resumed run follows the same schedule): 'constant' (the papers' [C]); 'linear' or 'cosine': from "
+        "learning_rate at the first iteration after the warm-up down to learning_rate × lr_final_ratio at the last "
+        "(train.iterations), as diffusers' get_scheduler but counted in iterations. Every optimizer step of an "
+        "iteration uses that iteration's rate. Logged as train/learning_rate.",
+    )
+    lr_warmup_iterations: int = Field(
+        0,
+        ge=0,
+        description="Iterations of linear warm-up (iteration i ≤ W trains at learning_rate × i / W) before the "
+        "schedule. 0 = none.",
+    )
+    lr_final_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The learning rate at the last iteration, as a fraction of learning_rate ('linear' and "
+        "'cosine' only).",
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1. Default 0.9 from D3PO config/base.py [C].")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW β2. Default 0.999 from D3PO config/base.py [C].")
     weight_decay: float = Field(
@@ -1054,6 +1075,14 @@ class TrainConfig(_FrozenModel):
     @classmethod
     def _read_yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> TrainConfig:
+        if self.lr_warmup_iterations > self.iterations:
+            raise ValueError(
+                f"lr_warmup_iterations ({self.lr_warmup_iterations}) is more than iterations ({self.iterations})"
+            )
+        return self
 
 
 class PromptSource(_FrozenModel):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import socket
 import tempfile
 import time
@@ -41,7 +42,7 @@ import torch.distributed as dist
 from rlhf_diffusion.algorithms import build_algorithm
 from rlhf_diffusion.algorithms.signal import measure_signal
 from rlhf_diffusion.batches import PublishedWeights, RolloutBatch, TrainResult
-from rlhf_diffusion.config import RunConfig
+from rlhf_diffusion.config import RunConfig, TrainConfig
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
 from rlhf_diffusion.models.loading import (
     DiffusionModel,
@@ -53,10 +54,26 @@ from rlhf_diffusion.models.loading import (
 from rlhf_diffusion.seeding import SIGNAL_STREAM, TRAIN_STREAM, derive_seed
 from rlhf_diffusion.workers.policy import DTYPES, load_policy, policy_grid, policy_predictor, resolve_device
 
-__all__ = ["AUTOCAST_DTYPES", "GroupRef", "GroupedMeans", "Learner", "LearnerGroup"]
+__all__ = ["AUTOCAST_DTYPES", "GroupRef", "GroupedMeans", "Learner", "LearnerGroup", "learning_rate_at"]
 
 # `train.mixed_precision` -> autocast dtype (None = no autocast).
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def learning_rate_at(train: TrainConfig, iteration: int) -> float:
+    """The learning rate of iteration `iteration` (1-based) under `train.lr_schedule`: a pure function of the
+    iteration, so a resumed run trains at the rates an uninterrupted one would. Warm-up: iteration i <= W trains at
+    lr * i / W. Then 'constant' keeps lr; 'linear' and 'cosine' go from lr at iteration W + 1 to
+    lr * lr_final_ratio at iteration `train.iterations` (and stay there past it)."""
+    lr, warmup, last = train.learning_rate, train.lr_warmup_iterations, train.iterations
+    if iteration <= warmup:
+        return lr * max(iteration, 1) / warmup
+    if train.lr_schedule == "constant":
+        return lr
+    span = last - warmup - 1
+    progress = min(max((iteration - warmup - 1) / span, 0.0), 1.0) if span > 0 else 1.0
+    decay = 1.0 - progress if train.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * (train.lr_final_ratio + (1.0 - train.lr_final_ratio) * decay)
 
 
 def _to_cpu(value: Any) -> Any:
@@ -235,6 +252,9 @@ class Learner:
                 metrics={"staleness": float(staleness), "dropped_batches": float(self.dropped)},
             )
         train = self.config.train
+        learning_rate = learning_rate_at(train, iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, TRAIN_STREAM, iteration))
         examples = self.algorithm.prepare_examples(batch)  # batch.pairs; DDPO fills in its advantages
         self.model.unet.train()
@@ -288,6 +308,7 @@ class Learner:
             num_examples=float(len(examples)),
             staleness=float(staleness),
             dropped_batches=float(self.dropped),
+            learning_rate=learning_rate,
             train_seconds=time.perf_counter() - start,
         )
         return TrainResult(version=self.version, metrics=metrics, diagnostics={**grouped.means(), **signal})
