@@ -15,8 +15,9 @@ The target is given in seconds (`--target`) or as the mean total training time o
 time is closest to the target and whether a checkpoint of it exists (`checkpoint.every: 1` keeps one per
 iteration; `checkpoint.keep_last` must keep enough of them). `--lora-args` prints `--lora NAME=CHECKPOINT` for
 `python -m rlhf_diffusion.evaluate` instead, NAME being the run directory's name and `_i<iteration>`.
-There is no learning-rate schedule in this project's optimizer, so the checkpoint after iteration i of a longer run
-is the run of i iterations (the fixed schedule of prompts and seeds does not depend on `train.iterations`).
+With the default `train.lr_schedule: constant` the checkpoint after iteration i of a longer run is the run of i
+iterations (the fixed schedule of prompts and seeds does not depend on `train.iterations`); a decaying schedule
+depends on `train.iterations`, so its runs are compared only at their end.
 """
 
 from __future__ import annotations

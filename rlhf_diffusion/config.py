@@ -378,6 +378,15 @@ class SamplingConfig(_FrozenModel):
         "DPO sampling value on SD3.5 [C]; 0 = the probability-flow ODE the stock StableDiffusion3Pipeline samples "
         "(no per-step log-prob: allowed for the final-pair methods, which never use one). SD1.5 / SDXL ignore it.",
     )
+    flow_sde: Literal["flow_grpo", "cps"] = Field(
+        "flow_grpo",
+        description="Flow-matching models only: the SDE step's noise schedule at `flow_noise_level` a. 'flow_grpo': "
+        "Flow-GRPO's Euler–Maruyama step, std a·sqrt(σ/(1 − σ))·sqrt(σ − σ') [C]. 'cps': Flow-CPS's "
+        "coefficients-preserving step (Wang & Yu 2025; flow_grpo's sde_type 'cps' [C]), std σ'·sin(aπ/2), mean "
+        "(1 − σ')x̂_0 + sqrt(σ'² − s²)ε̂, so each state stays on the forward process's marginal; its last step has "
+        "no noise, so the step-wise methods need algorithm.skip_final_steps >= 1. The log-prob is the Gaussian "
+        "density's under both (flow_grpo's cps code drops its 1/(2s²); docs/algorithms.md §10).",
+    )
     batch_size: int = Field(
         8,
         ge=1,

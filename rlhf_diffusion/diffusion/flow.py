@@ -18,8 +18,9 @@ Notation (code name -> symbol):
     x0_pred      -> x̂_0         x_σ − σ v̂, the model's E[x_0 | x_σ]
     noise_pred   -> ε̂           x_σ + (1 − σ) v̂, the model's E[ε | x_σ]
     noise_level  -> a           Flow-GRPO's `noise_level` (0 = the ODE)
+    kind                        the step's noise schedule: "flow_grpo" (Flow-GRPO's SDE) or "cps" (Flow-CPS)
     noise_scale  -> g           the SDE's diffusion coefficient, Flow-GRPO's σ_t = a sqrt(σ / (1 − σ))
-    std          -> s           std of the step, g sqrt(Δ)
+    std          -> s           std of the step, g sqrt(Δ) ("flow_grpo") or σ' sin(aπ/2) ("cps")
     mean         -> μ           mean of the step π(x_{σ'} | x_σ) = N(μ, s² I)
     kappa        -> κ           coefficient of v̂ in μ once x_σ is fixed: μ_θ − μ_ref = κ (v̂_θ − v̂_ref)
 
@@ -41,7 +42,11 @@ from rlhf_diffusion.diffusion.ddim import _per_sample, _reduce
 
 __all__ = [
     "FlowGrid",
+    "SDE_KINDS",
     "add_noise",
+    "cps_kappa",
+    "cps_std",
+    "cps_step_mean",
     "euler_step",
     "flow_sigmas",
     "flux_base_sigmas",
@@ -57,6 +62,7 @@ __all__ = [
     "sde_std",
     "sde_step_mean",
     "sde_step_with_logprob",
+    "step_mean_and_std",
     "shift_sigmas",
     "train_sigmas",
     "velocity_target",
@@ -69,6 +75,10 @@ __all__ = [
 # computation for a flow step as for a DDIM step (§5.5): the functions of ddim.py, under the same names.
 kl_same_std = ddim.kl_same_std
 log_ratio_same_std = ddim.log_ratio_same_std
+
+# The step's noise schedules (`sampling.flow_sde`): Flow-GRPO's Euler–Maruyama SDE step, and Flow-CPS's
+# coefficients-preserving step (Wang & Yu 2025, arXiv 2509.05952; flow_grpo's `sde_type: cps`).
+SDE_KINDS = ("flow_grpo", "cps")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -257,13 +267,16 @@ class FlowGrid:
     Attributes:
         sigmas: (K + 1,) σ_0 = 1 > … > σ_K = 0 (the scheduler's `sigmas` after `set_timesteps`).
         timesteps: (K,) σ_i · N, what the transformer is called with (the scheduler's `timesteps`).
-        noise_scale: (K,) g_i, Flow-GRPO's σ_t at the grid's noise level (`sde_noise_scale`).
-        std_dev: (K,) s_i = g_i sqrt(σ_i − σ_{i+1}), the std of step i.
-        kappa: (K,) κ_i, the coefficient of v̂ in the mean of step i.
+        noise_scale: (K,) g_i with s_i = g_i sqrt(σ_i − σ_{i+1}): Flow-GRPO's σ_t at the grid's noise level
+            (`sde_noise_scale`); for "cps" the equivalent s_i / sqrt(σ_i − σ_{i+1}).
+        std_dev: (K,) s_i, the std of step i (`step_mean_and_std`).
+        kappa: (K,) κ_i, the coefficient of v̂ in the mean of step i (`sde_kappa`, `cps_kappa`).
         noise_level: a (0 = the ODE; every std_dev is then 0).
         shift: the scheduler's static shift (None with a dynamic shift).
         mu: the dynamic-shift parameter passed to `set_timesteps` (None with a static shift).
         num_train_timesteps: N.
+        kind: the step's noise schedule, one of `SDE_KINDS`. With "cps" the last step (σ' = 0) has s = 0 and no
+            density.
     """
 
     sigmas: Tensor
@@ -275,6 +288,7 @@ class FlowGrid:
     shift: float | None
     mu: float | None
     num_train_timesteps: int
+    kind: str = "flow_grpo"
 
     @classmethod
     def from_scheduler(
@@ -284,6 +298,7 @@ class FlowGrid:
         noise_level: float,
         mu: float | None = None,
         sigmas: Sequence[float] | None = None,
+        kind: str = "flow_grpo",
     ) -> FlowGrid:
         """Builds the grid from a diffusers `FlowMatchEulerDiscreteScheduler`: `set_timesteps(num_steps, mu=mu,
         sigmas=sigmas)` on a copy (the caller's scheduler is not touched), so every option of its config (shift,
@@ -295,30 +310,39 @@ class FlowGrid:
             noise_level: a ≥ 0 (Flow-GRPO: 0.7 on SD3.5, 0.9 on FLUX).
             mu: the dynamic-shift parameter (required when the config has `use_dynamic_shifting`).
             sigmas: custom un-shifted sigmas (K,), as FLUX's pipeline passes (linspace(1, 1/K, K)).
+            kind: the step's noise schedule, one of `SDE_KINDS`.
         """
         config = scheduler.config
         if getattr(config, "invert_sigmas", False):
             raise ValueError("scheduler invert_sigmas must be False (σ must run from 1 down to 0)")
         if not noise_level >= 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+        if kind not in SDE_KINDS:
+            raise ValueError(f"kind must be one of {SDE_KINDS}, got {kind!r}")
         local = copy.deepcopy(scheduler)
         local.set_timesteps(num_steps, mu=mu, sigmas=None if sigmas is None else list(sigmas))
         table = local.sigmas.detach().to("cpu", torch.float32)
         if not (table[-1] == 0 and bool((table[:-1] > table[1:]).all()) and table[0] <= 1):
             raise ValueError(f"the scheduler's sigmas must descend from at most 1 to 0, got {table.tolist()}")
         sigma, sigma_next = table[:-1], table[1:]
-        g = sde_noise_scale(sigma, sigma_next, noise_level)
+        if kind == "cps":
+            std = cps_std(sigma_next, noise_level)
+            g, kappa = std / (sigma - sigma_next).sqrt(), cps_kappa(sigma, sigma_next, std)
+        else:
+            g = sde_noise_scale(sigma, sigma_next, noise_level)
+            std, kappa = sde_std(sigma, sigma_next, g), sde_kappa(sigma, sigma_next, g)
         dynamic = bool(getattr(config, "use_dynamic_shifting", False))
         return cls(
             sigmas=table,
             timesteps=local.timesteps.detach().to("cpu", torch.float32),
             noise_scale=g,
-            std_dev=sde_std(sigma, sigma_next, g),
-            kappa=sde_kappa(sigma, sigma_next, g),
+            std_dev=std,
+            kappa=kappa,
             noise_level=float(noise_level),
             shift=None if dynamic else float(local.shift),
             mu=mu,
             num_train_timesteps=int(config.num_train_timesteps),
+            kind=kind,
         )
 
     @property
@@ -419,6 +443,61 @@ def sde_step_mean(
     return mean, x32 - s * v32
 
 
+def cps_std(sigma_next: Tensor, noise_level: float | Tensor) -> Tensor:
+    """Flow-CPS's step std s = σ' sin(aπ/2): a fraction of the noise the next state carries, 0 at the last step
+    (σ' = 0) and a = 1 replacing all of it with fresh noise. (B,) float32."""
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32)
+    a = torch.as_tensor(noise_level, dtype=torch.float32, device=sigma_next.device)
+    return sigma_next * torch.sin(a * math.pi / 2)
+
+
+def cps_kappa(sigma: Tensor, sigma_next: Tensor, std: Tensor) -> Tensor:
+    """κ with μ = c x_σ + κ v̂ for the CPS step (`cps_step_mean`): κ = (1 − σ) sqrt(σ'² − s²) − σ (1 − σ'), so that
+    μ_θ − μ_ref = κ (v̂_θ − v̂_ref) at a shared x_σ. At s = 0 it is σ' − σ, the Euler step's. (B,) float32."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sigma.device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=sigma.device)
+    return (1 - sigma) * (sigma_next**2 - std**2).clamp_min(0).sqrt() - sigma * (1 - sigma_next)
+
+
+def cps_step_mean(x: Tensor, v_pred: Tensor, sigma: Tensor, sigma_next: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean of Flow-CPS's coefficients-preserving step (Wang & Yu 2025):
+
+        μ = (1 − σ') x̂_0 + sqrt(σ'² − s²) ε̂,      x̂_0 = x_σ − σ v̂,  ε̂ = x_σ + (1 − σ) v̂
+
+    so that x_{σ'} = μ + s z has data coefficient 1 − σ' and total noise variance (σ'² − s²) + s² = σ'² when the
+    predictions are exact: the next state is on the forward process's marginal at σ', which Flow-GRPO's
+    Euler–Maruyama step only approximates. At s = 0 it is the Euler step exactly.
+
+    Args:
+        x, v_pred: (B, C, H, W).
+        sigma, sigma_next, std: (B,) or scalars; s ≤ σ'.
+
+    Returns:
+        (mean, x0_pred), each (B, C, H, W) float32.
+    """
+    x32, v32 = x.to(torch.float32), v_pred.to(torch.float32)
+    s = _per_sample(torch.as_tensor(sigma), x32)
+    s_next = _per_sample(torch.as_tensor(sigma_next), x32)
+    keep = (s_next**2 - _per_sample(torch.as_tensor(std), x32) ** 2).clamp_min(0).sqrt()
+    x0_pred = x32 - s * v32
+    return (1 - s_next) * x0_pred + keep * (x32 + (1 - s) * v32), x0_pred
+
+
+def step_mean_and_std(
+    x: Tensor, v_pred: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float | Tensor, kind: str = "flow_grpo"
+) -> tuple[Tensor, Tensor]:
+    """(μ (B, C, H, W) float32, s (B,) or scalar float32) of one step of the `kind` schedule at noise level a:
+    Flow-GRPO's SDE step (`sde_step_mean`, s = g sqrt(Δ)) or Flow-CPS's (`cps_step_mean`, s = σ' sin(aπ/2))."""
+    if kind == "cps":
+        std = cps_std(sigma_next, noise_level)
+        return cps_step_mean(x, v_pred, sigma, sigma_next, std)[0], std
+    if kind != "flow_grpo":
+        raise ValueError(f"kind must be one of {SDE_KINDS}, got {kind!r}")
+    g = sde_noise_scale(sigma, sigma_next, noise_level)
+    return sde_step_mean(x, v_pred, sigma, sigma_next, g)[0], sde_std(sigma, sigma_next, g)
+
+
 def sde_step_with_logprob(
     x: Tensor,
     v_pred: Tensor,
@@ -429,20 +508,25 @@ def sde_step_with_logprob(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    kind: str = "flow_grpo",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One step of Flow-GRPO's SDE sampler and the log-prob of its action: the flow model's step policy (§10).
+    """One step of Flow-GRPO's SDE sampler (or Flow-CPS's, `kind="cps"`) and the log-prob of its action: the flow
+    model's step policy (§10).
 
     The same function samples (prev_sample=None) and re-scores a stored action (prev_sample given), so sampling and
     training cannot disagree. Gradients flow into the mean (through v_pred), never into the action.
 
-    Steps:
+    Steps ("flow_grpo"; "cps" takes s and μ from `cps_std` and `cps_step_mean`):
         1. g = a sqrt(σ/(1 − σ)) (σ = 1: 1 − σ → σ − σ') and s = g sqrt(σ − σ').
         2. μ = x_σ + (σ' − σ) v̂ − (g²Δ/(2σ)) ε̂ (`sde_step_mean`).
         3. x_{σ'} = μ + s z, z ~ N(0, I), unless `prev_sample` is given.
         4. log π(x_{σ'} | x_σ) = reduce[−(x_{σ'} − μ)²/(2s²) − log s − log sqrt(2π)].
 
     With a = 0 the step is the ODE's Euler step exactly (s = 0, x_{σ'} = μ bit for bit) and has no density: its
-    log-prob is NaN (a per-sample a may mix ODE and SDE rows; train only on rows with a > 0).
+    log-prob is NaN (a per-sample a may mix ODE and SDE rows; train only on rows with a > 0). So is "cps"'s last
+    step (σ' = 0). Flow-CPS's code drops the density's 1/(2s²) and normaliser ("remove all constants"), which
+    rescales each step's log-ratio by 2s²; here the log-prob is the Gaussian density's under either kind, so the
+    importance ratio is the true likelihood ratio (ours).
 
     Args:
         x: (B, C, H, W) current state x_σ.
@@ -453,13 +537,12 @@ def sde_step_with_logprob(
         noise: (B, C, H, W) z to use when sampling (else drawn from `generator`).
         generator: RNG for z.
         reduction: "mean" (Flow-GRPO, ddpo-pytorch: a per-element mean) or "sum".
+        kind: the step's noise schedule, one of `SDE_KINDS`.
 
     Returns:
         (x_prev in x's dtype, log_prob (B,), mean (B, C, H, W) float32, std (B,) s — the step's std, not g).
     """
-    g = sde_noise_scale(sigma, sigma_next, noise_level)  # step 1
-    std = sde_std(sigma, sigma_next, g)
-    mean, _ = sde_step_mean(x, v_pred, sigma, sigma_next, g)  # step 2
+    mean, std = step_mean_and_std(x, v_pred, sigma, sigma_next, noise_level, kind)  # steps 1 and 2
     if prev_sample is None:  # step 3
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)

@@ -93,7 +93,12 @@ class VelocityPredictor(NoisePredictor):
 
 
 def flow_grid_for(
-    model: DiffusionModel, num_steps: int, noise_level: float, height: int | None = None, width: int | None = None
+    model: DiffusionModel,
+    num_steps: int,
+    noise_level: float,
+    height: int | None = None,
+    width: int | None = None,
+    kind: str = "flow_grpo",
 ) -> FlowGrid:
     """The K-step flow grid of a loaded SD3 model's scheduler, as `StableDiffusion3Pipeline` sets it, or of a FLUX
     model's, as `FluxPipeline` sets it: un-shifted sigmas linspace(1, 1/K, K) (`flow.flux_base_sigmas`) shifted by
@@ -109,6 +114,7 @@ def flow_grid_for(
         num_steps: K.
         noise_level: a ≥ 0 (0 = the ODE the stock pipeline samples).
         height, width: image size in pixels (only the dynamic shift depends on it); default the model's native size.
+        kind: the SDE step's noise schedule (`flow.SDE_KINDS`: Flow-GRPO's or Flow-CPS's).
 
     Returns:
         The grid (`FlowGrid.from_scheduler`; the model's scheduler is not touched).
@@ -128,7 +134,7 @@ def flow_grid_for(
             config.get("max_shift", 1.15 if flux else 1.16),
         )
     sigmas = flow.flux_base_sigmas(num_steps) if flux else None
-    return FlowGrid.from_scheduler(model.scheduler, num_steps, noise_level, mu=mu, sigmas=sigmas)
+    return FlowGrid.from_scheduler(model.scheduler, num_steps, noise_level, mu=mu, sigmas=sigmas, kind=kind)
 
 
 def _step_noise(generator: torch.Generator | Sequence[torch.Generator] | None, shape: torch.Size) -> Tensor:
@@ -152,8 +158,9 @@ def sample_flow_trajectory(
 ) -> Trajectory:
     """Samples a flow trajectory σ_0 = 1 → σ_K = 0 and records every state and log-prob.
 
-    At grid.noise_level a > 0 every step is Flow-GRPO's SDE step x_{σ'} = μ + s z (`flow.sde_step_with_logprob`,
-    z drawn on CPU from `generator`), and log_probs holds its per-element-mean log-prob. At a = 0 every step is the
+    At grid.noise_level a > 0 every step is Flow-GRPO's SDE step x_{σ'} = μ + s z (or Flow-CPS's: `grid.kind`;
+    `flow.sde_step_with_logprob`, z drawn on CPU from `generator`), and log_probs holds its per-element-mean
+    log-prob (NaN at CPS's last step, whose s is 0). At a = 0 every step is the
     ODE's Euler step x_{σ'} = x_σ + (σ' − σ) v̂ (`flow.euler_step`, the stock pipeline's sampler): no noise is drawn
     and log_probs is all NaN (a deterministic step has no density; never train on it).
 
@@ -179,7 +186,7 @@ def sample_flow_trajectory(
         if grid.noise_level > 0:
             noise = _step_noise(generator, x.shape).to(device)
             x, logp, _, _ = flow.sde_step_with_logprob(
-                x, v, sigma.to(device), sigma_next.to(device), grid.noise_level, noise=noise
+                x, v, sigma.to(device), sigma_next.to(device), grid.noise_level, noise=noise, kind=grid.kind
             )
         else:  # the ODE (evaluation, the stock pipeline): no policy log-prob exists
             x = flow.euler_step(x, v, sigma.to(device), sigma_next.to(device))

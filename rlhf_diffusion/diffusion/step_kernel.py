@@ -6,8 +6,8 @@ their code is one code for both. The counterpart, for the reverse step, of `forw
 
 - `DDIMKernel` (SD1.5 / SDXL): the stochastic DDIM step at the grid's η (`ddim.ddim_step_with_logprob`), the UNet
   called at the integer timestep τ;
-- `FlowKernel` (SD3 / SD3.5): Flow-GRPO's SDE step at the grid's noise level a (`flow.sde_step_with_logprob`), the
-  transformer called at σ·N.
+- `FlowKernel` (SD3 / SD3.5, FLUX): Flow-GRPO's SDE step, or Flow-CPS's (the grid's kind), at the grid's noise
+  level a (`flow.sde_step_with_logprob`), the transformer called at σ·N.
 
 Each re-scores a stored action with the very function the sampler drew it with (`diffusion/sampling.py`,
 `diffusion/flow_sampling.py`), so sampling and training cannot disagree. In both families the two policies
@@ -72,8 +72,8 @@ class DDIMKernel:
 
 @dataclass(frozen=True)
 class FlowKernel:
-    """Flow-GRPO's SDE step of a flow-matching model on its K-step grid (noise level a > 0: at a = 0 the step is the
-    ODE's and has no density, and `log_prob` is NaN)."""
+    """Flow-GRPO's SDE step (or Flow-CPS's: `grid.kind`) of a flow-matching model on its K-step grid (noise level
+    a > 0: at a = 0 the step is the ODE's and has no density, and `log_prob` is NaN; so is CPS's last step)."""
 
     grid: FlowGrid
 
@@ -82,20 +82,19 @@ class FlowKernel:
         return self.grid.scalars(step_index)[0]
 
     def std(self, step_index: Tensor) -> Tensor:
-        """s_i = g_i sqrt(σ_i − σ_{i+1}) (M,) float32, CPU."""
+        """s_i (M,) float32, CPU (`FlowGrid.std_dev`)."""
         return self.grid.scalars(step_index)[3]
 
     def kappa(self) -> Tensor:
-        """(K,) κ_i, the coefficient of v̂ in μ at a fixed state: μ_θ − μ_ref = κ_i (v̂_θ − v̂_ref) (`flow.sde_kappa`)."""
+        """(K,) κ_i, the coefficient of v̂ in μ at a fixed state: μ_θ − μ_ref = κ_i (v̂_θ − v̂_ref) (`flow.sde_kappa`,
+        `flow.cps_kappa`)."""
         return self.grid.kappa
 
     def mean(self, state: Tensor, pred: Tensor, step_index: Tensor) -> Tensor:
-        """μ (M, C, h, w) float32 of the step from `state` with velocity prediction `pred` (`flow.sde_step_mean`
-        with the grid's g_i)."""
-        i = step_index.long().cpu()
-        sigma, sigma_next = self.grid.sigmas[i], self.grid.sigmas[i + 1]
-        sigma, sigma_next, g = (v.to(state.device) for v in (sigma, sigma_next, self.grid.noise_scale[i]))
-        return flow.sde_step_mean(state, pred, sigma, sigma_next, g)[0]
+        """μ (M, C, h, w) float32 of the step from `state` with velocity prediction `pred` (`flow.step_mean_and_std`
+        of the grid's kind at its noise level)."""
+        _, sigma, sigma_next, _ = (v.to(state.device) for v in self.grid.scalars(step_index))
+        return flow.step_mean_and_std(state, pred, sigma, sigma_next, self.grid.noise_level, self.grid.kind)[0]
 
     def x0_after(self, x: Tensor, pred: Tensor, step_index: Tensor) -> Tensor:
         """x̂_0 = x − σ_{i+1} v̂ (M, C, h, w) float32 of a latent at the noise level step i lands on, from the velocity
@@ -110,7 +109,13 @@ class FlowKernel:
         noise level, the sampler's function; differentiable through `pred`."""
         _, sigma, sigma_next, _ = (v.to(state.device) for v in self.grid.scalars(step_index))
         _, log_prob, mean, std = flow.sde_step_with_logprob(
-            state, pred, sigma, sigma_next, self.grid.noise_level, prev_sample=action.to(state.device)
+            state,
+            pred,
+            sigma,
+            sigma_next,
+            self.grid.noise_level,
+            prev_sample=action.to(state.device),
+            kind=self.grid.kind,
         )
         return log_prob, mean, std
 

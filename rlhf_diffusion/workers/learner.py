@@ -66,7 +66,7 @@ def learning_rate_at(train: TrainConfig, iteration: int) -> float:
     lr * i / W. Then 'constant' keeps lr; 'linear' and 'cosine' go from lr at iteration W + 1 to
     lr * lr_final_ratio at iteration `train.iterations` (and stay there past it)."""
     lr, warmup, last = train.learning_rate, train.lr_warmup_iterations, train.iterations
-    if iteration <= warmup:
+    if warmup and iteration <= warmup:
         return lr * max(iteration, 1) / warmup
     if train.lr_schedule == "constant":
         return lr

@@ -82,6 +82,13 @@ def flow_method_problem(config: RunConfig, kind: str) -> str | None:
             f"pipeline in model.pretrained ({config.model.pretrained!r}): it trains on the log-probs of the sampler's "
             "steps, and at noise level 0 (the ODE) a step has no density (Flow-GRPO samples at 0.7)"
         )
+    skip = getattr(config.algorithm, "skip_final_steps", 0)
+    if method.needs_step_density and config.sampling.flow_sde == "cps" and skip < 1:
+        return (
+            f"algorithm.skip_final_steps: must be >= 1 for algorithm.name {name!r} with sampling.flow_sde 'cps' on the "
+            f"{family} (flow-matching) pipeline in model.pretrained ({config.model.pretrained!r}): CPS's last step "
+            "lands on σ = 0 with no noise, so it has no density to train on"
+        )
     problem = method.flow_problem(config)
     if problem:
         return f"{problem} on the {family} (flow-matching) pipeline in model.pretrained ({config.model.pretrained!r})"
@@ -101,7 +108,7 @@ def policy_grid(config: RunConfig, model: DiffusionModel, *, evaluation: bool = 
     if model.kind in FLOW_KINDS:
         size = config.model.resolution or model.resolution
         noise_level = 0.0 if evaluation else config.sampling.flow_noise_level
-        return flow_grid_for(model, steps, noise_level, size, size)
+        return flow_grid_for(model, steps, noise_level, size, size, kind=config.sampling.flow_sde)
     return DDIMGrid.from_scheduler(model.scheduler, steps, config.sampling.eta)
 
 

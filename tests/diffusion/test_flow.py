@@ -432,3 +432,78 @@ def test_gradients_flow_to_the_velocity_model():
         for p in model.parameters():
             p += 1e-3 * p.grad
     assert pair().item() > 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flow-CPS's coefficients-preserving step (kind="cps")
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_cps_std_and_kappa_hand_values():
+    assert flow.cps_std(torch.tensor(0.5), 1.0).item() == pytest.approx(0.5)
+    assert flow.cps_std(torch.tensor(0.5), 0.7).item() == pytest.approx(0.5 * math.sin(0.35 * math.pi))
+    assert flow.cps_std(torch.tensor(0.0), 0.7).item() == 0.0  # the last step: no noise
+    # κ = (1 − σ) sqrt(σ'² − s²) − σ (1 − σ'): σ = 0.8, σ' = 0.5, s = 0.3 → 0.2·0.4 − 0.8·0.5 = −0.32
+    assert flow.cps_kappa(torch.tensor(0.8), torch.tensor(0.5), torch.tensor(0.3)).item() == pytest.approx(-0.32)
+    assert flow.cps_kappa(torch.tensor(0.8), torch.tensor(0.5), torch.tensor(0.0)).item() == pytest.approx(-0.3)
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_cps_at_noise_level_zero_is_the_diffusers_euler_step(shift):
+    scheduler, mu = _scheduler(shift)
+    grid = flow.FlowGrid.from_scheduler(scheduler, 6, noise_level=0.0, mu=mu, kind="cps")
+    scheduler.set_timesteps(6, mu=mu)
+    g = torch.Generator().manual_seed(2)
+    x = _randn(2, 4, 8, 8, g=g)
+    for i, t in enumerate(scheduler.timesteps):
+        v = _randn(2, 4, 8, 8, g=g)
+        expected = scheduler.step(v, t, x).prev_sample
+        out, logp, mean, std = flow.sde_step_with_logprob(
+            x, v, grid.sigmas[i].expand(2), grid.sigmas[i + 1].expand(2), 0.0, generator=g, kind="cps"
+        )
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+        assert torch.all(std == 0) and torch.all(torch.isnan(logp))
+        x = expected
+
+
+def test_cps_keeps_the_forward_marginal_coefficients_exactly():
+    """With exact predictions (x_σ = (1 − σ) x_0 + σ ε, v = ε − x_0) the CPS step lands on
+    (1 − σ') x_0 + sqrt(σ'² − s²) ε + s z: data coefficient 1 − σ', noise variance σ'², for every draw."""
+    g = torch.Generator().manual_seed(5)
+    x0, eps, z = (_randn(3, 4, 4, 4, g=g) for _ in range(3))
+    sigma, sigma_next = torch.tensor([1.0, 0.7, 0.3]), torch.tensor([0.8, 0.3, 0.0])
+    x = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+    out, logp, mean, std = flow.sde_step_with_logprob(x, eps - x0, sigma, sigma_next, 0.7, noise=z, kind="cps")
+    s = torch.sin(torch.tensor(0.35 * math.pi)) * sigma_next
+    torch.testing.assert_close(std, s)
+    keep = (sigma_next**2 - s**2).sqrt().view(-1, 1, 1, 1)
+    expected = (1 - sigma_next.view(-1, 1, 1, 1)) * x0 + keep * eps + s.view(-1, 1, 1, 1) * z
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(keep.flatten() ** 2 + s**2, sigma_next**2)
+    assert torch.isfinite(logp[:2]).all() and torch.isnan(logp[2])  # σ' = 0: no noise, no density
+
+
+def test_cps_logprob_is_the_gaussian_density_and_kappa_its_mean_slope():
+    g = torch.Generator().manual_seed(6)
+    x, v, w = (_randn(2, 4, 4, 4, g=g) for _ in range(3))
+    sigma, sigma_next = torch.tensor([0.9, 0.5]), torch.tensor([0.6, 0.2])
+    out, logp, mean, std = flow.sde_step_with_logprob(x, v, sigma, sigma_next, 0.8, generator=g, kind="cps")
+    normal = Normal(mean, std.view(-1, 1, 1, 1))
+    torch.testing.assert_close(logp, normal.log_prob(out).mean(dim=(1, 2, 3)))
+    _, replay, _, _ = flow.sde_step_with_logprob(x, v, sigma, sigma_next, 0.8, prev_sample=out, kind="cps")
+    torch.testing.assert_close(replay, logp, atol=1e-5, rtol=0)
+    other, _ = flow.step_mean_and_std(x, w, sigma, sigma_next, 0.8, "cps")
+    kappa = flow.cps_kappa(sigma, sigma_next, std).view(-1, 1, 1, 1)
+    torch.testing.assert_close(mean - other, kappa * (v - w), atol=1e-5, rtol=0)  # μ_θ − μ_ref = κ (v̂_θ − v̂_ref)
+
+
+def test_cps_grid_columns():
+    grid = flow.FlowGrid.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), 5, 0.7, kind="cps")
+    sigma, sigma_next = grid.sigmas[:-1], grid.sigmas[1:]
+    assert grid.kind == "cps"
+    torch.testing.assert_close(grid.std_dev, sigma_next * math.sin(0.35 * math.pi))
+    torch.testing.assert_close(grid.noise_scale * (sigma - sigma_next).sqrt(), grid.std_dev)
+    torch.testing.assert_close(grid.kappa, flow.cps_kappa(sigma, sigma_next, grid.std_dev))
+    assert grid.std_dev[-1] == 0
+    with pytest.raises(ValueError, match="kind must be one of"):
+        flow.FlowGrid.from_scheduler(FlowMatchEulerDiscreteScheduler(), 5, 0.7, kind="ddim")

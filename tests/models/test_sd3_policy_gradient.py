@@ -139,3 +139,31 @@ def test_noise_level_zero_is_refused_naming_the_field(sd3_dir, tmp_path, capsys,
     assert not any(tmp_path.iterdir())  # nothing written
     with pytest.raises(ModelLoadError, match=r"sampling.flow_noise_level: must be > 0"):
         load_policy(load_config("configs/tiny.yaml", overrides), str(sd3_dir), torch.device("cpu"))
+
+
+def test_flow_grpo_with_the_cps_step_samples_and_rescores_it(sd3_dir, tmp_path):
+    """`sampling.flow_sde: cps`: the rollout samples Flow-CPS's step (std σ' sin(aπ/2)), the learner re-scores it
+    with the same kernel (ratio 1 on the first step), and the last step (no noise) is not trained."""
+    settings = {**SETTINGS, "sampling": {"flow_sde": "cps"}}
+    trainer = tiny_trainer(sd3_dir, tmp_path, METHODS["grpo"], settings=settings)
+    grid = trainer.grid
+    assert grid.kind == "cps" and grid.std_dev[-1] == 0
+    torch.testing.assert_close(grid.std_dev, grid.sigmas[1:] * math.sin(0.7 * math.pi / 2))
+    batch = trainer.rollout(PROMPTS)
+    ex = batch.pairs
+    assert torch.isfinite(ex.log_prob).all() and int(ex.step_index.max()) == grid.num_steps - 2
+    metrics = testing.check_ratio_one_on_the_first_step(trainer, batch)
+    assert metrics["log_ratio_abs_max"] < 1e-6 and metrics["clipfrac"] == 0.0 and metrics["kl"] == 0.0
+
+
+def test_cps_with_the_last_step_trained_is_refused_naming_the_field(sd3_dir, tmp_path, capsys):
+    overrides = [
+        f"model.pretrained={sd3_dir}",
+        "algorithm={name: d3po}",
+        "sampling.flow_sde=cps",
+        "algorithm.skip_final_steps=0",
+    ]
+    code, err = launch_tiny(overrides, tmp_path, capsys)
+    assert code == 2 and err.startswith("error: algorithm.skip_final_steps: must be >= 1 for algorithm.name 'd3po'")
+    assert "sampling.flow_sde 'cps'" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())

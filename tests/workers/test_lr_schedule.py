@@ -20,6 +20,7 @@ def rates(**fields) -> list[float]:
 
 def test_constant_is_the_default_and_the_papers():
     assert rates(iterations=4, learning_rate=0.5) == [0.5] * 4
+    assert learning_rate_at(TrainConfig(iterations=4, learning_rate=0.5), 0) == 0.5  # a probe round before any
 
 
 def test_linear_runs_from_lr_at_the_first_iteration_to_the_final_ratio_at_the_last():
