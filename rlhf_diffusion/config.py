@@ -370,6 +370,14 @@ class SamplingConfig(_FrozenModel):
         description="Classifier-free guidance scale w (1 = no guidance); used identically when sampling and when "
         "re-scoring in training. Default 5.0 from D3PO config/base.py [C] (assumed for TailorPO, UNCONFIRMED [U]).",
     )
+    negative_prompt: str | None = Field(
+        None,
+        description="The prompt of classifier-free guidance's unconditional branch, in sampling and in every loss "
+        'that guides (as the stock pipelines\' `negative_prompt`). None = the stock default: the empty prompt "" '
+        "(SDXL base: all-zero embeddings, its `force_zeros_for_empty_prompt`). On FLUX the guided branch is "
+        "FluxPipeline's true CFG (`guidance_scale` > 1). The held-out evaluation uses it too. Not a paper setting "
+        "(D3PO, TailorPO and DDE sample without one [C]).",
+    )
     flow_noise_level: float = Field(
         0.7,
         ge=0,

@@ -379,6 +379,7 @@ def evaluate(
     steps: int = 20,
     eta: float = 1.0,
     guidance_scale: float = 5.0,
+    negative_prompt: str | None = None,
     resolution: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
@@ -402,6 +403,8 @@ def evaluate(
         seeds: images per prompt.
         steps, eta, guidance_scale: the DDIM sampler (K steps, η in [0, 1], CFG weight); an SD3 model samples the
             ODE on its scheduler's K-step flow grid (the stock pipeline's sampler) and ignores eta.
+        negative_prompt: CFG's unconditional prompt (as the run config's `sampling.negative_prompt`); None = the
+            stock pipelines' default.
         resolution: image side in pixels; None = the model's native size.
         device, dtype, kind, revision, max_sequence_length, flux_guidance: how to load the model (as the run
             config's `device` and `model.*`; flux_guidance None = FluxPipeline's default 3.5).
@@ -458,16 +461,17 @@ def evaluate(
         raise EvaluateError(f"--resolution {res}: must be a multiple of {multiple} for this model")
     if flow_model:  # the ODE (noise level 0), as the trainer's held-out evaluation of a flow model
         grid = flow_grid_for(pipeline, steps, 0.0, res, res)
-        predictor = VelocityPredictor(pipeline, guidance_scale, res, res)
+        predictor = VelocityPredictor(pipeline, guidance_scale, res, res, negative_prompt)
     else:
         grid = DDIMGrid.from_scheduler(pipeline.scheduler, steps, eta)
-        predictor = NoisePredictor(pipeline, guidance_scale, res, res)
+        predictor = NoisePredictor(pipeline, guidance_scale, res, res, negative_prompt)
     settings = {
         "seeds": seeds,
         "steps": steps,
         "sampler": "flow_ode" if flow_model else "ddim",
         "eta": eta,
         "guidance_scale": guidance_scale,
+        "negative_prompt": negative_prompt,
         "resolution": res,
         "device": str(torch_device),
         "dtype": dtype,
@@ -826,6 +830,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kind", choices=("auto", "sd15", "sdxl"), default="auto", help="model family")
     parser.add_argument("--revision", help="hub revision of a hub-id --model")
     parser.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="the CFG branch's prompt (as the run config's sampling.negative_prompt); default: the stock pipelines' "
+        "(the empty prompt; SDXL base: zero embeddings)",
+    )
+    parser.add_argument(
         "--flux-guidance",
         type=float,
         metavar="G",
@@ -919,6 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=args.steps,
             eta=args.eta,
             guidance_scale=args.guidance,
+            negative_prompt=args.negative_prompt,
             resolution=args.resolution,
             device=args.device,
             dtype=args.dtype,

@@ -72,10 +72,11 @@ class VelocityPredictor(NoisePredictor):
         model: loaded SD3 or FLUX components (`kind` in `FLOW_KINDS`; the transformer sits in `model.unet`), LoRA
             attached or not.
         guidance_scale: CFG weight w (1.0 = conditional only). On FLUX this is `FluxPipeline`'s `true_cfg_scale`
-            with the negative prompt "" (FLUX.1-dev samples without it, w = 1); its guidance-distillation value is
+            with `negative_prompt` (FLUX.1-dev samples without it, w = 1); its guidance-distillation value is
             `model.flux_guidance`, part of the conditioning.
         height, width: image size in pixels the rollouts sample at (`initial_noise`); default the model's native
             size. SD3 has no size conditioning, so the prediction itself does not depend on them.
+        negative_prompt: the CFG branch's prompt, or None for "" (`conditioning.encode_negative`).
 
     Raises:
         ValueError: the model is not a flow-matching (SD3, FLUX) model.
@@ -85,11 +86,16 @@ class VelocityPredictor(NoisePredictor):
     timestep_dtype = torch.float32
 
     def __init__(
-        self, model: DiffusionModel, guidance_scale: float, height: int | None = None, width: int | None = None
+        self,
+        model: DiffusionModel,
+        guidance_scale: float,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
     ):
         if model.kind not in FLOW_KINDS:
             raise ValueError(f"VelocityPredictor needs a flow-matching (SD3, FLUX) model, got kind {model.kind!r}")
-        super().__init__(model, guidance_scale, height, width)
+        super().__init__(model, guidance_scale, height, width, negative_prompt)
 
 
 def flow_grid_for(

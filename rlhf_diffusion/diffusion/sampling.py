@@ -103,16 +103,26 @@ class NoisePredictor:
         model: loaded pipeline components (LoRA attached or not).
         guidance_scale: CFG weight w (1.0 = conditional only).
         height, width: image size in pixels (SDXL micro-conditioning); default the model's native size.
+        negative_prompt: the CFG branch's prompt (`sampling.negative_prompt`), or None for the stock pipelines'
+            default (`encode_negative`).
     """
 
     def __init__(
-        self, model: DiffusionModel, guidance_scale: float, height: int | None = None, width: int | None = None
+        self,
+        model: DiffusionModel,
+        guidance_scale: float,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
     ):
         self.model = model
         self.guidance_scale = guidance_scale
         self.height = height or model.resolution
         self.width = width or model.resolution
-        self._uncond_row = encode_negative(model, 1, height=self.height, width=self.width)
+        self.negative_prompt = negative_prompt
+        self._uncond_row = encode_negative(
+            model, 1, height=self.height, width=self.width, negative_prompt=negative_prompt
+        )
         # What the policy's (θ) forward calls: the UNet, or a wrapper of it such as DistributedDataParallel (set by
         # a data-parallel learner so that the backward pass all-reduces the gradients).
         self.forward_module: torch.nn.Module | None = None

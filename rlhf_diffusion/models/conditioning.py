@@ -300,24 +300,33 @@ def _encode_flux(model: DiffusionModel, prompts: list[str]) -> TextConditioning:
 
 @torch.no_grad()
 def encode_negative(
-    model: DiffusionModel, batch_size: int, *, height: int | None = None, width: int | None = None
+    model: DiffusionModel,
+    batch_size: int,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
 ) -> TextConditioning:
-    """The unconditional (CFG) conditioning, as the stock pipeline builds it when no negative prompt is given.
+    """The unconditional (CFG) conditioning, as the stock pipeline builds it from its `negative_prompt` argument.
 
-    SD1.5 and SD3 encode the empty prompt "". SDXL uses all-zero `prompt_embeds` and `pooled_prompt_embeds` when the
-    pipeline sets `force_zeros_for_empty_prompt` (SDXL base does), else it encodes "" like SD1.5; its
-    `add_time_ids` equal the conditional ones.
+    None (the pipelines' default): SD1.5, SD3 and FLUX encode the empty prompt "". SDXL uses all-zero
+    `prompt_embeds` and `pooled_prompt_embeds` when the pipeline sets `force_zeros_for_empty_prompt` (SDXL base
+    does), else it encodes "" like SD1.5. A string (even "") is encoded as a prompt is, by every family (the stock
+    SDXL pipeline zeroes only when no negative prompt is passed). SDXL's `add_time_ids` equal the conditional ones.
 
     Args:
-        model: loaded SD1.5 / SDXL / SD3 components.
+        model: loaded SD1.5 / SDXL / SD3 / FLUX components.
         batch_size: B, the number of rows.
         height, width: SDXL image size in pixels for `add_time_ids`; default the model's native resolution.
+        negative_prompt: the negative prompt, or None.
 
     Returns:
         B identical unconditional conditionings on the model's device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if negative_prompt is not None:
+        return encode_prompts(model, [negative_prompt], height=height, width=width).repeat_interleave(batch_size)
     if model.kind == "sdxl" and model.force_zeros_for_empty_prompt:
         length = model.tokenizers[0].model_max_length
         width_d = sum(encoder.config.hidden_size for encoder in model.text_encoders)

@@ -170,7 +170,10 @@ class Learner:
         self.grid = policy_grid(config, self.model)
         self.algorithm = build_algorithm(config.algorithm, self.grid)
         self.predictor = policy_predictor(
-            self.model, config.sampling.guidance_scale if self.algorithm.cfg_in_training else 1.0, self.resolution
+            self.model,
+            config.sampling.guidance_scale if self.algorithm.cfg_in_training else 1.0,
+            self.resolution,
+            config.sampling.negative_prompt,
         )
         train = config.train
         self.optimizer = torch.optim.AdamW(

@@ -112,12 +112,15 @@ def policy_grid(config: RunConfig, model: DiffusionModel, *, evaluation: bool = 
     return DDIMGrid.from_scheduler(model.scheduler, steps, config.sampling.eta)
 
 
-def policy_predictor(model: DiffusionModel, guidance_scale: float, resolution: int) -> NoisePredictor:
-    """The policy's CFG prediction at `resolution`: a `NoisePredictor`, or an SD3 model's `VelocityPredictor`
-    (the same call shape: prediction at (x, network timestep, cond), `reference=True` for the reference)."""
+def policy_predictor(
+    model: DiffusionModel, guidance_scale: float, resolution: int, negative_prompt: str | None = None
+) -> NoisePredictor:
+    """The policy's CFG prediction at `resolution` with `negative_prompt` (`sampling.negative_prompt`) in the CFG
+    branch: a `NoisePredictor`, or a flow model's `VelocityPredictor` (the same call shape: prediction at (x, network
+    timestep, cond), `reference=True` for the reference)."""
     if model.kind in FLOW_KINDS:
-        return VelocityPredictor(model, guidance_scale, resolution, resolution)
-    return NoisePredictor(model, guidance_scale, resolution, resolution)
+        return VelocityPredictor(model, guidance_scale, resolution, resolution, negative_prompt)
+    return NoisePredictor(model, guidance_scale, resolution, resolution, negative_prompt)
 
 
 def load_policy(config: RunConfig, source: str, device: torch.device, *, for_training: bool = False) -> DiffusionModel:

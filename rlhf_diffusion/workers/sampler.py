@@ -171,7 +171,9 @@ class Sampler:
                 f"{', '.join(not_differentiable)} are not differentiable; use tailorpo, or a "
                 "differentiable reward"
             )
-        self.predictor = policy_predictor(self.model, config.sampling.guidance_scale, self.resolution)
+        self.predictor = policy_predictor(
+            self.model, config.sampling.guidance_scale, self.resolution, config.sampling.negative_prompt
+        )
         # Version of the LoRA in `self.model`; -1 = not set by a learner yet (a fresh or restarted actor).
         self.weights_version = -1
         # Offline preference pairs (DDE / Diffusion-DPO): this sampler reads shard `rank` of the source.

@@ -63,7 +63,7 @@ def _stock_pipeline(path) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def _stock_run(pipe, x_T, guidance, output_type):
+def _stock_run(pipe, x_T, guidance, output_type, **call_kwargs):
     """The stock pipeline's output and its latents after every step."""
     steps = []
 
@@ -78,6 +78,7 @@ def _stock_run(pipe, x_T, guidance, output_type):
         latents=x_T.clone(),
         output_type=output_type,
         callback_on_step_end=record,
+        **call_kwargs,
     ).images
     return out, torch.stack(steps, dim=1)
 
@@ -120,6 +121,18 @@ def test_ode_is_the_stock_pipeline(request, which, guidance):
             VelocityPredictor(model, 1.0), encode_prompts(model, PROMPTS), x_T, grid, torch.Generator()
         )
         assert (plain.final - traj.final).abs().max() > 1e-3
+
+
+def test_a_negative_prompt_guides_as_the_stock_pipelines(sd3_model, sd3_pipe):
+    """`sampling.negative_prompt`: the CFG branch encodes it as StableDiffusion3Pipeline's `negative_prompt`."""
+    x_T, grid = _x_T(sd3_model), flow_grid_for(sd3_model, K, 0.0)
+    cond = encode_prompts(sd3_model, PROMPTS)
+    negative = "blurry, two heads"
+    traj = sample_flow_trajectory(VelocityPredictor(sd3_model, 4.5, negative_prompt=negative), cond, x_T, grid, None)
+    stock, _ = _stock_run(sd3_pipe, x_T, 4.5, "latent", negative_prompt=negative)
+    torch.testing.assert_close(traj.final, stock, atol=1e-5, rtol=0)
+    empty = sample_flow_trajectory(VelocityPredictor(sd3_model, 4.5), cond, x_T, grid, None)
+    assert (empty.final - traj.final).abs().max() > 1e-3
 
 
 def test_decoded_image_is_the_stock_pipeline_image(sd3_model, sd3_pipe):

@@ -97,6 +97,21 @@ def test_sdxl_encoding_matches_stock_pipeline(sdxl, sdxl_pipe):
     assert (cond.pooled_prompt_embeds[0] - cond.pooled_prompt_embeds[1]).abs().max() > 1e-3
 
 
+def test_a_negative_prompt_is_encoded_as_the_stock_pipelines_encode_it(sd15, sd15_pipe, sdxl, sdxl_pipe):
+    """A negative prompt (even "") is encoded like a prompt, also on SDXL base, which zeroes only when none is given."""
+    negative = "blurry, low quality"
+    _, expected = sd15_pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=[negative] * 3)
+    torch.testing.assert_close(
+        encode_negative(sd15, 3, negative_prompt=negative).prompt_embeds, expected, atol=1e-6, rtol=0
+    )
+    for text in (negative, ""):
+        _, embeds, _, pooled = sdxl_pipe.encode_prompt(PROMPTS, device="cpu", negative_prompt=[text] * 3)
+        ours = encode_negative(sdxl, 3, negative_prompt=text)
+        torch.testing.assert_close(ours.prompt_embeds, embeds, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours.pooled_prompt_embeds, pooled, atol=1e-6, rtol=0)
+        assert ours.prompt_embeds.any()
+
+
 @pytest.mark.parametrize("size", [None, (48, 80)])
 def test_sdxl_add_time_ids_match_stock_pipeline(sdxl, sdxl_pipe, size):
     height, width = size or (64, 64)

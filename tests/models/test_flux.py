@@ -224,6 +224,20 @@ def test_our_ode_sampler_reproduces_the_stock_pipeline(model, stock):
     torch.testing.assert_close(ours, torch.from_numpy(image).permute(0, 3, 1, 2), atol=1e-5, rtol=0)
 
 
+def test_true_cfg_with_a_negative_prompt_reproduces_the_stock_pipeline(model, stock):
+    """`sampling.guidance_scale` w > 1 with `sampling.negative_prompt`: FluxPipeline's true CFG (`true_cfg_scale` w,
+    `negative_prompt`), the guidance embedding in both branches; a different negative prompt gives other latents."""
+    cond = encode_prompts(model, PROMPTS)
+    grid = flow_grid_for(model, 3, 0.0)
+    x_T = initial_noise(2, model, torch.Generator().manual_seed(8))
+    predictor = VelocityPredictor(model, 3.0, negative_prompt="blurry, low quality")
+    trajectory = sample_flow_trajectory(predictor, cond, x_T, grid, None)
+    expected = _stock_latents(stock, PROMPTS, 3, seed=8, true_cfg_scale=3.0, negative_prompt="blurry, low quality")
+    torch.testing.assert_close(trajectory.final, expected, atol=1e-5, rtol=0)
+    other = sample_flow_trajectory(VelocityPredictor(model, 3.0, negative_prompt="a cat"), cond, x_T, grid, None)
+    assert (other.final - trajectory.final).abs().max() > 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------------- LoRA
 
 
