@@ -244,7 +244,8 @@ class Learner:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def train(self, batch: RolloutBatch, iteration: int) -> TrainResult:
-        """`num_inner_epochs` passes of `train_batch_size`-example optimizer steps over `batch`."""
+        """`num_inner_epochs` passes of `train_batch_size`-example optimizer steps over `batch`, the run's iteration
+        `iteration` (0-based: the first is 0)."""
         start = time.perf_counter()
         staleness = self.version - batch.weights_version
         if staleness > self.config.train.max_staleness:
@@ -255,7 +256,7 @@ class Learner:
                 metrics={"staleness": float(staleness), "dropped_batches": float(self.dropped)},
             )
         train = self.config.train
-        learning_rate = learning_rate_at(train, iteration)
+        learning_rate = learning_rate_at(train, iteration + 1)  # the schedule counts iterations from 1
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, TRAIN_STREAM, iteration))

@@ -93,11 +93,29 @@ def test_the_learner_steps_at_the_scheduled_rate_and_a_resumed_one_keeps_to_it(
         out.weights_version = learner.version
         return out
 
-    seen = [learner.train(batch(), iteration=i).metrics["learning_rate"] for i in (1, 2)]
+    seen = [learner.train(batch(), iteration=i).metrics["learning_rate"] for i in (0, 1)]  # 0-based, as the loop
     assert seen == pytest.approx([1e-2, 1e-2 * 2 / 3])
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 2 / 3)
     state = learner.state_dict()
     learner = Learner(config, str(tiny_sd15_dir))
-    learner.load_state_dict(state)  # the saved optimizer carries iteration 2's rate; iteration 3 sets its own
-    assert learner.train(batch(), iteration=3).metrics["learning_rate"] == pytest.approx(1e-2 / 3)
+    learner.load_state_dict(state)  # the saved optimizer carries the second iteration's rate; the third sets its own
+    assert learner.train(batch(), iteration=2).metrics["learning_rate"] == pytest.approx(1e-2 / 3)
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 3)
+
+
+def test_a_run_logs_its_schedule_from_the_first_to_the_last_iteration(tiny_sd15_dir, tmp_path, one_torch_thread):
+    from rlhf_diffusion.testing import run_metrics, tiny_loop_trainer
+
+    trainer = tiny_loop_trainer(
+        tiny_sd15_dir,
+        tmp_path,
+        "linear",
+        "dde_single",
+        seed=0,
+        num_steps=2,
+        train={"iterations": 3, "learning_rate": 1e-3, "lr_schedule": "linear"},
+        tracking={"enabled": False},
+    )
+    result = trainer.fit()
+    rates = [r["train/learning_rate"] for r in run_metrics(result.run_dir) if "train/learning_rate" in r]
+    assert rates == pytest.approx([1e-3, 5e-4, 0.0])
