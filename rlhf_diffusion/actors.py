@@ -266,10 +266,11 @@ class Actors:
             except Exception:  # already dead
                 pass
 
-    def publish(self, during: str) -> PublishedWeights:
-        """The learner's current weights, published for the samplers (through the object store under Ray);
-        `during` says when, for the message should the learner have died."""
-        return self.learner_call(during, "publish" if self.use_ray else "weights")
+    def publish(self, during: str, average: bool = False) -> PublishedWeights:
+        """The learner's current weights (`average`: their moving average, `train.ema_decay`), published for the
+        samplers (through the object store under Ray); `during` says when, for the message should the learner have
+        died."""
+        return self.learner_call(during, "publish" if self.use_ray else "weights", average)
 
     def restore_weights(self, history: dict[int, dict[str, Any]]) -> dict[int, PublishedWeights]:
         """Published weights again from a checkpoint's weights history (version → state), for the samplers."""

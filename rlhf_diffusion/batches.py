@@ -196,11 +196,14 @@ class PublishedWeights:
         version: number of optimizer rounds (iterations) trained into these weights; 0 = the initial LoRA.
         state: peft-format LoRA state dict (CPU float32), or None when `ref` is set.
         ref: `[ObjectRef]` of that dict in the Ray object store, or None.
+        average: the exponential moving average of the weights up to `version` (`train.ema_decay`), which the
+            held-out evaluations use, not the weights of `version` themselves, which the rollouts use.
     """
 
     version: int
     state: dict[str, torch.Tensor] | None = None
     ref: list[Any] | None = None
+    average: bool = False
 
     def resolve(self) -> dict[str, torch.Tensor]:
         if self.state is not None:

@@ -9,10 +9,13 @@ A checkpoint after iteration k is a directory `<run_dir>/checkpoints/iter_<k:06d
     learner_unet.safetensors                the UNet state dict, float32, exactly as trained (resume reads this)
     optimizer.pt                            AdamW state (tensors and numbers only: loads with weights_only=True)
     algorithm_state.safetensors             the method's state, e.g. DDE's EMA correction table (may be empty)
+    learner_ema.safetensors                 the moving average of the trained weights (train.ema_decay > 0 only),
+                                            keyed by position among the trained parameters
     weights_history.safetensors             the LoRA versions rollouts still in flight were sampled with
                                             (versions k - max_staleness .. k), keyed "v<version>/<param>"
-    state.json                              iteration, learner version, seed, the resolved config, the MLflow
-                                            run id, the pre-training evaluation, fault counters
+    state.json                              iteration, learner version, optimizer steps and fp16 loss scale,
+                                            seed, the resolved config, the MLflow run id, the pre-training
+                                            evaluation, fault counters
 
 RNG state: every random draw of a run is derived from (seed, iteration, shard) (`seeding.derive_seed`),
 so the seed and the iteration in state.json are the whole RNG state; no generator state needs saving.
@@ -135,6 +138,8 @@ def save_checkpoint(root: str | Path, state: CheckpointState, keep_last: int = 2
         save_file(
             {k: v.contiguous() for k, v in state.learner["algorithm"].items()}, staging / "algorithm_state.safetensors"
         )
+        if state.learner.get("ema"):
+            save_file({k: v.contiguous() for k, v in state.learner["ema"].items()}, staging / "learner_ema.safetensors")
         history = {
             f"v{version}/{key}": value.contiguous()
             for version, weights in state.weights_history.items()
@@ -146,6 +151,8 @@ def save_checkpoint(root: str | Path, state: CheckpointState, keep_last: int = 2
             "iteration": state.iteration,
             "learner_version": int(state.learner["version"]),
             "dropped": int(state.learner.get("dropped", 0)),
+            "learner_optimizer_steps": int(state.learner.get("optimizer_steps", 0)),
+            "learner_grad_scaler": dict(state.learner.get("grad_scaler") or {}),
             "history_versions": sorted(int(v) for v in state.weights_history),
         }
         _write_bytes(staging / "state.json", json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
@@ -281,6 +288,10 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
         path / "weights_history.safetensors",
     ]
     weights, algorithm, flat_history = (_read_tensors(file) for file in tensor_files)
+    ema = {}
+    if (path / "learner_ema.safetensors").is_file():
+        tensor_files.append(path / "learner_ema.safetensors")
+        ema = _read_tensors(tensor_files[-1])
     optimizer = _read_optimizer(path)
     _check_exports(path, set(tensor_files))
     history: dict[int, dict[str, torch.Tensor]] = {}
@@ -293,6 +304,9 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
         weights_key: weights,
         "optimizer": optimizer,
         "algorithm": algorithm,
+        "optimizer_steps": int(meta.get("learner_optimizer_steps", 0)),
+        "grad_scaler": dict(meta.get("learner_grad_scaler") or {}),
+        "ema": ema,
     }
     return CheckpointState(iteration=int(meta["iteration"]), learner=learner, weights_history=history, meta=meta)
 

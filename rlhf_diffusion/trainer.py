@@ -153,7 +153,17 @@ class Trainer:
 
     def evaluate(self, weights: PublishedWeights, during: str = "an evaluation pass") -> EvalResult:
         """Held-out rewards with `weights`: eval prompts dealt round-robin to the samplers, fixed seeds. `during`
-        names the pass in fault messages ("the evaluation after iteration 3")."""
+        names the pass in fault messages ("the evaluation after iteration 3"). With a moving average of the weights
+        (`train.ema_decay`) a trained version is judged by the learner's average instead, as flow_grpo evaluates
+        (the learner holds that version: evaluations follow its training)."""
+        if self.config.train.ema_decay > 0 and weights.version > 0:
+            averaged = self.actors.publish(during, average=True)
+            if averaged.version != weights.version:
+                raise RuntimeError(
+                    f"{during}: the learner holds version {averaged.version}, not {weights.version}, so its moving "
+                    "average is not that version's"
+                )
+            weights = averaged
         seeds = self.config.prompts.eval_seeds
         return merge_shards(self.actors.evaluate(self.eval_prompts, seeds, weights, during), seeds)
 

@@ -173,3 +173,28 @@ def test_learner_crash_ends_with_a_resumable_checkpoint_and_resume_matches(refer
     assert (
         result.mlflow_run_id == load_checkpoint(latest_checkpoint(result.run_dir / "checkpoints")).meta["mlflow_run_id"]
     )  # the same MLflow run continues
+
+
+def test_a_moving_average_is_evaluated_and_exported_alike_under_ray_and_in_process(
+    ray_connected, tiny_sd15_dir, tmp_path
+):
+    """`train.ema_decay`: the learner actor publishes the average for the evaluations, the sampler actors judge it
+    and go back to their weights for the rollouts, and the export is the average: the same LoRA and held-out images as
+    the in-process loop, and another LoRA than without the average."""
+    ema = {"train": {"iterations": 3, "train_batch_size": 4, "max_staleness": 1, "ema_decay": 0.5, "ema_every": 1}}
+    results = {}
+    for where in ("ray", "local"):
+        config = parse_config(runtime_config_dict(tiny_sd15_dir, tmp_path / where, "ema", **ema))
+        trainer = Trainer(config, log=lambda *_: None) if where == "ray" else LocalTrainer(config, log=lambda *_: None)
+        try:
+            results[where] = trainer.fit()
+        finally:
+            trainer.shutdown()
+    assert_same_lora(lora_of(results["ray"].run_dir), lora_of(results["local"].run_dir))
+    torch.testing.assert_close(results["ray"].eval_after.images, results["local"].eval_after.images, atol=1e-5, rtol=0)
+    plain = LocalTrainer(
+        parse_config(runtime_config_dict(tiny_sd15_dir, tmp_path / "plain", "ema", train={"iterations": 3})),
+        log=lambda *_: None,
+    ).fit()
+    a, b = lora_of(plain.run_dir), lora_of(results["local"].run_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5

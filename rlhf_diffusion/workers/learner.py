@@ -76,6 +76,12 @@ def learning_rate_at(train: TrainConfig, iteration: int) -> float:
     return lr * (train.lr_final_ratio + (1.0 - train.lr_final_ratio) * decay)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The moving average's decay at the learner's `step`-th optimizer step: min((1 + n)/(10 + n), decay), a
+    warm-up that lets the first updates move the average further, as flow_grpo's `EMAModuleWrapper` [C]."""
+    return min((1 + step) / (10 + step), decay)
+
+
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
@@ -185,6 +191,11 @@ class Learner:
         )
         self.version = 0
         self.dropped = 0
+        self.optimizer_steps = 0  # over the whole run (the moving average's clock)
+        # The moving average of the trained weights (`train.ema_decay`), aligned with `trainable_parameters`.
+        self.ema: list[torch.Tensor] | None = None
+        if train.ema_decay > 0:
+            self.ema = [p.detach().clone().float() for p in trainable_parameters(self.model.unet)]
         # Samplers receive the weights in the dtype they compute in (a full-UNet publish in bf16 is half the size).
         self.publish_dtype = DTYPES[config.model.dtype]
 
@@ -287,6 +298,8 @@ class Learner:
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model.unet), train.grad_clip)
                 self.grad_scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
                 self.grad_scaler.update()
+                self.optimizer_steps += 1
+                self._update_ema()
                 values = {"loss": out.loss.item(), **out.metrics}
                 update = out.state_update
                 kept = {k: v for k, v in out.grouped.items() if log_kl or not k.startswith("kl/")}
@@ -317,6 +330,36 @@ class Learner:
         )
         return TrainResult(version=self.version, metrics=metrics, diagnostics={**grouped.means(), **signal})
 
+    def _update_ema(self) -> None:
+        """After the n-th optimizer step, when (n + 1) is a multiple of `train.ema_every` (flow_grpo's clock [C]):
+        average ← average + (1 − d)(weights − average), d = `ema_decay_at(train.ema_decay, n)`."""
+        train, n = self.config.train, self.optimizer_steps
+        if self.ema is None or (n + 1) % train.ema_every:
+            return
+        weight = 1.0 - ema_decay_at(train.ema_decay, n)
+        with torch.no_grad():
+            for average, param in zip(self.ema, trainable_parameters(self.model.unet), strict=True):
+                average.lerp_(param.detach().float(), weight)
+
+    @contextlib.contextmanager
+    def averaged(self, average: bool = True):
+        """Within the block the UNet holds the moving average of its weights (`train.ema_decay`; without one, or
+        with `average` False, its own weights); they come back on exit."""
+        if not average or self.ema is None:
+            yield
+            return
+        params = trainable_parameters(self.model.unet)
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for param, value in zip(params, self.ema, strict=True):
+                param.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(params, saved, strict=True):
+                    param.copy_(value)
+
     def measure_signal(self, examples: Any, cond_all: TextConditioning, iteration: int) -> dict[str, float]:
         """The learning-signal diagnostics of this round's examples (`Algorithm.prepare_examples`) at the current
         weights (`train.signal_every`, `algorithms.signal`), before any step of the round. Rank 0 measures alone, on
@@ -339,23 +382,27 @@ class Learner:
         finally:
             self.predictor.forward_module = wrapped
 
-    def weights(self) -> PublishedWeights:
+    def weights(self, average: bool = False) -> PublishedWeights:
         """The current trained weights (LoRA: peft format, CPU float32; full: the UNet in `model.dtype`) with
-        their version, in this process."""
-        return PublishedWeights(version=self.version, state=get_trainable_state(self.model.unet, self.publish_dtype))
+        their version, in this process; `average`: their moving average instead (`train.ema_decay`; without one,
+        the weights)."""
+        average = average and self.ema is not None
+        with self.averaged(average):
+            state = get_trainable_state(self.model.unet, self.publish_dtype)
+        return PublishedWeights(version=self.version, state=state, average=average)
 
-    def publish(self) -> PublishedWeights:
-        """The current weights put into the Ray object store once; samplers fetch them by reference."""
+    def publish(self, average: bool = False) -> PublishedWeights:
+        """The current weights (or their moving average) put into the Ray object store once; samplers fetch them by
+        reference."""
         import ray
 
-        return PublishedWeights(
-            version=self.version, ref=[ray.put(get_trainable_state(self.model.unet, self.publish_dtype))]
-        )
+        weights = self.weights(average)
+        return PublishedWeights(version=weights.version, ref=[ray.put(weights.state)], average=weights.average)
 
     def export_files(self) -> dict[str, bytes]:
         """The run's deliverable as {relative path: bytes} (`lora/pytorch_lora_weights.safetensors` or the `unet/`
         directory, see `export_trainable`), for the driver to write wherever this actor runs."""
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, self.averaged():
             return export_trainable(self.model, tmp)
 
     def state_dict(self) -> dict[str, Any]:
@@ -370,6 +417,9 @@ class Learner:
             # fp16's dynamic loss scale and its growth tracker ({} when fp16 is off): a resumed run starts from the
             # scale it had reached, not from 65536 (which would skip steps to overflow until it shrank again)
             "grad_scaler": self.grad_scaler.state_dict(),
+            "optimizer_steps": self.optimizer_steps,
+            # the moving average (`train.ema_decay`), keyed by position in `trainable_parameters`; {} when off
+            "ema": {f"{i:06d}": v.detach().cpu() for i, v in enumerate(self.ema or [])},
         }
 
     @property
@@ -389,6 +439,18 @@ class Learner:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.version = int(state["version"])
         self.dropped = int(state.get("dropped", 0))
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
+        if self.ema is not None:
+            saved = state.get("ema") or {}
+            if saved:  # a checkpoint without one (older, or ema_decay was 0) starts the average from the weights
+                if len(saved) != len(self.ema):
+                    raise ValueError(
+                        f"the checkpoint's moving average holds {len(saved)} tensors, the model trains {len(self.ema)}"
+                    )
+                values = [saved[key] for key in sorted(saved)]
+            else:
+                values = list(trainable_parameters(self.model.unet))
+            self.ema = [v.detach().clone().float().to(self.device) for v in values]
         return self.version
 
 

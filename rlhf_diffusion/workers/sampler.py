@@ -27,7 +27,7 @@ from rlhf_diffusion.config import RunConfig
 from rlhf_diffusion.data.offline import OfflinePairStream, encode_pairs
 from rlhf_diffusion.evaluation import evaluate_shard
 from rlhf_diffusion.models.conditioning import TextConditioning, encode_prompts
-from rlhf_diffusion.models.loading import DiffusionModel, set_trainable_state
+from rlhf_diffusion.models.loading import DiffusionModel, get_trainable_state, set_trainable_state
 from rlhf_diffusion.rewards.base import RewardResult, WeightedReward
 from rlhf_diffusion.workers.policy import load_policy, policy_grid, policy_predictor, resolve_device
 from rlhf_diffusion.workers.reward_server import build_heldout_reward
@@ -197,6 +197,8 @@ class Sampler:
 
     def load_weights(self, weights: PublishedWeights) -> None:
         """Loads `weights` into the policy unless it already holds that version."""
+        if weights.average:
+            raise ValueError("a moving average of the weights is for evaluations only (Sampler.evaluate)")
         if weights.version != self.weights_version:
             set_trainable_state(self.model.unet, weights.resolve())
             self.weights_version = weights.version
@@ -251,17 +253,27 @@ class Sampler:
         weights: PublishedWeights | None = None,
     ) -> EvalShard:
         """Held-out samples: `num_seeds` images of each prompt, seeded by (global prompt index, seed) only, scored
-        by the training rewards and, when configured, the held-out rewards."""
-        if weights is not None:
+        by the training rewards and, when configured, the held-out rewards. A moving average of the weights
+        (`weights.average`, `train.ema_decay`) is loaded for this pass only: the policy's own weights come back
+        after it (an on-policy sampler in one process shares the learner's UNet)."""
+        kept = None
+        if weights is not None and weights.average:
+            kept = get_trainable_state(self.model.unet)
+            set_trainable_state(self.model.unet, weights.resolve())
+        elif weights is not None:
             self.load_weights(weights)
         self.model.unet.eval()
-        return evaluate_shard(
-            self.model,
-            self.predictor,
-            self.eval_grid,
-            self.reward,
-            prompts,
-            prompt_indices,
-            num_seeds,
-            self.resolution,
-        )
+        try:
+            return evaluate_shard(
+                self.model,
+                self.predictor,
+                self.eval_grid,
+                self.reward,
+                prompts,
+                prompt_indices,
+                num_seeds,
+                self.resolution,
+            )
+        finally:
+            if kept is not None:
+                set_trainable_state(self.model.unet, kept)
