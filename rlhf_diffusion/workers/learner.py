@@ -54,7 +54,7 @@ from rlhf_diffusion.models.loading import (
 from rlhf_diffusion.seeding import SIGNAL_STREAM, TRAIN_STREAM, derive_seed
 from rlhf_diffusion.workers.policy import DTYPES, load_policy, policy_grid, policy_predictor, resolve_device
 
-__all__ = ["AUTOCAST_DTYPES", "GroupRef", "GroupedMeans", "Learner", "LearnerGroup", "learning_rate_at"]
+__all__ = ["AUTOCAST_DTYPES", "GroupRef", "GroupedMeans", "Learner", "LearnerGroup", "ema_decay_at", "learning_rate_at"]
 
 # `train.mixed_precision` -> autocast dtype (None = no autocast).
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
