@@ -6,14 +6,19 @@ denoising step dominates. Both look alike in the loss curve (ln 2 throughout). T
 from the gradient itself, at the start of each training round (`train.signal_every`), on a random subset of the
 round's examples (`train.signal_examples`), without touching the weights, the optimizer or the training draws:
 
-- **coherence** (`signal/coherence`): the examples are split at random into two halves A and B (within each
-  group, so every group is split evenly) and the loss gradient of each half is taken w.r.t. the trainable
-  parameters; coherence = cos(g_A, g_B). If each example's gradient is g_i = μ + ξ_i (a shared direction μ plus
-  noise of mean square s²), then for halves of n/2 examples E[g_A·g_B] = (n/2)²|μ|² and
-  |g_A|² ≈ (n/2)²|μ|² + (n/2)s², so cos ≈ (n/2)ρ / ((n/2)ρ + 1) with ρ = |μ|²/s², the per-example signal-to-noise
-  ratio. Noise only: cos ≈ 0 (either sign). A method that learns shows clearly positive coherence.
-- **per-example SNR²** (`signal/snr2`): ρ̂ = cos / ((n/2)(1 − cos)), the inverse of that relation; comparable across
-  batch sizes (the coherence itself grows with n). Negative values mean "no signal detected".
+- **coherence** (`signal/coherence`): the round's prompts are split at random into two halves A and B, every
+  example going with its prompt, and the loss gradient of each half is taken w.r.t. the trainable parameters;
+  coherence = cos(g_A, g_B). The prompt is the unit because a prompt's examples are not independent: its GRPO group
+  shares a zero-sum advantage (split across halves, its common score direction enters A and B with opposite signs,
+  a negative bias: measured −0.02 to −0.08 on the testbed), and a trajectory's steps share their states (a positive
+  one). If each prompt's gradient is g_i = μ + ξ_i (a shared direction μ plus noise of mean square s²), then for
+  halves of n/2 prompts E[g_A·g_B] = (n/2)²|μ|² and |g_A|² ≈ (n/2)²|μ|² + (n/2)s², so
+  cos ≈ (n/2)ρ / ((n/2)ρ + 1) with ρ = |μ|²/s², the per-prompt signal-to-noise ratio. Noise only: cos ≈ 0 (either
+  sign). A method that learns shows clearly positive coherence. (Until 2026-12-01 the split was by example; for
+  the final-pair methods, one pair per prompt, that is the same split.)
+- **per-prompt SNR²** (`signal/snr2`): ρ̂ = cos / ((n/2)(1 − cos)), n the prompts (`signal/units`), the inverse of
+  that relation; comparable across batch sizes (the coherence itself grows with n). Negative values mean "no signal
+  detected".
 - **per-group share and coherence** (`signal/share_<group>`, `signal/coherence_<group>`): the same for the examples
   of one group — a DDIM step index `step_<k>` for D3PO / TailorPO(-G), a timestep bucket `t_<lo>` for DDE /
   Diffusion-DPO. share_k = |g_{k,A} + g_{k,B}|² / Σ_j |g_{j,A} + g_{j,B}|²: how much of the squared gradient norm
@@ -47,10 +52,18 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return float(torch.dot(a, b) / (na * nb))
 
 
-def split_halves(groups: Tensor, generator: torch.Generator) -> Tensor:
-    """A random half assignment (0 = A, 1 = B) per example, balanced within each group: the examples of a group
-    are shuffled and alternate A, B, A, ... (an odd group gives A one more)."""
+def split_halves(groups: Tensor, generator: torch.Generator, units: Tensor | None = None) -> Tensor:
+    """A random half assignment (0 = A, 1 = B) per example. Without `units`: balanced within each group, the
+    examples of a group shuffled and alternating A, B, A, ... (an odd group gives A one more). With `units` (one id
+    per example, e.g. its prompt): the distinct units are shuffled and alternate A, B, A, ..., and every example goes
+    with its unit, so no unit is split."""
     half = torch.zeros(len(groups), dtype=torch.long)
+    if units is not None:
+        distinct = units.unique()
+        distinct = distinct[torch.randperm(len(distinct), generator=generator)]
+        for unit in distinct[1::2].tolist():
+            half[units == unit] = 1
+        return half
     for group in groups.unique().tolist():
         rows = (groups == group).nonzero().squeeze(1)
         rows = rows[torch.randperm(len(rows), generator=generator)]
@@ -98,12 +111,15 @@ def measure_signal(
     generator_seed: int,
     max_examples: int,
 ) -> dict[str, float]:
-    """Split-half gradient diagnostics (`signal_metrics`) of `algorithm`'s loss on (up to `max_examples` of)
-    `examples`, plus `signal/examples`; {} for fewer than two examples. Arguments as `split_half_gradients`."""
-    grads, n = split_half_gradients(algorithm, predictor, cond_all, examples, parameters, generator_seed, max_examples)
+    """Split-half gradient diagnostics (`signal_metrics`, per prompt) of `algorithm`'s loss on (up to `max_examples`
+    of) `examples`, plus `signal/examples` and `signal/units` (the prompts they come from); {} for fewer than two
+    examples. Arguments as `split_half_gradients`."""
+    grads, n, units = split_half_gradients(
+        algorithm, predictor, cond_all, examples, parameters, generator_seed, max_examples
+    )
     if not grads:
         return {}
-    return {**signal_metrics(grads, n), "signal/examples": float(n)}
+    return {**signal_metrics(grads, units), "signal/examples": float(n), "signal/units": float(units)}
 
 
 def split_half_gradients(
@@ -114,8 +130,9 @@ def split_half_gradients(
     parameters: Sequence[Tensor],
     generator_seed: int,
     max_examples: int,
-) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
-    """The flat loss gradients of each (group, half) of (up to `max_examples` of) `examples`.
+) -> tuple[dict[str, tuple[Tensor, Tensor]], int, int]:
+    """The flat loss gradients of each (group, half) of (up to `max_examples` of) `examples`, the halves split by
+    prompt (`split_halves` with the examples' `prompt_index` as units).
 
     The subset is treated as one minibatch: every random draw of the loss (DDE's t and ε) is made for the whole
     subset from a generator seeded by `generator_seed` (`Algorithm.loss_on_rows`), so each (group, half) chunk sees
@@ -133,17 +150,17 @@ def split_half_gradients(
         max_examples: the subset size.
 
     Returns:
-        (group name → (g_A, g_B), n): the gradients of each group's half-A and half-B examples' part of the
-        subset's mean loss (they sum to the subset's loss gradient), and n, the subset size.
+        (group name → (g_A, g_B), n, u): the gradients of each group's half-A and half-B examples' part of the
+        subset's mean loss (they sum to the subset's loss gradient), n, the subset size, and u, its prompts.
     """
     if len(examples) < 2:
-        return {}, 0
+        return {}, 0, 0
     gen = torch.Generator().manual_seed(generator_seed)
     pick = torch.randperm(len(examples), generator=gen)[:max_examples].sort().values
     subset = examples.select(pick)
     cond = cond_all.index(subset.prompt_index)
     groups, names = algorithm.signal_groups(subset, torch.Generator().manual_seed(generator_seed))
-    half = split_halves(groups, gen)
+    half = split_halves(groups, gen, units=subset.prompt_index)
     params = [p for p in parameters if p.requires_grad]
     n = len(subset)
     grads: dict[str, tuple[Tensor, Tensor]] = {}
@@ -167,4 +184,4 @@ def split_half_gradients(
             )
         like = next(v for v in pair if v is not None)
         grads[names[group]] = tuple(v if v is not None else torch.zeros_like(like) for v in pair)
-    return grads, n
+    return grads, n, len(subset.prompt_index.unique())

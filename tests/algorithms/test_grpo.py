@@ -187,8 +187,8 @@ def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_p
     learner = trainer.learner_obj
     cond_all = learner.encode(batch.prompts)
     params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
-    grads, n = split_half_gradients(trainer.algorithm, learner.predictor, cond_all, examples, params, 11, 64)
-    assert n == len(examples) and set(grads) == {"step_0", "step_1", "step_2"}
+    grads, n, units = split_half_gradients(trainer.algorithm, learner.predictor, cond_all, examples, params, 11, 64)
+    assert n == len(examples) and units == len(PROMPTS) and set(grads) == {"step_0", "step_1", "step_2"}
     summed = sum(a + b for a, b in grads.values())
     whole = trainer.algorithm.loss(learner.predictor, cond_all.index(examples.prompt_index), examples, None)
     expected = torch.cat([g.flatten() for g in torch.autograd.grad(whole.loss, params)])

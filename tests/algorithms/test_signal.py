@@ -82,6 +82,37 @@ def test_split_halves_balanced_within_each_group():
         assert int((half[rows] == 1).sum()) == int(rows.sum()) - a_count
 
 
+def test_split_halves_by_unit_keeps_every_unit_whole():
+    groups = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    units = torch.tensor([7, 7, 7, 3, 3, 3, 9, 9, 9, 4, 4, 4])  # e.g. a prompt's 3 trained steps
+    half = split_halves(groups, torch.Generator().manual_seed(1), units=units)
+    for unit in units.unique():
+        assert len(half[units == unit].unique()) == 1
+    assert int(half.sum()) == 6  # 4 units: 2 in each half
+
+
+def test_a_zero_sum_group_split_across_halves_reads_as_anti_coherent_and_whole_groups_do_not():
+    """GRPO's advantages sum to 0 within a prompt's group; every trajectory's score shares the prompt's direction
+    c_p. Split by example, the halves get +Σ_A A_i c_p and −Σ_A A_i c_p: a negative coherence from nothing but the
+    split. Split by prompt, each half's c_p terms cancel and only the independent parts remain."""
+    g = torch.Generator().manual_seed(0)
+    prompts, group, dim = 64, 4, 5000
+    common = 3.0 * torch.randn(prompts, dim, generator=g)
+    own = torch.randn(prompts, group, dim, generator=g)
+    adv = torch.randn(prompts, group, generator=g)
+    adv = adv - adv.mean(1, keepdim=True)
+    per_example = (adv[..., None] * (common[:, None] + own)).reshape(-1, dim)
+    units = torch.arange(prompts).repeat_interleave(group)
+    groups = torch.zeros(len(units), dtype=torch.long)
+    for split, expect in ((None, "negative"), (units, "null")):
+        half = split_halves(groups, torch.Generator().manual_seed(2), units=split)
+        out = signal_metrics({"all": (per_example[half == 0].sum(0), per_example[half == 1].sum(0))}, prompts)
+        if expect == "negative":
+            assert out["signal/coherence"] < -0.3
+        else:
+            assert abs(out["signal/coherence"]) < 0.1
+
+
 def test_clamp_and_saturation_fractions_per_group():
     eps = 0.1
     lo, hi = math.log(1 - eps), math.log(1 + eps)
@@ -107,8 +138,8 @@ def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_p
     learner = trainer.learner_obj
     cond_all = learner.encode(batch.prompts)
     params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
-    grads, n = split_half_gradients(trainer.algorithm, learner.predictor, cond_all, examples, params, 11, 64)
-    assert n == len(examples)
+    grads, n, units = split_half_gradients(trainer.algorithm, learner.predictor, cond_all, examples, params, 11, 64)
+    assert n == len(examples) and units == len(examples.prompt_index.unique())
     summed = sum(a + b for a, b in grads.values())
     # the whole subset's mean-loss gradient, with the same draws (same generator seed, all rows)
     whole = trainer.algorithm.loss_on_rows(
