@@ -259,6 +259,7 @@ def test_ray_job_submit_runs_the_flow_grpo_config_on_a_tiny_sd35_pipeline(own_ra
         "train.iterations=2",
         "train.mixed_precision=no",  # fp16 autocast is CUDA only
         "train.signal_every=0",
+        "train.ema_every=1",  # the config's average (every 8 optimizer steps) would not move in 2 iterations
         "prompts.train={inline: [a cat, a dog]}",
         "prompts.eval={inline: [a cow]}",
         "tracking.enabled=false",
