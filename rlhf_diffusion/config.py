@@ -1091,10 +1091,10 @@ class TrainConfig(_FrozenModel):
         description="Measure the learning signal every this many iterations, at the start of the round (ours; "
         "rlhf_diffusion/algorithms/signal.py): the split-half gradient coherence signal/coherence (cosine of the "
         "loss gradients of two random halves of the round's prompts, each with all its examples: ≈ 0 = noise, "
-        "clearly > 0 = a direction the prompts agree on), the per-prompt SNR² estimate signal/snr2, and each DDIM step's (D3PO / TailorPO(-G)) or "
-        "t bucket's (DDE / Diffusion-DPO) share of the squared gradient norm and own coherence "
-        "(signal/share_<group>, signal/coherence_<group>). Costs one extra forward and backward pass over "
-        "signal_examples examples; never changes the weights or the training draws. 0 = off.",
+        "clearly > 0 = a direction the prompts agree on), the per-prompt SNR² estimate signal/snr2, and each DDIM "
+        "step's (D3PO / TailorPO(-G)) or t bucket's (DDE / Diffusion-DPO) share of the squared gradient norm and "
+        "own coherence (signal/share_<group>, signal/coherence_<group>). Costs one extra forward and backward pass "
+        "over signal_examples examples; never changes the weights or the training draws. 0 = off.",
     )
     signal_examples: int = Field(
         64,

@@ -11,8 +11,8 @@ round's examples (`train.signal_examples`), without touching the weights, the op
   coherence = cos(g_A, g_B). The prompt is the unit because a prompt's examples are not independent: its GRPO group
   shares a zero-sum advantage (split across halves, its common score direction enters A and B with opposite signs:
   a negative bias, built by hand in tests/algorithms/test_signal.py), and a trajectory's steps share their states
-  (a positive one). If each prompt's gradient is g_i = μ + ξ_i (a shared direction μ plus noise of mean square s²), then for
-  halves of n/2 prompts E[g_A·g_B] = (n/2)²|μ|² and |g_A|² ≈ (n/2)²|μ|² + (n/2)s², so
+  (a positive one). If each prompt's gradient is g_i = μ + ξ_i (a shared direction μ plus noise of mean square
+  s²), then for halves of n/2 prompts E[g_A·g_B] = (n/2)²|μ|² and |g_A|² ≈ (n/2)²|μ|² + (n/2)s², so
   cos ≈ (n/2)ρ / ((n/2)ρ + 1) with ρ = |μ|²/s², the per-prompt signal-to-noise ratio. Noise only: cos ≈ 0 (either
   sign). A method that learns shows clearly positive coherence. (Until 2026-12-01 the split was by example; for
   the final-pair methods, one pair per prompt, that is the same split.)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,17 +86,11 @@ class VelocityPredictor(NoisePredictor):
     guided = staticmethod(predict_velocity_cfg)
     timestep_dtype = torch.float32
 
-    def __init__(
-        self,
-        model: DiffusionModel,
-        guidance_scale: float,
-        height: int | None = None,
-        width: int | None = None,
-        negative_prompt: str | None = None,
-    ):
+    def __init__(self, model: DiffusionModel, *args: Any, **kwargs: Any):
+        """`NoisePredictor`'s arguments (above), after checking that the model is a flow-matching one."""
         if model.kind not in FLOW_KINDS:
             raise ValueError(f"VelocityPredictor needs a flow-matching (SD3, FLUX) model, got kind {model.kind!r}")
-        super().__init__(model, guidance_scale, height, width, negative_prompt)
+        super().__init__(model, *args, **kwargs)
 
 
 def flow_grid_for(
