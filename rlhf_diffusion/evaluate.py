@@ -7,10 +7,10 @@
 One row per model: the base model, then each `--lora` (a directory written by `export_lora`, i.e. a run's
 `<run>/lora/`, the `.safetensors` file itself, or a run directory holding `lora/`). Every row samples the same
 images: image s of prompt j draws its x_T and its per-step noise from its own generator
-`evaluation.eval_generators(j, seeds)[s]`, in the batches of `evaluation.sample_held_out`, exactly as the
-trainer's held-out evaluation does, so with the
-run's sampling settings (`--steps`, `--eta`, `--guidance`, `--resolution`) and its eval prompts a LoRA row
-reproduces the run's final evaluation (`eval.json`) image for image.
+`evaluation.eval_generators(j, seeds, first_seed)[s]` (seed `--first-seed` + s), in the batches of
+`evaluation.sample_held_out`, exactly as the trainer's held-out evaluation does, so with the run's sampling settings
+(`--steps`, `--eta`, `--guidance`, `--resolution`) and its eval prompts a LoRA row reproduces the run's final
+evaluation (`eval.json`) image for image.
 
 An SD3 / SD3.5 model (a `StableDiffusion3Pipeline` directory or hub id) samples with the ODE, the stock pipeline's
 Euler sampler (noise level 0; `--eta` does not apply), as a run's held-out evaluation of such a model does and as
@@ -24,7 +24,8 @@ Written to `--out DIR`:
     results.csv      the same numbers, full precision: model, lora, images, <reward>_mean, <reward>_std, ...
     per_prompt.csv   one row per (model, prompt): each reward's mean over the seeds (+ PartiPrompts category and
                      challenge columns when the prompts are a partiprompts set)
-    grid.png         the first --grid-prompts prompts, one per row; columns: base seeds 0..S-1, then each LoRA's seeds
+    grid.png         the first --grid-prompts prompts, one per row; columns: base seeds K..K+S-1 (--first-seed K),
+                     then each LoRA's
     paired.json      each LoRA against base, image by image: per reward the mean change, its paired SE, the images
                      that rose / fell (fixed / broken for 0-or-1 scores) and the sign test (also a table in results.md)
     images/          with --save-images: every image as images/<row>/p<prompt index>_s<seed>.png
@@ -376,6 +377,7 @@ def evaluate(
     loras: Sequence[tuple[str, Path]] = (),
     *,
     seeds: int = 2,
+    first_seed: int = 0,
     steps: int = 20,
     eta: float = 1.0,
     guidance_scale: float = 5.0,
@@ -401,6 +403,7 @@ def evaluate(
         rewards: `RewardConfig`-like entries (name, weight, path, kwargs).
         loras: (label, LoRA file) per extra row, evaluated in order after the base row.
         seeds: images per prompt.
+        first_seed: the first fixed seed: image s of prompt j is seed `first_seed + s` (`eval_generators`).
         steps, eta, guidance_scale: the DDIM sampler (K steps, η in [0, 1], CFG weight); an SD3 model samples the
             ODE on its scheduler's K-step flow grid (the stock pipeline's sampler) and ignores eta.
         negative_prompt: CFG's unconditional prompt (as the run config's `sampling.negative_prompt`); None = the
@@ -467,6 +470,7 @@ def evaluate(
         predictor = NoisePredictor(pipeline, guidance_scale, res, res, negative_prompt)
     settings = {
         "seeds": seeds,
+        "first_seed": first_seed,
         "steps": steps,
         "sampler": "flow_ode" if flow_model else "ddim",
         "eta": eta,
@@ -491,7 +495,14 @@ def evaluate(
             # The trainer's held-out evaluation loop (evaluation.py sample_held_out), same batches.
             j = 0
             for batch_prompts, batch_images in sample_held_out(
-                pipeline, predictor, grid, list(prompts.prompts), list(range(len(prompts.prompts))), seeds, res
+                pipeline,
+                predictor,
+                grid,
+                list(prompts.prompts),
+                list(range(len(prompts.prompts))),
+                seeds,
+                res,
+                first_seed=first_seed,
             ):
                 batch_result = reward_fn.score(batch_images, batch_prompts)
                 for first in range(0, len(batch_prompts), seeds):  # per prompt: (S,) scores, (S, 3, H, W)
@@ -503,7 +514,7 @@ def evaluate(
                     if j < grid_prompts:
                         kept.append(images)
                     if image_dir is not None:
-                        _save_images(images, image_dir / _row_dirname(index, label), j)
+                        _save_images(images, image_dir / _row_dirname(index, label), j, first_seed)
                     j += 1
         row = ModelRow(
             label=label,
@@ -517,6 +528,12 @@ def evaluate(
         summary = ", ".join(f"{name} {row.stats(name)[0]:.4f} ± {row.stats(name)[1]:.4f}" for name in per)
         log(f"[evaluate] {label}: {summary} ({len(prompts.prompts) * seeds} images, {row.seconds:.1f} s)")
     return EvaluationResult(model=model, prompts=prompts, rewards=list(rewards), rows=rows, settings=settings)
+
+
+def _seed_range(settings: dict[str, Any]) -> str:
+    """The fixed seeds of the images, "first–last" (`--first-seed`, `--seeds`)."""
+    first = settings.get("first_seed", 0)
+    return f"{first}–{first + settings['seeds'] - 1}"
 
 
 def _sampler_text(settings: dict[str, Any]) -> str:
@@ -540,11 +557,11 @@ def _row_dirname(index: int, label: str) -> str:
     return f"{index:02d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', label).strip('_') or 'lora'}"
 
 
-def _save_images(images: Any, directory: Path, prompt_index: int) -> None:
+def _save_images(images: Any, directory: Path, prompt_index: int, first_seed: int = 0) -> None:
     from torchvision.utils import save_image
 
     directory.mkdir(parents=True, exist_ok=True)
-    for s, image in enumerate(images):
+    for s, image in enumerate(images, start=first_seed):
         save_image(image, directory / f"p{prompt_index:05d}_s{s}.png")
 
 
@@ -608,8 +625,9 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
     lines = [
         "# Evaluation",
         "",
-        f"Base model `{result.model}`; prompts `{result.prompts.source}` ({num_prompts} prompts × {seeds} seeds = "
-        f"{num_prompts * seeds} images per row); {_sampler_text(result.settings)}, guidance "
+        f"Base model `{result.model}`; prompts `{result.prompts.source}` ({num_prompts} prompts × {seeds} seeds "
+        f"{_seed_range(result.settings)} = {num_prompts * seeds} images per row); {_sampler_text(result.settings)}, "
+        "guidance "
         f"{result.settings['guidance_scale']:g}, {result.settings['resolution']} px.",
         "Rewards: "
         + ", ".join(f"`{_reward_label(spec)}`" for spec in result.rewards)
@@ -648,7 +666,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
     if "grid" in paths:
         lines.append(
             f"`grid.png`: the first {shown} prompts, one per row; columns: "
-            + ", then ".join(f"{row.label} seeds 0–{seeds - 1}" for row in result.rows)
+            + ", then ".join(f"{row.label} seeds {_seed_range(result.settings)}" for row in result.rows)
             + "."
         )
     paths["table"].write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -759,6 +777,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_diffusion.evaluate",
@@ -793,6 +818,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=_positive_int, help="evaluate only the first N prompts")
     parser.add_argument("--seeds", type=_positive_int, default=2, help="images (fixed seeds) per prompt; default 2")
+    parser.add_argument(
+        "--first-seed",
+        type=_non_negative_int,
+        default=0,
+        metavar="K",
+        help="the first fixed seed: images of seeds K..K+S-1 (default 0, as a run's own evaluation); settings "
+        "chosen on seeds 0..K-1 are judged on images they never saw",
+    )
     parser.add_argument(
         "--reward",
         action="append",
@@ -926,6 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rewards,
             loras,
             seeds=args.seeds,
+            first_seed=args.first_seed,
             steps=args.steps,
             eta=args.eta,
             guidance_scale=args.guidance,

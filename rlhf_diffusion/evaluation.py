@@ -46,11 +46,13 @@ __all__ = [
 EVAL_BATCH_IMAGES = 32
 
 
-def eval_generators(prompt_index: int, num_seeds: int) -> list[torch.Generator]:
+def eval_generators(prompt_index: int, num_seeds: int, first_seed: int = 0) -> list[torch.Generator]:
     """One generator per (held-out prompt, seed): image s of prompt j draws its x_T and then its per-step noise from
     its own generator, so an evaluation depends only on the weights, never on the run's history or on which
-    images share a batch."""
-    return [torch.Generator().manual_seed(1_000_003 * (s + 1) + prompt_index) for s in range(num_seeds)]
+    images share a batch. Seeds `first_seed` … `first_seed + num_seeds − 1`: a later range gives images that a
+    choice of settings made on the earlier seeds has never seen."""
+    seeds = range(first_seed, first_seed + num_seeds)
+    return [torch.Generator().manual_seed(1_000_003 * (s + 1) + prompt_index) for s in seeds]
 
 
 @torch.no_grad()
@@ -63,10 +65,11 @@ def sample_held_out(
     num_seeds: int,
     resolution: int,
     batch_images: int = EVAL_BATCH_IMAGES,
+    first_seed: int = 0,
 ):
-    """The fixed-seed held-out images of `prompts` (prompt j seeded by its global index, `eval_generators`), in
-    batches of whole prompts of about `batch_images` images. The one sampling loop of every evaluation (the
-    trainer's, through `Sampler.evaluate`, and the `evaluate` CLI).
+    """The fixed-seed held-out images of `prompts` (prompt j seeded by its global index, `eval_generators`, from
+    seed `first_seed`), in batches of whole prompts of about `batch_images` images. The one sampling loop of every
+    evaluation (the trainer's, through `Sampler.evaluate`, and the `evaluate` CLI).
 
     Yields:
         (the batch's prompts, each repeated `num_seeds` times; (B, 3, H, W) images in [0, 1] on CPU), prompt-major.
@@ -74,7 +77,7 @@ def sample_held_out(
     per_batch = max(1, batch_images // num_seeds)
     for start in range(0, len(prompts), per_batch):
         chunk = list(zip(prompt_indices[start : start + per_batch], prompts[start : start + per_batch]))
-        gens = [g for j, _ in chunk for g in eval_generators(j, num_seeds)]
+        gens = [g for j, _ in chunk for g in eval_generators(j, num_seeds, first_seed)]
         x_T = torch.cat([initial_noise(1, model, g, resolution, resolution) for g in gens])
         repeated = [prompt for _, prompt in chunk for _ in range(num_seeds)]
         cond = encode_prompts(model, repeated, height=resolution, width=resolution)

@@ -392,3 +392,41 @@ def test_the_testbed_reward_needs_no_path_as_in_a_run_config():
     images = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
     result = _build_rewards(specs, torch.device("cpu")).score(images, [caption, caption])
     assert torch.equal(result.per_reward["testbed_reward"], result.per_reward["explicit"])
+
+
+def test_first_seed_gives_the_later_seeds_images_and_names_them(tiny_sd15_dir, tmp_path):
+    """`--first-seed K` samples the images of seeds K.. of a longer evaluation (fresh images for settings chosen on
+    seeds 0..K-1), and the saved files and the report name those seeds."""
+    common = ["--model", str(tiny_sd15_dir), "--prompt", "a cat", "--reward", "brightness", "--steps", "2"]
+    assert main([*common, "--seeds", "3", "--save-images", "--out", str(tmp_path / "all")]) == 0
+    assert main([*common, "--seeds", "2", "--first-seed", "1", "--save-images", "--out", str(tmp_path / "late")]) == 0
+    late = sorted(p.relative_to(tmp_path / "late") for p in (tmp_path / "late").glob("images/*/*.png"))
+    assert [p.name for p in late] == ["p00000_s1.png", "p00000_s2.png"]
+
+    def pixels(path):
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    for path in late:  # the same image (a batch of 2 instead of 3 may round a pixel differently)
+        assert np.abs(pixels(tmp_path / "late" / path) - pixels(tmp_path / "all" / path)).max() <= 1
+    first = pixels(tmp_path / "all" / late[0].with_name("p00000_s0.png"))
+    assert np.abs(first - pixels(tmp_path / "late" / late[0])).max() > 10  # seed 0 is another image
+    assert "1 prompts × 2 seeds 1–2 = 2 images" in (tmp_path / "late" / "results.md").read_text()
+
+
+def test_argparse_rejects_a_negative_first_seed(tiny_sd15_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "--model",
+                str(tiny_sd15_dir),
+                "--prompt",
+                "a",
+                "--reward",
+                "brightness",
+                "--first-seed",
+                "-1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    assert exit_info.value.code == 2 and "--first-seed: must be >= 0" in capsys.readouterr().err
