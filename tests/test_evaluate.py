@@ -148,7 +148,7 @@ def test_cli_writes_table_csvs_and_grid(cli_run, capsys):
         )
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "| model | aesthetic | brightness | weighted total |" in table
-    assert "2 prompts × 2 seeds = 4 images per row" in table and "DDIM 2 steps" in table
+    assert "2 prompts × 2 seeds 0–1 = 4 images per row" in table and "DDIM 2 steps" in table
     for label, r in zip(labels, rows):
         line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
         assert f"{float(r['brightness_mean']):.4f} ± {float(r['brightness_std']):.4f}" in line
