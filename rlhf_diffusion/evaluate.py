@@ -627,8 +627,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pat
         "",
         f"Base model `{result.model}`; prompts `{result.prompts.source}` ({num_prompts} prompts × {seeds} seeds "
         f"{_seed_range(result.settings)} = {num_prompts * seeds} images per row); {_sampler_text(result.settings)}, "
-        "guidance "
-        f"{result.settings['guidance_scale']:g}, {result.settings['resolution']} px.",
+        f"guidance {result.settings['guidance_scale']:g}, {result.settings['resolution']} px.",
         "Rewards: "
         + ", ".join(f"`{_reward_label(spec)}`" for spec in result.rewards)
         + ". Cells: mean ± sample std over all images.",
