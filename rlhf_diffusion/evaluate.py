@@ -769,18 +769,19 @@ def log_to_mlflow(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer of at least `minimum` ("must be >= minimum" otherwise)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -819,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=_positive_int, default=2, help="images (fixed seeds) per prompt; default 2")
     parser.add_argument(
         "--first-seed",
-        type=_non_negative_int,
+        type=_int_at_least(0),
         default=0,
         metavar="K",
         help="the first fixed seed: images of seeds K..K+S-1 (default 0, as a run's own evaluation); settings "

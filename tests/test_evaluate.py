@@ -340,7 +340,11 @@ def test_bad_lora_file_exits_2_naming_the_file(name, expected, bad_files, tiny_s
             read_lora_file(path)
 
 
-def test_argparse_rejects_zero_seeds(tiny_sd15_dir, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--seeds", "0", "--seeds: must be >= 1"), ("--first-seed", "-1", "--first-seed: must be >= 0")],
+)
+def test_argparse_rejects_out_of_range_counts(flag, value, message, tiny_sd15_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
@@ -350,13 +354,13 @@ def test_argparse_rejects_zero_seeds(tiny_sd15_dir, tmp_path, capsys):
                 "a",
                 "--reward",
                 "brightness",
-                "--seeds",
-                "0",
+                flag,
+                value,
                 "--out",
                 str(tmp_path),
             ]
         )
-    assert exit_info.value.code == 2 and "--seeds: must be >= 1" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_the_shipped_testbed_checker_rewards_load_and_judge_a_testbed_image():
@@ -411,22 +415,3 @@ def test_first_seed_gives_the_later_seeds_images_and_names_them(tiny_sd15_dir, t
     first = pixels(tmp_path / "all" / late[0].with_name("p00000_s0.png"))
     assert np.abs(first - pixels(tmp_path / "late" / late[0])).max() > 10  # seed 0 is another image
     assert "1 prompts × 2 seeds 1–2 = 2 images" in (tmp_path / "late" / "results.md").read_text()
-
-
-def test_argparse_rejects_a_negative_first_seed(tiny_sd15_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "--model",
-                str(tiny_sd15_dir),
-                "--prompt",
-                "a",
-                "--reward",
-                "brightness",
-                "--first-seed",
-                "-1",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    assert exit_info.value.code == 2 and "--first-seed: must be >= 0" in capsys.readouterr().err
