@@ -2,8 +2,8 @@
 actor boundary (docs/architecture.md, "What crosses each boundary"). All tensors in them are on the CPU.
 
   driver → sampler    `RolloutRequest` (with a `PublishedWeights`), and for an evaluation pass the weights alone
-  sampler → driver    `RolloutBatch`, whose `pairs` are a `StepPairBatch`, a `FinalPairBatch` or a
-                      `TrajectoryStepBatch` (`TensorBatch`s);
+  sampler → driver    `RolloutBatch`, whose `pairs` are a `StepPairBatch`, a `FinalPairBatch`, a
+                      `TrajectoryStepBatch` or a `ChainBatch` (`TensorBatch`s);
                       `EvalShard`
   driver → learner    the joined `RolloutBatch`
   learner → driver    `TrainResult`; `PublishedWeights` for the samplers
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ChainBatch",
     "EvalShard",
     "FinalPairBatch",
     "PublishedWeights",
@@ -123,6 +124,22 @@ class TrajectoryStepBatch(TensorBatch):
 
 
 @dataclass
+class ChainBatch(TensorBatch):
+    """Sampled denoising chains with the reward's gradient at their final images (DRaFT): the learner replays the
+    chain's last steps with the current weights and moves the image along the gradient.
+
+    Attributes:
+        prompt_index: (M,) long, index into `RolloutBatch.prompts`.
+        latents: (M, K+1, C, h, w) the chain as sampled: x_T, x_{τ_1}, …, x_0.
+        image_grad: (M, 3, H, W) float32 ∂r/∂image of the weighted total reward at the chain's decoded final image.
+    """
+
+    prompt_index: Tensor
+    latents: Tensor
+    image_grad: Tensor
+
+
+@dataclass
 class RolloutBatch:
     """What a sampler returns for one slice of prompts. All tensors on CPU.
 
@@ -137,7 +154,7 @@ class RolloutBatch:
     """
 
     prompts: list[str]
-    pairs: StepPairBatch | FinalPairBatch | TrajectoryStepBatch
+    pairs: StepPairBatch | FinalPairBatch | TrajectoryStepBatch | ChainBatch
     rewards: Tensor
     final_images: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)

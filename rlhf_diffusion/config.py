@@ -62,6 +62,7 @@ __all__ = [
     "D3POConfig",
     "DDEConfig",
     "DDPOConfig",
+    "DRaFTConfig",
     "DiffusionDPOConfig",
     "EarlyStopConfig",
     "GRPOConfig",
@@ -826,8 +827,29 @@ class GRPOConfig(_PolicyGradientConfig):
     )
 
 
+class DRaFTConfig(_FrozenModel):
+    """DRaFT (Clark et al., ICLR 2024): the differentiable reward's gradient back-propagated through the last K steps
+    of the sampled chain (docs/algorithms.md, "DRaFT"). Needs a differentiable reward."""
+
+    name: Literal["draft"] = _selector_field()
+    grad_steps: int = Field(
+        1,
+        ge=1,
+        description="K: the last K denoising steps carry the gradient; the earlier ones are replayed as sampled, as "
+        "constants. 1 = DRaFT-1, the paper's efficient variant [P]; K >= sampling.num_steps = the whole chain "
+        "(AlignProp's full back-propagation [P]). The learner's memory and time grow with K.",
+    )
+
+
 AlgorithmConfig = Annotated[
-    D3POConfig | TailorPOConfig | TailorPOGConfig | DDEConfig | DiffusionDPOConfig | DDPOConfig | GRPOConfig,
+    D3POConfig
+    | TailorPOConfig
+    | TailorPOGConfig
+    | DDEConfig
+    | DiffusionDPOConfig
+    | DDPOConfig
+    | GRPOConfig
+    | DRaFTConfig,
     Field(discriminator="name"),
 ]
 _ALGORITHM_CLASSES: tuple[type[_FrozenModel], ...] = (
@@ -838,6 +860,7 @@ _ALGORITHM_CLASSES: tuple[type[_FrozenModel], ...] = (
     DiffusionDPOConfig,
     DDPOConfig,
     GRPOConfig,
+    DRaFTConfig,
 )
 ALGORITHM_NAMES: tuple[str, ...] = tuple(
     name for cls in _ALGORITHM_CLASSES for name in get_args(cls.model_fields["name"].annotation)
@@ -1462,13 +1485,16 @@ class RunConfig(_FrozenModel):
     def _check_rewards_fit_algorithm(self) -> RunConfig:
         # Built-in rewards only: a custom reward's differentiability is known once it is built (its module is not
         # imported while validating a config), so a non-differentiable custom reward is refused when the run starts.
-        if self.algorithm.name == "tailorpo_g":
+        needs_gradient = {
+            "tailorpo_g": "TailorPO-G needs a reward gradient (use tailorpo, or a differentiable reward)",
+            "draft": "DRaFT needs a reward gradient (use a preference method, or a differentiable reward)",
+        }
+        if self.algorithm.name in needs_gradient:
             for index, reward in enumerate(self.rewards):
                 if reward.name in NON_DIFFERENTIABLE_REWARDS:
                     raise _field_error(
                         f"rewards.{index}.name",
-                        "is not differentiable; TailorPO-G needs a reward gradient (use tailorpo, or a "
-                        "differentiable reward)",
+                        f"is not differentiable; {needs_gradient[self.algorithm.name]}",
                         reward.name,
                     )
         return self

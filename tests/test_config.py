@@ -553,7 +553,17 @@ def test_every_section_is_strict_frozen_and_documented():
 
 
 def test_name_constants_match_the_schema():
-    assert ALGORITHM_NAMES == ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo", "ddpo", "grpo")
+    assert ALGORITHM_NAMES == (
+        "d3po",
+        "tailorpo",
+        "tailorpo_g",
+        "dde",
+        "dde_single",
+        "diffusion_dpo",
+        "ddpo",
+        "grpo",
+        "draft",
+    )
     union_members = typing.get_args(typing.get_args(config_module.AlgorithmConfig)[0])
     assert {name for cls in union_members for name in typing.get_args(cls.model_fields["name"].annotation)} == set(
         ALGORITHM_NAMES
