@@ -54,7 +54,7 @@ from rlhf_diffusion.stats import paired_standard_error, sign_test_p  # noqa: E40
 from rlhf_diffusion.testbed.world import accuracy_of_checks, check  # noqa: E402
 from rlhf_diffusion.trainer import LocalTrainer  # noqa: E402
 
-METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo", "ddpo", "grpo")
+METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo", "ddpo", "grpo", "draft")
 ATTRIBUTES = ("background", "count", "colour", "shape", "position", "binding", "all")
 
 
@@ -62,9 +62,9 @@ def reward_images_per_iteration(config: RunConfig) -> int:
     """Images handed to the reward per training iteration (all samplers), from the config alone.
 
     D3PO: two final images per prompt; DDE(-Single), Diffusion-DPO (online), DDPO: `samples_per_prompt`; GRPO (Flow-GRPO
-    on a flow model): `group_size`. TailorPO: `num_candidates` candidates per prompt at each of the K steps (their x̂_0
-    previews, the last step's are the final images). TailorPO-G: the same plus, at every step, the guided winner
-    whose reward gradient is taken.
+    on a flow model): `group_size`; DRaFT: one (scored with its gradient). TailorPO: `num_candidates` candidates per
+    prompt at each of the K steps (their x̂_0 previews, the last step's are the final images). TailorPO-G: the same
+    plus, at every step, the guided winner whose reward gradient is taken.
     """
     prompts = config.sampling.batch_size * config.resources.num_samplers
     algo, k = config.algorithm, config.sampling.num_steps
@@ -74,8 +74,10 @@ def reward_images_per_iteration(config: RunConfig) -> int:
 
 
 def _images_per_prompt(config: RunConfig) -> int:
-    """Final images sampled per prompt by the methods that sample whole trajectories (D3PO: its pair)."""
+    """Final images sampled per prompt by the methods that sample whole trajectories (D3PO: its pair; DRaFT: one)."""
     algo = config.algorithm
+    if algo.name == "draft":
+        return 1
     return algo.group_size if algo.name == "grpo" else getattr(algo, "samples_per_prompt", 2)
 
 

@@ -16,7 +16,7 @@ import time
 from rlhf_diffusion.config import NON_DIFFERENTIABLE_REWARDS, load_config
 from rlhf_diffusion.trainer import LocalTrainer
 
-METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo")
+METHODS = ("d3po", "tailorpo", "tailorpo_g", "dde", "dde_single", "diffusion_dpo", "draft")
 
 
 def learning_overrides(kind: str, method: str, reward: str, iterations: int, output_dir: str) -> list[str]:

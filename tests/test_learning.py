@@ -10,7 +10,7 @@ The reward is the differentiable `saturation` pixel statistic (TailorPO-G needs 
 table comparable). Evaluation uses 4 held-out prompts × 4 fixed seeds, so "before" is the same number for every
 method of a pipeline and the comparison is deterministic for the fixed run seed. Figures: benchmarks/tiny_learning.py.
 
-The nine runs go two at a time through a pool of two worker processes at one torch thread each (on the 2-core CI
+The runs go two at a time through a pool of two worker processes at one torch thread each (on the 2-core CI
 machine that is about twice as fast as one after another at two threads: the tiny models barely use a second
 thread); each case's test then checks its own run's figures.
 """
@@ -33,7 +33,7 @@ CASES = [("sdxl", method) for method in METHODS]
 # About how long a case runs on one thread (CI machine), so the pool starts the longest first.
 SECONDS = {"d3po": 110, "tailorpo_g": 85, "tailorpo": 75}
 # 20, not 30 (CI time): held-out saturation 0.3629 before; after 20 iterations D3PO +0.0043, TailorPO +0.0203,
-# TailorPO-G +0.0623, DDE +0.0026, DDE-Single +0.0026, Diffusion-DPO +0.0012
+# TailorPO-G +0.0623, DDE +0.0026, DDE-Single +0.0026, Diffusion-DPO +0.0012, DRaFT (DRaFT-1) +0.0381
 # (`python benchmarks/tiny_learning.py --kinds sdxl --iterations 20 --rewards saturation`).
 ITERATIONS = 20
 

@@ -41,9 +41,9 @@ def test_reward_images_per_iteration_is_what_the_samplers_measure(method, tiny_s
     assert all(
         row["driver_cpu_seconds"] > 0 for row in result.history
     )  # in process: the run's compute (equal_seconds.py)
-    # 3 prompts x 2 samplers: two final images per prompt (DDPO: 1, GRPO: its group of 16), or n candidates
+    # 3 prompts x 2 samplers: two final images per prompt (DDPO, DRaFT: 1, GRPO: its group of 16), or n candidates
     # (+ TailorPO-G's guided winner) per step
-    per_prompt = {"ddpo": 1, "grpo": 16}.get(method, 2)
+    per_prompt = {"ddpo": 1, "draft": 1, "grpo": 16}.get(method, 2)
     assert expected == {"tailorpo": 6 * 3 * 2, "tailorpo_g": 6 * 3 * 3}.get(method, per_prompt * 6)
     assert unet_rows_per_iteration(config) == (
         {"tailorpo": 6 * (1 + 2 * 2), "tailorpo_g": 6 * (1 + 2 * 2)}.get(method, per_prompt * 6 * 3)

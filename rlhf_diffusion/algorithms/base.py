@@ -60,6 +60,15 @@ class RolloutContext:
     generator: torch.Generator
     reward_weights: dict[str, float]
 
+    def require_reward_grad(self, method: str) -> Callable[[Tensor, Sequence[str]], tuple[RewardResult, Tensor]]:
+        """`reward_grad_fn`, or a ValueError naming `method` when the configured rewards are not differentiable."""
+        if self.reward_grad_fn is None:
+            raise ValueError(
+                f"algorithm {method} needs differentiable rewards (a reward gradient); the configured rewards are not "
+                "differentiable"
+            )
+        return self.reward_grad_fn
+
 
 @dataclass
 class LossOutput:
@@ -89,13 +98,15 @@ class Algorithm(abc.ABC):
     also trains flow-matching (SD3) models (on a `flow.FlowGrid` with a `flow_sampling.VelocityPredictor`;
     `workers.policy` refuses the others on such a model). `needs_step_density` True when the loss re-scores the
     sampler's per-step actions (DDPO, GRPO): on a flow model it then needs the SDE sampler
-    (`sampling.flow_noise_level` > 0; the ODE's steps have no density).
+    (`sampling.flow_noise_level` > 0; the ODE's steps have no density). `needs_reward_gradient` True when the
+    rollout uses the reward's gradient (TailorPO-G, DRaFT): a sampler refuses rewards without one when it is built.
     """
 
     name: ClassVar[str]
     cfg_in_training: ClassVar[bool]
     flow_models: ClassVar[bool] = False
     needs_step_density: ClassVar[bool] = False
+    needs_reward_gradient: ClassVar[bool] = False
 
     @classmethod
     def flow_problem(cls, config: Any) -> str | None:

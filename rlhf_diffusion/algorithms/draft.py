@@ -68,19 +68,16 @@ class DRaFT(Algorithm):
 
     name = "draft"
     cfg_in_training = True  # the loss replays the sampler's guided chain
+    needs_reward_gradient = True
 
     @torch.no_grad()
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
-        if ctx.reward_grad_fn is None:
-            raise ValueError(
-                "algorithm draft needs differentiable rewards (a reward gradient); the configured rewards are not "
-                "differentiable"
-            )
+        reward_grad_fn = ctx.require_reward_grad(self.name)
         p = len(prompts)
         x_T = initial_noise(p, ctx.model, ctx.generator, ctx.predictor.height, ctx.predictor.width)
         trajectory = sample_trajectory(ctx.predictor, cond, x_T, ctx.grid, ctx.generator)
         images = decode_latents(ctx.model, trajectory.final).cpu()
-        result, image_grad = ctx.reward_grad_fn(images, list(prompts))
+        result, image_grad = reward_grad_fn(images, list(prompts))
         image_grad = image_grad.detach().to("cpu", torch.float32)
         chains = ChainBatch(prompt_index=torch.arange(p), latents=trajectory.latents.cpu(), image_grad=image_grad)
         return RolloutBatch(

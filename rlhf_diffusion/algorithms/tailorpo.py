@@ -269,14 +269,11 @@ class TailorPOG(TailorPO):
 
     name = "tailorpo_g"
     guided = True
+    needs_reward_gradient = True
 
     @torch.no_grad()
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
-        if ctx.reward_grad_fn is None:
-            raise ValueError(
-                "algorithm tailorpo_g needs differentiable rewards (a reward gradient); "
-                "the configured rewards are not differentiable"
-            )
+        ctx.require_reward_grad(self.name)
         return super().rollout(ctx, prompts, cond)
 
 

@@ -165,11 +165,11 @@ class Sampler:
         self.grid = policy_grid(config, self.model)
         self.eval_grid = policy_grid(config, self.model, evaluation=True)  # `sampling.eval_num_steps`
         self.algorithm = build_algorithm(config.algorithm, self.grid)
-        if getattr(self.algorithm, "guided", False) and not_differentiable:
+        if self.algorithm.needs_reward_gradient and not_differentiable:
             raise ValueError(
                 f"algorithm {config.algorithm.name} needs a reward gradient, but reward(s) "
-                f"{', '.join(not_differentiable)} are not differentiable; use tailorpo, or a "
-                "differentiable reward"
+                f"{', '.join(not_differentiable)} are not differentiable; use a differentiable reward, or a method "
+                "without a reward gradient (tailorpo for tailorpo_g)"
             )
         self.predictor = policy_predictor(
             self.model, config.sampling.guidance_scale, self.resolution, config.sampling.negative_prompt

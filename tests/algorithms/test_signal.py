@@ -129,7 +129,7 @@ def test_clamp_and_saturation_fractions_per_group():
 # -- on the tiny SD1.5 pipeline ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algorithm", ["tailorpo", "d3po", "dde", "diffusion_dpo"])
+@pytest.mark.parametrize("algorithm", ["tailorpo", "d3po", "dde", "diffusion_dpo", "draft"])
 def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_path, one_torch_thread, algorithm):
     trainer = signal_trainer(tiny_sd15_dir, tmp_path, algorithm)
     batch = trainer.rollout(PROMPTS)
@@ -153,7 +153,7 @@ def test_split_half_gradients_add_up_to_the_subset_gradient(tiny_sd15_dir, tmp_p
     assert summed.norm() > 0
     # equal up to float rounding (UNet batches of other sizes; DDE's logit scale of up to 1e5 amplifies it)
     assert float((summed - expected).norm() / expected.norm()) < 1e-4
-    prefix = "step_" if algorithm in ("tailorpo", "d3po") else "t_"
+    prefix = {"tailorpo": "step_", "d3po": "step_", "draft": "chain"}.get(algorithm, "t_")
     assert grads and all(name.startswith(prefix) for name in grads)
     if prefix == "step_":
         assert set(grads) == {f"step_{k}" for k in examples.step_index.unique().tolist()}

@@ -481,16 +481,21 @@ def test_custom_reward_from_a_user_module_trains_tailorpo_g(tiny_sd15_dir, tmp_p
     assert counter.read_text().splitlines() == ["2 3 64 64"] * 6
 
 
-def test_tailorpo_g_with_a_non_differentiable_custom_reward_fails_at_build_time(
-    tiny_sd15_dir, tmp_path, one_torch_thread
+@pytest.mark.parametrize("algorithm", [{"name": "tailorpo_g", "num_candidates": 2}, {"name": "draft"}])
+def test_reward_gradient_methods_with_a_non_differentiable_custom_reward_fail_at_build_time(
+    algorithm, tiny_sd15_dir, tmp_path, one_torch_thread
 ):
     from rlhf_diffusion.trainer import Trainer
 
     rewards = [{"name": "custom", "target": "my_rewards:Blueness", "label": "blue"}]
-    config = parse_config(_run_config(tiny_sd15_dir, tmp_path, "custom_nd", rewards))  # the config cannot know
+    data = _run_config(tiny_sd15_dir, tmp_path, "custom_nd", rewards)
+    data["algorithm"] = algorithm
+    config = parse_config(data)  # the config cannot know
     with pytest.raises(ValueError) as info:
         Trainer(config, use_ray=False, log=lambda *_: None)
-    assert "'blue'" in str(info.value) and "my_rewards:Blueness" in str(info.value)
+    message = str(info.value)
+    assert f"algorithm {algorithm['name']} needs a reward gradient" in message
+    assert "'blue'" in message and "my_rewards:Blueness" in message
 
 
 def test_custom_reward_ranks_d3po_pairs(tiny_sd15_dir, tmp_path, one_torch_thread):
