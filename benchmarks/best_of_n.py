@@ -28,15 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from rlhf_diffusion.evaluate import (  # noqa: E402
-    _parse_loras,
-    _read_rewards_yaml,
-    check_rewards,
-    evaluate,
-    parse_reward_spec,
-    resolve_prompts,
-)
-from rlhf_diffusion.stats import sign_test_p  # noqa: E402
+from rlhf_diffusion.evaluate import _parse_loras, evaluate, resolve_prompts, rewards_from_arguments  # noqa: E402
+from rlhf_diffusion.stats import paired_comparison  # noqa: E402
 
 CANDIDATE_STRIDE = 100_000  # candidate k of slot (j, s) is seed s + k × stride: far from every evaluated range
 
@@ -49,15 +42,11 @@ def select_best(select: torch.Tensor, judge: torch.Tensor, n: int) -> tuple[torc
 
 
 def paired(after: torch.Tensor, before: torch.Tensor) -> dict[str, float]:
-    """Mean change, images up / down, exact two-sided sign test."""
-    up, down = int((after > before).sum()), int((after < before).sum())
-    return {
-        "mean": float(after.mean()),
-        "delta": float((after - before).mean()),
-        "up": up,
-        "down": down,
-        "p": sign_test_p(up, down),
-    }
+    """The mean after, the mean change, the images up / down and the exact two-sided sign test
+    (`stats.paired_comparison`, whose up / down are "fixed" / "broken" for 0-or-1 scores, else "rose" / "fell")."""
+    c = paired_comparison(before.tolist(), after.tolist())
+    up, down = ("fixed", "broken") if "fixed" in c else ("rose", "fell")
+    return {"mean": c["after"], "delta": c["delta"], "up": int(c[up]), "down": int(c[down]), "p": c["sign_test_p"]}
 
 
 def table(scores: dict[str, dict[str, torch.Tensor]], select: str, judge: str, n_max: int) -> dict[str, list[dict]]:
@@ -105,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--n must be at least 1")
 
     prompts = resolve_prompts(args.prompts, limit=args.limit)
-    entries = [*_read_rewards_yaml(args.rewards_yaml), *(parse_reward_spec(r) for r in args.reward)]
-    rewards = check_rewards(entries, [f"reward {i}" for i in range(len(entries))])
+    rewards = rewards_from_arguments(args.rewards_yaml, args.reward)
+    names = [spec.key for spec in rewards]  # the score names `evaluate` reports
+    for name in (args.select, args.judge):  # before any sampling, not after N passes
+        if name not in names:
+            parser.error(f"no reward {name!r} (have: {', '.join(names)})")
     loras = _parse_loras(args.lora)
     scores: dict[str, dict[str, list[torch.Tensor]]] = {}
     for k in range(args.n):
@@ -127,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         for row in result.rows:
             for name, value in row.scores.items():
                 scores.setdefault(row.label, {}).setdefault(name, []).append(value.reshape(-1))
-    for name in (args.select, args.judge):
-        if name not in next(iter(scores.values())):
-            parser.error(f"no reward {name!r} (have: {', '.join(next(iter(scores.values())))})")
     stacked = {row: {name: torch.stack(v) for name, v in by.items()} for row, by in scores.items()}
     results = table(stacked, args.select, args.judge, args.n)
 

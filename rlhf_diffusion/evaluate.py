@@ -85,6 +85,7 @@ __all__ = [
     "parse_reward_spec",
     "resolve_lora_path",
     "resolve_prompts",
+    "rewards_from_arguments",
     "write_report",
 ]
 
@@ -273,6 +274,20 @@ def check_rewards(entries: Sequence[dict[str, Any]], origins: Sequence[str]) -> 
             )
         specs.append(spec)
     return specs
+
+
+def rewards_from_arguments(rewards_yaml: str | None, reward_texts: Sequence[str]) -> list[Any]:
+    """The validated rewards of `--rewards-yaml FILE` (its entries first) and each `--reward SPEC`, every entry named
+    by where it came from in a message (`check_rewards`)."""
+    entries, origins = [], []
+    if rewards_yaml:
+        for i, entry in enumerate(_read_rewards_yaml(rewards_yaml)):
+            entries.append(entry)
+            origins.append(f"--rewards-yaml {rewards_yaml} entry {i}")
+    for text in reward_texts:
+        entries.append(parse_reward_spec(text))
+        origins.append(f"--reward {text}")
+    return check_rewards(entries, origins)
 
 
 def resolve_lora_path(path: str | Path) -> Path:
@@ -942,15 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_sampling(args)
         prompts = resolve_prompts(args.prompts, args.prompt, args.limit)
-        entries, origins = [], []
-        if args.rewards_yaml:
-            for i, entry in enumerate(_read_rewards_yaml(args.rewards_yaml)):
-                entries.append(entry)
-                origins.append(f"--rewards-yaml {args.rewards_yaml} entry {i}")
-        for text in args.reward:
-            entries.append(parse_reward_spec(text))
-            origins.append(f"--reward {text}")
-        rewards = check_rewards(entries, origins)
+        rewards = rewards_from_arguments(args.rewards_yaml, args.reward)
         loras = _parse_loras(args.lora)
         out = Path(args.out)
         result = evaluate(
