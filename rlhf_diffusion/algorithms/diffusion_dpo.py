@@ -48,14 +48,15 @@ KL_TIMESTEP_BUCKET = 100
 
 @torch.no_grad()
 def sample_final_pairs(
-    ctx: RolloutContext, prompts: list[str], cond: TextConditioning, samples: int = 2
+    ctx: RolloutContext, prompts: list[str], cond: TextConditioning, samples: int = 2, shared_initial_noise: bool = False
 ) -> RolloutBatch:
     """Independent samples per prompt, ranked by the reward: online pairs for Diffusion-DPO and DDE.
 
     (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
     policy and labels them with the reward model, as an AI annotator does.) Ties are dropped.
 
-    Every image starts from its own x_T. On a flow model (a `FlowGrid` in `ctx`) the images are sampled by the flow
+    Every image starts from its own x_T (the papers'), or a prompt's images from one (`shared_initial_noise`, ours:
+    the pair then differs only by the sampler's later noise). On a flow model (a `FlowGrid` in `ctx`) the images are sampled by the flow
     loop at the grid's noise level (`sampling.flow_noise_level`: Flow-GRPO's SDE, as flow_grpo's DPO samples its
     pairs [C]; 0 = the stock pipeline's ODE): either gives independent samples, which is all these losses need
     (they use only the final images, never a step's log-prob).
@@ -63,8 +64,9 @@ def sample_final_pairs(
     Args:
         samples: S images per prompt (one S·P batch); the pair is the best against the worst by the weighted
             total reward (S = 2: the two samples, the papers' pairs).
+        shared_initial_noise: all S images of a prompt start from the same x_T.
     """
-    ranked = sample_ranked_pairs(ctx, prompts, cond, samples=samples, shared_initial_noise=False)
+    ranked = sample_ranked_pairs(ctx, prompts, cond, samples=samples, shared_initial_noise=shared_initial_noise)
     p = len(prompts)
     finals = ranked.trajectory.final
     finals = finals.view(-1, p, *finals.shape[1:])  # (S, P, C, h, w)
@@ -196,6 +198,16 @@ class DiffusionDPO(Algorithm):
     cfg_in_training = False  # ε-MSE (v-MSE) on the conditional model, as Diffusion-DPO (flow_grpo: no CFG [C])
     flow_models = True
 
+    @classmethod
+    def flow_problem(cls, config) -> str | None:
+        """A prompt's images from one x_T (`shared_initial_noise`) are identical on the ODE (noise level 0)."""
+        if config.algorithm.shared_initial_noise and config.sampling.flow_noise_level <= 0:
+            return (
+                "algorithm.shared_initial_noise: needs sampling.flow_noise_level > 0 (at 0 the flow sampler is the "
+                "ODE, and images from one x_T are identical)"
+            )
+        return None
+
     def __init__(self, config, grid: DDIMGrid | FlowGrid):
         super().__init__(config, grid)
         self.process = forward_process_for(grid)
@@ -203,7 +215,13 @@ class DiffusionDPO(Algorithm):
         self.draws = config.draws_per_pair
 
     def rollout(self, ctx: RolloutContext, prompts: list[str], cond: TextConditioning) -> RolloutBatch:
-        return sample_final_pairs(ctx, prompts, cond, samples=self.config.samples_per_prompt)
+        return sample_final_pairs(
+            ctx,
+            prompts,
+            cond,
+            samples=self.config.samples_per_prompt,
+            shared_initial_noise=self.config.shared_initial_noise,
+        )
 
     def loss(
         self, predictor: NoisePredictor, cond: TextConditioning, examples: FinalPairBatch, generator: torch.Generator

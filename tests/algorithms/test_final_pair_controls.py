@@ -96,3 +96,38 @@ def test_one_draw_draws_as_the_papers_method(tiny_sd15_dir, tmp_path, one_torch_
     t = sample_timesteps(len(examples), (0, 999), gen)
     noise = torch.randn(examples.x0_w.shape, generator=gen)
     torch.testing.assert_close(loss, algorithm.pair_loss(learner.predictor, cond, examples, t, noise).loss)
+
+
+def test_shared_initial_noise_starts_a_prompts_samples_from_one_x_T(tiny_sd15_dir, tmp_path, one_torch_thread):
+    """At a small η the sampler's later noise barely moves a sample, so a prompt's images from one x_T are nearly
+    the same image, while independent ones (the papers') are as far apart as any two samples."""
+    distances = {}
+    for shared in (False, True):
+        trainer = tiny_trainer(
+            tiny_sd15_dir,
+            tmp_path / str(shared),
+            {"name": "dde_single", "samples_per_prompt": 3, "shared_initial_noise": shared},
+            **TRAINER,
+            sampling={"eta": 0.01},
+        )
+        pairs = trainer.rollout(PROMPTS).pairs
+        assert len(pairs) == len(PROMPTS)
+        distances[shared] = float((pairs.x0_w - pairs.x0_l).norm() / pairs.x0_w.norm())
+    assert distances[True] < 0.1 * distances[False]
+    assert distances[True] > 0  # η > 0: the samples still differ
+
+
+def test_shared_initial_noise_is_refused_on_the_flow_ode():
+    from rlhf_diffusion.workers.policy import flow_method_problem
+
+    config = parse_config(
+        {
+            "run_name": "t",
+            "model": {"pretrained": "tiny:sd15"},
+            "rewards": [{"name": "brightness"}],
+            "algorithm": {"name": "dde_single", "shared_initial_noise": True},
+            "sampling": {"flow_noise_level": 0.0},
+        }
+    )
+    assert "algorithm.shared_initial_noise" in flow_method_problem(config, "sd3")
+    assert flow_method_problem(config, "sd15") is None
