@@ -634,7 +634,7 @@ class _FinalPairConfig(_FrozenModel):
         "pairs (Pick-a-Pic's two images are independent generations); True is ours: the pair's two ε-MSE "
         "gradients share the common layout's part, which cancels in the pair's difference, and on the testbed the "
         "per-prompt signal-to-noise ratio of the pair gradient is 2.5 times higher (docs/learning_signal.md, "
-        "\"Pairs from one x_T\"). Needs η > 0 (`sampling.eta`), or the samples are identical.",
+        '"Pairs from one x_T"). Needs η > 0 (`sampling.eta`), or the samples are identical.',
     )
     timestep_density: Literal["auto", "uniform", "logit_normal"] = Field(
         "auto",

@@ -48,17 +48,22 @@ KL_TIMESTEP_BUCKET = 100
 
 @torch.no_grad()
 def sample_final_pairs(
-    ctx: RolloutContext, prompts: list[str], cond: TextConditioning, samples: int = 2, shared_initial_noise: bool = False
+    ctx: RolloutContext,
+    prompts: list[str],
+    cond: TextConditioning,
+    samples: int = 2,
+    shared_initial_noise: bool = False,
 ) -> RolloutBatch:
     """Independent samples per prompt, ranked by the reward: online pairs for Diffusion-DPO and DDE.
 
     (DDE's paper trains offline on Pick-a-Pic pairs; the online variant samples its pairs from the current
     policy and labels them with the reward model, as an AI annotator does.) Ties are dropped.
 
-    Every image starts from its own x_T (the papers'), or a prompt's images from one (`shared_initial_noise`, ours:
-    the pair then differs only by the sampler's later noise). On a flow model (a `FlowGrid` in `ctx`) the images are sampled by the flow
-    loop at the grid's noise level (`sampling.flow_noise_level`: Flow-GRPO's SDE, as flow_grpo's DPO samples its
-    pairs [C]; 0 = the stock pipeline's ODE): either gives independent samples, which is all these losses need
+    Every image starts from its own x_T (the papers'), or a prompt's images from one (`shared_initial_noise`,
+    ours: the pair then differs only by the sampler's later noise). On a flow model (a `FlowGrid` in `ctx`) the
+    images are sampled by the flow loop at the grid's noise level (`sampling.flow_noise_level`: Flow-GRPO's SDE, as
+    flow_grpo's DPO samples its pairs [C]; 0 = the stock pipeline's ODE): either gives independent samples, which is
+    all these losses need
     (they use only the final images, never a step's log-prob).
 
     Args:
