@@ -636,6 +636,16 @@ class _FinalPairConfig(_FrozenModel):
         "per-prompt signal-to-noise ratio of the pair gradient is 2.5 times higher (docs/learning_signal.md, "
         '"Pairs from one x_T"). Needs η > 0 (`sampling.eta`), or the samples are identical.',
     )
+    winner_sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="λ of a term λ·c_t·(e^w_θ − e^w_ref) added to each pair's loss: the winner's own ε-MSE relative to "
+        "the reference, at the logit's scale c_t (0.5 β for Diffusion-DPO, β_s (1 − ᾱ_t)/ᾱ_t for DDE): a "
+        "fine-tuning step on the reward's best sample, as RPO adds the winner's NLL to DPO. 0 = the papers' loss; "
+        "λ > 0 is ours: without it the testbed's DDE-Single wins its pairs by fitting the winner and the loser "
+        'both worse (likelihood displacement, measured: docs/learning_signal.md, "The pairs are won by fitting '
+        'both images worse").',
+    )
     timestep_density: Literal["auto", "uniform", "logit_normal"] = Field(
         "auto",
         description="How each draw's t is drawn on `timestep_range` (t indexes the model's 1000-step training table; "

@@ -93,6 +93,10 @@ class DDE(DiffusionDPO):
         t_count = self.process.num_train_timesteps
         self.correction_table = torch.zeros(t_count, dtype=torch.float32)  # A[0..T−1], fp32, checkpointed
 
+    def logit_scale(self, timesteps: Tensor) -> Tensor:
+        """c_t = β_s w_t, the single-shot logit's coefficient on −Δ_t (w_t: `ForwardProcess.x0_error_weight`)."""
+        return self.config.beta_s * self.process.x0_error_weight(timesteps).to(torch.float32)
+
     def pair_logits(self, delta: Tensor, timesteps: Tensor) -> tuple[Tensor, dict[str, float], Any]:
         """DDE's logit of Δ_t (`dde_logits`: β_s S_t plus, with `correction: ema`, β_c C_t from the EMA table), its
         metrics, and the EMA statistic −λ_t Δ_t at `timesteps` as the state update (None for DDE-Single)."""

@@ -36,6 +36,7 @@ __all__ = [
     "KL_TIMESTEP_BUCKET",
     "DiffusionDPO",
     "diffusion_dpo_mse_terms",
+    "relative_mse_terms",
     "sample_final_pairs",
     "sample_timesteps",
     "timestep_kl_diagnostics",
@@ -113,8 +114,23 @@ def diffusion_dpo_mse_terms(
     timesteps: Tensor,
     noise: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref), e^i_m = mean_{C,H,W}(y^i − y_m(x^i_t, t, c))² (§5.7), and
-    mean_{C,H,W}(y_θ − y_ref)² at each noised latent, from the same network calls.
+    """Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref) (M,) and the detached mean_{C,H,W}(y_θ − y_ref)² (2M,) of
+    `relative_mse_terms` (which see)."""
+    d_w, d_l, pred_sq_diff = relative_mse_terms(predictor, grid, cond, x0_w, x0_l, timesteps, noise)
+    return d_w - d_l, pred_sq_diff
+
+
+def relative_mse_terms(
+    predictor: NoisePredictor,
+    grid: DDIMGrid | FlowGrid,
+    cond: TextConditioning,
+    x0_w: Tensor,
+    x0_l: Tensor,
+    timesteps: Tensor,
+    noise: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """d^i = e^i_θ − e^i_ref for the winners and the losers, e^i_m = mean_{C,H,W}(y^i − y_m(x^i_t, t, c))² (§5.7;
+    Δ_t = d^w − d^l), and mean_{C,H,W}(y_θ − y_ref)² at each noised latent, from the same network calls.
 
     The forward process is the model's (`forward_process_for(grid)`): ε-models x^i_t = sqrt(ᾱ_t) x^i_0 +
     sqrt(1 − ᾱ_t) ε with target y = ε (Diffusion-DPO [C]); flow models x^i_σ = (1 − σ_t) x^i_0 + σ_t ε with target
@@ -130,8 +146,8 @@ def diffusion_dpo_mse_terms(
         noise: (M, C, h, w) ε.
 
     Returns:
-        (Δ_t (M,) differentiable w.r.t. the LoRA parameters, pred_sq_diff (2M,) detached: winners' rows first, then
-        the losers').
+        (d^w (M,), d^l (M,), both differentiable w.r.t. the LoRA parameters, pred_sq_diff (2M,) detached: winners'
+        rows first, then the losers').
     """
     process = forward_process_for(grid)
     device = predictor.model.device
@@ -148,7 +164,7 @@ def diffusion_dpo_mse_terms(
     err_ref = ((pred_ref - target) ** 2).mean(dim=(1, 2, 3))
     pred_sq_diff = ((pred_theta.detach() - pred_ref.detach()) ** 2).mean(dim=(1, 2, 3))
     m = x0_w.shape[0]
-    return (err_theta[:m] - err_ref[:m]) - (err_theta[m:] - err_ref[m:]), pred_sq_diff
+    return err_theta[:m] - err_ref[:m], err_theta[m:] - err_ref[m:], pred_sq_diff
 
 
 def timestep_kl_diagnostics(
@@ -276,21 +292,34 @@ class DiffusionDPO(Algorithm):
         noise: Tensor,
     ) -> LossOutput:
         """The loss of `examples` at the given per-pair `timesteps` (M,) and `noise` (M, C, h, w): −log σ of the
-        method's logit of Δ_t (`pair_logits`), with the per-timestep KL and saturation diagnostics."""
-        delta, pred_sq_diff = diffusion_dpo_mse_terms(
+        method's logit of Δ_t (`pair_logits`), plus, with `winner_sft_weight` λ > 0 (ours), λ c_t d^w: the winner's
+        own ε-MSE relative to the reference at the logit's scale c_t (`logit_scale`), so that the pair cannot be won
+        by fitting both images worse. Metrics add `winner_rel_mse` and `loser_rel_mse` (the means of d^w and d^l:
+        both rising while Δ_t stays small is the likelihood displacement docs/learning_signal.md measures), with the
+        per-timestep KL and saturation diagnostics."""
+        d_w, d_l, pred_sq_diff = relative_mse_terms(
             predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise
         )
-        logits, metrics, update = self.pair_logits(delta, timesteps)
+        logits, metrics, update = self.pair_logits(d_w - d_l, timesteps)
         loss = -F.logsigmoid(logits).mean()
+        if self.config.winner_sft_weight > 0:
+            scale = self.logit_scale(timesteps).to(d_w.device, torch.float32)
+            loss = loss + self.config.winner_sft_weight * (scale * d_w.to(torch.float32)).mean()
+        metrics |= {"winner_rel_mse": d_w.mean().item(), "loser_rel_mse": d_l.mean().item()}
         grouped = {
             **timestep_kl_diagnostics(timesteps.repeat(2), pred_sq_diff, self.kl_weights, self.process.prediction),
             **timestep_saturation_diagnostics(timesteps, logits),
         }
         return LossOutput(loss=loss, metrics=metrics, state_update=update, grouped=grouped)
 
+    def logit_scale(self, timesteps: Tensor) -> Tensor:
+        """c_t (M,), the logit's coefficient on −Δ_t at each pair's t: Diffusion-DPO's 0.5 β, every t alike."""
+        return torch.full(timesteps.shape, 0.5 * self.config.beta, dtype=torch.float32)
+
     def pair_logits(self, delta: Tensor, timesteps: Tensor) -> tuple[Tensor, dict[str, float], Any]:
         """Each pair's logit from its Δ_t (M,) at `timesteps`, the loss's metrics, and the state update (None):
         Diffusion-DPO's −0.5 β Δ_t. DDE overrides it (its logit and EMA statistic)."""
-        logits = -0.5 * self.config.beta * delta  # inside = −0.5 β_dpo [(e^w_θ − e^l_θ) − (e^w_ref − e^l_ref)]
+        # inside = −0.5 β_dpo [(e^w_θ − e^l_θ) − (e^w_ref − e^l_ref)]
+        logits = -self.logit_scale(timesteps).to(delta.device, delta.dtype) * delta
         metrics = {"implicit_accuracy": (delta < 0).float().mean().item(), "mean_delta": delta.mean().item()}
         return logits, metrics, None
