@@ -131,3 +131,46 @@ def test_shared_initial_noise_is_refused_on_the_flow_ode():
     )
     assert "algorithm.shared_initial_noise" in flow_method_problem(config, "sd3")
     assert flow_method_problem(config, "sd15") is None
+
+
+@pytest.mark.parametrize("name", ["diffusion_dpo", "dde_single"])
+def test_winner_sft_term_adds_the_winners_relative_fit_at_the_logits_scale(
+    tiny_sd15_dir, tmp_path, one_torch_thread, name
+):
+    """λ c_t (e^w_θ − e^w_ref) on top of the papers' loss, c_t the logit's coefficient on −Δ_t; 0 = the papers'."""
+    from rlhf_diffusion.algorithms.diffusion_dpo import relative_mse_terms
+
+    losses = {}
+    for weight in (0.0, 0.7):
+        trainer = tiny_trainer(
+            tiny_sd15_dir,
+            tmp_path / str(weight),
+            {"name": name, "winner_sft_weight": weight, "timestep_range": [300, 900]},
+            **TRAINER,
+        )
+        algorithm, learner = trainer.algorithm, trainer.learner_obj
+        params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(1)
+            for p in params:  # off the zero-initialised adapter: d^w ≠ 0
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        batch = trainer.rollout(PROMPTS)
+        examples = batch.pairs
+        cond = learner.encode(batch.prompts).index(examples.prompt_index)
+        out = algorithm.loss(learner.predictor, cond, examples, torch.Generator().manual_seed(4))
+        losses[weight] = out.loss
+        gen = torch.Generator().manual_seed(4)
+        t = sample_timesteps(len(examples), (300, 900), gen)
+        noise = torch.randn(examples.x0_w.shape, generator=gen)
+        d_w, d_l, _ = relative_mse_terms(learner.predictor, trainer.grid, cond, examples.x0_w, examples.x0_l, t, noise)
+        scale = (
+            0.5 * algorithm.config.beta
+            if name == "diffusion_dpo"
+            else algorithm.config.beta_s * ((1 - trainer.grid.alphas_cumprod[t]) / trainer.grid.alphas_cumprod[t])
+        )
+        papers = -torch.nn.functional.logsigmoid(-scale * (d_w - d_l)).mean()
+        expected = papers + weight * (scale * d_w).mean()
+        torch.testing.assert_close(out.loss, expected.float(), rtol=1e-4, atol=1e-6)
+        assert out.metrics["winner_rel_mse"] == pytest.approx(d_w.mean().item(), rel=1e-4, abs=1e-9)
+        assert out.metrics["loser_rel_mse"] == pytest.approx(d_l.mean().item(), rel=1e-4, abs=1e-9)
+        assert abs(d_w.mean().item()) > 0
