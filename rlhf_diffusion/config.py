@@ -636,6 +636,13 @@ class _FinalPairConfig(_FrozenModel):
         "per-prompt signal-to-noise ratio of the pair gradient is 2.5 times higher (docs/learning_signal.md, "
         '"Pairs from one x_T"). Needs η > 0 (`sampling.eta`), or the samples are identical.',
     )
+    guided_loss: bool = Field(
+        False,
+        description="Evaluate the loss's noise predictions with the sampler's classifier-free guidance (ε_u + "
+        "w (ε_c − ε_u) at `sampling.guidance_scale`, twice the network calls) instead of the conditional model's "
+        "alone. False = the papers' (Diffusion-DPO and DDE train the conditional ε-MSE [C]); True is ours: the "
+        "preference is then stated on the denoiser that draws the images (docs/learning_signal.md).",
+    )
     winner_sft_weight: float = Field(
         0.0,
         ge=0,

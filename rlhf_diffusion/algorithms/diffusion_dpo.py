@@ -231,6 +231,8 @@ class DiffusionDPO(Algorithm):
 
     def __init__(self, config, grid: DDIMGrid | FlowGrid):
         super().__init__(config, grid)
+        # `guided_loss` (ours): the ε-MSEs of the CFG-guided prediction, as the sampler draws
+        self.cfg_in_training = config.guided_loss
         self.process = forward_process_for(grid)
         self.kl_weights = self.process.kl_weights()  # λ_t (N,): DDE's statistic, the KL diagnostics
         self.draws = config.draws_per_pair

@@ -174,3 +174,25 @@ def test_winner_sft_term_adds_the_winners_relative_fit_at_the_logits_scale(
         assert out.metrics["winner_rel_mse"] == pytest.approx(d_w.mean().item(), rel=1e-4, abs=1e-9)
         assert out.metrics["loser_rel_mse"] == pytest.approx(d_l.mean().item(), rel=1e-4, abs=1e-9)
         assert abs(d_w.mean().item()) > 0
+
+
+def test_guided_loss_evaluates_the_pair_loss_on_the_samplers_cfg_prediction(tiny_sd15_dir, tmp_path, one_torch_thread):
+    """`guided_loss` (ours): the learner's predictions carry the sampler's CFG weight; off, the conditional model's
+    alone (the papers'). The two losses of one batch at one draw differ once the adapter has moved."""
+    losses = {}
+    for guided in (False, True):
+        trainer = tiny_trainer(
+            tiny_sd15_dir, tmp_path / str(guided), {"name": "dde_single", "guided_loss": guided}, **TRAINER
+        )
+        learner = trainer.learner_obj
+        assert learner.predictor.guidance_scale == (2.0 if guided else 1.0)  # tiny_run_config's guidance_scale
+        params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(1)
+            for p in params:
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        batch = trainer.rollout(PROMPTS)
+        cond = learner.encode(batch.prompts).index(batch.pairs.prompt_index)
+        losses[guided] = trainer.algorithm.loss(learner.predictor, cond, batch.pairs, torch.Generator().manual_seed(3))
+        assert torch.isfinite(losses[guided].loss)
+    assert losses[True].metrics["mean_delta"] != pytest.approx(losses[False].metrics["mean_delta"], rel=1e-3)
