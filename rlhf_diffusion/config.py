@@ -632,9 +632,10 @@ class _FinalPairConfig(_FrozenModel):
         description="Start a prompt's `samples_per_prompt` images from one x_T (they then differ only by the "
         "sampler's later noise, η > 0) instead of independent x_T. False = independent samples, as the papers' "
         "pairs (Pick-a-Pic's two images are independent generations); True is ours: the pair's two ε-MSE "
-        "gradients share the common layout's part, which cancels in the pair's difference, and on the testbed the "
-        "per-prompt signal-to-noise ratio of the pair gradient is 2.5 times higher (docs/learning_signal.md, "
-        '"Pairs from one x_T"). Needs η > 0 (`sampling.eta`), or the samples are identical.',
+        "gradients share the common layout's part, which cancels in the pair's difference, so the per-prompt "
+        "signal-to-noise ratio of the pair gradient is 2.5 times higher on the testbed, but the held-out gain is "
+        'lower (measured: docs/learning_signal.md, "More signal per pair does not raise the gain"). Needs '
+        "η > 0 (`sampling.eta`; on flow models `sampling.flow_noise_level` > 0), or the samples are identical.",
     )
     guided_loss: bool = Field(
         False,
@@ -650,8 +651,8 @@ class _FinalPairConfig(_FrozenModel):
         "the reference, at the logit's scale c_t (0.5 β for Diffusion-DPO, β_s (1 − ᾱ_t)/ᾱ_t for DDE): a "
         "fine-tuning step on the reward's best sample, as RPO adds the winner's NLL to DPO. 0 = the papers' loss; "
         "λ > 0 is ours: without it the testbed's DDE-Single wins its pairs by fitting the winner and the loser "
-        'both worse (likelihood displacement, measured: docs/learning_signal.md, "The pairs are won by fitting '
-        'both images worse").',
+        "both worse (likelihood displacement), but λ = 0.5 removes that and harms the held-out checker (measured: "
+        'docs/learning_signal.md, "The pairs are won by fitting both images worse").',
     )
     timestep_density: Literal["auto", "uniform", "logit_normal"] = Field(
         "auto",

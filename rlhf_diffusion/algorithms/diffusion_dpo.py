@@ -9,6 +9,9 @@ Example: `FinalPairBatch`; at loss time `draws_per_pair` draws of (t, ε) per pa
     shared within a pair [C], made for the whole minibatch before a data-parallel rank takes its rows.
 Loss:    −log σ(−0.5 β_dpo Δ_t), Δ_t = (e^w_θ − e^w_ref) − (e^l_θ − e^l_ref) with per-element-mean MSEs [C train.py];
     a pair's loss is the mean over its draws.
+Ours, off by default (measured on the testbed, none raises the held-out gain: docs/learning_signal.md):
+    `shared_initial_noise` (a prompt's samples from one x_T), `guided_loss` (the MSEs of the sampler's CFG
+    prediction) and `winner_sft_weight` λ (adds λ c_t (e^w_θ − e^w_ref), c_t the logit's scale: `logit_scale`).
 
 Flow models (SD3 / SD3.5): the same loss on the model's own forward process (`diffusion.forward_process`):
     x_σ = (1 − σ) x_0 + σ ε, e = mean (v_m(x_σ) − (ε − x_0))² (flow_grpo train_sd3_dpo.py [C]), σ drawn on the
@@ -64,8 +67,7 @@ def sample_final_pairs(
     ours: the pair then differs only by the sampler's later noise). On a flow model (a `FlowGrid` in `ctx`) the
     images are sampled by the flow loop at the grid's noise level (`sampling.flow_noise_level`: Flow-GRPO's SDE, as
     flow_grpo's DPO samples its pairs [C]; 0 = the stock pipeline's ODE): either gives independent samples, which is
-    all these losses need
-    (they use only the final images, never a step's log-prob).
+    all these losses need (they use only the final images, never a step's log-prob).
 
     Args:
         samples: S images per prompt (one S·P batch); the pair is the best against the worst by the weighted
@@ -216,7 +218,8 @@ class DiffusionDPO(Algorithm):
     (`self.process`) supplies the noising, the target and the tables."""
 
     name = "diffusion_dpo"
-    cfg_in_training = False  # ε-MSE (v-MSE) on the conditional model, as Diffusion-DPO (flow_grpo: no CFG [C])
+    # ε-MSE (v-MSE) on the conditional model, as Diffusion-DPO (flow_grpo: no CFG [C]); `guided_loss` sets it per run
+    cfg_in_training = False
     flow_models = True
 
     @classmethod
