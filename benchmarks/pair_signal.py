@@ -72,6 +72,12 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a, b) / (a.norm() * b.norm() + 1e-30))
 
 
+def flat_gradient(loss: torch.Tensor, params: list, retain_graph: bool = False) -> torch.Tensor:
+    """∇ loss w.r.t. `params`, flattened into one vector (zeros for a parameter the loss does not reach)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
 def pair_gradients(trainer, cond: TextConditioning, x0_a, x0_b, t_range, draws: int, gen) -> torch.Tensor:
     """(N, D): per pair, the mean over `draws` (t, ε) of ∇Δ_t with a as the winner."""
     params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
@@ -89,8 +95,7 @@ def pair_gradients(trainer, cond: TextConditioning, x0_a, x0_b, t_range, draws: 
             t,
             noise,
         )
-        grads = torch.autograd.grad(delta.mean(), params, allow_unused=True)
-        out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
+        out.append(flat_gradient(delta.mean(), params))
     return torch.stack(out)
 
 
@@ -114,10 +119,7 @@ def image_gradients(trainer, cond, latents, t_range, draws: int, gen) -> torch.T
         err = err.view(s, 2, half)
         for j in range(s):
             for h in range(2):
-                grads = torch.autograd.grad(err[j, h].mean(), params, retain_graph=True, allow_unused=True)
-                out[i, j, h] = torch.cat(
-                    [(g if g is not None else torch.zeros_like(q)).flatten() for g, q in zip(grads, params)]
-                )
+                out[i, j, h] = flat_gradient(err[j, h].mean(), params, retain_graph=True)
     return out
 
 
