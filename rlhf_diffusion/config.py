@@ -654,6 +654,15 @@ class _FinalPairConfig(_FrozenModel):
         "both worse (likelihood displacement), but λ = 0.5 removes that and harms the held-out checker (measured: "
         'docs/learning_signal.md, "The pairs are won by fitting both images worse").',
     )
+    reference: Literal["base", "policy"] = Field(
+        "base",
+        description="The reference of the relative ε-MSEs d^i = e^i_θ − e^i_ref. 'base' = the model before "
+        "fine-tuning (the LoRA switched off; the papers' fixed reference [C]). 'policy' is ours: the current policy "
+        "itself, stop-gradient (TR-DPO's reference update at every step): every logit is then 0, every pair's "
+        "sigmoid weight 1/2, the loss linear in Δ_t with no pull back toward the base model, and the reference's "
+        "network call is saved. Measures whether the fixed reference bounds the gain (docs/learning_signal.md, "
+        '"The fixed reference is not the bound"). The KL diagnostics then read 0.',
+    )
     timestep_density: Literal["auto", "uniform", "logit_normal"] = Field(
         "auto",
         description="How each draw's t is drawn on `timestep_range` (t indexes the model's 1000-step training table; "

@@ -130,6 +130,7 @@ def relative_mse_terms(
     x0_l: Tensor,
     timesteps: Tensor,
     noise: Tensor,
+    reference_is_policy: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """d^i = e^i_θ − e^i_ref for the winners and the losers, e^i_m = mean_{C,H,W}(y^i − y_m(x^i_t, t, c))² (§5.7;
     Δ_t = d^w − d^l), and mean_{C,H,W}(y_θ − y_ref)² at each noised latent, from the same network calls.
@@ -146,6 +147,8 @@ def relative_mse_terms(
         x0_w, x0_l: (M, C, h, w) latents.
         timesteps: (M,) long on the N-step training table.
         noise: (M, C, h, w) ε.
+        reference_is_policy: the reference is θ itself, stop-gradient (`reference: policy`): d^i is 0 in value
+            and ∇e^i_θ in gradient, with no reference call.
 
     Returns:
         (d^w (M,), d^l (M,), both differentiable w.r.t. the LoRA parameters, pred_sq_diff (2M,) detached: winners'
@@ -161,7 +164,10 @@ def relative_mse_terms(
     cond2 = TextConditioning.cat([cond, cond])
     model_t = process.model_timesteps(t2).to(device)
     pred_theta = predictor(x_t, model_t, cond2)
-    pred_ref = predictor(x_t, model_t, cond2, reference=True)
+    if reference_is_policy:
+        pred_ref = pred_theta.detach()
+    else:
+        pred_ref = predictor(x_t, model_t, cond2, reference=True)
     err_theta = ((pred_theta - target) ** 2).mean(dim=(1, 2, 3))
     err_ref = ((pred_ref - target) ** 2).mean(dim=(1, 2, 3))
     pred_sq_diff = ((pred_theta.detach() - pred_ref.detach()) ** 2).mean(dim=(1, 2, 3))
@@ -303,7 +309,14 @@ class DiffusionDPO(Algorithm):
         both rising while Δ_t stays small is the likelihood displacement docs/learning_signal.md measures), with the
         per-timestep KL and saturation diagnostics."""
         d_w, d_l, pred_sq_diff = relative_mse_terms(
-            predictor, self.grid, cond, examples.x0_w, examples.x0_l, timesteps, noise
+            predictor,
+            self.grid,
+            cond,
+            examples.x0_w,
+            examples.x0_l,
+            timesteps,
+            noise,
+            reference_is_policy=self.config.reference == "policy",
         )
         logits, metrics, update = self.pair_logits(d_w - d_l, timesteps)
         loss = -F.logsigmoid(logits).mean()

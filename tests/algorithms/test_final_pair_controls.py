@@ -196,3 +196,51 @@ def test_guided_loss_evaluates_the_pair_loss_on_the_samplers_cfg_prediction(tiny
         losses[guided] = trainer.algorithm.loss(learner.predictor, cond, batch.pairs, torch.Generator().manual_seed(3))
         assert torch.isfinite(losses[guided].loss)
     assert losses[True].metrics["mean_delta"] != pytest.approx(losses[False].metrics["mean_delta"], rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["diffusion_dpo", "dde_single"])
+def test_policy_reference_makes_the_loss_linear_in_the_policys_own_mse(tiny_sd15_dir, tmp_path, one_torch_thread, name):
+    """`reference: policy` (ours): the reference is θ itself, stop-gradient, so every logit is 0 (the loss log 2) and
+    the gradient is that of ½ mean c_t (e^w_θ − e^l_θ): every pair at the sigmoid weight ½. The base reference's
+    gradient differs once the adapter has moved (its weights σ(−z) are not ½)."""
+    from rlhf_diffusion.diffusion.forward_process import forward_process_for
+    from rlhf_diffusion.models.conditioning import TextConditioning
+
+    scale_field = {"beta_s": 50.0} if name == "dde_single" else {"beta": 2000.0}
+    grads = {}
+    for reference in ("base", "policy"):
+        trainer = tiny_trainer(
+            tiny_sd15_dir,
+            tmp_path / reference,
+            {"name": name, "reference": reference, "timestep_range": [300, 900], **scale_field},
+            **TRAINER,
+        )
+        algorithm, learner = trainer.algorithm, trainer.learner_obj
+        params = [p for p in trainable_parameters(trainer.model.unet) if p.requires_grad]
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(1)
+            for p in params:  # off the zero-initialised adapter: the base reference's logits are not 0
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        batch = trainer.rollout(PROMPTS)
+        examples = batch.pairs
+        cond = learner.encode(batch.prompts).index(examples.prompt_index)
+        out = algorithm.loss(learner.predictor, cond, examples, torch.Generator().manual_seed(4))
+        grads[reference] = torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, params)])
+        if reference == "policy":
+            assert out.loss.item() == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-6)
+            # by hand: ½ mean c_t (e^w_θ − e^l_θ) at the same draw
+            gen = torch.Generator().manual_seed(4)
+            t = sample_timesteps(len(examples), (300, 900), gen)
+            noise = torch.randn(examples.x0_w.shape, generator=gen)
+            process = forward_process_for(trainer.grid)
+            x0 = torch.cat([examples.x0_w, examples.x0_l])
+            noise2, t2 = noise.repeat(2, 1, 1, 1), t.repeat(2)
+            pred = learner.predictor(
+                process.noised(x0, noise2, t2), process.model_timesteps(t2), TextConditioning.cat([cond, cond])
+            )
+            err = ((pred - process.target(x0, noise2)) ** 2).mean(dim=(1, 2, 3))
+            m = len(examples)
+            linear = 0.5 * (algorithm.logit_scale(t) * (err[:m] - err[m:])).mean()
+            expected = torch.cat([g.flatten() for g in torch.autograd.grad(linear, params)])
+            torch.testing.assert_close(grads["policy"], expected, rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(grads["base"], grads["policy"], rtol=1e-2, atol=0)
