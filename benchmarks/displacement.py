@@ -24,11 +24,14 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from pair_signal import sample_groups  # noqa: E402
 
 from rlhf_diffusion.algorithms.diffusion_dpo import relative_mse_terms  # noqa: E402
 from rlhf_diffusion.config import load_config  # noqa: E402
 from rlhf_diffusion.diffusion.forward_process import forward_process_for  # noqa: E402
-from rlhf_diffusion.diffusion.sampling import decode_latents, initial_noise, sample_trajectory  # noqa: E402
+from rlhf_diffusion.diffusion.sampling import initial_noise  # noqa: E402
 from rlhf_diffusion.evaluate import resolve_lora_path  # noqa: E402
 from rlhf_diffusion.models.loading import set_lora_state_dict  # noqa: E402
 from rlhf_diffusion.models.lora import read_lora_file  # noqa: E402
@@ -62,15 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     p, s, d = len(prompts), args.samples, args.draws
     cond = trainer.encode(prompts)
     size = (trainer.sample_predictor.height, trainer.sample_predictor.width)
-    latents, rewards = [], []
-    with torch.no_grad():  # the base model's samples (the LoRA is still zero)
-        for _ in range(s):
-            traj = sample_trajectory(
-                trainer.sample_predictor, cond, initial_noise(p, trainer.model, gen, *size), trainer.grid, gen
-            )
-            latents.append(traj.final.cpu())
-            rewards.append(trainer.reward.score(decode_latents(trainer.model, traj.final).cpu(), prompts).total)
-    latents, rewards = torch.stack(latents, 1), torch.stack(rewards, 1)  # (P, S, ...)
+    # the base model's samples (the LoRA is still zero)
+    latents, rewards, _ = sample_groups(
+        trainer, prompts, cond, s, lambda: initial_noise(p, trainer.model, gen, *size), gen
+    )
     rows = torch.arange(p)
     x0_w = latents[rows, rewards.argmax(1)].repeat_interleave(d, 0)  # pair-major: row i·d + k is pair i's draw k
     x0_l = latents[rows, rewards.argmin(1)].repeat_interleave(d, 0)

@@ -60,6 +60,22 @@ from rlhf_diffusion.testbed.reward import CheckerReward  # noqa: E402
 from rlhf_diffusion.trainer import LocalTrainer  # noqa: E402
 
 
+def sample_groups(trainer, prompts: list[str], cond: TextConditioning, samples: int, x_T, gen, checker=None):
+    """`samples` images of each prompt under the trainer's sampling settings (the LoRA as it is), each started from
+    `x_T()`; returns their latents (P, S, C, h, w), learned rewards (P, S) and, with a `checker`, its scores (P, S;
+    else None). Also used by displacement.py."""
+    latents, rewards, gold = [], [], []
+    with torch.no_grad():
+        for _ in range(samples):
+            traj = sample_trajectory(trainer.sample_predictor, cond, x_T(), trainer.grid, gen)
+            images = decode_latents(trainer.model, traj.final).cpu()
+            latents.append(traj.final.cpu())
+            rewards.append(trainer.reward.score(images, prompts).total)
+            if checker is not None:
+                gold.append(checker.score(images, prompts))
+    return torch.stack(latents, 1), torch.stack(rewards, 1), torch.stack(gold, 1) if gold else None
+
+
 def snr2(g: torch.Tensor) -> float:
     """ρ̂ = (|ḡ|² − s²/N) / s² of per-pair gradients g (N, D)."""
     n = g.shape[0]
@@ -201,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     trainer = LocalTrainer(config, log=lambda *_: None)
-    model, grid = trainer.model, trainer.grid
+    model = trainer.model
     checker = CheckerReward()
     prompts = load_prompts(config.prompts.train)
     gen = torch.Generator().manual_seed(args.seed)
@@ -210,17 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     p, s = len(prompts), args.samples
     start = time.perf_counter()
     cond = trainer.encode(prompts)
-    latents, rewards, gold = [], [], []
     size = (trainer.sample_predictor.height, trainer.sample_predictor.width)
     shared = initial_noise(p, model, gen, *size)
-    for _ in range(s):
-        x_T = shared if args.shared_noise else initial_noise(p, model, gen, *size)
-        traj = sample_trajectory(trainer.sample_predictor, cond, x_T, grid, gen)
-        images = decode_latents(model, traj.final).cpu()
-        latents.append(traj.final.cpu())
-        rewards.append(trainer.reward.score(images, prompts).total)
-        gold.append(checker.score(images, prompts))
-    latents, rewards, gold = torch.stack(latents, 1), torch.stack(rewards, 1), torch.stack(gold, 1)  # (P, S, ...)
+    latents, rewards, gold = sample_groups(
+        trainer,
+        prompts,
+        cond,
+        s,
+        lambda: shared if args.shared_noise else initial_noise(p, model, gen, *size),
+        gen,
+        checker,
+    )
     sampled = time.perf_counter() - start
     print(f"sampling {sampled:.0f} s for {p * s} images; mean reward {rewards.mean():.3f}, checker {gold.mean():.3f}")
     if args.grouped:
