@@ -9,8 +9,9 @@ Reads the images `evaluate --save-images` wrote (DIR/images/<row>/p<prompt index
 model), judges each with the world's checker (`testbed.world.check`: background, count, colour, shape, and position
 for one-object captions or binding for two-object ones, then "all"), and prints, per attribute, the base model's
 accuracy and each LoRA's change: the mean, and the images it fixed / broke (a sign test), over the images whose
-caption states the attribute. `--group PREFIX` adds a row pooling the LoRAs whose label starts with PREFIX. Writes
-DIR/attribute_flips.json.
+caption states the attribute. `--group PREFIX` adds a row pooling the LoRAs whose label starts with PREFIX.
+`--reward-auc` adds, per attribute, the learned reward's AUC on the base images: a right against a wrong one, among
+those whose every other attribute is right. Writes DIR/attribute_flips.json.
 """
 
 from __future__ import annotations
@@ -41,6 +42,39 @@ def verdicts(row_dir: Path, prompts: list[str]) -> dict[tuple[int, int], dict[st
         if match:
             j, seed = int(match[1]), int(match[2])
             out[j, seed] = check(np.asarray(Image.open(path).convert("RGB")), prompts[j])
+    return out
+
+
+def reward_auc(row_dir: Path, prompts: list[str], verdict: dict) -> dict[str, dict[str, float]]:
+    """Per attribute A: how well the learned testbed reward ranks an image with A right above one with A wrong, among
+    the row's images whose every other stated attribute is right (so the checker's fraction differs by A alone): the
+    AUC (ties count half) and the two groups' sizes."""
+    import torch
+
+    from rlhf_diffusion.testbed.reward_model import TestbedReward
+
+    keys = sorted(verdict)
+    pixels = np.stack([np.asarray(Image.open(row_dir / f"p{j:05d}_s{seed}.png").convert("RGB")) for j, seed in keys])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    reward = TestbedReward()
+    with torch.no_grad():
+        scores = torch.cat(
+            [
+                reward.score(images[k : k + 128], [prompts[j] for j, _ in keys[k : k + 128]])
+                for k in range(0, len(keys), 128)
+            ]
+        ).numpy()
+    out = {}
+    for attribute in dict.fromkeys(a for v in verdict.values() for a in v if a != "all"):
+        right, wrong = [], []
+        for key, score in zip(keys, scores):
+            v = verdict[key]
+            if attribute in v and all(ok for a, ok in v.items() if a not in (attribute, "all")):
+                (right if v[attribute] else wrong).append(score)
+        if right and wrong:
+            r, w = np.array(right)[:, None], np.array(wrong)[None, :]
+            auc = float((r > w).mean() + 0.5 * (r == w).mean())
+            out[attribute] = {"right": len(right), "wrong": len(wrong), "auc": auc}
     return out
 
 
@@ -88,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("eval_dir", type=Path, help="an `evaluate --save-images --out` directory")
     parser.add_argument("--prompts", default="testbed_heldout", help="the evaluation's --prompts (set or file)")
     parser.add_argument("--group", action="append", default=[], help="also pool the LoRAs whose label starts so")
+    parser.add_argument(
+        "--reward-auc", action="store_true", help="also: the learned reward's AUC per attribute on the base images"
+    )
     args = parser.parse_args(argv)
     prompts = resolve_prompts(args.prompts).prompts
     rows = sorted(p for p in (args.eval_dir / "images").iterdir() if p.is_dir())
@@ -114,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, table in tables.items():
         cells = [f"{t['delta']:+.3f} ({t['fixed']}/{t['broken']})" for t in (table[a] for a in attributes)]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    if args.reward_auc:
+        auc = reward_auc(rows[0], prompts, base)
+        print("\nthe learned reward on the base images, A right against A wrong (every other attribute right):")
+        for attribute, row in auc.items():
+            print(f"  {attribute}: AUC {row['auc']:.3f} ({row['right']} right, {row['wrong']} wrong)")
+        tables["reward_auc_on_base"] = auc
     (args.eval_dir / "attribute_flips.json").write_text(json.dumps(tables, indent=1))
     return 0
 
