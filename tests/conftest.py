@@ -30,43 +30,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from rlhf_diffusion.models.tiny import build_tiny_pipeline  # noqa: E402
 
-# The longest modules first. CI runs the suite on two workers, a module at a time (`-n 2 --dist loadscope`, xdist's
-# reordering switched off in `pytest_configure` below), and a long module handed out last runs alone while the other
-# worker idles: xdist's own order (most tests first) hands the one-test modules out last, the 10-minute two-seed test
-# of the default among them. The list is by measured wall time per module, longest first (CI of 2026-12-02,
-# `--durations=0`): test_default_aligns 580 s (two runs side by side), test_trainer 479, test_launch 444,
-# test_learning 296 (two runs side by side), test_run_dir 163, test_faults 120, test_methods_benchmark 100,
-# workers/test_learner_group 94; every other module took under 60 s and keeps its collection order after these.
-LONGEST_MODULES = (
-    "test_default_aligns.py",
-    "test_trainer.py",
-    "test_launch.py",
-    "test_learning.py",
-    "test_run_dir.py",
-    "test_faults.py",
-    "test_methods_benchmark.py",
-    "workers/test_learner_group.py",
-)
-
-
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):  # xdist: hand the modules out in the order below
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    tests_dir = Path(__file__).resolve().parent
-    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-
-    def order(item) -> int:
-        try:
-            name = Path(item.path).resolve().relative_to(tests_dir).as_posix()
-        except ValueError:
-            return len(LONGEST_MODULES)
-        return rank.get(name, len(LONGEST_MODULES))
-
-    items.sort(key=order)  # stable: the rest keep their order
-
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
