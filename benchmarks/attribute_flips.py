@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rlhf_diffusion.evaluate import resolve_prompts  # noqa: E402
-from rlhf_diffusion.stats import sign_test_p  # noqa: E402
+from rlhf_diffusion.stats import paired_comparison, sign_test_p  # noqa: E402
 from rlhf_diffusion.testbed.world import check  # noqa: E402
 
 IMAGE = re.compile(r"p(\d+)_s(\d+)\.png")
@@ -86,16 +86,14 @@ def flips(base: dict, lora: dict) -> dict[str, dict[str, float]]:
     attributes = [a for a in dict.fromkeys(a for v in base.values() for a in v) if a != "all"] + ["all"]
     for attribute in attributes:
         keys = [k for k in base if attribute in base[k]]
-        before = np.array([base[k][attribute] for k in keys], dtype=float)
-        after = np.array([lora[k][attribute] for k in keys], dtype=float)
-        fixed, broken = int(((after - before) > 0).sum()), int(((after - before) < 0).sum())
+        paired = paired_comparison([base[k][attribute] for k in keys], [lora[k][attribute] for k in keys])
         table[attribute] = {
             "images": len(keys),
-            "base": float(before.mean()),
-            "delta": float((after - before).mean()),
-            "fixed": fixed,
-            "broken": broken,
-            "sign_test_p": sign_test_p(fixed, broken),
+            "base": paired["before"],
+            "delta": paired["delta"],
+            "fixed": int(paired["fixed"]),
+            "broken": int(paired["broken"]),
+            "sign_test_p": paired["sign_test_p"],
         }
     return table
 
@@ -137,15 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         members = [t for label, t in tables.items() if label.startswith(prefix)]
         if members:
             tables[f"{prefix}* pooled ({len(members)})"] = pooled(members)
-    attributes = list(next(iter(tables.values())))
+    first = next(iter(tables.values()))
+    attributes = list(first)
     print("| LoRA | " + " | ".join(attributes) + " |")
     print("|---|" + "---|" * len(attributes))
     print(
         "| base accuracy (images) | "
-        + " | ".join(
-            f"{tables[next(iter(tables))][a]['base']:.3f} ({tables[next(iter(tables))][a]['images']})"
-            for a in attributes
-        )
+        + " | ".join(f"{first[a]['base']:.3f} ({first[a]['images']})" for a in attributes)
         + " |"
     )
     for label, table in tables.items():
