@@ -521,7 +521,10 @@ def test_tiny_yaml_loads():
     assert [(reward.name, reward.path) for reward in cfg.rewards] == [("testbed_reward", None)]
     assert [reward.key for reward in cfg.guards.heldout_rewards] == ["checker", "checker_all"]
     assert cfg.train.iterations == 36 and cfg.train.learning_rate == 1e-3 and cfg.train.train_batch_size == 32
-    assert cfg.checkpoint.every == 12 and cfg.prompts.eval_seeds == 2 and cfg.tracking.image_grid_every == 36
+    assert cfg.checkpoint.every == 12 and cfg.prompts.eval_seeds == 4 and cfg.tracking.image_grid_every == 36
+    # ours: the LoRA on the down and mid blocks' attention only (24 of the 56 projections)
+    lora_targets = cfg.model.lora.target_modules
+    assert len(lora_targets) == 24 and not any(name.startswith("up_blocks") for name in lora_targets)
     assert (cfg.prompts.train.builtin, cfg.prompts.eval.builtin) == ("testbed_train", "testbed_heldout")
 
 

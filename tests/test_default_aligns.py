@@ -43,8 +43,6 @@ def test_embedded_default_raises_the_held_out_checker_over_two_seeds(tmp_path):
                 "tracking.enabled=false",
                 "--set",
                 "checkpoint.every=0",
-                "--set",
-                "prompts.eval_seeds=4",  # 328 images a run (the config's 2 seeds: 164, too few to judge a run)
             ],
             cwd=ROOT,
             env=env,
@@ -60,13 +58,13 @@ def test_embedded_default_raises_the_held_out_checker_over_two_seeds(tmp_path):
         out, _ = proc.communicate(timeout=1800)
         assert proc.returncode == 0, out[-3000:]
         paired = json.loads((tmp_path / f"tiny_seed{seed}" / "eval.json").read_text())["paired"]["checker_all"]
-        assert paired["images"] == 328  # 82 held-out captions x 4 fixed seeds
+        assert paired["images"] == 328  # the config's 82 held-out captions x 4 fixed seeds
         fixed, broken = fixed + int(paired["fixed"]), broken + int(paired["broken"])
         deltas.append(paired["delta"])
     pooled = sum(deltas) / len(deltas)
     p = sign_test_p(fixed, broken)
     message = f"checker_all deltas {deltas}, pooled {pooled:+.4f}; {fixed} fixed / {broken} broken, p = {p:.2g}"
-    assert pooled >= 0.03, message
-    # Seeds 0 and 1 re-evaluated on 8 held-out seeds (656 images each; the first 4 are this test's): +0.082 (99 / 45)
-    # and +0.059 (96 / 57), docs/learning_signal.md "36 iterations: eight seeds".
-    assert p < 0.05, message
+    # Measured: seed 0 +0.085 (44 fixed / 16 broken), seed 1 +0.076 (46 / 21), pooled +0.081, p 3e-6; the goal of
+    # docs/learning_signal.md "The default adopts the down + mid LoRA" (+0.05 at p < 0.01) is asserted pooled.
+    assert pooled >= 0.05, message
+    assert p < 0.01, message
